@@ -1,0 +1,1 @@
+"""Sub-commands of the ``spatialattn`` CLI, one module each (see :mod:`spatialattn.cli`)."""

@@ -1,0 +1,363 @@
+"""Functional forms of the attention operators (reference semantics).
+
+Every module in :mod:`spatialattn.nn` and every model (Darknet, R-CNN heads)
+applies attention through these functions, so a faster kernel in
+:mod:`spatialattn.ops` speeds all of them up at once.
+
+Numerics: for float16 / bfloat16 inputs (and under autocast) the pooled maps,
+the gate logits and the gates are computed in float32; the output has the dtype
+of the input. NaN in the input propagates to the output (``amax`` / ``mean``
+propagate it; nothing clamps or masks it).
+
+Example::
+
+    >>> import torch
+    >>> from spatialattn import functional as SF
+    >>> x = torch.randn(2, 16, 8, 8)
+    >>> w = torch.randn(1, 2, 7, 7)
+    >>> y, attn = SF.spatial_attention(x, w, return_attention=True)
+    >>> y.shape, attn.shape
+    (torch.Size([2, 16, 8, 8]), torch.Size([2, 1, 8, 8]))
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = [
+    "check_input",
+    "accumulate_dtype",
+    "normalize_pool_order",
+    "get_gate",
+    "channel_pool",
+    "spatial_attention",
+    "pointwise_attention",
+    "pointwise_spatial_attention",
+    "channel_gate",
+    "channel_attention",
+    "position_attention",
+]
+
+GateLike = Union[str, Callable[[Tensor], Tensor], None]
+
+_POOL_ALIASES = {"max": "max", "mean": "mean", "avg": "mean", "average": "mean"}
+
+
+def check_input(x: Tensor, channels: Optional[int] = None, name: str = "input") -> None:
+    """Raise ``ValueError`` unless ``x`` is ``Tensor[N, channels, H, W]``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        want = "(N, C, H, W)" if channels is None else f"(N, {channels}, H, W)"
+        raise ValueError(f"{name}: expected a 4-D tensor of shape {want}, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{name}: expected shape (N, {channels}, H, W), got {tuple(x.shape)} ({x.shape[1]} channels)"
+        )
+
+
+def accumulate_dtype(x: Tensor) -> torch.dtype:
+    """float32 for float16 / bfloat16 tensors, the tensor's own dtype otherwise."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def normalize_pool_order(order: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """``("max", "avg")`` -> ``("max", "mean")``; validates the names."""
+    if isinstance(order, str):
+        order = (order,)
+    out = []
+    for kind in order:
+        key = str(kind).lower()
+        if key not in _POOL_ALIASES:
+            raise ValueError(f"unknown pooling {kind!r}: expected 'max' or 'mean' (alias 'avg')")
+        out.append(_POOL_ALIASES[key])
+    if not out:
+        raise ValueError("pooling order must name at least one of 'max', 'mean'")
+    return tuple(out)
+
+
+def _hard_sigmoid(t: Tensor) -> Tensor:
+    return F.hardsigmoid(t)
+
+
+_GATES = {
+    "sigmoid": torch.sigmoid,
+    "hard_sigmoid": _hard_sigmoid,
+    "hardsigmoid": _hard_sigmoid,
+    "tanh": torch.tanh,
+    "identity": lambda t: t,
+    "linear": lambda t: t,
+}
+
+
+def get_gate(gate: GateLike) -> Callable[[Tensor], Tensor]:
+    """Resolve a gate name (``"sigmoid"``, ``"hard_sigmoid"``, ``"tanh"``, ``"identity"``) or callable."""
+    if gate is None:
+        return _GATES["identity"]
+    if callable(gate):
+        return gate
+    key = str(gate).lower()
+    if key not in _GATES:
+        raise ValueError(f"unknown gate {gate!r}: expected one of {sorted(_GATES)} or a callable")
+    return _GATES[key]
+
+
+def channel_pool(
+    x: Tensor,
+    order: Union[str, Sequence[str]] = ("max", "mean"),
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Pool over the channel axis.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``.
+        order: which maps, in which order: ``("max", "mean")`` is the official
+            CBAM code, ``("mean", "max")`` is timm / ultralytics / mmyolo.
+        dtype: dtype of the result (default: ``x.dtype``); the mean is
+            accumulated in it.
+
+    Returns:
+        ``Tensor[N, len(order), H, W]``.
+    """
+    check_input(x)
+    return ops.channel_pool(x, normalize_pool_order(order), dtype=dtype)
+
+
+def _apply_norm(norm: Optional[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor:
+    return t if norm is None else norm(t)
+
+
+def spatial_attention(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    order: Union[str, Sequence[str]] = ("max", "mean"),
+    dilation: int = 1,
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+    gate: GateLike = "sigmoid",
+    channel_scale: Optional[Tensor] = None,
+    return_attention: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """CBAM spatial attention (SAM): pool over channels, k x k conv, norm, gate, multiply.
+
+    ``y = x' * gate(norm(conv(channel_pool(x'))))`` with ``x' = x * channel_scale``
+    (``x' = x`` when no scale is given). The scaled tensor ``x'`` is never kept
+    for backward: only ``x`` and the small maps are saved.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``.
+        weight: conv weight ``Tensor[1, len(order), k, k]`` with odd ``k``.
+        bias: optional conv bias ``Tensor[1]``.
+        order: pooling order (see :func:`channel_pool`).
+        dilation: conv dilation; padding is ``dilation * (k // 2)`` (same size).
+        norm: optional callable on the ``[N, 1, H, W]`` logits (e.g. a BatchNorm).
+        gate: gate name or callable (default sigmoid).
+        channel_scale: optional ``Tensor[N, C, 1, 1]`` (CBAM's channel gate).
+        return_attention: also return the gate map.
+
+    Returns:
+        ``Tensor[N, C, H, W]`` (dtype of ``x``), and with ``return_attention`` the
+        attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
+    """
+    check_input(x)
+    order = normalize_pool_order(order)
+    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
+        raise ValueError(
+            f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}"
+        )
+    k_h, k_w = weight.shape[-2:]
+    if k_h % 2 == 0 or k_w % 2 == 0:
+        raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
+    if channel_scale is not None:
+        if channel_scale.shape != (x.shape[0], x.shape[1], 1, 1):
+            raise ValueError(
+                f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
+            )
+        channel_scale = channel_scale.to(x.dtype)
+    acc = accumulate_dtype(x)
+    pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.conv2d(
+            pooled,
+            weight.to(acc),
+            None if bias is None else bias.to(acc),
+            padding=(dilation * (k_h // 2), dilation * (k_w // 2)),
+            dilation=dilation,
+        )
+        logits = _apply_norm(norm, logits)
+        attn = get_gate(gate)(logits)
+    y = ops.gate_multiply(x, attn, channel_scale)
+    return (y, attn) if return_attention else y
+
+
+def pointwise_attention(x: Tensor, gate: Tensor) -> Tensor:
+    """YOLOv4 "modified SAM" / Darknet ``[sam]`` product: ``x * gate`` element by element.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``, the feature map.
+        gate: the attention map, ``Tensor[N, C, H, W]`` (point-wise; Darknet's
+            ``[sam]``), or broadcastable ``Tensor[N, 1, H, W]`` / ``Tensor[N, C, 1, 1]``.
+
+    Returns:
+        ``Tensor[N, C, H, W]`` in ``x.dtype``.
+    """
+    check_input(x, name="x")
+    check_input(gate, name="gate")
+    for d, (a, b) in enumerate(zip(x.shape, gate.shape)):
+        if b != a and not (b == 1 and d > 0):
+            raise ValueError(
+                f"gate: expected shape {tuple(x.shape)} (or 1 in the C / H, W axes), got {tuple(gate.shape)}"
+            )
+    return x * gate.to(x.dtype)
+
+
+def pointwise_spatial_attention(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+    gate: GateLike = "sigmoid",
+    return_attention: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """YOLOv4 modified SAM: ``y = x * gate(norm(conv1x1(x)))`` with a C -> C point-wise conv.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``.
+        weight: ``Tensor[C, C, 1, 1]`` (or ``Tensor[C, C // groups, 1, 1]``).
+        bias: optional ``Tensor[C]``.
+        norm: optional callable on the ``[N, C, H, W]`` logits (BatchNorm in YOLOv4).
+        gate: gate name or callable.
+        return_attention: also return the ``[N, C, H, W]`` attention map.
+    """
+    check_input(x)
+    if weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[-2:] != (1, 1):
+        raise ValueError(
+            f"weight: expected shape ({x.shape[1]}, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}"
+        )
+    groups = x.shape[1] // weight.shape[1]
+    logits = F.conv2d(x, weight, bias, groups=groups)
+    logits = _apply_norm(norm, logits)
+    attn = get_gate(gate)(logits)
+    y = pointwise_attention(x, attn)
+    return (y, attn) if return_attention else y
+
+
+def channel_gate(
+    x: Tensor,
+    weight1: Tensor,
+    bias1: Optional[Tensor] = None,
+    weight2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+    *,
+    pool_types: Union[str, Sequence[str]] = ("avg", "max"),
+    activation: Callable[[Tensor], Tensor] = F.relu,
+    gate: GateLike = "sigmoid",
+) -> Tensor:
+    """CBAM channel gate: ``gate(sum_p MLP(pool_p(x)))`` -> ``Tensor[N, C, 1, 1]``.
+
+    The MLP is ``fc2(activation(fc1(v)))`` shared across the pools; with
+    ``weight2=None`` it is the single layer ``fc1(v)`` (ultralytics' variant,
+    C -> C). Weights may be given as Linear (``[out, in]``) or 1x1 conv
+    (``[out, in, 1, 1]``) tensors. Pools and MLP run in float32 for half inputs.
+    """
+    check_input(x)
+    n, c = x.shape[:2]
+    acc = accumulate_dtype(x)
+    pools = []
+    for kind in normalize_pool_order(pool_types):
+        if kind == "max":
+            pools.append(x.amax(dim=(2, 3)).to(acc))
+        else:
+            pools.append(x.mean(dim=(2, 3), dtype=acc))
+    v = torch.stack(pools, dim=0)  # [P, N, C]
+    w1 = weight1.reshape(weight1.shape[0], -1)
+    if w1.shape[1] != c:
+        raise ValueError(f"weight1: expected {c} input features, got shape {tuple(weight1.shape)}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        h = F.linear(v, w1.to(acc), None if bias1 is None else bias1.to(acc))
+        if weight2 is not None:
+            w2 = weight2.reshape(weight2.shape[0], -1)
+            h = F.linear(activation(h), w2.to(acc), None if bias2 is None else bias2.to(acc))
+        if h.shape[-1] != c:
+            raise ValueError(f"channel MLP must map back to {c} channels, got {h.shape[-1]}")
+        logits = h.sum(dim=0) if h.shape[0] > 1 else h[0]
+        return get_gate(gate)(logits).reshape(n, c, 1, 1)
+
+
+def channel_attention(
+    x: Tensor,
+    weight1: Tensor,
+    bias1: Optional[Tensor] = None,
+    weight2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+    *,
+    pool_types: Union[str, Sequence[str]] = ("avg", "max"),
+    activation: Callable[[Tensor], Tensor] = F.relu,
+    gate: GateLike = "sigmoid",
+    return_attention: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """CBAM channel attention: ``x * channel_gate(x)``; see :func:`channel_gate`.
+
+    Returns ``Tensor[N, C, H, W]`` and, with ``return_attention``, the gate
+    ``Tensor[N, C, 1, 1]``.
+    """
+    g = channel_gate(
+        x, weight1, bias1, weight2, bias2, pool_types=pool_types, activation=activation, gate=gate
+    )
+    y = x * g.to(x.dtype)
+    return (y, g) if return_attention else y
+
+
+def position_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mode: str = "embedded_gaussian",
+    *,
+    scale: Optional[float] = None,
+    concat_weight: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Position-similarity (non-local) attention over flattened positions.
+
+    Args:
+        query: ``Tensor[N, D, L]`` (theta(x) flattened; ``L = H * W``).
+        key: ``Tensor[N, D, M]`` (phi(x), possibly sub-sampled).
+        value: ``Tensor[N, E, M]`` (g(x)).
+        mode: ``"embedded_gaussian"`` / ``"gaussian"`` (softmax of the dot
+            products), ``"dot_product"`` (dot products / M) or
+            ``"concatenation"`` (``relu(w . [q_i, k_j]) / M``, needs
+            ``concat_weight`` of shape ``[2 * D]``).
+        scale: multiply the dot products before the softmax (e.g. ``D**-0.5``).
+
+    Returns:
+        ``(out, attn)``: ``Tensor[N, E, L]`` and the attention ``Tensor[N, L, M]``.
+    """
+    if mode in ("embedded_gaussian", "gaussian"):
+        logits = torch.bmm(query.transpose(1, 2), key)
+        if scale is not None:
+            logits = logits * scale
+        attn = logits.softmax(dim=-1)
+    elif mode == "dot_product":
+        attn = torch.bmm(query.transpose(1, 2), key) / key.shape[-1]
+    elif mode == "concatenation":
+        if concat_weight is None or concat_weight.numel() != 2 * query.shape[1]:
+            raise ValueError(f"concatenation mode needs concat_weight with {2 * query.shape[1]} elements")
+        w = concat_weight.reshape(-1)
+        d = query.shape[1]
+        qi = torch.einsum("d,ndl->nl", w[:d], query)
+        kj = torch.einsum("d,ndm->nm", w[d:], key)
+        attn = F.relu(qi.unsqueeze(-1) + kj.unsqueeze(1)) / key.shape[-1]
+    else:
+        raise ValueError(
+            f"unknown non-local mode {mode!r}: expected embedded_gaussian, gaussian, dot_product or concatenation"
+        )
+    out = torch.bmm(value, attn.transpose(1, 2))
+    return out, attn

@@ -1,0 +1,49 @@
+"""Plain PyTorch compositions of the attention primitives.
+
+These are the reference semantics (and the path used for ONNX export, where a
+decomposition into standard operators is wanted). Every fast path in
+:mod:`spatialattn.ops` must agree with these functions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def channel_pool(
+    x: Tensor,
+    order: Sequence[str] = ("max", "mean"),
+    channel_scale: Optional[Tensor] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """Pool ``x * channel_scale`` over channels: ``Tensor[N, C, H, W] -> Tensor[N, len(order), H, W]``.
+
+    ``order`` holds ``"max"`` / ``"mean"`` (already normalised). ``dtype`` is the
+    dtype of the pooled maps (the mean is accumulated in it; the max is exact in
+    any dtype and cast). ``amax`` is used for the max: its gradient at ties is
+    split evenly between the tied channels and it exports to ONNX as ReduceMax
+    (no ArgMax).
+    """
+    if channel_scale is not None:
+        x = x * channel_scale
+    dtype = x.dtype if dtype is None else dtype
+    maps = []
+    for kind in order:
+        if kind == "max":
+            maps.append(x.amax(dim=1, keepdim=True).to(dtype))
+        else:
+            maps.append(x.mean(dim=1, keepdim=True, dtype=dtype))
+    return torch.cat(maps, dim=1)
+
+
+def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor] = None) -> Tensor:
+    """``(x * channel_gate) * spatial_gate`` with both gates cast to ``x.dtype``.
+
+    Shapes: ``x`` ``[N, C, H, W]``, ``spatial_gate`` ``[N, 1, H, W]``, ``channel_gate``
+    ``[N, C, 1, 1]`` or ``None``.
+    """
+    if channel_gate is not None:
+        x = x * channel_gate.to(x.dtype)
+    return x * spatial_gate.to(x.dtype)
