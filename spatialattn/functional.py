@@ -35,6 +35,7 @@ __all__ = [
     "normalize_pool_order",
     "get_gate",
     "channel_pool",
+    "spatial_attention_map",
     "spatial_attention",
     "pointwise_attention",
     "pointwise_spatial_attention",
@@ -133,6 +134,55 @@ def _apply_norm(norm: Optional[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor
     return t if norm is None else norm(t)
 
 
+def spatial_attention_map(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    order: Union[str, Sequence[str]] = ("max", "mean"),
+    dilation: int = 1,
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+    gate: GateLike = "sigmoid",
+    channel_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """The CBAM spatial attention map ``gate(norm(conv(channel_pool(x * channel_scale))))``.
+
+    Arguments as in :func:`spatial_attention`. Returns ``Tensor[N, 1, H, W]``
+    (float32 for float16 / bfloat16 inputs).
+    """
+    check_input(x)
+    order = normalize_pool_order(order)
+    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
+        raise ValueError(
+            f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}"
+        )
+    k_h, k_w = weight.shape[-2:]
+    if k_h % 2 == 0 or k_w % 2 == 0:
+        raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
+    if channel_scale is not None:
+        _check_channel_scale(x, channel_scale)
+        channel_scale = channel_scale.to(x.dtype)
+    acc = accumulate_dtype(x)
+    pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.conv2d(
+            pooled,
+            weight.to(acc),
+            None if bias is None else bias.to(acc),
+            padding=(dilation * (k_h // 2), dilation * (k_w // 2)),
+            dilation=dilation,
+        )
+        logits = _apply_norm(norm, logits)
+        return get_gate(gate)(logits)
+
+
+def _check_channel_scale(x: Tensor, channel_scale: Tensor) -> None:
+    if tuple(channel_scale.shape) != (x.shape[0], x.shape[1], 1, 1):
+        raise ValueError(
+            f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
+        )
+
+
 def spatial_attention(
     x: Tensor,
     weight: Tensor,
@@ -166,33 +216,11 @@ def spatial_attention(
         ``Tensor[N, C, H, W]`` (dtype of ``x``), and with ``return_attention`` the
         attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
     """
-    check_input(x)
-    order = normalize_pool_order(order)
-    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
-        raise ValueError(
-            f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}"
-        )
-    k_h, k_w = weight.shape[-2:]
-    if k_h % 2 == 0 or k_w % 2 == 0:
-        raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
+    attn = spatial_attention_map(
+        x, weight, bias, order=order, dilation=dilation, norm=norm, gate=gate, channel_scale=channel_scale
+    )
     if channel_scale is not None:
-        if channel_scale.shape != (x.shape[0], x.shape[1], 1, 1):
-            raise ValueError(
-                f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
-            )
         channel_scale = channel_scale.to(x.dtype)
-    acc = accumulate_dtype(x)
-    pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.conv2d(
-            pooled,
-            weight.to(acc),
-            None if bias is None else bias.to(acc),
-            padding=(dilation * (k_h // 2), dilation * (k_w // 2)),
-            dilation=dilation,
-        )
-        logits = _apply_norm(norm, logits)
-        attn = get_gate(gate)(logits)
     y = ops.gate_multiply(x, attn, channel_scale)
     return (y, attn) if return_attention else y
 

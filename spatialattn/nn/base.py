@@ -1,0 +1,53 @@
+"""Shared behaviour of the attention modules: handing out the last attention map."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+__all__ = ["AttentionModule"]
+
+
+class AttentionModule(nn.Module):
+    """Base class of every attention module in :mod:`spatialattn.nn`.
+
+    * ``forward(x, return_attention=False)`` returns ``y`` or ``(y, attention)``;
+      the output is the same either way.
+    * With ``keep_attention = True`` the module stores a detached copy of the
+      map of its last call in ``last_attention`` (off by default: it costs
+      memory and is a side effect that graph capture does not need).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep_attention: bool = False
+        self.last_attention: Optional[Tensor] = None
+
+    def _remember(self, attention: Optional[Tensor]) -> None:
+        if self.keep_attention and attention is not None:
+            self.last_attention = attention.detach()
+
+    def _norm_in(self, norm: Optional[nn.Module], t: Tensor) -> Tensor:
+        """Apply ``norm`` to ``t`` (float32 logits) whatever the dtype of the norm's parameters."""
+        if norm is None:
+            return t
+        p = next(norm.parameters(), None)
+        if p is None:
+            p = next(norm.buffers(), None)
+        if p is None or p.dtype == t.dtype:
+            return norm(t)
+        return norm(t.to(p.dtype)).to(t.dtype)
+
+
+def _make_bn(channels: int, norm: Optional[str], eps: float, momentum: float, device=None, dtype=None) -> Optional[nn.Module]:
+    if norm is None or norm is False:
+        return None
+    key = str(norm).lower()
+    if key in ("bn", "batchnorm", "batch_norm", "batchnorm2d"):
+        return nn.BatchNorm2d(channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+    raise ValueError(f"unknown norm {norm!r}: expected 'bn' or None")
+
+
+def _check_channels(channels: Optional[int]) -> None:
+    if channels is not None and (not isinstance(channels, int) or channels <= 0):
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
