@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from .errors import BOX_TOLERANCE_PX, DatasetError
 
-__all__ = ["Record", "DetectionDataset", "read_image", "check_boxes", "image_to_tensor"]
+__all__ = ["Record", "DetectionDataset", "DatasetSubset", "read_image", "image_size", "check_boxes",
+           "image_to_tensor"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -82,7 +83,7 @@ def read_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError("image file not found", path) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -108,41 +109,49 @@ def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
 
 
-def check_boxes(boxes: np.ndarray, width: float, height: float, path: PathLike,
-                where: Callable[[int], str], tolerance: float = BOX_TOLERANCE_PX) -> np.ndarray:
-    """Validate ``xyxy`` pixel boxes against the image and clip them to it.
+def check_boxes(boxes: np.ndarray, width: Union[float, np.ndarray], height: Union[float, np.ndarray],
+                path: PathLike, where: Callable[[int], str],
+                tolerance: float = BOX_TOLERANCE_PX) -> np.ndarray:
+    """Validate ``xyxy`` pixel boxes against the image and clip them to it (vectorised).
 
     Args:
         boxes: ``ndarray[N, 4]``.
-        width, height: image size in pixels.
+        width, height: image size in pixels (scalars, or ``ndarray[N]`` per box).
         path: file named in the error.
         where: maps a box index to its position in the file (``"line 4"``, ``"annotations[3]"``).
         tolerance: pixels a box may reach outside the image (see :data:`BOX_TOLERANCE_PX`).
 
     Returns:
-        The boxes clipped to ``[0, width] x [0, height]`` (float32).
+        The boxes clipped to ``[0, width] x [0, height]`` (``ndarray[N, 4]`` float32).
 
     Raises:
-        DatasetError: non-finite values, ``x2 <= x1`` or ``y2 <= y1``, or a box outside the image
-        by more than ``tolerance``.
+        DatasetError: for the first box with non-finite values, ``x2 <= x1`` or ``y2 <= y1``, or
+        that lies outside the image by more than ``tolerance``.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        if not np.all(np.isfinite([x1, y1, x2, y2])):
-            raise DatasetError(f"box has non-finite coordinates {[x1, y1, x2, y2]}", path, where(i))
-        if x2 <= x1 or y2 <= y1:
-            raise DatasetError(f"expected a box with x2 > x1 and y2 > y1, found xyxy="
-                               f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]", path, where(i))
-        if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
-            raise DatasetError(f"box xyxy=[{x1:g}, {y1:g}, {x2:g}, {y2:g}] lies outside the "
-                               f"{width}x{height} image (tolerance {tolerance:g} px)", path, where(i))
-    out = boxes.copy()
-    out[:, 0::2] = out[:, 0::2].clip(0, width)
-    out[:, 1::2] = out[:, 1::2].clip(0, height)
-    for i, (x1, y1, x2, y2) in enumerate(out):
-        if x2 <= x1 or y2 <= y1:
-            raise DatasetError(f"box xyxy={boxes[i].tolist()} has no area inside the "
-                               f"{width}x{height} image", path, where(i))
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    W = np.broadcast_to(np.asarray(width, dtype=np.float64), (len(b),))
+    H = np.broadcast_to(np.asarray(height, dtype=np.float64), (len(b),))
+    x1, y1, x2, y2 = b.T
+    finite = np.isfinite(b).all(1)
+    ordered = finite & (x2 > x1) & (y2 > y1)
+    inside = ordered & (x1 >= -tolerance) & (y1 >= -tolerance) & (x2 <= W + tolerance) & (y2 <= H + tolerance)
+    out = b.copy()
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, W[:, None])
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, H[:, None])
+    ok = inside & (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    if not ok.all():
+        i = int(np.nonzero(~ok)[0][0])
+        xyxy = "[" + ", ".join(f"{v:g}" for v in b[i]) + "]"
+        size = f"{W[i]:g}x{H[i]:g}"
+        if not finite[i]:
+            msg = f"box has non-finite coordinates xyxy={xyxy}"
+        elif not ordered[i]:
+            msg = f"expected a box with x2 > x1 and y2 > y1, found xyxy={xyxy}"
+        elif not inside[i]:
+            msg = f"box xyxy={xyxy} lies outside the {size} image (tolerance {tolerance:g} px)"
+        else:
+            msg = f"box xyxy={xyxy} has no area inside the {size} image"
+        raise DatasetError(msg, path, where(i))
     return out.astype(np.float32)
 
 
@@ -180,7 +189,8 @@ class DetectionDataset(Dataset):
             raise IndexError(f"{type(self).__name__}: index {index} out of range for {n} images")
         return index % n if n else index
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def sample(self, index: int) -> Tuple[np.ndarray, Record]:
+        """``(pixels uint8 [H, W, 3], record)`` of image ``index``; checks that they agree."""
         index = self._check_index(index)
         rec = self.record(index)
         arr = self.load_image(index)
@@ -188,6 +198,10 @@ class DetectionDataset(Dataset):
         if (w, h) != (rec.width, rec.height):
             raise DatasetError(f"annotation says the image is {rec.width}x{rec.height}, the file is "
                                f"{w}x{h}", self.image_path(index) or rec.file_name)
+        return arr, rec
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        arr, rec = self.sample(index)
         return image_to_tensor(arr), rec.target()
 
     def records(self) -> List[Record]:
@@ -217,3 +231,56 @@ class DetectionDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(images={len(self)}, classes={self.classes})"
+
+
+class DatasetSubset(DetectionDataset):
+    """The images ``indices`` of ``dataset``, keeping its classes, ids and ``coco_gt()``.
+
+    Args:
+        dataset: any :class:`DetectionDataset`.
+        indices: positions in ``dataset`` (e.g. ``range(100)`` for the first 100 images).
+    """
+
+    def __init__(self, dataset: DetectionDataset, indices: Sequence[int]) -> None:
+        n = len(dataset)
+        self.indices = [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"DatasetSubset: indices {bad[:5]} out of range for {n} images")
+        self.dataset = dataset
+        self.classes = list(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def record(self, index: int) -> Record:
+        return self.dataset.record(self.indices[self._check_index(index)])
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.dataset.load_image(self.indices[self._check_index(index)])
+
+    def sample(self, index: int) -> Tuple[np.ndarray, Record]:
+        return self.dataset.sample(self.indices[self._check_index(index)])
+
+    def image_path(self, index: int) -> Optional[Path]:
+        return self.dataset.image_path(self.indices[self._check_index(index)])
+
+    def __repr__(self) -> str:
+        return f"DatasetSubset({self.dataset!r}, images={len(self)})"
+
+
+def save_png(arr: np.ndarray, path: PathLike) -> None:
+    """Write ``ndarray[H, W, 3]`` uint8 as PNG (creating folders)."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def progress_iter(it: Sequence[int], enabled: bool, desc: str):
+    """``it`` wrapped in a tqdm bar when ``enabled``."""
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="img")

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import colorsys
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
-from .base import DetectionDataset, Record, image_to_tensor
+from .base import DetectionDataset, Record
 
 __all__ = ["SyntheticShapes", "render_sample", "SYNTHETIC_CLASSES", "SPLIT_CODES"]
 
@@ -312,9 +311,8 @@ class SyntheticShapes(DetectionDataset):
     def load_image(self, index: int) -> np.ndarray:
         return self._render(index)[0]
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        img, rec = self._render(index)
-        return image_to_tensor(img), rec.target()
+    def sample(self, index: int) -> Tuple[np.ndarray, Record]:
+        return self._render(index)
 
     def __repr__(self) -> str:
         return (f"SyntheticShapes(split={self.split!r}, num_images={self.num_images}, "
