@@ -117,6 +117,14 @@ KNOWN_OPTIONS: Dict[str, set] = {
     },
 }
 
+# Option names that appear in published Darknet cfgs although Darknet does not read them in
+# that section (it prints "Unused field"), e.g. [yolo] uc_normalizer / beta1 in
+# yolov4-sam-mish-csp-reorg-bfm.cfg. Such a name -- or a name Darknet reads in another section
+# type -- is accepted with a warning; any other unknown name is an error.
+DARKNET_LEGACY_OPTIONS = {"uc_normalizer", "yolo_point", "beta1", "coords", "softmax", "rescore",
+                          "thresh", "absolute", "bias_match", "coord_scale", "object_scale",
+                          "noobject_scale", "class_scale", "mask_scale", "log", "sqrt"}
+
 # Activation names Darknet's get_activation knows (unknown names become relu in Darknet;
 # here they are an error).
 ACTIVATIONS = (
@@ -125,6 +133,8 @@ ACTIVATIONS = (
     "revleaky", "normalize_channels", "normalize_channels_softmax",
     "normalize_channels_softmax_maxval",
 )
+
+_ALL_DARKNET_OPTIONS = set().union(*KNOWN_OPTIONS.values()) | DARKNET_LEGACY_OPTIONS
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -269,7 +279,11 @@ def parse_cfg_text(text: str, source: str = "<string>") -> List[CfgSection]:
         if "=" not in line:
             raise DarknetCfgError(f"{source}:{lineno}: [{current.raw_type}] expected 'key=value', found {line!r}")
         key, value = line.split("=", 1)
-        if key not in KNOWN_OPTIONS[current.type]:
+        if key not in KNOWN_OPTIONS[current.type] and key in _ALL_DARKNET_OPTIONS:
+            warnings.warn(
+                f"{source}:{lineno}: [{current.raw_type}] (layer {current.index}) option '{key}' is not used by "
+                "this section (Darknet ignores it too: 'Unused field'); accepted", RuntimeWarning, stacklevel=2)
+        elif key not in KNOWN_OPTIONS[current.type]:
             raise DarknetCfgError(
                 f"{source}:{lineno}: [{current.raw_type}] (layer {current.index}) unknown option '{key}'; "
                 f"known options: {', '.join(sorted(KNOWN_OPTIONS[current.type]))}"

@@ -211,14 +211,18 @@ class Route(nn.Module):
 
 
 class Shortcut(nn.Module):
-    """``[shortcut] from=...``: ``act(prev + sum(from_i))``, or with ``weights_type`` the
+    """``[shortcut] from=...``: ``act(prev + sum(from_i))`` (output shape = prev's; a ``from``
+    layer with other channel count adds its first ``min(C)`` channels, as Darknet does), or with ``weights_type`` the
     weighted sum ``w0*prev + sum w_{i+1}*from_i`` (per feature or per channel), the weights
     normalised by ``relu`` (``relu(w) / (1e-4 + sum relu(w))``) or ``softmax``."""
 
     def __init__(self, layers: Sequence[int], channels: int, activation: str = "linear",
-                 weights_type: str = "none", weights_normalization: str = "none") -> None:
+                 weights_type: str = "none", weights_normalization: str = "none",
+                 from_channels: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.layers = list(layers)
+        # channel count of each `from` layer (Darknet adds the first min(C) channels if they differ)
+        self.from_channels = list(from_channels) if from_channels is not None else [channels] * len(self.layers)
         self.activation = activation
         self.weights_type = weights_type
         self.weights_normalization = weights_normalization
@@ -247,8 +251,14 @@ class Shortcut(nn.Module):
     def forward(self, prev: Tensor, inputs: List[Tensor]) -> Tensor:
         if self.weight is None:
             y = prev
-            for t in inputs:
-                y = y + t
+            c = self.channels
+            for t, ct in zip(inputs, self.from_channels):
+                if ct == c:
+                    y = y + t
+                elif ct > c:
+                    y = y + t[:, :c]
+                else:
+                    y = torch.cat([y[:, :ct] + t, y[:, ct:]], dim=1)
         else:
             w = self._normalized_weights()
             y = prev * w[0].view(1, -1, 1, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -180,12 +181,19 @@ def build_layers(sections: Sequence[CfgSection]) -> Tuple[Shape, List[nn.Module]
             sec.require("from")
             refs = [_resolve(sec, "from", v, i) for v in sec.get_int_list("from")]
             act = sec.get_activation("activation", "linear")
-            for r in refs:
-                if infos[r].out_shape != shape:
-                    raise sec.error(
-                        f"cannot add layer {r} ({infos[r].type} {_fmt(infos[r].out_shape)}) to the previous "
-                        f"layer {i - 1} ({infos[i - 1].type} {_fmt(shape)}): shapes differ", "from")
             wt = sec.get_str("weights_type", "none")
+            for r in refs:
+                rs = infos[r].out_shape
+                pair = (f"layer {r} ({infos[r].type} {_fmt(rs)}) and the previous layer {i - 1} "
+                        f"({infos[i - 1].type} {_fmt(shape)})")
+                if rs[1:] != shape[1:] or (rs != shape and wt != "none"):
+                    raise sec.error(f"cannot add {pair}: shapes differ", "from")
+                if rs != shape:
+                    # Darknet adds the first min(C) channels (flat CHW prefix) and only prints
+                    # "Downsample here"; real cfgs rely on it (yolov4-sam-mish-csp-reorg-bfm layer 137).
+                    warnings.warn(f"{sec.where('from')}: {pair} have different channel counts; like Darknet, "
+                                  f"only the first {min(rs[0], shape[0])} channels are added", RuntimeWarning,
+                                  stacklevel=3)
             wn = sec.get_str("weights_normalization", "none")
             if wt not in ("none", "per_feature", "per_layer", "per_channel"):
                 raise sec.error(f"expected none, per_feature, per_layer or per_channel, found {wt!r}", "weights_type")
@@ -195,7 +203,7 @@ def build_layers(sections: Sequence[CfgSection]) -> Tuple[Shape, List[nn.Module]
                     raise sec.error(f"a weighted shortcut needs relu, avg_relu or softmax (Darknet refuses "
                                     f"others), found {wn!r}", "weights_normalization")
                 wn = "relu" if wn == "avg_relu" else wn
-            mod, out = L.Shortcut(refs, c, act, wt, wn), shape
+            mod, out = L.Shortcut(refs, c, act, wt, wn, [infos[r].out_shape[0] for r in refs]), shape
         elif t == "upsample":
             stride = sec.get_int("stride", 2)
             if stride == 0:
