@@ -193,42 +193,47 @@ class CfgSection:
             raise self.error(f"required option '{key}' is missing")
         return self.options[key].value
 
-    def get_int(self, key: str, default: Optional[int] = None) -> Optional[int]:
+    def _numeric(self, key: str) -> Optional[str]:
+        """The value with an inline ``#`` comment removed (Darknet's atoi/atof stop there too)."""
         opt = self.options.get(key)
-        if opt is None:
+        return None if opt is None else opt.value.split("#", 1)[0]
+
+    def get_int(self, key: str, default: Optional[int] = None) -> Optional[int]:
+        v = self._numeric(key)
+        if v is None:
             return default
-        if not _INT_RE.fullmatch(opt.value):
-            raise self.error(f"expected an integer, found {opt.value!r}", key)
-        return int(opt.value)
+        if not _INT_RE.fullmatch(v):
+            raise self.error(f"expected an integer, found {self.options[key].value!r}", key)
+        return int(v)
 
     def get_float(self, key: str, default: Optional[float] = None) -> Optional[float]:
-        opt = self.options.get(key)
-        if opt is None:
+        v = self._numeric(key)
+        if v is None:
             return default
-        if not _FLOAT_RE.fullmatch(opt.value):
-            raise self.error(f"expected a number, found {opt.value!r}", key)
-        return float(opt.value)
+        if not _FLOAT_RE.fullmatch(v):
+            raise self.error(f"expected a number, found {self.options[key].value!r}", key)
+        return float(v)
 
     def get_int_list(self, key: str, default: Optional[List[int]] = None) -> Optional[List[int]]:
-        opt = self.options.get(key)
-        if opt is None:
+        v = self._numeric(key)
+        if v is None:
             return default
-        items = [t for t in opt.value.split(",")]
+        items = v.split(",")
         if items and items[-1] == "":  # a trailing comma is tolerated
             items = items[:-1]
         if not items or not all(_INT_RE.fullmatch(t) for t in items):
-            raise self.error(f"expected a comma-separated list of integers, found {opt.value!r}", key)
+            raise self.error(f"expected a comma-separated list of integers, found {self.options[key].value!r}", key)
         return [int(t) for t in items]
 
     def get_float_list(self, key: str, default: Optional[List[float]] = None) -> Optional[List[float]]:
-        opt = self.options.get(key)
-        if opt is None:
+        v = self._numeric(key)
+        if v is None:
             return default
-        items = [t for t in opt.value.split(",")]
+        items = v.split(",")
         if items and items[-1] == "":
             items = items[:-1]
         if not items or not all(_FLOAT_RE.fullmatch(t) for t in items):
-            raise self.error(f"expected a comma-separated list of numbers, found {opt.value!r}", key)
+            raise self.error(f"expected a comma-separated list of numbers, found {self.options[key].value!r}", key)
         return [float(t) for t in items]
 
     def get_activation(self, key: str = "activation", default: str = "linear") -> str:
