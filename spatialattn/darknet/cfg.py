@@ -170,9 +170,9 @@ class CfgSection:
 
     # ------------------------------------------------------------------ errors
     def where(self, key: Optional[str] = None) -> str:
-        if key is not None and key in self.options:
-            return f"{self.source}:{self.options[key].line}: [{self.raw_type}] (layer {self.index}) option '{key}'"
         what = f"[{self.raw_type}]" if self.index < 0 else f"[{self.raw_type}] (layer {self.index})"
+        if key is not None and key in self.options:
+            return f"{self.source}:{self.options[key].line}: {what} option '{key}'"
         if key is not None:
             return f"{self.source}:{self.line}: {what} option '{key}'"
         return f"{self.source}:{self.line}: {what}"
