@@ -1,22 +1,49 @@
 """Fast paths behind :mod:`spatialattn.functional`.
 
 Every primitive here has one public entry point that picks an implementation by
-context (autograd needed or not, export, device, dtype) and a plain PyTorch
-reference (:mod:`spatialattn.ops.reference`) that is always available.
+context (export, autograd, device, dtype, layout) and a plain PyTorch reference
+(:mod:`spatialattn.ops.reference`) that is always available.
 
 * :func:`channel_pool` -- max / mean over channels of ``x * channel_scale``.
 * :func:`gate_multiply` -- ``(x * channel_gate) * spatial_gate``.
+* :func:`spatial_attention_fused` -- the whole CBAM SAM with a sigmoid gate
+  (pool -> k x k conv + bias -> optional affine norm -> sigmoid -> multiply) in
+  one op, forward and backward.
+
+Implementations, in order of preference:
+
+1. ONNX / ``torch.export`` tracing: the plain reference decomposition (standard
+   operators only; no ArgMax).
+2. CPU float32 / float64: C++ kernels (:mod:`._cpp`, built on first use) through
+   the ``spatialattn::*`` custom ops of :mod:`._library` (eager calls without
+   autograd skip the custom-op layer and call the kernels directly).
+3. CUDA float16 / bfloat16 / float32 with Triton: Triton kernels (:mod:`._triton`).
+4. Otherwise the memory-lean pure-PyTorch ``autograd.Function`` s (:mod:`.lean`)
+   or, without autograd, the reference.
+
+``SPATIALATTN_DISABLE_CPP=1`` turns the C++ kernels off (then CPU uses 4.).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import lean, reference
+from . import _cpp, lean, reference
+from . import _library as _lib
 
-__all__ = ["channel_pool", "gate_multiply", "is_exporting"]
+__all__ = [
+    "channel_pool",
+    "gate_multiply",
+    "spatial_attention_fused",
+    "batchnorm_affine",
+    "is_exporting",
+    "backend",
+]
+
+_KINDS: dict = {}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def is_exporting() -> bool:
@@ -26,6 +53,40 @@ def is_exporting() -> bool:
 
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kinds(order: Sequence[str]) -> list:
+    key = tuple(order)
+    kinds = _KINDS.get(key)
+    if kinds is None:
+        kinds = _KINDS[key] = [_lib.KIND[k] for k in key]
+    return kinds
+
+
+def _fast_device(x: Tensor) -> Optional[str]:
+    """'cpp' / 'triton' / 'op' (compiling: let the custom op decide) or None."""
+    if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return "op"
+        if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF:
+            return "op"
+        return None
+    if x.device.type == "cpu":
+        if x.dtype in (torch.float32, torch.float64) and _cpp.get() is not None:
+            return "cpp"
+        return None
+    if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF and _lib._triton_ok(x):
+        return "triton"
+    return None
+
+
+def backend(x: Tensor) -> str:
+    """Name of the implementation the ops would use for ``x``: ``"cpp"``, ``"triton"`` or ``"torch"``."""
+    return _fast_device(x) or "torch"
+
+
+def _scale_ok(x: Tensor, s: Optional[Tensor]) -> bool:
+    return s is None or (s.shape == (x.shape[0], x.shape[1], 1, 1) and s.device == x.device)
 
 
 def channel_pool(
@@ -42,13 +103,124 @@ def channel_pool(
     first without keeping the product for backward.
     """
     dtype = x.dtype if dtype is None else dtype
-    if is_exporting() or not _needs_autograd(x, channel_scale):
+    if is_exporting():
+        return reference.channel_pool(x, order, channel_scale, dtype)
+    grad = _needs_autograd(x, channel_scale)
+    fast = _fast_device(x) if x.dim() == 4 and x.shape[1] > 0 else None
+    if fast is not None and _scale_ok(x, channel_scale) and (
+        dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)
+    ):
+        if fast == "cpp" and not grad:
+            return _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
+        return _lib.channel_pool_op(x, channel_scale, _kinds(order), dtype)
+    if not grad:
         return reference.channel_pool(x, order, channel_scale, dtype)
     return lean.channel_pool(x, order, channel_scale, dtype)
 
 
 def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor] = None) -> Tensor:
-    """``(x * channel_gate) * spatial_gate``, gates cast to ``x.dtype``; saves only ``x`` and the gates."""
-    if is_exporting() or not _needs_autograd(x, spatial_gate, channel_gate):
+    """``(x * channel_gate) * spatial_gate``, gates cast to ``x.dtype``; saves only ``x`` and the gates.
+
+    Shapes: ``x`` ``[N, C, H, W]``, ``spatial_gate`` ``[N, 1, H, W]``, ``channel_gate``
+    ``[N, C, 1, 1]`` or ``None`` (other broadcastable shapes take the PyTorch path).
+    """
+    if is_exporting():
+        return reference.gate_multiply(x, spatial_gate, channel_gate)
+    grad = _needs_autograd(x, spatial_gate, channel_gate)
+    fast = _fast_device(x) if x.dim() == 4 else None
+    if (
+        fast is not None
+        and spatial_gate.shape == (x.shape[0], 1, x.shape[2], x.shape[3])
+        and spatial_gate.device == x.device
+        and _scale_ok(x, channel_gate)
+    ):
+        if fast == "cpp" and not grad:
+            return _cpp.get().gate_forward(_lib._dense(x), spatial_gate, channel_gate, None)
+        return _lib.gate_multiply_op(x, spatial_gate, channel_gate)
+    if not grad:
         return reference.gate_multiply(x, spatial_gate, channel_gate)
     return lean.gate_multiply(x, spatial_gate, channel_gate)
+
+
+def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(scale, shift)`` such that ``norm(t) == t * scale + shift`` for an eval-mode
+    ``BatchNorm2d(1)`` with running statistics; ``None`` when that does not hold
+    (training mode, no running stats, other modules). Differentiable in the affine
+    parameters, so the fused op trains gamma / beta (not the statistics)."""
+    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or norm.training:
+        return None
+    if norm.running_mean is None or norm.running_var is None or norm.num_features != 1:
+        return None
+    inv = torch.rsqrt(norm.running_var + norm.eps)
+    scale = inv if norm.weight is None else norm.weight * inv
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale.reshape(1), shift.reshape(1)
+
+
+def _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift):
+    acc = torch.float32 if x.dtype in _HALF else x.dtype
+    pooled = reference.channel_pool(x, order, channel_scale, acc)
+    logits, attn = _lib._sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
+    return reference.gate_multiply(x, attn, channel_scale), attn
+
+
+def spatial_attention_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    order: Sequence[str] = ("max", "mean"),
+    dilation: int = 1,
+    channel_scale: Optional[Tensor] = None,
+    norm_scale: Optional[Tensor] = None,
+    norm_shift: Optional[Tensor] = None,
+    return_attention: bool = False,
+    out: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """CBAM SAM with a sigmoid gate in one fused op (forward and backward).
+
+    ``y = x' * sigmoid(norm_scale * (conv(channel_pool(x', order), weight) + bias) + norm_shift)``
+    with ``x' = x * channel_scale``; the conv has padding ``dilation * (k // 2)``.
+
+    Args:
+        x: ``Tensor[N, C, H, W]``.
+        weight: ``Tensor[1, len(order), kh, kw]`` (odd kh, kw).
+        bias: optional ``Tensor[1]``.
+        order: normalised pooling order (``"max"`` / ``"mean"``).
+        dilation: conv dilation.
+        channel_scale: optional ``Tensor[N, C, 1, 1]`` in ``x.dtype`` (CBAM's channel gate);
+            ``x * channel_scale`` is never stored.
+        norm_scale, norm_shift: optional ``Tensor[1]`` each, an affine norm of the logits
+            (an eval-mode BatchNorm2d(1): see :func:`batchnorm_affine`).
+        return_attention: also return the ``Tensor[N, 1, H, W]`` gate (float32 for half x).
+        out: optional output tensor (shape / strides / dtype of ``x``) for inference
+            without autograd on the C++ path (avoids a fresh allocation per call).
+
+    Saved for backward: ``x``, the small maps (pooled, logits, gate) and parameters.
+    """
+    if is_exporting():
+        y, attn = _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift)
+        return (y, attn) if return_attention else y
+    grad = _needs_autograd(x, weight, bias, channel_scale, norm_scale, norm_shift)
+    fast = _fast_device(x) if x.dim() == 4 and x.shape[1] > 0 else None
+    if out is not None and (grad or fast != "cpp"):
+        raise ValueError("out= is only supported without autograd on the CPU C++ path")
+    if fast is None or not _scale_ok(x, channel_scale):
+        if grad:
+            acc = torch.float32 if x.dtype in _HALF else x.dtype
+            pooled = lean.channel_pool(x, order, channel_scale, acc)
+            _, attn = _lib._sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
+            y = lean.gate_multiply(x, attn, channel_scale)
+        else:
+            y, attn = _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift)
+        return (y, attn) if return_attention else y
+    kinds = _kinds(order)
+    if fast == "cpp" and not grad:
+        y, attn, _, _ = _cpp.get().sam_forward(
+            _lib._dense(x), weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation, out
+        )
+    else:
+        y, attn, _, _ = _lib.sam_op(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
+    return (y, attn) if return_attention else y

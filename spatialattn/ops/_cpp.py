@@ -1,0 +1,97 @@
+"""Build (once, cached) and load the fused CPU kernels in ``csrc/sam_cpu.cpp``.
+
+The extension is compiled by :func:`torch.utils.cpp_extension.load` on first
+use and cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``). Instruction-set flags follow the CPU
+capability that torch itself detected at run time (AVX-512 / AVX2 / baseline),
+and that capability is part of the extension's name, so a cache shared between
+different machines never hands one of them code it cannot run.
+
+If anything goes wrong (no compiler, no ninja, a build error) :func:`get` returns
+``None``, the callers use the plain PyTorch path, and the reason is logged once
+at DEBUG level on the ``"spatialattn"`` logger. ``SPATIALATTN_DISABLE_CPP=1``
+forces that fallback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("spatialattn")
+
+_SRC = Path(__file__).with_name("csrc") / "sam_cpu.cpp"
+_lock = threading.Lock()
+_module: Any = None
+_tried = False
+
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def disabled() -> bool:
+    """True when ``SPATIALATTN_DISABLE_CPP`` is set to a true value."""
+    return os.environ.get("SPATIALATTN_DISABLE_CPP", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _capability() -> str:
+    try:
+        import torch
+
+        cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    return cap if cap in _ISA_FLAGS else "DEFAULT"
+
+
+def _build() -> Any:
+    import platform
+
+    from torch.utils import cpp_extension
+
+    cap = _capability()
+    flags = ["-O3"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += _ISA_FLAGS.get(cap, [])
+    name = f"spatialattn_sam_cpu_{cap.lower()}"
+    return cpp_extension.load(
+        name=name,
+        sources=[str(_SRC)],
+        extra_cflags=flags,
+        extra_ldflags=[],
+        verbose=False,
+    )
+
+
+def get() -> Optional[Any]:
+    """The compiled extension module, or ``None`` when it is disabled or cannot be built."""
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if disabled():
+            log.debug("spatialattn: C++ CPU kernels disabled by SPATIALATTN_DISABLE_CPP; using PyTorch ops")
+            _module = None
+        else:
+            try:
+                _module = _build()
+            except Exception as exc:  # no compiler, build error, ...
+                log.debug("spatialattn: C++ CPU kernels unavailable (%s: %s); using PyTorch ops",
+                          type(exc).__name__, exc)
+                _module = None
+        _tried = True
+    return _module
+
+
+def reset() -> None:
+    """Forget the cached load result (tests toggle ``SPATIALATTN_DISABLE_CPP``)."""
+    global _module, _tried
+    with _lock:
+        _module = None
+        _tried = False

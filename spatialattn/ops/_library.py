@@ -1,0 +1,386 @@
+"""``torch.library`` custom ops (namespace ``spatialattn``) for the fused kernels.
+
+Each op has a fake (meta) implementation and an autograd formula, so eager
+autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque
+node per primitive. The real implementation picks a backend by device / dtype /
+layout:
+
+* CPU, float32 / float64, NCHW- or channels_last-contiguous: the C++ kernels of
+  :mod:`spatialattn.ops._cpp` (other layouts are made contiguous first);
+* CUDA with Triton importable: :mod:`spatialattn.ops._triton`;
+* anything else: plain PyTorch (the same formulas as :mod:`.reference` / :mod:`.lean`).
+
+Pooling kinds are passed as ints: 0 = max, 1 = mean.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _cpp
+
+KIND = {"max": 0, "mean": 1}
+_EMPTY_SHAPE = (0,)
+
+
+# ------------------------------------------------------------------ backend choice
+def _cpp_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _cpp.get() is not None
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` if NCHW- or channels_last-contiguous, else an NCHW-contiguous copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _triton_ok(x: Tensor) -> bool:
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    from . import _triton
+
+    return _triton.available()
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+# ------------------------------------------------------------------ plain PyTorch formulas
+def _scaled(x: Tensor, scale: Optional[Tensor]) -> Tensor:
+    return x if scale is None else x * scale.to(x.dtype)
+
+
+def _pool_torch(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype: torch.dtype) -> Tensor:
+    xs = _scaled(x, scale)
+    maps = [xs.amax(dim=1, keepdim=True).to(dtype) if k == 0 else xs.mean(dim=1, keepdim=True, dtype=dtype)
+            for k in kinds]
+    return torch.cat(maps, dim=1)
+
+
+def _kind_sum(gpooled: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
+    out = None
+    for i, k in enumerate(kinds):
+        if k == kind:
+            out = gpooled[:, i : i + 1] if out is None else out + gpooled[:, i : i + 1]
+    return out
+
+
+def _kind_value(pooled: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
+    for i, k in enumerate(kinds):
+        if k == kind:
+            return pooled[:, i : i + 1]
+    return None
+
+
+def _pool_grad_xs_torch(gpooled: Tensor, xs: Tensor, pooled: Tensor, kinds: Sequence[int]) -> Tensor:
+    """Gradient w.r.t. ``x' = x * scale`` of the channel pooling (amax: ties share evenly)."""
+    gmax, gmean = _kind_sum(gpooled, kinds, 0), _kind_sum(gpooled, kinds, 1)
+    out = None
+    if gmax is not None:
+        mask = xs == _kind_value(pooled, kinds, 0).to(xs.dtype)
+        count = mask.sum(dim=1, keepdim=True, dtype=gmax.dtype)
+        out = mask.to(gmax.dtype) * (gmax / count)
+    if gmean is not None:
+        part = (gmean / xs.shape[1]).expand(xs.shape)
+        out = part if out is None else out + part
+    return out.to(xs.dtype)
+
+
+def _sum_nc(t: Tensor, like: Tensor) -> Tensor:
+    return t.sum(dim=(2, 3), keepdim=True, dtype=like.dtype)
+
+
+# ------------------------------------------------------------------ channel_pool
+@torch.library.custom_op("spatialattn::channel_pool", mutates_args=())
+def channel_pool_op(x: Tensor, scale: Optional[Tensor], kinds: List[int], dtype: torch.dtype) -> Tensor:
+    """``Tensor[N, C, H, W] -> Tensor[N, len(kinds), H, W]`` (dtype ``dtype``): max / mean of ``x * scale``."""
+    if _cpp_ok(x) and dtype == x.dtype:
+        return _cpp.get().pool_forward(_dense(x), scale, list(kinds))
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.pool_forward(x, scale, kinds, dtype)
+    return _pool_torch(x, scale, kinds, dtype)
+
+
+@channel_pool_op.register_fake
+def _(x, scale, kinds, dtype):
+    return x.new_empty((x.shape[0], len(kinds), x.shape[2], x.shape[3]), dtype=dtype)
+
+
+@torch.library.custom_op("spatialattn::channel_pool_backward", mutates_args=())
+def channel_pool_backward_op(
+    grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: List[int]
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``(grad_x, grad_scale)``; ``grad_scale`` is an empty ``[0]`` tensor without a scale."""
+    if _cpp_ok(x):
+        gx, gs = _cpp.get().pool_backward(grad, _dense(x), scale, pooled, list(kinds), scale is not None)
+    elif _triton_ok(x):
+        from . import _triton
+
+        gx, gs = _triton.pool_backward(grad, x, scale, pooled, kinds)
+    else:
+        gxs = _pool_grad_xs_torch(grad, _scaled(x, scale), pooled, kinds)
+        gx = gxs if scale is None else gxs * scale.to(x.dtype)
+        gs = None if scale is None else _sum_nc(gxs * x, scale)
+    if gs is None:
+        gs = x.new_empty(_EMPTY_SHAPE)
+    else:
+        gs = gs.to(scale.dtype)
+    return gx, gs
+
+
+@channel_pool_backward_op.register_fake
+def _(grad, x, scale, pooled, kinds):
+    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
+    return torch.empty_like(x), gs
+
+
+def _pool_setup(ctx, inputs, output):
+    x, scale, kinds, _ = inputs
+    ctx.kinds = list(kinds)
+    ctx.save_for_backward(x, scale, output)
+
+
+def _pool_backward(ctx, grad):
+    x, scale, pooled = ctx.saved_tensors
+    gx, gs = channel_pool_backward_op(grad, x, scale, pooled, ctx.kinds)
+    return gx, (gs if scale is not None else None), None, None
+
+
+channel_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+# ------------------------------------------------------------------ gate_multiply
+@torch.library.custom_op("spatialattn::gate_multiply", mutates_args=())
+def gate_multiply_op(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """``(x * scale) * attn`` with ``attn`` ``[N, 1, H, W]`` and ``scale`` ``[N, C, 1, 1]`` cast to ``x.dtype``."""
+    if _cpp_ok(x):
+        return _cpp.get().gate_forward(_dense(x), attn, scale, None)
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.gate_forward(x, attn, scale)
+    return _scaled(x, scale) * attn.to(x.dtype)
+
+
+@gate_multiply_op.register_fake
+def _(x, attn, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("spatialattn::gate_multiply_backward", mutates_args=())
+def gate_multiply_backward_op(
+    grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(grad_x, grad_attn, grad_scale)`` (``grad_scale`` empty ``[0]`` without a scale)."""
+    if _cpp_ok(x):
+        gx, ga, gs = _cpp.get().gate_backward(grad, _dense(x), attn, scale, True, True, scale is not None)
+    elif _triton_ok(x):
+        from . import _triton
+
+        gx, ga, gs = _triton.gate_backward(grad, x, attn, scale)
+    else:
+        a = attn.to(x.dtype)
+        gxs = grad * a
+        gx = gxs if scale is None else gxs * scale.to(x.dtype)
+        ga = (grad * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=attn.dtype)
+        gs = None if scale is None else _sum_nc(gxs * x, scale)
+    ga = ga.to(attn.dtype)
+    gs = x.new_empty(_EMPTY_SHAPE) if gs is None else gs.to(scale.dtype)
+    return gx, ga, gs
+
+
+@gate_multiply_backward_op.register_fake
+def _(grad, x, attn, scale):
+    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
+    return torch.empty_like(x), torch.empty_like(attn), gs
+
+
+def _gate_setup(ctx, inputs, output):
+    x, attn, scale = inputs
+    ctx.save_for_backward(x, attn, scale)
+
+
+def _gate_backward(ctx, grad):
+    x, attn, scale = ctx.saved_tensors
+    gx, ga, gs = gate_multiply_backward_op(grad, x, attn, scale)
+    return gx, ga, (gs if scale is not None else None)
+
+
+gate_multiply_op.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+# ------------------------------------------------------------------ whole SAM (sigmoid gate)
+def _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation):
+    kh, kw = weight.shape[-2:]
+    logits = F.conv2d(pooled, weight.to(pooled.dtype), None if bias is None else bias.to(pooled.dtype),
+                      padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+    z = logits if norm_scale is None else logits * norm_scale.to(logits.dtype) + norm_shift.to(logits.dtype)
+    return logits, torch.sigmoid(z)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+@torch.library.custom_op("spatialattn::sam", mutates_args=())
+def sam_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    norm_scale: Optional[Tensor],
+    norm_shift: Optional[Tensor],
+    kinds: List[int],
+    dilation: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused CBAM SAM with a sigmoid gate. Returns ``(y, attn, logits, pooled)``.
+
+    ``y = x' * sigmoid((conv(pool(x'), weight) + bias) * norm_scale + norm_shift)``,
+    ``x' = x * scale``. ``attn`` / ``logits`` / ``pooled`` are in float32 for half
+    inputs (``x.dtype`` otherwise); ``logits`` is the conv output before the
+    affine norm.
+    """
+    if _cpp_ok(x):
+        y, attn, logits, pooled = _cpp.get().sam_forward(
+            _dense(x), weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None
+        )
+        return y, attn, logits, pooled
+    acc = _acc(x)
+    if _triton_ok(x):
+        from . import _triton
+
+        pooled = _triton.pool_forward(x, scale, kinds, acc)
+    else:
+        pooled = _pool_torch(x, scale, kinds, acc)
+    logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
+    if _triton_ok(x):
+        from . import _triton
+
+        y = _triton.gate_forward(x, attn, scale)
+    else:
+        y = _scaled(x, scale) * attn.to(x.dtype)
+    return y, attn, logits, pooled
+
+
+@sam_op.register_fake
+def _(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
+    acc = _acc(x)
+    n, _, h, w = x.shape
+    small = x.new_empty((n, 1, h, w), dtype=acc)
+    return torch.empty_like(x), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc)
+
+
+@torch.library.custom_op("spatialattn::sam_backward", mutates_args=())
+def sam_backward_op(
+    grad_y: Tensor,
+    grad_attn: Optional[Tensor],
+    x: Tensor,
+    scale: Optional[Tensor],
+    weight: Tensor,
+    norm_scale: Optional[Tensor],
+    attn: Tensor,
+    logits: Tensor,
+    pooled: Tensor,
+    kinds: List[int],
+    dilation: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(grad_x, grad_scale, grad_weight, grad_bias, grad_norm_scale, grad_norm_shift)``.
+
+    Absent optional inputs get empty ``[0]`` gradients.
+    """
+    def empty():  # a fresh one each time: outputs must not alias each other
+        return x.new_empty(_EMPTY_SHAPE)
+
+    if _cpp_ok(x):
+        gx, gs, gw, gb, gns, gnsh = _cpp.get().sam_backward(
+            grad_y, grad_attn, _dense(x), scale, weight, norm_scale, attn, logits, pooled, list(kinds),
+            dilation, scale is not None, True, True, norm_scale is not None,
+        )
+        gs = empty() if gs is None else gs.to(scale.dtype)
+        gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
+        gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
+        return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
+    # Generic path: the big passes through Triton / PyTorch, the small maps through autograd.
+    acc = attn.dtype
+    if _triton_ok(x):
+        from . import _triton
+
+        ga_x, cnt = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0))
+    else:
+        xs = _scaled(x, scale)
+        ga_x = (grad_y * xs).sum(dim=1, keepdim=True, dtype=acc)
+        cnt = None
+    dA = ga_x.to(acc) if grad_attn is None else ga_x.to(acc) + grad_attn.to(acc)
+    with torch.enable_grad():
+        p = pooled.detach().requires_grad_(True)
+        w = weight.detach().to(acc).requires_grad_(True)
+        b = torch.zeros(1, dtype=acc, device=x.device, requires_grad=True)
+        ns = None if norm_scale is None else norm_scale.detach().to(acc).requires_grad_(True)
+        nsh = None if norm_scale is None else torch.zeros_like(ns, requires_grad=True)
+        lg, a = _sam_small_torch(p, w, b, ns, nsh, dilation)
+        wrt = [p, w, b] + ([ns, nsh] if ns is not None else [])
+        grads = torch.autograd.grad(a, wrt, dA)
+    gp, gw, gb = grads[:3]
+    gns = grads[3].to(norm_scale.dtype) if ns is not None else empty()
+    gnsh = grads[4].to(norm_scale.dtype) if ns is not None else empty()
+    if _triton_ok(x):
+        from . import _triton
+
+        gx, gs = _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt)
+    else:
+        xs = _scaled(x, scale)
+        gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
+        gx = gxs if scale is None else gxs * scale.to(x.dtype)
+        gs = None if scale is None else _sum_nc(gxs * x, scale)
+    gs = empty() if gs is None else gs.to(scale.dtype)
+    return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
+
+
+@sam_backward_op.register_fake
+def _(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds, dilation):
+    def empty():
+        return x.new_empty(_EMPTY_SHAPE)
+
+    gs = empty() if scale is None else torch.empty_like(scale)
+    gns = empty() if norm_scale is None else torch.empty_like(norm_scale)
+    gnsh = empty() if norm_scale is None else torch.empty_like(norm_scale)
+    return torch.empty_like(x), gs, torch.empty_like(weight), weight.new_empty((1,)), gns, gnsh
+
+
+def _sam_setup(ctx, inputs, output):
+    x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation = inputs
+    _, attn, logits, pooled = output
+    ctx.kinds = list(kinds)
+    ctx.dilation = dilation
+    ctx.has_bias = bias is not None
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.save_for_backward(x, scale, weight, norm_scale, attn, logits, pooled)
+
+
+def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
+    x, scale, weight, norm_scale, attn, logits, pooled = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    gx, gs, gw, gb, gns, gnsh = sam_backward_op(
+        grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, ctx.kinds, ctx.dilation
+    )
+    return (
+        gx,
+        gw,
+        gb.reshape(ctx.bias_shape) if ctx.has_bias else None,
+        gs if scale is not None else None,
+        gns if norm_scale is not None else None,
+        gnsh if norm_scale is not None else None,
+        None,
+        None,
+    )
+
+
+sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)

@@ -1,0 +1,809 @@
+// Fused CPU kernels for CBAM spatial attention (SAM).
+//
+// Built on first use by spatialattn.ops._cpp (torch.utils.cpp_extension.load).
+// float32 / float64, NCHW-contiguous or channels_last-contiguous inputs. Plain
+// loops written so that the compiler vectorises them (independent lanes, no
+// reassociation needed, no -ffast-math: NaN must propagate); threads through
+// at::parallel_for (torch's own OpenMP pool).
+//
+// Notation: x [N, C, H, W], s = optional channel scale [N, C] (x' = x * s),
+// a = spatial gate [N, HW], "kinds" = pooling order, 0 = max, 1 = mean.
+// Semantics follow spatialattn/ops/reference.py (amax: the gradient at ties is
+// split evenly between the tied channels).
+
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+inline T nan_max(T m, T v) {
+  // max that propagates NaN (like torch.amax): once m is NaN it stays NaN.
+  return (v > m || v != v) ? v : m;
+}
+
+// Non-temporal stores pay once the output does not fit in the last-level cache.
+constexpr int64_t kStreamBytes = 24ll << 20;
+
+template <typename T>
+inline void store_row(T* dst, const T* src, int64_t n, bool stream) {
+#if defined(__AVX512F__)
+  if (stream && std::is_same<T, float>::value) {
+    float* d = reinterpret_cast<float*>(dst);
+    const float* s = reinterpret_cast<const float*>(src);
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & 63); ++i) d[i] = s[i];
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(d + i, _mm512_loadu_ps(s + i));
+    for (; i < n; ++i) d[i] = s[i];
+    return;
+  }
+#elif defined(__AVX__)
+  if (stream && std::is_same<T, float>::value) {
+    float* d = reinterpret_cast<float*>(dst);
+    const float* s = reinterpret_cast<const float*>(src);
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & 31); ++i) d[i] = s[i];
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(d + i, _mm256_loadu_ps(s + i));
+    for (; i < n; ++i) d[i] = s[i];
+    return;
+  }
+#endif
+  (void)stream;
+  std::copy(src, src + n, dst);
+}
+
+inline void stream_fence(bool stream) {
+#if defined(__SSE2__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+// Split the HW pixels of each image into chunks: long enough for the
+// prefetchers (a band of rows), short enough for the accumulators to stay in
+// L1, and enough chunks in total to keep every thread busy.
+inline int64_t pixel_chunk(int64_t N, int64_t HW) {
+  int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunk = std::min<int64_t>(HW, 1024);
+  int64_t want = 2 * threads;
+  if (N * ((HW + chunk - 1) / chunk) < want) {
+    int64_t per_image = (want + N - 1) / N;
+    chunk = std::max<int64_t>(64, (HW + per_image - 1) / per_image);
+  }
+  chunk = (chunk + kLanes - 1) / kLanes * kLanes;
+  return std::max<int64_t>(1, std::min(chunk, HW));
+}
+
+// ---------------------------------------------------------------- pooling
+// mx / mean: outputs with batch stride `obs` (HW each image); either may be null.
+template <typename T>
+void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
+            T* mx, T* mean, int64_t obs) {
+  const T inv_c = T(1) / T(C);  // unused: the mean divides like torch (sum / C)
+  (void)inv_c;
+  if (!nhwc) {
+    const int64_t chunk = pixel_chunk(N, HW);
+    const int64_t nchunks = (HW + chunk - 1) / chunk;
+    at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> m(chunk), sm(chunk);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
+        const int64_t len = std::min(chunk, HW - p0);
+        const T* xn = x + n * C * HW + p0;
+        T* mp = m.data();
+        T* sp = sm.data();
+        {
+          const T sc = s ? s[n * C] : T(1);
+          for (int64_t i = 0; i < len; ++i) {
+            T v = xn[i] * sc;
+            mp[i] = v;
+            sp[i] = v;
+          }
+        }
+        for (int64_t c = 1; c < C; ++c) {
+          const T* row = xn + c * HW;
+          const T sc = s ? s[n * C + c] : T(1);
+          for (int64_t i = 0; i < len; ++i) {
+            T v = row[i] * sc;
+            mp[i] = nan_max(mp[i], v);
+            sp[i] += v;
+          }
+        }
+        if (mx) std::copy(mp, mp + len, mx + n * obs + p0);
+        if (mean) {
+          T* o = mean + n * obs + p0;
+          for (int64_t i = 0; i < len; ++i) o[i] = sp[i] / T(C);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, 256, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t n = p / HW, q = p % HW;
+        const T* row = x + p * C;
+        const T* sr = s ? s + n * C : nullptr;
+        T m, sum;
+        int64_t c = 0;
+        if (C >= kLanes) {
+          T ml[kLanes], sl[kLanes];
+          for (int64_t l = 0; l < kLanes; ++l) {
+            T v = sr ? row[l] * sr[l] : row[l];
+            ml[l] = v;
+            sl[l] = v;
+          }
+          for (c = kLanes; c + kLanes <= C; c += kLanes) {
+            if (sr) {
+              for (int64_t l = 0; l < kLanes; ++l) {
+                T v = row[c + l] * sr[c + l];
+                ml[l] = nan_max(ml[l], v);
+                sl[l] += v;
+              }
+            } else {
+              for (int64_t l = 0; l < kLanes; ++l) {
+                T v = row[c + l];
+                ml[l] = nan_max(ml[l], v);
+                sl[l] += v;
+              }
+            }
+          }
+          m = ml[0];
+          sum = sl[0];
+          for (int64_t l = 1; l < kLanes; ++l) {
+            m = nan_max(m, ml[l]);
+            sum += sl[l];
+          }
+        } else {
+          m = sr ? row[0] * sr[0] : row[0];
+          sum = m;
+          c = 1;
+        }
+        for (; c < C; ++c) {
+          T v = sr ? row[c] * sr[c] : row[c];
+          m = nan_max(m, v);
+          sum += v;
+        }
+        if (mx) mx[n * obs + q] = m;
+        if (mean) mean[n * obs + q] = sum / T(C);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- y = (x * s) * a
+template <typename T>
+void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64_t HW, bool nhwc) {
+  const bool stream = std::is_same<T, float>::value &&
+                      N * C * HW * int64_t(sizeof(T)) * 2 > kStreamBytes;
+  if (!nhwc) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(stream ? HW : 0);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / C;
+        const T* xr = x + r * HW;
+        const T* an = a + n * HW;
+        T* yr = y + r * HW;
+        T* dst = stream ? buf.data() : yr;
+        if (s) {
+          const T sc = s[r];
+          for (int64_t i = 0; i < HW; ++i) dst[i] = (xr[i] * sc) * an[i];
+        } else {
+          for (int64_t i = 0; i < HW; ++i) dst[i] = xr[i] * an[i];
+        }
+        if (stream) store_row(yr, dst, HW, true);
+      }
+      stream_fence(stream);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, N * HW, grain, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(stream ? C : 0);
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t n = p / HW;
+        const T* xr = x + p * C;
+        const T av = a[p];
+        T* yr = y + p * C;
+        T* dst = stream ? buf.data() : yr;
+        if (s) {
+          const T* sr = s + n * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = (xr[c] * sr[c]) * av;
+        } else {
+          for (int64_t c = 0; c < C; ++c) dst[c] = xr[c] * av;
+        }
+        if (stream) store_row(yr, dst, C, true);
+      }
+      stream_fence(stream);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- backward pass A
+// ga[p] = sum_c g * x'   (if g);   cnt[p] = #{c : x' == mx[p]}   (if mx).
+template <typename T>
+void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_t C, int64_t HW,
+              bool nhwc, T* ga, T* cnt) {
+  if (!nhwc) {
+    const int64_t chunk = pixel_chunk(N, HW);
+    const int64_t nchunks = (HW + chunk - 1) / chunk;
+    at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> acc(chunk), cn(chunk);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
+        const int64_t len = std::min(chunk, HW - p0);
+        T* ap = acc.data();
+        T* cp = cn.data();
+        std::fill(ap, ap + len, T(0));
+        std::fill(cp, cp + len, T(0));
+        const T* mp = mx ? mx + n * HW + p0 : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t off = (n * C + c) * HW + p0;
+          const T* xr = x + off;
+          const T sc = s ? s[n * C + c] : T(1);
+          if (g && mp) {
+            const T* gr = g + off;
+            for (int64_t i = 0; i < len; ++i) {
+              T v = xr[i] * sc;
+              ap[i] += gr[i] * v;
+              cp[i] += (v == mp[i]) ? T(1) : T(0);
+            }
+          } else if (g) {
+            const T* gr = g + off;
+            for (int64_t i = 0; i < len; ++i) ap[i] += gr[i] * (xr[i] * sc);
+          } else {
+            for (int64_t i = 0; i < len; ++i) cp[i] += ((xr[i] * sc) == mp[i]) ? T(1) : T(0);
+          }
+        }
+        if (ga) std::copy(ap, ap + len, ga + n * HW + p0);
+        if (cnt) std::copy(cp, cp + len, cnt + n * HW + p0);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, 256, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t n = p / HW;
+        const T* xr = x + p * C;
+        const T* gr = g ? g + p * C : nullptr;
+        const T* sr = s ? s + n * C : nullptr;
+        const T m = mx ? mx[p] : T(0);
+        T al[kLanes] = {}, cl[kLanes] = {};
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            T v = sr ? xr[c + l] * sr[c + l] : xr[c + l];
+            if (gr) al[l] += gr[c + l] * v;
+            cl[l] += (v == m) ? T(1) : T(0);
+          }
+        }
+        for (; c < C; ++c) {
+          T v = sr ? xr[c] * sr[c] : xr[c];
+          if (gr) al[0] += gr[c] * v;
+          cl[0] += (v == m) ? T(1) : T(0);
+        }
+        T sa = al[0], sc = cl[0];
+        for (int64_t l = 1; l < kLanes; ++l) {
+          sa += al[l];
+          sc += cl[l];
+        }
+        if (ga) ga[p] = sa;
+        if (cnt) cnt[p] = sc;
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- backward pass B
+// gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
+// Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
+template <typename T>
+void k_gradx(const T* x, const T* s, const T* g, const T* a, const T* mx, const T* fmax,
+             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs) {
+  if (!nhwc) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(HW);
+      T* gp = buf.data();
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / C;
+        const T* xr = x + r * HW;
+        const T sc = s ? s[r] : T(1);
+        const T* an = a ? a + n * HW : nullptr;
+        const T* mn = mx ? mx + n * HW : nullptr;
+        const T* fm = fmax ? fmax + n * HW : nullptr;
+        const T* fa = fmean ? fmean + n * HW : nullptr;
+        if (g) {
+          const T* gr = g + r * HW;
+          for (int64_t i = 0; i < HW; ++i) gp[i] = gr[i] * an[i];
+        } else {
+          std::fill(gp, gp + HW, T(0));
+        }
+        if (mn) {
+          for (int64_t i = 0; i < HW; ++i) gp[i] += ((xr[i] * sc) == mn[i] ? T(1) : T(0)) * fm[i];
+        }
+        if (fa) {
+          for (int64_t i = 0; i < HW; ++i) gp[i] += fa[i];
+        }
+        if (gs) {
+          T al[kLanes] = {};
+          int64_t i = 0;
+          for (; i + kLanes <= HW; i += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) al[l] += gp[i + l] * xr[i + l];
+          for (; i < HW; ++i) al[0] += gp[i] * xr[i];
+          T t = al[0];
+          for (int64_t l = 1; l < kLanes; ++l) t += al[l];
+          gs[r] = t;
+        }
+        if (gx) {
+          T* o = gx + r * HW;
+          if (s) {
+            for (int64_t i = 0; i < HW; ++i) o[i] = gp[i] * sc;
+          } else {
+            std::copy(gp, gp + HW, o);
+          }
+        }
+      }
+    });
+  } else {
+    // Pixels in blocks; every block keeps its own partial sums of gs, added up at the end.
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(HW, 4096 / std::max<int64_t>(C, 1) + 1));
+    const int64_t nblocks = (HW + block - 1) / block;
+    std::vector<T> partial(gs ? N * nblocks * C : 0, T(0));
+    at::parallel_for(0, N * nblocks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(C);
+      T* gp = buf.data();
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nblocks, q0 = (t % nblocks) * block;
+        const int64_t q1 = std::min(HW, q0 + block);
+        const T* sr = s ? s + n * C : nullptr;
+        T* ps = gs ? partial.data() + t * C : nullptr;
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t p = n * HW + q;
+          const T* xr = x + p * C;
+          const T av = a ? a[p] : T(0);
+          if (g) {
+            const T* gr = g + p * C;
+            for (int64_t c = 0; c < C; ++c) gp[c] = gr[c] * av;
+          } else {
+            std::fill(gp, gp + C, T(0));
+          }
+          if (mx) {
+            const T m = mx[p], f = fmax[p];
+            if (sr) {
+              for (int64_t c = 0; c < C; ++c) gp[c] += ((xr[c] * sr[c]) == m ? T(1) : T(0)) * f;
+            } else {
+              for (int64_t c = 0; c < C; ++c) gp[c] += (xr[c] == m ? T(1) : T(0)) * f;
+            }
+          }
+          if (fmean) {
+            const T f = fmean[p];
+            for (int64_t c = 0; c < C; ++c) gp[c] += f;
+          }
+          if (ps) {
+            for (int64_t c = 0; c < C; ++c) ps[c] += gp[c] * xr[c];
+          }
+          if (gx) {
+            T* o = gx + p * C;
+            if (sr) {
+              for (int64_t c = 0; c < C; ++c) o[c] = gp[c] * sr[c];
+            } else {
+              std::copy(gp, gp + C, o);
+            }
+          }
+        }
+      }
+    });
+    if (gs) {
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          T* o = gs + n * C;
+          std::fill(o, o + C, T(0));
+          for (int64_t k = 0; k < nblocks; ++k) {
+            const T* ps = partial.data() + (n * nblocks + k) * C;
+            for (int64_t c = 0; c < C; ++c) o[c] += ps[c];
+          }
+        }
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- small maps
+// logits[n] = bias + sum_p conv(pooled[n, p], w[p]) ; z = logits * ns + nsh ; attn = sigmoid(z)
+template <typename T>
+void k_conv_gate(const T* pooled, const T* w, const T* bias, const T* ns, const T* nsh, int64_t N,
+                 int64_t P, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dil, T* logits,
+                 T* attn) {
+  const int64_t HW = H * W, rh = KH / 2, rw = KW / 2;
+  at::parallel_for(0, N * H, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / H, h = t % H;
+      T* out = logits + n * HW + h * W;
+      std::fill(out, out + W, T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        const T* in = pooled + (n * P + p) * HW;
+        for (int64_t i = 0; i < KH; ++i) {
+          const int64_t hh = h + dil * (i - rh);
+          if (hh < 0 || hh >= H) continue;
+          const T* inr = in + hh * W;
+          for (int64_t j = 0; j < KW; ++j) {
+            const int64_t off = dil * (j - rw);
+            const T wv = w[(p * KH + i) * KW + j];
+            const int64_t w0 = std::max<int64_t>(0, -off), w1 = std::min<int64_t>(W, W - off);
+            for (int64_t ww = w0; ww < w1; ++ww) out[ww] += wv * inr[ww + off];
+          }
+        }
+      }
+      T* at = attn + n * HW + h * W;
+      for (int64_t ww = 0; ww < W; ++ww) {
+        T v = out[ww];
+        if (bias) v += bias[0];
+        out[ww] = v;
+        T z = ns ? v * ns[0] + nsh[0] : v;
+        at[ww] = T(1) / (T(1) + std::exp(-z));
+      }
+    }
+  });
+}
+
+// Given dA (gradient w.r.t. attn), fills dpooled [N, P, HW] and the parameter grads.
+template <typename T>
+void k_small_bwd(const T* dA, const T* attn, const T* logits, const T* pooled, const T* w,
+                 const T* ns, int64_t N, int64_t P, int64_t H, int64_t W, int64_t KH, int64_t KW,
+                 int64_t dil, T* dpooled, T* gw, T* gb, T* gns, T* gnsh) {
+  const int64_t HW = H * W, rh = KH / 2, rw = KW / 2;
+  std::vector<T> dl(N * HW);
+  double s_nsh = 0, s_ns = 0, s_b = 0;
+  for (int64_t k = 0; k < N * HW; ++k) {
+    const T a = attn[k];
+    const T dz = dA[k] * ((T(1) - a) * a);
+    s_nsh += double(dz);
+    if (ns) s_ns += double(dz) * double(logits[k]);
+    const T d = ns ? dz * ns[0] : dz;
+    s_b += double(d);
+    dl[k] = d;
+  }
+  if (gb) gb[0] = T(s_b);
+  if (gns) gns[0] = T(s_ns);
+  if (gnsh) gnsh[0] = T(s_nsh);
+  // grad of the weight: one tap per task
+  if (gw) {
+    at::parallel_for(0, P * KH * KW, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tap = b; tap < e; ++tap) {
+        const int64_t p = tap / (KH * KW), i = (tap / KW) % KH, j = tap % KW;
+        const int64_t offh = dil * (i - rh), offw = dil * (j - rw);
+        const int64_t h0 = std::max<int64_t>(0, -offh), h1 = std::min<int64_t>(H, H - offh);
+        const int64_t w0 = std::max<int64_t>(0, -offw), w1 = std::min<int64_t>(W, W - offw);
+        double acc = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const T* in = pooled + (n * P + p) * HW;
+          const T* d = dl.data() + n * HW;
+          for (int64_t h = h0; h < h1; ++h) {
+            const T* dr = d + h * W;
+            const T* ir = in + (h + offh) * W + offw;
+            T part = 0;
+            for (int64_t ww = w0; ww < w1; ++ww) part += dr[ww] * ir[ww];
+            acc += double(part);
+          }
+        }
+        gw[tap] = T(acc);
+      }
+    });
+  }
+  // grad of the pooled maps: transposed conv
+  at::parallel_for(0, N * P * H, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t np = t / H, hh = t % H, n = np / P, p = np % P;
+      T* out = dpooled + np * HW + hh * W;
+      std::fill(out, out + W, T(0));
+      for (int64_t i = 0; i < KH; ++i) {
+        const int64_t h = hh - dil * (i - rh);
+        if (h < 0 || h >= H) continue;
+        const T* dr = dl.data() + n * HW + h * W;
+        for (int64_t j = 0; j < KW; ++j) {
+          const int64_t off = dil * (j - rw);  // out[ww] += dl[ww - off] * w
+          const T wv = w[(p * KH + i) * KW + j];
+          const int64_t w0 = std::max<int64_t>(0, off), w1 = std::min<int64_t>(W, W + off);
+          for (int64_t ww = w0; ww < w1; ++ww) out[ww] += wv * dr[ww - off];
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- helpers
+struct Geo {
+  int64_t N, C, H, W, HW;
+  bool nhwc;
+};
+
+Geo geometry(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "spatialattn: expected a 4-D tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "spatialattn cpu kernel: float32/float64 only, got ", x.scalar_type());
+  Geo g{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), false};
+  if (x.is_contiguous()) {
+    g.nhwc = false;
+  } else {
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "spatialattn cpu kernel: x must be NCHW- or channels_last-contiguous");
+    g.nhwc = true;
+  }
+  return g;
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+Tensor small(const Tensor& t, const Tensor& like) {
+  return t.to(like.scalar_type()).contiguous();
+}
+
+optional<Tensor> small_opt(const optional<Tensor>& t, const Tensor& like) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return small(*t, like);
+}
+
+Tensor empty_map(const Geo& g, int64_t P, const Tensor& x) {
+  return at::empty({g.N, P, g.H, g.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// pooled [N, P, H, W] (dtype of x) from the pooling order.
+template <typename T>
+void pool_into(const Tensor& x, const Geo& g, const T* s, const std::vector<int64_t>& kinds,
+               Tensor& pooled) {
+  const int64_t P = kinds.size();
+  int64_t imax = -1, imean = -1;
+  for (int64_t i = 0; i < P; ++i) {
+    if (kinds[i] == 0 && imax < 0) imax = i;
+    if (kinds[i] == 1 && imean < 0) imean = i;
+  }
+  T* base = pooled.data_ptr<T>();
+  k_pool<T>(x.data_ptr<T>(), s, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? base + imax * g.HW : nullptr,
+            imean >= 0 ? base + imean * g.HW : nullptr, P * g.HW);
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t src = kinds[i] == 0 ? imax : imean;
+    if (src != i) pooled.select(1, i).copy_(pooled.select(1, src));
+  }
+}
+
+// [N, HW] map of pooling kind `kind` summed over its positions in `kinds` (for gradients),
+// or of the first occurrence (for values).
+Tensor kind_grad(const Tensor& gpooled, const std::vector<int64_t>& kinds, int64_t kind) {
+  Tensor out;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    if (kinds[i] != kind) continue;
+    Tensor gi = gpooled.select(1, i);
+    out = out.defined() ? out + gi : gi;
+  }
+  return out.defined() ? out.contiguous() : out;
+}
+
+Tensor kind_value(const Tensor& pooled, const std::vector<int64_t>& kinds, int64_t kind) {
+  for (size_t i = 0; i < kinds.size(); ++i)
+    if (kinds[i] == kind) return pooled.select(1, i).contiguous();
+  return Tensor();
+}
+
+Tensor flat_scale(const optional<Tensor>& s, const Tensor& x) {
+  if (!s.has_value() || !s->defined()) return Tensor();
+  return s->to(x.scalar_type()).reshape({x.size(0), x.size(1)}).contiguous();
+}
+
+template <typename T>
+T* dptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// ================================================================ entry points
+
+Tensor pool_forward(const Tensor& x, const optional<Tensor>& scale, std::vector<int64_t> kinds) {
+  Geo g = geometry(x);
+  TORCH_CHECK(g.C > 0, "spatialattn: channel pooling over zero channels");
+  Tensor s = flat_scale(scale, x);
+  Tensor pooled = empty_map(g, kinds.size(), x);
+  if (g.N * g.HW == 0) return pooled;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_forward", [&] {
+    pool_into<scalar_t>(x, g, dptr<scalar_t>(s), kinds, pooled);
+  });
+  return pooled;
+}
+
+// returns (grad_x, grad_scale [N, C, 1, 1] or undefined)
+std::vector<Tensor> pool_backward(const Tensor& grad, const Tensor& x, const optional<Tensor>& scale,
+                                  const Tensor& pooled, std::vector<int64_t> kinds, bool need_gs) {
+  Geo g = geometry(x);
+  Tensor s = flat_scale(scale, x);
+  Tensor gp = grad.to(x.scalar_type()).contiguous();
+  Tensor gx = at::empty_like(x);
+  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, x.options()) : Tensor();
+  if (x.numel() == 0) {
+    if (gs.defined()) gs.zero_();
+    return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_backward", [&] {
+    Tensor mx = kind_value(pooled.to(x.scalar_type()), kinds, 0);
+    Tensor gmax = kind_grad(gp, kinds, 0), gmean = kind_grad(gp, kinds, 1);
+    Tensor cnt;
+    if (mx.defined()) {
+      cnt = at::empty({g.N, g.HW}, x.options());
+      k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, mx.data_ptr<scalar_t>(),
+                         g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>());
+      gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
+    }
+    if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
+    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, nullptr, dptr<scalar_t>(mx),
+                      dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW, g.nhwc,
+                      gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
+  });
+  return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
+}
+
+Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>& scale,
+                    const optional<Tensor>& out) {
+  Geo g = geometry(x);
+  Tensor s = flat_scale(scale, x);
+  Tensor a = attn.to(x.scalar_type()).expand({g.N, 1, g.H, g.W}).contiguous();
+  Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type(),
+                "spatialattn: out= must have the shape, strides and dtype of x");
+  } else {
+    y = at::empty_like(x);
+  }
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_forward", [&] {
+    k_mul<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), a.data_ptr<scalar_t>(),
+                    y.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc);
+  });
+  return y;
+}
+
+// returns (grad_x, grad_attn [N, 1, H, W] or undefined, grad_scale [N, C, 1, 1] or undefined)
+std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Tensor& attn,
+                                  const optional<Tensor>& scale, bool need_gx, bool need_ga,
+                                  bool need_gs) {
+  Geo g = geometry(x);
+  Tensor s = flat_scale(scale, x);
+  Tensor a = attn.to(x.scalar_type()).expand({g.N, 1, g.H, g.W}).contiguous();
+  Tensor gy = grad.to(x.scalar_type()).contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous);
+  Tensor gx = need_gx ? at::empty_like(x) : Tensor();
+  Tensor ga = need_ga ? empty_map(g, 1, x) : Tensor();
+  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, x.options()) : Tensor();
+  if (x.numel() == 0) {
+    if (ga.defined()) ga.zero_();
+    if (gs.defined()) gs.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_backward", [&] {
+      if (ga.defined())
+        k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), nullptr,
+                           g.N, g.C, g.HW, g.nhwc, ga.data_ptr<scalar_t>(), nullptr);
+      if (gx.defined() || gs.defined())
+        k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(),
+                          a.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, g.N, g.C, g.HW, g.nhwc,
+                          dptr<scalar_t>(gx), dptr<scalar_t>(gs));
+    });
+  }
+  return {gx, ga, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
+}
+
+// Whole SAM forward with a sigmoid gate: returns (y, attn, logits, pooled); the last
+// three are small [N, *, H, W] maps kept for backward.
+std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                const optional<Tensor>& scale, const optional<Tensor>& norm_scale,
+                                const optional<Tensor>& norm_shift, std::vector<int64_t> kinds,
+                                int64_t dilation, const optional<Tensor>& out) {
+  Geo g = geometry(x);
+  TORCH_CHECK(g.C > 0, "spatialattn: channel pooling over zero channels");
+  const int64_t P = kinds.size();
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
+              "spatialattn: weight must be (1, P, kh, kw)");
+  Tensor s = flat_scale(scale, x);
+  Tensor w = small(weight, x);
+  auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
+  TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
+  Tensor pooled = empty_map(g, P, x), logits = empty_map(g, 1, x), attn = empty_map(g, 1, x);
+  Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type(),
+                "spatialattn: out= must have the shape, strides and dtype of x");
+  } else {
+    y = at::empty_like(x);
+  }
+  if (g.N * g.HW == 0) return {y, attn, logits, pooled};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_forward", [&] {
+    const scalar_t* sp = dptr<scalar_t>(s);
+    pool_into<scalar_t>(x, g, sp, kinds, pooled);
+    k_conv_gate<scalar_t>(pooled.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b),
+                          ptr_or_null<scalar_t>(ns), ptr_or_null<scalar_t>(nsh), g.N, P, g.H, g.W,
+                          w.size(2), w.size(3), dilation, logits.data_ptr<scalar_t>(),
+                          attn.data_ptr<scalar_t>());
+    k_mul<scalar_t>(x.data_ptr<scalar_t>(), sp, attn.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.N, g.C,
+                    g.HW, g.nhwc);
+  });
+  return {y, attn, logits, pooled};
+}
+
+// returns (grad_x, grad_scale, grad_weight, grad_bias, grad_norm_scale, grad_norm_shift);
+// undefined where not wanted.
+std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& grad_attn,
+                                 const Tensor& x, const optional<Tensor>& scale, const Tensor& weight,
+                                 const optional<Tensor>& norm_scale, const Tensor& attn,
+                                 const Tensor& logits, const Tensor& pooled, std::vector<int64_t> kinds,
+                                 int64_t dilation, bool need_gs, bool need_gw, bool need_gb,
+                                 bool need_gnorm) {
+  Geo g = geometry(x);
+  const int64_t P = kinds.size();
+  Tensor s = flat_scale(scale, x);
+  Tensor w = small(weight, x);
+  auto ns = small_opt(norm_scale, x);
+  Tensor gy = grad_y.to(x.scalar_type()).contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast
+                                                            : at::MemoryFormat::Contiguous);
+  Tensor gx = at::empty_like(x);
+  Tensor gs = (s.defined() && need_gs) ? at::zeros({g.N, g.C}, x.options()) : Tensor();
+  Tensor gw = need_gw ? at::zeros_like(w) : Tensor();
+  Tensor gb = need_gb ? at::zeros({1}, x.options()) : Tensor();
+  Tensor gns = (need_gnorm && ns.has_value()) ? at::zeros({1}, x.options()) : Tensor();
+  Tensor gnsh = (need_gnorm && ns.has_value()) ? at::zeros({1}, x.options()) : Tensor();
+  auto pack = [&]() -> std::vector<Tensor> {
+    return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs, gw, gb, gns, gnsh};
+  };
+  if (x.numel() == 0) {
+    gx.zero_();
+    return pack();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward", [&] {
+    const scalar_t* sp = dptr<scalar_t>(s);
+    Tensor mx = kind_value(pooled, kinds, 0);
+    Tensor dA = at::empty({g.N, g.HW}, x.options());
+    Tensor cnt = mx.defined() ? at::empty({g.N, g.HW}, x.options()) : Tensor();
+    // pass A: d attn = sum_c g * x', and the tie counts of the max
+    k_reduce<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), dptr<scalar_t>(mx), g.N, g.C,
+                       g.HW, g.nhwc, dA.data_ptr<scalar_t>(), dptr<scalar_t>(cnt));
+    if (grad_attn.has_value() && grad_attn->defined())
+      dA.add_(grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}));
+    // small maps: sigmoid', norm, transposed conv, parameter grads
+    Tensor dpooled = empty_map(g, P, x);
+    k_small_bwd<scalar_t>(dA.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(),
+                          pooled.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ns),
+                          g.N, P, g.H, g.W, w.size(2), w.size(3), dilation, dpooled.data_ptr<scalar_t>(),
+                          dptr<scalar_t>(gw), dptr<scalar_t>(gb), dptr<scalar_t>(gns), dptr<scalar_t>(gnsh));
+    Tensor gmax = kind_grad(dpooled, kinds, 0), gmean = kind_grad(dpooled, kinds, 1);
+    if (gmax.defined()) gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
+    if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
+    // pass B: grad_x and grad_scale
+    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+                      dptr<scalar_t>(mx), dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW,
+                      g.nhwc, gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
+  });
+  return pack();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pool_forward", &pool_forward);
+  m.def("pool_backward", &pool_backward);
+  m.def("gate_forward", &gate_forward);
+  m.def("gate_backward", &gate_backward);
+  m.def("sam_forward", &sam_forward);
+  m.def("sam_backward", &sam_backward);
+}
