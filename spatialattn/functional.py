@@ -271,9 +271,11 @@ def pointwise_spatial_attention(
             f"weight: expected shape ({x.shape[1]}, {x.shape[1]}, 1, 1), got {tuple(weight.shape)}"
         )
     groups = x.shape[1] // weight.shape[1]
-    logits = F.conv2d(x, weight, bias, groups=groups)
-    logits = _apply_norm(norm, logits)
-    attn = get_gate(gate)(logits)
+    logits = F.conv2d(x, weight, bias, groups=groups)  # the C -> C conv follows autocast
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = logits.to(accumulate_dtype(logits))
+        logits = _apply_norm(norm, logits)
+        attn = get_gate(gate)(logits)
     y = pointwise_attention(x, attn)
     return (y, attn) if return_attention else y
 
@@ -366,8 +368,19 @@ def position_attention(
         scale: multiply the dot products before the softmax (e.g. ``D**-0.5``).
 
     Returns:
-        ``(out, attn)``: ``Tensor[N, E, L]`` and the attention ``Tensor[N, L, M]``.
+        ``(out, attn)``: ``Tensor[N, E, L]`` (dtype of ``value``) and the attention
+        ``Tensor[N, L, M]`` (float32 for half inputs: similarities and softmax
+        are computed in float32, also under autocast).
     """
+    out_dtype = value.dtype
+    acc = accumulate_dtype(query)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        query, key, value = query.to(acc), key.to(acc), value.to(acc)
+        out, attn = _position_attention(query, key, value, mode, scale, concat_weight)
+    return out.to(out_dtype), attn
+
+
+def _position_attention(query, key, value, mode, scale, concat_weight):
     if mode in ("embedded_gaussian", "gaussian"):
         logits = torch.bmm(query.transpose(1, 2), key)
         if scale is not None:
@@ -378,7 +391,7 @@ def position_attention(
     elif mode == "concatenation":
         if concat_weight is None or concat_weight.numel() != 2 * query.shape[1]:
             raise ValueError(f"concatenation mode needs concat_weight with {2 * query.shape[1]} elements")
-        w = concat_weight.reshape(-1)
+        w = concat_weight.reshape(-1).to(query.dtype)
         d = query.shape[1]
         qi = torch.einsum("d,ndl->nl", w[:d], query)
         kj = torch.einsum("d,ndm->nm", w[d:], key)

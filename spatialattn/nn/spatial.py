@@ -90,9 +90,6 @@ class SpatialAttention(AttentionModule):
             f"dilation={self.dilation}, gate={self.gate if isinstance(self.gate, str) else 'custom'}"
         )
 
-    def _norm_fn(self):
-        return (lambda t: self._norm_in(self.bn, t)) if self.bn is not None else None
-
     def attention_map(self, x: Tensor, channel_scale: Optional[Tensor] = None) -> Tensor:
         """The attention map ``[N, 1, H, W]`` of ``x * channel_scale`` (nothing multiplied)."""
         SF.check_input(x, self.channels)
@@ -172,7 +169,7 @@ class PointwiseSpatialAttention(AttentionModule):
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         SF.check_input(x, self.channels)
         y, attn = SF.pointwise_spatial_attention(
-            x, self.conv.weight, self.conv.bias, norm=self.bn, gate=self.gate, return_attention=True
+            x, self.conv.weight, self.conv.bias, norm=self._norm_fn(), gate=self.gate, return_attention=True
         )
         self._remember(attn)
         return (y, attn) if return_attention else y
