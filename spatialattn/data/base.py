@@ -106,7 +106,9 @@ def image_size(path: PathLike) -> Tuple[int, int]:
 
 def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """``ndarray[H, W, 3]`` uint8 -> ``Tensor[3, H, W]`` float32 in ``[0, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    x = np.ascontiguousarray(np.asarray(arr).transpose(2, 0, 1), dtype=np.float32)
+    np.divide(x, 255.0, out=x)
+    return torch.from_numpy(x)
 
 
 def check_boxes(boxes: np.ndarray, width: Union[float, np.ndarray], height: Union[float, np.ndarray],

@@ -56,7 +56,8 @@ def _shape_mask(kind: str, w: int, h: int, rng: np.random.Generator) -> np.ndarr
     if kind == "rectangle":
         return np.ones((h, w), bool)
     if kind == "triangle":
-        return np.abs(X) <= (Y + 1) / 2 if rng.random() < 0.5 else np.abs(X) <= (1 - Y) / 2
+        ax = np.abs(X) - 1.0 / w  # the apex row always keeps its centre pixel(s)
+        return ax <= (Y + 1) / 2 if rng.random() < 0.5 else ax <= (1 - Y) / 2
     if kind == "ring":
         t = rng.uniform(0.45, 0.65)
         return (r2 <= 1.0) & (r2 >= t * t)
