@@ -5,6 +5,7 @@ Numerically identical to Darknet's CPU forward pass (AlexeyAB/darknet), includin
 """
 from __future__ import annotations
 
+from .bundled import ATTENTION_VARIANTS, bundled_cfg, bundled_model, list_bundled, rewrite_cfg
 from .cfg import DarknetCfgError, parse_cfg, parse_cfg_text
 from .model import DarknetModel
 from .weights import DarknetWeightsError, load_darknet_weights, save_darknet_weights
@@ -17,4 +18,9 @@ __all__ = [
     "parse_cfg_text",
     "load_darknet_weights",
     "save_darknet_weights",
+    "bundled_cfg",
+    "bundled_model",
+    "list_bundled",
+    "rewrite_cfg",
+    "ATTENTION_VARIANTS",
 ]
