@@ -13,6 +13,7 @@ from typing import List, Optional
 # Sub-command modules, in the order `spatialattn --help` lists them.
 COMMAND_MODULES = [
     "spatialattn.commands.dataset",
+    "spatialattn.commands.detect",
     "spatialattn.commands.demo",
 ]
 
