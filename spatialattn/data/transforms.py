@@ -104,7 +104,7 @@ def adjust_color(image: torch.Tensor, brightness: float = 1.0, contrast: float =
     """Multiply brightness, blend with the mean grey (contrast) and with the greyscale image
     (saturation), like ``torchvision.transforms.functional.adjust_*``; clamps to ``[0, 1]``."""
     _check_image(image)
-    grey_w = image.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    grey_w = image.new_tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)  # as torchvision rgb_to_grayscale
     x = (image * brightness).clamp(0, 1)
     mean = (x * grey_w).sum(0).mean()
     x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
