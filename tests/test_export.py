@@ -1,0 +1,74 @@
+"""ONNX export of models containing the attention modules, checked with onnxruntime."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spatialattn.nn import create_attention
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+class Net(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = create_attention(kind, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.attn(torch.relu(self.stem(x))))
+
+
+def _export(model, path, dynamo, opset):
+    x = torch.randn(2, 3, 24, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch, h, w = (torch.export.Dim(n, min=1, max=512) for n in ("batch", "h", "w"))
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=True, opset_version=opset,
+                dynamic_shapes={"x": {0: batch, 2: h, 3: w}}, input_names=["x"], output_names=["y"],
+            )
+        else:
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                output_names=["y"], dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}, "y": {0: "batch", 2: "h", 3: "w"}},
+            )
+
+
+def _check_graph_and_run(model, path):
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "ArgMax" not in ops and "MaxPool" not in ops, ops  # amax -> ReduceMax, never an index
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 17, 29)  # not the export size
+    (y_ort,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        y = model(x).numpy()
+    np.testing.assert_allclose(y_ort, y, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sam", "cbam", "sam_pointwise", "cam", "nonlocal"])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_onnx_torchscript_exporter(tmp_path, kind, opset):
+    torch.manual_seed(0)
+    model = Net(kind).eval()
+    path = tmp_path / f"{kind}.onnx"
+    _export(model, path, dynamo=False, opset=opset)
+    _check_graph_and_run(model, path)
+
+
+@pytest.mark.parametrize("kind,opset", [("cbam", 17), ("cbam", 18), ("sam", 18), ("sam_pointwise", 18)])
+def test_onnx_dynamo_exporter(tmp_path, kind, opset):
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = Net(kind).eval()
+    path = tmp_path / f"{kind}.onnx"
+    _export(model, path, dynamo=True, opset=opset)
+    _check_graph_and_run(model, path)

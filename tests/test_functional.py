@@ -1,0 +1,106 @@
+"""The functional layer: semantics, gradients (incl. ties), errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spatialattn import functional as SF
+
+
+def test_channel_pool_orders_and_aliases():
+    x = torch.randn(2, 5, 3, 4)
+    mx, mn = x.amax(1, keepdim=True), x.mean(1, keepdim=True)
+    torch.testing.assert_close(SF.channel_pool(x), torch.cat([mx, mn], 1))
+    torch.testing.assert_close(SF.channel_pool(x, ("avg", "max")), torch.cat([mn, mx], 1))
+    torch.testing.assert_close(SF.channel_pool(x, "max"), mx)
+    assert SF.channel_pool(x.half(), dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown pooling 'min'"):
+        SF.channel_pool(x, ("min",))
+
+
+@pytest.mark.parametrize("order", [("max", "mean"), ("mean", "max"), ("max",)])
+def test_spatial_attention_with_channel_scale_gradcheck(order):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    cs = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, len(order), 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, dtype=torch.float64, requires_grad=True)
+
+    def f(x, cs, w, b):
+        return SF.spatial_attention(x, w, b, order=order, channel_scale=cs)
+
+    assert torch.autograd.gradcheck(f, (x, cs, w, b))
+
+
+def test_spatial_attention_equals_composition():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    cs = torch.rand(2, 8, 1, 1, dtype=torch.float64)
+    w = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    xs = x * cs
+    p = torch.cat([xs.amax(1, keepdim=True), xs.mean(1, keepdim=True)], 1)
+    a = torch.sigmoid(F.conv2d(p, w, padding=4, dilation=2))
+    y, attn = SF.spatial_attention(x, w, dilation=2, channel_scale=cs, return_attention=True)
+    torch.testing.assert_close(y, xs * a)
+    torch.testing.assert_close(attn, a)
+
+
+def test_max_gradient_at_ties_is_split_evenly():
+    """amax semantics: tied channels share the gradient (torch.max(x, 1) would send it to one)."""
+    x = torch.zeros(1, 4, 1, 1, dtype=torch.float64)
+    x[0, 1] = x[0, 3] = 2.0  # tie between channels 1 and 3
+    x.requires_grad_(True)
+    w = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    w[0, 0] = 1.0
+    cs = torch.ones(1, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    attn = SF.spatial_attention_map(x, w, order=("max",), gate=lambda t: t, channel_scale=cs)
+    attn.sum().backward()
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([0.0, 0.5, 0.0, 0.5], dtype=torch.float64))
+
+
+def test_pointwise_attention_shapes_and_errors():
+    x = torch.randn(2, 4, 3, 3)
+    g = torch.rand(2, 4, 3, 3)
+    torch.testing.assert_close(SF.pointwise_attention(x, g), x * g)
+    torch.testing.assert_close(SF.pointwise_attention(x, g[:, :1]), x * g[:, :1])
+    with pytest.raises(ValueError, match=r"gate: expected shape \(2, 4, 3, 3\).*got \(2, 4, 3, 2\)"):
+        SF.pointwise_attention(x, g[..., :2])
+    assert SF.pointwise_attention(x.half(), g).dtype == torch.float16
+
+
+def test_channel_attention_single_layer_and_mlp():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    w1, b1 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    w2, b2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    mlp = lambda v: F.linear(F.relu(F.linear(v, w1, b1)), w2, b2)  # noqa: E731
+    g = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[..., None, None]
+    torch.testing.assert_close(SF.channel_attention(x, w1, b1, w2, b2), x * g)
+    w = torch.randn(6, 6, 1, 1, dtype=torch.float64)
+    g1 = torch.sigmoid(F.conv2d(x.mean((2, 3), keepdim=True), w))
+    torch.testing.assert_close(SF.channel_attention(x, w, pool_types="avg"), x * g1)
+
+
+def test_input_checks_name_expected_and_found():
+    with pytest.raises(ValueError, match=r"expected a 4-D tensor.*got shape \(3, 4\)"):
+        SF.channel_pool(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(1, 2, k, k\), got \(1, 3, 7, 7\)"):
+        SF.spatial_attention(torch.randn(1, 4, 5, 5), torch.randn(1, 3, 7, 7))
+    with pytest.raises(ValueError, match="odd"):
+        SF.spatial_attention(torch.randn(1, 4, 5, 5), torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"channel_scale: expected shape \(1, 4, 1, 1\)"):
+        SF.spatial_attention(torch.randn(1, 4, 5, 5), torch.randn(1, 2, 3, 3), channel_scale=torch.rand(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="unknown gate"):
+        SF.get_gate("softsign")
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
+def test_position_attention_rows(mode):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 6), torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    out, attn = SF.position_attention(q, k, v, mode, concat_weight=torch.randn(6))
+    assert attn.shape == (2, 6, 4)
+    if mode == "embedded_gaussian":
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6))
+    torch.testing.assert_close(out, torch.einsum("nlm,nem->nel", attn, v))

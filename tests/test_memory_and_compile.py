@@ -1,0 +1,60 @@
+"""CBAM saves no full-size tensor besides its input for backward; the modules compile with fullgraph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spatialattn.nn import CBAM, PointwiseSpatialAttention, SpatialAttention
+
+from .nn._references import OfficialCBAM, randomize_
+
+
+def _full_size_saved(fn, x):
+    """Number of saved-for-backward tensors as large as x that do not share x's storage."""
+    found = []
+
+    def pack(t):
+        if t.numel() >= x.numel() and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            found.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.sum().backward()
+    return found
+
+
+@pytest.mark.parametrize("arrangement", ["channel_spatial", "parallel"])
+def test_cbam_saves_only_its_input(arrangement):
+    m = CBAM(64, arrangement=arrangement).train()
+    x = torch.randn(2, 64, 12, 12, requires_grad=True)
+    assert _full_size_saved(m, x) == []
+    m.eval()
+    assert _full_size_saved(m, x) == []
+
+
+def test_sam_saves_only_its_input():
+    x = torch.randn(2, 64, 12, 12, requires_grad=True)
+    assert _full_size_saved(SpatialAttention(64), x) == []
+
+
+def test_straightforward_cbam_keeps_the_scaled_tensor():
+    """The same probe on the straightforward composition finds x * channel_gate (the probe can fail)."""
+    x = torch.randn(2, 64, 12, 12, requires_grad=True)
+    assert len(_full_size_saved(randomize_(OfficialCBAM(64)), x)) >= 1
+
+
+def test_compile_fullgraph_forward_backward():
+    """One compile (it costs ~10 s): CBAM covers the channel gate, the SAM ops and their backward."""
+    torch.manual_seed(0)
+    m = randomize_(torch.nn.Sequential(CBAM(32), PointwiseSpatialAttention(32))).train()
+    x = torch.randn(2, 32, 10, 9)
+    gy = torch.randn_like(x)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_eager = m(x1)
+    (y_eager * gy).sum().backward()  # before the compiled call updates the BN buffers in place
+    compiled = torch.compile(m, fullgraph=True)
+    y_comp = compiled(x2)
+    (y_comp * gy).sum().backward()
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
