@@ -89,7 +89,9 @@ class RoIHeadsWithAttention(RoIHeads):
     """torchvision ``RoIHeads`` that can attach per-detection attention maps (see module doc).
 
     Made by :func:`add_roi_attention` by swapping the class of an existing
-    ``RoIHeads``; training and the detections themselves are unchanged.
+    ``RoIHeads``; training and the detections themselves are unchanged, except
+    that a training batch with no RoI at all (no proposal and no ground-truth
+    box) reports box losses of 0 where torchvision computes 0 / 0 = NaN.
     """
 
     attach_attention_maps: bool = False
@@ -102,6 +104,12 @@ class RoIHeadsWithAttention(RoIHeads):
         targets: Optional[List[Dict[str, Tensor]]] = None,
     ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
         result, losses = super().forward(features, proposals, image_shapes, targets)
+        if self.training and targets is not None and _no_rois(proposals, targets):
+            # torchvision's fastrcnn_loss is 0 / 0 = NaN when no RoI was sampled (no proposal and
+            # no ground-truth box in the whole batch): that batch has nothing to learn, report 0.
+            for k in ("loss_classifier", "loss_box_reg"):
+                if k in losses:
+                    losses[k] = torch.nan_to_num(losses[k], nan=0.0)
         if not self.training and self.attach_attention_maps:
             self.attach_maps(features, result, image_shapes)
         return result, losses
@@ -119,6 +127,10 @@ class RoIHeadsWithAttention(RoIHeads):
             _, maps = pool(features, boxes, image_shapes, return_attention=True)
             for r, m in zip(result, maps.split(counts, dim=0)):
                 r[_MAP_KEYS[head]] = m
+
+
+def _no_rois(proposals: List[Tensor], targets: List[Dict[str, Tensor]]) -> bool:
+    return sum(int(p.shape[0]) for p in proposals) + sum(int(t["boxes"].shape[0]) for t in targets) == 0
 
 
 def _pool_attr(head: str) -> str:
