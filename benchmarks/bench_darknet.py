@@ -7,7 +7,8 @@ Usage::
 
 Nets: yolov4-tiny and yolov4-sam-mish-csp-reorg-bfm from the Darknet reference data folder
 (``SPATIALATTN_DARKNET_DATA`` or ``<repo>/../shared/darknet``), with ``[net]`` width/height set to
-``--size`` and the deterministic weights of ``make_weights.py`` (seed 0), plus the bundled
+``--size`` (rounded up to the next size the net accepts: yolov4-sam-mish-csp-reorg-bfm needs a
+multiple of 64, so 416 becomes 448) and the deterministic weights of ``make_weights.py`` (seed 0), plus the bundled
 ``sam-tiny`` at its own 160x160. Reports the median (and min) over ``--repeats`` timed calls
 after ``--warmup`` untimed ones, under ``torch.no_grad()``.
 """
@@ -97,7 +98,17 @@ def main(argv=None):
                 if not (data / "make_weights.py").is_file():
                     print(f"skip {name}: no Darknet data at {data}", file=sys.stderr)
                     continue
-                m, size = _load(data, name, a.size, tmp), a.size
+                # some nets need other multiples (yolov4-sam-mish-csp-reorg-bfm: 64, so 416 -> 448)
+                size = a.size
+                while True:
+                    try:
+                        m = _load(data, name, size, tmp)
+                        break
+                    except ValueError as e:
+                        if size >= a.size + 256:
+                            raise
+                        print(f"{name}: {size}x{size} does not fit ({e}); trying {size + 32}", file=sys.stderr)
+                        size += 32
             x = torch.rand(1, 3, size, size)
             params = sum(p.numel() for p in m.parameters()) / 1e6
             eager = _time(m, x, a.warmup, a.repeats)
