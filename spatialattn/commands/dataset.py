@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -33,6 +34,21 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+def _friendly(fn):
+    """Report bad data as one ``error: <file>, <where>: <what>`` line and exit status 2."""
+    def wrapped(args: argparse.Namespace) -> int:
+        from spatialattn.data import DatasetError
+
+        try:
+            return fn(args)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+@_friendly
 def run_export(args: argparse.Namespace) -> int:
     from spatialattn.data import build_dataset, export_dataset
 
@@ -45,6 +61,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_friendly
 def run_info(args: argparse.Namespace) -> int:
     import numpy as np
 

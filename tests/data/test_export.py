@@ -88,3 +88,15 @@ def test_cli_export(tmp_path, fmt, capsys):
     _assert_same(SyntheticShapes("val", num_images=3, image_size=64), back, atol=1e-3)
     assert cli_main(["dataset", "info", str(tmp_path), "--split", "val", "--check-images"]) == 0
     assert "images: 3" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    (tmp_path / "data.yaml").write_text("val: images\nnames: [a]\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "x.png")
+    (tmp_path / "labels" / "x.txt").write_text("3 0.5 0.5 0.1 0.1\n")
+    assert cli_main(["dataset", "info", str(tmp_path), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x.txt, line 1: class id 3 out of range" in err
