@@ -110,8 +110,10 @@ def channel_pool(
     if fast is not None and _scale_ok(x, channel_scale) and (
         dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)
     ):
-        if fast == "cpp" and not grad:
-            return _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
+        if fast == "cpp":
+            if not grad:
+                return _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
+            return _lib.CppChannelPool.apply(x, channel_scale, _kinds(order))
         return _lib.channel_pool_op(x, channel_scale, _kinds(order), dtype)
     if not grad:
         return reference.channel_pool(x, order, channel_scale, dtype)
@@ -134,8 +136,10 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
         and spatial_gate.device == x.device
         and _scale_ok(x, channel_gate)
     ):
-        if fast == "cpp" and not grad:
-            return _cpp.get().gate_forward(_lib._dense(x), spatial_gate, channel_gate, None)
+        if fast == "cpp":
+            if not grad:
+                return _cpp.get().gate_forward(_lib._dense(x), spatial_gate, channel_gate, None)
+            return _lib.CppGateMultiply.apply(x, spatial_gate, channel_gate)
         return _lib.gate_multiply_op(x, spatial_gate, channel_gate)
     if not grad:
         return reference.gate_multiply(x, spatial_gate, channel_gate)
@@ -221,6 +225,8 @@ def spatial_attention_fused(
         y, attn, _, _ = _cpp.get().sam_forward(
             _lib._dense(x), weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation, out
         )
+    elif fast == "cpp":
+        y, attn, _, _ = _lib.CppSam.apply(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
     else:
         y, attn, _, _ = _lib.sam_op(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
     return (y, attn) if return_attention else y

@@ -277,6 +277,25 @@ def _(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
     return torch.empty_like(x), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc)
 
 
+def _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation):
+    """Backward of sigmoid(norm(conv(pooled) + b)) on the small maps, without autograd
+    (custom-op implementations run below the autograd dispatch key)."""
+    acc = attn.dtype
+    dz = dA * ((1 - attn) * attn)
+    gnsh = gns = None
+    if norm_scale is not None:
+        gnsh = dz.sum().reshape(norm_scale.shape).to(norm_scale.dtype)
+        gns = (dz * logits).sum().reshape(norm_scale.shape).to(norm_scale.dtype)
+        dz = dz * norm_scale.to(acc)
+    gb = dz.sum().reshape(1)
+    kh, kw = weight.shape[-2:]
+    gp, gw, _ = torch.ops.aten.convolution_backward(
+        dz, pooled, weight.to(acc), None, [1, 1], [dilation * (kh // 2), dilation * (kw // 2)],
+        [dilation, dilation], False, [0, 0], 1, [True, True, False],
+    )
+    return gp, gw, gb, gns, gnsh
+
+
 @torch.library.custom_op("spatialattn::sam_backward", mutates_args=())
 def sam_backward_op(
     grad_y: Tensor,
@@ -318,18 +337,9 @@ def sam_backward_op(
         ga_x = (grad_y * xs).sum(dim=1, keepdim=True, dtype=acc)
         cnt = None
     dA = ga_x.to(acc) if grad_attn is None else ga_x.to(acc) + grad_attn.to(acc)
-    with torch.enable_grad():
-        p = pooled.detach().requires_grad_(True)
-        w = weight.detach().to(acc).requires_grad_(True)
-        b = torch.zeros(1, dtype=acc, device=x.device, requires_grad=True)
-        ns = None if norm_scale is None else norm_scale.detach().to(acc).requires_grad_(True)
-        nsh = None if norm_scale is None else torch.zeros_like(ns, requires_grad=True)
-        lg, a = _sam_small_torch(p, w, b, ns, nsh, dilation)
-        wrt = [p, w, b] + ([ns, nsh] if ns is not None else [])
-        grads = torch.autograd.grad(a, wrt, dA)
-    gp, gw, gb = grads[:3]
-    gns = grads[3].to(norm_scale.dtype) if ns is not None else empty()
-    gnsh = grads[4].to(norm_scale.dtype) if ns is not None else empty()
+    gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
+    gns = empty() if gns is None else gns
+    gnsh = empty() if gnsh is None else gnsh
     if _triton_ok(x):
         from . import _triton
 
@@ -384,3 +394,78 @@ def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
 
 
 sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
+
+
+# ------------------------------------------------------------------ eager fast path (CPU C++)
+# The custom ops above are what torch.compile / torch.export see. In eager mode a
+# plain autograd.Function around the same C++ kernels costs a fraction of the
+# custom-op dispatch (which matters on small, overhead-bound maps); the numbers
+# are identical because both call the same kernels.
+class CppChannelPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, kinds):
+        x = _dense(x)
+        pooled = _cpp.get().pool_forward(x, scale, kinds)
+        ctx.kinds = kinds
+        ctx.save_for_backward(x, scale, pooled)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, pooled = ctx.saved_tensors
+        need_gs = scale is not None and ctx.needs_input_grad[1]
+        gx, gs = _cpp.get().pool_backward(grad, x, scale, pooled, ctx.kinds, need_gs)
+        return gx, (gs.to(scale.dtype) if need_gs else None), None
+
+
+class CppGateMultiply(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, attn, scale):
+        x = _dense(x)
+        ctx.save_for_backward(x, attn, scale)
+        return _cpp.get().gate_forward(x, attn, scale, None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, attn, scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, ga, gs = _cpp.get().gate_backward(
+            grad, x, attn, scale, need[0], need[1], scale is not None and need[2]
+        )
+        return (gx if need[0] else None, ga.to(attn.dtype) if need[1] else None,
+                gs.to(scale.dtype) if gs is not None else None)
+
+
+class CppSam(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
+        x = _dense(x)
+        y, attn, logits, pooled = _cpp.get().sam_forward(
+            x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, None
+        )
+        ctx.kinds, ctx.dilation = kinds, dilation
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(x, scale, weight, norm_scale, attn, logits, pooled)
+        ctx.mark_non_differentiable(logits, pooled)
+        return y, attn, logits, pooled
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_attn, _gl, _gp):
+        x, scale, weight, norm_scale, attn, logits, pooled = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        gx, gs, gw, gb, gns, gnsh = _cpp.get().sam_backward(
+            grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, ctx.kinds,
+            ctx.dilation, scale is not None and need[3], need[1], need[2], norm_scale is not None and (need[4] or need[5]),
+        )
+        return (
+            gx,
+            gw.to(weight.dtype) if need[1] else None,
+            gb.to(weight.dtype).reshape(ctx.bias_shape) if need[2] and ctx.bias_shape is not None else None,
+            gs.to(scale.dtype) if gs is not None else None,
+            gns.to(norm_scale.dtype).reshape(norm_scale.shape) if gns is not None and need[4] else None,
+            gnsh.to(norm_scale.dtype).reshape(norm_scale.shape) if gnsh is not None and need[5] else None,
+            None,
+            None,
+        )

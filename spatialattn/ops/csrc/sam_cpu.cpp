@@ -31,9 +31,21 @@ using std::optional;
 constexpr int64_t kLanes = 16;
 
 template <typename T>
-inline T nan_max(T m, T v) {
-  // max that propagates NaN (like torch.amax): once m is NaN it stays NaN.
-  return (v > m || v != v) ? v : m;
+inline T vmax(T m, T v) {
+  // compiles to a vector max; drops NaN (like maxps). NaN is restored afterwards:
+  // a NaN in the channels makes the (always computed) sum NaN, and only then
+  // the channels are scanned again (see fix_nan_max).
+  return v > m ? v : m;
+}
+
+// x' at one pixel: channel c at x[c * cstride] * s[c]; true if one is NaN.
+template <typename T>
+bool any_nan(const T* x, const T* s, int64_t C, int64_t cstride) {
+  for (int64_t c = 0; c < C; ++c) {
+    T v = s ? x[c * cstride] * s[c] : x[c * cstride];
+    if (v != v) return true;
+  }
+  return false;
 }
 
 // Non-temporal stores pay once the output does not fit in the last-level cache.
@@ -120,11 +132,17 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
           const T sc = s ? s[n * C + c] : T(1);
           for (int64_t i = 0; i < len; ++i) {
             T v = row[i] * sc;
-            mp[i] = nan_max(mp[i], v);
+            mp[i] = vmax(mp[i], v);
             sp[i] += v;
           }
         }
-        if (mx) std::copy(mp, mp + len, mx + n * obs + p0);
+        if (mx) {
+          for (int64_t i = 0; i < len; ++i) {
+            if (sp[i] != sp[i] && any_nan(xn + i, s ? s + n * C : nullptr, C, HW))
+              mp[i] = std::numeric_limits<T>::quiet_NaN();
+          }
+          std::copy(mp, mp + len, mx + n * obs + p0);
+        }
         if (mean) {
           T* o = mean + n * obs + p0;
           for (int64_t i = 0; i < len; ++i) o[i] = sp[i] / T(C);
@@ -150,13 +168,13 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
             if (sr) {
               for (int64_t l = 0; l < kLanes; ++l) {
                 T v = row[c + l] * sr[c + l];
-                ml[l] = nan_max(ml[l], v);
+                ml[l] = vmax(ml[l], v);
                 sl[l] += v;
               }
             } else {
               for (int64_t l = 0; l < kLanes; ++l) {
                 T v = row[c + l];
-                ml[l] = nan_max(ml[l], v);
+                ml[l] = vmax(ml[l], v);
                 sl[l] += v;
               }
             }
@@ -164,7 +182,7 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
           m = ml[0];
           sum = sl[0];
           for (int64_t l = 1; l < kLanes; ++l) {
-            m = nan_max(m, ml[l]);
+            m = vmax(m, ml[l]);
             sum += sl[l];
           }
         } else {
@@ -174,9 +192,10 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
         }
         for (; c < C; ++c) {
           T v = sr ? row[c] * sr[c] : row[c];
-          m = nan_max(m, v);
+          m = vmax(m, v);
           sum += v;
         }
+        if (sum != sum && any_nan(row, sr, C, 1)) m = std::numeric_limits<T>::quiet_NaN();
         if (mx) mx[n * obs + q] = m;
         if (mean) mean[n * obs + q] = sum / T(C);
       }

@@ -1,0 +1,300 @@
+"""Fused SAM kernels (C++ on CPU, custom ops) against the plain PyTorch reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spatialattn import ops
+from spatialattn.ops import _cpp, reference
+from spatialattn.ops import _library as lib
+
+ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_module():
+    mod = _cpp.get()
+    if mod is None:
+        pytest.skip("C++ extension could not be built here (no compiler?)")
+    return mod
+
+
+def make_x(shape, layout, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "noncontig":
+        n, c, h, w = shape
+        x = torch.randn(n, c, h, 2 * w, generator=g, dtype=dtype)[..., ::2]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        return x
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def ref_sam(x, w, b, order, dilation, scale, ns=None, nsh=None):
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    pooled = reference.channel_pool(x, order, scale, acc)
+    k = w.shape[-1]
+    logits = F.conv2d(pooled, w.to(acc), None if b is None else b.to(acc), padding=dilation * (k // 2), dilation=dilation)
+    if ns is not None:
+        logits = logits * ns + nsh
+    attn = torch.sigmoid(logits)
+    return reference.gate_multiply(x, attn, scale), attn
+
+
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_forward_matches_reference(layout, dtype, order, with_scale):
+    x = make_x((2, 37, 9, 11), layout, dtype)
+    assert ops.backend(x) == "cpp"
+    s = torch.rand(2, 37, 1, 1, dtype=dtype) if with_scale else None
+    torch.testing.assert_close(ops.channel_pool(x, order, channel_scale=s), reference.channel_pool(x, order, s), **TOL[dtype])
+    a = torch.rand(2, 1, 9, 11, dtype=dtype)
+    # the product is elementwise: bit-identical to the reference
+    torch.testing.assert_close(ops.gate_multiply(x, a, s), reference.gate_multiply(x, a, s), rtol=0, atol=0)
+    w = torch.randn(1, len(order), 7, 7, dtype=dtype)
+    b = torch.randn(1, dtype=dtype)
+    y, attn = ops.spatial_attention_fused(x, w, b, order=order, channel_scale=s, return_attention=True)
+    y_ref, attn_ref = ref_sam(x, w, b, order, 1, s)
+    torch.testing.assert_close(attn, attn_ref, **TOL[dtype])
+    # the gate differs from the reference only by the conv's summation order; given the
+    # gate, the product is exact, and the output stays within the gate's error times |x|
+    torch.testing.assert_close(y, reference.gate_multiply(x, attn, s), rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * 8)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_norm_dilation_kernel3(layout):
+    x = make_x((3, 20, 12, 10), layout)
+    w = torch.randn(1, 2, 3, 3)
+    bn = torch.nn.BatchNorm2d(1).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3), bn.running_var.fill_(2.0), bn.weight.fill_(1.5), bn.bias.fill_(-0.2)
+    ns, nsh = ops.batchnorm_affine(bn)
+    y = ops.spatial_attention_fused(x, w, None, order=("mean", "max"), dilation=2, norm_scale=ns, norm_shift=nsh)
+    pooled = reference.channel_pool(x, ("mean", "max"))
+    y_ref = x * torch.sigmoid(bn(F.conv2d(pooled, w, padding=2, dilation=2)))
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    assert ops.batchnorm_affine(torch.nn.BatchNorm2d(1).train()) is None
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 1, 1), (2, 8, 1, 9), (1, 1, 4, 4)])
+def test_edge_shapes(shape):
+    x = torch.randn(shape)
+    w = torch.randn(1, 2, 7, 7)
+    s = torch.rand(shape[0], shape[1], 1, 1)
+    y, attn = ops.spatial_attention_fused(x, w, None, channel_scale=s, return_attention=True)
+    y_ref, attn_ref = ref_sam(x, w, None, ("max", "mean"), 1, s)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attn, attn_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ops.channel_pool(x, ("max", "mean")), reference.channel_pool(x))
+    xr = x.clone().requires_grad_()
+    ops.spatial_attention_fused(xr, w, None).sum().backward()
+    xr2 = x.clone().requires_grad_()
+    ref_sam(xr2, w, None, ("max", "mean"), 1, None)[0].sum().backward()
+    torch.testing.assert_close(xr.grad, xr2.grad, rtol=1e-5, atol=1e-6)
+
+
+def _gradcheck_inputs(layout, with_scale, order, seed=0):
+    x = make_x((2, 5, 6, 7), layout, torch.float64, seed).detach().requires_grad_()
+    s = torch.rand(2, 5, 1, 1, dtype=torch.float64, requires_grad=True) if with_scale else None
+    w = torch.randn(1, len(order), 3, 3, dtype=torch.float64, requires_grad=True)
+    return x, s, w
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_gradcheck_cpp(layout, order, with_scale):
+    x, s, w = _gradcheck_inputs(layout, with_scale, order)
+    b = torch.randn(1, dtype=torch.float64, requires_grad=True)
+    ns = torch.rand(1, dtype=torch.float64, requires_grad=True) + 0.5
+    nsh = torch.randn(1, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(2, 1, 6, 7, dtype=torch.float64, requires_grad=True)
+
+    def sam(x, s, w, b, ns, nsh):  # both outputs, so the gradient through the map is checked too
+        return ops.spatial_attention_fused(x, w, b, order=order, channel_scale=s, norm_scale=ns,
+                                           norm_shift=nsh, return_attention=True)
+
+    assert torch.autograd.gradcheck(sam, (x, s, w, b, ns, nsh), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, s: ops.channel_pool(x, order, channel_scale=s), (x, s), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, a, s: ops.gate_multiply(x, a, s), (x, a, s), fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_grads_match_reference(layout):
+    x = make_x((2, 24, 9, 8), layout).requires_grad_()
+    s = torch.rand(2, 24, 1, 1, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, requires_grad=True)
+    b = torch.randn(1, requires_grad=True)
+    g = torch.randn(2, 24, 9, 8)
+    y = ops.spatial_attention_fused(x, w, b, channel_scale=s)
+    grads = torch.autograd.grad(y, (x, s, w, b), g)
+    y_ref, _ = ref_sam(x, w, b, ("max", "mean"), 1, s)
+    grads_ref = torch.autograd.grad(y_ref, (x, s, w, b), g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_ties_split_evenly(layout):
+    # every pixel has its max shared by several channels (integer-valued input)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (2, 6, 5, 5), generator=g).double()
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    gp = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    got = torch.autograd.grad(ops.channel_pool(x, ("max", "mean")), x, gp)[0]
+    want = torch.autograd.grad(reference.channel_pool(x, ("max", "mean")), x, gp)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # amax semantics: at a pixel with k tied maxima each one gets 1/k of the gradient
+    xd = x.detach()
+    ties = (xd == xd.amax(1, keepdim=True)).sum(1)
+    assert (ties > 1).any()
+    mask = xd == xd.amax(1, keepdim=True)
+    expect_max_part = mask * gp[:, :1] / ties.unsqueeze(1)
+    torch.testing.assert_close(got - gp[:, 1:] / 6, expect_max_part, rtol=1e-12, atol=1e-12)
+    # and the whole SAM (max-pool path inside the fused backward)
+    w = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    gy = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    got = torch.autograd.grad(ops.spatial_attention_fused(x, w), x, gy)[0]
+    want = torch.autograd.grad(ref_sam(x, w, None, ("max", "mean"), 1, None)[0], x, gy)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nan_propagates(layout):
+    x = make_x((2, 40, 6, 6), layout)
+    x[0, 7, 2, 3] = float("nan")
+    x[1, :, 1, 1] = float("inf")
+    x[1, 4, 1, 1] = -float("inf")
+    pooled = ops.channel_pool(x, ("max", "mean"))
+    ref = reference.channel_pool(x, ("max", "mean"))
+    torch.testing.assert_close(pooled, ref, equal_nan=True)
+    assert torch.isnan(pooled[0, :, 2, 3]).all()
+    assert pooled[1, 0, 1, 1] == float("inf") and torch.isnan(pooled[1, 1, 1, 1])
+    w = torch.randn(1, 2, 3, 3)
+    y = ops.spatial_attention_fused(x, w)
+    y_ref, _ = ref_sam(x, w, None, ("max", "mean"), 1, None)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[0, :, 2, 3]).all()
+
+
+def test_out_argument_and_no_grad_path():
+    x = torch.randn(2, 16, 8, 8)
+    w = torch.randn(1, 2, 7, 7)
+    out = torch.empty_like(x)
+    y = ops.spatial_attention_fused(x, w, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, ref_sam(x, w, None, ("max", "mean"), 1, None)[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out="):
+        ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
+
+
+def test_saves_no_scaled_copy_for_backward():
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    s = torch.rand(2, 16, 1, 1, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() == x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.spatial_attention_fused(x, w, channel_scale=s)
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_on_cpu_falls_back_and_matches(dtype):
+    x = torch.randn(2, 16, 6, 6).to(dtype)
+    w = torch.randn(1, 2, 7, 7)
+    assert ops.backend(x) == "torch"
+    y, attn = ops.spatial_attention_fused(x, w, return_attention=True)
+    y_ref, attn_ref = ref_sam(x, w, None, ("max", "mean"), 1, None)
+    assert y.dtype == dtype and attn.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(attn, attn_ref)
+
+
+def test_custom_ops_opcheck():
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(2, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(2, 1, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(lib.channel_pool_op, (x, s, [0, 1], torch.float64))
+    torch.library.opcheck(lib.gate_multiply_op, (x, a, s))
+    torch.library.opcheck(lib.sam_op, (x, w, b, s, None, None, [1, 0], 1))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    s = torch.rand(2, 8, 1, 1, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, requires_grad=True)
+
+    def f(x, s, w):
+        p = ops.channel_pool(x, ("max", "mean"), channel_scale=s)
+        y1 = ops.gate_multiply(x, torch.sigmoid(p[:, :1]), s)
+        y2 = ops.spatial_attention_fused(x, w, channel_scale=s)
+        return (y1 * y2).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(cf(x, s, w), (x, s, w))
+    want = torch.autograd.grad(f(x, s, w), (x, s, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_uses_reference_decomposition():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(1, 2, 7, 7))
+
+        def forward(self, x):
+            return ops.spatial_attention_fused(x, self.w)
+
+    m = M()
+    x = torch.randn(2, 8, 6, 6)
+    ep = torch.export.export(m, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("spatialattn" in t for t in targets)
+    torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_when_cpp_disabled(monkeypatch):
+    monkeypatch.setenv("SPATIALATTN_DISABLE_CPP", "1")
+    _cpp.reset()
+    try:
+        x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+        assert _cpp.get() is None and ops.backend(x) == "torch"
+        s = torch.rand(2, 8, 1, 1, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+        y = ops.spatial_attention_fused(x, w, channel_scale=s)
+        torch.testing.assert_close(y, ref_sam(x, w, None, ("max", "mean"), 1, s)[0])
+        assert torch.autograd.gradcheck(lambda x, s, w: ops.spatial_attention_fused(x, w, channel_scale=s), (x, s, w))
+        # the custom ops' own PyTorch implementations (used where no kernel exists)
+        b = torch.randn(1, dtype=torch.float64, requires_grad=True)
+        ns = torch.rand(1, dtype=torch.float64, requires_grad=True)
+        nsh = torch.randn(1, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, s, w, b, ns, nsh: lib.sam_op(x, w, b, s, ns, nsh, [0, 1], 1)[:2], (x, s, w, b, ns, nsh)
+        )
+        a = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, s: lib.channel_pool_op(x, s, [1, 0], torch.float64), (x, s))
+        assert torch.autograd.gradcheck(lambda x, a, s: lib.gate_multiply_op(x, a, s), (x, a, s))
+    finally:
+        monkeypatch.delenv("SPATIALATTN_DISABLE_CPP")
+        _cpp.reset()
+    assert _cpp.get() is not None
