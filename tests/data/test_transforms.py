@@ -112,3 +112,24 @@ def test_detection_collate():
     loader = torch.utils.data.DataLoader(SyntheticShapes("val", 4), batch_size=2, collate_fn=detection_collate)
     images, targets = next(iter(loader))
     assert images.shape == (2, 3, 160, 160) and targets[1]["image_id"] == 1
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(4, 60), w=st.integers(4, 60), size=st.integers(8, 64),
+       fx=st.tuples(st.floats(0, 1), st.floats(0, 1)), fy=st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_letterbox_round_trip_and_flip_involution(h, w, size, fx, fy):
+    x1, x2 = sorted(v * w for v in fx)
+    y1, y2 = sorted(v * h for v in fy)
+    t = {"boxes": torch.tensor([[x1, y1, x2 + 1e-3, y2 + 1e-3]], dtype=torch.float64)}
+    out, t2 = letterbox(torch.zeros(3, h, w), t, size)
+    sx, sy, px, py = t2["letterbox"].tolist()
+    b = t2["boxes"][0]
+    # inside the pasted image region, and the inverse maps back
+    assert px - 1e-6 <= b[0] and b[2] <= px + w * sx + 1e-6 and py - 1e-6 <= b[1] and b[3] <= py + h * sy + 1e-6
+    assert torch.allclose(unletterbox_boxes(t2["boxes"], t2["letterbox"]), t["boxes"], atol=1e-9)
+    img = torch.rand(3, h, w)
+    back, tb = hflip(*hflip(img, t))
+    assert torch.equal(back, img) and torch.allclose(tb["boxes"], t["boxes"])
