@@ -28,7 +28,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_nn_ops
 
 from ..surgery import _AttentionBlockMixin, insert_attention
-from .roi_heads import RoIAlignWithAttention, add_roi_attention
+from .roi_heads import RoIAlignWithAttention, add_roi_attention, roi_attention_maps
 
 __all__ = [
     "fasterrcnn_resnet50_fpn",
@@ -38,6 +38,8 @@ __all__ = [
     "load_detection_checkpoint",
     "CheckpointReport",
     "attention_state_keys",
+    "add_roi_attention",  # re-exported from .roi_heads
+    "roi_attention_maps",
 ]
 
 AttentionSpec = Union[None, str, Type[nn.Module]]
