@@ -9,7 +9,7 @@ A dataset yields torchvision-style samples ``(image, target)``:
   the COCO evaluation), ``image_id`` (``int``) and ``orig_size`` (``(H, W)``).
 
 Annotations are kept apart from pixels (:class:`Record`), so ground truth for evaluation
-(:meth:`DetectionDataset.coco_gt`) and export never decode an image they do not need.
+(:meth:`DetectionDataset.coco_gt`) never decodes an image (only YOLO reads image headers for sizes).
 """
 from __future__ import annotations
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Dict, List, Sequence
-
-import numpy as np
+from typing import Any, Dict, Sequence
 
 from .base import Record
 

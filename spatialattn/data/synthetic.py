@@ -8,7 +8,7 @@ What is in an image (default ``image_size=160``):
 
 * **Objects** of 5 classes - ``circle`` (an ellipse when the aspect ratio is not 1), ``rectangle``,
   ``triangle`` (pointing up or down), ``ring`` and ``cross`` - 0 to ``max_objects`` per image (about
-  6 % of the images have none), side length about 10-64 px (log-uniform, scaled with the image
+  7 % of the images have none), side length about 10-64 px (log-uniform, scaled with the image
   size), aspect ratio 0.64-1.57. Each class has its own hue (jittered), so appearance carries class
   information as well as the outline; textures vary (solid, shading gradient, stripes, speckle, a
   dark outline).

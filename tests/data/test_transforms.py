@@ -5,7 +5,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from spatialattn.data import SyntheticShapes, TransformedDataset, build_transforms, detection_collate
-from spatialattn.data.transforms import (ColorJitter, Compose, Letterbox, RandomHorizontalFlip,
+from spatialattn.data.transforms import (ColorJitter, Compose, RandomHorizontalFlip,
                                          adjust_color, hflip, letterbox, resize, unletterbox_boxes)
 
 
