@@ -1,0 +1,313 @@
+"""Triton kernels for the SAM primitives (CUDA; float16 / bfloat16 / float32).
+
+Layout-generic: ``x`` is addressed as ``[N, C, HW]`` with strides
+``(C*HW, HW, 1)`` (NCHW) or ``(HW*C, 1, C)`` (channels_last); other layouts are
+made NCHW-contiguous first. Products ``x * scale`` are rounded to ``x.dtype``
+exactly as the reference does; reductions accumulate in float32.
+
+* :func:`pool_forward` -- max / mean over channels (NaN propagates: ``tl.max``
+  drops NaN, so a NaN flag is reduced alongside and restores it);
+* :func:`gate_forward` -- ``(x * scale) * attn``;
+* :func:`reduce` -- backward pass A: ``sum_c grad * x'`` and the max-tie counts;
+* :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale``;
+* :func:`pool_backward` / :func:`gate_backward` -- built from the two passes.
+
+Launch configurations are fixed (no autotune), so the kernels also run under
+Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+    _HAVE_TRITON = False
+
+
+def available() -> bool:
+    return _HAVE_TRITON
+
+
+_BP = 64  # pixels per tile
+_BC = 16  # channels per tile
+_BLOCK = 1024  # elements per program (elementwise kernels)
+
+
+def _layout(x: Tensor) -> Tuple[Tensor, bool]:
+    """``(x, channels_last)`` with ``x`` made dense in one of the two layouts."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def _strides(x: Tensor, cl: bool):
+    n, c, h, w = x.shape
+    return (c * h * w, 1, c) if cl else (c * h * w, h * w, 1)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _scaled(xv, sv, dt):
+        """``x * s`` rounded to the input dtype (exact product in float32, one rounding), as float32."""
+        return (xv.to(tl.float32) * sv.to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, sN, sC, sP, P, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                     HAS_S: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        n = tl.program_id(0)
+        p = tl.program_id(1) * BP + tl.arange(0, BP)
+        pm = p < HW
+        mx = tl.full([BP], float("-inf"), tl.float32)
+        sm = tl.zeros([BP], tl.float32)
+        nan = tl.zeros([BP], tl.int32)
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cm = c < C
+            m2 = cm[:, None] & pm[None, :]
+            xv = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0)
+            if HAS_S:
+                sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+                v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
+            else:
+                v = xv.to(tl.float32)
+            mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=0))
+            sm += tl.sum(tl.where(m2, v, 0.0), axis=0)
+            nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=0))
+        mx = tl.where(nan > 0, float("nan"), mx)
+        base = out_ptr + n * P * HW + p
+        if I_MAX >= 0:
+            tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+        if I_MEAN >= 0:
+            tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+
+    @triton.jit
+    def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, total, C, HW, CL: tl.constexpr, HAS_S: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < total
+        if CL:
+            c = i % C
+            np_ = i // C  # n * HW + p
+            n = np_ // HW
+        else:
+            c = (i // HW) % C
+            n = i // (C * HW)
+            np_ = n * HW + i % HW
+        # products of two half-precision values are exact in float32, so computing in
+        # float32 and rounding once equals the native half-precision product
+        dt = y_ptr.dtype.element_ty
+        xv = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
+        if HAS_S:
+            xv = (xv * tl.load(s_ptr + n * C + c, mask=m, other=0.0).to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        av = tl.load(a_ptr + np_, mask=m, other=0.0).to(dt).to(tl.float32)
+        tl.store(y_ptr + i, (xv * av).to(dt, fp_downcast_rounding="rtne"), mask=m)
+
+    @triton.jit
+    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
+                       HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        n = tl.program_id(0)
+        p = tl.program_id(1) * BP + tl.arange(0, BP)
+        pm = p < HW
+        ga = tl.zeros([BP], tl.float32)
+        cnt = tl.zeros([BP], tl.float32)
+        if HAS_MAX:
+            mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cm = c < C
+            m2 = cm[:, None] & pm[None, :]
+            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+            if HAS_S:
+                v = _scaled(xv, tl.load(s_ptr + n * C + c, mask=cm, other=0.0)[:, None], x_ptr.dtype.element_ty)
+            else:
+                v = xv.to(tl.float32)
+            if HAS_G:
+                gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                ga += tl.sum(gv * v, axis=0)
+            if HAS_MAX:
+                cnt += tl.sum(tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0), axis=0)
+        if HAS_G:
+            tl.store(ga_ptr + n * HW + p, ga, mask=pm)
+        if HAS_MAX:
+            tl.store(cnt_ptr + n * HW + p, cnt, mask=pm)
+
+    @triton.jit
+    def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, C, HW, sN, sC, sP,
+                      P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
+                      HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        n = tl.program_id(0)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        cm = c < C
+        if HAS_S:
+            sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+        gs = tl.zeros([BC], tl.float32)
+        p_start = tl.program_id(2) * P_PER_PROG
+        for p0 in range(0, P_PER_PROG, BP):
+            p = p_start + p0 + tl.arange(0, BP)
+            pm = p < HW
+            m2 = cm[:, None] & pm[None, :]
+            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+            gxs = tl.zeros([BC, BP], tl.float32)
+            if HAS_G:
+                gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+                gxs += gv * av[None, :]
+            if HAS_MAX:
+                if HAS_S:
+                    v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
+                else:
+                    v = xv.to(tl.float32)
+                mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
+                fm = tl.load(fmax_ptr + n * HW + p, mask=pm, other=0.0)
+                gxs += tl.where(v == mxv[None, :], 1.0, 0.0) * fm[None, :]
+            if HAS_MEAN:
+                fa = tl.load(fmean_ptr + n * HW + p, mask=pm, other=0.0)
+                gxs += fa[None, :]
+            # the reference rounds grad_x' to x.dtype before the scale
+            gxs = gxs.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+            if NEED_GS:
+                gs += tl.sum(tl.where(m2, gxs * xv.to(tl.float32), 0.0), axis=1)
+            if HAS_S:
+                gx = gxs * sv[:, None].to(tl.float32)
+            else:
+                gx = gxs
+            tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
+        if NEED_GS:
+            tl.atomic_add(gs_ptr + n * C + c, gs, mask=cm)
+
+
+def _flat_scale(scale: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    return None if scale is None else scale.to(x.dtype).reshape(x.shape[0], x.shape[1]).contiguous()
+
+
+def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype: torch.dtype) -> Tensor:
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    hw = h * w
+    kinds = list(kinds)
+    out = torch.empty((n, len(kinds), h, w), dtype=dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    s = _flat_scale(scale, x)
+    i_max = kinds.index(0) if 0 in kinds else -1
+    i_mean = kinds.index(1) if 1 in kinds else -1
+    sN, sC, sP = _strides(x, cl)
+    grid = (n, triton.cdiv(hw, _BP))
+    _pool_kernel[grid](x, s if s is not None else x, out, c, hw, sN, sC, sP, len(kinds), I_MAX=i_max,
+                       I_MEAN=i_mean, HAS_S=s is not None, BC=_BC, BP=_BP)
+    for i, k in enumerate(kinds):
+        src = i_max if k == 0 else i_mean
+        if src != i:
+            out[:, i].copy_(out[:, src])
+    return out
+
+
+def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    s = _flat_scale(scale, x)
+    a = attn.expand(n, 1, h, w).contiguous()
+    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    _mul_kernel[grid](x, s if s is not None else x, a, y, x.numel(), c, h * w, CL=cl, HAS_S=s is not None,
+                      BLOCK=_BLOCK)
+    return y
+
+
+def _grad_like(grad: Tensor, x: Tensor, cl: bool) -> Tensor:
+    return grad.to(x.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor]):
+    """``(sum_c grad * x'  [N, 1, H, W] float32 or None, tie counts [N, 1, H, W] or None)``."""
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    hw = h * w
+    s = _flat_scale(scale, x)
+    g = None if grad is None else _grad_like(grad, x, cl)
+    ga = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if g is not None else None
+    cnt = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if mx is not None else None
+    mxc = None if mx is None else mx.to(torch.float32).contiguous()
+    if n * hw > 0:
+        sN, sC, sP = _strides(x, cl)
+        grid = (n, triton.cdiv(hw, _BP))
+        _reduce_kernel[grid](x, s if s is not None else x, g if g is not None else x,
+                             mxc if mxc is not None else x, ga if ga is not None else x,
+                             cnt if cnt is not None else x, c, hw, sN, sC, sP, HAS_S=s is not None,
+                             HAS_G=g is not None, HAS_MAX=mx is not None, BC=_BC, BP=_BP)
+    elif ga is not None:
+        ga.zero_()
+    return ga, cnt
+
+
+def _kind_sum(t: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
+    out = None
+    for i, k in enumerate(kinds):
+        if k == kind:
+            out = t[:, i : i + 1] if out is None else out + t[:, i : i + 1]
+    return out
+
+
+def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Optional[Tensor],
+          pooled: Optional[Tensor], gpooled: Optional[Tensor], kinds: Sequence[int], cnt: Optional[Tensor],
+          need_gs: bool = True):
+    """``(grad_x, grad_scale [N, C, 1, 1] float32 or None)``; ``gpooled`` is the gradient of the pooled maps."""
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    hw = h * w
+    s = _flat_scale(scale, x)
+    g = None if grad is None else _grad_like(grad, x, cl)
+    a = None if attn is None else attn.expand(n, 1, h, w).contiguous()
+    mx = fmax = fmean = None
+    if gpooled is not None:
+        gmax, gmean = _kind_sum(gpooled, kinds, 0), _kind_sum(gpooled, kinds, 1)
+        if gmax is not None:
+            mx = pooled[:, kinds.index(0)].to(torch.float32).contiguous()
+            fmax = (gmax.to(torch.float32) / cnt).contiguous()
+        if gmean is not None:
+            fmean = (gmean.to(torch.float32) / c).contiguous()
+    gx = torch.empty_like(x)
+    need_gs = need_gs and s is not None
+    gs = torch.zeros((n, c), dtype=torch.float32, device=x.device) if need_gs else None
+    if x.numel() > 0:
+        sN, sC, sP = _strides(x, cl)
+        split = max(1, min(triton.cdiv(hw, _BP), 8))
+        per_prog = triton.cdiv(triton.cdiv(hw, split), _BP) * _BP
+        grid = (n, triton.cdiv(c, _BC), triton.cdiv(hw, per_prog))
+        dummy = x
+        _gradx_kernel[grid](x, s if s is not None else dummy, g if g is not None else dummy,
+                            a if a is not None else dummy, mx if mx is not None else dummy,
+                            fmax if fmax is not None else dummy, fmean if fmean is not None else dummy,
+                            gx, gs if gs is not None else dummy, c, hw, sN, sC, sP, per_prog,
+                            HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
+                            HAS_MEAN=fmean is not None, NEED_GS=need_gs, BC=_BC, BP=_BP)
+    return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
+
+
+def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):
+    kinds = list(kinds)
+    mx = pooled[:, kinds.index(0) : kinds.index(0) + 1] if 0 in kinds else None
+    _, cnt = reduce(None, x, scale, mx)
+    return gradx(None, x, scale, None, pooled, grad, kinds, cnt)
+
+
+def gate_backward(grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]):
+    ga, _ = reduce(grad, x, scale, None)
+    gx, gs = gradx(grad, x, scale, attn, None, None, [], None)
+    return gx, ga, gs

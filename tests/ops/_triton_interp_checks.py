@@ -1,0 +1,129 @@
+"""Run by tests/ops/test_triton_interp.py in a subprocess with TRITON_INTERPRET=1.
+
+Exits non-zero (AssertionError) on the first mismatch. Every output buffer the
+kernels allocate is pre-filled with NaN, so an element a kernel fails to write
+shows up in the comparison.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
+
+import torch  # noqa: E402
+
+from spatialattn.ops import _library as lib  # noqa: E402
+from spatialattn.ops import _triton, reference  # noqa: E402
+
+
+class _NaNTorch:
+    """``torch`` for the kernel module, with empty/empty_like returning NaN-filled tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **k):
+        t = torch.empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    @staticmethod
+    def empty_like(*a, **k):
+        t = torch.empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+_triton.torch = _NaNTorch()
+assert _triton.available()
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def make(shape, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "noncontig":
+        n, c, h, w = shape
+        return torch.randn(n, c, h, 2 * w, generator=g)[..., ::2].to(dtype)
+    x = torch.randn(shape, generator=g).to(dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def check(got, want, dtype, what, loose=1.0):
+    """``loose``: tolerance factor for sums over many half-precision-rounded terms."""
+    assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{what}: unwritten (NaN) elements"
+    tol = {k: v * (loose if dtype != torch.float32 else 1.0) for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(got, want, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def main() -> None:
+    shape = (2, 19, 5, 7)  # C and HW not multiples of the tile sizes
+    n, c, h, w = shape
+    count = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        acc = torch.float32
+        for layout in ("nchw", "channels_last", "noncontig"):
+            for with_scale in (False, True):
+                x = make(shape, layout, dtype, 0)
+                # powers of two: x * s is exact, so the interpreter's round-toward-zero
+                # downcast (hardware rounds to nearest) cannot move the max / its ties
+                s = (2.0 ** torch.randint(-2, 3, (n, c, 1, 1))).to(dtype) if with_scale else None
+                a = torch.rand(n, 1, h, w)
+                for order in (("max", "mean"), ("mean", "max"), ("max",)):
+                    kinds = [lib.KIND[k] for k in order]
+                    check(_triton.pool_forward(x, s, kinds, acc), reference.channel_pool(x, order, s, acc), dtype,
+                          f"pool {dtype} {layout} {order} scale={with_scale}")
+                    count += 1
+                check(_triton.gate_forward(x, a, s), reference.gate_multiply(x, a, s), dtype, f"gate {dtype} {layout}")
+                # backward of both primitives against autograd through the reference
+                xr = x.detach().float().requires_grad_()
+                sr = None if s is None else s.detach().float().requires_grad_()
+                ar = a.clone().requires_grad_()
+                gy = torch.randn(shape).to(dtype)
+                y = reference.gate_multiply(xr, ar, sr)
+                want = torch.autograd.grad(y, [t for t in (xr, ar, sr) if t is not None], gy.float())
+                gx, ga, gs = _triton.gate_backward(gy, x, a, s)
+                check(gx, want[0].to(dtype), dtype, f"gate bwd x {dtype} {layout}")
+                check(ga, want[1], dtype, f"gate bwd attn {dtype} {layout}", loose=4)
+                if s is not None:
+                    check(gs, want[2], dtype, f"gate bwd scale {dtype} {layout}", loose=4)
+                pooled = _triton.pool_forward(x, s, [0, 1], acc)
+                gp = torch.randn(n, 2, h, w)
+                xr = x.detach().requires_grad_()
+                sr = None if s is None else s.detach().requires_grad_()
+                want = torch.autograd.grad(reference.channel_pool(xr, ("max", "mean"), sr, acc),
+                                           [t for t in (xr, sr) if t is not None], gp)
+                gx, gs = _triton.pool_backward(gp, x, s, pooled, [0, 1])
+                check(gx, want[0], dtype, f"pool bwd x {dtype} {layout}")
+                if s is not None:
+                    check(gs.to(dtype), want[1], dtype, f"pool bwd scale {dtype} {layout}", loose=4)
+                count += 6
+    # NaN propagates through the max (tl.max alone would drop it)
+    x = torch.randn(1, 20, 3, 3)
+    x[0, 17, 1, 2] = float("nan")
+    p = _triton.pool_forward(x, None, [0, 1], torch.float32)
+    assert torch.isnan(p[0, :, 1, 2]).all() and not torch.isnan(p[0, :, 0, 0]).any(), "NaN lost in max pooling"
+    # the whole SAM custom op on its generic (Triton) path, forward and backward
+    lib._cpp_ok = lambda x: False
+    lib._triton_ok = lambda x: True
+    x = make(shape, "channels_last", torch.float32, 1).requires_grad_()
+    s = torch.rand(n, c, 1, 1, requires_grad=True)
+    wt = torch.randn(1, 2, 7, 7, requires_grad=True)
+    b = torch.randn(1, requires_grad=True)
+    y, attn, _, _ = lib.sam_op(x, wt, b, s, None, None, [1, 0], 1)
+    pooled = reference.channel_pool(x, ("mean", "max"), s)
+    attn_ref = torch.sigmoid(torch.nn.functional.conv2d(pooled, wt, b, padding=3))
+    y_ref = reference.gate_multiply(x, attn_ref, s)
+    check(y, y_ref, torch.float32, "sam forward")
+    gy = torch.randn(shape)
+    got = torch.autograd.grad(y, (x, s, wt, b), gy)
+    want = torch.autograd.grad(y_ref, (x, s, wt, b), gy)
+    for gg, ww, name in zip(got, want, ("x", "scale", "weight", "bias")):
+        check(gg, ww, torch.float32, f"sam backward {name}")
+    print(f"triton interpreter checks passed ({count} comparisons + NaN + SAM)")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
