@@ -301,25 +301,28 @@ def channel_gate(
     check_input(x)
     n, c = x.shape[:2]
     acc = accumulate_dtype(x)
-    pools = []
-    for kind in normalize_pool_order(pool_types):
-        if kind == "max":
-            pools.append(x.amax(dim=(2, 3)).to(acc))
-        else:
-            pools.append(x.mean(dim=(2, 3), dtype=acc))
-    v = torch.stack(pools, dim=0)  # [P, N, C]
-    w1 = weight1.reshape(weight1.shape[0], -1)
+    w1 = weight1.reshape(weight1.shape[0], -1, 1, 1)
     if w1.shape[1] != c:
         raise ValueError(f"weight1: expected {c} input features, got shape {tuple(weight1.shape)}")
+    w2 = None if weight2 is None else weight2.reshape(weight2.shape[0], -1, 1, 1)
+    if (w1 if w2 is None else w2).shape[0] != c:
+        raise ValueError(f"channel MLP must map back to {c} channels")
+    logits = None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        h = F.linear(v, w1.to(acc), None if bias1 is None else bias1.to(acc))
-        if weight2 is not None:
-            w2 = weight2.reshape(weight2.shape[0], -1)
-            h = F.linear(activation(h), w2.to(acc), None if bias2 is None else bias2.to(acc))
-        if h.shape[-1] != c:
-            raise ValueError(f"channel MLP must map back to {c} channels, got {h.shape[-1]}")
-        logits = h.sum(dim=0) if h.shape[0] > 1 else h[0]
-        return get_gate(gate)(logits).reshape(n, c, 1, 1)
+        w1, b1 = w1.to(acc), None if bias1 is None else bias1.to(acc)
+        if w2 is not None:
+            w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
+        # one MLP call per pool, summed in pool order (as every reference implementation does)
+        for kind in normalize_pool_order(pool_types):
+            if kind == "max":
+                v = x.amax(dim=(2, 3), keepdim=True).to(acc)
+            else:
+                v = x.mean(dim=(2, 3), keepdim=True, dtype=acc)
+            h = F.conv2d(v, w1, b1)
+            if w2 is not None:
+                h = F.conv2d(activation(h), w2, b2)
+            logits = h if logits is None else logits + h
+        return get_gate(gate)(logits)
 
 
 def channel_attention(
