@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "spatialattn.commands.dataset",
     "spatialattn.commands.detect",
     "spatialattn.commands.demo",
+    "spatialattn.commands.train",
 ]
 
 
