@@ -298,3 +298,20 @@ def test_fallback_when_cpp_disabled(monkeypatch):
         monkeypatch.delenv("SPATIALATTN_DISABLE_CPP")
         _cpp.reset()
     assert _cpp.get() is not None
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_broadcast_upstream_gradient(layout):
+    # y.sum() hands backward a stride-0 gradient; the kernels use it without materialising it
+    x = make_x((2, 20, 7, 9), layout, torch.float64).requires_grad_()
+    s = torch.rand(2, 20, 1, 1, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(2, 1, 7, 9, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(ops.spatial_attention_fused(x, w, channel_scale=s).sum() * 3, (x, s, w))
+    want = torch.autograd.grad(ref_sam(x, w, None, ("max", "mean"), 1, s)[0].sum() * 3, (x, s, w))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(ops.gate_multiply(x, a, s).sum(), (x, a, s))
+    want = torch.autograd.grad(reference.gate_multiply(x, a, s).sum(), (x, a, s))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

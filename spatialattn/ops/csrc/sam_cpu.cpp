@@ -254,8 +254,10 @@ void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64
 // ---------------------------------------------------------------- backward pass A
 // ga[p] = sum_c g * x'   (if g);   cnt[p] = #{c : x' == mx[p]}   (if mx).
 template <typename T>
-void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_t C, int64_t HW,
-              bool nhwc, T* ga, T* cnt) {
+void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t N, int64_t C,
+              int64_t HW, bool nhwc, T* ga, T* cnt) {
+  // gc: g is one value broadcast to every element (e.g. the gradient of y.sum())
+  const T gv = (g && gc) ? g[0] : T(0);
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
@@ -273,18 +275,23 @@ void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_
           const int64_t off = (n * C + c) * HW + p0;
           const T* xr = x + off;
           const T sc = s ? s[n * C + c] : T(1);
-          if (g && mp) {
+          if (g && !gc && mp) {
             const T* gr = g + off;
             for (int64_t i = 0; i < len; ++i) {
               T v = xr[i] * sc;
               ap[i] += gr[i] * v;
               cp[i] += (v == mp[i]) ? T(1) : T(0);
             }
-          } else if (g) {
-            const T* gr = g + off;
-            for (int64_t i = 0; i < len; ++i) ap[i] += gr[i] * (xr[i] * sc);
           } else {
-            for (int64_t i = 0; i < len; ++i) cp[i] += ((xr[i] * sc) == mp[i]) ? T(1) : T(0);
+            if (g && !gc) {
+              const T* gr = g + off;
+              for (int64_t i = 0; i < len; ++i) ap[i] += gr[i] * (xr[i] * sc);
+            } else if (g) {
+              for (int64_t i = 0; i < len; ++i) ap[i] += gv * (xr[i] * sc);
+            }
+            if (mp) {
+              for (int64_t i = 0; i < len; ++i) cp[i] += ((xr[i] * sc) == mp[i]) ? T(1) : T(0);
+            }
           }
         }
         if (ga) std::copy(ap, ap + len, ga + n * HW + p0);
@@ -296,7 +303,7 @@ void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_
       for (int64_t p = b; p < e; ++p) {
         const int64_t n = p / HW;
         const T* xr = x + p * C;
-        const T* gr = g ? g + p * C : nullptr;
+        const T* gr = (g && !gc) ? g + p * C : nullptr;
         const T* sr = s ? s + n * C : nullptr;
         const T m = mx ? mx[p] : T(0);
         T al[kLanes] = {}, cl[kLanes] = {};
@@ -304,13 +311,21 @@ void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_
         for (; c + kLanes <= C; c += kLanes) {
           for (int64_t l = 0; l < kLanes; ++l) {
             T v = sr ? xr[c + l] * sr[c + l] : xr[c + l];
-            if (gr) al[l] += gr[c + l] * v;
+            if (gr) {
+              al[l] += gr[c + l] * v;
+            } else if (g) {
+              al[l] += gv * v;
+            }
             cl[l] += (v == m) ? T(1) : T(0);
           }
         }
         for (; c < C; ++c) {
           T v = sr ? xr[c] * sr[c] : xr[c];
-          if (gr) al[0] += gr[c] * v;
+          if (gr) {
+            al[0] += gr[c] * v;
+          } else if (g) {
+            al[0] += gv * v;
+          }
           cl[0] += (v == m) ? T(1) : T(0);
         }
         T sa = al[0], sc = cl[0];
@@ -329,8 +344,9 @@ void k_reduce(const T* x, const T* s, const T* g, const T* mx, int64_t N, int64_
 // gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
 // Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
 template <typename T>
-void k_gradx(const T* x, const T* s, const T* g, const T* a, const T* mx, const T* fmax,
+void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, const T* fmax,
              const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs) {
+  const T gv = (g && gc) ? g[0] : T(0);
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -344,7 +360,9 @@ void k_gradx(const T* x, const T* s, const T* g, const T* a, const T* mx, const 
         const T* mn = mx ? mx + n * HW : nullptr;
         const T* fm = fmax ? fmax + n * HW : nullptr;
         const T* fa = fmean ? fmean + n * HW : nullptr;
-        if (g) {
+        if (g && gc) {
+          for (int64_t i = 0; i < HW; ++i) gp[i] = gv * an[i];
+        } else if (g) {
           const T* gr = g + r * HW;
           for (int64_t i = 0; i < HW; ++i) gp[i] = gr[i] * an[i];
         } else {
@@ -393,7 +411,9 @@ void k_gradx(const T* x, const T* s, const T* g, const T* a, const T* mx, const 
           const int64_t p = n * HW + q;
           const T* xr = x + p * C;
           const T av = a ? a[p] : T(0);
-          if (g) {
+          if (g && gc) {
+            std::fill(gp, gp + C, gv * av);
+          } else if (g) {
             const T* gr = g + p * C;
             for (int64_t c = 0; c < C; ++c) gp[c] = gr[c] * av;
           } else {
@@ -629,6 +649,17 @@ T* dptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// The upstream gradient in the layout of x; a gradient that is one value broadcast
+// everywhere (all strides 0, e.g. from y.sum()) is not materialised: gc = true and
+// the result holds that single value.
+Tensor upstream(const Tensor& grad, const Tensor& x, const Geo& g, bool& gc) {
+  gc = grad.numel() > 0 && grad.dim() == 4 && grad.stride(0) == 0 && grad.stride(1) == 0 &&
+       grad.stride(2) == 0 && grad.stride(3) == 0;
+  if (gc) return grad.as_strided({1}, {1}).to(x.scalar_type()).contiguous();
+  return grad.to(x.scalar_type()).contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast
+                                                     : at::MemoryFormat::Contiguous);
+}
+
 // ================================================================ entry points
 
 Tensor pool_forward(const Tensor& x, const optional<Tensor>& scale, std::vector<int64_t> kinds) {
@@ -661,12 +692,12 @@ std::vector<Tensor> pool_backward(const Tensor& grad, const Tensor& x, const opt
     Tensor cnt;
     if (mx.defined()) {
       cnt = at::empty({g.N, g.HW}, x.options());
-      k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, mx.data_ptr<scalar_t>(),
+      k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, mx.data_ptr<scalar_t>(),
                          g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>());
       gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
     }
     if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
-    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, nullptr, dptr<scalar_t>(mx),
+    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, nullptr, dptr<scalar_t>(mx),
                       dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW, g.nhwc,
                       gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
   });
@@ -701,8 +732,8 @@ std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Ten
   Geo g = geometry(x);
   Tensor s = flat_scale(scale, x);
   Tensor a = attn.to(x.scalar_type()).expand({g.N, 1, g.H, g.W}).contiguous();
-  Tensor gy = grad.to(x.scalar_type()).contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous);
+  bool gc = false;
+  Tensor gy = upstream(grad, x, g, gc);
   Tensor gx = need_gx ? at::empty_like(x) : Tensor();
   Tensor ga = need_ga ? empty_map(g, 1, x) : Tensor();
   Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, x.options()) : Tensor();
@@ -712,10 +743,10 @@ std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Ten
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_backward", [&] {
       if (ga.defined())
-        k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), nullptr,
+        k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc, nullptr,
                            g.N, g.C, g.HW, g.nhwc, ga.data_ptr<scalar_t>(), nullptr);
       if (gx.defined() || gs.defined())
-        k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(),
+        k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc,
                           a.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, g.N, g.C, g.HW, g.nhwc,
                           dptr<scalar_t>(gx), dptr<scalar_t>(gs));
     });
@@ -774,8 +805,8 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
   Tensor s = flat_scale(scale, x);
   Tensor w = small(weight, x);
   auto ns = small_opt(norm_scale, x);
-  Tensor gy = grad_y.to(x.scalar_type()).contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast
-                                                            : at::MemoryFormat::Contiguous);
+  bool gc = false;
+  Tensor gy = upstream(grad_y, x, g, gc);
   Tensor gx = at::empty_like(x);
   Tensor gs = (s.defined() && need_gs) ? at::zeros({g.N, g.C}, x.options()) : Tensor();
   Tensor gw = need_gw ? at::zeros_like(w) : Tensor();
@@ -795,7 +826,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     Tensor dA = at::empty({g.N, g.HW}, x.options());
     Tensor cnt = mx.defined() ? at::empty({g.N, g.HW}, x.options()) : Tensor();
     // pass A: d attn = sum_c g * x', and the tie counts of the max
-    k_reduce<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), dptr<scalar_t>(mx), g.N, g.C,
+    k_reduce<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), gc, dptr<scalar_t>(mx), g.N, g.C,
                        g.HW, g.nhwc, dA.data_ptr<scalar_t>(), dptr<scalar_t>(cnt));
     if (grad_attn.has_value() && grad_attn->defined())
       dA.add_(grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}));
@@ -809,7 +840,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     if (gmax.defined()) gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
     if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
     // pass B: grad_x and grad_scale
-    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), gc, attn.data_ptr<scalar_t>(),
                       dptr<scalar_t>(mx), dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW,
                       g.nhwc, gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
   });

@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark of CBAM spatial attention (SAM): ours vs eager vs torch.compile.
+
+    python benchmarks/bench_sam.py            # full table (a few minutes on 2 cores)
+    python benchmarks/bench_sam.py --quick    # fewer rounds, no torch.compile
+
+Every figure is a ratio to ``x.clone()`` measured in the same run: each round
+times every variant (interleaved), the ratio is taken per round, and the table
+shows the median over rounds (so a disturbance that slows one round hits every
+variant of that round). Absolute clone times are listed as well.
+
+Variants: ``ours`` = :func:`spatialattn.ops.spatial_attention_fused` (C++ on
+CPU); ``ours-2op`` = :func:`spatialattn.functional.spatial_attention` as the
+modules call it today (fused pooling + torch conv + fused gate-multiply);
+``timm`` = timm's formula (mean, amax -> cat -> conv -> sigmoid -> multiply);
+``ultra`` = ultralytics' formula (``torch.max(x, 1)`` instead of ``amax``);
+``compile`` = ``torch.compile`` of the timm formula.
+
+Modes: ``fwd`` (no autograd), ``fwd+bwd`` (dense upstream gradient, gradients
+for x and the conv weight), ``cbam`` (channel gate + spatial attention, no
+autograd; the eager CBAM materialises ``x * channel_gate``).
+
+Memory (``peak/|x|``, CPU): a fresh child process (same malloc settings, no
+trimming) allocates x and the upstream gradient, runs one small warm-up step,
+then one forward+backward; the reported figure is the growth of its peak RSS
+(``ru_maxrss``) during that step divided by the bytes of ``x``. The floor for a
+lean implementation is 2.0 (``y`` and ``grad_x``). ``saved/|x|`` counts the
+bytes autograd keeps for backward after the forward, excluding ``x`` and the
+parameters (``saved_tensors_hooks``, unique storages). On CUDA the peak is
+``torch.cuda.max_memory_allocated`` over the step minus what was allocated before.
+
+glibc malloc: allocations above the mmap threshold (32 MiB at most) are served
+by fresh mmaps and page-fault on every call (a clone of 8x128x104x104 costs 6x
+more). Unless ``--system-malloc`` is given the script re-executes itself with
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` so
+freed blocks are reused, as a long-running training process would; the table
+says which setting was used.
+
+Results: printed, and written to ``benchmarks/results/sam_<device>.md`` / ``.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+SHAPES = [(8, 256, 52, 52), (8, 512, 26, 26), (8, 128, 104, 104), (1, 1024, 13, 13)]
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 rounds, no torch.compile")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--system-malloc", action="store_true", help="do not set GLIBC_TUNABLES")
+    p.add_argument("--shapes", default=None, help="e.g. 8x256x52x52,1x1024x13x13")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--no-mem", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--mem-child", nargs=3, metavar=("IMPL", "SHAPE", "LAYOUT"), help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    if (not args.system_malloc and sys.platform.startswith("linux")
+            and os.environ.get("GLIBC_TUNABLES") != TUNABLES):
+        env = dict(os.environ, GLIBC_TUNABLES=TUNABLES)
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+    import torch
+    import torch.nn.functional as F
+
+    from spatialattn import functional as SF
+    from spatialattn import ops
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if args.mem_child:
+        return _mem_child(args, torch, F, SF, ops)
+    rounds = args.rounds or (3 if args.quick else 5)
+    use_compile = not (args.quick or args.no_compile)
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---------------------------------------------------------------- formulas
+    def timm_sam(x, w):
+        p = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(F.conv2d(p, w, padding=3))
+
+    def ultra_sam(x, w):
+        p = torch.cat([torch.mean(x, 1, keepdim=True), torch.max(x, 1, keepdim=True)[0]], 1)
+        return x * torch.sigmoid(F.conv2d(p, w, padding=3))
+
+    def ours(x, w):
+        return ops.spatial_attention_fused(x, w, order=("mean", "max"))
+
+    def ours_2op(x, w):
+        return SF.spatial_attention(x, w, order=("mean", "max"))
+
+    def channel_gate(x, w1, w2):
+        return SF.channel_gate(x, w1, None, w2, None)
+
+    def cbam_eager(x, w, w1, w2):
+        return timm_sam(x * channel_gate(x, w1, w2), w)
+
+    def cbam_ours(x, w, w1, w2):
+        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate(x, w1, w2))
+
+    compiled = torch.compile(timm_sam) if use_compile else None
+    compiled_cbam = torch.compile(cbam_eager) if use_compile else None
+
+    def timeit(fn, iters):
+        ts = []
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    def saved_ratio(fn, x, params):
+        seen = {}
+        skip = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in params}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn()
+        del y
+        return sum(seen.values()) / (x.numel() * x.element_size())
+
+    rows = []
+    layouts = [("NCHW", torch.contiguous_format), ("CL", torch.channels_last)]
+    for shape in shapes:
+        n, c, h, wd = shape
+        for lname, fmt in layouts:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g).to(dev).contiguous(memory_format=fmt)
+            w = (torch.randn(1, 2, 7, 7, generator=g) * 0.1).to(dev)
+            w1 = (torch.randn(max(c // 16, 1), c, generator=g) * 0.05).to(dev)
+            w2 = (torch.randn(c, max(c // 16, 1), generator=g) * 0.05).to(dev)
+            gy = torch.randn(shape, generator=g).to(dev).contiguous(memory_format=fmt)
+            xg = x.clone().requires_grad_()
+            wg = w.clone().requires_grad_()
+
+            def fb(f):
+                def run():
+                    y = f(xg, wg)
+                    y.backward(gy)
+                    xg.grad = None
+                    wg.grad = None
+                return run
+
+            cases = {
+                ("fwd", "clone"): lambda: x.clone(),
+                ("fwd", "ours"): lambda: ours(x, w),
+                ("fwd", "ours-2op"): lambda: ours_2op(x, w),
+                ("fwd", "timm"): lambda: timm_sam(x, w),
+                ("fwd", "ultra"): lambda: ultra_sam(x, w),
+                ("fwd+bwd", "ours"): fb(ours),
+                ("fwd+bwd", "ours-2op"): fb(ours_2op),
+                ("fwd+bwd", "timm"): fb(timm_sam),
+                ("fwd+bwd", "ultra"): fb(ultra_sam),
+                ("cbam", "ours"): lambda: cbam_ours(x, w, w1, w2),
+                ("cbam", "eager"): lambda: cbam_eager(x, w, w1, w2),
+            }
+            if compiled is not None:
+                cases[("fwd", "compile")] = lambda: compiled(x, w)
+                cases[("fwd+bwd", "compile")] = fb(compiled)
+                cases[("cbam", "compile")] = lambda: compiled_cbam(x, w, w1, w2)
+            # warm-up (builds the extension / compiles once)
+            with torch.no_grad():
+                for (mode, name), fn in cases.items():
+                    if mode != "fwd+bwd":
+                        fn()
+            for (mode, name), fn in cases.items():
+                if mode == "fwd+bwd":
+                    fn()
+            # agreement of our output with the eager formula (sanity, not a test)
+            with torch.no_grad():
+                err = (ours(x, w) - timm_sam(x, w)).abs().max().item()
+            est = timeit(cases[("fwd", "clone")], 3)
+            iters = max(3, min(50, int(0.05 / max(est, 1e-6))))
+            ratios = {k: [] for k in cases}
+            clone_ms = []
+            for _ in range(rounds):
+                base = None
+                for key, fn in cases.items():
+                    if key[0] == "fwd+bwd":
+                        t = timeit(fn, max(2, iters // 8))
+                    else:
+                        with torch.no_grad():
+                            t = timeit(fn, iters)
+                    if key == ("fwd", "clone"):
+                        base = t
+                        clone_ms.append(t * 1e3)
+                    ratios[key].append(t)
+                for key in cases:
+                    ratios[key][-1] /= base
+            mem, peak = {}, {}
+            for name, f in (("ours", ours), ("ours-2op", ours_2op), ("timm", timm_sam), ("ultra", ultra_sam)):
+                if dev.type == "cpu" and not args.no_mem:
+                    import subprocess
+
+                    res = subprocess.run([sys.executable, __file__, "--mem-child", name, "x".join(map(str, shape)), lname,
+                                          "--threads", str(args.threads)], capture_output=True, text=True)
+                    try:
+                        peak[name] = float(res.stdout.strip().splitlines()[-1])
+                    except (ValueError, IndexError):
+                        peak[name] = float("nan")
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fb(f)()
+                    torch.cuda.synchronize()
+                    peak[name] = (torch.cuda.max_memory_allocated() - before) / (x.numel() * x.element_size())
+                else:
+                    mem[name] = saved_ratio(lambda: f(xg, wg), xg, [wg])
+            for key, vals in ratios.items():
+                if key == ("fwd", "clone"):
+                    continue
+                rows.append(dict(shape="x".join(map(str, shape)), layout=lname, mode=key[0], impl=key[1],
+                                 ratio=statistics.median(vals), ratio_min=min(vals), ratio_max=max(vals),
+                                 clone_ms=statistics.median(clone_ms),
+                                 saved_over_x=mem.get(key[1], float("nan")) if key[0] == "fwd+bwd" else float("nan"),
+                                 peak_over_x=peak.get(key[1], float("nan")) if key[0] == "fwd+bwd" else float("nan"),
+                                 max_abs_diff_vs_timm=err))
+            print(f"done {shape} {lname}: clone {statistics.median(clone_ms):.3f} ms", file=sys.stderr, flush=True)
+
+    # ---------------------------------------------------------------- report
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    header = (f"device {dev.type} ({cpu}), {args.threads} threads, torch {torch.__version__}, "
+              f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev))}, rounds {rounds}, "
+              f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
+    impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["ours", "ours-2op", "timm", "ultra", "compile"],
+             "cbam": ["ours", "eager", "compile"]}
+    lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
+    for mode, names in impls.items():
+        present = [nm for nm in names if any(r["mode"] == mode and r["impl"] == nm for r in rows)]
+        lines += [f"## {mode}", "", "| shape | layout | clone ms | " + " | ".join(present) + (" | peak/\\|x\\| (ours, 2op, timm, ultra) | saved/\\|x\\| |" if mode == "fwd+bwd" else "") + " |",
+                  "|---|---|---|" + "---|" * len(present) + ("---|---|" if mode == "fwd+bwd" else "")]
+        for shape in shapes:
+            for lname, _ in layouts:
+                sel = {r["impl"]: r for r in rows if r["mode"] == mode and r["layout"] == lname and r["shape"] == "x".join(map(str, shape))}
+                if not sel:
+                    continue
+                any_r = next(iter(sel.values()))
+                cells = [f"{sel[nm]['ratio']:.2f}" if nm in sel else "-" for nm in present]
+                extra = ""
+                if mode == "fwd+bwd":
+                    four = [nm for nm in ("ours", "ours-2op", "timm", "ultra") if nm in sel]
+                    extra = (" | " + ", ".join(f"{sel[nm]['peak_over_x']:.2f}" for nm in four)
+                             + " | " + ", ".join(f"{sel[nm]['saved_over_x']:.2f}" for nm in four))
+                lines.append(f"| {any_r['shape']} | {lname} | {any_r['clone_ms']:.3f} | " + " | ".join(cells) + extra + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sam_{dev.type}.md").write_text(text + "\n")
+    with open(out / f"sam_{dev.type}.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"written {out / f'sam_{dev.type}.md'} and .csv", file=sys.stderr)
+
+
+def _mem_child(args, torch, F, SF, ops):
+    """Peak-RSS growth of one forward+backward, in units of |x| (printed on stdout)."""
+    import resource
+
+    impl, shape_s, layout = args.mem_child
+    shape = tuple(int(v) for v in shape_s.split("x"))
+    fmt = torch.channels_last if layout == "CL" else torch.contiguous_format
+
+    def f(x, w):
+        if impl == "ours":
+            return ops.spatial_attention_fused(x, w, order=("mean", "max"))
+        if impl == "ours-2op":
+            return SF.spatial_attention(x, w, order=("mean", "max"))
+        if impl == "timm":
+            p = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        else:
+            p = torch.cat([torch.mean(x, 1, keepdim=True), torch.max(x, 1, keepdim=True)[0]], 1)
+        return x * torch.sigmoid(F.conv2d(p, w, padding=3))
+
+    w = torch.randn(1, 2, 7, 7, requires_grad=True)
+    small = torch.randn(2, 8, 8, 8, requires_grad=True).contiguous(memory_format=fmt)
+    f(small, w).backward(torch.ones_like(small))  # loads libraries / the extension
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    gy = torch.randn(shape).contiguous(memory_format=fmt)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    f(x, w).backward(gy)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024 / (x.numel() * x.element_size()))
+
+
+if __name__ == "__main__":
+    main()
