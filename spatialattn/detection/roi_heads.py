@@ -222,13 +222,17 @@ def add_roi_attention(
             att.to(device=ref.device, dtype=ref.dtype)
         att.train(roi_heads.training)
         built[h] = att
+    swappable = type(roi_heads) is RoIHeads or isinstance(roi_heads, RoIHeadsWithAttention)
+    if attach_maps and not swappable:
+        raise ValueError(
+            f"add_roi_attention: attach_maps needs torchvision's RoIHeads, got the subclass "
+            f"{type(roi_heads).__name__} (its forward is kept; attention is still applied to the RoI features)"
+        )
     for h, att in built.items():
         setattr(roi_heads, _pool_attr(h), RoIAlignWithAttention(getattr(roi_heads, _pool_attr(h)), att))
     if type(roi_heads) is RoIHeads:
+        # A user subclass of RoIHeads keeps its own forward (and class): only the poolers change.
         roi_heads.__class__ = RoIHeadsWithAttention
-    elif not isinstance(roi_heads, RoIHeadsWithAttention):
-        # A user subclass keeps its own forward; the maps can still be computed with attach_maps().
-        pass
     if attach_maps is not None:
         roi_heads.attach_attention_maps = bool(attach_maps)
     return model

@@ -102,6 +102,22 @@ def test_mask_rcnn_heads_selection_and_errors():
         add_roi_attention(torchvision.models.resnet18(), "sam")
 
 
+def test_user_roi_heads_subclass_keeps_its_class():
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    class MyHeads(RoIHeads):
+        pass
+
+    model = fasterrcnn_resnet18_fpn(**SMALL)
+    model.roi_heads.__class__ = MyHeads
+    with pytest.raises(ValueError, match="attach_maps needs torchvision's RoIHeads.*MyHeads"):
+        add_roi_attention(model, "sam", attach_maps=True)
+    assert not isinstance(model.roi_heads.box_roi_pool, RoIAlignWithAttention)  # untouched on error
+    add_roi_attention(model, "sam")
+    assert type(model.roi_heads) is MyHeads
+    assert isinstance(model.roi_heads.box_roi_pool, RoIAlignWithAttention)
+
+
 # ----------------------------------------------------------------------------- values
 
 
