@@ -14,7 +14,10 @@ CPU); ``ours-2op`` = :func:`spatialattn.functional.spatial_attention` as the
 modules call it today (fused pooling + torch conv + fused gate-multiply);
 ``timm`` = timm's formula (mean, amax -> cat -> conv -> sigmoid -> multiply);
 ``ultra`` = ultralytics' formula (``torch.max(x, 1)`` instead of ``amax``);
-``compile`` = ``torch.compile`` of the timm formula.
+``compile`` = ``torch.compile`` of the timm formula. For ``cbam``, ``ours`` is
+the channel gate with its two pools read in one pass (:func:`spatialattn.ops.global_pool`,
+MLP in torch) followed by the fused SAM with ``channel_scale``; ``eager`` is
+:func:`spatialattn.functional.channel_gate` then ``x * gate`` then the timm SAM.
 
 Modes: ``fwd`` (no autograd), ``fwd+bwd`` (dense upstream gradient, gradients
 for x and the conv weight), ``cbam`` (channel gate + spatial attention, no
@@ -116,8 +119,15 @@ def main() -> None:
     def cbam_eager(x, w, w1, w2):
         return timm_sam(x * channel_gate(x, w1, w2), w)
 
+    def channel_gate_fused(x, w1, w2):
+        # the math of SF.channel_gate (avg + max pools, shared MLP, sigmoid) with the
+        # two pools read in one pass (ops.global_pool)
+        v = ops.global_pool(x, ("mean", "max"))
+        h = F.linear(F.relu(F.linear(v, w1)), w2)
+        return torch.sigmoid(h.sum(0)).reshape(x.shape[0], x.shape[1], 1, 1)
+
     def cbam_ours(x, w, w1, w2):
-        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate(x, w1, w2))
+        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate_fused(x, w1, w2))
 
     compiled = torch.compile(timm_sam) if use_compile else None
     compiled_cbam = torch.compile(cbam_eager) if use_compile else None
@@ -197,6 +207,9 @@ def main() -> None:
             # agreement of our output with the eager formula (sanity, not a test)
             with torch.no_grad():
                 err = (ours(x, w) - timm_sam(x, w)).abs().max().item()
+                err = max(err, (cbam_ours(x, w, w1, w2) - cbam_eager(x, w, w1, w2)).abs().max().item())
+                if not err < 1e-4:
+                    raise SystemExit(f"outputs disagree with the eager formula: max abs diff {err}")
             est = timeit(cases[("fwd", "clone")], 3)
             iters = max(3, min(50, int(0.05 / max(est, 1e-6))))
             ratios = {k: [] for k in cases}

@@ -37,6 +37,7 @@ __all__ = [
     "channel_pool",
     "gate_multiply",
     "spatial_attention_fused",
+    "global_pool",
     "batchnorm_affine",
     "is_exporting",
     "backend",
@@ -144,6 +145,27 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
     if not grad:
         return reference.gate_multiply(x, spatial_gate, channel_gate)
     return lean.gate_multiply(x, spatial_gate, channel_gate)
+
+
+def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Max / mean over ``H, W`` (CBAM's channel-gate pooling): ``Tensor[N, C, H, W] -> Tensor[len(order), N, C]``.
+
+    Both maps in one read of ``x`` on the C++ path (no autograd); with autograd,
+    for export, or elsewhere: ``amax`` / ``mean`` (ties share the max gradient
+    evenly). ``dtype``: dtype of the result; the mean is accumulated in it.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    if (
+        not is_exporting()
+        and not _needs_autograd(x)
+        and x.dim() == 4
+        and x.shape[2] * x.shape[3] > 0
+        and _fast_device(x) == "cpp"
+        and dtype == x.dtype
+    ):
+        return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
+    maps = [x.amax(dim=(2, 3)).to(dtype) if k == "max" else x.mean(dim=(2, 3), dtype=dtype) for k in order]
+    return torch.stack(maps, dim=0)
 
 
 def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:

@@ -27,7 +27,7 @@ def make_x(shape, layout, dtype=torch.float32, seed=0):
     if layout == "noncontig":
         n, c, h, w = shape
         x = torch.randn(n, c, h, 2 * w, generator=g, dtype=dtype)[..., ::2]
-        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        assert x.numel() == 0 or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         return x
     x = torch.randn(shape, generator=g, dtype=dtype)
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
@@ -315,3 +315,18 @@ def test_broadcast_upstream_gradient(layout):
     want = torch.autograd.grad(reference.gate_multiply(x, a, s).sum(), (x, a, s))
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (1, 5, 1, 1), (0, 3, 4, 4)])
+def test_global_pool_matches_reference(layout, shape):
+    x = make_x(shape, layout)
+    if x.numel():
+        x[0, 1, 0, 0] = float("nan")
+    for order in (("mean", "max"), ("max",), ("max", "mean")):
+        got = ops.global_pool(x, order)
+        want = torch.stack([x.amax(dim=(2, 3)) if k == "max" else x.mean(dim=(2, 3)) for k in order])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    xr = x.detach().requires_grad_()
+    ops.global_pool(xr).sum().backward()  # autograd path: amax / mean
+    assert xr.grad.shape == x.shape

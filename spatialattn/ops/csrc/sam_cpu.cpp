@@ -460,6 +460,72 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
   }
 }
 
+// ---------------------------------------------------------------- global (spatial) pooling
+// For CBAM's channel gate: max and mean over H*W of each (n, c) in one read of x.
+// mx / mean: [N, C] outputs (either may be null).
+template <typename T>
+void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean) {
+  if (!nhwc) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const T* row = x + r * HW;
+        T m, sum;
+        int64_t i = 0;
+        if (HW >= kLanes) {
+          T ml[kLanes], sl[kLanes];
+          for (int64_t l = 0; l < kLanes; ++l) ml[l] = sl[l] = row[l];
+          for (i = kLanes; i + kLanes <= HW; i += kLanes)
+            for (int64_t l = 0; l < kLanes; ++l) {
+              ml[l] = vmax(ml[l], row[i + l]);
+              sl[l] += row[i + l];
+            }
+          m = ml[0];
+          sum = sl[0];
+          for (int64_t l = 1; l < kLanes; ++l) {
+            m = vmax(m, ml[l]);
+            sum += sl[l];
+          }
+        } else {
+          m = sum = row[0];
+          i = 1;
+        }
+        for (; i < HW; ++i) {
+          m = vmax(m, row[i]);
+          sum += row[i];
+        }
+        if (sum != sum && any_nan<T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
+        if (mx) mx[r] = m;
+        if (mean) mean[r] = sum / T(HW);
+      }
+    });
+  } else {
+    constexpr int64_t kCB = 64;
+    const int64_t ncb = (C + kCB - 1) / kCB;
+    at::parallel_for(0, N * ncb, 1, [&](int64_t b, int64_t e) {
+      T m[kCB], sm[kCB];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / ncb, c0 = (t % ncb) * kCB, len = std::min(kCB, C - c0);
+        const T* base = x + n * HW * C + c0;
+        for (int64_t c = 0; c < len; ++c) m[c] = sm[c] = base[c];
+        for (int64_t p = 1; p < HW; ++p) {
+          const T* row = base + p * C;
+          for (int64_t c = 0; c < len; ++c) {
+            m[c] = vmax(m[c], row[c]);
+            sm[c] += row[c];
+          }
+        }
+        for (int64_t c = 0; c < len; ++c) {
+          T mc = m[c];
+          if (sm[c] != sm[c] && any_nan<T>(base + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+          if (mx) mx[n * C + c0 + c] = mc;
+          if (mean) mean[n * C + c0 + c] = sm[c] / T(HW);
+        }
+      }
+    });
+  }
+}
+
 // ---------------------------------------------------------------- small maps
 // logits[n] = bias + sum_p conv(pooled[n, p], w[p]) ; z = logits * ns + nsh ; attn = sigmoid(z)
 template <typename T>
@@ -847,6 +913,30 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
   return pack();
 }
 
+// [P, N, C] (dtype of x): max / mean over H, W for each kind in `kinds`.
+Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) {
+  Geo g = geometry(x);
+  TORCH_CHECK(g.HW > 0, "spatialattn: global pooling over an empty H x W");
+  const int64_t P = kinds.size();
+  Tensor out = at::empty({P, g.N, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (g.N * g.C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool", [&] {
+    int64_t imax = -1, imean = -1;
+    for (int64_t i = 0; i < P; ++i) {
+      if (kinds[i] == 0 && imax < 0) imax = i;
+      if (kinds[i] == 1 && imean < 0) imean = i;
+    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    k_global_pool<scalar_t>(x.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc,
+                            imax >= 0 ? o + imax * g.N * g.C : nullptr, imean >= 0 ? o + imean * g.N * g.C : nullptr);
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t src = kinds[i] == 0 ? imax : imean;
+      if (src != i) out.select(0, i).copy_(out.select(0, src));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -856,4 +946,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_backward", &gate_backward);
   m.def("sam_forward", &sam_forward);
   m.def("sam_backward", &sam_backward);
+  m.def("global_pool", &global_pool);
 }
