@@ -16,6 +16,9 @@ COMMAND_MODULES = [
     "spatialattn.commands.detect",
     "spatialattn.commands.demo",
     "spatialattn.commands.train",
+    "spatialattn.commands.eval",
+    "spatialattn.commands.compare",
+    "spatialattn.commands.attention",
 ]
 
 

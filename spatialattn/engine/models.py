@@ -26,6 +26,7 @@ A spec is a dict of strings / numbers / lists (stored in checkpoints, ``weights_
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -147,10 +148,24 @@ class YoloDetector(nn.Module):
             self.attention[str(site)] = create_attention(kind, c, **dict(self.spec.get("attention_kwargs") or {}))
             self.darknet.layers[site].register_forward_hook(self._make_hook(site))
         self.loss_fn = YoloLoss(self.darknet.yolo_layers)
+        if self.spec.get("prior_init", True):
+            self._prior_init()
         self.raw_indices = [i - 1 for i in self.darknet.yolo_indices]
         self.conf_thresh = float(self.spec.get("conf_thresh", 0.005))
         self.nms_thresh = float(self.spec.get("nms_thresh", 0.45))
         self.max_detections = int(self.spec.get("max_detections", 100))
+
+    @torch.no_grad()
+    def _prior_init(self, obj_prior: float = 0.01) -> None:
+        """Start the objectness of every ``[yolo]`` at probability ``obj_prior`` (bias of the conv
+        before it; logistic outputs only), so the first steps are not spent pushing ~1000 empty cells
+        per image down from 0.5 (the focal-loss paper's prior; YOLOv5 does the same)."""
+        for yi, layer in zip(self.darknet.yolo_indices, self.darknet.yolo_layers):
+            conv = getattr(self.darknet.layers[yi - 1], "conv", None)
+            if layer.new_coords or conv is None or conv.bias is None:
+                continue
+            b = conv.bias.view(len(layer.mask), layer.classes + 5)
+            b[:, 4] = math.log(obj_prior / (1 - obj_prior))
 
     def _make_hook(self, site: int):
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:

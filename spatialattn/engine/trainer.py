@@ -101,15 +101,15 @@ def _log(msg: str) -> None:
 
 
 def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optional[str] = None,
-          max_steps: Optional[int] = None, step_callback=None) -> Dict[str, Any]:
+          stop_epoch: Optional[int] = None, step_callback=None) -> Dict[str, Any]:
     """Train per ``cfg``; returns ``{"run_dir", "metrics", "best_ap", "losses", "epochs_done"}``.
 
     Args:
         cfg: resolved config (see :data:`spatialattn.engine.config.DEFAULTS`).
         resume: a ``last.pt`` to continue from (its run folder is reused).
         run_dir: output folder (default from ``cfg["out"]`` / ``cfg["name"]``).
-        max_steps: stop after this many optimiser steps in this call (tests; skips the final
-            evaluation if it stops early).
+        stop_epoch: return after this many epochs (counted from 0, checkpoint written), as if
+            interrupted there; the schedule still spans ``cfg["epochs"]`` (tests of ``resume``).
         step_callback: ``f(global_step, loss_dict)`` after every step (tests, logging).
     """
     cfg = dict(cfg)
@@ -178,7 +178,6 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
 
     losses: List[float] = []
     metrics: Optional[Dict[str, Any]] = None
-    steps_done = 0
     stopped_early = False
     eval_loader = make_eval_loader(val_ds, per_rank_batch, cfg["workers"])
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -221,14 +220,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
                 step_callback(sched.last_epoch, {k: float(v) for k, v in out.items()})
             if bar is not None:
                 bar.set_postfix(loss=f"{run_loss / n_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            steps_done += 1
-            if max_steps is not None and steps_done >= max_steps:
-                stopped_early = True
-                break
         if bar is not None:
             bar.close()
-        if stopped_early:
-            break
         last = epoch + 1 == cfg["epochs"]
         do_eval = last or (cfg["eval_interval"] and (epoch + 1) % cfg["eval_interval"] == 0)
         entry = {"epoch": epoch + 1, "loss": run_loss / max(1, n_loss)}
@@ -263,6 +256,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
             if improved:
                 atomic_save(state, os.path.join(run_dir, "best.pt"))
         D.barrier()
+        if stop_epoch is not None and epoch + 1 >= stop_epoch and not last:
+            stopped_early = True
+            break
 
     result: Dict[str, Any] = {"run_dir": run_dir, "metrics": metrics, "best_ap": best_ap, "losses": losses,
                               "history": history, "model": model}
