@@ -9,13 +9,13 @@ What is in an image (default ``image_size=160``):
 * **Objects** of 5 classes - ``circle`` (an ellipse when the aspect ratio is not 1), ``rectangle``,
   ``triangle`` (pointing up or down), ``ring`` and ``cross`` - 0 to ``max_objects`` per image (about
   7 % of the images have none), side length about 10-64 px (log-uniform, scaled with the image
-  size), aspect ratio 0.64-1.57. Each class has its own hue (jittered), so appearance carries class
-  information as well as the outline; textures vary (solid, shading gradient, stripes, speckle, a
-  dark outline).
+  size), aspect ratio 0.64-1.57. Colour is a hint, not the answer: 60 % of objects take their
+  class's hue (jittered), the rest a random hue, so the outline decides; textures vary (solid,
+  shading gradient, stripes, speckle, a dark outline).
 * **Clutter**: a muted two-colour gradient with low-frequency blotches, random thin lines, and
   per-pixel sensor noise over the whole image.
-* **Distractors**: shapes that are not classes (star, diamond, crescent), in random saturated
-  colours, drawn behind objects or partially occluding them.
+* **Distractors**: shapes that are not classes (star, diamond, crescent, hollow frame), in random
+  saturated colours, drawn behind objects or partially occluding them.
 
 Boxes are exact: shapes are drawn without anti-aliasing and the box of an object is the pixel
 extent of its *visible* mask (``x2``/``y2`` exclusive, so integer-valued). Placement keeps at least
@@ -35,10 +35,11 @@ from .base import DetectionDataset, Record
 __all__ = ["SyntheticShapes", "render_sample", "SYNTHETIC_CLASSES", "SPLIT_CODES"]
 
 SYNTHETIC_CLASSES: Tuple[str, ...] = ("circle", "rectangle", "triangle", "ring", "cross")
-_DISTRACTORS: Tuple[str, ...] = ("star", "diamond", "crescent")
+_DISTRACTORS: Tuple[str, ...] = ("star", "diamond", "crescent", "frame")
 _CLASS_HUES = (0.0, 0.17, 0.36, 0.58, 0.78)  # red, yellow, green, blue, purple
 SPLIT_CODES: Dict[str, int] = {"train": 0, "val": 1, "test": 2}
 _MIN_VISIBLE = 0.6
+_CLASS_HUE_P = 0.6  # probability that an object takes its class hue (else a random hue)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -71,6 +72,9 @@ def _shape_mask(kind: str, w: int, h: int, rng: np.random.Generator) -> np.ndarr
         return np.sqrt(r2) <= inner + (1 - inner) * np.abs(2 * frac - 1)
     if kind == "diamond":
         return np.abs(X) + np.abs(Y) <= 1.0
+    if kind == "frame":
+        a = rng.uniform(0.15, 0.3)
+        return (np.abs(X) >= 1 - a) | (np.abs(Y) >= 1 - a)
     if kind == "crescent":
         d = rng.uniform(0.4, 0.7) * (1 if rng.random() < 0.5 else -1)
         return (r2 <= 1.0) & ((X - d) ** 2 + Y * Y > 0.8 ** 2)
@@ -100,7 +104,7 @@ def _texture(rng: np.random.Generator, mask: np.ndarray, color: np.ndarray) -> n
         period = rng.uniform(3.0, 7.0)
         fill[((proj / period) % 1.0) < 0.5] *= 0.6
     elif kind == 3:  # speckle
-        fill += rng.normal(0, 0.07, size=fill.shape).astype(np.float32)
+        fill += rng.normal(0, 0.1, size=fill.shape).astype(np.float32)
     if rng.random() < 0.3 and min(h, w) >= 10:  # dark outline
         border = mask & ~_erode(mask, 1 + int(min(h, w) >= 24))
         fill[border] = color * 0.4
@@ -118,8 +122,8 @@ class _Canvas:
 
     def _background(self) -> np.ndarray:
         rng, S = self.rng, self.size
-        c1 = _hsv(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.2, 0.85))
-        c2 = _hsv(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.2, 0.85))
+        c1 = _hsv(rng.random(), rng.uniform(0, 0.45), rng.uniform(0.15, 0.9))
+        c2 = _hsv(rng.random(), rng.uniform(0, 0.45), rng.uniform(0.15, 0.9))
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) / S
         ang = rng.uniform(0, 2 * math.pi)
         t = (math.cos(ang) * xs + math.sin(ang) * ys)
@@ -146,7 +150,7 @@ class _Canvas:
             L2 = float(d @ d) + 1e-6
             t = np.clip(((xs - p[0]) * d[0] + (ys - p[1]) * d[1]) / L2, 0, 1)
             dist2 = (xs - p[0] - t * d[0]) ** 2 + (ys - p[1] - t * d[1]) ** 2
-            half = rng.uniform(0.5, 1.3)
+            half = rng.uniform(0.5, 1.6)
             self.img[dist2 <= half * half] = _hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.2, 1))
 
     def _size(self, scale: float = 1.0) -> Tuple[int, int]:
@@ -188,8 +192,8 @@ class _Canvas:
             mask = _shape_mask(SYNTHETIC_CLASSES[label], w, h, rng)
             if not self._visibility_ok(x0, y0, mask):
                 continue
-            color = _hsv(_CLASS_HUES[label] + rng.normal(0, 0.025), rng.uniform(0.55, 1.0),
-                         rng.uniform(0.55, 1.0))
+            hue = _CLASS_HUES[label] + rng.normal(0, 0.03) if rng.random() < _CLASS_HUE_P else rng.random()
+            color = _hsv(hue, rng.uniform(0.4, 1.0), rng.uniform(0.45, 1.0))
             k = len(self.full_area)
             self.full_area.append(int(mask.sum()))
             self.visible_area.append(int(mask.sum()))
@@ -246,8 +250,8 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 160,
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, SPLIT_CODES[split],
                                                         int(index)]))
     canvas = _Canvas(rng, image_size)
-    canvas.lines(int(rng.integers(0, 7)))
-    for _ in range(int(rng.integers(0, 3))):
+    canvas.lines(int(rng.integers(0, 9)))
+    for _ in range(int(rng.integers(0, 4))):
         canvas.add_distractor(on_top=False)
     p = _NUM_OBJECTS_P[: max_objects + 1] / _NUM_OBJECTS_P[: max_objects + 1].sum()
     labels = []
@@ -255,8 +259,10 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 160,
         label = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
         if canvas.add_object(label):
             labels.append(label)
-    if canvas.placed and rng.random() < 0.5:
+    if canvas.placed and rng.random() < 0.6:
         canvas.add_distractor(on_top=True)
+        if rng.random() < 0.3:
+            canvas.add_distractor(on_top=True)
     img = canvas.img + rng.normal(0, rng.uniform(0.005, 0.04), size=canvas.img.shape).astype(np.float32)
     img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return img, canvas.boxes(), np.asarray(labels, np.int64)
