@@ -33,6 +33,8 @@ or ``with roi_attention_maps(model): detections = model(images)``.
 """
 from __future__ import annotations
 
+import warnings
+
 import contextlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
@@ -146,10 +148,13 @@ def _heads_of(roi_heads: nn.Module) -> Tuple[str, ...]:
     return tuple(have)
 
 
+_DEFAULT_HEADS: Tuple[str, ...] = ("box", "mask")  # identity marks "not given": no warning then
+
+
 def add_roi_attention(
     model: nn.Module,
     kind: Union[str, Type[nn.Module]],
-    heads: Optional[Sequence[str]] = None,
+    heads: Optional[Sequence[str]] = _DEFAULT_HEADS,
     *,
     channels: Optional[int] = None,
     attach_maps: Optional[bool] = None,
@@ -162,9 +167,11 @@ def add_roi_attention(
             ``roi_heads: RoIHeads`` and ``backbone.out_channels``).
         kind: attention name for :func:`spatialattn.nn.create_attention`
             (``"sam"``, ``"cbam"``, ...) or a class ``cls(channels, **kwargs)``.
-        heads: ``"box"`` and / or ``"mask"``; default (``None``): every head the
-            model has (``("box",)`` for Faster R-CNN, ``("box", "mask")`` for
-            Mask R-CNN). Asking for a head the model lacks is an error.
+        heads: ``"box"`` and / or ``"mask"``. Default ``("box", "mask")``: those of
+            the two the model has (``None`` means the same). An explicitly requested
+            head the model lacks (``"mask"`` on a Faster R-CNN) is skipped with a
+            ``UserWarning`` naming it; if none of the requested heads exists it is
+            an error.
         channels: RoI feature channels; default ``model.backbone.out_channels``.
         attach_maps: set ``model.roi_heads.attach_attention_maps`` (per-detection
             maps in eval; see the module doc). ``None`` leaves it as it is (off).
@@ -197,10 +204,16 @@ def add_roi_attention(
             raise ValueError(f"add_roi_attention: unknown head(s) {unknown}: expected some of {ROI_HEADS}")
         lacking = [h for h in selected if h not in available]
         if lacking:
-            raise ValueError(
+            msg = (
                 f"add_roi_attention: {type(model).__name__} has no {' or '.join(lacking)} head "
                 f"(heads present: {available}); e.g. Faster R-CNN has only 'box'"
             )
+            explicit = heads is not _DEFAULT_HEADS
+            selected = tuple(h for h in selected if h in available)
+            if not selected:
+                raise ValueError(msg)
+            if explicit:
+                warnings.warn(msg + f"; attention added to {selected} only", UserWarning, stacklevel=2)
     if not selected:
         raise ValueError("add_roi_attention: no head selected")
     doubled = [h for h in selected if isinstance(getattr(roi_heads, _pool_attr(h)), RoIAlignWithAttention)]

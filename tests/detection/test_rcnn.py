@@ -91,11 +91,14 @@ def test_mask_rcnn_heads_selection_and_errors():
     assert roi_attention_names(only_mask) == ["roi_heads.mask_roi_pool.attention"]
     faster = fasterrcnn_resnet18_fpn(**SMALL)
     with pytest.raises(ValueError, match="has no mask head"):
-        add_roi_attention(faster, "sam", heads=("box", "mask"))
+        add_roi_attention(faster, "sam", heads=("mask",))
     assert not isinstance(faster.roi_heads.box_roi_pool, RoIAlignWithAttention)  # untouched on error
     with pytest.raises(ValueError, match="unknown head"):
         add_roi_attention(faster, "sam", heads=("keypoint",))
-    add_roi_attention(faster, "sam")
+    with pytest.warns(UserWarning, match="has no mask head.*added to \\('box',\\) only"):
+        add_roi_attention(faster, "sam", heads=("box", "mask"))  # the default: the heads it has
+    assert roi_attention_names(faster) == ["roi_heads.box_roi_pool.attention"]
+    faster = add_roi_attention(fasterrcnn_resnet18_fpn(**SMALL), "sam")  # default heads, no warning needed
     with pytest.raises(ValueError, match="already have RoI attention"):
         add_roi_attention(faster, "cbam")
     with pytest.raises(ValueError, match="two-stage detector"):
