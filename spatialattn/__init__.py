@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 from . import functional
 from .convert import convert_state_dict
+from .detection.roi_heads import add_roi_attention
 from .nn import (
     CBAM,
     ChannelAttention,
@@ -26,6 +27,7 @@ from .nn import (
     SqueezeExcite,
     create_attention,
 )
+from .surgery import insert_attention
 
 __all__ = [
     "functional",
@@ -41,15 +43,3 @@ __all__ = [
     "add_roi_attention",
 ]
 
-
-def __getattr__(name: str):
-    # Imported on first use: these pull in torchvision's detection models.
-    if name == "insert_attention":
-        from .surgery import insert_attention
-
-        return insert_attention
-    if name == "add_roi_attention":
-        from .detection.rcnn import add_roi_attention
-
-        return add_roi_attention
-    raise AttributeError(f"module 'spatialattn' has no attribute {name!r}")
