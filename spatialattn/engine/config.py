@@ -77,10 +77,20 @@ def _coerce(key: str, value: Any) -> Any:
             raise ValueError(f"config {key}: expected true/false, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
             raise ValueError(f"config {key}: expected an integer, got {value!r}")
         return int(value)
     if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config {key}: expected a number, got {value!r}")
         return float(value)

@@ -217,11 +217,14 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
             losses.append(lv)
             run_loss, n_loss = run_loss + lv, n_loss + 1
             if step_callback is not None:
-                step_callback(sched.last_epoch, {k: float(v) for k, v in out.items()})
+                step_callback(sched.last_epoch, {k: float(v.detach()) for k, v in out.items()})
             if bar is not None:
                 bar.set_postfix(loss=f"{run_loss / n_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if bar is not None:
             bar.close()
+        if ws > 1:  # DDP keeps rank 0's buffers in use; make every rank hold them (BN statistics)
+            for buf in model.buffers():
+                torch.distributed.broadcast(buf, src=0)
         last = epoch + 1 == cfg["epochs"]
         do_eval = last or (cfg["eval_interval"] and (epoch + 1) % cfg["eval_interval"] == 0)
         entry = {"epoch": epoch + 1, "loss": run_loss / max(1, n_loss)}
