@@ -20,8 +20,8 @@ DEFAULTS: Dict[str, Any] = {
     "image_dir": None,            # COCO image folder when not next to the json
     "train_split": "train",
     "val_split": "val",
-    "train_images": 1600,         # built-in dataset: images per epoch; files: first N (null = all)
-    "val_images": 250,            # null = all
+    "train_images": 1000,         # built-in dataset: images per epoch; files: first N (null = all)
+    "val_images": 200,             # null = all
     "image_size": 160,            # letterbox side; the bundled cfg is 160x160
     "cache": True,                # decode every image once and keep it in memory (uint8)
     "workers": 0,                 # DataLoader worker processes
@@ -32,7 +32,7 @@ DEFAULTS: Dict[str, Any] = {
     "roi_attention": None,        # R-CNN: attention on RoI features
     "backbone_attention": None,   # R-CNN: attention in residual blocks
     # optimisation
-    "epochs": 14,
+    "epochs": 6,
     "batch_size": 32,
     "optimizer": "adamw",         # adamw | sgd
     "lr": 0.004,
