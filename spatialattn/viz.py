@@ -115,7 +115,7 @@ def overlay_attention(image: ArrayLike, maps: Union[Mapping[str, ArrayLike], Seq
     for ax, (name, amap) in zip(axes[1:], maps.items()):
         red = reduce_map(amap)
         ax.imshow(heatmap_rgb(img, red, alpha=alpha, normalize=normalize))
-        ax.set_title(f"{name}\n[{red.min():.2f}, {red.max():.2f}] {red.shape[0]}x{red.shape[1]}", fontsize=7)
+        ax.set_title(f"{name}\n[{red.min():.3g}, {red.max():.3g}] {red.shape[0]}x{red.shape[1]}", fontsize=7)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -141,7 +141,7 @@ def save_metrics_json(metrics: Mapping[str, Any], path: str) -> None:
 def save_attention_maps(model: torch.nn.Module, images: Sequence[torch.Tensor], names: Sequence[str],
                         out_dir: str, device: torch.device) -> List[str]:
     """For each image: ``{name}_attention.png`` (the image + one overlay per attention layer) and
-    ``{name}_attention.npz``... stored as one ``.npy`` per layer in ``{name}_maps/``.
+    the raw maps, one ``{name}_maps/<layer>.npy`` per layer (batch dim removed).
     Returns the PNG paths (empty if the model has no attention layer)."""
     from ..viz import overlay_attention
 
