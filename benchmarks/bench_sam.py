@@ -5,8 +5,8 @@
     python benchmarks/bench_sam.py --quick    # fewer rounds, no torch.compile
 
 Every figure is a ratio to ``x.clone()`` measured in the same run: each round
-times every variant (interleaved), the ratio is taken per round, and the table
-shows the median over rounds (so a disturbance that slows one round hits every
+times every variant (interleaved; per variant the fastest of several calls),
+the ratio is taken per round, and the table shows the median over rounds (so a disturbance that slows one round hits every
 variant of that round). Absolute clone times are listed as well.
 
 Variants: ``ours`` = :func:`spatialattn.ops.spatial_attention_fused` (C++ on
@@ -26,7 +26,7 @@ autograd; the eager CBAM materialises ``x * channel_gate``).
 Memory (``peak/|x|``, CPU): a fresh child process (same malloc settings, no
 trimming) allocates x and the upstream gradient, runs one small warm-up step,
 then one forward+backward; the reported figure is the growth of its peak RSS
-(``ru_maxrss``) during that step divided by the bytes of ``x``. The floor for a
+(``VmHWM`` after resetting it through ``/proc/self/clear_refs``) during that step divided by the bytes of ``x``. The floor for a
 lean implementation is 2.0 (``y`` and ``grad_x``). ``saved/|x|`` counts the
 bytes autograd keeps for backward after the forward, excluding ``x`` and the
 parameters (``saved_tensors_hooks``, unique storages). On CUDA the peak is
@@ -129,10 +129,17 @@ def main() -> None:
     def cbam_ours(x, w, w1, w2):
         return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate_fused(x, w1, w2))
 
+    if use_compile:  # one graph per shape / layout / grad mode: keep them all
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     compiled = torch.compile(timm_sam) if use_compile else None
     compiled_cbam = torch.compile(cbam_eager) if use_compile else None
 
     def timeit(fn, iters):
+        # the fastest of `iters` calls: on a shared machine a preempted thread stalls a
+        # whole parallel region, and the minimum is the figure least hit by that
         ts = []
         for _ in range(iters):
             sync()
@@ -140,7 +147,7 @@ def main() -> None:
             fn()
             sync()
             ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return min(ts)
 
     def saved_ratio(fn, x, params):
         seen = {}
@@ -306,8 +313,6 @@ def main() -> None:
 
 def _mem_child(args, torch, F, SF, ops):
     """Peak-RSS growth of one forward+backward, in units of |x| (printed on stdout)."""
-    import resource
-
     impl, shape_s, layout = args.mem_child
     shape = tuple(int(v) for v in shape_s.split("x"))
     fmt = torch.channels_last if layout == "CL" else torch.contiguous_format
@@ -326,12 +331,24 @@ def _mem_child(args, torch, F, SF, ops):
     w = torch.randn(1, 2, 7, 7, requires_grad=True)
     small = torch.randn(2, 8, 8, 8, requires_grad=True).contiguous(memory_format=fmt)
     f(small, w).backward(torch.ones_like(small))  # loads libraries / the extension
-    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
-    gy = torch.randn(shape).contiguous(memory_format=fmt)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # created in place: no freed |x|-sized block left in the heap to hide the step's allocations
+    x = torch.empty(shape, memory_format=fmt).normal_().requires_grad_()
+    gy = torch.empty(shape, memory_format=fmt).normal_()
+    def status(key):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    # ru_maxrss survives execve (it would report the parent's peak): reset the
+    # kernel's high-water mark of this process instead and read VmHWM
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status("VmRSS")
     f(x, w).backward(gy)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024 / (x.numel() * x.element_size()))
+    after = status("VmHWM")
+    print((after - before) / (x.numel() * x.element_size()))
 
 
 if __name__ == "__main__":

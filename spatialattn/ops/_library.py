@@ -218,11 +218,13 @@ gate_multiply_op.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 # ------------------------------------------------------------------ whole SAM (sigmoid gate)
 def _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation):
+    """conv + bias, affine norm, sigmoid on the pooled maps, in their dtype (never autocast)."""
     kh, kw = weight.shape[-2:]
-    logits = F.conv2d(pooled, weight.to(pooled.dtype), None if bias is None else bias.to(pooled.dtype),
-                      padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-    z = logits if norm_scale is None else logits * norm_scale.to(logits.dtype) + norm_shift.to(logits.dtype)
-    return logits, torch.sigmoid(z)
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
+        logits = F.conv2d(pooled, weight.to(pooled.dtype), None if bias is None else bias.to(pooled.dtype),
+                          padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+        z = logits if norm_scale is None else logits * norm_scale.to(logits.dtype) + norm_shift.to(logits.dtype)
+        return logits, torch.sigmoid(z)
 
 
 def _acc(x: Tensor) -> torch.dtype:

@@ -330,3 +330,16 @@ def test_global_pool_matches_reference(layout, shape):
     xr = x.detach().requires_grad_()
     ops.global_pool(xr).sum().backward()  # autograd path: amax / mean
     assert xr.grad.shape == x.shape
+
+
+def test_autocast_keeps_small_maps_in_float32():
+    x = torch.randn(2, 16, 6, 6)
+    w = torch.randn(1, 2, 7, 7)
+    y_ref, attn_ref = ref_sam(x, w, None, ("max", "mean"), 1, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, attn = ops.spatial_attention_fused(x, w, return_attention=True)
+        yb, attnb = ops.spatial_attention_fused(x.bfloat16(), w, return_attention=True)
+    assert y.dtype == torch.float32 and attn.dtype == torch.float32
+    torch.testing.assert_close(attn, attn_ref, rtol=1e-6, atol=1e-6)
+    assert yb.dtype == torch.bfloat16 and attnb.dtype == torch.float32
+    torch.testing.assert_close(attnb, ref_sam(x.bfloat16(), w, None, ("max", "mean"), 1, None)[1], rtol=1e-6, atol=1e-6)
