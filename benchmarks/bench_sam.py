@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 SHAPES = [(8, 256, 52, 52), (8, 512, 26, 26), (8, 128, 104, 104), (1, 1024, 13, 13)]
 
 
