@@ -26,6 +26,7 @@ _SRC = Path(__file__).with_name("csrc") / "sam_cpu.cpp"
 _lock = threading.Lock()
 _module: Any = None
 _tried = False
+_built: Any = None  # the loaded extension, kept across reset() (loading twice would rebuild it)
 
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
@@ -69,7 +70,7 @@ def _build() -> Any:
 
 def get() -> Optional[Any]:
     """The compiled extension module, or ``None`` when it is disabled or cannot be built."""
-    global _module, _tried
+    global _module, _tried, _built
     if _tried:
         return _module
     with _lock:
@@ -80,7 +81,9 @@ def get() -> Optional[Any]:
             _module = None
         else:
             try:
-                _module = _build()
+                if _built is None:
+                    _built = _build()
+                _module = _built
             except Exception as exc:  # no compiler, build error, ...
                 log.debug("spatialattn: C++ CPU kernels unavailable (%s: %s); using PyTorch ops",
                           type(exc).__name__, exc)

@@ -283,17 +283,20 @@ def test_fallback_when_cpp_disabled(monkeypatch):
         w = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
         y = ops.spatial_attention_fused(x, w, channel_scale=s)
         torch.testing.assert_close(y, ref_sam(x, w, None, ("max", "mean"), 1, s)[0])
-        assert torch.autograd.gradcheck(lambda x, s, w: ops.spatial_attention_fused(x, w, channel_scale=s), (x, s, w))
+        assert torch.autograd.gradcheck(lambda x, s, w: ops.spatial_attention_fused(x, w, channel_scale=s), (x, s, w),
+                                        fast_mode=True)
         # the custom ops' own PyTorch implementations (used where no kernel exists)
         b = torch.randn(1, dtype=torch.float64, requires_grad=True)
         ns = torch.rand(1, dtype=torch.float64, requires_grad=True)
         nsh = torch.randn(1, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda x, s, w, b, ns, nsh: lib.sam_op(x, w, b, s, ns, nsh, [0, 1], 1)[:2], (x, s, w, b, ns, nsh)
+            lambda x, s, w, b, ns, nsh: lib.sam_op(x, w, b, s, ns, nsh, [0, 1], 1)[:2], (x, s, w, b, ns, nsh),
+            fast_mode=True,
         )
         a = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda x, s: lib.channel_pool_op(x, s, [1, 0], torch.float64), (x, s))
-        assert torch.autograd.gradcheck(lambda x, a, s: lib.gate_multiply_op(x, a, s), (x, a, s))
+        assert torch.autograd.gradcheck(lambda x, s: lib.channel_pool_op(x, s, [1, 0], torch.float64), (x, s),
+                                        fast_mode=True)
+        assert torch.autograd.gradcheck(lambda x, a, s: lib.gate_multiply_op(x, a, s), (x, a, s), fast_mode=True)
     finally:
         monkeypatch.delenv("SPATIALATTN_DISABLE_CPP")
         _cpp.reset()
