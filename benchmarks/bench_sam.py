@@ -283,7 +283,7 @@ def main() -> None:
     lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
     for mode, names in impls.items():
         present = [nm for nm in names if any(r["mode"] == mode and r["impl"] == nm for r in rows)]
-        lines += [f"## {mode}", "", "| shape | layout | clone ms | " + " | ".join(present) + (" | peak/\\|x\\| (ours, 2op, timm, ultra) | saved/\\|x\\| |" if mode == "fwd+bwd" else "") + " |",
+        lines += [f"## {mode}", "", "| shape | layout | clone ms | " + " | ".join(present) + (" | peak/\\|x\\| (ours, 2op, timm, ultra) | saved/\\|x\\|" if mode == "fwd+bwd" else "") + " |",
                   "|---|---|---|" + "---|" * len(present) + ("---|---|" if mode == "fwd+bwd" else "")]
         for shape in shapes:
             for lname, _ in layouts:
