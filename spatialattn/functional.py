@@ -131,7 +131,37 @@ def channel_pool(
 
 
 def _apply_norm(norm: Optional[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor:
-    return t if norm is None else norm(t)
+    """``norm(t)``; a norm module whose parameters have another dtype runs in that dtype."""
+    if norm is None:
+        return t
+    if isinstance(norm, torch.nn.Module):
+        p = next(norm.parameters(), None)
+        if p is None:
+            p = next(norm.buffers(), None)
+        if p is not None and p.dtype != t.dtype:
+            return norm(t.to(p.dtype)).to(t.dtype)
+    return norm(t)
+
+
+def _fused_sam_args(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike
+) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+    """``(norm_scale, norm_shift)`` when the whole SAM can run as one fused op, else ``None``.
+
+    Fusable: a sigmoid gate, and no norm or an eval-mode ``BatchNorm2d(1)`` (an affine map
+    of the logits), with parameters in the accumulation dtype.
+    """
+    if not (gate == "sigmoid" or gate is torch.sigmoid):
+        return None
+    acc = accumulate_dtype(x)
+    if weight.dtype != acc or (bias is not None and bias.dtype != acc):
+        return None
+    if norm is None:
+        return None, None
+    affine = ops.batchnorm_affine(norm)
+    if affine is None or affine[0].dtype != acc:
+        return None
+    return affine
 
 
 def spatial_attention_map(
@@ -216,13 +246,33 @@ def spatial_attention(
         ``Tensor[N, C, H, W]`` (dtype of ``x``), and with ``return_attention`` the
         attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
     """
-    attn = spatial_attention_map(
-        x, weight, bias, order=order, dilation=dilation, norm=norm, gate=gate, channel_scale=channel_scale
-    )
+    fused = _fused_sam_args(x, weight, bias, norm, gate)
+    if fused is None:
+        attn = spatial_attention_map(
+            x, weight, bias, order=order, dilation=dilation, norm=norm, gate=gate, channel_scale=channel_scale
+        )
+        if channel_scale is not None:
+            channel_scale = channel_scale.to(x.dtype)
+        y = ops.gate_multiply(x, attn, channel_scale)
+        return (y, attn) if return_attention else y
+    # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply); same checks as the map
+    check_input(x)
+    order = normalize_pool_order(order)
+    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
+        raise ValueError(f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}")
+    if weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0:
+        raise ValueError(
+            f"weight: kernel size must be odd to keep the map size, got {weight.shape[-2]}x{weight.shape[-1]}"
+        )
     if channel_scale is not None:
+        _check_channel_scale(x, channel_scale)
         channel_scale = channel_scale.to(x.dtype)
-    y = ops.gate_multiply(x, attn, channel_scale)
-    return (y, attn) if return_attention else y
+    norm_scale, norm_shift = fused
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return ops.spatial_attention_fused(
+            x, weight, bias, order=order, dilation=dilation, channel_scale=channel_scale,
+            norm_scale=norm_scale, norm_shift=norm_shift, return_attention=return_attention,
+        )
 
 
 def pointwise_attention(x: Tensor, gate: Tensor) -> Tensor:
@@ -312,13 +362,11 @@ def channel_gate(
         w1, b1 = w1.to(acc), None if bias1 is None else bias1.to(acc)
         if w2 is not None:
             w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
+        # both pools in one read of x (fused op; amax / mean where it does not apply), then
         # one MLP call per pool, summed in pool order (as every reference implementation does)
-        for kind in normalize_pool_order(pool_types):
-            if kind == "max":
-                v = x.amax(dim=(2, 3), keepdim=True).to(acc)
-            else:
-                v = x.mean(dim=(2, 3), keepdim=True, dtype=acc)
-            h = F.conv2d(v, w1, b1)
+        pooled = ops.global_pool(x, normalize_pool_order(pool_types), dtype=acc)  # [P, N, C]
+        for v in pooled.unbind(0):
+            h = F.conv2d(v.reshape(n, c, 1, 1), w1, b1)
             if w2 is not None:
                 h = F.conv2d(activation(h), w2, b2)
             logits = h if logits is None else logits + h

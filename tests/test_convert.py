@@ -113,7 +113,12 @@ def test_official_resnet50_checkpoint_loads_strict_and_gives_same_logits(tmp_pat
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected, got = official(x), ours(x)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # float32: 16 blocks of summation-order rounding (fused kernels, BN folded into the gate)
+    assert (got - expected).abs().max() <= 5e-4 * expected.abs().max()
+    # float64: the mapping is exact
+    with torch.no_grad():
+        expected, got = official.double()(x.double()), ours.double()(x.double())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
 
 def test_resnet50_cbam_has_paper_parameter_count():

@@ -27,22 +27,6 @@ class AttentionModule(nn.Module):
         if self.keep_attention and attention is not None:
             self.last_attention = attention.detach()
 
-    def _norm_fn(self):
-        """A callable applying ``self.bn`` (if any) via :meth:`_norm_in`, or ``None``."""
-        bn = getattr(self, "bn", None)
-        return (lambda t: self._norm_in(bn, t)) if bn is not None else None
-
-    def _norm_in(self, norm: Optional[nn.Module], t: Tensor) -> Tensor:
-        """Apply ``norm`` to ``t`` (float32 logits) whatever the dtype of the norm's parameters."""
-        if norm is None:
-            return t
-        p = next(norm.parameters(), None)
-        if p is None:
-            p = next(norm.buffers(), None)
-        if p is None or p.dtype == t.dtype:
-            return norm(t)
-        return norm(t.to(p.dtype)).to(t.dtype)
-
 
 def _make_bn(channels: int, norm: Optional[str], eps: float, momentum: float, device=None, dtype=None) -> Optional[nn.Module]:
     if norm is None or norm is False:

@@ -95,7 +95,7 @@ class SpatialAttention(AttentionModule):
         SF.check_input(x, self.channels)
         return SF.spatial_attention_map(
             x, self.conv.weight, self.conv.bias, order=self.order, dilation=self.dilation,
-            norm=self._norm_fn(), gate=self.gate, channel_scale=channel_scale,
+            norm=self.bn, gate=self.gate, channel_scale=channel_scale,
         )
 
     def attend(self, x: Tensor, channel_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -103,7 +103,7 @@ class SpatialAttention(AttentionModule):
         SF.check_input(x, self.channels)
         y, attn = SF.spatial_attention(
             x, self.conv.weight, self.conv.bias, order=self.order, dilation=self.dilation,
-            norm=self._norm_fn(), gate=self.gate, channel_scale=channel_scale, return_attention=True,
+            norm=self.bn, gate=self.gate, channel_scale=channel_scale, return_attention=True,
         )
         return y, attn
 
@@ -169,7 +169,7 @@ class PointwiseSpatialAttention(AttentionModule):
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         SF.check_input(x, self.channels)
         y, attn = SF.pointwise_spatial_attention(
-            x, self.conv.weight, self.conv.bias, norm=self._norm_fn(), gate=self.gate, return_attention=True
+            x, self.conv.weight, self.conv.bias, norm=self.bn, gate=self.gate, return_attention=True
         )
         self._remember(attn)
         return (y, attn) if return_attention else y
