@@ -265,12 +265,14 @@ def test_torch_export_uses_reference_decomposition():
         def forward(self, x):
             return ops.spatial_attention_fused(x, self.w)
 
+    torch.manual_seed(0)
     m = M()
     x = torch.randn(2, 8, 6, 6)
     ep = torch.export.export(m, (x,))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("spatialattn" in t for t in targets)
-    torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-6, atol=1e-6)
+    # the exported reference vs the fused kernel: same math, other summation order
+    torch.testing.assert_close(ep.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fallback_when_cpp_disabled(monkeypatch):
