@@ -180,18 +180,8 @@ def spatial_attention_map(
     Arguments as in :func:`spatial_attention`. Returns ``Tensor[N, 1, H, W]``
     (float32 for float16 / bfloat16 inputs).
     """
-    check_input(x)
-    order = normalize_pool_order(order)
-    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
-        raise ValueError(
-            f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}"
-        )
+    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
     k_h, k_w = weight.shape[-2:]
-    if k_h % 2 == 0 or k_w % 2 == 0:
-        raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
-    if channel_scale is not None:
-        _check_channel_scale(x, channel_scale)
-        channel_scale = channel_scale.to(x.dtype)
     acc = accumulate_dtype(x)
     pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -206,11 +196,24 @@ def spatial_attention_map(
         return get_gate(gate)(logits)
 
 
-def _check_channel_scale(x: Tensor, channel_scale: Tensor) -> None:
-    if tuple(channel_scale.shape) != (x.shape[0], x.shape[1], 1, 1):
-        raise ValueError(
-            f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
-        )
+def _check_sam_inputs(
+    x: Tensor, weight: Tensor, order: Union[str, Sequence[str]], channel_scale: Optional[Tensor]
+) -> Tuple[Tuple[str, ...], Optional[Tensor]]:
+    """Validate the spatial-attention arguments; returns the normalised order and the scale in x.dtype."""
+    check_input(x)
+    order = normalize_pool_order(order)
+    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
+        raise ValueError(f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}")
+    k_h, k_w = weight.shape[-2:]
+    if k_h % 2 == 0 or k_w % 2 == 0:
+        raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
+    if channel_scale is not None:
+        if tuple(channel_scale.shape) != (x.shape[0], x.shape[1], 1, 1):
+            raise ValueError(
+                f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
+            )
+        channel_scale = channel_scale.to(x.dtype)
+    return order, channel_scale
 
 
 def spatial_attention(
@@ -255,18 +258,8 @@ def spatial_attention(
             channel_scale = channel_scale.to(x.dtype)
         y = ops.gate_multiply(x, attn, channel_scale)
         return (y, attn) if return_attention else y
-    # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply); same checks as the map
-    check_input(x)
-    order = normalize_pool_order(order)
-    if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[1] != len(order):
-        raise ValueError(f"weight: expected shape (1, {len(order)}, k, k), got {tuple(weight.shape)}")
-    if weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0:
-        raise ValueError(
-            f"weight: kernel size must be odd to keep the map size, got {weight.shape[-2]}x{weight.shape[-1]}"
-        )
-    if channel_scale is not None:
-        _check_channel_scale(x, channel_scale)
-        channel_scale = channel_scale.to(x.dtype)
+    # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply)
+    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
     norm_scale, norm_shift = fused
     with torch.autocast(device_type=x.device.type, enabled=False):
         return ops.spatial_attention_fused(
