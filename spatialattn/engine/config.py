@@ -20,7 +20,7 @@ DEFAULTS: Dict[str, Any] = {
     "image_dir": None,            # COCO image folder when not next to the json
     "train_split": "train",
     "val_split": "val",
-    "train_images": 1000,         # built-in dataset: images per epoch; files: first N (null = all)
+    "train_images": 2000,         # built-in dataset: images per epoch; files: first N (null = all)
     "val_images": 200,             # null = all
     "image_size": 160,            # letterbox side; the bundled cfg is 160x160
     "cache": True,                # decode every image once and keep it in memory (uint8)
@@ -32,7 +32,7 @@ DEFAULTS: Dict[str, Any] = {
     "roi_attention": None,        # R-CNN: attention on RoI features
     "backbone_attention": None,   # R-CNN: attention in residual blocks
     # optimisation
-    "epochs": 6,
+    "epochs": 10,
     "batch_size": 32,
     "optimizer": "adamw",         # adamw | sgd
     "lr": 0.004,
