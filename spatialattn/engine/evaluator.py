@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -91,7 +92,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, ground_truth: Any, devi
     if progress and D.is_main():
         from tqdm import tqdm
 
-        it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
+        it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0)
     try:
         for images, targets in it:
             images = _to_device(images, device)

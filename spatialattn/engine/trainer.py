@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -189,7 +190,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
         if cfg.get("progress", True) and rank == 0:
             from tqdm import tqdm
 
-            bar = it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True, leave=True)
+            bar = it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", dynamic_ncols=True, leave=True,
+                                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
         run_loss, n_loss = 0.0, 0
         for images, targets in it:
             images = images.to(device, non_blocking=True) if isinstance(images, torch.Tensor) else \
