@@ -31,7 +31,6 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 __all__ = ["convert_state_dict", "CONVERT_SOURCES"]

@@ -47,7 +47,6 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as _tv_resnet
 

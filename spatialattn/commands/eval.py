@@ -25,8 +25,6 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from spatialattn.data import DatasetError
     from spatialattn.engine import distributed as D
     from spatialattn.engine.checkpoint import load_checkpoint

@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 __all__ = [
     "DarknetCfgError",

@@ -10,7 +10,6 @@ Spec: Darknet (AlexeyAB/darknet) ``*_layer.c`` / ``activations.c``; see ``docs/d
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layers as L
-from .cfg import CfgSection, DarknetCfgError, parse_cfg, parse_cfg_text
+from .cfg import CfgSection, parse_cfg, parse_cfg_text
 
 __all__ = ["DarknetModel", "LayerInfo", "build_layers"]
 

@@ -91,6 +91,16 @@ def read_image(path: PathLike) -> np.ndarray:
     return arr
 
 
+def read_text_file(path: PathLike, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing or unreadable file is a :class:`DatasetError` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {what} ({e})", path) from None
+
+
 def image_size(path: PathLike) -> Tuple[int, int]:
     """``(width, height)`` from the image header only (no pixel decode)."""
     from PIL import Image, UnidentifiedImageError

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from .base import DetectionDataset, Record, check_boxes, progress_iter, read_image, save_png
+from .base import DetectionDataset, Record, check_boxes, progress_iter, read_image, read_text_file, save_png
 from .errors import DatasetError
 
 __all__ = ["CocoDataset", "export_coco", "load_json"]
@@ -31,12 +31,7 @@ PathLike = Union[str, os.PathLike]
 
 def load_json(path: PathLike) -> Any:
     """Parse a JSON file; errors name the file and the line/column."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError("annotation file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read annotation file ({e})", path) from None
+    text = read_text_file(path, "annotation file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

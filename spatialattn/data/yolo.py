@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from .base import (DetectionDataset, Record, check_boxes, image_size, progress_iter, read_image,
-                   save_png)
+                   read_text_file, save_png)
 from .errors import DatasetError
 
 __all__ = ["YoloDataset", "export_yolo", "load_yaml", "IMAGE_EXTENSIONS", "label_path_for"]
@@ -35,12 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def load_yaml(path: PathLike) -> Any:
     """``yaml.safe_load`` of a file; errors name the file and line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read file ({e})", path) from None
+    text = read_text_file(path)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

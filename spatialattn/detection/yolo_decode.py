@@ -16,7 +16,7 @@ Output follows torchvision: a list (one per image) of dicts ``boxes`` (float ``[
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -19,7 +19,6 @@ Rank 0 alone writes files and shows the progress bar.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from .. import functional as SF

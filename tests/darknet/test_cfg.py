@@ -1,7 +1,6 @@
 """cfg parsing rules (Darknet's read_cfg) and loud, located errors."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import types
 import pytest
 import torch
 
-from spatialattn.darknet import bundled_model
 from spatialattn.engine.yolo_loss import YoloLoss
 
 IN = (64, 64)

@@ -1,7 +1,6 @@
 """Fused SAM kernels (C++ on CPU, custom ops) against the plain PyTorch reference."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
