@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["convert_state_dict", "CONVERT_SOURCES"]
+__all__ = ["convert_state_dict", "unwrap_state_dict", "CONVERT_SOURCES"]
 
 _Rule = Tuple["re.Pattern[str]", str, Optional[Callable[[Tensor], Tensor]]]
 
@@ -92,13 +92,19 @@ _SOURCES: Dict[str, List[_Rule]] = {
 CONVERT_SOURCES = tuple(sorted(_SOURCES))
 
 
-def _unwrap(state_dict: Mapping) -> Mapping:
-    for key in ("state_dict", "model", "state_dict_ema", "model_state_dict"):
-        inner = state_dict.get(key) if isinstance(state_dict, Mapping) else None
+def unwrap_state_dict(checkpoint: Mapping) -> Mapping:
+    """The state dict inside a checkpoint dict, or ``checkpoint`` itself.
+
+    Looks under ``"model"`` (torchvision reference scripts), ``"state_dict"`` (the
+    official CBAM script, Lightning), ``"state_dict_ema"`` and ``"model_state_dict"``,
+    in that order, for a mapping of ``str -> Tensor``.
+    """
+    for key in ("model", "state_dict", "state_dict_ema", "model_state_dict"):
+        inner = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
         if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
             if any(isinstance(v, Tensor) for v in inner.values()):
                 return inner
-    return state_dict
+    return checkpoint
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> Dict[str, Tensor]:
@@ -117,7 +123,7 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> Dict[st
     """
     if source not in _SOURCES:
         raise ValueError(f"unknown source {source!r}: expected one of {CONVERT_SOURCES}")
-    sd = _unwrap(state_dict)
+    sd = unwrap_state_dict(state_dict)
     if not isinstance(sd, Mapping):
         raise TypeError(f"expected a state dict (mapping of str -> Tensor), got {type(sd).__name__}")
     rules = _SOURCES[source]

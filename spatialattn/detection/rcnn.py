@@ -27,6 +27,7 @@ from torchvision.models.detection import mask_rcnn as _tv_mask
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_nn_ops
 
+from ..convert import unwrap_state_dict
 from ..surgery import _AttentionBlockMixin, insert_attention
 from .roi_heads import RoIAlignWithAttention, add_roi_attention, roi_attention_maps
 
@@ -216,10 +217,7 @@ class CheckpointReport:
 
 
 def _extract_state_dict(obj: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]  # torchvision reference scripts: {"model": ..., "optimizer": ..., "epoch": ...}
-    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+    obj = unwrap_state_dict(obj) if isinstance(obj, Mapping) else obj
     if not isinstance(obj, Mapping):
         raise TypeError(f"expected a state_dict (mapping of tensors), got {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):  # DataParallel / DDP

@@ -37,6 +37,9 @@ def _make_bn(channels: int, norm: Optional[str], eps: float, momentum: float, de
     raise ValueError(f"unknown norm {norm!r}: expected 'bn' or None")
 
 
-def _check_channels(channels: Optional[int]) -> None:
+def _check_channels(channels: Optional[int], owner: Optional[str] = None) -> None:
+    """``channels`` must be a positive int; ``None`` is allowed unless ``owner`` (a class name) needs it."""
+    if channels is None and owner is not None:
+        raise ValueError(f"{owner} needs the channel count")
     if channels is not None and (not isinstance(channels, int) or channels <= 0):
         raise ValueError(f"channels must be a positive int, got {channels!r}")

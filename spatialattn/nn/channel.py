@@ -75,9 +75,7 @@ class ChannelAttention(AttentionModule):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_channels(channels)
-        if channels is None:
-            raise ValueError("ChannelAttention needs the channel count")
+        _check_channels(channels, owner=type(self).__name__)
         if num_layers not in (1, 2):
             raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
         self.channels = channels

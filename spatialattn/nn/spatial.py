@@ -146,9 +146,7 @@ class PointwiseSpatialAttention(AttentionModule):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_channels(channels)
-        if channels is None:
-            raise ValueError("PointwiseSpatialAttention needs the channel count")
+        _check_channels(channels, owner=type(self).__name__)
         if channels % groups:
             raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
         self.channels = channels

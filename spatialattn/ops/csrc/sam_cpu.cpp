@@ -116,8 +116,7 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 template <typename T>
 void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
             T* mx, T* mean, int64_t obs) {
-  const T inv_c = T(1) / T(C);  // unused: the mean divides like torch (sum / C)
-  (void)inv_c;
+  // the mean divides like torch (sum / C), not by multiplying with 1 / C
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
