@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -59,13 +60,26 @@ def _build() -> Any:
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])
     name = f"spatialattn_sam_cpu_{cap.lower()}"
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_SRC)],
-        extra_cflags=flags,
-        extra_ldflags=[],
-        verbose=False,
-    )
+    # ATen's parallel_for is an inline template: without -fopenmp its pragmas are
+    # ignored and every kernel runs on one thread. On Linux the extension then links
+    # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP
+    # pool, shared thread count). Where OpenMP cannot be compiled, build without it.
+    attempts = [(["-fopenmp"], name + "_omp"), ([], name)] if sys.platform.startswith("linux") else [([], name)]
+    error: Optional[BaseException] = None
+    for omp, ext_name in attempts:
+        try:
+            return cpp_extension.load(
+                name=ext_name,
+                sources=[str(_SRC)],
+                extra_cflags=flags + omp,
+                extra_ldflags=omp,
+                verbose=False,
+            )
+        except Exception as exc:  # e.g. a compiler without OpenMP: try the next option
+            error = exc
+            log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
+    assert error is not None
+    raise error
 
 
 def get() -> Optional[Any]:

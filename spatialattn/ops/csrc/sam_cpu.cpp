@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <unistd.h>
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -49,9 +51,30 @@ bool any_nan(const T* x, const T* s, int64_t C, int64_t cstride) {
 }
 
 // Non-temporal stores pay once input + output do not fit in the last-level cache
-// (PERF-NOTES: 2.7x -> 1.35x clone there) and hurt when they do. Adjustable at run
-// time (spatialattn.ops._cpp.get().set_stream_bytes) for measurements.
-int64_t kStreamBytes = 8ll << 20;
+// (PERF-NOTES: 2.7x -> 1.35x clone there) and hurt when they do (measured here: an
+// 11 MB multiply went from 1.2x to 2.2x clone with them). The threshold is the
+// last-level cache size the C library reports (32 MiB if it does not); adjustable at
+// run time (spatialattn.ops._cpp.get().set_stream_bytes, a negative value restores
+// the default) for measurements.
+int64_t kStreamBytes = -1;
+
+inline int64_t stream_threshold() {
+  if (kStreamBytes >= 0) return kStreamBytes;
+  static const int64_t llc = [] {
+    long v = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return v > 0 ? int64_t(v) : int64_t(32) << 20;
+  }();
+  return llc;
+}
+
+// input + output of `elems` elements each do not fit in the last-level cache
+template <typename T>
+inline bool use_stream(int64_t elems) {
+  return 2 * elems * int64_t(sizeof(T)) > stream_threshold();
+}
 
 inline void stream_fence(bool stream) {
 #if defined(__SSE2__)
@@ -230,8 +253,7 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
 
 // ---------------------------------------------------------------- y = (x * s) * a
 template <typename T>
-void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64_t HW, bool nhwc) {
-  const bool stream = N * C * HW * int64_t(sizeof(T)) * 2 > kStreamBytes;
+void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64_t HW, bool nhwc, bool stream) {
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -256,7 +278,7 @@ void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64
 // ---------------------------------------------------------------- backward pass A
 // ga[p] = sum_c g * x'   (if g);   cnt[p] = #{c : x' == mx[p]}   (if mx).
 template <typename T>
-void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t N, int64_t C,
+void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
               int64_t HW, bool nhwc, T* ga, T* cnt) {
   // gc: g is one value broadcast to every element (e.g. the gradient of y.sum())
   const T gv = (g && gc) ? g[0] : T(0);
@@ -272,7 +294,7 @@ void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t 
         T* cp = cn.data();
         std::fill(ap, ap + len, T(0));
         std::fill(cp, cp + len, T(0));
-        const T* mp = mx ? mx + n * HW + p0 : nullptr;
+        const T* mp = mx ? mx + n * mbs + p0 : nullptr;
         int64_t c = 0;
         if (g && !gc && mp) {
           // four channels per sweep over the accumulators, sequential summation order
@@ -325,7 +347,7 @@ void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t 
         const T* xr = x + p * C;
         const T* gr = (g && !gc) ? g + p * C : nullptr;
         const T* sr = s ? s + n * C : nullptr;
-        const T m = mx ? mx[p] : T(0);
+        const T m = mx ? mx[n * mbs + (p - n * HW)] : T(0);
         T al[kLanes] = {}, cl[kLanes] = {};
         int64_t c = 0;
         for (; c + kLanes <= C; c += kLanes) {
@@ -364,8 +386,8 @@ void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t 
 // gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
 // Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
 template <typename T>
-void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, const T* fmax,
-             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs) {
+void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
+             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs, bool stream) {
   const T gv = (g && gc) ? g[0] : T(0);
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
@@ -377,7 +399,7 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
         const T* xr = x + r * HW;
         const T sc = s ? s[r] : T(1);
         const T* an = a ? a + n * HW : nullptr;
-        const T* mn = mx ? mx + n * HW : nullptr;
+        const T* mn = mx ? mx + n * mbs : nullptr;
         const T* fm = fmax ? fmax + n * HW : nullptr;
         const T* fa = fmean ? fmean + n * HW : nullptr;
         if (g && gc) {
@@ -404,15 +426,9 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
           for (int64_t l = 1; l < kLanes; ++l) t += al[l];
           gs[r] = t;
         }
-        if (gx) {
-          T* o = gx + r * HW;
-          if (s) {
-            for (int64_t i = 0; i < HW; ++i) o[i] = gp[i] * sc;
-          } else {
-            std::copy(gp, gp + HW, o);
-          }
-        }
+        if (gx) mul_row<T>(gx + r * HW, gp, nullptr, sc, nullptr, T(1), HW, stream);
       }
+      stream_fence(stream);
     });
   } else {
     // Pixels in blocks; every block keeps its own partial sums of gs, added up at the end.
@@ -440,7 +456,7 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
             std::fill(gp, gp + C, T(0));
           }
           if (mx) {
-            const T m = mx[p], f = fmax[p];
+            const T m = mx[n * mbs + q], f = fmax[p];
             if (sr) {
               for (int64_t c = 0; c < C; ++c) gp[c] += ((xr[c] * sr[c]) == m ? T(1) : T(0)) * f;
             } else {
@@ -454,16 +470,10 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
           if (ps) {
             for (int64_t c = 0; c < C; ++c) ps[c] += gp[c] * xr[c];
           }
-          if (gx) {
-            T* o = gx + p * C;
-            if (sr) {
-              for (int64_t c = 0; c < C; ++c) o[c] = gp[c] * sr[c];
-            } else {
-              std::copy(gp, gp + C, o);
-            }
-          }
+          if (gx) mul_row<T>(gx + p * C, gp, sr, T(1), nullptr, T(1), C, stream);
         }
       }
+      stream_fence(stream);
     });
     if (gs) {
       at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
@@ -547,106 +557,217 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 }
 
 // ---------------------------------------------------------------- small maps
-// logits[n] = bias + sum_p conv(pooled[n, p], w[p]) ; z = logits * ns + nsh ; attn = sigmoid(z)
+// The [N, P, H, W] pooled maps go through a k x k conv, an optional affine norm and
+// the sigmoid. Written with GCC/Clang vector extensions (one 64-byte vector = one
+// AVX-512 register, two AVX2 ones, ...) on zero-padded copies of the maps, so that
+// every tap is an unmasked vector load; four output rows share a sweep over the taps
+// (independent accumulators hide the FMA latency).
 template <typename T>
-void k_conv_gate(const T* pooled, const T* w, const T* bias, const T* ns, const T* nsh, int64_t N,
-                 int64_t P, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dil, T* logits,
-                 T* attn) {
-  const int64_t HW = H * W, rh = KH / 2, rw = KW / 2;
-  at::parallel_for(0, N * H, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / H, h = t % H;
-      T* out = logits + n * HW + h * W;
-      std::fill(out, out + W, T(0));
-      for (int64_t p = 0; p < P; ++p) {
-        const T* in = pooled + (n * P + p) * HW;
-        for (int64_t i = 0; i < KH; ++i) {
-          const int64_t hh = h + dil * (i - rh);
-          if (hh < 0 || hh >= H) continue;
-          const T* inr = in + hh * W;
-          for (int64_t j = 0; j < KW; ++j) {
-            const int64_t off = dil * (j - rw);
-            const T wv = w[(p * KH + i) * KW + j];
-            const int64_t w0 = std::max<int64_t>(0, -off), w1 = std::min<int64_t>(W, W - off);
-            for (int64_t ww = w0; ww < w1; ++ww) out[ww] += wv * inr[ww + off];
+struct VecOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t lanes() {
+  return int64_t(64 / sizeof(T));
+}
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// sigmoid of a float vector: exp by Cephes' range reduction and degree-6 polynomial
+// (branch-free, vectorised; ~1 ulp), NaN propagates.
+inline vec_t<float> vsigmoid(vec_t<float> z) {
+  typedef int32_t ivec __attribute__((vector_size(64)));
+  vec_t<float> x = -z;
+  x = x < -87.3f ? vec_t<float>{} - 87.3f : x;
+  x = x > 88.7f ? vec_t<float>{} + 88.7f : x;
+  const vec_t<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vec_t<float> r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec_t<float> p = vec_t<float>{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec_t<float> two_n;
+  std::memcpy(&two_n, &e, sizeof(two_n));
+  return 1.0f / (1.0f + p * two_n);
+}
+inline vec_t<double> vsigmoid(vec_t<double> z) {
+  vec_t<double> a;
+  for (int64_t l = 0; l < lanes<double>(); ++l) a[l] = 1.0 / (1.0 + std::exp(-z[l]));
+  return a;
+}
+
+// Geometry of the zero-padded maps: [P, Hp, Wp], map (h, w) at (h + ph, w + pw);
+// rows are wide enough for whole vectors at every tap.
+struct Pad {
+  int64_t H, W, KH, KW, dil, ph, pw, Hp, Wp;
+};
+
+template <typename T>
+Pad make_pad(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dil) {
+  const int64_t L = lanes<T>();
+  Pad g{H, W, KH, KW, dil, (KH / 2) * dil, (KW / 2) * dil, 0, 0};
+  g.Hp = H + 2 * g.ph;
+  g.Wp = (W + L - 1) / L * L + 2 * g.pw;
+  return g;
+}
+
+// pad [P, Hp, Wp] <- maps [P, H*W] (P maps of one image)
+template <typename T>
+void pad_maps(const T* maps, int64_t P, const Pad& g, T* pad) {
+  std::fill(pad, pad + P * g.Hp * g.Wp, T(0));
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t h = 0; h < g.H; ++h)
+      std::copy(maps + (p * g.H + h) * g.W, maps + (p * g.H + h + 1) * g.W,
+                pad + (p * g.Hp + h + g.ph) * g.Wp + g.pw);
+}
+
+// Correlation of the padded maps with w [P, KH, KW] (flipped taps if `flip`), output
+// rows [h0, h1): emit(h, w0, acc) receives the raw sums of lanes w0 .. w0 + L - 1.
+template <typename T, typename Emit>
+inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bool flip, int64_t h0,
+                           int64_t h1, Emit&& emit) {
+  constexpr int64_t L = lanes<T>();
+  const int64_t KK = g.KH * g.KW;
+  auto tap = [&](int64_t p, int64_t i, int64_t j) {
+    return flip ? w[p * KK + (g.KH - 1 - i) * g.KW + (g.KW - 1 - j)] : w[p * KK + i * g.KW + j];
+  };
+  int64_t h = h0;
+  for (; h + 4 <= h1; h += 4) {
+    for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+      vec_t<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t i = 0; i < g.KH; ++i) {
+          const T* row = pad + (p * g.Hp + h + i * g.dil) * g.Wp + w0;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            const T wv = tap(p, i, j);
+            const T* src = row + j * g.dil;
+            a0 += wv * vload(src);
+            a1 += wv * vload(src + g.Wp);
+            a2 += wv * vload(src + 2 * g.Wp);
+            a3 += wv * vload(src + 3 * g.Wp);
           }
         }
-      }
-      T* at = attn + n * HW + h * W;
-      for (int64_t ww = 0; ww < W; ++ww) {
-        T v = out[ww];
-        if (bias) v += bias[0];
-        out[ww] = v;
-        T z = ns ? v * ns[0] + nsh[0] : v;
-        at[ww] = T(1) / (T(1) + std::exp(-z));
-      }
+      emit(h, w0, a0);
+      emit(h + 1, w0, a1);
+      emit(h + 2, w0, a2);
+      emit(h + 3, w0, a3);
+    }
+  }
+  for (; h < h1; ++h) {
+    for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+      vec_t<T> a0 = {};
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t i = 0; i < g.KH; ++i) {
+          const T* row = pad + (p * g.Hp + h + i * g.dil) * g.Wp + w0;
+          for (int64_t j = 0; j < g.KW; ++j) a0 += tap(p, i, j) * vload(row + j * g.dil);
+        }
+      emit(h, w0, a0);
+    }
+  }
+}
+
+// Small-map parameters of one SAM: conv weight [P, KH, KW], bias, affine norm.
+template <typename T>
+struct Gate {
+  const T* w;
+  int64_t P;
+  Pad g;
+  const T* bias;  // [1] or null
+  const T* ns;    // norm scale [1] or null (then nsh is null too)
+  const T* nsh;
+};
+
+// logits / attn rows [h0, h1) of one image from its padded pooled maps
+template <typename T>
+void gate_rows(const Gate<T>& q, const T* pad, int64_t h0, int64_t h1, T* logits, T* attn) {
+  constexpr int64_t L = lanes<T>();
+  const T b = q.bias ? q.bias[0] : T(0);
+  const T ns = q.ns ? q.ns[0] : T(1), nsh = q.ns ? q.nsh[0] : T(0);
+  const int64_t W = q.g.W;
+  correlate_rows<T>(pad, q.P, q.g, q.w, false, h0, h1, [&](int64_t h, int64_t w0, vec_t<T> acc) {
+    vec_t<T> l = acc + b;
+    vec_t<T> a = vsigmoid(q.ns ? l * ns + nsh : l);
+    const int64_t len = std::min<int64_t>(L, W - w0);
+    for (int64_t k = 0; k < len; ++k) {
+      logits[h * W + w0 + k] = l[k];
+      attn[h * W + w0 + k] = a[k];
     }
   });
 }
 
-// Given dA (gradient w.r.t. attn), fills dpooled [N, P, HW] and the parameter grads.
+// Backward of the small maps of one image. dA [HW]: gradient w.r.t. attn. Fills
+// dkind [2, HW] (gradient w.r.t. the max and the mean map: every pooling slot of
+// that kind summed; zero where absent) and par [P*KH*KW + 3] (this image's share of
+// grad weight, grad bias, grad norm scale, grad norm shift) in double.
 template <typename T>
-void k_small_bwd(const T* dA, const T* attn, const T* logits, const T* pooled, const T* w,
-                 const T* ns, int64_t N, int64_t P, int64_t H, int64_t W, int64_t KH, int64_t KW,
-                 int64_t dil, T* dpooled, T* gw, T* gb, T* gns, T* gnsh) {
-  const int64_t HW = H * W, rh = KH / 2, rw = KW / 2;
-  std::vector<T> dl(N * HW);
-  double s_nsh = 0, s_ns = 0, s_b = 0;
-  for (int64_t k = 0; k < N * HW; ++k) {
-    const T a = attn[k];
-    const T dz = dA[k] * ((T(1) - a) * a);
-    s_nsh += double(dz);
-    if (ns) s_ns += double(dz) * double(logits[k]);
-    const T d = ns ? dz * ns[0] : dz;
-    s_b += double(d);
-    dl[k] = d;
+void gate_backward_image(const Gate<T>& q, const T* dA, const T* attn, const T* logits, const T* pooled,
+                         const std::vector<int64_t>& kinds, T* pad, T* dlpad, T* dmax, T* dmean, double* par) {
+  constexpr int64_t L = lanes<T>();
+  const Pad& g = q.g;
+  const int64_t H = g.H, W = g.W, HW = H * W, KK = g.KH * g.KW;
+  const T ns = q.ns ? q.ns[0] : T(1);
+  // d logits (zero-padded) and the scalar parameter grads
+  std::fill(dlpad, dlpad + g.Hp * g.Wp, T(0));
+  double s_b = 0, s_ns = 0, s_nsh = 0;
+  for (int64_t h = 0; h < H; ++h) {
+    T* drow = dlpad + (h + g.ph) * g.Wp + g.pw;
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t k = h * W + w;
+      const T a = attn[k];
+      const T dz = dA[k] * ((T(1) - a) * a);
+      const T d = q.ns ? dz * ns : dz;
+      s_nsh += double(dz);
+      s_ns += double(dz) * double(logits[k]);
+      s_b += double(d);
+      drow[w] = d;
+    }
   }
-  if (gb) gb[0] = T(s_b);
-  if (gns) gns[0] = T(s_ns);
-  if (gnsh) gnsh[0] = T(s_nsh);
-  // grad of the weight: one tap per task
-  if (gw) {
-    at::parallel_for(0, P * KH * KW, 1, [&](int64_t b, int64_t e) {
-      for (int64_t tap = b; tap < e; ++tap) {
-        const int64_t p = tap / (KH * KW), i = (tap / KW) % KH, j = tap % KW;
-        const int64_t offh = dil * (i - rh), offw = dil * (j - rw);
-        const int64_t h0 = std::max<int64_t>(0, -offh), h1 = std::min<int64_t>(H, H - offh);
-        const int64_t w0 = std::max<int64_t>(0, -offw), w1 = std::min<int64_t>(W, W - offw);
-        double acc = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          const T* in = pooled + (n * P + p) * HW;
-          const T* d = dl.data() + n * HW;
-          for (int64_t h = h0; h < h1; ++h) {
-            const T* dr = d + h * W;
-            const T* ir = in + (h + offh) * W + offw;
-            T part = 0;
-            for (int64_t ww = w0; ww < w1; ++ww) part += dr[ww] * ir[ww];
-            acc += double(part);
+  par[q.P * KK] = s_b;
+  par[q.P * KK + 1] = s_ns;
+  par[q.P * KK + 2] = s_nsh;
+  // grad weight: per tap, sum_{h,w} dl[h, w] * pooled[p, h + (i - rh) dil, w + (j - rw) dil]
+  pad_maps<T>(pooled, q.P, g, pad);
+  for (int64_t p = 0; p < q.P; ++p)
+    for (int64_t i = 0; i < g.KH; ++i)
+      for (int64_t j = 0; j < g.KW; ++j) {
+        vec_t<T> a0 = {}, a1 = {};
+        int64_t h = 0;
+        for (; h < H; ++h) {
+          const T* dr = dlpad + (h + g.ph) * g.Wp + g.pw;
+          const T* pr = pad + (p * g.Hp + h + i * g.dil) * g.Wp + j * g.dil;
+          int64_t w0 = 0;
+          for (; w0 + 2 * L <= g.Wp - 2 * g.pw; w0 += 2 * L) {
+            a0 += vload(dr + w0) * vload(pr + w0);
+            a1 += vload(dr + w0 + L) * vload(pr + w0 + L);
           }
+          for (; w0 < W; w0 += L) a0 += vload(dr + w0) * vload(pr + w0);
         }
-        gw[tap] = T(acc);
+        a0 += a1;
+        double t = 0;
+        for (int64_t l = 0; l < L; ++l) t += double(a0[l]);
+        par[p * KK + i * g.KW + j] = t;
       }
+  // grad of the pooled maps: correlation of dl with the flipped taps, summed per kind
+  if (dmax) std::fill(dmax, dmax + HW, T(0));
+  if (dmean) std::fill(dmean, dmean + HW, T(0));
+  for (int64_t p = 0; p < q.P; ++p) {
+    T* dst = kinds[p] == 0 ? dmax : dmean;
+    correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, 0, H, [&](int64_t h, int64_t w0, vec_t<T> acc) {
+      const int64_t len = std::min<int64_t>(L, W - w0);
+      for (int64_t k = 0; k < len; ++k) dst[h * W + w0 + k] += acc[k];
     });
   }
-  // grad of the pooled maps: transposed conv
-  at::parallel_for(0, N * P * H, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t np = t / H, hh = t % H, n = np / P, p = np % P;
-      T* out = dpooled + np * HW + hh * W;
-      std::fill(out, out + W, T(0));
-      for (int64_t i = 0; i < KH; ++i) {
-        const int64_t h = hh - dil * (i - rh);
-        if (h < 0 || h >= H) continue;
-        const T* dr = dl.data() + n * HW + h * W;
-        for (int64_t j = 0; j < KW; ++j) {
-          const int64_t off = dil * (j - rw);  // out[ww] += dl[ww - off] * w
-          const T wv = w[(p * KH + i) * KW + j];
-          const int64_t w0 = std::max<int64_t>(0, off), w1 = std::min<int64_t>(W, W + off);
-          for (int64_t ww = w0; ww < w1; ++ww) out[ww] += wv * dr[ww - off];
-        }
-      }
-    }
-  });
 }
 
 // ---------------------------------------------------------------- helpers
@@ -779,13 +900,13 @@ std::vector<Tensor> pool_backward(const Tensor& grad, const Tensor& x, const opt
     if (mx.defined()) {
       cnt = at::empty({g.N, g.HW}, x.options());
       k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, mx.data_ptr<scalar_t>(),
-                         g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>());
+                         g.HW, g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>());
       gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
     }
     if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
     k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, nullptr, dptr<scalar_t>(mx),
-                      dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW, g.nhwc,
-                      gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
+                      g.HW, dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW, g.nhwc,
+                      gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs), use_stream<scalar_t>(x.numel()));
   });
   return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
 }
@@ -806,7 +927,7 @@ Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>&
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_forward", [&] {
     k_mul<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), a.data_ptr<scalar_t>(),
-                    y.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc);
+                    y.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc, use_stream<scalar_t>(x.numel()));
   });
   return y;
 }
@@ -830,14 +951,52 @@ std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Ten
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_backward", [&] {
       if (ga.defined())
         k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc, nullptr,
-                           g.N, g.C, g.HW, g.nhwc, ga.data_ptr<scalar_t>(), nullptr);
+                           0, g.N, g.C, g.HW, g.nhwc, ga.data_ptr<scalar_t>(), nullptr);
       if (gx.defined() || gs.defined())
         k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc,
-                          a.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, g.N, g.C, g.HW, g.nhwc,
-                          dptr<scalar_t>(gx), dptr<scalar_t>(gs));
+                          a.data_ptr<scalar_t>(), nullptr, 0, nullptr, nullptr, g.N, g.C, g.HW, g.nhwc,
+                          dptr<scalar_t>(gx), dptr<scalar_t>(gs), use_stream<scalar_t>(x.numel()));
     });
   }
   return {gx, ga, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
+}
+
+// ---------------------------------------------------------------- the fused SAM
+// Work split. With at least as many images as threads, each thread takes whole images
+// and runs pool -> gate -> multiply (forward) or reduce -> small-map backward ->
+// gradient (backward) on one image at a time, so the second read of the image comes
+// from the cache (L2 / L3) instead of memory. The images left over (N mod threads, or
+// all of them when N < threads) go through the same steps one phase at a time, each
+// phase parallel over the pixels or channels of those images.
+inline int64_t whole_images(int64_t N) {
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  return N >= t ? N - N % t : 0;
+}
+
+// pooling slots: first max slot and first mean slot (-1 if absent)
+inline void first_slots(const std::vector<int64_t>& kinds, int64_t& imax, int64_t& imean) {
+  imax = imean = -1;
+  for (int64_t i = 0; i < int64_t(kinds.size()); ++i) {
+    if (kinds[i] == 0 && imax < 0) imax = i;
+    if (kinds[i] == 1 && imean < 0) imean = i;
+  }
+}
+
+// repeated pooling slots of images [n0, n1) copied from the first occurrence
+template <typename T>
+void fill_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, int64_t HW,
+                         int64_t n0, int64_t n1) {
+  const int64_t P = kinds.size();
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t i = 0; i < P; ++i) {
+      const int64_t src = kinds[i] == 0 ? imax : imean;
+      if (src != i) std::copy(pooled + (n * P + src) * HW, pooled + (n * P + src + 1) * HW, pooled + (n * P + i) * HW);
+    }
+}
+
+// grain (in blocks of `rows` rows) that gives each task at least ~64k multiply-adds
+inline int64_t gate_grain(int64_t rows, int64_t W, int64_t P, int64_t KK) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, rows * W * P * KK));
 }
 
 // Whole SAM forward with a sigmoid gate: returns (y, attn, logits, pooled); the last
@@ -866,14 +1025,57 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
   }
   if (g.N * g.HW == 0) return {y, attn, logits, pooled};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_forward", [&] {
-    const scalar_t* sp = dptr<scalar_t>(s);
-    pool_into<scalar_t>(x, g, sp, kinds, pooled);
-    k_conv_gate<scalar_t>(pooled.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b),
-                          ptr_or_null<scalar_t>(ns), ptr_or_null<scalar_t>(nsh), g.N, P, g.H, g.W,
-                          w.size(2), w.size(3), dilation, logits.data_ptr<scalar_t>(),
-                          attn.data_ptr<scalar_t>());
-    k_mul<scalar_t>(x.data_ptr<scalar_t>(), sp, attn.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.N, g.C,
-                    g.HW, g.nhwc);
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* sp = dptr<T>(s);
+    T* pp = pooled.data_ptr<T>();
+    T* lp = logits.data_ptr<T>();
+    T* ap = attn.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    int64_t imax, imean;
+    first_slots(kinds, imax, imean);
+    const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation),
+                    ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
+    const int64_t CHW = g.C * g.HW, PHW = P * g.HW, padsz = P * q.g.Hp * q.g.Wp;
+    const bool stream = use_stream<T>(x.numel());
+    auto pool = [&](int64_t n0, int64_t cnt) {
+      k_pool<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, cnt, g.C, g.HW, g.nhwc,
+                imax >= 0 ? pp + n0 * PHW + imax * g.HW : nullptr, imean >= 0 ? pp + n0 * PHW + imean * g.HW : nullptr,
+                PHW);
+      fill_repeated_slots<T>(pp, kinds, imax, imean, g.HW, n0, n0 + cnt);
+    };
+    auto mul = [&](int64_t n0, int64_t cnt) {
+      k_mul<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, ap + n0 * g.HW, yp + n0 * CHW, cnt, g.C, g.HW, g.nhwc,
+               stream);
+    };
+    const int64_t Nf = whole_images(g.N);
+    if (Nf > 0) {
+      at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
+        std::vector<T> pad(padsz);
+        for (int64_t n = b0; n < e0; ++n) {
+          pool(n, 1);
+          pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
+          gate_rows<T>(q, pad.data(), 0, g.H, lp + n * g.HW, ap + n * g.HW);
+          mul(n, 1);
+        }
+      });
+    }
+    if (Nf < g.N) {
+      const int64_t Nr = g.N - Nf;
+      pool(Nf, Nr);
+      std::vector<T> pad(Nr * padsz);
+      for (int64_t n = 0; n < Nr; ++n) pad_maps<T>(pp + (Nf + n) * PHW, P, q.g, pad.data() + n * padsz);
+      constexpr int64_t kRows = 8;
+      const int64_t nb = (g.H + kRows - 1) / kRows;
+      at::parallel_for(0, Nr * nb, gate_grain(kRows, g.W, P, q.g.KH * q.g.KW), [&](int64_t b0, int64_t e0) {
+        for (int64_t t = b0; t < e0; ++t) {
+          const int64_t n = t / nb, h0 = (t % nb) * kRows;
+          gate_rows<T>(q, pad.data() + n * padsz, h0, std::min(g.H, h0 + kRows), lp + (Nf + n) * g.HW,
+                       ap + (Nf + n) * g.HW);
+        }
+      });
+      mul(Nf, Nr);
+    }
   });
   return {y, attn, logits, pooled};
 }
@@ -906,29 +1108,92 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     gx.zero_();
     return pack();
   }
+  Tensor gextra;
+  if (grad_attn.has_value() && grad_attn->defined())
+    gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward", [&] {
-    const scalar_t* sp = dptr<scalar_t>(s);
-    Tensor mx = kind_value(pooled, kinds, 0);
-    Tensor dA = at::empty({g.N, g.HW}, x.options());
-    Tensor cnt = mx.defined() ? at::empty({g.N, g.HW}, x.options()) : Tensor();
-    // pass A: d attn = sum_c g * x', and the tie counts of the max
-    k_reduce<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), gc, dptr<scalar_t>(mx), g.N, g.C,
-                       g.HW, g.nhwc, dA.data_ptr<scalar_t>(), dptr<scalar_t>(cnt));
-    if (grad_attn.has_value() && grad_attn->defined())
-      dA.add_(grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}));
-    // small maps: sigmoid', norm, transposed conv, parameter grads
-    Tensor dpooled = empty_map(g, P, x);
-    k_small_bwd<scalar_t>(dA.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(),
-                          pooled.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ns),
-                          g.N, P, g.H, g.W, w.size(2), w.size(3), dilation, dpooled.data_ptr<scalar_t>(),
-                          dptr<scalar_t>(gw), dptr<scalar_t>(gb), dptr<scalar_t>(gns), dptr<scalar_t>(gnsh));
-    Tensor gmax = kind_grad(dpooled, kinds, 0), gmean = kind_grad(dpooled, kinds, 1);
-    if (gmax.defined()) gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
-    if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* sp = dptr<T>(s);
+    const T* gyp = gy.data_ptr<T>();
+    const T* pp = pooled.data_ptr<T>();
+    const T* lp = logits.data_ptr<T>();
+    const T* ap = attn.data_ptr<T>();
+    const T* ge = dptr<T>(gextra);
+    T* gxp = gx.data_ptr<T>();
+    T* gsp = dptr<T>(gs);
+    int64_t imax, imean;
+    first_slots(kinds, imax, imean);
+    const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), nullptr,
+                    ptr_or_null<T>(ns), ptr_or_null<T>(ns)};
+    const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
+    const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp;
+    const bool stream = use_stream<T>(x.numel());
+    std::vector<T> dA(g.N * HW), cnt(imax >= 0 ? g.N * HW : 0), dmax(imax >= 0 ? g.N * HW : 0),
+        dmean(imean >= 0 ? g.N * HW : 0);
+    std::vector<double> par(g.N * NP);
+    const T* mx = imax >= 0 ? pp + imax * HW : nullptr;  // batch stride PHW
+    // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts of the max
+    auto reduce = [&](int64_t n0, int64_t m) {
+      k_reduce<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, gc ? gyp : gyp + n0 * CHW, gc,
+                  mx ? mx + n0 * PHW : nullptr, PHW, m, g.C, HW, g.nhwc, dA.data() + n0 * HW,
+                  mx ? cnt.data() + n0 * HW : nullptr);
+      if (ge)
+        for (int64_t k = n0 * HW; k < (n0 + m) * HW; ++k) dA[k] += ge[k];
+    };
+    // small maps of image n: sigmoid', norm, transposed conv, parameter grads
+    auto small_maps = [&](int64_t n, T* pad, T* dlpad) {
+      T* dm = mx ? dmax.data() + n * HW : nullptr;
+      T* da = imean >= 0 ? dmean.data() + n * HW : nullptr;
+      gate_backward_image<T>(q, dA.data() + n * HW, ap + n * HW, lp + n * HW, pp + n * PHW, kinds, pad, dlpad, dm,
+                             da, par.data() + n * NP);
+      if (dm) {
+        const T* c = cnt.data() + n * HW;
+        for (int64_t k = 0; k < HW; ++k) dm[k] = dm[k] / c[k];
+      }
+      if (da)
+        for (int64_t k = 0; k < HW; ++k) da[k] = da[k] / T(g.C);
+    };
     // pass B: grad_x and grad_scale
-    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), sp, gy.data_ptr<scalar_t>(), gc, attn.data_ptr<scalar_t>(),
-                      dptr<scalar_t>(mx), dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW,
-                      g.nhwc, gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs));
+    auto grad = [&](int64_t n0, int64_t m) {
+      k_gradx<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, gc ? gyp : gyp + n0 * CHW, gc, ap + n0 * HW,
+                 mx ? mx + n0 * PHW : nullptr, PHW, mx ? dmax.data() + n0 * HW : nullptr,
+                 imean >= 0 ? dmean.data() + n0 * HW : nullptr, m, g.C, HW, g.nhwc, gxp + n0 * CHW,
+                 gsp ? gsp + n0 * g.C : nullptr, stream);
+    };
+    const int64_t Nf = whole_images(g.N);
+    if (Nf > 0) {
+      at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
+        std::vector<T> pad(padsz), dlpad(dlsz);
+        for (int64_t n = b0; n < e0; ++n) {
+          reduce(n, 1);
+          small_maps(n, pad.data(), dlpad.data());
+          grad(n, 1);
+        }
+      });
+    }
+    if (Nf < g.N) {
+      const int64_t Nr = g.N - Nf;
+      reduce(Nf, Nr);
+      at::parallel_for(0, Nr, 1, [&](int64_t b0, int64_t e0) {
+        std::vector<T> pad(padsz), dlpad(dlsz);
+        for (int64_t n = b0; n < e0; ++n) small_maps(Nf + n, pad.data(), dlpad.data());
+      });
+      grad(Nf, Nr);
+    }
+    // parameter grads: image shares added in image order (independent of the thread count)
+    auto total = [&](int64_t k) {
+      double t = 0;
+      for (int64_t n = 0; n < g.N; ++n) t += par[n * NP + k];
+      return T(t);
+    };
+    if (gw.defined()) {
+      T* o = gw.data_ptr<T>();
+      for (int64_t k = 0; k < P * KK; ++k) o[k] = total(k);
+    }
+    if (gb.defined()) gb.data_ptr<T>()[0] = total(P * KK);
+    if (gns.defined()) gns.data_ptr<T>()[0] = total(P * KK + 1);
+    if (gnsh.defined()) gnsh.data_ptr<T>()[0] = total(P * KK + 2);
   });
   return pack();
 }
