@@ -347,3 +347,43 @@ def test_autocast_keeps_small_maps_in_float32():
     torch.testing.assert_close(attn, attn_ref, rtol=1e-6, atol=1e-6)
     assert yb.dtype == torch.bfloat16 and attnb.dtype == torch.float32
     torch.testing.assert_close(attnb, ref_sam(x.bfloat16(), w, None, ("max", "mean"), 1, None)[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("band_rows", [0, 1, 2, 5])
+def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, band_rows):
+    # With N >= threads whole images go to each thread and are streamed in bands of rows
+    # (gate and gradient lag the pooling by the conv's reach); the leftover images run one
+    # phase at a time. Every split, band height and reach (dilation 2: reach 6 > some H)
+    # must give the reference's numbers, forward and backward, dense and broadcast gradients.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cpp_module.set_band_rows(band_rows)
+    try:
+        for n, h, w, dil, order in [(5, 9, 7, 1, ("mean", "max")), (1, 6, 5, 1, ("max", "mean")),
+                                    (3, 4, 8, 2, ("max",)), (4, 11, 3, 1, ("mean",))]:
+            g = torch.Generator().manual_seed(n * 100 + h)
+            x = make_x((n, 6, h, w), layout, torch.float64, seed=h).requires_grad_()
+            s = torch.rand(n, 6, 1, 1, dtype=torch.float64, generator=g).requires_grad_()
+            wt = torch.randn(1, len(order), 7, 7, dtype=torch.float64, generator=g).requires_grad_()
+            b = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_()
+            ns = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+            nsh = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_()
+            gy = torch.randn(n, 6, h, w, dtype=torch.float64, generator=g)
+            ga = torch.randn(n, 1, h, w, dtype=torch.float64, generator=g)
+            params = (x, s, wt, b, ns, nsh)
+            y, a = ops.spatial_attention_fused(x, wt, b, order=order, dilation=dil, channel_scale=s, norm_scale=ns,
+                                               norm_shift=nsh, return_attention=True)
+            y_ref, a_ref = ref_sam(x, wt, b, order, dil, s, ns, nsh)
+            torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a, a_ref, rtol=1e-12, atol=1e-12)
+            for loss, loss_ref in (((y * gy).sum() + (a * ga).sum(), (y_ref * gy).sum() + (a_ref * ga).sum()),
+                                   (y.sum() * 2, y_ref.sum() * 2)):
+                got = torch.autograd.grad(loss, params, retain_graph=True)
+                want = torch.autograd.grad(loss_ref, params, retain_graph=True)
+                for name, gg, rr in zip(("x", "scale", "weight", "bias", "norm_scale", "norm_shift"), got, want):
+                    torch.testing.assert_close(gg, rr, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_band_rows(0)

@@ -19,7 +19,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <unistd.h>
+#include <fstream>
+#include <string>
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -29,6 +30,30 @@ namespace {
 
 using at::Tensor;
 using std::optional;
+
+// GCC/Clang vector extensions: one 64-byte vector = one AVX-512 register, two AVX2
+// ones, four SSE/NEON ones.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t lanes() {
+  return int64_t(64 / sizeof(T));
+}
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 constexpr int64_t kLanes = 32;  // two AVX-512 float accumulators: breaks the add latency chain
 
@@ -58,15 +83,29 @@ bool any_nan(const T* x, const T* s, int64_t C, int64_t cstride) {
 // the default) for measurements.
 int64_t kStreamBytes = -1;
 
+// Size of the last-level cache one core sees. sysconf(_SC_LEVEL3_CACHE_SIZE) is not it:
+// on AMD EPYC virtual machines it reports the whole socket (320 MiB where a core shares
+// 32 MiB), so Linux's per-instance sysfs entry comes first.
+inline int64_t llc_bytes() {
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level(dir + "level"), size(dir + "size");
+    int lv = 0;
+    std::string sz;
+    if (!(level >> lv) || !(size >> sz)) continue;
+    if (lv != 3 || sz.empty()) continue;
+    int64_t v = std::atoll(sz.c_str());
+    const char unit = sz.back();
+    if (unit == 'K') v <<= 10;
+    if (unit == 'M') v <<= 20;
+    if (v > 0) return v;
+  }
+  return int64_t(32) << 20;
+}
+
 inline int64_t stream_threshold() {
   if (kStreamBytes >= 0) return kStreamBytes;
-  static const int64_t llc = [] {
-    long v = -1;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return v > 0 ? int64_t(v) : int64_t(32) << 20;
-  }();
+  static const int64_t llc = llc_bytes();
   return llc;
 }
 
@@ -135,11 +174,103 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 }
 
 // ---------------------------------------------------------------- pooling
+// One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
+// `len` consecutive pixels starting at x. Four channels per sweep over the
+// accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
+// mp / sp: max and mean out (the mean divides like torch: sum / C).
+template <typename T>
+void pool_chunk(const T* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  {
+    const T sc = s ? s[0] : T(1);
+    for (int64_t i = 0; i < len; ++i) {
+      const T v = x[i] * sc;
+      mp[i] = v;
+      sp[i] = v;
+    }
+  }
+  int64_t c = 1;
+  for (; c + 4 <= C; c += 4) {
+    const T* r0 = x + c * HW;
+    const T* r1 = r0 + HW;
+    const T* r2 = r1 + HW;
+    const T* r3 = r2 + HW;
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      const V v0 = vload(r0 + i) * s0, v1 = vload(r1 + i) * s1, v2 = vload(r2 + i) * s2, v3 = vload(r3 + i) * s3;
+      vstore(mp + i, vmax(vmax(vload(mp + i), v0), vmax(vmax(v1, v2), v3)));
+      vstore(sp + i, vload(sp + i) + v0 + v1 + v2 + v3);
+    }
+    for (; i < len; ++i) {
+      const T v0 = r0[i] * s0, v1 = r1[i] * s1, v2 = r2[i] * s2, v3 = r3[i] * s3;
+      mp[i] = vmax(vmax(mp[i], v0), vmax(vmax(v1, v2), v3));
+      sp[i] = sp[i] + v0 + v1 + v2 + v3;
+    }
+  }
+  for (; c < C; ++c) {
+    const T* row = x + c * HW;
+    const T sc = s ? s[c] : T(1);
+    for (int64_t i = 0; i < len; ++i) {
+      const T v = row[i] * sc;
+      mp[i] = vmax(mp[i], v);
+      sp[i] += v;
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    // vmax drops NaN; a NaN among the channels makes the sum NaN, and only then they are scanned
+    if (sp[i] != sp[i] && any_nan(x + i, s, C, HW)) mp[i] = std::numeric_limits<T>::quiet_NaN();
+    sp[i] = sp[i] / T(C);
+  }
+}
+
+// One pixel, channels_last: max and mean of x' over its C contiguous channels.
+template <typename T>
+inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  T m, sum;
+  int64_t c = 0;
+  if (C >= 2 * L) {
+    V m0 = s ? vload(x) * vload(s) : vload(x);
+    V m1 = s ? vload(x + L) * vload(s + L) : vload(x + L);
+    V a0 = m0, a1 = m1;
+    for (c = 2 * L; c + 2 * L <= C; c += 2 * L) {
+      const V v0 = s ? vload(x + c) * vload(s + c) : vload(x + c);
+      const V v1 = s ? vload(x + c + L) * vload(s + c + L) : vload(x + c + L);
+      m0 = vmax(m0, v0);
+      m1 = vmax(m1, v1);
+      a0 += v0;
+      a1 += v1;
+    }
+    m0 = vmax(m0, m1);
+    a0 += a1;
+    m = m0[0];
+    sum = a0[0];
+    for (int64_t l = 1; l < L; ++l) {
+      m = vmax(m, m0[l]);
+      sum += a0[l];
+    }
+  } else {
+    m = s ? x[0] * s[0] : x[0];
+    sum = m;
+    c = 1;
+  }
+  for (; c < C; ++c) {
+    const T v = s ? x[c] * s[c] : x[c];
+    m = vmax(m, v);
+    sum += v;
+  }
+  if (sum != sum && any_nan(x, s, C, 1)) m = std::numeric_limits<T>::quiet_NaN();
+  mx = m;
+  mean = sum / T(C);
+}
+
 // mx / mean: outputs with batch stride `obs` (HW each image); either may be null.
 template <typename T>
 void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
             T* mx, T* mean, int64_t obs) {
-  // the mean divides like torch (sum / C), not by multiplying with 1 / C
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
@@ -148,104 +279,19 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
         const int64_t len = std::min(chunk, HW - p0);
-        const T* xn = x + n * C * HW + p0;
-        T* mp = m.data();
-        T* sp = sm.data();
-        {
-          const T sc = s ? s[n * C] : T(1);
-          for (int64_t i = 0; i < len; ++i) {
-            T v = xn[i] * sc;
-            mp[i] = v;
-            sp[i] = v;
-          }
-        }
-        int64_t c = 1;
-        // four channels per sweep over the accumulators; the sum keeps the
-        // sequential channel order (((s + v0) + v1) + v2) + v3
-        for (; c + 4 <= C; c += 4) {
-          const T* r0 = xn + c * HW;
-          const T* r1 = r0 + HW;
-          const T* r2 = r1 + HW;
-          const T* r3 = r2 + HW;
-          const T* sn = s ? s + n * C + c : nullptr;
-          const T s0 = sn ? sn[0] : T(1), s1 = sn ? sn[1] : T(1), s2 = sn ? sn[2] : T(1), s3 = sn ? sn[3] : T(1);
-          for (int64_t i = 0; i < len; ++i) {
-            T v0 = r0[i] * s0, v1 = r1[i] * s1, v2 = r2[i] * s2, v3 = r3[i] * s3;
-            mp[i] = vmax(vmax(mp[i], v0), vmax(vmax(v1, v2), v3));
-            sp[i] = sp[i] + v0 + v1 + v2 + v3;
-          }
-        }
-        for (; c < C; ++c) {
-          const T* row = xn + c * HW;
-          const T sc = s ? s[n * C + c] : T(1);
-          for (int64_t i = 0; i < len; ++i) {
-            T v = row[i] * sc;
-            mp[i] = vmax(mp[i], v);
-            sp[i] += v;
-          }
-        }
-        if (mx) {
-          for (int64_t i = 0; i < len; ++i) {
-            if (sp[i] != sp[i] && any_nan(xn + i, s ? s + n * C : nullptr, C, HW))
-              mp[i] = std::numeric_limits<T>::quiet_NaN();
-          }
-          std::copy(mp, mp + len, mx + n * obs + p0);
-        }
-        if (mean) {
-          T* o = mean + n * obs + p0;
-          for (int64_t i = 0; i < len; ++i) o[i] = sp[i] / T(C);
-        }
+        pool_chunk<T>(x + n * C * HW + p0, s ? s + n * C : nullptr, C, HW, len, m.data(), sm.data());
+        if (mx) std::copy(m.data(), m.data() + len, mx + n * obs + p0);
+        if (mean) std::copy(sm.data(), sm.data() + len, mean + n * obs + p0);
       }
     });
   } else {
-    at::parallel_for(0, N * HW, 256, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t n = p / HW, q = p % HW;
-        const T* row = x + p * C;
-        const T* sr = s ? s + n * C : nullptr;
-        T m, sum;
-        int64_t c = 0;
-        if (C >= kLanes) {
-          T ml[kLanes], sl[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) {
-            T v = sr ? row[l] * sr[l] : row[l];
-            ml[l] = v;
-            sl[l] = v;
-          }
-          for (c = kLanes; c + kLanes <= C; c += kLanes) {
-            if (sr) {
-              for (int64_t l = 0; l < kLanes; ++l) {
-                T v = row[c + l] * sr[c + l];
-                ml[l] = vmax(ml[l], v);
-                sl[l] += v;
-              }
-            } else {
-              for (int64_t l = 0; l < kLanes; ++l) {
-                T v = row[c + l];
-                ml[l] = vmax(ml[l], v);
-                sl[l] += v;
-              }
-            }
-          }
-          m = ml[0];
-          sum = sl[0];
-          for (int64_t l = 1; l < kLanes; ++l) {
-            m = vmax(m, ml[l]);
-            sum += sl[l];
-          }
-        } else {
-          m = sr ? row[0] * sr[0] : row[0];
-          sum = m;
-          c = 1;
-        }
-        for (; c < C; ++c) {
-          T v = sr ? row[c] * sr[c] : row[c];
-          m = vmax(m, v);
-          sum += v;
-        }
-        if (sum != sum && any_nan(row, sr, C, 1)) m = std::numeric_limits<T>::quiet_NaN();
+        T m, a;
+        pool_pixel<T>(x + p * C, s ? s + n * C : nullptr, C, m, a);
         if (mx) mx[n * obs + q] = m;
-        if (mean) mean[n * obs + q] = sum / T(C);
+        if (mean) mean[n * obs + q] = a;
       }
     });
   }
@@ -276,12 +322,103 @@ void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64
 }
 
 // ---------------------------------------------------------------- backward pass A
-// ga[p] = sum_c g * x'   (if g);   cnt[p] = #{c : x' == mx[p]}   (if mx).
-template <typename T>
-void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
-              int64_t HW, bool nhwc, T* ga, T* cnt) {
-  // gc: g is one value broadcast to every element (e.g. the gradient of y.sum())
-  const T gv = (g && gc) ? g[0] : T(0);
+// ga[p] = sum_c g * x'   (if ga);   cnt[p] = #{c : x' == mx[p]}   (if cnt).
+// mx has batch stride mbs. gc: g is one value broadcast to every element (e.g. the
+// gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
+// keep the compiler from vectorising the loop.
+template <typename T, bool G, bool GC, bool M>
+void reduce_chunk(const T* x, const T* s, const T* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
+                  T* ap, T* cp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  std::fill(ap, ap + len, T(0));
+  std::fill(cp, cp + len, T(0));
+  int64_t c = 0;
+  for (; c + 2 <= C; c += 2) {
+    const T* x0 = x + c * HW;
+    const T* x1 = x0 + HW;
+    const T* g0 = g + c * HW;
+    const T* g1 = g0 + HW;
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1);
+    int64_t i = 0;
+    for (; i + L <= len; i += L) {
+      const V v0 = vload(x0 + i) * s0, v1 = vload(x1 + i) * s1;
+      if (G) {
+        V a = vload(ap + i);
+        if (GC) {
+          a = a + gv * v0 + gv * v1;
+        } else {
+          a = a + vload(g0 + i) * v0 + vload(g1 + i) * v1;
+        }
+        vstore(ap + i, a);
+      }
+      if (M) {
+        const V m = vload(mp + i);
+        vstore(cp + i, vload(cp + i) + (v0 == m ? one : zero) + (v1 == m ? one : zero));
+      }
+    }
+    for (; i < len; ++i) {
+      const T v0 = x0[i] * s0, v1 = x1[i] * s1;
+      if (G) ap[i] = GC ? ap[i] + gv * v0 + gv * v1 : ap[i] + g0[i] * v0 + g1[i] * v1;
+      if (M) cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0));
+    }
+  }
+  for (; c < C; ++c) {
+    const T* x0 = x + c * HW;
+    const T* g0 = g + c * HW;
+    const T s0 = s ? s[c] : T(1);
+    for (int64_t i = 0; i < len; ++i) {
+      const T v0 = x0[i] * s0;
+      if (G) ap[i] += (GC ? gv : g0[i]) * v0;
+      if (M) cp[i] += v0 == mp[i] ? T(1) : T(0);
+    }
+  }
+}
+
+// one pixel, channels_last: returns sum_c g * x' and the tie count
+template <typename T, bool G, bool GC, bool M>
+inline void reduce_pixel(const T* x, const T* s, const T* g, T gv, T m, int64_t C, T& ga, T& cnt) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  V a0 = {}, a1 = {}, k0 = {}, k1 = {};
+  int64_t c = 0;
+  for (; c + 2 * L <= C; c += 2 * L) {
+    V v0 = vload(x + c), v1 = vload(x + c + L);
+    if (s) {
+      v0 = v0 * vload(s + c);
+      v1 = v1 * vload(s + c + L);
+    }
+    if (G) {
+      a0 += (GC ? V{} + gv : vload(g + c)) * v0;
+      a1 += (GC ? V{} + gv : vload(g + c + L)) * v1;
+    }
+    if (M) {
+      k0 += v0 == m ? one : zero;
+      k1 += v1 == m ? one : zero;
+    }
+  }
+  a0 += a1;
+  k0 += k1;
+  T sa = 0, sc = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    sa += a0[l];
+    sc += k0[l];
+  }
+  for (; c < C; ++c) {
+    const T v = s ? x[c] * s[c] : x[c];
+    if (G) sa += (GC ? gv : g[c]) * v;
+    if (M) sc += v == m ? T(1) : T(0);
+  }
+  ga = sa;
+  cnt = sc;
+}
+
+template <typename T, bool G, bool GC, bool M>
+void k_reduce_impl(const T* x, const T* s, const T* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
+                   bool nhwc, T* ga, T* cnt) {
+  const T gv = (G && GC) ? g[0] : T(0);
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
@@ -290,143 +427,120 @@ void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t 
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
         const int64_t len = std::min(chunk, HW - p0);
-        T* ap = acc.data();
-        T* cp = cn.data();
-        std::fill(ap, ap + len, T(0));
-        std::fill(cp, cp + len, T(0));
-        const T* mp = mx ? mx + n * mbs + p0 : nullptr;
-        int64_t c = 0;
-        if (g && !gc && mp) {
-          // four channels per sweep over the accumulators, sequential summation order
-          for (; c + 4 <= C; c += 4) {
-            const int64_t off = (n * C + c) * HW + p0;
-            const T* x0 = x + off;
-            const T* g0 = g + off;
-            const T* sn = s ? s + n * C + c : nullptr;
-            const T s0 = sn ? sn[0] : T(1), s1 = sn ? sn[1] : T(1), s2 = sn ? sn[2] : T(1), s3 = sn ? sn[3] : T(1);
-            for (int64_t i = 0; i < len; ++i) {
-              T v0 = x0[i] * s0, v1 = x0[i + HW] * s1, v2 = x0[i + 2 * HW] * s2, v3 = x0[i + 3 * HW] * s3;
-              const T m = mp[i];
-              ap[i] = ap[i] + g0[i] * v0 + g0[i + HW] * v1 + g0[i + 2 * HW] * v2 + g0[i + 3 * HW] * v3;
-              cp[i] = cp[i] + ((v0 == m) ? T(1) : T(0)) + ((v1 == m) ? T(1) : T(0)) + ((v2 == m) ? T(1) : T(0)) +
-                      ((v3 == m) ? T(1) : T(0));
-            }
-          }
-        }
-        for (; c < C; ++c) {
-          const int64_t off = (n * C + c) * HW + p0;
-          const T* xr = x + off;
-          const T sc = s ? s[n * C + c] : T(1);
-          if (g && !gc && mp) {
-            const T* gr = g + off;
-            for (int64_t i = 0; i < len; ++i) {
-              T v = xr[i] * sc;
-              ap[i] += gr[i] * v;
-              cp[i] += (v == mp[i]) ? T(1) : T(0);
-            }
-          } else {
-            if (g && !gc) {
-              const T* gr = g + off;
-              for (int64_t i = 0; i < len; ++i) ap[i] += gr[i] * (xr[i] * sc);
-            } else if (g) {
-              for (int64_t i = 0; i < len; ++i) ap[i] += gv * (xr[i] * sc);
-            }
-            if (mp) {
-              for (int64_t i = 0; i < len; ++i) cp[i] += ((xr[i] * sc) == mp[i]) ? T(1) : T(0);
-            }
-          }
-        }
-        if (ga) std::copy(ap, ap + len, ga + n * HW + p0);
-        if (cnt) std::copy(cp, cp + len, cnt + n * HW + p0);
+        reduce_chunk<T, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
+                                  (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
+                                  len, acc.data(), cn.data());
+        if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
+        if (cnt) std::copy(cn.data(), cn.data() + len, cnt + n * HW + p0);
       }
     });
   } else {
-    at::parallel_for(0, N * HW, 256, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t n = p / HW;
-        const T* xr = x + p * C;
-        const T* gr = (g && !gc) ? g + p * C : nullptr;
-        const T* sr = s ? s + n * C : nullptr;
-        const T m = mx ? mx[n * mbs + (p - n * HW)] : T(0);
-        T al[kLanes] = {}, cl[kLanes] = {};
-        int64_t c = 0;
-        for (; c + kLanes <= C; c += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) {
-            T v = sr ? xr[c + l] * sr[c + l] : xr[c + l];
-            if (gr) {
-              al[l] += gr[c + l] * v;
-            } else if (g) {
-              al[l] += gv * v;
-            }
-            cl[l] += (v == m) ? T(1) : T(0);
-          }
-        }
-        for (; c < C; ++c) {
-          T v = sr ? xr[c] * sr[c] : xr[c];
-          if (gr) {
-            al[0] += gr[c] * v;
-          } else if (g) {
-            al[0] += gv * v;
-          }
-          cl[0] += (v == m) ? T(1) : T(0);
-        }
-        T sa = al[0], sc = cl[0];
-        for (int64_t l = 1; l < kLanes; ++l) {
-          sa += al[l];
-          sc += cl[l];
-        }
-        if (ga) ga[p] = sa;
-        if (cnt) cnt[p] = sc;
+        T a, k;
+        reduce_pixel<T, G, GC, M>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
+                                  M ? mx[n * mbs + (p - n * HW)] : T(0), C, a, k);
+        if (ga) ga[p] = a;
+        if (cnt) cnt[p] = k;
       }
     });
   }
 }
 
+template <typename T>
+void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
+              int64_t HW, bool nhwc, T* ga, T* cnt) {
+  const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
+  if (!G && !M) return;
+#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt)
+  if (G && gc) {
+    if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);
+  } else if (G) {
+    if (M) SA_REDUCE(true, false, true); else SA_REDUCE(true, false, false);
+  } else {
+    SA_REDUCE(false, false, true);
+  }
+#undef SA_REDUCE
+}
+
 // ---------------------------------------------------------------- backward pass B
 // gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
 // Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
-template <typename T>
-void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
-             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs, bool stream) {
-  const T gv = (g && gc) ? g[0] : T(0);
+
+// NCHW: `len` pixels of one channel row (scale sc); returns sum gx' * x; buf: len scratch
+template <typename T, bool G, bool GC, bool M, bool F>
+inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
+                       int64_t len, T* gx, bool stream, T* gp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  V acc = {};
+  int64_t i = 0;
+  for (; i + L <= len; i += L) {
+    V v = {};
+    if (G) v = (GC ? V{} + gv : vload(gr + i)) * vload(an + i);
+    if (M) v += (vload(xr + i) * sc == vload(mn + i)) ? vload(fm + i) : V{};
+    if (F) v += vload(fa + i);
+    acc += v * vload(xr + i);
+    vstore(gp + i, v);
+  }
+  T t = 0;
+  for (int64_t l = 0; l < L; ++l) t += acc[l];
+  for (; i < len; ++i) {
+    T v = 0;
+    if (G) v = (GC ? gv : gr[i]) * an[i];
+    if (M) v += (xr[i] * sc == mn[i]) ? fm[i] : T(0);
+    if (F) v += fa[i];
+    t += v * xr[i];
+    gp[i] = v;
+  }
+  if (gx) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
+  return t;
+}
+
+// channels_last: one pixel (its C channels); ps[c] += gx' * x (if ps); buf: C scratch
+template <typename T, bool G, bool GC, bool M, bool F>
+inline void gradx_pixel(const T* xr, const T* gr, T gv, T av, const T* sr, T m, T f, T fa, int64_t C, T* ps, T* gx,
+                        bool stream, T* gp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V gav = V{} + gv * av;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) {
+    V v = F ? V{} + fa : V{};
+    if (G) v = (GC ? gav : vload(gr + c) * av) + v;
+    if (M) {
+      const V xs = sr ? vload(xr + c) * vload(sr + c) : vload(xr + c);
+      v += xs == m ? V{} + f : V{};
+    }
+    if (ps) vstore(ps + c, vload(ps + c) + v * vload(xr + c));
+    vstore(gp + c, v);
+  }
+  for (; c < C; ++c) {
+    T v = F ? fa : T(0);
+    if (G) v = (GC ? gv * av : gr[c] * av) + v;
+    if (M) v += ((sr ? xr[c] * sr[c] : xr[c]) == m) ? f : T(0);
+    if (ps) ps[c] += v * xr[c];
+    gp[c] = v;
+  }
+  if (gx) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
+}
+
+template <typename T, bool G, bool GC, bool M, bool F>
+void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                  const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs, bool stream) {
+  const T gv = (G && GC) ? g[0] : T(0);
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW);
-      T* gp = buf.data();
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / C;
-        const T* xr = x + r * HW;
-        const T sc = s ? s[r] : T(1);
-        const T* an = a ? a + n * HW : nullptr;
-        const T* mn = mx ? mx + n * mbs : nullptr;
-        const T* fm = fmax ? fmax + n * HW : nullptr;
-        const T* fa = fmean ? fmean + n * HW : nullptr;
-        if (g && gc) {
-          for (int64_t i = 0; i < HW; ++i) gp[i] = gv * an[i];
-        } else if (g) {
-          const T* gr = g + r * HW;
-          for (int64_t i = 0; i < HW; ++i) gp[i] = gr[i] * an[i];
-        } else {
-          std::fill(gp, gp + HW, T(0));
-        }
-        if (mn) {
-          for (int64_t i = 0; i < HW; ++i) gp[i] += ((xr[i] * sc) == mn[i] ? T(1) : T(0)) * fm[i];
-        }
-        if (fa) {
-          for (int64_t i = 0; i < HW; ++i) gp[i] += fa[i];
-        }
-        if (gs) {
-          T al[kLanes] = {};
-          int64_t i = 0;
-          for (; i + kLanes <= HW; i += kLanes)
-            for (int64_t l = 0; l < kLanes; ++l) al[l] += gp[i + l] * xr[i + l];
-          for (; i < HW; ++i) al[0] += gp[i] * xr[i];
-          T t = al[0];
-          for (int64_t l = 1; l < kLanes; ++l) t += al[l];
-          gs[r] = t;
-        }
-        if (gx) mul_row<T>(gx + r * HW, gp, nullptr, sc, nullptr, T(1), HW, stream);
+        const T t = gradx_segment<T, G, GC, M, F>(
+            x + r * HW, (G && !GC) ? g + r * HW : nullptr, gv, s ? s[r] : T(1), G ? a + n * HW : nullptr,
+            M ? mx + n * mbs : nullptr, M ? fmax + n * HW : nullptr, F ? fmean + n * HW : nullptr, HW,
+            gx ? gx + r * HW : nullptr, stream, buf.data());
+        if (gs) gs[r] = t;
       }
       stream_fence(stream);
     });
@@ -437,40 +551,15 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
     std::vector<T> partial(gs ? N * nblocks * C : 0, T(0));
     at::parallel_for(0, N * nblocks, 1, [&](int64_t b, int64_t e) {
       std::vector<T> buf(C);
-      T* gp = buf.data();
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nblocks, q0 = (t % nblocks) * block;
         const int64_t q1 = std::min(HW, q0 + block);
-        const T* sr = s ? s + n * C : nullptr;
-        T* ps = gs ? partial.data() + t * C : nullptr;
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t p = n * HW + q;
-          const T* xr = x + p * C;
-          const T av = a ? a[p] : T(0);
-          if (g && gc) {
-            std::fill(gp, gp + C, gv * av);
-          } else if (g) {
-            const T* gr = g + p * C;
-            for (int64_t c = 0; c < C; ++c) gp[c] = gr[c] * av;
-          } else {
-            std::fill(gp, gp + C, T(0));
-          }
-          if (mx) {
-            const T m = mx[n * mbs + q], f = fmax[p];
-            if (sr) {
-              for (int64_t c = 0; c < C; ++c) gp[c] += ((xr[c] * sr[c]) == m ? T(1) : T(0)) * f;
-            } else {
-              for (int64_t c = 0; c < C; ++c) gp[c] += (xr[c] == m ? T(1) : T(0)) * f;
-            }
-          }
-          if (fmean) {
-            const T f = fmean[p];
-            for (int64_t c = 0; c < C; ++c) gp[c] += f;
-          }
-          if (ps) {
-            for (int64_t c = 0; c < C; ++c) ps[c] += gp[c] * xr[c];
-          }
-          if (gx) mul_row<T>(gx + p * C, gp, sr, T(1), nullptr, T(1), C, stream);
+          gradx_pixel<T, G, GC, M, F>(x + p * C, (G && !GC) ? g + p * C : nullptr, gv, G ? a[p] : T(0),
+                                      s ? s + n * C : nullptr, M ? mx[n * mbs + q] : T(0), M ? fmax[p] : T(0),
+                                      F ? fmean[p] : T(0), C, gs ? partial.data() + t * C : nullptr,
+                                      gx ? gx + p * C : nullptr, stream, buf.data());
         }
       }
       stream_fence(stream);
@@ -488,6 +577,28 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
       });
     }
   }
+}
+
+template <typename T>
+void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
+             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs, bool stream) {
+  const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
+#define SA_GRADX(g_, gc_, m_, f_) \
+  k_gradx_impl<T, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, N, C, HW, nhwc, gx, gs, stream)
+#define SA_GRADX_MF(g_, gc_)                   \
+  if (M && F) SA_GRADX(g_, gc_, true, true);   \
+  else if (M) SA_GRADX(g_, gc_, true, false);  \
+  else if (F) SA_GRADX(g_, gc_, false, true);  \
+  else SA_GRADX(g_, gc_, false, false);
+  if (G && gc) {
+    SA_GRADX_MF(true, true)
+  } else if (G) {
+    SA_GRADX_MF(true, false)
+  } else {
+    SA_GRADX_MF(false, false)
+  }
+#undef SA_GRADX_MF
+#undef SA_GRADX
 }
 
 // ---------------------------------------------------------------- global (spatial) pooling
@@ -562,23 +673,6 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 // AVX-512 register, two AVX2 ones, ...) on zero-padded copies of the maps, so that
 // every tap is an unmasked vector load; four output rows share a sweep over the taps
 // (independent accumulators hide the FMA latency).
-template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
-};
-template <typename T>
-using vec_t = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t lanes() {
-  return int64_t(64 / sizeof(T));
-}
-template <typename T>
-inline vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // sigmoid of a float vector: exp by Cephes' range reduction and degree-6 polynomial
 // (branch-free, vectorised; ~1 ulp), NaN propagates.
 inline vec_t<float> vsigmoid(vec_t<float> z) {
@@ -706,24 +800,19 @@ void gate_rows(const Gate<T>& q, const T* pad, int64_t h0, int64_t h1, T* logits
   });
 }
 
-// Backward of the small maps of one image. dA [HW]: gradient w.r.t. attn. Fills
-// dkind [2, HW] (gradient w.r.t. the max and the mean map: every pooling slot of
-// that kind summed; zero where absent) and par [P*KH*KW + 3] (this image's share of
-// grad weight, grad bias, grad norm scale, grad norm shift) in double.
+// Backward of the small maps, in pieces that work on a band of rows.
+// d logits of rows [h0, h1) into the zero-padded dlpad; adds the rows' shares of the
+// bias / norm-scale / norm-shift gradients to par[0..2].
 template <typename T>
-void gate_backward_image(const Gate<T>& q, const T* dA, const T* attn, const T* logits, const T* pooled,
-                         const std::vector<int64_t>& kinds, T* pad, T* dlpad, T* dmax, T* dmean, double* par) {
-  constexpr int64_t L = lanes<T>();
+void dlogits_rows(const Gate<T>& q, const T* dA, const T* attn, const T* logits, int64_t h0, int64_t h1, T* dlpad,
+                  double* par) {
   const Pad& g = q.g;
-  const int64_t H = g.H, W = g.W, HW = H * W, KK = g.KH * g.KW;
   const T ns = q.ns ? q.ns[0] : T(1);
-  // d logits (zero-padded) and the scalar parameter grads
-  std::fill(dlpad, dlpad + g.Hp * g.Wp, T(0));
   double s_b = 0, s_ns = 0, s_nsh = 0;
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = h0; h < h1; ++h) {
     T* drow = dlpad + (h + g.ph) * g.Wp + g.pw;
-    for (int64_t w = 0; w < W; ++w) {
-      const int64_t k = h * W + w;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const int64_t k = h * g.W + w;
       const T a = attn[k];
       const T dz = dA[k] * ((T(1) - a) * a);
       const T d = q.ns ? dz * ns : dz;
@@ -733,41 +822,206 @@ void gate_backward_image(const Gate<T>& q, const T* dA, const T* attn, const T* 
       drow[w] = d;
     }
   }
-  par[q.P * KK] = s_b;
-  par[q.P * KK + 1] = s_ns;
-  par[q.P * KK + 2] = s_nsh;
-  // grad weight: per tap, sum_{h,w} dl[h, w] * pooled[p, h + (i - rh) dil, w + (j - rw) dil]
-  pad_maps<T>(pooled, q.P, g, pad);
+  par[0] += s_b;
+  par[1] += s_ns;
+  par[2] += s_nsh;
+}
+
+// grad weight share of d-logit rows [h0, h1): per tap, sum dl[h, w] * pooled[p, h + (i - rh) dil,
+// w + (j - rw) dil] (pad: the padded pooled maps), added to gw[P * KH * KW]
+template <typename T>
+void dweight_rows(const Gate<T>& q, const T* pad, const T* dlpad, int64_t h0, int64_t h1, double* gw) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const Pad& g = q.g;
+  const int64_t KK = g.KH * g.KW, Wr = g.Wp - 2 * g.pw;  // Wr: W rounded up to whole vectors
   for (int64_t p = 0; p < q.P; ++p)
     for (int64_t i = 0; i < g.KH; ++i)
       for (int64_t j = 0; j < g.KW; ++j) {
-        vec_t<T> a0 = {}, a1 = {};
-        int64_t h = 0;
-        for (; h < H; ++h) {
+        V a0 = {}, a1 = {};
+        for (int64_t h = h0; h < h1; ++h) {
           const T* dr = dlpad + (h + g.ph) * g.Wp + g.pw;
           const T* pr = pad + (p * g.Hp + h + i * g.dil) * g.Wp + j * g.dil;
           int64_t w0 = 0;
-          for (; w0 + 2 * L <= g.Wp - 2 * g.pw; w0 += 2 * L) {
+          for (; w0 + 2 * L <= Wr; w0 += 2 * L) {
             a0 += vload(dr + w0) * vload(pr + w0);
             a1 += vload(dr + w0 + L) * vload(pr + w0 + L);
           }
-          for (; w0 < W; w0 += L) a0 += vload(dr + w0) * vload(pr + w0);
+          for (; w0 < Wr; w0 += L) a0 += vload(dr + w0) * vload(pr + w0);
         }
         a0 += a1;
         double t = 0;
         for (int64_t l = 0; l < L; ++l) t += double(a0[l]);
-        par[p * KK + i * g.KW + j] = t;
+        gw[p * KK + i * g.KW + j] += t;
       }
-  // grad of the pooled maps: correlation of dl with the flipped taps, summed per kind
-  if (dmax) std::fill(dmax, dmax + HW, T(0));
-  if (dmean) std::fill(dmean, dmean + HW, T(0));
+}
+
+// gradient of the max / mean maps, rows [h0, h1) (needs d logits of rows up to h1 + ph):
+// transposed conv of dl (correlation with the flipped taps), summed over the slots of
+// each kind, then divided by the tie count (max) or by C (mean). dmax / dmean: image maps.
+template <typename T>
+void dpooled_rows(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* dlpad, const T* cnt, int64_t C,
+                  int64_t h0, int64_t h1, T* dmax, T* dmean) {
+  constexpr int64_t L = lanes<T>();
+  const Pad& g = q.g;
+  const int64_t W = g.W, KK = g.KH * g.KW;
+  if (dmax) std::fill(dmax + h0 * W, dmax + h1 * W, T(0));
+  if (dmean) std::fill(dmean + h0 * W, dmean + h1 * W, T(0));
   for (int64_t p = 0; p < q.P; ++p) {
     T* dst = kinds[p] == 0 ? dmax : dmean;
-    correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, 0, H, [&](int64_t h, int64_t w0, vec_t<T> acc) {
+    correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, h0, h1, [&](int64_t h, int64_t w0, vec_t<T> acc) {
       const int64_t len = std::min<int64_t>(L, W - w0);
       for (int64_t k = 0; k < len; ++k) dst[h * W + w0 + k] += acc[k];
     });
   }
+  if (dmax)
+    for (int64_t k = h0 * W; k < h1 * W; ++k) dmax[k] = dmax[k] / cnt[k];
+  if (dmean)
+    for (int64_t k = h0 * W; k < h1 * W; ++k) dmean[k] = dmean[k] / T(C);
+}
+
+// ---------------------------------------------------------------- one image in bands of rows
+// With whole images per thread, each image is streamed in bands of rows: pool (or reduce)
+// a band, then gate and multiply (or compute the gradient of) the rows whose k x k
+// neighbourhood is complete, which lag `ph` rows behind. The second read of every row
+// comes from L2 instead of L3 / memory. Band height: about kBandBytes of the big tensors
+// (x, and the upstream gradient in backward) including the lag. Adjustable at run time
+// (set_band_bytes) for measurements; 0 makes a band the whole image.
+int64_t kBandBytes = 384 << 10;
+int64_t kBandRows = 0;  // > 0: fixed band height (tests)
+
+inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t W, int64_t H, bool nhwc) {
+  if (kBandRows > 0) return std::min(kBandRows, H);
+  if (kBandBytes <= 0) return H;
+  // NCHW: a band is one run of rows per channel; runs shorter than ~128 values starve
+  // the prefetchers. If the budget allows no such band, the whole image is one band
+  // (its NCHW planes are then one contiguous run).
+  const int64_t min_rows = nhwc ? 1 : std::max<int64_t>(1, (128 + W - 1) / W);
+  const int64_t r = kBandBytes / std::max<int64_t>(1, row_bytes) - lag;
+  return r < min_rows ? H : std::min(H, r);
+}
+
+// scratch of one thread for the per-image passes
+template <typename T>
+struct Scratch {
+  std::vector<T> pad, dlpad, a, b, c, d, e, row;
+  std::vector<double> gsd;
+};
+
+// y rows [h0, h1) = x' * attn (one image)
+template <typename T>
+void mul_rows(const T* x, const T* s, const T* attn, T* y, int64_t C, int64_t HW, int64_t W, bool nhwc,
+              int64_t h0, int64_t h1, bool stream) {
+  const int64_t p0 = h0 * W, len = (h1 - h0) * W;
+  if (!nhwc) {
+    for (int64_t c = 0; c < C; ++c)
+      mul_row<T>(y + c * HW + p0, x + c * HW + p0, nullptr, s ? s[c] : T(1), attn + p0, T(0), len, stream);
+  } else {
+    for (int64_t p = p0; p < p0 + len; ++p) mul_row<T>(y + p * C, x + p * C, s, T(1), nullptr, attn[p], C, stream);
+  }
+}
+
+// Forward of one image. pooled [P, HW], logits / attn [HW], y: this image's slices.
+template <typename T>
+void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
+                       const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
+                       T* attn, T* y, bool stream, Scratch<T>& sc) {
+  const int64_t HW = H * W, P = q.P, lag = q.g.ph;
+  const int64_t R = band_rows(C * W * int64_t(sizeof(T)), lag, W, H, nhwc);
+  sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
+  sc.a.resize(R * W);
+  int64_t done = 0;
+  for (int64_t r0 = 0; r0 < H; r0 += R) {
+    const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
+    T* mx = imax >= 0 ? pooled + imax * HW + p0 : sc.a.data();
+    T* mean = imean >= 0 ? pooled + imean * HW + p0 : sc.a.data();
+    if (!nhwc) {
+      pool_chunk<T>(x + p0, s, C, HW, len, mx, mean);
+    } else {
+      for (int64_t k = 0; k < len; ++k) pool_pixel<T>(x + (p0 + k) * C, s, C, mx[k], mean[k]);
+    }
+    for (int64_t i = 0; i < P; ++i) {
+      const T* src = pooled + (kinds[i] == 0 ? imax : imean) * HW;
+      T* dst = pooled + i * HW;
+      if (src != dst) std::copy(src + p0, src + p0 + len, dst + p0);
+      for (int64_t h = r0; h < r1; ++h)
+        std::copy(dst + h * W, dst + (h + 1) * W, sc.pad.data() + (i * q.g.Hp + h + q.g.ph) * q.g.Wp + q.g.pw);
+    }
+    const int64_t g1 = r1 == H ? H : std::max(done, r1 - lag);
+    if (g1 > done) {
+      gate_rows<T>(q, sc.pad.data(), done, g1, logits, attn);
+      mul_rows<T>(x, s, attn, y, C, HW, W, nhwc, done, g1, stream);
+      done = g1;
+    }
+  }
+  stream_fence(stream);
+}
+
+// Backward of one image. g: this image's upstream gradient (or the single broadcast value
+// if GC); gextra: gradient w.r.t. the returned attention [HW] or null; gs: [C] or null;
+// par: [P*KH*KW + 3] (grad weight, bias, norm scale, norm shift shares), added to.
+template <typename T, bool GC, bool M, bool F>
+void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H, int64_t W, bool nhwc,
+                        const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* mx,
+                        const T* logits, const T* attn, const T* gextra, T* gx, T* gs, double* par, bool stream,
+                        Scratch<T>& sc) {
+  const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
+  const int64_t R = band_rows(C * W * int64_t(sizeof(T)) * (GC ? 1 : 2), lag, W, H, nhwc);
+  const T gv = GC ? g[0] : T(0);
+  sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
+  pad_maps<T>(pooled, q.P, q.g, sc.pad.data());
+  sc.dlpad.assign(q.g.Hp * q.g.Wp, T(0));
+  sc.a.resize(HW);  // d attn
+  sc.b.resize(HW);  // tie counts
+  sc.c.resize(HW);  // d max
+  sc.d.resize(HW);  // d mean
+  sc.row.resize(nhwc ? C : R * W + lag * W);
+  T* dA = sc.a.data();
+  T* cnt = sc.b.data();
+  T* dmax = M ? sc.c.data() : nullptr;
+  T* dmean = F ? sc.d.data() : nullptr;
+  std::vector<double> gw(q.P * KK, 0.0);
+  double small3[3] = {0, 0, 0};
+  if (gs) sc.e.assign(C, T(0));
+  int64_t done = 0;
+  for (int64_t r0 = 0; r0 < H; r0 += R) {
+    const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
+    // pass A on the band
+    if (!nhwc) {
+      reduce_chunk<T, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len, dA + p0,
+                                   cnt + p0);
+    } else {
+      for (int64_t p = p0; p < p0 + len; ++p)
+        reduce_pixel<T, true, GC, M>(x + p * C, s, GC ? g : g + p * C, gv, M ? mx[p] : T(0), C, dA[p], cnt[p]);
+    }
+    if (gextra)
+      for (int64_t k = p0; k < p0 + len; ++k) dA[k] += gextra[k];
+    dlogits_rows<T>(q, dA, attn, logits, r0, r1, sc.dlpad.data(), small3);
+    dweight_rows<T>(q, sc.pad.data(), sc.dlpad.data(), r0, r1, gw.data());
+    const int64_t d1 = r1 == H ? H : std::max(done, r1 - lag);
+    if (d1 <= done) continue;
+    dpooled_rows<T>(q, kinds, sc.dlpad.data(), cnt, C, done, d1, dmax, dmean);
+    // pass B on rows [done, d1)
+    const int64_t a0 = done * W, alen = (d1 - done) * W;
+    if (!nhwc) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T t = gradx_segment<T, true, GC, M, F>(
+            x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0, M ? mx + a0 : nullptr,
+            M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0, stream, sc.row.data());
+        if (gs) sc.e[c] += t;
+      }
+    } else {
+      for (int64_t p = a0; p < a0 + alen; ++p)
+        gradx_pixel<T, true, GC, M, F>(x + p * C, GC ? nullptr : g + p * C, gv, attn[p], s, M ? mx[p] : T(0),
+                                       M ? dmax[p] : T(0), F ? dmean[p] : T(0), C, gs ? sc.e.data() : nullptr,
+                                       gx + p * C, stream, sc.row.data());
+    }
+    done = d1;
+  }
+  stream_fence(stream);
+  if (gs) std::copy(sc.e.begin(), sc.e.end(), gs);
+  for (int64_t k = 0; k < q.P * KK; ++k) par[k] += gw[k];
+  for (int k = 0; k < 3; ++k) par[q.P * KK + k] += small3[k];
 }
 
 // ---------------------------------------------------------------- helpers
@@ -1051,13 +1305,10 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {
       at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
-        std::vector<T> pad(padsz);
-        for (int64_t n = b0; n < e0; ++n) {
-          pool(n, 1);
-          pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
-          gate_rows<T>(q, pad.data(), 0, g.H, lp + n * g.HW, ap + n * g.HW);
-          mul(n, 1);
-        }
+        Scratch<T> sc;
+        for (int64_t n = b0; n < e0; ++n)
+          sam_forward_image<T>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
+                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, sc);
       });
     }
     if (Nf < g.N) {
@@ -1129,57 +1380,57 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
     const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp;
     const bool stream = use_stream<T>(x.numel());
-    std::vector<T> dA(g.N * HW), cnt(imax >= 0 ? g.N * HW : 0), dmax(imax >= 0 ? g.N * HW : 0),
-        dmean(imean >= 0 ? g.N * HW : 0);
-    std::vector<double> par(g.N * NP);
+    std::vector<double> par(g.N * NP, 0.0);
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;  // batch stride PHW
-    // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts of the max
-    auto reduce = [&](int64_t n0, int64_t m) {
-      k_reduce<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, gc ? gyp : gyp + n0 * CHW, gc,
-                  mx ? mx + n0 * PHW : nullptr, PHW, m, g.C, HW, g.nhwc, dA.data() + n0 * HW,
-                  mx ? cnt.data() + n0 * HW : nullptr);
-      if (ge)
-        for (int64_t k = n0 * HW; k < (n0 + m) * HW; ++k) dA[k] += ge[k];
-    };
-    // small maps of image n: sigmoid', norm, transposed conv, parameter grads
-    auto small_maps = [&](int64_t n, T* pad, T* dlpad) {
-      T* dm = mx ? dmax.data() + n * HW : nullptr;
-      T* da = imean >= 0 ? dmean.data() + n * HW : nullptr;
-      gate_backward_image<T>(q, dA.data() + n * HW, ap + n * HW, lp + n * HW, pp + n * PHW, kinds, pad, dlpad, dm,
-                             da, par.data() + n * NP);
-      if (dm) {
-        const T* c = cnt.data() + n * HW;
-        for (int64_t k = 0; k < HW; ++k) dm[k] = dm[k] / c[k];
-      }
-      if (da)
-        for (int64_t k = 0; k < HW; ++k) da[k] = da[k] / T(g.C);
-    };
-    // pass B: grad_x and grad_scale
-    auto grad = [&](int64_t n0, int64_t m) {
-      k_gradx<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, gc ? gyp : gyp + n0 * CHW, gc, ap + n0 * HW,
-                 mx ? mx + n0 * PHW : nullptr, PHW, mx ? dmax.data() + n0 * HW : nullptr,
-                 imean >= 0 ? dmean.data() + n0 * HW : nullptr, m, g.C, HW, g.nhwc, gxp + n0 * CHW,
-                 gsp ? gsp + n0 * g.C : nullptr, stream);
-    };
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {
       at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
-        std::vector<T> pad(padsz), dlpad(dlsz);
+        Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n) {
-          reduce(n, 1);
-          small_maps(n, pad.data(), dlpad.data());
-          grad(n, 1);
+          auto run = [&](auto gc_t, auto m_t, auto f_t) {
+            sam_backward_image<T, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
+                xp + n * CHW, sp ? sp + n * g.C : nullptr, gc ? gyp : gyp + n * CHW, g.C, g.H, g.W, g.nhwc, q, kinds,
+                pp + n * PHW, mx ? mx + n * PHW : nullptr, lp + n * HW, ap + n * HW, ge ? ge + n * HW : nullptr,
+                gxp + n * CHW, gsp ? gsp + n * g.C : nullptr, par.data() + n * NP, stream, sc);
+          };
+          using Y = std::true_type;
+          using No = std::false_type;
+          const bool M = mx != nullptr, F = imean >= 0;
+          if (gc) {
+            if (M && F) run(Y{}, Y{}, Y{}); else if (M) run(Y{}, Y{}, No{}); else run(Y{}, No{}, Y{});
+          } else {
+            if (M && F) run(No{}, Y{}, Y{}); else if (M) run(No{}, Y{}, No{}); else run(No{}, No{}, Y{});
+          }
         }
       });
     }
     if (Nf < g.N) {
+      // the remaining images, one phase at a time
       const int64_t Nr = g.N - Nf;
-      reduce(Nf, Nr);
+      std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), dmax(mx ? Nr * HW : 0), dmean(imean >= 0 ? Nr * HW : 0);
+      // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts of the max
+      k_reduce<T>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
+                  mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr);
+      if (ge)
+        for (int64_t k = 0; k < Nr * HW; ++k) dA[k] += ge[Nf * HW + k];
+      // small maps: sigmoid', norm, transposed conv, parameter grads
       at::parallel_for(0, Nr, 1, [&](int64_t b0, int64_t e0) {
         std::vector<T> pad(padsz), dlpad(dlsz);
-        for (int64_t n = b0; n < e0; ++n) small_maps(Nf + n, pad.data(), dlpad.data());
+        for (int64_t k = b0; k < e0; ++k) {
+          const int64_t n = Nf + k;
+          double* pn = par.data() + n * NP;
+          std::fill(dlpad.begin(), dlpad.end(), T(0));
+          pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
+          dlogits_rows<T>(q, dA.data() + k * HW, ap + n * HW, lp + n * HW, 0, g.H, dlpad.data(), pn + P * KK);
+          dweight_rows<T>(q, pad.data(), dlpad.data(), 0, g.H, pn);
+          dpooled_rows<T>(q, kinds, dlpad.data(), mx ? cnt.data() + k * HW : nullptr, g.C, 0, g.H,
+                          mx ? dmax.data() + k * HW : nullptr, imean >= 0 ? dmean.data() + k * HW : nullptr);
+        }
       });
-      grad(Nf, Nr);
+      // pass B: grad_x and grad_scale
+      k_gradx<T>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
+                 mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
+                 Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream);
     }
     // parameter grads: image shares added in image order (independent of the thread count)
     auto total = [&](int64_t k) {
@@ -1233,4 +1484,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sam_backward", &sam_backward);
   m.def("global_pool", &global_pool);
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
+  m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
+  m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
 }
