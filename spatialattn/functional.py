@@ -164,6 +164,15 @@ def _fused_sam_args(
     return affine
 
 
+def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:
+    """A sigmoid gate and a ``BatchNorm2d(1)`` using batch statistics that the fused CPU op can run."""
+    if not (gate == "sigmoid" or gate is torch.sigmoid) or norm is None:
+        return False
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    return ops.batchnorm_train_fusable(x, norm)
+
+
 def spatial_attention_map(
     x: Tensor,
     weight: Tensor,
@@ -250,6 +259,14 @@ def spatial_attention(
         attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
     """
     fused = _fused_sam_args(x, weight, bias, norm, gate)
+    if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
+        # training-mode BatchNorm on the logits: one fused op with the batch statistics
+        order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return ops.spatial_attention_fused_batchnorm(
+                x, weight, bias, norm, order=order, dilation=dilation, channel_scale=channel_scale,
+                return_attention=return_attention,
+            )
     if fused is None:
         attn = spatial_attention_map(
             x, weight, bias, order=order, dilation=dilation, norm=norm, gate=gate, channel_scale=channel_scale

@@ -37,6 +37,8 @@ __all__ = [
     "channel_pool",
     "gate_multiply",
     "spatial_attention_fused",
+    "spatial_attention_fused_batchnorm",
+    "batchnorm_train_fusable",
     "global_pool",
     "batchnorm_affine",
     "is_exporting",
@@ -248,7 +250,67 @@ def spatial_attention_fused(
             _lib._dense(x), weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation, out
         )
     elif fast == "cpp":
-        y, attn, _, _ = _lib.CppSam.apply(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
+        y, attn = _lib.CppSam.apply(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
     else:
         y, attn, _, _ = _lib.sam_op(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
+    return (y, attn) if return_attention else y
+
+
+def batchnorm_train_fusable(x: Tensor, norm) -> bool:
+    """True when :func:`spatial_attention_fused_batchnorm` can run ``norm`` on ``x``'s SAM
+    logits: a ``BatchNorm2d(1)`` using batch statistics (training mode, or no running
+    statistics), CPU float32/float64 with the C++ kernels, eager mode, and more than one
+    logit per batch."""
+    if not isinstance(norm, torch.nn.BatchNorm2d) or norm.num_features != 1:
+        return False
+    if not (norm.training or norm.running_mean is None):
+        return False
+    if is_exporting() or torch.compiler.is_compiling():
+        return False
+    if x.dim() != 4 or x.shape[1] == 0 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        return False
+    if _fast_device(x) != "cpp":
+        return False
+    p = norm.weight if norm.weight is not None else norm.running_mean
+    return p is None or p.dtype == x.dtype
+
+
+def spatial_attention_fused_batchnorm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    norm: "torch.nn.BatchNorm2d",
+    *,
+    order: Sequence[str] = ("max", "mean"),
+    dilation: int = 1,
+    channel_scale: Optional[Tensor] = None,
+    return_attention: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """CBAM SAM with a training-mode ``BatchNorm2d(1)`` on the logits, fused (CPU C++).
+
+    ``y = x' * sigmoid(norm(conv(channel_pool(x', order), weight) + bias))`` with the batch
+    statistics of the logits, exactly as ``norm`` would compute them; ``norm``'s running
+    statistics (and ``num_batches_tracked``) are updated the way ``BatchNorm2d.forward``
+    does. Check :func:`batchnorm_train_fusable` first.
+
+    Args:
+        x: ``Tensor[N, C, H, W]`` (CPU float32 / float64).
+        weight: ``Tensor[1, len(order), kh, kw]``; bias: optional ``Tensor[1]``.
+        norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
+        order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
+    """
+    y, attn, stats = _lib.CppSamBatchNorm.apply(
+        x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
+    )
+    if norm.training and norm.track_running_stats:
+        with torch.no_grad():
+            factor = 0.0
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+                factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            mean = stats[0].to(norm.running_mean.dtype)
+            var = (stats[1] * count / (count - 1)).to(norm.running_var.dtype)
+            norm.running_mean.mul_(1 - factor).add_(mean * factor)
+            norm.running_var.mul_(1 - factor).add_(var * factor)
     return (y, attn) if return_attention else y

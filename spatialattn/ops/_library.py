@@ -439,6 +439,9 @@ class CppGateMultiply(torch.autograd.Function):
 
 
 class CppSam(torch.autograd.Function):
+    """Returns ``(y, attn)``; the small pooled / logit maps stay on ``ctx`` (fewer
+    autograd outputs: the engine's per-output cost is most of a small map's step)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
         x = _dense(x)
@@ -447,13 +450,14 @@ class CppSam(torch.autograd.Function):
         )
         ctx.kinds, ctx.dilation = kinds, dilation
         ctx.bias_shape = None if bias is None else bias.shape
-        ctx.save_for_backward(x, scale, weight, norm_scale, attn, logits, pooled)
-        ctx.mark_non_differentiable(logits, pooled)
-        return y, attn, logits, pooled
+        ctx.small_maps = (logits, pooled)  # not inputs or outputs: no version tracking needed
+        ctx.save_for_backward(x, scale, weight, norm_scale, attn)
+        return y, attn
 
     @staticmethod
-    def backward(ctx, grad_y, grad_attn, _gl, _gp):
-        x, scale, weight, norm_scale, attn, logits, pooled = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_attn):
+        x, scale, weight, norm_scale, attn = ctx.saved_tensors
+        logits, pooled = ctx.small_maps
         need = ctx.needs_input_grad
         if grad_y is None:
             grad_y = torch.zeros_like(x)
@@ -468,6 +472,48 @@ class CppSam(torch.autograd.Function):
             gs.to(scale.dtype) if gs is not None else None,
             gns.to(norm_scale.dtype).reshape(norm_scale.shape) if gns is not None and need[4] else None,
             gnsh.to(norm_scale.dtype).reshape(norm_scale.shape) if gnsh is not None and need[5] else None,
+            None,
+            None,
+        )
+
+
+class CppSamBatchNorm(torch.autograd.Function):
+    """SAM with a training-mode ``BatchNorm2d(1)`` on the logits (batch statistics), C++ on
+    CPU. Returns ``(y, attn, stats)`` with ``stats = [mean, biased var]`` (float64, no grad)
+    for the running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+        x = _dense(x)
+        y, attn, logits, pooled, stats = _cpp.get().sam_forward_bn(
+            x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation
+        )
+        ctx.kinds, ctx.dilation, ctx.eps = kinds, dilation, eps
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.small_maps = (logits, pooled, stats)
+        ctx.save_for_backward(x, scale, weight, bn_weight, attn)
+        ctx.mark_non_differentiable(stats)
+        return y, attn, stats
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_attn, _gstats):
+        x, scale, weight, bn_weight, attn = ctx.saved_tensors
+        logits, pooled, stats = ctx.small_maps
+        need = ctx.needs_input_grad
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        gx, gs, gw, gb, ggamma, gbeta = _cpp.get().sam_backward_bn(
+            grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, ctx.eps, ctx.kinds,
+            ctx.dilation, scale is not None and need[3], need[1], need[2], need[4] or need[5],
+        )
+        return (
+            gx,
+            gw.to(weight.dtype) if need[1] else None,
+            gb.to(weight.dtype).reshape(ctx.bias_shape) if need[2] and ctx.bias_shape is not None else None,
+            gs.to(scale.dtype) if gs is not None else None,
+            ggamma.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
+            gbeta.reshape(1) if need[5] else None,
+            None,
             None,
             None,
         )

@@ -387,3 +387,96 @@ def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, b
     finally:
         torch.set_num_threads(old)
         cpp_module.set_band_rows(0)
+
+
+def _unfused(monkeypatch_ctx=None):
+    """Context: functional.spatial_attention without the fused training-BatchNorm op."""
+    import contextlib
+
+    from spatialattn import functional as SF
+
+    @contextlib.contextmanager
+    def ctx():
+        orig = SF._fused_batchnorm_ok
+        SF._fused_batchnorm_ok = lambda *a: False
+        try:
+            yield
+        finally:
+            SF._fused_batchnorm_ok = orig
+
+    return ctx()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", ["default", "momentum_none", "no_affine", "no_running_stats", "scale_bias"])
+def test_training_batchnorm_fused_matches_module(layout, variant, monkeypatch):
+    # A training-mode BatchNorm2d(1) on the logits (the official CBAM's default) runs as one
+    # fused op with the batch statistics: same output, gradients (x, channel scale, conv,
+    # BatchNorm affine) and running statistics as the unfused module path.
+    import copy
+
+    from spatialattn import functional as SF
+
+    calls = []
+    real = ops.spatial_attention_fused_batchnorm
+    monkeypatch.setattr(ops, "spatial_attention_fused_batchnorm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bn = torch.nn.BatchNorm2d(1, momentum=None if variant == "momentum_none" else 0.1,
+                              affine=variant != "no_affine", track_running_stats=variant != "no_running_stats")
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.fill_(1.4), bn.bias.fill_(-0.3)
+    bn = bn.double().train()
+    if variant == "no_running_stats":
+        bn.eval()  # no running statistics: batch statistics in eval mode too
+    bn_ref = copy.deepcopy(bn)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 2, 7, 7, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_() if variant == "scale_bias" else None
+    s = torch.rand(3, 10, 1, 1, dtype=torch.float64, generator=g).requires_grad_() if variant == "scale_bias" else None
+    gy = torch.randn(3, 10, 6, 7, dtype=torch.float64, generator=g)
+    ga = torch.randn(3, 1, 6, 7, dtype=torch.float64, generator=g)
+    results = []
+    for norm, fused in ((bn, True), (bn_ref, False)):
+        x = make_x((3, 10, 6, 7), layout, torch.float64).requires_grad_()
+        params = [t for t in (x, w, b, s) if t is not None] + list(norm.parameters())
+        for step in range(2):  # two steps: the running statistics accumulate
+            if fused:
+                y, a = SF.spatial_attention(x, w, b, order=("mean", "max"), norm=norm, channel_scale=s,
+                                            return_attention=True)
+            else:
+                with _unfused():
+                    y, a = SF.spatial_attention(x, w, b, order=("mean", "max"), norm=norm, channel_scale=s,
+                                                return_attention=True)
+            grads = torch.autograd.grad((y * gy).sum() + (a * ga).sum(), params)
+        results.append((y, a, grads, norm.state_dict()))
+    assert len(calls) == 2
+    (y1, a1, g1, sd1), (y2, a2, g2, sd2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a1, a2, rtol=1e-10, atol=1e-12)
+    for got, want in zip(g1, g2):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        torch.testing.assert_close(sd1[k], sd2[k], rtol=1e-12, atol=1e-12)
+
+
+def test_training_batchnorm_fused_gradcheck_and_fallbacks():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    s = torch.rand(2, 5, 1, 1, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_()
+    gamma = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    beta = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_()
+
+    def f(x, s, w, b, gamma, beta):
+        y, a, _ = lib.CppSamBatchNorm.apply(x, w, b, s, gamma, beta, 1e-5, [0, 1], 1)
+        return y, a
+
+    assert torch.autograd.gradcheck(f, (x, s, w, b, gamma, beta), fast_mode=True)
+    bn = torch.nn.BatchNorm2d(1).train()
+    xs = torch.randn(1, 4, 1, 1)
+    assert not ops.batchnorm_train_fusable(xs, bn)  # one logit: BatchNorm itself refuses it
+    assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.eval())  # running stats: affine path
+    assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.train())
+    assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.train())

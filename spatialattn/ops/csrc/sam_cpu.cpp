@@ -335,33 +335,38 @@ void reduce_chunk(const T* x, const T* s, const T* g, T gv, const T* mp, int64_t
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
-  for (; c + 2 <= C; c += 2) {
+  for (; c + 4 <= C; c += 4) {
     const T* x0 = x + c * HW;
-    const T* x1 = x0 + HW;
     const T* g0 = g + c * HW;
-    const T* g1 = g0 + HW;
-    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1);
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      const V v0 = vload(x0 + i) * s0, v1 = vload(x1 + i) * s1;
+      const V v0 = vload(x0 + i) * s0, v1 = vload(x0 + HW + i) * s1, v2 = vload(x0 + 2 * HW + i) * s2,
+              v3 = vload(x0 + 3 * HW + i) * s3;
       if (G) {
         V a = vload(ap + i);
         if (GC) {
-          a = a + gv * v0 + gv * v1;
+          a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
         } else {
-          a = a + vload(g0 + i) * v0 + vload(g1 + i) * v1;
+          a = a + vload(g0 + i) * v0 + vload(g0 + HW + i) * v1 + vload(g0 + 2 * HW + i) * v2 +
+              vload(g0 + 3 * HW + i) * v3;
         }
         vstore(ap + i, a);
       }
       if (M) {
         const V m = vload(mp + i);
-        vstore(cp + i, vload(cp + i) + (v0 == m ? one : zero) + (v1 == m ? one : zero));
+        vstore(cp + i, vload(cp + i) + (v0 == m ? one : zero) + (v1 == m ? one : zero) + (v2 == m ? one : zero) +
+                           (v3 == m ? one : zero));
       }
     }
     for (; i < len; ++i) {
-      const T v0 = x0[i] * s0, v1 = x1[i] * s1;
-      if (G) ap[i] = GC ? ap[i] + gv * v0 + gv * v1 : ap[i] + g0[i] * v0 + g1[i] * v1;
-      if (M) cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0));
+      const T v0 = x0[i] * s0, v1 = x0[HW + i] * s1, v2 = x0[2 * HW + i] * s2, v3 = x0[3 * HW + i] * s3;
+      if (G)
+        ap[i] = GC ? ap[i] + gv * v0 + gv * v1 + gv * v2 + gv * v3
+                   : ap[i] + g0[i] * v0 + g0[HW + i] * v1 + g0[2 * HW + i] * v2 + g0[3 * HW + i] * v3;
+      if (M)
+        cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0)) + (v2 == mp[i] ? T(1) : T(0)) +
+                (v3 == mp[i] ? T(1) : T(0));
     }
   }
   for (; c < C; ++c) {
@@ -482,7 +487,11 @@ inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const 
     if (M) v += (vload(xr + i) * sc == vload(mn + i)) ? vload(fm + i) : V{};
     if (F) v += vload(fa + i);
     acc += v * vload(xr + i);
-    vstore(gp + i, v);
+    if (stream || !gx) {
+      vstore(gp + i, v);
+    } else {
+      vstore(gx + i, v * sc);  // cached stores: write directly, no second pass
+    }
   }
   T t = 0;
   for (int64_t l = 0; l < L; ++l) t += acc[l];
@@ -493,8 +502,9 @@ inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const 
     if (F) v += fa[i];
     t += v * xr[i];
     gp[i] = v;
+    if (gx && !stream) gx[i] = v * sc;
   }
-  if (gx) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
+  if (gx && stream) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
   return t;
 }
 
@@ -514,7 +524,11 @@ inline void gradx_pixel(const T* xr, const T* gr, T gv, T av, const T* sr, T m, 
       v += xs == m ? V{} + f : V{};
     }
     if (ps) vstore(ps + c, vload(ps + c) + v * vload(xr + c));
-    vstore(gp + c, v);
+    if (stream || !gx) {
+      vstore(gp + c, v);
+    } else {
+      vstore(gx + c, sr ? v * vload(sr + c) : v);
+    }
   }
   for (; c < C; ++c) {
     T v = F ? fa : T(0);
@@ -522,8 +536,9 @@ inline void gradx_pixel(const T* xr, const T* gr, T gv, T av, const T* sr, T m, 
     if (M) v += ((sr ? xr[c] * sr[c] : xr[c]) == m) ? f : T(0);
     if (ps) ps[c] += v * xr[c];
     gp[c] = v;
+    if (gx && !stream) gx[c] = sr ? v * sr[c] : v;
   }
-  if (gx) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
+  if (gx && stream) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
 }
 
 template <typename T, bool G, bool GC, bool M, bool F>
@@ -1449,6 +1464,163 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
   return pack();
 }
 
+// ---------------------------------------------------------------- SAM with a training-mode BatchNorm
+// z = (logits - mean) / sqrt(var + eps) * gamma + beta with the batch statistics of the
+// logits (one channel, over N, H, W): the gate needs every image's logits first, so the
+// work runs one phase at a time over the whole batch (pool + conv, statistics, gate +
+// multiply; backward: reduce, BatchNorm and conv backward on the small maps, gradient).
+// Returns (y, attn, logits, pooled, stats = [mean, biased var] in float64).
+std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                   const optional<Tensor>& scale, const optional<Tensor>& bn_weight,
+                                   const optional<Tensor>& bn_bias, double eps, std::vector<int64_t> kinds,
+                                   int64_t dilation) {
+  Geo g = geometry(x);
+  TORCH_CHECK(g.C > 0, "spatialattn: channel pooling over zero channels");
+  const int64_t P = kinds.size(), M = g.N * g.HW;
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
+              "spatialattn: weight must be (1, P, kh, kw)");
+  TORCH_CHECK(M > 1, "spatialattn: Expected more than 1 value per channel when training, got input size ",
+              x.sizes());
+  Tensor s = flat_scale(scale, x);
+  Tensor w = small(weight, x);
+  auto b = small_opt(bias, x), gamma = small_opt(bn_weight, x), beta = small_opt(bn_bias, x);
+  Tensor pooled = empty_map(g, P, x), logits = empty_map(g, 1, x), attn = empty_map(g, 1, x);
+  Tensor y = at::empty_like(x);
+  Tensor stats = at::empty({2}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_forward_bn", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* sp = dptr<T>(s);
+    T* pp = pooled.data_ptr<T>();
+    T* lp = logits.data_ptr<T>();
+    T* ap = attn.data_ptr<T>();
+    int64_t imax, imean;
+    first_slots(kinds, imax, imean);
+    const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), ptr_or_null<T>(b),
+                    nullptr, nullptr};
+    const int64_t PHW = P * g.HW, padsz = P * q.g.Hp * q.g.Wp;
+    k_pool<T>(xp, sp, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? pp + imax * g.HW : nullptr,
+              imean >= 0 ? pp + imean * g.HW : nullptr, PHW);
+    fill_repeated_slots<T>(pp, kinds, imax, imean, g.HW, 0, g.N);
+    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t e0) {
+      std::vector<T> pad(padsz);
+      for (int64_t n = b0; n < e0; ++n) {
+        pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
+        gate_rows<T>(q, pad.data(), 0, g.H, lp + n * g.HW, ap + n * g.HW);  // logits (attn recomputed below)
+      }
+    });
+    double sum = 0, sq = 0;
+    for (int64_t k = 0; k < M; ++k) sum += double(lp[k]);
+    const double mean = sum / double(M);
+    for (int64_t k = 0; k < M; ++k) sq += (double(lp[k]) - mean) * (double(lp[k]) - mean);
+    const double var = sq / double(M), invstd = 1.0 / std::sqrt(var + eps);
+    stats.data_ptr<double>()[0] = mean;
+    stats.data_ptr<double>()[1] = var;
+    const double gm = gamma.has_value() ? double(gamma->data_ptr<T>()[0]) : 1.0;
+    const double bt = beta.has_value() ? double(beta->data_ptr<T>()[0]) : 0.0;
+    const T ns = T(gm * invstd), nsh = T(bt - mean * gm * invstd);
+    constexpr int64_t L = lanes<T>();
+    int64_t k = 0;
+    for (; k + L <= M; k += L) vstore(ap + k, vsigmoid(vload(lp + k) * ns + nsh));
+    for (; k < M; ++k) ap[k] = T(1) / (T(1) + std::exp(-(lp[k] * ns + nsh)));
+    k_mul<T>(xp, sp, ap, y.data_ptr<T>(), g.N, g.C, g.HW, g.nhwc, use_stream<T>(x.numel()));
+  });
+  return {y, attn, logits, pooled, stats};
+}
+
+// returns (grad_x, grad_scale, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias);
+// undefined where not wanted.
+std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>& grad_attn, const Tensor& x,
+                                    const optional<Tensor>& scale, const Tensor& weight,
+                                    const optional<Tensor>& bn_weight, const Tensor& attn, const Tensor& logits,
+                                    const Tensor& pooled, const Tensor& stats, double eps,
+                                    std::vector<int64_t> kinds, int64_t dilation, bool need_gs, bool need_gw,
+                                    bool need_gb, bool need_gbn) {
+  Geo g = geometry(x);
+  const int64_t P = kinds.size(), M = g.N * g.HW;
+  Tensor s = flat_scale(scale, x);
+  Tensor w = small(weight, x);
+  auto gamma = small_opt(bn_weight, x);
+  bool gc = false;
+  Tensor gy = upstream(grad_y, x, g, gc);
+  Tensor gx = at::empty_like(x);
+  Tensor gs = (s.defined() && need_gs) ? at::zeros({g.N, g.C}, x.options()) : Tensor();
+  Tensor gw = need_gw ? at::zeros_like(w) : Tensor();
+  Tensor gb = need_gb ? at::zeros({1}, x.options()) : Tensor();
+  Tensor ggamma = need_gbn ? at::zeros({1}, x.options()) : Tensor();
+  Tensor gbeta = need_gbn ? at::zeros({1}, x.options()) : Tensor();
+  Tensor gextra;
+  if (grad_attn.has_value() && grad_attn->defined())
+    gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward_bn", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* sp = dptr<T>(s);
+    const T* gyp = gy.data_ptr<T>();
+    const T* pp = pooled.data_ptr<T>();
+    const T* lp = logits.data_ptr<T>();
+    const T* ap = attn.data_ptr<T>();
+    const T* ge = dptr<T>(gextra);
+    int64_t imax, imean;
+    first_slots(kinds, imax, imean);
+    const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), nullptr, nullptr,
+                    nullptr};
+    const int64_t HW = g.HW, PHW = P * HW, KK = q.g.KH * q.g.KW;
+    const T* mx = imax >= 0 ? pp + imax * HW : nullptr;
+    std::vector<T> dA(M), cnt(mx ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
+    k_reduce<T>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr);
+    if (ge)
+      for (int64_t k = 0; k < M; ++k) dA[k] += ge[k];
+    // BatchNorm backward on the logits (batch statistics)
+    const double mean = stats.data_ptr<double>()[0], var = stats.data_ptr<double>()[1];
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    const double gm = gamma.has_value() ? double(gamma->data_ptr<T>()[0]) : 1.0;
+    double s_dz = 0, s_dzx = 0;
+    for (int64_t k = 0; k < M; ++k) {
+      const double dz = double(dA[k]) * ((1.0 - double(ap[k])) * double(ap[k]));
+      dA[k] = T(dz);  // dA now holds dz
+      s_dz += dz;
+      s_dzx += dz * (double(lp[k]) - mean) * invstd;
+    }
+    if (ggamma.defined()) ggamma.data_ptr<T>()[0] = T(s_dzx);
+    if (gbeta.defined()) gbeta.data_ptr<T>()[0] = T(s_dz);
+    const double k1 = gm * invstd, mdz = s_dz / double(M), mdzx = s_dzx / double(M);
+    double s_dl = 0;
+    for (int64_t k = 0; k < M; ++k) {
+      const double xhat = (double(lp[k]) - mean) * invstd;
+      const double dl = k1 * (double(dA[k]) - mdz - xhat * mdzx);
+      dA[k] = T(dl);  // dA now holds d logits
+      s_dl += dl;
+    }
+    if (gb.defined()) gb.data_ptr<T>()[0] = T(s_dl);
+    // conv backward per image
+    std::vector<double> par(g.N * P * KK, 0.0);
+    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t e0) {
+      std::vector<T> pad(P * q.g.Hp * q.g.Wp), dlpad(q.g.Hp * q.g.Wp, T(0));
+      for (int64_t n = b0; n < e0; ++n) {
+        for (int64_t h = 0; h < g.H; ++h)
+          std::copy(dA.data() + n * HW + h * g.W, dA.data() + n * HW + (h + 1) * g.W,
+                    dlpad.data() + (h + q.g.ph) * q.g.Wp + q.g.pw);
+        pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
+        dweight_rows<T>(q, pad.data(), dlpad.data(), 0, g.H, par.data() + n * P * KK);
+        dpooled_rows<T>(q, kinds, dlpad.data(), mx ? cnt.data() + n * HW : nullptr, g.C, 0, g.H,
+                        mx ? dmax.data() + n * HW : nullptr, imean >= 0 ? dmean.data() + n * HW : nullptr);
+      }
+    });
+    if (gw.defined()) {
+      T* o = gw.data_ptr<T>();
+      for (int64_t k = 0; k < P * KK; ++k) {
+        double t = 0;
+        for (int64_t n = 0; n < g.N; ++n) t += par[n * P * KK + k];
+        o[k] = T(t);
+      }
+    }
+    k_gradx<T>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr, g.N,
+               g.C, HW, g.nhwc, gx.data_ptr<T>(), dptr<T>(gs), use_stream<T>(x.numel()));
+  });
+  return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs, gw, gb, ggamma, gbeta};
+}
+
 // [P, N, C] (dtype of x): max / mean over H, W for each kind in `kinds`.
 Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) {
   Geo g = geometry(x);
@@ -1482,6 +1654,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_backward", &gate_backward);
   m.def("sam_forward", &sam_forward);
   m.def("sam_backward", &sam_backward);
+  m.def("sam_forward_bn", &sam_forward_bn);
+  m.def("sam_backward_bn", &sam_backward_bn);
   m.def("global_pool", &global_pool);
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
