@@ -517,3 +517,22 @@ class CppSamBatchNorm(torch.autograd.Function):
             None,
             None,
         )
+
+
+class CppGlobalPool(torch.autograd.Function):
+    """CBAM channel-gate pooling (max / mean over H, W) with a C++ backward: one read of
+    ``x`` for the tie counts and one write of the gradient (``amax`` semantics: ties share
+    the max gradient evenly)."""
+
+    @staticmethod
+    def forward(ctx, x, kinds):
+        x = _dense(x)
+        out = _cpp.get().global_pool(x, kinds)
+        ctx.kinds = kinds
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
+        return _cpp.get().global_pool_backward(grad, x, out, ctx.kinds), None

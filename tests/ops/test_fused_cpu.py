@@ -480,3 +480,24 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks():
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.eval())  # running stats: affine path
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.train())
     assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.train())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17)])
+def test_global_pool_backward_matches_reference(layout, shape):
+    # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly)
+    for ties in (False, True):
+        x = make_x(shape, layout, torch.float64)
+        if ties:
+            x = x.round()  # many tied maxima
+        for order in (("mean", "max"), ("max",), ("mean",), ("max", "mean", "max")):
+            xa = x.clone().requires_grad_()
+            xb = x.clone().requires_grad_()
+            out = ops.global_pool(xa, order)
+            ref = torch.stack([xb.amax(dim=(2, 3)) if k == "max" else xb.mean(dim=(2, 3)) for k in order])
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            g = torch.randn_like(ref)
+            torch.testing.assert_close(torch.autograd.grad(out, xa, g)[0], torch.autograd.grad(ref, xb, g)[0],
+                                       rtol=1e-12, atol=1e-12)
+    x = make_x((2, 6, 3, 4), layout, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.global_pool(t, ("mean", "max")), (x,), fast_mode=True)

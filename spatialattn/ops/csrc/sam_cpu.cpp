@@ -621,30 +621,30 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
 // mx / mean: [N, C] outputs (either may be null).
 template <typename T>
 void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T* row = x + r * HW;
-        T m, sum;
+        T m = row[0], sum = 0;
         int64_t i = 0;
-        if (HW >= kLanes) {
-          T ml[kLanes], sl[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) ml[l] = sl[l] = row[l];
-          for (i = kLanes; i + kLanes <= HW; i += kLanes)
-            for (int64_t l = 0; l < kLanes; ++l) {
-              ml[l] = vmax(ml[l], row[i + l]);
-              sl[l] += row[i + l];
-            }
-          m = ml[0];
-          sum = sl[0];
-          for (int64_t l = 1; l < kLanes; ++l) {
-            m = vmax(m, ml[l]);
-            sum += sl[l];
+        if (HW >= 2 * L) {
+          V m0 = vload(row), m1 = vload(row + L), a0 = {}, a1 = {};
+          for (; i + 2 * L <= HW; i += 2 * L) {
+            const V v0 = vload(row + i), v1 = vload(row + i + L);
+            m0 = vmax(m0, v0);
+            m1 = vmax(m1, v1);
+            a0 += v0;
+            a1 += v1;
           }
-        } else {
-          m = sum = row[0];
-          i = 1;
+          m0 = vmax(m0, m1);
+          a0 += a1;
+          for (int64_t l = 0; l < L; ++l) {
+            m = vmax(m, m0[l]);
+            sum += a0[l];
+          }
         }
         for (; i < HW; ++i) {
           m = vmax(m, row[i]);
@@ -656,17 +656,25 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
       }
     });
   } else {
-    constexpr int64_t kCB = 64;
+    // channels_last: per image, vector accumulators over a block of channels, pixel by pixel
+    const int64_t kCB = 8 * L;
     const int64_t ncb = (C + kCB - 1) / kCB;
     at::parallel_for(0, N * ncb, 1, [&](int64_t b, int64_t e) {
-      T m[kCB], sm[kCB];
+      std::vector<T> m(kCB), sm(kCB);
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / ncb, c0 = (t % ncb) * kCB, len = std::min(kCB, C - c0);
         const T* base = x + n * HW * C + c0;
-        for (int64_t c = 0; c < len; ++c) m[c] = sm[c] = base[c];
-        for (int64_t p = 1; p < HW; ++p) {
+        std::copy(base, base + len, m.begin());
+        std::fill(sm.begin(), sm.end(), T(0));
+        for (int64_t p = 0; p < HW; ++p) {
           const T* row = base + p * C;
-          for (int64_t c = 0; c < len; ++c) {
+          int64_t c = 0;
+          for (; c + L <= len; c += L) {
+            const V v = vload(row + c);
+            vstore(m.data() + c, vmax(vload(m.data() + c), v));
+            vstore(sm.data() + c, vload(sm.data() + c) + v);
+          }
+          for (; c < len; ++c) {
             m[c] = vmax(m[c], row[c]);
             sm[c] += row[c];
           }
@@ -678,6 +686,82 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
           if (mean) mean[n * C + c0 + c] = sm[c] / T(HW);
         }
       }
+    });
+  }
+}
+
+// Backward of the global pooling: gx[n, c, p] = fmean[n, c] + [x == mx[n, c]] * fmax[n, c]
+// (fmean = d mean / HW; fmax = d max / number of tied maxima, counted here). Either of
+// fmax (with mx) / fmean may be null. gmax is overwritten with fmax.
+template <typename T>
+void k_global_pool_backward(const T* x, const T* mx, T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
+                            bool nhwc, T* gx, bool stream) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  if (!nhwc) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(HW);
+      for (int64_t r = b; r < e; ++r) {
+        const T* row = x + r * HW;
+        T fm = 0;
+        const T m = mx ? mx[r] : T(0);
+        if (mx) {
+          V k = {};
+          int64_t i = 0;
+          for (; i + L <= HW; i += L) k += vload(row + i) == m ? one : zero;
+          T cnt = 0;
+          for (int64_t l = 0; l < L; ++l) cnt += k[l];
+          for (; i < HW; ++i) cnt += row[i] == m ? T(1) : T(0);
+          fm = gmax[r] / cnt;
+          gmax[r] = fm;
+        }
+        const T fa = fmean ? fmean[r] : T(0);
+        T* o = stream ? buf.data() : gx + r * HW;
+        int64_t i = 0;
+        for (; i + L <= HW; i += L) vstore(o + i, mx ? (vload(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa);
+        for (; i < HW; ++i) o[i] = (mx && row[i] == m) ? fa + fm : fa;
+        if (stream) mul_row<T>(gx + r * HW, buf.data(), nullptr, T(1), nullptr, T(1), HW, true);
+      }
+      stream_fence(stream);
+    });
+  } else {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> cnt(C), fm(C), fa(C), buf(C);
+      for (int64_t n = b; n < e; ++n) {
+        const T* base = x + n * HW * C;
+        const T* mn = mx ? mx + n * C : nullptr;
+        if (mn) {
+          std::fill(cnt.begin(), cnt.end(), T(0));
+          for (int64_t p = 0; p < HW; ++p) {
+            const T* row = base + p * C;
+            int64_t c = 0;
+            for (; c + L <= C; c += L)
+              vstore(cnt.data() + c, vload(cnt.data() + c) + (vload(row + c) == vload(mn + c) ? one : zero));
+            for (; c < C; ++c) cnt[c] += row[c] == mn[c] ? T(1) : T(0);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            fm[c] = gmax[n * C + c] / cnt[c];
+            gmax[n * C + c] = fm[c];
+          }
+        } else {
+          std::fill(fm.begin(), fm.end(), T(0));
+        }
+        for (int64_t c = 0; c < C; ++c) fa[c] = fmean ? fmean[n * C + c] : T(0);
+        for (int64_t p = 0; p < HW; ++p) {
+          const T* row = base + p * C;
+          T* o = stream ? buf.data() : gx + (n * HW + p) * C;
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {
+            const V f = vload(fa.data() + c);
+            vstore(o + c, mn ? (vload(row + c) == vload(mn + c) ? f + vload(fm.data() + c) : f) : f);
+          }
+          for (; c < C; ++c) o[c] = (mn && row[c] == mn[c]) ? fa[c] + fm[c] : fa[c];
+          if (stream) mul_row<T>(gx + (n * HW + p) * C, buf.data(), nullptr, T(1), nullptr, T(1), C, true);
+        }
+      }
+      stream_fence(stream);
     });
   }
 }
@@ -1645,6 +1729,33 @@ Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) {
   return out;
 }
 
+// gradient of global_pool: grad [P, N, C], out = global_pool(x, kinds) -> grad_x
+Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& out, std::vector<int64_t> kinds) {
+  Geo g = geometry(x);
+  Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  const Tensor gp = grad.to(x.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool_backward", [&] {
+    using T = scalar_t;
+    Tensor gmax, fmean;
+    Tensor mx;
+    for (size_t i = 0; i < kinds.size(); ++i) {
+      Tensor gi = gp.select(0, i);
+      if (kinds[i] == 0) {
+        gmax = gmax.defined() ? gmax + gi : gi.clone();
+        if (!mx.defined()) mx = out.select(0, i).to(x.scalar_type()).contiguous();
+      } else {
+        fmean = fmean.defined() ? fmean + gi : gi.clone();
+      }
+    }
+    if (fmean.defined()) fmean = (fmean / double(g.HW)).contiguous();
+    if (gmax.defined()) gmax = gmax.contiguous();
+    k_global_pool_backward<T>(x.data_ptr<T>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW, g.nhwc,
+                              gx.data_ptr<T>(), use_stream<T>(x.numel()));
+  });
+  return gx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1657,6 +1768,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sam_forward_bn", &sam_forward_bn);
   m.def("sam_backward_bn", &sam_backward_bn);
   m.def("global_pool", &global_pool);
+  m.def("global_pool_backward", &global_pool_backward);
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
