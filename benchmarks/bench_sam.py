@@ -21,7 +21,11 @@ MLP in torch) followed by the fused SAM with ``channel_scale``; ``eager`` is
 
 Modes: ``fwd`` (no autograd), ``fwd+bwd`` (dense upstream gradient, gradients
 for x and the conv weight), ``cbam`` (channel gate + spatial attention, no
-autograd; the eager CBAM materialises ``x * channel_gate``).
+autograd; the eager CBAM materialises ``x * channel_gate``), ``train`` and
+``cbam-train`` (one training step, forward + backward, of
+``spatialattn.nn.SpatialAttention(C)`` / ``CBAM(C, preset="official")`` with the
+BatchNorm of the spatial gate in training mode; ``ours-2op`` is the same module
+without the fused training-BatchNorm op, ``eager`` the same math in plain PyTorch).
 
 Memory (``peak/|x|``, CPU): a fresh child process (same malloc settings, no
 trimming) allocates x and the upstream gradient, runs one small warm-up step,
@@ -83,6 +87,7 @@ def main() -> None:
 
     from spatialattn import functional as SF
     from spatialattn import ops
+    from spatialattn.nn import CBAM, SpatialAttention
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -199,6 +204,58 @@ def main() -> None:
                 ("cbam", "ours"): lambda: cbam_ours(x, w, w1, w2),
                 ("cbam", "eager"): lambda: cbam_eager(x, w, w1, w2),
             }
+            # training steps of whole modules (forward + backward, BatchNorm in training mode):
+            # ours = spatialattn.nn modules (fused ops incl. the training-BatchNorm SAM);
+            # ours-2op = the same modules without the fused training-BatchNorm op (what they
+            # ran before it: fused pooling + torch conv/BN + fused multiply); eager = the
+            # same math in plain PyTorch (timm / official-CBAM style formulas).
+            sam_mod = SpatialAttention(c).to(dev).train()
+            cbam_mod = CBAM(c, preset="official").to(dev).train()
+            eager_bn = torch.nn.BatchNorm2d(1).to(dev).train()
+            eager_cbam_bn = torch.nn.BatchNorm2d(1).to(dev).train()
+            mlp1 = (torch.randn(max(c // 16, 1), c, 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
+            mlp2 = (torch.randn(c, max(c // 16, 1), 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
+            w_e = w.clone().requires_grad_()
+
+            def eager_sam_bn(t):
+                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
+                return t * torch.sigmoid(eager_bn(F.conv2d(p, w_e, padding=3)))
+
+            def eager_cbam(t):
+                a = F.conv2d(F.relu(F.conv2d(t.mean((2, 3), keepdim=True), mlp1)), mlp2)
+                m = F.conv2d(F.relu(F.conv2d(t.amax((2, 3), keepdim=True), mlp1)), mlp2)
+                t = t * torch.sigmoid(a + m)
+                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
+                return t * torch.sigmoid(eager_cbam_bn(F.conv2d(p, w_e, padding=3)))
+
+            def step(f, params):
+                def run():
+                    f(xg).backward(gy)
+                    xg.grad = None
+                    for t in params:
+                        t.grad = None
+                return run
+
+            def no_fused_bn(f):
+                def run():
+                    orig = SF._fused_batchnorm_ok
+                    SF._fused_batchnorm_ok = lambda *a: False
+                    try:
+                        f()
+                    finally:
+                        SF._fused_batchnorm_ok = orig
+                return run
+
+            cases[("train", "ours")] = step(sam_mod, list(sam_mod.parameters()))
+            cases[("train", "ours-2op")] = no_fused_bn(step(sam_mod, list(sam_mod.parameters())))
+            cases[("train", "eager")] = step(eager_sam_bn, [w_e] + list(eager_bn.parameters()))
+            cases[("cbam-train", "ours")] = step(cbam_mod, list(cbam_mod.parameters()))
+            cases[("cbam-train", "ours-2op")] = no_fused_bn(step(cbam_mod, list(cbam_mod.parameters())))
+            cases[("cbam-train", "eager")] = step(eager_cbam, [w_e, mlp1, mlp2] + list(eager_cbam_bn.parameters()))
+            if compiled is not None:
+                cases[("train", "compile")] = step(torch.compile(eager_sam_bn), [w_e] + list(eager_bn.parameters()))
+                cases[("cbam-train", "compile")] = step(torch.compile(eager_cbam),
+                                                        [w_e, mlp1, mlp2] + list(eager_cbam_bn.parameters()))
             if compiled is not None:
                 cases[("fwd", "compile")] = lambda: compiled(x, w)
                 cases[("fwd+bwd", "compile")] = fb(compiled)
@@ -206,10 +263,10 @@ def main() -> None:
             # warm-up (builds the extension / compiles once)
             with torch.no_grad():
                 for (mode, name), fn in cases.items():
-                    if mode != "fwd+bwd":
+                    if mode in ("fwd", "cbam"):
                         fn()
             for (mode, name), fn in cases.items():
-                if mode == "fwd+bwd":
+                if mode not in ("fwd", "cbam"):
                     fn()
             # agreement of our output with the eager formula (sanity, not a test)
             with torch.no_grad():
@@ -224,7 +281,7 @@ def main() -> None:
             for _ in range(rounds):
                 base = None
                 for key, fn in cases.items():
-                    if key[0] == "fwd+bwd":
+                    if key[0] not in ("fwd", "cbam"):
                         t = timeit(fn, max(2, iters // 8))
                     else:
                         with torch.no_grad():
@@ -279,7 +336,8 @@ def main() -> None:
               f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev))}, rounds {rounds}, "
               f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
     impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["ours", "ours-2op", "timm", "ultra", "compile"],
-             "cbam": ["ours", "eager", "compile"]}
+             "cbam": ["ours", "eager", "compile"], "train": ["ours", "ours-2op", "eager", "compile"],
+             "cbam-train": ["ours", "ours-2op", "eager", "compile"]}
     lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
     for mode, names in impls.items():
         present = [nm for nm in names if any(r["mode"] == mode and r["impl"] == nm for r in rows)]

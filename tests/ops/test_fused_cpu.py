@@ -483,7 +483,7 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17)])
+@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17), (1, 33, 5, 7)])
 def test_global_pool_backward_matches_reference(layout, shape):
     # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly)
     for ties in (False, True):

@@ -656,36 +656,51 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
       }
     });
   } else {
-    // channels_last: per image, vector accumulators over a block of channels, pixel by pixel
-    const int64_t kCB = 8 * L;
-    const int64_t ncb = (C + kCB - 1) / kCB;
-    at::parallel_for(0, N * ncb, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> m(kCB), sm(kCB);
+    // channels_last: one contiguous pass over the pixels of an image (or of a block of
+    // them when there are fewer images than threads), accumulating all C channels
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
+    const int64_t block = (HW + nb - 1) / nb;
+    std::vector<T> pm(N * nb * C), ps(N * nb * C);
+    at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / ncb, c0 = (t % ncb) * kCB, len = std::min(kCB, C - c0);
-        const T* base = x + n * HW * C + c0;
-        std::copy(base, base + len, m.begin());
-        std::fill(sm.begin(), sm.end(), T(0));
-        for (int64_t p = 0; p < HW; ++p) {
+        const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
+        T* m = pm.data() + t * C;
+        T* sm = ps.data() + t * C;
+        const T* base = x + n * HW * C;
+        std::fill(sm, sm + C, T(0));
+        if (p0 >= p1) {
+          std::fill(m, m + C, -std::numeric_limits<T>::infinity());
+          continue;
+        }
+        std::copy(base + p0 * C, base + (p0 + 1) * C, m);
+        for (int64_t p = p0; p < p1; ++p) {
           const T* row = base + p * C;
           int64_t c = 0;
-          for (; c + L <= len; c += L) {
+          for (; c + L <= C; c += L) {
             const V v = vload(row + c);
-            vstore(m.data() + c, vmax(vload(m.data() + c), v));
-            vstore(sm.data() + c, vload(sm.data() + c) + v);
+            vstore(m + c, vmax(vload(m + c), v));
+            vstore(sm + c, vload(sm + c) + v);
           }
-          for (; c < len; ++c) {
+          for (; c < C; ++c) {
             m[c] = vmax(m[c], row[c]);
             sm[c] += row[c];
           }
         }
-        for (int64_t c = 0; c < len; ++c) {
-          T mc = m[c];
-          if (sm[c] != sm[c] && any_nan<T>(base + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
-          if (mx) mx[n * C + c0 + c] = mc;
-          if (mean) mean[n * C + c0 + c] = sm[c] / T(HW);
-        }
       }
+    });
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
+          for (int64_t k = 1; k < nb; ++k) {
+            mc = vmax(mc, pm[(n * nb + k) * C + c]);
+            sc += ps[(n * nb + k) * C + c];
+          }
+          if (sc != sc && any_nan<T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+          if (mx) mx[n * C + c] = mc;
+          if (mean) mean[n * C + c] = sc / T(HW);
+        }
     });
   }
 }
