@@ -501,3 +501,17 @@ def test_global_pool_backward_matches_reference(layout, shape):
                                        rtol=1e-12, atol=1e-12)
     x = make_x((2, 6, 3, 4), layout, torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: ops.global_pool(t, ("mean", "max")), (x,), fast_mode=True)
+
+
+def test_training_batchnorm_under_torch_compile_uses_unfused_path():
+    # torch.compile sees the unfused ops (fused pooling / multiply custom ops + conv + BN)
+    from spatialattn.nn import SpatialAttention
+
+    m = SpatialAttention(6).train()
+    x = torch.randn(2, 6, 5, 7)
+    y_eager = m(x)
+    mean_eager = m.bn.running_mean.clone()
+    m.bn.reset_running_stats()
+    y_comp = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.bn.running_mean, mean_eager, rtol=1e-5, atol=1e-7)
