@@ -1451,6 +1451,35 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
   return {y, attn, logits, pooled};
 }
 
+// Outputs and inputs shared by the two SAM backwards: the upstream gradient in the layout of
+// x (gc: one broadcast value), grad_x, zero-filled grads of the channel scale [N, C], the conv
+// weight and bias, two scalar grads (norm scale / shift, or BatchNorm weight / bias), and the
+// gradient w.r.t. the returned attention as [N, HW] (or undefined).
+struct SamGrads {
+  Tensor gy, gx, gs, gw, gb, g1, g2, gextra;
+  bool gc = false;
+  std::vector<Tensor> pack(const Geo& g) const {
+    return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs, gw, gb, g1, g2};
+  }
+};
+
+SamGrads sam_grads(const Tensor& grad_y, const optional<Tensor>& grad_attn, const Tensor& x, const Geo& g,
+                   const Tensor& s, const Tensor& w, bool need_gs, bool need_gw, bool need_gb, bool need_g12) {
+  SamGrads r;
+  r.gy = upstream(grad_y, x, g, r.gc);
+  r.gx = at::empty_like(x);
+  if (s.defined() && need_gs) r.gs = at::zeros({g.N, g.C}, x.options());
+  if (need_gw) r.gw = at::zeros_like(w);
+  if (need_gb) r.gb = at::zeros({1}, x.options());
+  if (need_g12) {
+    r.g1 = at::zeros({1}, x.options());
+    r.g2 = at::zeros({1}, x.options());
+  }
+  if (grad_attn.has_value() && grad_attn->defined())
+    r.gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
+  return r;
+}
+
 // returns (grad_x, grad_scale, grad_weight, grad_bias, grad_norm_scale, grad_norm_shift);
 // undefined where not wanted.
 std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& grad_attn,
@@ -1464,24 +1493,14 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
   Tensor s = flat_scale(scale, x);
   Tensor w = small(weight, x);
   auto ns = small_opt(norm_scale, x);
-  bool gc = false;
-  Tensor gy = upstream(grad_y, x, g, gc);
-  Tensor gx = at::empty_like(x);
-  Tensor gs = (s.defined() && need_gs) ? at::zeros({g.N, g.C}, x.options()) : Tensor();
-  Tensor gw = need_gw ? at::zeros_like(w) : Tensor();
-  Tensor gb = need_gb ? at::zeros({1}, x.options()) : Tensor();
-  Tensor gns = (need_gnorm && ns.has_value()) ? at::zeros({1}, x.options()) : Tensor();
-  Tensor gnsh = (need_gnorm && ns.has_value()) ? at::zeros({1}, x.options()) : Tensor();
-  auto pack = [&]() -> std::vector<Tensor> {
-    return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs, gw, gb, gns, gnsh};
-  };
+  const SamGrads r = sam_grads(grad_y, grad_attn, x, g, s, w, need_gs, need_gw, need_gb, need_gnorm && ns.has_value());
+  const Tensor &gy = r.gy, &gx = r.gx, &gs = r.gs, &gw = r.gw, &gb = r.gb, &gns = r.g1, &gnsh = r.g2,
+               &gextra = r.gextra;
+  const bool gc = r.gc;
   if (x.numel() == 0) {
-    gx.zero_();
-    return pack();
+    r.gx.zero_();
+    return r.pack(g);
   }
-  Tensor gextra;
-  if (grad_attn.has_value() && grad_attn->defined())
-    gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
@@ -1566,7 +1585,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     if (gns.defined()) gns.data_ptr<T>()[0] = total(P * KK + 1);
     if (gnsh.defined()) gnsh.data_ptr<T>()[0] = total(P * KK + 2);
   });
-  return pack();
+  return r.pack(g);
 }
 
 // ---------------------------------------------------------------- SAM with a training-mode BatchNorm
@@ -1646,17 +1665,10 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
   Tensor s = flat_scale(scale, x);
   Tensor w = small(weight, x);
   auto gamma = small_opt(bn_weight, x);
-  bool gc = false;
-  Tensor gy = upstream(grad_y, x, g, gc);
-  Tensor gx = at::empty_like(x);
-  Tensor gs = (s.defined() && need_gs) ? at::zeros({g.N, g.C}, x.options()) : Tensor();
-  Tensor gw = need_gw ? at::zeros_like(w) : Tensor();
-  Tensor gb = need_gb ? at::zeros({1}, x.options()) : Tensor();
-  Tensor ggamma = need_gbn ? at::zeros({1}, x.options()) : Tensor();
-  Tensor gbeta = need_gbn ? at::zeros({1}, x.options()) : Tensor();
-  Tensor gextra;
-  if (grad_attn.has_value() && grad_attn->defined())
-    gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
+  const SamGrads r = sam_grads(grad_y, grad_attn, x, g, s, w, need_gs, need_gw, need_gb, need_gbn);
+  const Tensor &gy = r.gy, &gx = r.gx, &gs = r.gs, &gw = r.gw, &gb = r.gb, &ggamma = r.g1, &gbeta = r.g2,
+               &gextra = r.gextra;
+  const bool gc = r.gc;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward_bn", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
@@ -1723,7 +1735,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     k_gradx<T>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr, g.N,
                g.C, HW, g.nhwc, gx.data_ptr<T>(), dptr<T>(gs), use_stream<T>(x.numel()));
   });
-  return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs, gw, gb, ggamma, gbeta};
+  return r.pack(g);
 }
 
 // [P, N, C] (dtype of x): max / mean over H, W for each kind in `kinds`.
