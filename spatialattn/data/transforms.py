@@ -74,7 +74,7 @@ def letterbox(image: torch.Tensor, target: Target, size: int, fill: float = 114 
     if "boxes" in t:
         b = t["boxes"]
         t["boxes"] = b * torch.tensor([sx, sy, sx, sy], dtype=b.dtype) + torch.tensor([px, py, px, py], dtype=b.dtype)
-    t["letterbox"] = torch.tensor([sx, sy, px, py], dtype=torch.float32)
+    t["letterbox"] = torch.tensor([sx, sy, px, py], dtype=torch.float64)  # float32 would round sx, sy
     return out, t
 
 

@@ -21,7 +21,7 @@ def test_letterbox_wide_image_exact_scale():
     out, t2 = letterbox(img, t, 160, fill=0.5)
     # s = 2, resized 160 x 80, pad_y = 40: box -> [20, 50, 60, 90]
     assert torch.equal(t2["boxes"], torch.tensor([[20.0, 50, 60, 90]]))
-    assert torch.equal(t2["letterbox"], torch.tensor([2.0, 2.0, 0.0, 40.0]))
+    assert torch.equal(t2["letterbox"], torch.tensor([2.0, 2.0, 0.0, 40.0], dtype=torch.float64))
     assert bool((out[:, :40] == 0.5).all() and (out[:, 120:] == 0.5).all())
     assert bool((out[:, 51:89, 21:59] == 1).all())  # inside the box: the rectangle
     assert float(out[:, 41:49].max()) < 0.05 and float(out[:, 91:119].max()) < 0.05
