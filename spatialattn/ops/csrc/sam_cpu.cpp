@@ -81,8 +81,8 @@ bool any_nan(const T* x, const T* s, int64_t C, int64_t cstride) {
 }
 
 // Non-temporal stores pay once input + output do not fit in the last-level cache
-// (PERF-NOTES: 2.7x -> 1.35x clone there) and hurt when they do (measured here: an
-// 11 MB multiply went from 1.2x to 2.2x clone with them). The threshold is the
+// (PERF-NOTES: 2.7x -> 1.35x clone there) and hurt when they do (measured here: the
+// 11 MB forward became 1.5-2.5x slower with them). The threshold is the
 // last-level cache size the C library reports (32 MiB if it does not); adjustable at
 // run time (spatialattn.ops._cpp.get().set_stream_bytes, a negative value restores
 // the default) for measurements.
@@ -1012,9 +1012,9 @@ int64_t kBandRows = 0;  // > 0: fixed band height (tests)
 inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t W, int64_t H, bool nhwc) {
   if (kBandRows > 0) return std::min(kBandRows, H);
   if (kBandBytes <= 0) return H;
-  // NCHW: a band is one run of rows per channel; measured here, runs of up to ~8 rows of
-  // 26-52 values (<= 1.6 KB) made the forward 1.5-3x and the backward 1.2-6x slower than
-  // whole images (the prefetchers restart on every run). Bands need runs of >= 512 values;
+  // NCHW: a band is one run of rows per channel; measured here at 8x512x26x26, bands of
+  // 1-8 rows made the forward 1.4-2.7x and the backward 1.7-5.4x slower than whole images
+  // (the prefetchers restart on every short run). Bands need runs of >= 512 values;
   // if the budget allows no such band, the whole image is one band (its NCHW planes are
   // then one contiguous run).
   const int64_t min_rows = nhwc ? 1 : std::max<int64_t>(1, (512 + W - 1) / W);
