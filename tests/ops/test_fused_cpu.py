@@ -1,6 +1,7 @@
 """Fused SAM kernels (C++ on CPU, custom ops) against the plain PyTorch reference."""
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
@@ -389,22 +390,17 @@ def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, b
         cpp_module.set_band_rows(0)
 
 
-def _unfused(monkeypatch_ctx=None):
-    """Context: functional.spatial_attention without the fused training-BatchNorm op."""
-    import contextlib
-
+@contextlib.contextmanager
+def _unfused():
+    """functional.spatial_attention without the fused training-BatchNorm op (the module path)."""
     from spatialattn import functional as SF
 
-    @contextlib.contextmanager
-    def ctx():
-        orig = SF._fused_batchnorm_ok
-        SF._fused_batchnorm_ok = lambda *a: False
-        try:
-            yield
-        finally:
-            SF._fused_batchnorm_ok = orig
-
-    return ctx()
+    orig = SF._fused_batchnorm_ok
+    SF._fused_batchnorm_ok = lambda *a: False
+    try:
+        yield
+    finally:
+        SF._fused_batchnorm_ok = orig
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -711,10 +711,10 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 }
 
 // Backward of the global pooling: gx[n, c, p] = fmean[n, c] + [x == mx[n, c]] * fmax[n, c]
-// (fmean = d mean / HW; fmax = d max / number of tied maxima, counted here). Either of
-// fmax (with mx) / fmean may be null. gmax is overwritten with fmax.
+// (fmean = d mean / HW; fmax = gmax / number of tied maxima, counted here). Either of
+// gmax (with mx) / fmean may be null.
 template <typename T>
-void k_global_pool_backward(const T* x, const T* mx, T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
+void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
                             bool nhwc, T* gx, bool stream) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
@@ -735,7 +735,6 @@ void k_global_pool_backward(const T* x, const T* mx, T* gmax, const T* fmean, in
           for (int64_t l = 0; l < L; ++l) cnt += k[l];
           for (; i < HW; ++i) cnt += row[i] == m ? T(1) : T(0);
           fm = gmax[r] / cnt;
-          gmax[r] = fm;
         }
         const T fa = fmean ? fmean[r] : T(0);
         T* o = stream ? buf.data() : gx + r * HW;
@@ -761,10 +760,7 @@ void k_global_pool_backward(const T* x, const T* mx, T* gmax, const T* fmean, in
               vstore(cnt.data() + c, vload(cnt.data() + c) + (vload(row + c) == vload(mn + c) ? one : zero));
             for (; c < C; ++c) cnt[c] += row[c] == mn[c] ? T(1) : T(0);
           }
-          for (int64_t c = 0; c < C; ++c) {
-            fm[c] = gmax[n * C + c] / cnt[c];
-            gmax[n * C + c] = fm[c];
-          }
+          for (int64_t c = 0; c < C; ++c) fm[c] = gmax[n * C + c] / cnt[c];
         } else {
           std::fill(fm.begin(), fm.end(), T(0));
         }
@@ -1025,7 +1021,10 @@ inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t W, int64_t H, b
 // scratch of one thread for the per-image passes
 template <typename T>
 struct Scratch {
-  std::vector<T> pad, dlpad, a, b, c, d, e, row;
+  std::vector<T> pad, dlpad;              // padded pooled maps / d logits
+  std::vector<T> dA, cnt, dmax, dmean;    // [HW] maps of the image (backward)
+  std::vector<T> gs, row;                 // grad of the channel scale [C]; one row of gx'
+  std::vector<T> spare;                   // forward: output of an absent max / mean slot
 };
 
 // y rows [h0, h1) = x' * attn (one image)
@@ -1049,12 +1048,12 @@ void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, 
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
   const int64_t R = band_rows(C * W * int64_t(sizeof(T)), lag, W, H, nhwc);
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
-  sc.a.resize(R * W);
+  sc.spare.resize(R * W);
   int64_t done = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
     const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
-    T* mx = imax >= 0 ? pooled + imax * HW + p0 : sc.a.data();
-    T* mean = imean >= 0 ? pooled + imean * HW + p0 : sc.a.data();
+    T* mx = imax >= 0 ? pooled + imax * HW + p0 : sc.spare.data();
+    T* mean = imean >= 0 ? pooled + imean * HW + p0 : sc.spare.data();
     if (!nhwc) {
       pool_chunk<T>(x + p0, s, C, HW, len, mx, mean);
     } else {
@@ -1091,18 +1090,18 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
   sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
   pad_maps<T>(pooled, q.P, q.g, sc.pad.data());
   sc.dlpad.assign(q.g.Hp * q.g.Wp, T(0));
-  sc.a.resize(HW);  // d attn
-  sc.b.resize(HW);  // tie counts
-  sc.c.resize(HW);  // d max
-  sc.d.resize(HW);  // d mean
+  sc.dA.resize(HW);
+  sc.cnt.resize(HW);
+  sc.dmax.resize(HW);
+  sc.dmean.resize(HW);
   sc.row.resize(nhwc ? C : R * W + lag * W);
-  T* dA = sc.a.data();
-  T* cnt = sc.b.data();
-  T* dmax = M ? sc.c.data() : nullptr;
-  T* dmean = F ? sc.d.data() : nullptr;
+  T* dA = sc.dA.data();
+  T* cnt = sc.cnt.data();
+  T* dmax = M ? sc.dmax.data() : nullptr;
+  T* dmean = F ? sc.dmean.data() : nullptr;
   std::vector<double> gw(q.P * KK, 0.0);
   double small3[3] = {0, 0, 0};
-  if (gs) sc.e.assign(C, T(0));
+  if (gs) sc.gs.assign(C, T(0));
   int64_t done = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
     const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
@@ -1128,18 +1127,18 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
         const T t = gradx_segment<T, true, GC, M, F>(
             x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0, M ? mx + a0 : nullptr,
             M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0, stream, sc.row.data());
-        if (gs) sc.e[c] += t;
+        if (gs) sc.gs[c] += t;
       }
     } else {
       for (int64_t p = a0; p < a0 + alen; ++p)
         gradx_pixel<T, true, GC, M, F>(x + p * C, GC ? nullptr : g + p * C, gv, attn[p], s, M ? mx[p] : T(0),
-                                       M ? dmax[p] : T(0), F ? dmean[p] : T(0), C, gs ? sc.e.data() : nullptr,
+                                       M ? dmax[p] : T(0), F ? dmean[p] : T(0), C, gs ? sc.gs.data() : nullptr,
                                        gx + p * C, stream, sc.row.data());
     }
     done = d1;
   }
   stream_fence(stream);
-  if (gs) std::copy(sc.e.begin(), sc.e.end(), gs);
+  if (gs) std::copy(sc.gs.begin(), sc.gs.end(), gs);
   for (int64_t k = 0; k < q.P * KK; ++k) par[k] += gw[k];
   for (int k = 0; k < 3; ++k) par[q.P * KK + k] += small3[k];
 }
@@ -1373,6 +1372,43 @@ inline int64_t gate_grain(int64_t rows, int64_t W, int64_t P, int64_t KK) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, rows * W * P * KK));
 }
 
+// logits / attn of images [n0, n1) from their pooled maps (P slots each, batch stride P * HW),
+// parallel over blocks of rows of all those images
+template <typename T>
+void gate_images(const Gate<T>& q, const T* pooled, int64_t n0, int64_t n1, T* logits, T* attn) {
+  const int64_t P = q.P, H = q.g.H, HW = H * q.g.W, padsz = P * q.g.Hp * q.g.Wp;
+  std::vector<T> pad((n1 - n0) * padsz);
+  for (int64_t n = n0; n < n1; ++n) pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data() + (n - n0) * padsz);
+  constexpr int64_t kRows = 8;
+  const int64_t nb = (H + kRows - 1) / kRows;
+  at::parallel_for(0, (n1 - n0) * nb, gate_grain(kRows, q.g.W, P, q.g.KH * q.g.KW), [&](int64_t b0, int64_t e0) {
+    for (int64_t t = b0; t < e0; ++t) {
+      const int64_t k = t / nb, h0 = (t % nb) * kRows;
+      gate_rows<T>(q, pad.data() + k * padsz, h0, std::min(H, h0 + kRows), logits + (n0 + k) * HW,
+                   attn + (n0 + k) * HW);
+    }
+  });
+}
+
+// Conv backward of one whole image, given its d logits in the zero-padded dlpad: adds the
+// image's weight-gradient share to gw [P*KH*KW] and fills dmax / dmean (see dpooled_rows).
+// pad: scratch for the padded pooled maps.
+template <typename T>
+void conv_backward_image(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* dlpad,
+                         const T* cnt, int64_t C, T* pad, double* gw, T* dmax, T* dmean) {
+  pad_maps<T>(pooled, q.P, q.g, pad);
+  dweight_rows<T>(q, pad, dlpad, 0, q.g.H, gw);
+  dpooled_rows<T>(q, kinds, dlpad, cnt, C, 0, q.g.H, dmax, dmean);
+}
+
+// sum over the N images of their shares par[n * stride + k], in image order (the result does
+// not depend on how images were split between threads)
+inline double image_total(const std::vector<double>& par, int64_t N, int64_t stride, int64_t k) {
+  double t = 0;
+  for (int64_t n = 0; n < N; ++n) t += par[n * stride + k];
+  return t;
+}
+
 // Whole SAM forward with a sigmoid gate: returns (y, attn, logits, pooled); the last
 // three are small [N, *, H, W] maps kept for backward.
 std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
@@ -1410,7 +1446,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
     first_slots(kinds, imax, imean);
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation),
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
-    const int64_t CHW = g.C * g.HW, PHW = P * g.HW, padsz = P * q.g.Hp * q.g.Wp;
+    const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
     const bool stream = use_stream<T>(x.numel());
     auto pool = [&](int64_t n0, int64_t cnt) {
       k_pool<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, cnt, g.C, g.HW, g.nhwc,
@@ -1434,17 +1470,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
     if (Nf < g.N) {
       const int64_t Nr = g.N - Nf;
       pool(Nf, Nr);
-      std::vector<T> pad(Nr * padsz);
-      for (int64_t n = 0; n < Nr; ++n) pad_maps<T>(pp + (Nf + n) * PHW, P, q.g, pad.data() + n * padsz);
-      constexpr int64_t kRows = 8;
-      const int64_t nb = (g.H + kRows - 1) / kRows;
-      at::parallel_for(0, Nr * nb, gate_grain(kRows, g.W, P, q.g.KH * q.g.KW), [&](int64_t b0, int64_t e0) {
-        for (int64_t t = b0; t < e0; ++t) {
-          const int64_t n = t / nb, h0 = (t % nb) * kRows;
-          gate_rows<T>(q, pad.data() + n * padsz, h0, std::min(g.H, h0 + kRows), lp + (Nf + n) * g.HW,
-                       ap + (Nf + n) * g.HW);
-        }
-      });
+      gate_images<T>(q, pp, Nf, g.N, lp, ap);
       mul(Nf, Nr);
     }
   });
@@ -1515,7 +1541,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     int64_t imax, imean;
     first_slots(kinds, imax, imean);
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), nullptr,
-                    ptr_or_null<T>(ns), ptr_or_null<T>(ns)};
+                    ptr_or_null<T>(ns), nullptr};  // backward uses only the norm scale
     const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
     const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp;
     const bool stream = use_stream<T>(x.numel());
@@ -1559,11 +1585,10 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
           const int64_t n = Nf + k;
           double* pn = par.data() + n * NP;
           std::fill(dlpad.begin(), dlpad.end(), T(0));
-          pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
           dlogits_rows<T>(q, dA.data() + k * HW, ap + n * HW, lp + n * HW, 0, g.H, dlpad.data(), pn + P * KK);
-          dweight_rows<T>(q, pad.data(), dlpad.data(), 0, g.H, pn);
-          dpooled_rows<T>(q, kinds, dlpad.data(), mx ? cnt.data() + k * HW : nullptr, g.C, 0, g.H,
-                          mx ? dmax.data() + k * HW : nullptr, imean >= 0 ? dmean.data() + k * HW : nullptr);
+          conv_backward_image<T>(q, kinds, pp + n * PHW, dlpad.data(), mx ? cnt.data() + k * HW : nullptr, g.C,
+                                 pad.data(), pn, mx ? dmax.data() + k * HW : nullptr,
+                                 imean >= 0 ? dmean.data() + k * HW : nullptr);
         }
       });
       // pass B: grad_x and grad_scale
@@ -1572,11 +1597,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
                  Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream);
     }
     // parameter grads: image shares added in image order (independent of the thread count)
-    auto total = [&](int64_t k) {
-      double t = 0;
-      for (int64_t n = 0; n < g.N; ++n) t += par[n * NP + k];
-      return T(t);
-    };
+    auto total = [&](int64_t k) { return T(image_total(par, g.N, NP, k)); };
     if (gw.defined()) {
       T* o = gw.data_ptr<T>();
       for (int64_t k = 0; k < P * KK; ++k) o[k] = total(k);
@@ -1622,17 +1643,11 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
     first_slots(kinds, imax, imean);
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), ptr_or_null<T>(b),
                     nullptr, nullptr};
-    const int64_t PHW = P * g.HW, padsz = P * q.g.Hp * q.g.Wp;
+    const int64_t PHW = P * g.HW;
     k_pool<T>(xp, sp, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? pp + imax * g.HW : nullptr,
               imean >= 0 ? pp + imean * g.HW : nullptr, PHW);
     fill_repeated_slots<T>(pp, kinds, imax, imean, g.HW, 0, g.N);
-    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t e0) {
-      std::vector<T> pad(padsz);
-      for (int64_t n = b0; n < e0; ++n) {
-        pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
-        gate_rows<T>(q, pad.data(), 0, g.H, lp + n * g.HW, ap + n * g.HW);  // logits (attn recomputed below)
-      }
-    });
+    gate_images<T>(q, pp, 0, g.N, lp, ap);  // logits (attn is recomputed below with the statistics)
     double sum = 0, sq = 0;
     for (int64_t k = 0; k < M; ++k) sum += double(lp[k]);
     const double mean = sum / double(M);
@@ -1718,19 +1733,14 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
         for (int64_t h = 0; h < g.H; ++h)
           std::copy(dA.data() + n * HW + h * g.W, dA.data() + n * HW + (h + 1) * g.W,
                     dlpad.data() + (h + q.g.ph) * q.g.Wp + q.g.pw);
-        pad_maps<T>(pp + n * PHW, P, q.g, pad.data());
-        dweight_rows<T>(q, pad.data(), dlpad.data(), 0, g.H, par.data() + n * P * KK);
-        dpooled_rows<T>(q, kinds, dlpad.data(), mx ? cnt.data() + n * HW : nullptr, g.C, 0, g.H,
-                        mx ? dmax.data() + n * HW : nullptr, imean >= 0 ? dmean.data() + n * HW : nullptr);
+        conv_backward_image<T>(q, kinds, pp + n * PHW, dlpad.data(), mx ? cnt.data() + n * HW : nullptr, g.C,
+                               pad.data(), par.data() + n * P * KK, mx ? dmax.data() + n * HW : nullptr,
+                               imean >= 0 ? dmean.data() + n * HW : nullptr);
       }
     });
     if (gw.defined()) {
       T* o = gw.data_ptr<T>();
-      for (int64_t k = 0; k < P * KK; ++k) {
-        double t = 0;
-        for (int64_t n = 0; n < g.N; ++n) t += par[n * P * KK + k];
-        o[k] = T(t);
-      }
+      for (int64_t k = 0; k < P * KK; ++k) o[k] = T(image_total(par, g.N, P * KK, k));
     }
     k_gradx<T>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr, g.N,
                g.C, HW, g.nhwc, gx.data_ptr<T>(), dptr<T>(gs), use_stream<T>(x.numel()));
