@@ -511,3 +511,61 @@ def test_training_batchnorm_under_torch_compile_uses_unfused_path():
     y_comp = torch.compile(m, fullgraph=True)(x)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.bn.running_mean, mean_eager, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("band_rows", [0, 2])
+def test_backward_max_mask_from_index_map(cpp_module, layout, dtype, threads, band_rows):
+    # Pass B takes the max channel from pass A's index map (x is not read) wherever no pixel
+    # of the rows / image has tied maxima and no channel-scale gradient is wanted; elsewhere
+    # it compares x with the max. Mixed batches: one image with a tie in its last row, one
+    # without ties, one with a tie at a channel of the vector tail (C = 37); the max at the
+    # first, a middle and the last channel.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cpp_module.set_band_rows(band_rows)
+    try:
+        g = torch.Generator().manual_seed(7)
+        x0 = torch.randn(3, 37, 7, 6, generator=g, dtype=torch.float64)
+        x0[0, 3, 6, 2] = x0[0, 20, 6, 2] = 9.0  # tie, last row
+        x0[1, 0, 0, 0], x0[1, 36, 3, 3], x0[1, 17, 5, 1] = 8.0, 8.0, 8.0  # unique maxima
+        x0[2, 33, 2, 4] = x0[2, 36, 2, 4] = 7.0  # tie in the channel tail
+        x0 = x0.to(dtype)
+        if layout == "channels_last":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(1, 2, 3, 3, generator=g, dtype=dtype)
+        s = (torch.rand(3, 37, 1, 1, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+        gy = torch.randn(3, 37, 7, 6, generator=g, dtype=dtype)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)  # fp32: sums in another order
+        for scale, scale_grad in ((None, False), (s, False), (s, True)):
+            for n in (3, 1):  # n = 1 < threads: the phase-by-phase path
+                x = x0[:n].clone().requires_grad_()
+                xr = x0[:n].clone().requires_grad_()
+                sc = None if scale is None else scale[:n].clone().requires_grad_(scale_grad)
+                scr = None if scale is None else scale[:n].clone().requires_grad_(scale_grad)
+                y = ops.spatial_attention_fused(x, w, order=("max", "mean"), channel_scale=sc)
+                y_ref, _ = ref_sam(xr, w, None, ("max", "mean"), 1, scr)
+                ins, ins_ref = ([x, sc], [xr, scr]) if scale_grad else ([x], [xr])
+                got = torch.autograd.grad(y, ins, gy[:n])
+                want = torch.autograd.grad(y_ref, ins_ref, gy[:n])
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, **tol)
+        # the channel pooling's own backward and the fused training-BatchNorm backward
+        x = x0.clone().requires_grad_()
+        xr = x0.clone().requires_grad_()
+        gp = torch.randn(3, 2, 7, 6, generator=g, dtype=dtype)
+        torch.testing.assert_close(torch.autograd.grad(ops.channel_pool(x, ("max", "mean")), x, gp)[0],
+                                   torch.autograd.grad(reference.channel_pool(xr, ("max", "mean")), xr, gp)[0], **tol)
+        bn = torch.nn.BatchNorm2d(1).to(dtype).train()
+        y, _, _ = lib.CppSamBatchNorm.apply(x, w, None, None, bn.weight, bn.bias, 1e-5, [0, 1], 1)
+        with _unfused():
+            from spatialattn import functional as SF
+
+            y_ref = SF.spatial_attention(xr, w, order=("max", "mean"), norm=torch.nn.BatchNorm2d(1).to(dtype).train())
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(y_ref, xr, gy)[0], **tol)
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_band_rows(0)
