@@ -552,6 +552,13 @@ def test_backward_max_mask_from_index_map(cpp_module, layout, dtype, threads, ba
                 want = torch.autograd.grad(y_ref, ins_ref, gy[:n])
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a, b, **tol)
+                y = ops.spatial_attention_fused(x, w, order=("max", "mean"), channel_scale=sc)
+                y_ref, _ = ref_sam(xr, w, None, ("max", "mean"), 1, scr)
+                # a broadcast upstream gradient (the gradient of a sum)
+                got = torch.autograd.grad(y.sum() * 3, ins)
+                want = torch.autograd.grad(y_ref.sum() * 3, ins_ref)
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, **tol)
         # the channel pooling's own backward and the fused training-BatchNorm backward
         x = x0.clone().requires_grad_()
         xr = x0.clone().requires_grad_()
