@@ -539,7 +539,7 @@ inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const 
 // X (mask from x): the max channels are those with x' == m. Without X, `ix` (from pass A,
 // only where the tie count is 1) is the max channel (or < 0: none), patched after the
 // sweep, and x is not read at all: one input stream less (measured: the channels_last
-// backward 7-11 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
+// backward 9-10 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
 // (sum gx' * x) needs x, so callers take X with it. NCHW keeps the compare: there the
 // index map's cost in pass A ate the gain (measured within noise).
 template <typename T, bool G, bool GC, bool M, bool F, bool X>
@@ -1186,8 +1186,6 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
     dpooled_rows<T>(q, kinds, sc.dlpad.data(), cnt, C, done, d1, dmax, dmean);
     // pass B on rows [done, d1)
     const int64_t a0 = done * W, alen = (d1 - done) * W;
-    // the max mask from the index map where no pixel of the rows has tied maxima and
-    // the channel-scale gradient (which needs x) is not wanted
     if (!nhwc) {
       auto pass_b = [&](auto s_t) {
         for (int64_t c = 0; c < C; ++c) {
