@@ -582,6 +582,11 @@ inline void gradx_pixel(const T* xr, const T* gr, T gv, T av, const T* sr, T m, 
   if (gx && stream) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
 }
 
+// Pass B takes the max channel from pass A's index map (instead of comparing x with the
+// max) only for channels_last, with a max slot, and without a channel-scale gradient
+// (sum gx' * x reads x anyway); per pixel / band it still needs a tie count of 1.
+inline bool max_by_index(bool has_max, bool nhwc, bool need_gs) { return has_max && nhwc && !need_gs; }
+
 // true if some pixel of [0, n) has tied maxima (count > 1)
 template <typename T>
 inline bool any_ties(const T* cnt, int64_t n) {
@@ -597,7 +602,7 @@ void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, i
                   const T* fmean, const T* ix, const T* cnt, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx,
                   T* gs, bool stream) {
   const T gv = (G && GC) ? g[0] : T(0);
-  const bool by_index = M && nhwc && ix && cnt && !gs;
+  const bool by_index = max_by_index(M, nhwc, gs != nullptr) && ix && cnt;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -1146,7 +1151,8 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
   sc.dlpad.assign(q.g.Hp * q.g.Wp, T(0));
   sc.dA.resize(HW);
   sc.cnt.resize(HW);
-  sc.ix.resize(M && nhwc && !gs ? HW : 0);
+  const bool by_index = max_by_index(M, nhwc, gs != nullptr);
+  sc.ix.resize(by_index ? HW : 0);
   sc.dmax.resize(HW);
   sc.dmean.resize(HW);
   sc.row.resize(nhwc ? C : R * W + lag * W);
@@ -1168,7 +1174,7 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
     } else {
       for (int64_t p = p0; p < p0 + len; ++p) {
         T i;
-        if (M && !gs) {
+        if (by_index) {
           reduce_pixel<T, true, GC, M, true>(x + p * C, s, GC ? g : g + p * C, gv, mx[p], C, dA[p], cnt[p], i);
           ix[p] = i;
         } else {
@@ -1203,11 +1209,11 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
       auto pass_b = [&](auto x_t) {
         for (int64_t p = a0; p < a0 + alen; ++p)
           gradx_pixel<T, true, GC, M, F, decltype(x_t)::value>(
-              x + p * C, GC ? nullptr : g + p * C, gv, attn[p], s, M ? mx[p] : T(0), M && !gs ? ix[p] : T(-1),
+              x + p * C, GC ? nullptr : g + p * C, gv, attn[p], s, M ? mx[p] : T(0), by_index ? ix[p] : T(-1),
               M ? dmax[p] : T(0), F ? dmean[p] : T(0), C, gs ? sc.gs.data() : nullptr, gx + p * C, stream,
               sc.row.data());
       };
-      if (!M || gs || any_ties(cnt + a0, alen)) pass_b(std::true_type{}); else pass_b(std::false_type{});
+      if (by_index && !any_ties(cnt + a0, alen)) pass_b(std::false_type{}); else pass_b(std::true_type{});
     }
     done = d1;
   }
@@ -1346,7 +1352,7 @@ std::vector<Tensor> pool_backward(const Tensor& grad, const Tensor& x, const opt
     Tensor cnt, ix;
     if (mx.defined()) {
       cnt = at::empty({g.N, g.HW}, x.options());
-      if (g.nhwc && !gs.defined()) ix = at::empty({g.N, g.HW}, x.options());
+      if (max_by_index(true, g.nhwc, gs.defined())) ix = at::empty({g.N, g.HW}, x.options());
       k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, mx.data_ptr<scalar_t>(),
                          g.HW, g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>(), dptr<scalar_t>(ix));
       gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
@@ -1648,7 +1654,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     if (Nf < g.N) {
       // the remaining images, one phase at a time
       const int64_t Nr = g.N - Nf;
-      const bool by_index = mx && g.nhwc && !gsp;  // max channels from an index map (pass A)
+      const bool by_index = max_by_index(mx != nullptr, g.nhwc, gsp != nullptr);
       std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), ix(by_index ? Nr * HW : 0), dmax(mx ? Nr * HW : 0),
           dmean(imean >= 0 ? Nr * HW : 0);
       // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts and index of the max
@@ -1779,7 +1785,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
                     nullptr};
     const int64_t HW = g.HW, PHW = P * HW, KK = q.g.KH * q.g.KW;
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;
-    const bool by_index = mx && g.nhwc && !gs.defined();  // max channels from an index map (pass A)
+    const bool by_index = max_by_index(mx != nullptr, g.nhwc, gs.defined());
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
     k_reduce<T>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
                 by_index ? ix.data() : nullptr);
