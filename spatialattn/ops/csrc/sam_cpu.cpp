@@ -1058,23 +1058,33 @@ void dpooled_rows(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* 
 // With whole images per thread, each image is streamed in bands of rows: pool (or reduce)
 // a band, then gate and multiply (or compute the gradient of) the rows whose k x k
 // neighbourhood is complete, which lag `ph` rows behind. The second read of every row
-// comes from L2 instead of L3 / memory. Band height: about kBandBytes of the big tensors
-// (x, and the upstream gradient in backward) including the lag. Adjustable at run time
-// (set_band_bytes) for measurements; 0 makes a band the whole image.
+// comes from a cache close to the core instead of memory. Band height: about the band
+// budget of the big tensors (x, and the upstream gradient in backward) including the lag.
+//   channels_last: kBandBytes (384 KiB), so that the second read comes from L2.
+//   NCHW: a band is one short run of rows per channel, and every run restarts the
+//   prefetchers. Whole images while an image (x + gradient) is at most 1/8 of the LLC
+//   (it stays in L3 between the two passes); larger images in bands of kBandBytesNchw
+//   (2 MiB). Measured here (2 threads, backward, paired against whole images): 0.79-0.82x
+//   the time at 8x128x104x104 and 0.86-0.88x at 8x256x52x52 (at 1 thread 0.87-0.88x);
+//   the forward within noise (0.99-1.00). At 8x512x26x26 (a 2.8 MB image, L3-resident
+//   either way) bands of 4-13 rows made the backward 1.2-2x slower, and bands of 1-8 rows
+//   the forward 1.4-2.7x slower; at 52x52, bands of 3-6 rows swung between 0.9x and 1.6x.
+// Adjustable at run time for measurements (set_band_bytes / set_band_bytes_nchw); 0
+// makes a band the whole image.
 int64_t kBandBytes = 384 << 10;
+int64_t kBandBytesNchw = 2 << 20;
 int64_t kBandRows = 0;  // > 0: fixed band height (tests)
 
-inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t W, int64_t H, bool nhwc) {
+inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc) {
   if (kBandRows > 0) return std::min(kBandRows, H);
-  if (kBandBytes <= 0) return H;
-  // NCHW: a band is one run of rows per channel; measured here at 8x512x26x26, bands of
-  // 1-8 rows made the forward 1.4-2.7x and the backward 1.7-5.4x slower than whole images
-  // (the prefetchers restart on every short run). Bands need runs of >= 512 values;
-  // if the budget allows no such band, the whole image is one band (its NCHW planes are
-  // then one contiguous run).
-  const int64_t min_rows = nhwc ? 1 : std::max<int64_t>(1, (512 + W - 1) / W);
-  const int64_t r = kBandBytes / std::max<int64_t>(1, row_bytes) - lag;
-  return r < min_rows ? H : std::min(H, r);
+  const int64_t budget = nhwc ? kBandBytes : kBandBytesNchw;
+  if (budget <= 0) return H;
+  if (!nhwc) {
+    static const int64_t llc = llc_bytes();
+    if (row_bytes * H <= llc / 8) return H;
+  }
+  const int64_t r = budget / std::max<int64_t>(1, row_bytes) - lag;
+  return r < 1 ? H : std::min(H, r);
 }
 
 // scratch of one thread for the per-image passes
@@ -1105,7 +1115,7 @@ void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, 
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
                        T* attn, T* y, bool stream, Scratch<T>& sc) {
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(T)), lag, W, H, nhwc);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(T)), lag, H, nhwc);
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
   sc.spare.resize(R * W);
   int64_t done = 0;
@@ -1144,7 +1154,7 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
                         const T* logits, const T* attn, const T* gextra, T* gx, T* gs, double* par, bool stream,
                         Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(T)) * (GC ? 1 : 2), lag, W, H, nhwc);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(T)) * (GC ? 1 : 2), lag, H, nhwc);
   const T gv = GC ? g[0] : T(0);
   sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
   pad_maps<T>(pooled, q.P, q.g, sc.pad.data());
@@ -1903,5 +1913,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_pool_backward", &global_pool_backward);
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
+  m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
 }
