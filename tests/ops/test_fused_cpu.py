@@ -390,6 +390,62 @@ def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, b
         cpp_module.set_band_rows(0)
 
 
+def test_row_band_rule(cpp_module):
+    # channels_last: bands of ~384 KiB whatever the image size; NCHW: whole images while an
+    # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag.
+    m = cpp_module
+    limit = m.whole_image_bytes()
+    assert limit > 0
+    row = 128 * 104 * 4  # one row of 128 channels x 104 pixels, float32
+    assert m.band_rows(row, 3, 104, True) == (384 << 10) // row - 3
+    assert m.band_rows(row, 3, 4, True) == 4  # a small image is one band
+    assert m.band_rows(row * 100, 3, 104, True) == 104  # a row above the budget: whole image
+    h_whole = limit // (2 * row)  # an NCHW image (x + gradient) just within the limit
+    assert m.band_rows(2 * row, 3, h_whole, False) == h_whole
+    h_big = limit // (2 * row) + 200  # above it: bands of 2 MiB
+    assert m.band_rows(2 * row, 3, h_big, False) == (2 << 20) // (2 * row) - 3
+    m.set_band_bytes_nchw(0)
+    try:
+        assert m.band_rows(2 * row, 3, h_big, False) == h_big  # 0: whole images
+    finally:
+        m.set_band_bytes_nchw(2 << 20)
+    m.set_band_rows(5)
+    try:
+        assert m.band_rows(2 * row, 3, 104, False) == 5 and m.band_rows(row, 3, 104, True) == 5
+    finally:
+        m.set_band_rows(0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_automatic_nchw_bands_match_reference(cpp_module, layout, threads):
+    # The automatic rule with a lowered whole-image limit and band budget (the real ones need
+    # images of megabytes): NCHW images then go in bands of a few rows, channels_last as
+    # always; forward and backward must give the reference's numbers.
+    m = cpp_module
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    m.set_whole_image_bytes(1 << 10)
+    m.set_band_bytes_nchw(8 * 20 * 8 * 2 * 5)  # 5 rows of x + gradient (float64): bands of 2 rows + lag 3
+    try:
+        assert m.band_rows(8 * 20 * 8 * 2, 3, 17, False) == 2
+        x = make_x((3, 8, 17, 20), layout, torch.float64, seed=3).requires_grad_()
+        g = torch.Generator().manual_seed(1)
+        wt = torch.randn(1, 2, 7, 7, dtype=torch.float64, generator=g).requires_grad_()
+        gy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+        y = ops.spatial_attention_fused(x, wt)
+        y_ref, _ = ref_sam(x, wt, None, ("max", "mean"), 1, None)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(y, (x, wt), gy)
+        want = torch.autograd.grad(y_ref, (x, wt), gy)
+        for gg, rr in zip(got, want):
+            torch.testing.assert_close(gg, rr, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(old)
+        m.set_whole_image_bytes(-1)
+        m.set_band_bytes_nchw(2 << 20)
+
+
 @contextlib.contextmanager
 def _unfused():
     """functional.spatial_attention without the fused training-BatchNorm op (the module path)."""

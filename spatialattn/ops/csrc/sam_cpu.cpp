@@ -1069,20 +1069,24 @@ void dpooled_rows(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* 
 //   the forward within noise (0.99-1.00). At 8x512x26x26 (a 2.8 MB image, L3-resident
 //   either way) bands of 4-13 rows made the backward 1.2-2x slower, and bands of 1-8 rows
 //   the forward 1.4-2.7x slower; at 52x52, bands of 3-6 rows swung between 0.9x and 1.6x.
-// Adjustable at run time for measurements (set_band_bytes / set_band_bytes_nchw); 0
-// makes a band the whole image.
+// Adjustable at run time for measurements and tests (set_band_bytes, set_band_bytes_nchw:
+// 0 makes a band the whole image; set_whole_image_bytes: -1 = automatic).
 int64_t kBandBytes = 384 << 10;
 int64_t kBandBytesNchw = 2 << 20;
-int64_t kBandRows = 0;  // > 0: fixed band height (tests)
+int64_t kWholeImageBytes = -1;  // NCHW whole-image limit; < 0: 1/8 of the LLC
+int64_t kBandRows = 0;          // > 0: fixed band height (tests)
+
+inline int64_t whole_image_bytes() {
+  if (kWholeImageBytes >= 0) return kWholeImageBytes;
+  static const int64_t llc = llc_bytes();
+  return llc / 8;
+}
 
 inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc) {
   if (kBandRows > 0) return std::min(kBandRows, H);
   const int64_t budget = nhwc ? kBandBytes : kBandBytesNchw;
   if (budget <= 0) return H;
-  if (!nhwc) {
-    static const int64_t llc = llc_bytes();
-    if (row_bytes * H <= llc / 8) return H;
-  }
+  if (!nhwc && row_bytes * H <= whole_image_bytes()) return H;
   const int64_t r = budget / std::max<int64_t>(1, row_bytes) - lag;
   return r < 1 ? H : std::min(H, r);
 }
@@ -1915,4 +1919,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
+  m.def("set_whole_image_bytes", [](int64_t b) { kWholeImageBytes = b; });
+  m.def("whole_image_bytes", &whole_image_bytes);
+  m.def("band_rows", &band_rows);  // the rule above, for tests
 }
