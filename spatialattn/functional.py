@@ -373,14 +373,19 @@ def channel_gate(
         if w2 is not None:
             w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
         # both pools in one read of x (fused op; amax / mean where it does not apply), then
-        # one MLP call per pool, summed in pool order (as every reference implementation does)
+        # the MLP on all pools at once as matrix products (a 1x1 conv on [N, C, 1, 1] maps
+        # is the same product; torch's conv path was 4x slower at N = 8), the results
+        # summed in pool order (as every reference implementation does)
         pooled = ops.global_pool(x, normalize_pool_order(pool_types), dtype=acc)  # [P, N, C]
-        for v in pooled.unbind(0):
-            h = F.conv2d(v.reshape(n, c, 1, 1), w1, b1)
-            if w2 is not None:
-                h = F.conv2d(activation(h), w2, b2)
-            logits = h if logits is None else logits + h
-        return get_gate(gate)(logits)
+        p = pooled.shape[0]
+        h = F.linear(pooled.reshape(p * n, c), w1.flatten(1), b1)
+        if w2 is not None:
+            r = w1.shape[0]
+            h = activation(h.reshape(p * n, r, 1, 1)).reshape(p * n, r)
+            h = F.linear(h, w2.flatten(1), b2)
+        for v in h.reshape(p, n, c).unbind(0):
+            logits = v if logits is None else logits + v
+        return get_gate(gate)(logits.reshape(n, c, 1, 1))
 
 
 def channel_attention(
