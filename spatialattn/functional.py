@@ -165,10 +165,12 @@ def _fused_sam_args(
 
 
 def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:
-    """A sigmoid gate and a ``BatchNorm2d(1)`` using batch statistics that the fused CPU op can run."""
+    """A sigmoid gate and a ``BatchNorm2d(1)`` using batch statistics that the fused op can run
+    (CPU C++ or CUDA Triton), with parameters in the accumulation dtype."""
     if not (gate == "sigmoid" or gate is torch.sigmoid) or norm is None:
         return False
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    acc = accumulate_dtype(x)
+    if weight.dtype != acc or (bias is not None and bias.dtype != acc):
         return False
     return ops.batchnorm_train_fusable(x, norm)
 

@@ -262,8 +262,9 @@ def spatial_attention_fused(
 def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     """True when :func:`spatial_attention_fused_batchnorm` can run ``norm`` on ``x``'s SAM
     logits: a ``BatchNorm2d(1)`` using batch statistics (training mode, or no running
-    statistics), CPU float32/float64 with the C++ kernels, eager mode, and more than one
-    logit per batch."""
+    statistics) with parameters in the accumulation dtype (float32 for half inputs),
+    CPU float32/float64 with the C++ kernels or CUDA float16/bfloat16/float32 with Triton,
+    eager mode, and more than one logit per batch."""
     if not isinstance(norm, torch.nn.BatchNorm2d) or norm.num_features != 1:
         return False
     if not (norm.training or norm.running_mean is None):
@@ -272,10 +273,10 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
         return False
     if x.dim() != 4 or x.shape[1] == 0 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return False
-    if _fast_device(x) != "cpp":
+    if _fast_device(x) not in ("cpp", "triton"):
         return False
     p = norm.weight if norm.weight is not None else norm.running_mean
-    return p is None or p.dtype == x.dtype
+    return p is None or p.dtype == _lib._acc(x)
 
 
 def spatial_attention_fused_batchnorm(
@@ -289,7 +290,7 @@ def spatial_attention_fused_batchnorm(
     channel_scale: Optional[Tensor] = None,
     return_attention: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """CBAM SAM with a training-mode ``BatchNorm2d(1)`` on the logits, fused (CPU C++).
+    """CBAM SAM with a training-mode ``BatchNorm2d(1)`` on the logits, fused (CPU C++, CUDA Triton).
 
     ``y = x' * sigmoid(norm(conv(channel_pool(x', order), weight) + bias))`` with the batch
     statistics of the logits, exactly as ``norm`` would compute them; ``norm``'s running
@@ -297,12 +298,13 @@ def spatial_attention_fused_batchnorm(
     does. Check :func:`batchnorm_train_fusable` first.
 
     Args:
-        x: ``Tensor[N, C, H, W]`` (CPU float32 / float64).
+        x: ``Tensor[N, C, H, W]`` (CPU float32 / float64; CUDA float16 / bfloat16 / float32).
         weight: ``Tensor[1, len(order), kh, kw]``; bias: optional ``Tensor[1]``.
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
     """
-    y, attn, stats = _lib.CppSamBatchNorm.apply(
+    fn = _lib.CppSamBatchNorm if _fast_device(x) == "cpp" else _lib.GenericSamBatchNorm
+    y, attn, stats = fn.apply(
         x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
     )
     if norm.training and norm.track_running_stats:

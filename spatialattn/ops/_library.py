@@ -95,6 +95,59 @@ def _sum_nc(t: Tensor, like: Tensor) -> Tensor:
     return t.sum(dim=(2, 3), keepdim=True, dtype=like.dtype)
 
 
+# ------------------------------------------------------------------ full-size passes off the C++ path
+# Triton on CUDA, plain PyTorch elsewhere; used by the generic branches of the SAM ops.
+def _generic_pool(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], acc: torch.dtype) -> Tensor:
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.pool_forward(x, scale, kinds, acc)
+    return _pool_torch(x, scale, kinds, acc)
+
+
+def _generic_multiply(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.gate_forward(x, attn, scale)
+    return _scaled(x, scale) * attn.to(x.dtype)
+
+
+def _generic_reduce(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int],
+                    acc: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(sum_c grad_y * x'  [N, 1, H, W] in acc, tie counts of the max or None)``."""
+    if _triton_ok(x):
+        from . import _triton
+
+        ga_x, cnt = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0))
+        return ga_x.to(acc), cnt
+    return (grad_y * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=acc), None
+
+
+def _generic_gradx(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], attn: Tensor, pooled: Tensor, gp: Tensor,
+                   kinds: Sequence[int], cnt: Optional[Tensor], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps."""
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, need_gs)
+    xs = _scaled(x, scale)
+    gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
+    gx = gxs if scale is None else gxs * scale.to(x.dtype)
+    gs = _sum_nc(gxs * x, scale) if scale is not None and need_gs else None
+    return gx, gs
+
+
+def _conv_backward(dl: Tensor, pooled: Tensor, weight: Tensor, dilation: int) -> Tuple[Tensor, Tensor]:
+    """Gradients of the pooled maps and of the conv weight, given d logits (small maps)."""
+    kh, kw = weight.shape[-2:]
+    gp, gw, _ = torch.ops.aten.convolution_backward(
+        dl, pooled, weight.to(dl.dtype), None, [1, 1], [dilation * (kh // 2), dilation * (kw // 2)],
+        [dilation, dilation], False, [0, 0], 1, [True, True, False],
+    )
+    return gp, gw
+
+
 # ------------------------------------------------------------------ channel_pool
 @torch.library.custom_op("spatialattn::channel_pool", mutates_args=())
 def channel_pool_op(x: Tensor, scale: Optional[Tensor], kinds: List[int], dtype: torch.dtype) -> Tensor:
@@ -254,21 +307,9 @@ def sam_op(
             _dense(x), weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None
         )
         return y, attn, logits, pooled
-    acc = _acc(x)
-    if _triton_ok(x):
-        from . import _triton
-
-        pooled = _triton.pool_forward(x, scale, kinds, acc)
-    else:
-        pooled = _pool_torch(x, scale, kinds, acc)
+    pooled = _generic_pool(x, scale, kinds, _acc(x))
     logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
-    if _triton_ok(x):
-        from . import _triton
-
-        y = _triton.gate_forward(x, attn, scale)
-    else:
-        y = _scaled(x, scale) * attn.to(x.dtype)
-    return y, attn, logits, pooled
+    return _generic_multiply(x, attn, scale), attn, logits, pooled
 
 
 @sam_op.register_fake
@@ -290,11 +331,7 @@ def _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation):
         gns = (dz * logits).sum().reshape(norm_scale.shape).to(norm_scale.dtype)
         dz = dz * norm_scale.to(acc)
     gb = dz.sum().reshape(1)
-    kh, kw = weight.shape[-2:]
-    gp, gw, _ = torch.ops.aten.convolution_backward(
-        dz, pooled, weight.to(acc), None, [1, 1], [dilation * (kh // 2), dilation * (kw // 2)],
-        [dilation, dilation], False, [0, 0], 1, [True, True, False],
-    )
+    gp, gw = _conv_backward(dz.to(acc), pooled, weight, dilation)
     return gp, gw, gb, gns, gnsh
 
 
@@ -330,27 +367,13 @@ def sam_backward_op(
         return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
     # Generic path: the big passes through Triton / PyTorch, the small maps through autograd.
     acc = attn.dtype
-    if _triton_ok(x):
-        from . import _triton
-
-        ga_x, cnt = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0))
-    else:
-        xs = _scaled(x, scale)
-        ga_x = (grad_y * xs).sum(dim=1, keepdim=True, dtype=acc)
-        cnt = None
-    dA = ga_x.to(acc) if grad_attn is None else ga_x.to(acc) + grad_attn.to(acc)
+    dA, cnt = _generic_reduce(grad_y, x, scale, pooled, kinds, acc)
+    if grad_attn is not None:
+        dA = dA + grad_attn.to(acc)
     gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
     gns = empty() if gns is None else gns
     gnsh = empty() if gnsh is None else gnsh
-    if _triton_ok(x):
-        from . import _triton
-
-        gx, gs = _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt)
-    else:
-        xs = _scaled(x, scale)
-        gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
-        gx = gxs if scale is None else gxs * scale.to(x.dtype)
-        gs = None if scale is None else _sum_nc(gxs * x, scale)
+    gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, True)
     gs = empty() if gs is None else gs.to(scale.dtype)
     return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
 
@@ -513,6 +536,72 @@ class CppSamBatchNorm(torch.autograd.Function):
             gs.to(scale.dtype) if gs is not None else None,
             ggamma.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
             gbeta.reshape(1) if need[5] else None,
+            None,
+            None,
+            None,
+        )
+
+
+class GenericSamBatchNorm(torch.autograd.Function):
+    """:class:`CppSamBatchNorm` off the C++ path: the full-size passes through Triton (CUDA)
+    or PyTorch, the small maps (conv, BatchNorm with batch statistics, sigmoid) through
+    torch. Forward: one read of x for the pooling, one for the product. Backward: one
+    reduction pass (``sum_c g * x'`` and the tie counts), the BatchNorm and conv backward on
+    the small maps, one gradient pass; nothing full-size is kept besides x. Same outputs as
+    :class:`CppSamBatchNorm` (``stats`` in float64)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+        acc = _acc(x)
+        pooled = _generic_pool(x, scale, kinds, acc)
+        kh, kw = weight.shape[-2:]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
+                              padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+            l64 = logits.double()
+            mean = l64.mean()
+            var = (l64 - mean).square().mean()
+            k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
+            shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
+            attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
+        y = _generic_multiply(x, attn, scale)
+        stats = torch.stack([mean, var])
+        ctx.kinds, ctx.dilation, ctx.eps = kinds, dilation, eps
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.beta_dtype = None if bn_bias is None else bn_bias.dtype
+        ctx.small_maps = (logits, pooled, stats)
+        ctx.save_for_backward(x, scale, weight, bn_weight, attn)
+        ctx.mark_non_differentiable(stats)
+        return y, attn, stats
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_attn, _gstats):
+        x, scale, weight, bn_weight, attn = ctx.saved_tensors
+        logits, pooled, stats = ctx.small_maps
+        need = ctx.needs_input_grad
+        acc = attn.dtype
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        dA, cnt = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc)
+        if grad_attn is not None:
+            dA = dA + grad_attn.to(acc)
+        # BatchNorm backward with the batch statistics, in float64 (as the C++ op)
+        invstd = torch.rsqrt(stats[1] + ctx.eps)
+        dz = (dA * ((1 - attn) * attn)).double()
+        xhat = (logits.double() - stats[0]) * invstd
+        m = dz.numel()
+        s_dz, s_dzx = dz.sum(), (dz * xhat).sum()
+        gm = 1.0 if bn_weight is None else bn_weight.double().reshape(())
+        dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
+        gp, gw = _conv_backward(dl.to(acc), pooled, weight, ctx.dilation)
+        gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, ctx.kinds, cnt, scale is not None and need[3])
+        return (
+            gx,
+            gw.to(weight.dtype) if need[1] else None,
+            dl.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]) if need[2] and ctx.bias_meta else None,
+            gs.to(scale.dtype) if gs is not None else None,
+            s_dzx.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
+            s_dz.to(ctx.beta_dtype).reshape(1) if need[5] else None,
             None,
             None,
             None,

@@ -121,6 +121,33 @@ def main() -> None:
     want = torch.autograd.grad(y_ref, (x, s, wt, b), gy)
     for gg, ww, name in zip(got, want, ("x", "scale", "weight", "bias")):
         check(gg, ww, torch.float32, f"sam backward {name}")
+    # SAM with a training-mode BatchNorm on the logits (GenericSamBatchNorm, Triton passes)
+    for layout in ("nchw", "channels_last"):
+        for dtype in (torch.float32, torch.float16):
+            x = make(shape, layout, dtype, 2).requires_grad_()
+            s = (2.0 ** torch.randint(-2, 3, (n, c, 1, 1))).float().requires_grad_()
+            wt = (torch.randn(1, 2, 7, 7) * 0.3).requires_grad_()
+            b = torch.randn(1, requires_grad=True)
+            gamma = torch.tensor([1.3], requires_grad=True)
+            beta = torch.tensor([-0.2], requires_grad=True)
+            y, attn, stats = lib.GenericSamBatchNorm.apply(x, wt, b, s.to(dtype), gamma, beta, 1e-5, [0, 1], 1)
+            xr = x.detach().float().requires_grad_()
+            pooled = reference.channel_pool(xr, ("max", "mean"), s)
+            logits = torch.nn.functional.conv2d(pooled, wt, b, padding=3)
+            z = torch.nn.functional.batch_norm(logits, None, None, gamma, beta, training=True, eps=1e-5)
+            attn_ref = torch.sigmoid(z)
+            y_ref = reference.gate_multiply(xr, attn_ref, s)
+            check(y.float(), y_ref.to(dtype).float(), dtype, f"sam-bn forward {dtype} {layout}", loose=2)
+            check(attn, attn_ref, dtype, f"sam-bn attention {dtype} {layout}")
+            torch.testing.assert_close(stats.float(), torch.stack([logits.mean(), logits.var(unbiased=False)]),
+                                       rtol=1e-5, atol=1e-5)
+            if dtype == torch.float32:
+                gy = torch.randn(shape)
+                got = torch.autograd.grad(y, (x, s, wt, b, gamma, beta), gy)
+                want = torch.autograd.grad(y_ref, (xr, s, wt, b, gamma, beta), gy)
+                for gg, ww, name in zip(got, want, ("x", "scale", "weight", "bias", "gamma", "beta")):
+                    check(gg, ww, torch.float32, f"sam-bn backward {name} {layout}", loose=4)
+            count += 1
     print(f"triton interpreter checks passed ({count} comparisons + NaN + SAM)")
 
 

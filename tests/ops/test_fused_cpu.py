@@ -461,14 +461,18 @@ def _unfused():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("variant", ["default", "momentum_none", "no_affine", "no_running_stats", "scale_bias"])
-def test_training_batchnorm_fused_matches_module(layout, variant, monkeypatch):
+@pytest.mark.parametrize("impl", ["cpp", "generic"])
+def test_training_batchnorm_fused_matches_module(layout, variant, impl, monkeypatch):
     # A training-mode BatchNorm2d(1) on the logits (the official CBAM's default) runs as one
     # fused op with the batch statistics: same output, gradients (x, channel scale, conv,
-    # BatchNorm affine) and running statistics as the unfused module path.
+    # BatchNorm affine) and running statistics as the unfused module path. "generic": the
+    # op CUDA runs (Triton passes there; its PyTorch passes here) in place of the C++ one.
     import copy
 
     from spatialattn import functional as SF
 
+    if impl == "generic":
+        monkeypatch.setattr(lib, "CppSamBatchNorm", lib.GenericSamBatchNorm)
     calls = []
     real = ops.spatial_attention_fused_batchnorm
     monkeypatch.setattr(ops, "spatial_attention_fused_batchnorm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -512,7 +516,8 @@ def test_training_batchnorm_fused_matches_module(layout, variant, monkeypatch):
         torch.testing.assert_close(sd1[k], sd2[k], rtol=1e-12, atol=1e-12)
 
 
-def test_training_batchnorm_fused_gradcheck_and_fallbacks():
+@pytest.mark.parametrize("impl", ["cpp", "generic"])
+def test_training_batchnorm_fused_gradcheck_and_fallbacks(impl):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
     s = torch.rand(2, 5, 1, 1, dtype=torch.float64, generator=g).requires_grad_()
@@ -521,8 +526,10 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks():
     gamma = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
     beta = torch.randn(1, dtype=torch.float64, generator=g).requires_grad_()
 
+    fn = lib.CppSamBatchNorm if impl == "cpp" else lib.GenericSamBatchNorm
+
     def f(x, s, w, b, gamma, beta):
-        y, a, _ = lib.CppSamBatchNorm.apply(x, w, b, s, gamma, beta, 1e-5, [0, 1], 1)
+        y, a, _ = fn.apply(x, w, b, s, gamma, beta, 1e-5, [0, 1], 1)
         return y, a
 
     assert torch.autograd.gradcheck(f, (x, s, w, b, gamma, beta), fast_mode=True)
@@ -532,6 +539,24 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks():
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.eval())  # running stats: affine path
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.train())
     assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.train())
+
+
+def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
+    # CUDA with Triton (emulated: the backend choice patched): half inputs with float32
+    # BatchNorm parameters (autocast training) fuse; half parameters do not.
+    monkeypatch.setattr(ops, "_fast_device", lambda x: "triton")
+    bn = torch.nn.BatchNorm2d(1).train()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=dtype), bn)
+    assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.half())
+    # and the op it then runs: GenericSamBatchNorm (PyTorch passes on CPU tensors)
+    calls = []
+    real = lib.GenericSamBatchNorm.apply
+    monkeypatch.setattr(lib.GenericSamBatchNorm, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 4, 3, 3)
+    bn = torch.nn.BatchNorm2d(1).train()
+    y = ops.spatial_attention_fused_batchnorm(x, torch.randn(1, 2, 7, 7), None, bn)
+    assert calls == [1] and y.shape == x.shape and int(bn.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
