@@ -152,23 +152,22 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
 def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Max / mean over ``H, W`` (CBAM's channel-gate pooling): ``Tensor[N, C, H, W] -> Tensor[len(order), N, C]``.
 
-    Both maps in one read of ``x`` on the C++ path, and in eager autograd a C++ backward
-    (one read of ``x``, one write of the gradient); under ``torch.compile``, for export,
-    or elsewhere: ``amax`` / ``mean``. Either way ties share the max gradient evenly.
+    Both maps in one read of ``x`` on the C++ (CPU) and Triton (CUDA) paths, and in eager
+    autograd a fused backward (tie counts, then one write of the gradient); under
+    ``torch.compile``, for export, or elsewhere: ``amax`` / ``mean``. Either way ties share
+    the max gradient evenly.
     ``dtype``: dtype of the result; the mean is accumulated in it.
     """
     dtype = x.dtype if dtype is None else dtype
-    if (
-        not is_exporting()
-        and x.dim() == 4
-        and x.shape[2] * x.shape[3] > 0
-        and _fast_device(x) == "cpp"
-        and dtype == x.dtype
-    ):
+    fast = None if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0 else _fast_device(x)
+    if fast == "cpp" and dtype == x.dtype:
         if not _needs_autograd(x):
             return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
         if not torch.compiler.is_compiling():
             return _lib.CppGlobalPool.apply(x, _kinds(order))
+    if fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)):
+        if not torch.compiler.is_compiling():
+            return _lib.TritonGlobalPool.apply(x, _kinds(order), dtype)
     maps = [x.amax(dim=(2, 3)).to(dtype) if k == "max" else x.mean(dim=(2, 3), dtype=dtype) for k in order]
     return torch.stack(maps, dim=0)
 

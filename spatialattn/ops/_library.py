@@ -608,6 +608,27 @@ class GenericSamBatchNorm(torch.autograd.Function):
         )
 
 
+class TritonGlobalPool(torch.autograd.Function):
+    """:class:`CppGlobalPool` on CUDA: the Triton kernels of :mod:`._triton` (one read of ``x``
+    forward; tie counts and gradient backward). ``dtype``: dtype of the pooled result."""
+
+    @staticmethod
+    def forward(ctx, x, kinds, dtype):
+        from . import _triton
+
+        out = _triton.global_pool_forward(x, kinds, dtype)
+        ctx.kinds = kinds
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from . import _triton
+
+        x, out = ctx.saved_tensors
+        return _triton.global_pool_backward(grad, x, out, ctx.kinds), None, None
+
+
 class CppGlobalPool(torch.autograd.Function):
     """CBAM channel-gate pooling (max / mean over H, W) with a C++ backward: one read of
     ``x`` for the tie counts and one write of the gradient (``amax`` semantics: ties share

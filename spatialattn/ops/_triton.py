@@ -10,7 +10,10 @@ exactly as the reference does; reductions accumulate in float32.
 * :func:`gate_forward` -- ``(x * scale) * attn``;
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'`` and the max-tie counts;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale``;
-* :func:`pool_backward` / :func:`gate_backward` -- built from the two passes.
+* :func:`pool_backward` / :func:`gate_backward` -- built from the two passes;
+* :func:`global_pool_forward` / :func:`global_pool_backward` -- CBAM's channel-gate
+  pooling (max / mean over ``H, W``) in one read, and its gradient (tie counts, then
+  ``grad_x``).
 
 Launch configurations are fixed (no autotune), so the kernels also run under
 Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
@@ -190,6 +193,65 @@ if _HAVE_TRITON:
             tl.atomic_add(gs_ptr + n * C + c, gs, mask=cm)
 
 
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _gpool_kernel(x_ptr, out_ptr, NC, C, HW, sN, sC, sP, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                      BC: tl.constexpr, BP: tl.constexpr):
+        # max / mean over the HW pixels of BC channels of image n; out: [P, N, C]
+        n = tl.program_id(0)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        cm = c < C
+        mx = tl.full([BC], float("-inf"), tl.float32)
+        sm = tl.zeros([BC], tl.float32)
+        nan = tl.zeros([BC], tl.int32)
+        for p0 in range(0, HW, BP):
+            p = p0 + tl.arange(0, BP)
+            m2 = cm[:, None] & (p < HW)[None, :]
+            v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
+            mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=1))
+            sm += tl.sum(tl.where(m2, v, 0.0), axis=1)
+            nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=1))
+        mx = tl.where(nan > 0, float("nan"), mx)
+        if I_MAX >= 0:
+            tl.store(out_ptr + I_MAX * NC + n * C + c, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=cm)
+        if I_MEAN >= 0:
+            tl.store(out_ptr + I_MEAN * NC + n * C + c,
+                     (sm / HW).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cm)
+
+    @triton.jit
+    def _gpool_backward_kernel(x_ptr, mx_ptr, gmax_ptr, fmean_ptr, gx_ptr, C, HW, sN, sC, sP,
+                               HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # gx = fmean + [x == max] * gmax / (number of tied maxima), for BC channels of image n
+        n = tl.program_id(0)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        cm = c < C
+        fa = tl.zeros([BC], tl.float32)
+        if HAS_MEAN:
+            fa = tl.load(fmean_ptr + n * C + c, mask=cm, other=0.0)
+        m = tl.zeros([BC], tl.float32)
+        fm = tl.zeros([BC], tl.float32)
+        if HAS_MAX:
+            m = tl.load(mx_ptr + n * C + c, mask=cm, other=0.0)
+            cnt = tl.zeros([BC], tl.float32)
+            for p0 in range(0, HW, BP):
+                p = p0 + tl.arange(0, BP)
+                m2 = cm[:, None] & (p < HW)[None, :]
+                v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
+                cnt += tl.sum(tl.where(m2 & (v == m[:, None]), 1.0, 0.0), axis=1)
+            fm = tl.load(gmax_ptr + n * C + c, mask=cm, other=0.0) / tl.where(cm, cnt, 1.0)
+        for p0 in range(0, HW, BP):
+            p = p0 + tl.arange(0, BP)
+            m2 = cm[:, None] & (p < HW)[None, :]
+            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            g = tl.zeros([BC, BP], tl.float32) + fa[:, None]
+            if HAS_MAX:
+                v = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                g = tl.where(v == m[:, None], g + fm[:, None], g)
+            tl.store(gx_ptr + off, g.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
+
+
 def _flat_scale(scale: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if scale is None else scale.to(x.dtype).reshape(x.shape[0], x.shape[1]).contiguous()
 
@@ -311,3 +373,51 @@ def gate_backward(grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]
     ga, _ = reduce(grad, x, scale, None)
     gx, gs = gradx(grad, x, scale, attn, None, None, [], None)
     return gx, ga, gs
+
+
+def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """CBAM channel-gate pooling: max / mean over ``H, W`` in one read, ``[len(kinds), N, C]`` in ``dtype``."""
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    kinds = list(kinds)
+    out = torch.empty((len(kinds), n, c), dtype=dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    i_max = kinds.index(0) if 0 in kinds else -1
+    i_mean = kinds.index(1) if 1 in kinds else -1
+    sN, sC, sP = _strides(x, cl)
+    grid = (n, triton.cdiv(c, _BC))
+    _gpool_kernel[grid](x, out, n * c, c, h * w, sN, sC, sP, I_MAX=i_max, I_MEAN=i_mean, BC=_BC, BP=_BP)
+    for i, k in enumerate(kinds):
+        src = i_max if k == 0 else i_mean
+        if src != i:
+            out[i].copy_(out[src])
+    return out
+
+
+def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[int]) -> Tensor:
+    """Gradient w.r.t. ``x`` of :func:`global_pool_forward` (ties share the max gradient evenly)."""
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    kinds = list(kinds)
+    gx = torch.empty_like(x)
+    if x.numel() == 0:
+        return gx
+    grad = grad.to(torch.float32)
+    gmax = fmean = mx = None
+    for i, k in enumerate(kinds):
+        if k == 0:
+            gmax = grad[i] if gmax is None else gmax + grad[i]
+            if mx is None:
+                mx = out[i].to(torch.float32).contiguous()
+        else:
+            fmean = grad[i] if fmean is None else fmean + grad[i]
+    fmean = None if fmean is None else (fmean / (h * w)).contiguous()
+    gmax = None if gmax is None else gmax.contiguous()
+    sN, sC, sP = _strides(x, cl)
+    grid = (n, triton.cdiv(c, _BC))
+    dummy = gx
+    _gpool_backward_kernel[grid](x, mx if mx is not None else dummy, gmax if gmax is not None else dummy,
+                                 fmean if fmean is not None else dummy, gx, c, h * w, sN, sC, sP,
+                                 HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, BC=_BC, BP=_BP)
+    return gx

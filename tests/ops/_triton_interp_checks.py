@@ -148,6 +148,39 @@ def main() -> None:
                 for gg, ww, name in zip(got, want, ("x", "scale", "weight", "bias", "gamma", "beta")):
                     check(gg, ww, torch.float32, f"sam-bn backward {name} {layout}", loose=4)
             count += 1
+    # CBAM channel-gate pooling (max / mean over H, W) and its backward, through ops.global_pool
+    from spatialattn import ops
+
+    ops_fast = ops._fast_device
+    ops._fast_device = lambda x: "triton"
+    try:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for layout in ("nchw", "channels_last", "noncontig"):
+                for ties in (False, True):
+                    x = make((2, 19, 9, 10), layout, dtype, 3)  # HW = 90: more than one pixel tile
+                    if ties:
+                        x = x.float().round().to(dtype)  # many tied maxima
+                    for order in (("mean", "max"), ("max",), ("mean",), ("max", "mean", "max")):
+                        for acc in {dtype, torch.float32}:
+                            xa = x.detach().requires_grad_()
+                            xb = x.detach().float().requires_grad_()
+                            out = ops.global_pool(xa, order, dtype=acc)
+                            ref = torch.stack([xb.amax(dim=(2, 3)) if k == "max" else xb.mean(dim=(2, 3))
+                                               for k in order])
+                            what = f"global pool {dtype} {layout} ties={ties} {order} -> {acc}"
+                            assert out.dtype == acc, what
+                            check(out.float(), ref.to(acc).float(), dtype, what)
+                            g = torch.randn(ref.shape)
+                            gx = torch.autograd.grad(out, xa, g.to(acc))[0]
+                            want = torch.autograd.grad(ref, xb, g.to(acc).float())[0]
+                            check(gx.float(), want.to(dtype).float(), dtype, f"{what} backward")
+                            count += 2
+        x = torch.randn(1, 20, 3, 3)
+        x[0, 17, 1, 2] = float("nan")
+        p = ops.global_pool(x, ("max", "mean"))
+        assert torch.isnan(p[:, 0, 17]).all() and not torch.isnan(p[:, 0, 16]).any(), "NaN lost in global pool"
+    finally:
+        ops._fast_device = ops_fast
     print(f"triton interpreter checks passed ({count} comparisons + NaN + SAM)")
 
 
