@@ -560,9 +560,20 @@ def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
-@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17), (1, 33, 5, 7)])
-def test_global_pool_backward_matches_reference(layout, shape):
-    # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly)
+@pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17), (1, 33, 5, 7), (1, 33, 1, 2)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_global_pool_backward_matches_reference(layout, shape, threads):
+    # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly); with
+    # fewer images than threads, channels_last splits each image's pixels into blocks
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _global_pool_backward_cases(layout, shape)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _global_pool_backward_cases(layout, shape):
     for ties in (False, True):
         x = make_x(shape, layout, torch.float64)
         if ties:

@@ -805,34 +805,53 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
       stream_fence(stream);
     });
   } else {
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> cnt(C), fm(C), fa(C), buf(C);
-      for (int64_t n = b; n < e; ++n) {
-        const T* base = x + n * HW * C;
-        const T* mn = mx ? mx + n * C : nullptr;
-        if (mn) {
-          std::fill(cnt.begin(), cnt.end(), T(0));
-          for (int64_t p = 0; p < HW; ++p) {
-            const T* row = base + p * C;
+    // channels_last: per image, tie counts over its pixels, then the gradient. With fewer
+    // images than threads, each image's pixels are split into blocks (partial counts summed
+    // per image), so that every thread has work.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
+    const int64_t block = (HW + nb - 1) / nb;
+    std::vector<T> cnt(mx ? N * nb * C : 0, T(0)), fm(N * C, T(0)), fa(N * C, T(0));
+    if (mx) {
+      at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
+          const T* mn = mx + n * C;
+          T* ct = cnt.data() + t * C;
+          for (int64_t p = p0; p < p1; ++p) {
+            const T* row = x + (n * HW + p) * C;
             int64_t c = 0;
-            for (; c + L <= C; c += L)
-              vstore(cnt.data() + c, vload(cnt.data() + c) + (vload(row + c) == vload(mn + c) ? one : zero));
-            for (; c < C; ++c) cnt[c] += row[c] == mn[c] ? T(1) : T(0);
+            for (; c + L <= C; c += L) vstore(ct + c, vload(ct + c) + (vload(row + c) == vload(mn + c) ? one : zero));
+            for (; c < C; ++c) ct[c] += row[c] == mn[c] ? T(1) : T(0);
           }
-          for (int64_t c = 0; c < C; ++c) fm[c] = gmax[n * C + c] / cnt[c];
-        } else {
-          std::fill(fm.begin(), fm.end(), T(0));
         }
-        for (int64_t c = 0; c < C; ++c) fa[c] = fmean ? fmean[n * C + c] : T(0);
-        for (int64_t p = 0; p < HW; ++p) {
-          const T* row = base + p * C;
+      });
+    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        fa[n * C + c] = fmean ? fmean[n * C + c] : T(0);
+        if (mx) {
+          T k = 0;
+          for (int64_t j = 0; j < nb; ++j) k += cnt[(n * nb + j) * C + c];
+          fm[n * C + c] = gmax[n * C + c] / k;
+        }
+      }
+    at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(C);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
+        const T* mn = mx ? mx + n * C : nullptr;
+        const T* fan = fa.data() + n * C;
+        const T* fmn = fm.data() + n * C;
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* row = x + (n * HW + p) * C;
           T* o = stream ? buf.data() : gx + (n * HW + p) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
-            const V f = vload(fa.data() + c);
-            vstore(o + c, mn ? (vload(row + c) == vload(mn + c) ? f + vload(fm.data() + c) : f) : f);
+            const V f = vload(fan + c);
+            vstore(o + c, mn ? (vload(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f);
           }
-          for (; c < C; ++c) o[c] = (mn && row[c] == mn[c]) ? fa[c] + fm[c] : fa[c];
+          for (; c < C; ++c) o[c] = (mn && row[c] == mn[c]) ? fan[c] + fmn[c] : fan[c];
           if (stream) mul_row<T>(gx + (n * HW + p) * C, buf.data(), nullptr, T(1), nullptr, T(1), C, true);
         }
       }
