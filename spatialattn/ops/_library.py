@@ -552,6 +552,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+        x = _dense(x)  # one dense copy of a strided x, made here and saved, not in every pass
         acc = _acc(x)
         pooled = _generic_pool(x, scale, kinds, acc)
         kh, kw = weight.shape[-2:]

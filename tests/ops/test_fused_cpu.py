@@ -459,7 +459,7 @@ def _unfused():
         SF._fused_batchnorm_ok = orig
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("variant", ["default", "momentum_none", "no_affine", "no_running_stats", "scale_bias"])
 @pytest.mark.parametrize("impl", ["cpp", "generic"])
 def test_training_batchnorm_fused_matches_module(layout, variant, impl, monkeypatch):
