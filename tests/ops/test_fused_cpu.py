@@ -193,7 +193,11 @@ def test_out_argument_and_no_grad_path():
     out = torch.empty_like(x)
     y = ops.spatial_attention_fused(x, w, out=out)
     assert y.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(y, ref_sam(x, w, None, ("max", "mean"), 1, None)[0], rtol=1e-6, atol=1e-6)
+    # against the exact (float64) result: the 98-term fp32 conv sums of weights ~ N(0, 1) are
+    # within ~3e-6 of it in any summation order (torch's fp32 conv as much as ours), so a
+    # 1e-6 comparison between two fp32 computations passes or fails by luck (5-11 of 200 seeds)
+    y64 = ref_sam(x.double(), w.double(), None, ("max", "mean"), 1, None)[0]
+    torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=4e-6)
     with pytest.raises(ValueError, match="out="):
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 

@@ -930,6 +930,33 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
     return flip ? w[p * KK + (g.KH - 1 - i) * g.KW + (g.KW - 1 - j)] : w[p * KK + i * g.KW + j];
   };
   int64_t h = h0;
+  if (g.dil == 1 && g.KH == 7) {
+    // 7 tap rows (CBAM's 7x7), dilation 1: eight output rows per sweep; per tap column the
+    // fourteen input rows they reach are loaded once into registers and each is used by
+    // every output row it reaches (14 loads per 56 multiply-adds instead of 56). Measured:
+    // the small-map part 0.70-0.78x the time (forward of 8x1x104x104 / 8x1x26x26)
+    constexpr int R = 8, KH = 7;
+    for (; h + R <= h1; h += R) {
+      for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+        vec_t<T> a[R] = {};
+        for (int64_t p = 0; p < P; ++p) {
+          const T* base = pad + (p * g.Hp + h) * g.Wp + w0;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            vec_t<T> v[KH + R - 1];
+#pragma GCC unroll 14
+            for (int r = 0; r < KH + R - 1; ++r) v[r] = vload(base + r * g.Wp + j);
+#pragma GCC unroll 7
+            for (int i = 0; i < KH; ++i) {
+              const T wv = tap(p, i, j);
+#pragma GCC unroll 8
+              for (int k = 0; k < R; ++k) a[k] += wv * v[i + k];
+            }
+          }
+        }
+        for (int k = 0; k < R; ++k) emit(h + k, w0, a[k]);
+      }
+    }
+  }
   for (; h + 4 <= h1; h += 4) {
     for (int64_t w0 = 0; w0 < g.W; w0 += L) {
       vec_t<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
