@@ -160,14 +160,13 @@ def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Opt
     """
     dtype = x.dtype if dtype is None else dtype
     fast = None if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0 else _fast_device(x)
-    if fast == "cpp" and dtype == x.dtype:
-        if not _needs_autograd(x):
-            return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
-        if not torch.compiler.is_compiling():
-            return _lib.CppGlobalPool.apply(x, _kinds(order))
-    if fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)):
-        if not torch.compiler.is_compiling():
-            return _lib.TritonGlobalPool.apply(x, _kinds(order), dtype)
+    if fast == "cpp" and dtype == x.dtype and not _needs_autograd(x):
+        return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
+    if not torch.compiler.is_compiling() and (
+        (fast == "cpp" and dtype == x.dtype)
+        or (fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)))
+    ):
+        return _lib.GlobalPool.apply(x, _kinds(order), dtype, fast)
     maps = [x.amax(dim=(2, 3)).to(dtype) if k == "max" else x.mean(dim=(2, 3), dtype=dtype) for k in order]
     return torch.stack(maps, dim=0)
 

@@ -500,6 +500,38 @@ class CppSam(torch.autograd.Function):
         )
 
 
+# shared by the two training-BatchNorm SAM Functions (C++ and generic)
+def _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats):
+    ctx.kinds, ctx.dilation, ctx.eps = kinds, dilation, eps
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+    ctx.beta_dtype = None if bn_bias is None else bn_bias.dtype
+    ctx.small_maps = (logits, pooled, stats)  # not inputs or outputs: no version tracking needed
+    ctx.save_for_backward(x, scale, weight, bn_weight, attn)
+    ctx.mark_non_differentiable(stats)
+
+
+def _bn_saved(ctx, grad_y):
+    """``(grad_y or zeros, x, scale, weight, bn_weight, attn, logits, pooled, stats)``."""
+    x, scale, weight, bn_weight, attn = ctx.saved_tensors
+    return (torch.zeros_like(x) if grad_y is None else grad_y, x, scale, weight, bn_weight, attn) + ctx.small_maps
+
+
+def _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight):
+    """The backward's return tuple, each gradient where wanted, in its input's dtype and shape."""
+    need = ctx.needs_input_grad
+    return (
+        gx,
+        gw.to(weight.dtype) if need[1] else None,
+        gb.to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]) if need[2] and ctx.bias_meta else None,
+        gs.to(scale.dtype) if gs is not None else None,
+        ggamma.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
+        gbeta.to(ctx.beta_dtype).reshape(1) if need[5] else None,
+        None,
+        None,
+        None,
+    )
+
+
 class CppSamBatchNorm(torch.autograd.Function):
     """SAM with a training-mode ``BatchNorm2d(1)`` on the logits (batch statistics), C++ on
     CPU. Returns ``(y, attn, stats)`` with ``stats = [mean, biased var]`` (float64, no grad)
@@ -511,35 +543,18 @@ class CppSamBatchNorm(torch.autograd.Function):
         y, attn, logits, pooled, stats = _cpp.get().sam_forward_bn(
             x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation
         )
-        ctx.kinds, ctx.dilation, ctx.eps = kinds, dilation, eps
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.small_maps = (logits, pooled, stats)
-        ctx.save_for_backward(x, scale, weight, bn_weight, attn)
-        ctx.mark_non_differentiable(stats)
+        _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats)
         return y, attn, stats
 
     @staticmethod
     def backward(ctx, grad_y, grad_attn, _gstats):
-        x, scale, weight, bn_weight, attn = ctx.saved_tensors
-        logits, pooled, stats = ctx.small_maps
+        grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need = ctx.needs_input_grad
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
         gx, gs, gw, gb, ggamma, gbeta = _cpp.get().sam_backward_bn(
             grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, ctx.eps, ctx.kinds,
             ctx.dilation, scale is not None and need[3], need[1], need[2], need[4] or need[5],
         )
-        return (
-            gx,
-            gw.to(weight.dtype) if need[1] else None,
-            gb.to(weight.dtype).reshape(ctx.bias_shape) if need[2] and ctx.bias_shape is not None else None,
-            gs.to(scale.dtype) if gs is not None else None,
-            ggamma.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
-            gbeta.reshape(1) if need[5] else None,
-            None,
-            None,
-            None,
-        )
+        return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
 
 
 class GenericSamBatchNorm(torch.autograd.Function):
@@ -567,22 +582,14 @@ class GenericSamBatchNorm(torch.autograd.Function):
             attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
         y = _generic_multiply(x, attn, scale)
         stats = torch.stack([mean, var])
-        ctx.kinds, ctx.dilation, ctx.eps = kinds, dilation, eps
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        ctx.beta_dtype = None if bn_bias is None else bn_bias.dtype
-        ctx.small_maps = (logits, pooled, stats)
-        ctx.save_for_backward(x, scale, weight, bn_weight, attn)
-        ctx.mark_non_differentiable(stats)
+        _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats)
         return y, attn, stats
 
     @staticmethod
     def backward(ctx, grad_y, grad_attn, _gstats):
-        x, scale, weight, bn_weight, attn = ctx.saved_tensors
-        logits, pooled, stats = ctx.small_maps
+        grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need = ctx.needs_input_grad
         acc = attn.dtype
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
         dA, cnt = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc)
         if grad_attn is not None:
             dA = dA + grad_attn.to(acc)
@@ -596,54 +603,33 @@ class GenericSamBatchNorm(torch.autograd.Function):
         dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
         gp, gw = _conv_backward(dl.to(acc), pooled, weight, ctx.dilation)
         gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, ctx.kinds, cnt, scale is not None and need[3])
-        return (
-            gx,
-            gw.to(weight.dtype) if need[1] else None,
-            dl.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]) if need[2] and ctx.bias_meta else None,
-            gs.to(scale.dtype) if gs is not None else None,
-            s_dzx.to(bn_weight.dtype).reshape(bn_weight.shape) if need[4] else None,
-            s_dz.to(ctx.beta_dtype).reshape(1) if need[5] else None,
-            None,
-            None,
-            None,
-        )
+        return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 
-class TritonGlobalPool(torch.autograd.Function):
-    """:class:`CppGlobalPool` on CUDA: the Triton kernels of :mod:`._triton` (one read of ``x``
-    forward; tie counts and gradient backward). ``dtype``: dtype of the pooled result."""
+class GlobalPool(torch.autograd.Function):
+    """CBAM channel-gate pooling (max / mean over H, W, ``[P, N, C]`` in ``dtype``) with a
+    fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``) or ``"triton"``.
+    One read of ``x`` forward; backward one read for the tie counts and one write of the
+    gradient (``amax`` semantics: ties share the max gradient evenly)."""
 
     @staticmethod
-    def forward(ctx, x, kinds, dtype):
-        from . import _triton
-
-        out = _triton.global_pool_forward(x, kinds, dtype)
-        ctx.kinds = kinds
-        ctx.save_for_backward(x, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        from . import _triton
-
-        x, out = ctx.saved_tensors
-        return _triton.global_pool_backward(grad, x, out, ctx.kinds), None, None
-
-
-class CppGlobalPool(torch.autograd.Function):
-    """CBAM channel-gate pooling (max / mean over H, W) with a C++ backward: one read of
-    ``x`` for the tie counts and one write of the gradient (``amax`` semantics: ties share
-    the max gradient evenly)."""
-
-    @staticmethod
-    def forward(ctx, x, kinds):
+    def forward(ctx, x, kinds, dtype, backend):
         x = _dense(x)
-        out = _cpp.get().global_pool(x, kinds)
-        ctx.kinds = kinds
+        if backend == "cpp":
+            out = _cpp.get().global_pool(x, kinds)
+        else:
+            from . import _triton
+
+            out = _triton.global_pool_forward(x, kinds, dtype)
+        ctx.kinds, ctx.backend = kinds, backend
         ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
-        return _cpp.get().global_pool_backward(grad, x, out, ctx.kinds), None
+        if ctx.backend == "cpp":
+            return _cpp.get().global_pool_backward(grad, x, out, ctx.kinds), None, None, None
+        from . import _triton
+
+        return _triton.global_pool_backward(grad, x, out, ctx.kinds), None, None, None
