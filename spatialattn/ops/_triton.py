@@ -67,6 +67,14 @@ if _HAVE_TRITON:
         return (xv.to(tl.float32) * sv.to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
 
     @triton.jit
+    def _max_sum_nan(mx, sm, nan, v, m2, AXIS: tl.constexpr):
+        """Running max, sum and NaN flag of a tile ``v`` (valid where ``m2``) along ``AXIS``."""
+        mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=AXIS))
+        sm += tl.sum(tl.where(m2, v, 0.0), axis=AXIS)
+        nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=AXIS))
+        return mx, sm, nan
+
+    @triton.jit
     def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, sN, sC, sP, P, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
                      HAS_S: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         n = tl.program_id(0)
@@ -85,9 +93,7 @@ if _HAVE_TRITON:
                 v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
             else:
                 v = xv.to(tl.float32)
-            mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=0))
-            sm += tl.sum(tl.where(m2, v, 0.0), axis=0)
-            nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=0))
+            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2, 0)
         mx = tl.where(nan > 0, float("nan"), mx)
         base = out_ptr + n * P * HW + p
         if I_MAX >= 0:
@@ -209,9 +215,7 @@ if _HAVE_TRITON:
             p = p0 + tl.arange(0, BP)
             m2 = cm[:, None] & (p < HW)[None, :]
             v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
-            mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=1))
-            sm += tl.sum(tl.where(m2, v, 0.0), axis=1)
-            nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=1))
+            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2, 1)
         mx = tl.where(nan > 0, float("nan"), mx)
         if I_MAX >= 0:
             tl.store(out_ptr + I_MAX * NC + n * C + c, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
