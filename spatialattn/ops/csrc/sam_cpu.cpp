@@ -507,17 +507,27 @@ inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const 
   constexpr int64_t L = lanes<T>();
   V acc = {};
   int64_t i = 0;
-  for (; i + L <= len; i += L) {
+  auto step = [&](int64_t k) {
     V v = {};
-    if (G) v = (GC ? V{} + gv : vload(gr + i)) * vload(an + i);
-    if (M) v += (vload(xr + i) * sc == vload(mn + i)) ? vload(fm + i) : V{};
-    if (F) v += vload(fa + i);
-    if (S) acc += v * vload(xr + i);
+    if (G) v = (GC ? V{} + gv : vload(gr + k)) * vload(an + k);
+    if (M) v += (vload(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
+    if (F) v += vload(fa + k);
     if (stream || !gx) {
-      vstore(gp + i, v);
+      vstore(gp + k, v);
     } else {
-      vstore(gx + i, v * sc);  // cached stores: write directly, no second pass
+      vstore(gx + k, v * sc);  // cached stores: write directly, no second pass
     }
+    return v;
+  };
+  for (; i + L <= len; i += L) {
+    const V v = step(i);
+    if (S) acc += v * vload(xr + i);
+  }
+  // the tail as one vector ending at len, overlapping the last full one: its elements are
+  // written again with the same values (without S, which would count them twice)
+  if (!S && i < len && len >= L) {
+    step(len - L);
+    i = len;
   }
   T t = 0;
   if (S)
