@@ -331,7 +331,7 @@ def _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation):
         gns = (dz * logits).sum().reshape(norm_scale.shape).to(norm_scale.dtype)
         dz = dz * norm_scale.to(acc)
     gb = dz.sum().reshape(1)
-    gp, gw = _conv_backward(dz.to(acc), pooled, weight, dilation)
+    gp, gw = _conv_backward(dz, pooled, weight, dilation)
     return gp, gw, gb, gns, gnsh
 
 

@@ -407,17 +407,12 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
     gx = torch.empty_like(x)
     if x.numel() == 0:
         return gx
-    grad = grad.to(torch.float32)
-    gmax = fmean = mx = None
-    for i, k in enumerate(kinds):
-        if k == 0:
-            gmax = grad[i] if gmax is None else gmax + grad[i]
-            if mx is None:
-                mx = out[i].to(torch.float32).contiguous()
-        else:
-            fmean = grad[i] if fmean is None else fmean + grad[i]
-    fmean = None if fmean is None else (fmean / (h * w)).contiguous()
+    # per-kind sums of the slot gradients, [N, 1, C] (slots along dim 1 as _kind_sum expects)
+    grad = grad.to(torch.float32).movedim(0, 1)
+    gmax, fmean = _kind_sum(grad, kinds, 0), _kind_sum(grad, kinds, 1)
+    mx = out[kinds.index(0)].to(torch.float32).contiguous() if gmax is not None else None
     gmax = None if gmax is None else gmax.contiguous()
+    fmean = None if fmean is None else (fmean / (h * w)).contiguous()
     sN, sC, sP = _strides(x, cl)
     grid = (n, triton.cdiv(c, _BC))
     dummy = gx

@@ -557,10 +557,17 @@ def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
     calls = []
     real = lib.GenericSamBatchNorm.apply
     monkeypatch.setattr(lib.GenericSamBatchNorm, "apply", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(2, 4, 3, 3)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3, 3, generator=g)
+    w = torch.randn(1, 2, 7, 7, generator=g)
     bn = torch.nn.BatchNorm2d(1).train()
-    y = ops.spatial_attention_fused_batchnorm(x, torch.randn(1, 2, 7, 7), None, bn)
-    assert calls == [1] and y.shape == x.shape and int(bn.num_batches_tracked) == 1
+    y = ops.spatial_attention_fused_batchnorm(x, w, None, bn)
+    assert calls == [1] and int(bn.num_batches_tracked) == 1
+    logits = torch.nn.functional.conv2d(torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1), w, padding=3)
+    ref_bn = torch.nn.BatchNorm2d(1).train()
+    torch.testing.assert_close(y, x * torch.sigmoid(ref_bn(logits)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
