@@ -230,10 +230,6 @@ void pool_chunk(const T* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
   }
 }
 
-// One pixel, channels_last: max and mean of x' over its C contiguous channels. Four
-// accumulator pairs, then tree reductions across the lanes (the sum order differs from the
-// sequential one by rounding only; the lane-by-lane scalar reduction it replaces was a
-// 15-step dependency chain per pixel: pooling 0.83x the time at 8x512x26x26, paired).
 template <typename T, int B>
 struct HalfOf {
   typedef T type __attribute__((vector_size(B)));
@@ -252,6 +248,10 @@ inline T hreduce(V v, bool is_max) {
   }
 }
 
+// One pixel, channels_last: max and mean of x' over its C contiguous channels. Four
+// accumulator pairs, then tree reductions across the lanes (the sum order differs from the
+// sequential one by rounding only; the lane-by-lane scalar reduction it replaces was a
+// 15-step dependency chain per pixel: pooling 0.83x the time at 8x512x26x26, paired).
 template <typename T>
 inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
   using V = vec_t<T>;
