@@ -40,6 +40,7 @@ __all__ = [
     "pointwise_attention",
     "pointwise_spatial_attention",
     "channel_gate",
+    "channel_gate_from_pooled",
     "channel_attention",
     "position_attention",
 ]
@@ -361,8 +362,27 @@ def channel_gate(
     (``[out, in, 1, 1]``) tensors. Pools and MLP run in float32 for half inputs.
     """
     check_input(x)
-    n, c = x.shape[:2]
-    acc = accumulate_dtype(x)
+    # both pools in one read of x (fused op; amax / mean where it does not apply)
+    pooled = ops.global_pool(x, normalize_pool_order(pool_types), dtype=accumulate_dtype(x))
+    return channel_gate_from_pooled(pooled, weight1, bias1, weight2, bias2, activation=activation, gate=gate)
+
+
+def channel_gate_from_pooled(
+    pooled: Tensor,
+    weight1: Tensor,
+    bias1: Optional[Tensor] = None,
+    weight2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+    *,
+    activation: Callable[[Tensor], Tensor] = F.relu,
+    gate: GateLike = "sigmoid",
+) -> Tensor:
+    """The MLP and gate of :func:`channel_gate` on pooled maps ``Tensor[P, N, C]`` (what
+    :func:`spatialattn.ops.global_pool` returns) -> ``Tensor[N, C, 1, 1]`` in their dtype."""
+    if pooled.dim() != 3:
+        raise ValueError(f"pooled: expected a [P, N, C] tensor, got shape {tuple(pooled.shape)}")
+    p, n, c = pooled.shape
+    acc = pooled.dtype
     w1 = weight1.reshape(weight1.shape[0], -1, 1, 1)
     if w1.shape[1] != c:
         raise ValueError(f"weight1: expected {c} input features, got shape {tuple(weight1.shape)}")
@@ -370,16 +390,13 @@ def channel_gate(
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
     logits = None
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with torch.autocast(device_type=pooled.device.type, enabled=False):
         w1, b1 = w1.to(acc), None if bias1 is None else bias1.to(acc)
         if w2 is not None:
             w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
-        # both pools in one read of x (fused op; amax / mean where it does not apply), then
         # the MLP on all pools at once as matrix products (a 1x1 conv on [N, C, 1, 1] maps
         # is the same product; torch's conv path was 4x slower at N = 8), the results
         # summed in pool order (as every reference implementation does)
-        pooled = ops.global_pool(x, normalize_pool_order(pool_types), dtype=acc)  # [P, N, C]
-        p = pooled.shape[0]
         h = F.linear(pooled.reshape(p * n, c), w1.flatten(1), b1)
         if w2 is not None:
             r = w1.shape[0]

@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import Tensor
 
+from .. import functional as SF
 from .. import ops
 
 from .base import AttentionModule
@@ -111,6 +112,21 @@ class CBAM(AttentionModule):
         )
         self.last_channel_attention: Optional[Tensor] = None
 
+    def _channel_spatial(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(y, spatial map, channel gate)``. Both gates read ``x``; through
+        :func:`spatialattn.ops.with_global_pool` their two gradients w.r.t. ``x`` are summed
+        in one pass in training (not written separately and added by autograd)."""
+        SF.check_input(x, self.channels)
+        spatial = self.spatial
+
+        def body(t: Tensor, pooled: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+            cg = self.channel.gate_from_pooled(pooled)
+            y, sa = spatial.attend(t, channel_scale=cg.to(t.dtype))
+            return y, sa, cg
+
+        y, sa, cg = ops.with_global_pool(x, body, order=self.channel.pool_types, dtype=SF.accumulate_dtype(x))
+        return y, sa, cg
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}"
 
@@ -120,8 +136,7 @@ class CBAM(AttentionModule):
             self._remember(cg)
             return (y, cg) if return_attention else y
         if self.arrangement == "channel_spatial":
-            cg = self.channel.channel_gate(x)
-            y, sa = self.spatial.attend(x, channel_scale=cg.to(x.dtype))
+            y, sa, cg = self._channel_spatial(x)
         elif self.arrangement == "parallel":
             cg = self.channel.channel_gate(x)
             sa = self.spatial.attention_map(x)

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Tuple, Type, Union
 from torch import Tensor, nn
 
 from .. import functional as SF
+from .. import ops
 from .base import AttentionModule, _check_channels
 
 __all__ = ["ChannelAttention", "SqueezeExcite", "reduced_channels"]
@@ -104,12 +105,16 @@ class ChannelAttention(AttentionModule):
     def channel_gate(self, x: Tensor) -> Tensor:
         """The gate ``Tensor[N, C, 1, 1]`` (float32 for half inputs)."""
         SF.check_input(x, self.channels)
+        return self.gate_from_pooled(ops.global_pool(x, self.pool_types, dtype=SF.accumulate_dtype(x)))
+
+    def gate_from_pooled(self, pooled: Tensor) -> Tensor:
+        """The gate from pooled maps ``Tensor[P, N, C]`` (``ops.global_pool(x, self.pool_types)``)."""
         if self.num_layers == 2:
-            return SF.channel_gate(
-                x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                pool_types=self.pool_types, activation=self.act, gate=self.gate,
+            return SF.channel_gate_from_pooled(
+                pooled, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.act,
+                gate=self.gate,
             )
-        return SF.channel_gate(x, self.fc.weight, self.fc.bias, pool_types=self.pool_types, gate=self.gate)
+        return SF.channel_gate_from_pooled(pooled, self.fc.weight, self.fc.bias, gate=self.gate)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         g = self.channel_gate(x)

@@ -25,7 +25,7 @@ Implementations, in order of preference:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ __all__ = [
     "spatial_attention_fused_batchnorm",
     "batchnorm_train_fusable",
     "global_pool",
+    "with_global_pool",
     "batchnorm_affine",
     "is_exporting",
     "backend",
@@ -149,6 +150,18 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
     return lean.gate_multiply(x, spatial_gate, channel_gate)
 
 
+def _global_pool_backend(x: Tensor, dtype: torch.dtype) -> Optional[str]:
+    """'cpp' / 'triton' where the fused global pooling runs, else None."""
+    if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
+        return None
+    fast = _fast_device(x)
+    if fast == "cpp" and dtype == x.dtype:
+        return fast
+    if fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)):
+        return fast
+    return None
+
+
 def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Max / mean over ``H, W`` (CBAM's channel-gate pooling): ``Tensor[N, C, H, W] -> Tensor[len(order), N, C]``.
 
@@ -159,16 +172,41 @@ def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Opt
     ``dtype``: dtype of the result; the mean is accumulated in it.
     """
     dtype = x.dtype if dtype is None else dtype
-    fast = None if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0 else _fast_device(x)
-    if fast == "cpp" and dtype == x.dtype and not _needs_autograd(x):
+    fast = _global_pool_backend(x, dtype)
+    if fast == "cpp" and not _needs_autograd(x):
         return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
-    if not torch.compiler.is_compiling() and (
-        (fast == "cpp" and dtype == x.dtype)
-        or (fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)))
-    ):
+    if fast is not None:
         return _lib.GlobalPool.apply(x, _kinds(order), dtype, fast)
     maps = [x.amax(dim=(2, 3)).to(dtype) if k == "max" else x.mean(dim=(2, 3), dtype=dtype) for k in order]
     return torch.stack(maps, dim=0)
+
+
+def with_global_pool(
+    x: Tensor,
+    body: Callable[[Tensor, Tensor], Sequence[Tensor]],
+    *,
+    order: Sequence[str] = ("mean", "max"),
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, ...]:
+    """``body(x, global_pool(x, order, dtype=dtype))``, for a ``body`` that also reads ``x``
+    (CBAM: the channel gate from the pooled maps, the spatial attention of ``x`` scaled by it).
+
+    Same values and gradients as calling the two directly. In eager training on the fused
+    paths (C++ on CPU, Triton on CUDA; ``x`` requiring grad) the pooling's backward adds its
+    gradient in place into the gradient w.r.t. ``x`` that ``body`` produced (one read-modify-
+    write), instead of writing a second full-size gradient for autograd to add: two passes
+    over memory fewer per training step. ``body``'s gradient w.r.t. its first argument must
+    be a tensor of its own (true of every op in this library: it is not the upstream
+    gradient or a view of one). Returns ``body``'s outputs as a tuple.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    fast = _global_pool_backend(x, dtype)
+    if fast is not None and x.requires_grad and torch.is_grad_enabled():
+        slot = _lib.GradSlot()
+        pooled = _lib.GlobalPool.apply(x, _kinds(order), dtype, fast, slot)
+        xt, pooled = _lib.GradTap.apply(x.detach(), pooled, slot)
+        return tuple(body(xt, pooled))
+    return tuple(body(x, global_pool(x, order, dtype=dtype)))
 
 
 def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:

@@ -606,30 +606,84 @@ class GenericSamBatchNorm(torch.autograd.Function):
         return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 
+def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str) -> Tensor:
+    if backend == "cpp":
+        return _cpp.get().global_pool(x, kinds)
+    from . import _triton
+
+    return _triton.global_pool_forward(x, kinds, dtype)
+
+
+def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int], backend: str,
+                          into: Optional[Tensor] = None) -> Tensor:
+    if backend == "cpp":
+        return _cpp.get().global_pool_backward(grad, x, out, kinds, into)
+    from . import _triton
+
+    return _triton.global_pool_backward(grad, x, out, kinds, into)
+
+
 class GlobalPool(torch.autograd.Function):
     """CBAM channel-gate pooling (max / mean over H, W, ``[P, N, C]`` in ``dtype``) with a
     fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``) or ``"triton"``.
     One read of ``x`` forward; backward one read for the tie counts and one write of the
-    gradient (``amax`` semantics: ties share the max gradient evenly)."""
+    gradient (``amax`` semantics: ties share the max gradient evenly). With a ``slot``
+    (:class:`GradSlot`, filled by a :class:`GradTap` node), the gradient is added in place to
+    the one the slot holds, and the sum is returned."""
 
     @staticmethod
-    def forward(ctx, x, kinds, dtype, backend):
+    def forward(ctx, x, kinds, dtype, backend, slot=None):
         x = _dense(x)
-        if backend == "cpp":
-            out = _cpp.get().global_pool(x, kinds)
-        else:
-            from . import _triton
-
-            out = _triton.global_pool_forward(x, kinds, dtype)
-        ctx.kinds, ctx.backend = kinds, backend
+        out = _global_pool_forward(x, kinds, dtype, backend)
+        ctx.kinds, ctx.backend, ctx.slot = kinds, backend, slot
         ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
-        if ctx.backend == "cpp":
-            return _cpp.get().global_pool_backward(grad, x, out, ctx.kinds), None, None, None
-        from . import _triton
+        into = None
+        if ctx.slot is not None:
+            into, ctx.slot.grad = ctx.slot.grad, None
+        if into is None:
+            gx = _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend)
+        elif into.dtype == x.dtype and into.shape == x.shape and into.stride() == x.stride():
+            gx = _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend, into=into)
+        else:
+            gx = into + _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend)
+        return gx, None, None, None, None
 
-        return _triton.global_pool_backward(grad, x, out, ctx.kinds), None, None, None
+
+class GradSlot:
+    """Hands one gradient from a :class:`GradTap` node to the :class:`GlobalPool` node that
+    shares the slot (see :func:`spatialattn.ops.with_global_pool`)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Optional[Tensor] = None
+
+
+class GradTap(torch.autograd.Function):
+    """``(x, pooled)`` passed through, for a body that reads both. Backward puts the gradient
+    w.r.t. ``x`` into ``slot`` instead of sending it to ``x`` (``x`` comes in detached), and
+    sends the gradient w.r.t. ``pooled`` on (zeros if there is none): so the
+    :class:`GlobalPool` node that made ``pooled`` always runs after this one, takes the
+    gradient from the slot, adds the pooling's gradient into it in place and passes the sum
+    to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, pooled, slot):
+        ctx.slot = slot
+        ctx.pooled_meta = (pooled.shape, pooled.dtype, pooled.device)
+        return x.view_as(x), pooled.view_as(pooled)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_pooled):
+        ctx.slot.grad = grad_x
+        if grad_pooled is None:
+            shape, dtype, device = ctx.pooled_meta
+            grad_pooled = torch.zeros(shape, dtype=dtype, device=device)
+        return None, grad_pooled, None

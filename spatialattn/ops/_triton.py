@@ -226,8 +226,10 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gpool_backward_kernel(x_ptr, mx_ptr, gmax_ptr, fmean_ptr, gx_ptr, C, HW, sN, sC, sP,
-                               HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        # gx = fmean + [x == max] * gmax / (number of tied maxima), for BC channels of image n
+                               HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
+                               BP: tl.constexpr):
+        # gx = fmean + [x == max] * gmax / (number of tied maxima), for BC channels of image n;
+        # ACC: added to what gx holds (one read-modify-write, rounded once)
         n = tl.program_id(0)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
@@ -253,6 +255,8 @@ if _HAVE_TRITON:
             if HAS_MAX:
                 v = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
                 g = tl.where(v == m[:, None], g + fm[:, None], g)
+            if ACC:
+                g += tl.load(gx_ptr + off, mask=m2, other=0.0).to(tl.float32)
             tl.store(gx_ptr + off, g.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
 
 
@@ -399,12 +403,16 @@ def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype) -> 
     return out
 
 
-def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[int]) -> Tensor:
-    """Gradient w.r.t. ``x`` of :func:`global_pool_forward` (ties share the max gradient evenly)."""
+def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[int],
+                         into: Optional[Tensor] = None) -> Tensor:
+    """Gradient w.r.t. ``x`` of :func:`global_pool_forward` (ties share the max gradient evenly);
+    with ``into`` (dtype and strides of the dense ``x``), added to it in place and returned."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     kinds = list(kinds)
-    gx = torch.empty_like(x)
+    if into is not None and (into.shape != x.shape or into.stride() != x.stride() or into.dtype != x.dtype):
+        raise ValueError("global_pool_backward: into= must have the shape, strides and dtype of x")
+    gx = torch.empty_like(x) if into is None else into
     if x.numel() == 0:
         return gx
     # per-kind sums of the slot gradients, [N, 1, C] (slots along dim 1 as _kind_sum expects)
@@ -418,5 +426,6 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
     dummy = gx
     _gpool_backward_kernel[grid](x, mx if mx is not None else dummy, gmax if gmax is not None else dummy,
                                  fmean if fmean is not None else dummy, gx, c, h * w, sN, sC, sP,
-                                 HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, BC=_BC, BP=_BP)
+                                 HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, ACC=into is not None,
+                                 BC=_BC, BP=_BP)
     return gx

@@ -180,6 +180,40 @@ def main() -> None:
                             want = torch.autograd.grad(ref, xb, g.to(acc).float())[0]
                             check(gx.float(), want.to(dtype).float(), dtype, f"{what} backward")
                             count += 2
+        # CBAM in training: the pooling's gradient added in place into the SAM's (GradTap and
+        # the GlobalPool slot, ACC kernel), against the two ops run separately
+        import copy
+
+        from spatialattn.nn import CBAM
+
+        for dtype in (torch.float32, torch.float16):
+            for layout in ("nchw", "channels_last"):
+                torch.manual_seed(1)
+                m1 = CBAM(19, reduction=4).train()
+                m2 = copy.deepcopy(m1)
+                x = make((2, 19, 9, 10), layout, dtype, 5)
+                x1, x2 = x.detach().requires_grad_(), x.detach().requires_grad_()
+                y1 = m1(x1)
+                gy = torch.randn(y1.shape).to(dtype)
+                y1.backward(gy)
+                nodes, todo = set(), [y1.grad_fn]
+                while todo:
+                    f = todo.pop()
+                    if f is not None and type(f).__name__ not in nodes:
+                        nodes.add(type(f).__name__)
+                        todo.extend(g for g, _ in f.next_functions)
+                what = f"CBAM pooling gradient in place {dtype} {layout}"
+                assert {"GradTapBackward", "GlobalPoolBackward", "GenericSamBatchNormBackward"} <= nodes, what
+                cg = m2.channel.channel_gate(x2)
+                y2 = m2.spatial.attend(x2, channel_scale=cg.to(dtype))[0]
+                y2.backward(gy)
+                check(y1.float(), y2.float(), dtype, what)
+                # fp32: the same single addition per element; half: one rounding instead of two
+                check(x1.grad.float(), x2.grad.float(), dtype, f"{what} grad_x", loose=2)
+                for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+                    check(p1.grad, p2.grad, torch.float32 if dtype == torch.float32 else dtype,
+                          f"{what} grad {name}", loose=4)
+                count += 1
         x = torch.randn(1, 20, 3, 3)
         x[0, 17, 1, 2] = float("nan")
         p = ops.global_pool(x, ("max", "mean"))

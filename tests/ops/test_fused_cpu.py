@@ -679,3 +679,140 @@ def test_backward_max_mask_from_index_map(cpp_module, layout, dtype, threads, ba
     finally:
         torch.set_num_threads(old)
         cpp_module.set_band_rows(0)
+
+
+# ---------------------------------------------------------------- with_global_pool (CBAM)
+def _cbam_separate(m, x):
+    """CBAM channel_spatial as two separate ops (the path before with_global_pool)."""
+    cg = m.channel.channel_gate(x)
+    return m.spatial.attend(x, channel_scale=cg.to(x.dtype))[0]
+
+
+@pytest.fixture
+def pool_backward_spy(monkeypatch):
+    """Records, per call of the pooling backward, whether it added into a given gradient."""
+    calls = []
+    orig = lib._global_pool_backward
+
+    def spy(*args, into=None, **kwargs):
+        calls.append(into is not None)
+        return orig(*args, into=into, **kwargs)
+
+    monkeypatch.setattr(lib, "_global_pool_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("preset", ["paper", "mmyolo", "ultralytics"])
+def test_cbam_pool_gradient_in_place_equals_separate_ops(layout, dtype, preset, pool_backward_spy):
+    # the pooling's gradient added in place into the SAM's grad_x: the same single addition
+    # per element as autograd's, so bit-identical values and gradients
+    import copy
+
+    from spatialattn.nn import CBAM
+
+    torch.manual_seed(0)
+    m1 = CBAM(24, preset=preset).to(dtype).train()
+    m2 = copy.deepcopy(m1)
+    x1, x2 = make_x((3, 24, 7, 9), layout, dtype), make_x((3, 24, 7, 9), layout, dtype)
+    for t in (x1, x2):
+        t[1, 2, 3, 4] = t[1, 2].amax()  # a tied max
+        t.requires_grad_()
+    y1 = m1(x1)
+    gy = torch.randn_like(y1)
+    y1.backward(gy)
+    assert pool_backward_spy == [True]  # the in-place path ran
+    y2 = _cbam_separate(m2, x2)
+    y2.backward(gy)
+    assert torch.equal(y1, y2)
+    assert torch.equal(x1.grad, x2.grad)
+    for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+    for b1, b2 in zip(m1.buffers(), m2.buffers()):
+        assert torch.equal(b1, b2)
+
+
+def test_cbam_pool_gradient_in_place_gradcheck():
+    from spatialattn.nn import CBAM
+
+    torch.manual_seed(0)
+    m = CBAM(8, reduction=2).double().train()
+    for layout in ("nchw", "channels_last"):
+        x = make_x((2, 8, 5, 6), layout, torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(m, (x,), fast_mode=True)
+        params = tuple(m.parameters())
+        assert torch.autograd.gradcheck(lambda *p: torch.func.functional_call(m, dict(zip(
+            [n for n, _ in m.named_parameters()], p)), (x.detach(),)), params, fast_mode=True)
+
+
+def test_with_global_pool_graph_cases(pool_backward_spy):
+    from spatialattn.nn import CBAM
+
+    torch.manual_seed(0)
+    m = CBAM(16).train()
+    x = torch.randn(2, 16, 6, 5)
+    gy = torch.randn_like(x)
+
+    def grads(fn, retain=False, **kw):
+        xx = x.clone().requires_grad_()
+        out = fn(xx)
+        out.backward(gy, retain_graph=retain)
+        if retain:
+            out.backward(gy)
+        return xx.grad, [p.grad.clone() for p in m.parameters()]
+
+    def zero():
+        for p in m.parameters():
+            p.grad = None
+
+    for fn, sep in (
+        (lambda t: t + m(t), lambda t: t + _cbam_separate(m, t)),  # x also read elsewhere (residual)
+        (lambda t: m(t) * m(t), lambda t: _cbam_separate(m, t) * _cbam_separate(m, t)),
+    ):
+        m.eval()  # no BN statistics updates between the two paths
+        zero()
+        got = grads(fn)
+        zero()
+        want = grads(sep)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # a backward run twice over a retained graph
+    zero()
+    got = grads(m, retain=True)
+    zero()
+    want = grads(lambda t: _cbam_separate(m, t), retain=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    # gradients of the parameters only (the pooling / tap nodes are not run)
+    xx = x.clone().requires_grad_()
+    g1 = torch.autograd.grad((m(xx) * gy).sum(), list(m.parameters()))
+    g2 = torch.autograd.grad((_cbam_separate(m, xx) * gy).sum(), list(m.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # a body that does not use the pooled maps: the tap sends zeros on, the pooling node
+    # still runs and hands the body's gradient to x
+    pool_backward_spy.clear()
+    xx = x.clone().requires_grad_()
+    (y,) = ops.with_global_pool(xx, lambda t, p: (t * 3.0,))
+    y.backward(gy)
+    assert pool_backward_spy == [True]
+    torch.testing.assert_close(xx.grad, gy * 3.0)
+    # without autograd, or for an x that needs no gradient: the plain composition
+    for ctx in (torch.no_grad(), contextlib.nullcontext()):
+        with ctx:
+            y = m(x)
+        torch.testing.assert_close(y, _cbam_separate(m, x))
+        assert "GradTapBackward" not in _graph_nodes(y)
+    xx = x.clone().requires_grad_()
+    assert {"GradTapBackward", "GlobalPoolBackward"} <= _graph_nodes(m(xx))
+
+
+def _graph_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and type(f).__name__ not in seen:
+            seen.add(type(f).__name__)
+            todo.extend(g for g, _ in f.next_functions)
+    return seen

@@ -818,10 +818,11 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 
 // Backward of the global pooling: gx[n, c, p] = fmean[n, c] + [x == mx[n, c]] * fmax[n, c]
 // (fmean = d mean / HW; fmax = gmax / number of tied maxima, counted here). Either of
-// gmax (with mx) / fmean may be null.
+// gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
+// write of gx instead of a new tensor that autograd would then add: CBAM's fused backward).
 template <typename T>
 void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
-                            bool nhwc, T* gx, bool stream) {
+                            bool nhwc, T* gx, bool stream, bool acc) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -844,9 +845,14 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
         }
         const T fa = fmean ? fmean[r] : T(0);
         T* o = stream ? buf.data() : gx + r * HW;
+        const T* prev = gx + r * HW;
         int64_t i = 0;
-        for (; i + L <= HW; i += L) vstore(o + i, mx ? (vload(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa);
-        for (; i < HW; ++i) o[i] = (mx && row[i] == m) ? fa + fm : fa;
+        for (; i + L <= HW; i += L) {
+          V v = mx ? (vload(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
+          if (acc) v = vload(prev + i) + v;
+          vstore(o + i, v);
+        }
+        for (; i < HW; ++i) o[i] = (acc ? prev[i] : T(0)) + ((mx && row[i] == m) ? fa + fm : fa);
         if (stream) mul_row<T>(gx + r * HW, buf.data(), nullptr, T(1), nullptr, T(1), HW, true);
       }
       stream_fence(stream);
@@ -893,12 +899,15 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
         for (int64_t p = p0; p < p1; ++p) {
           const T* row = x + (n * HW + p) * C;
           T* o = stream ? buf.data() : gx + (n * HW + p) * C;
+          const T* prev = gx + (n * HW + p) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
             const V f = vload(fan + c);
-            vstore(o + c, mn ? (vload(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f);
+            V v = mn ? (vload(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
+            if (acc) v = vload(prev + c) + v;
+            vstore(o + c, v);
           }
-          for (; c < C; ++c) o[c] = (mn && row[c] == mn[c]) ? fan[c] + fmn[c] : fan[c];
+          for (; c < C; ++c) o[c] = (acc ? prev[c] : T(0)) + ((mn && row[c] == mn[c]) ? fan[c] + fmn[c] : fan[c]);
           if (stream) mul_row<T>(gx + (n * HW + p) * C, buf.data(), nullptr, T(1), nullptr, T(1), C, true);
         }
       }
@@ -1968,10 +1977,18 @@ Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) {
   return out;
 }
 
-// gradient of global_pool: grad [P, N, C], out = global_pool(x, kinds) -> grad_x
-Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& out, std::vector<int64_t> kinds) {
+// gradient of global_pool: grad [P, N, C], out = global_pool(x, kinds) -> grad_x; with
+// `into` (a tensor with the dtype and strides of x), the gradient is added to it in place
+// and it is returned
+Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& out, std::vector<int64_t> kinds,
+                            const optional<Tensor>& into) {
   Geo g = geometry(x);
-  Tensor gx = at::empty_like(x);
+  const bool acc = into.has_value() && into->defined();
+  if (acc)
+    TORCH_CHECK(into->sizes() == x.sizes() && into->strides() == x.strides() &&
+                    into->scalar_type() == x.scalar_type(),
+                "spatialattn: global_pool_backward into= must have the shape, strides and dtype of x");
+  Tensor gx = acc ? *into : at::empty_like(x);
   if (x.numel() == 0) return gx;
   const Tensor gp = grad.to(x.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool_backward", [&] {
@@ -1990,7 +2007,7 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
     if (fmean.defined()) fmean = (fmean / double(g.HW)).contiguous();
     if (gmax.defined()) gmax = gmax.contiguous();
     k_global_pool_backward<T>(x.data_ptr<T>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW, g.nhwc,
-                              gx.data_ptr<T>(), use_stream<T>(x.numel()));
+                              gx.data_ptr<T>(), use_stream<T>(x.numel()), acc);
   });
   return gx;
 }
@@ -2007,7 +2024,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sam_forward_bn", &sam_forward_bn);
   m.def("sam_backward_bn", &sam_backward_bn);
   m.def("global_pool", &global_pool);
-  m.def("global_pool_backward", &global_pool_backward);
+  m.def("global_pool_backward", &global_pool_backward, py::arg("grad"), py::arg("x"), py::arg("out"),
+        py::arg("kinds"), py::arg("into") = py::none());
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
