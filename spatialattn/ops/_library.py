@@ -606,18 +606,22 @@ class GenericSamBatchNorm(torch.autograd.Function):
         return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 
-def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str) -> Tensor:
+def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str
+                         ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(pooled, tie counts or None)``; the C++ kernel counts the maxima of a channels_last
+    ``x`` in the same read (its backward then needs no counting pass)."""
     if backend == "cpp":
-        return _cpp.get().global_pool(x, kinds)
+        out, counts = _cpp.get().global_pool_counted(x, kinds, True)
+        return out, counts
     from . import _triton
 
-    return _triton.global_pool_forward(x, kinds, dtype)
+    return _triton.global_pool_forward(x, kinds, dtype), None
 
 
 def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int], backend: str,
-                          into: Optional[Tensor] = None) -> Tensor:
+                          into: Optional[Tensor] = None, counts: Optional[Tensor] = None) -> Tensor:
     if backend == "cpp":
-        return _cpp.get().global_pool_backward(grad, x, out, kinds, into)
+        return _cpp.get().global_pool_backward(grad, x, out, kinds, into, counts)
     from . import _triton
 
     return _triton.global_pool_backward(grad, x, out, kinds, into)
@@ -626,16 +630,18 @@ def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int]
 class GlobalPool(torch.autograd.Function):
     """CBAM channel-gate pooling (max / mean over H, W, ``[P, N, C]`` in ``dtype``) with a
     fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``) or ``"triton"``.
-    One read of ``x`` forward; backward one read for the tie counts and one write of the
-    gradient (``amax`` semantics: ties share the max gradient evenly). With a ``slot``
+    One read of ``x`` forward; backward one write of the gradient, after a read for the tie
+    counts where the forward did not count them (the C++ kernel counts for channels_last;
+    ``amax`` semantics: ties share the max gradient evenly). With a ``slot``
     (:class:`GradSlot`, filled by a :class:`GradTap` node), the gradient is added in place to
     the one the slot holds, and the sum is returned."""
 
     @staticmethod
     def forward(ctx, x, kinds, dtype, backend, slot=None):
         x = _dense(x)
-        out = _global_pool_forward(x, kinds, dtype, backend)
+        out, counts = _global_pool_forward(x, kinds, dtype, backend)
         ctx.kinds, ctx.backend, ctx.slot = kinds, backend, slot
+        ctx.counts = counts  # small, not an input or output: no version tracking needed
         ctx.save_for_backward(x, out)
         return out
 
@@ -646,12 +652,13 @@ class GlobalPool(torch.autograd.Function):
         into = None
         if ctx.slot is not None:
             into, ctx.slot.grad = ctx.slot.grad, None
+        kinds, backend, counts = ctx.kinds, ctx.backend, ctx.counts
         if into is None:
-            gx = _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend)
+            gx = _global_pool_backward(grad, x, out, kinds, backend, counts=counts)
         elif into.dtype == x.dtype and into.shape == x.shape and into.stride() == x.stride():
-            gx = _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend, into=into)
+            gx = _global_pool_backward(grad, x, out, kinds, backend, into=into, counts=counts)
         else:
-            gx = into + _global_pool_backward(grad, x, out, ctx.kinds, ctx.backend)
+            gx = into + _global_pool_backward(grad, x, out, kinds, backend, counts=counts)
         return gx, None, None, None, None
 
 

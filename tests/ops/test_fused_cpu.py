@@ -573,15 +573,21 @@ def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
 @pytest.mark.parametrize("shape", [(2, 70, 9, 11), (3, 5, 1, 1), (2, 40, 3, 17), (1, 33, 5, 7), (1, 33, 1, 2)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_global_pool_backward_matches_reference(layout, shape, threads):
+@pytest.mark.parametrize("from_memory", [False, True])
+def test_global_pool_backward_matches_reference(layout, shape, threads, from_memory):
     # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly); with
-    # fewer images than threads, channels_last splits each image's pixels into blocks
+    # fewer images than threads, channels_last splits each image's pixels into blocks.
+    # from_memory: as if x did not fit in the cache (one pixel per sweep in the channels_last
+    # forward, non-temporal stores in the backward)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    if from_memory:
+        _cpp.get().set_stream_bytes(0)
     try:
         _global_pool_backward_cases(layout, shape)
     finally:
         torch.set_num_threads(old)
+        _cpp.get().set_stream_bytes(-1)
 
 
 def _global_pool_backward_cases(layout, shape):
@@ -598,6 +604,16 @@ def _global_pool_backward_cases(layout, shape):
             g = torch.randn_like(ref)
             torch.testing.assert_close(torch.autograd.grad(out, xa, g)[0], torch.autograd.grad(ref, xb, g)[0],
                                        rtol=1e-12, atol=1e-12)
+            # the tie counts of the forward (channels_last) against the backward's own count
+            xd = lib._dense(x)
+            kinds = [lib.KIND[k] for k in order]
+            pooled, counts = _cpp.get().global_pool_counted(xd, kinds, True)
+            assert (counts is not None) == (not xd.is_contiguous() and "max" in order)  # C++ channels_last
+            if counts is not None:
+                want = (xd == pooled[order.index("max")][:, :, None, None]).sum(dim=(2, 3)).to(xd.dtype)
+                assert torch.equal(counts, want)
+                assert torch.equal(_cpp.get().global_pool_backward(g, xd, pooled, kinds, None, counts),
+                                   _cpp.get().global_pool_backward(g, xd, pooled, kinds))
     x = make_x((2, 6, 3, 4), layout, torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: ops.global_pool(t, ("mean", "max")), (x,), fast_mode=True)
 

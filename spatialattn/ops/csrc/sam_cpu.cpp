@@ -729,9 +729,11 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
 
 // ---------------------------------------------------------------- global (spatial) pooling
 // For CBAM's channel gate: max and mean over H*W of each (n, c) in one read of x.
-// mx / mean: [N, C] outputs (either may be null).
+// mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
+// number of elements equal to the max, counted in the same read (the backward then needs no
+// counting pass over x; NCHW counts each row while it is in L1 anyway).
 template <typename T>
-void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean) {
+void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   if (!nhwc) {
@@ -772,31 +774,69 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
     const int64_t block = (HW + nb - 1) / nb;
-    std::vector<T> pm(N * nb * C), ps(N * nb * C);
+    const bool counting = cnt && mx;
+    const bool four = !use_stream<T>(N * HW * C) || C * int64_t(sizeof(T)) >= 4096;
+    std::vector<T> pm(N * nb * C), ps(N * nb * C), pc(counting ? N * nb * C : 0);
+    const V one = V{} + T(1), zero = V{};
     at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
         T* m = pm.data() + t * C;
         T* sm = ps.data() + t * C;
+        T* ct = counting ? pc.data() + t * C : nullptr;
         const T* base = x + n * HW * C;
-        std::fill(sm, sm + C, T(0));
         if (p0 >= p1) {
+          std::fill(sm, sm + C, T(0));
           std::fill(m, m + C, -std::numeric_limits<T>::infinity());
+          if (counting) std::fill(ct, ct + C, T(0));
           continue;
         }
         std::copy(base + p0 * C, base + (p0 + 1) * C, m);
-        for (int64_t p = p0; p < p1; ++p) {
+        std::copy(base + p0 * C, base + (p0 + 1) * C, sm);  // 0 + v exactly: the same sums
+        if (counting) std::fill(ct, ct + C, T(1));
+        // K pixels per sweep over the channel accumulators (held in registers across them;
+        // the sum still adds the pixels in order). With counting, a larger value restarts
+        // the count at 1 and an equal one adds 1 (NaN does neither: a NaN max is restored
+        // below, and no element equals it in backward). K = 4 where x is cache-resident or a
+        // pixel's channels span a 4 KiB page: there it took 0.45-0.65x the time of K = 1
+        // (8x512x26x26, 8x256x26x26, 1x1024x13x13; 0.92-0.94x at 2x1024x52x52); from memory
+        // with shorter pixels (8x256x52x52, 8x128x104x104) K = 4 took 1.4-2.1x the time and
+        // K = 2 longer still, so K = 1 there.
+        auto sweep = [&](auto k_t, auto count_t, int64_t p) {
+          constexpr int K = decltype(k_t)::value;
+          constexpr bool CNT = decltype(count_t)::value;
           const T* row = base + p * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
-            const V v = vload(row + c);
-            vstore(m + c, vmax(vload(m + c), v));
-            vstore(sm + c, vload(sm + c) + v);
+            V mo = vload(m + c), a = vload(sm + c), k = CNT ? vload(ct + c) : V{};
+            for (int j = 0; j < K; ++j) {
+              const V v = vload(row + j * C + c);
+              if (CNT) k = v > mo ? one : k + (v == mo ? one : zero);
+              mo = vmax(mo, v);
+              a += v;
+            }
+            vstore(m + c, mo);
+            vstore(sm + c, a);
+            if (CNT) vstore(ct + c, k);
           }
-          for (; c < C; ++c) {
-            m[c] = vmax(m[c], row[c]);
-            sm[c] += row[c];
-          }
+          for (; c < C; ++c)
+            for (int j = 0; j < K; ++j) {
+              const T v = row[j * C + c];
+              if (CNT) ct[c] = v > m[c] ? T(1) : ct[c] + (v == m[c] ? T(1) : T(0));
+              m[c] = vmax(m[c], v);
+              sm[c] += v;
+            }
+        };
+        auto run = [&](auto count_t) {
+          int64_t p = p0 + 1;
+          if (four)
+            for (; p + 4 <= p1; p += 4) sweep(std::integral_constant<int, 4>{}, count_t, p);
+          for (; p < p1; ++p) sweep(std::integral_constant<int, 1>{}, count_t, p);
+        };
+        if (counting) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
         }
       }
     });
@@ -807,6 +847,12 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
           for (int64_t k = 1; k < nb; ++k) {
             mc = vmax(mc, pm[(n * nb + k) * C + c]);
             sc += ps[(n * nb + k) * C + c];
+          }
+          if (counting) {
+            T k = 0;
+            for (int64_t j = 0; j < nb; ++j)
+              if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
+            cnt[n * C + c] = k;
           }
           if (sc != sc && any_nan<T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
           if (mx) mx[n * C + c] = mc;
@@ -820,9 +866,10 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 // (fmean = d mean / HW; fmax = gmax / number of tied maxima, counted here). Either of
 // gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
 // write of gx instead of a new tensor that autograd would then add: CBAM's fused backward).
+// counts (channels_last, from the forward): [N, C] tie counts, no counting pass; may be null.
 template <typename T>
 void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
-                            bool nhwc, T* gx, bool stream, bool acc) {
+                            bool nhwc, T* gx, bool stream, bool acc, const T* counts = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -864,8 +911,9 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
     const int64_t block = (HW + nb - 1) / nb;
-    std::vector<T> cnt(mx ? N * nb * C : 0, T(0)), fm(N * C, T(0)), fa(N * C, T(0));
-    if (mx) {
+    const bool counting = mx && !counts;
+    std::vector<T> cnt(counting ? N * nb * C : 0, T(0)), fm(N * C, T(0)), fa(N * C, T(0));
+    if (counting) {
       at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) {
           const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
@@ -885,7 +933,11 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
         fa[n * C + c] = fmean ? fmean[n * C + c] : T(0);
         if (mx) {
           T k = 0;
-          for (int64_t j = 0; j < nb; ++j) k += cnt[(n * nb + j) * C + c];
+          if (counts) {
+            k = counts[n * C + c];
+          } else {
+            for (int64_t j = 0; j < nb; ++j) k += cnt[(n * nb + j) * C + c];
+          }
           fm[n * C + c] = gmax[n * C + c] / k;
         }
       }
@@ -1954,40 +2006,47 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
 }
 
 // [P, N, C] (dtype of x): max / mean over H, W for each kind in `kinds`.
-Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) {
+// (out [P, N, C], tie counts [N, C] or undefined): counts only with `counts`, for
+// channels_last x with a max slot (what the backward then skips counting for)
+std::vector<Tensor> global_pool_counted(const Tensor& x, const std::vector<int64_t>& kinds, bool counts) {
   Geo g = geometry(x);
   TORCH_CHECK(g.HW > 0, "spatialattn: global pooling over an empty H x W");
   const int64_t P = kinds.size();
   Tensor out = at::empty({P, g.N, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.N * g.C == 0) return out;
+  int64_t imax = -1, imean = -1;
+  first_slots(kinds, imax, imean);
+  Tensor cnt;
+  if (counts && g.nhwc && imax >= 0) cnt = at::empty({g.N, g.C}, out.options());
+  if (g.N * g.C == 0) return {out, cnt};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool", [&] {
-    int64_t imax = -1, imean = -1;
-    for (int64_t i = 0; i < P; ++i) {
-      if (kinds[i] == 0 && imax < 0) imax = i;
-      if (kinds[i] == 1 && imean < 0) imean = i;
-    }
     scalar_t* o = out.data_ptr<scalar_t>();
     k_global_pool<scalar_t>(x.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc,
-                            imax >= 0 ? o + imax * g.N * g.C : nullptr, imean >= 0 ? o + imean * g.N * g.C : nullptr);
+                            imax >= 0 ? o + imax * g.N * g.C : nullptr, imean >= 0 ? o + imean * g.N * g.C : nullptr,
+                            dptr<scalar_t>(cnt));
     for (int64_t i = 0; i < P; ++i) {
       const int64_t src = kinds[i] == 0 ? imax : imean;
       if (src != i) out.select(0, i).copy_(out.select(0, src));
     }
   });
-  return out;
+  return {out, cnt};
 }
+
+Tensor global_pool(const Tensor& x, std::vector<int64_t> kinds) { return global_pool_counted(x, kinds, false)[0]; }
 
 // gradient of global_pool: grad [P, N, C], out = global_pool(x, kinds) -> grad_x; with
 // `into` (a tensor with the dtype and strides of x), the gradient is added to it in place
-// and it is returned
+// and it is returned; `counts`: the tie counts from global_pool_counted (or none)
 Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& out, std::vector<int64_t> kinds,
-                            const optional<Tensor>& into) {
+                            const optional<Tensor>& into, const optional<Tensor>& counts) {
   Geo g = geometry(x);
   const bool acc = into.has_value() && into->defined();
   if (acc)
     TORCH_CHECK(into->sizes() == x.sizes() && into->strides() == x.strides() &&
                     into->scalar_type() == x.scalar_type(),
                 "spatialattn: global_pool_backward into= must have the shape, strides and dtype of x");
+  if (counts.has_value() && counts->defined())
+    TORCH_CHECK(counts->numel() == g.N * g.C && counts->scalar_type() == x.scalar_type() && counts->is_contiguous(),
+                "spatialattn: global_pool_backward counts= must be a contiguous [N, C] tensor in the dtype of x");
   Tensor gx = acc ? *into : at::empty_like(x);
   if (x.numel() == 0) return gx;
   const Tensor gp = grad.to(x.scalar_type()).contiguous();
@@ -2007,7 +2066,8 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
     if (fmean.defined()) fmean = (fmean / double(g.HW)).contiguous();
     if (gmax.defined()) gmax = gmax.contiguous();
     k_global_pool_backward<T>(x.data_ptr<T>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW, g.nhwc,
-                              gx.data_ptr<T>(), use_stream<T>(x.numel()), acc);
+                              gx.data_ptr<T>(), use_stream<T>(x.numel()), acc,
+                              g.nhwc ? ptr_or_null<T>(counts) : nullptr);
   });
   return gx;
 }
@@ -2024,8 +2084,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sam_forward_bn", &sam_forward_bn);
   m.def("sam_backward_bn", &sam_backward_bn);
   m.def("global_pool", &global_pool);
+  m.def("global_pool_counted", &global_pool_counted);
   m.def("global_pool_backward", &global_pool_backward, py::arg("grad"), py::arg("x"), py::arg("out"),
-        py::arg("kinds"), py::arg("into") = py::none());
+        py::arg("kinds"), py::arg("into") = py::none(), py::arg("counts") = py::none());
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
