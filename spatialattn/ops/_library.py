@@ -611,7 +611,7 @@ def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backen
     """``(pooled, tie counts or None)``; the C++ kernel counts the maxima of a channels_last
     ``x`` in the same read (its backward then needs no counting pass)."""
     if backend == "cpp":
-        out, counts = _cpp.get().global_pool_counted(x, kinds, True)
+        out, counts = _cpp.get().global_pool_counted(x, kinds, True)  # counts: None if not counted
         return out, counts
     from . import _triton
 
