@@ -117,11 +117,10 @@ class CBAM(AttentionModule):
         :func:`spatialattn.ops.with_global_pool` their two gradients w.r.t. ``x`` are summed
         in one pass in training (not written separately and added by autograd)."""
         SF.check_input(x, self.channels)
-        spatial = self.spatial
 
         def body(t: Tensor, pooled: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
             cg = self.channel.gate_from_pooled(pooled)
-            y, sa = spatial.attend(t, channel_scale=cg.to(t.dtype))
+            y, sa = self.spatial.attend(t, channel_scale=cg.to(t.dtype))
             return y, sa, cg
 
         y, sa, cg = ops.with_global_pool(x, body, order=self.channel.pool_types, dtype=SF.accumulate_dtype(x))
