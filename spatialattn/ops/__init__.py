@@ -14,9 +14,11 @@ Implementations, in order of preference:
 
 1. ONNX / ``torch.export`` tracing: the plain reference decomposition (standard
    operators only; no ArgMax).
-2. CPU float32 / float64: C++ kernels (:mod:`._cpp`, built on first use) through
-   the ``spatialattn::*`` custom ops of :mod:`._library` (eager calls without
-   autograd skip the custom-op layer and call the kernels directly).
+2. CPU float32 / float64 / float16 / bfloat16: C++ kernels (:mod:`._cpp`, built
+   on first use) through the ``spatialattn::*`` custom ops of :mod:`._library`
+   (eager calls without autograd skip the custom-op layer and call the kernels
+   directly). Half inputs are read and written in their own format; the kernels
+   compute in float32 and return the small maps in float32.
 3. CUDA float16 / bfloat16 / float32 with Triton: Triton kernels (:mod:`._triton`).
 4. Otherwise the memory-lean pure-PyTorch ``autograd.Function`` s (:mod:`.lean`)
    or, without autograd, the reference.
@@ -48,6 +50,7 @@ __all__ = [
 
 _KINDS: dict = {}
 _HALF = (torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float32, torch.float64) + _HALF  # what the C++ kernels take
 
 
 def is_exporting() -> bool:
@@ -70,13 +73,13 @@ def _kinds(order: Sequence[str]) -> list:
 def _fast_device(x: Tensor) -> Optional[str]:
     """'cpp' / 'triton' / 'op' (compiling: let the custom op decide) or None."""
     if torch.compiler.is_compiling():
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
             return "op"
         if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF:
             return "op"
         return None
     if x.device.type == "cpu":
-        if x.dtype in (torch.float32, torch.float64) and _cpp.get() is not None:
+        if x.dtype in _CPU_DTYPES and _cpp.get() is not None:
             return "cpp"
         return None
     if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF and _lib._triton_ok(x):
@@ -114,10 +117,12 @@ def channel_pool(
     if fast is not None and _scale_ok(x, channel_scale) and (
         dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)
     ):
-        if fast == "cpp":
+        if fast == "cpp":  # pooled in the kernels' compute dtype (float32 for half x)
             if not grad:
-                return _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
-            return _lib.CppChannelPool.apply(x, channel_scale, _kinds(order))
+                pooled = _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
+            else:
+                pooled = _lib.CppChannelPool.apply(x, channel_scale, _kinds(order))
+            return pooled if pooled.dtype == dtype else pooled.to(dtype)
         return _lib.channel_pool_op(x, channel_scale, _kinds(order), dtype)
     if not grad:
         return reference.channel_pool(x, order, channel_scale, dtype)
@@ -155,7 +160,7 @@ def _global_pool_backend(x: Tensor, dtype: torch.dtype) -> Optional[str]:
     if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
         return None
     fast = _fast_device(x)
-    if fast == "cpp" and dtype == x.dtype:
+    if fast == "cpp" and dtype == _lib._acc(x):
         return fast
     if fast == "triton" and (dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)):
         return fast
@@ -299,7 +304,8 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     """True when :func:`spatial_attention_fused_batchnorm` can run ``norm`` on ``x``'s SAM
     logits: a ``BatchNorm2d(1)`` using batch statistics (training mode, or no running
     statistics) with parameters in the accumulation dtype (float32 for half inputs),
-    CPU float32/float64 with the C++ kernels or CUDA float16/bfloat16/float32 with Triton,
+    CPU with the C++ kernels or CUDA with Triton (float32 / float64 / float16 / bfloat16; CUDA
+    float64 excepted),
     eager mode, and more than one logit per batch."""
     if not isinstance(norm, torch.nn.BatchNorm2d) or norm.num_features != 1:
         return False
@@ -334,7 +340,8 @@ def spatial_attention_fused_batchnorm(
     does. Check :func:`batchnorm_train_fusable` first.
 
     Args:
-        x: ``Tensor[N, C, H, W]`` (CPU float32 / float64; CUDA float16 / bfloat16 / float32).
+        x: ``Tensor[N, C, H, W]`` (CPU float32 / float64 / float16 / bfloat16; CUDA float16 /
+            bfloat16 / float32).
         weight: ``Tensor[1, len(order), kh, kw]``; bias: optional ``Tensor[1]``.
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.

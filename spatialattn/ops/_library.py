@@ -5,8 +5,9 @@ autograd, ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque
 node per primitive. The real implementation picks a backend by device / dtype /
 layout:
 
-* CPU, float32 / float64, NCHW- or channels_last-contiguous: the C++ kernels of
-  :mod:`spatialattn.ops._cpp` (other layouts are made contiguous first);
+* CPU, float32 / float64 / float16 / bfloat16, NCHW- or channels_last-contiguous: the
+  C++ kernels of :mod:`spatialattn.ops._cpp` (other layouts are made contiguous first;
+  half inputs are computed in float32, small maps returned in float32);
 * CUDA with Triton importable: :mod:`spatialattn.ops._triton`;
 * anything else: plain PyTorch (the same formulas as :mod:`.reference` / :mod:`.lean`).
 
@@ -27,8 +28,11 @@ _EMPTY_SHAPE = (0,)
 
 
 # ------------------------------------------------------------------ backend choice
+_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _cpp_ok(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _cpp.get() is not None
+    return x.device.type == "cpu" and x.dtype in _CPP_DTYPES and _cpp.get() is not None
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -152,7 +156,7 @@ def _conv_backward(dl: Tensor, pooled: Tensor, weight: Tensor, dilation: int) ->
 @torch.library.custom_op("spatialattn::channel_pool", mutates_args=())
 def channel_pool_op(x: Tensor, scale: Optional[Tensor], kinds: List[int], dtype: torch.dtype) -> Tensor:
     """``Tensor[N, C, H, W] -> Tensor[N, len(kinds), H, W]`` (dtype ``dtype``): max / mean of ``x * scale``."""
-    if _cpp_ok(x) and dtype == x.dtype:
+    if _cpp_ok(x) and dtype == _acc(x):
         return _cpp.get().pool_forward(_dense(x), scale, list(kinds))
     if _triton_ok(x):
         from . import _triton
@@ -629,7 +633,7 @@ def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int]
 
 class GlobalPool(torch.autograd.Function):
     """CBAM channel-gate pooling (max / mean over H, W, ``[P, N, C]`` in ``dtype``) with a
-    fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``) or ``"triton"``.
+    fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``, float32 for half ``x``) or ``"triton"``.
     One read of ``x`` forward; backward one write of the gradient, after a read for the tie
     counts where the forward did not count them (the C++ kernel counts for channels_last;
     ``amax`` semantics: ties share the max gradient evenly). With a ``slot``

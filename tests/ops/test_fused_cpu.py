@@ -221,7 +221,9 @@ def test_saves_no_scaled_copy_for_backward():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_on_cpu_falls_back_and_matches(dtype):
+def test_half_on_cpu_falls_back_and_matches(dtype, monkeypatch):
+    # without the C++ kernels (the half kernels themselves: test_half_cpu.py)
+    monkeypatch.setattr(_cpp, "get", lambda: None)
     x = torch.randn(2, 16, 6, 6).to(dtype)
     w = torch.randn(1, 2, 7, 7)
     assert ops.backend(x) == "torch"
@@ -543,8 +545,10 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks(impl):
     xs = torch.randn(1, 4, 1, 1)
     assert not ops.batchnorm_train_fusable(xs, bn)  # one logit: BatchNorm itself refuses it
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.eval())  # running stats: affine path
-    assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.train())
+    # half x fuses with float32 BatchNorm parameters (autocast training), not with half ones
+    assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.float16), bn.train())
     assert ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3), bn.train())
+    assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16), bn.bfloat16())
 
 
 def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -60,6 +61,117 @@ inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Storage and compute types. float16 / bfloat16 tensors are read and written in their own
+// format and all arithmetic runs in float32: X (storage) is the element type of the
+// full-size tensors (x, the upstream gradient, y, grad_x), T = acc_t<X> (compute) that of
+// everything else (channel scale, pooled maps, logits, gates, small gradients, scratch).
+// For float32 / float64 the two are the same.
+template <typename X>
+struct AccOf {
+  typedef X type;
+};
+template <>
+struct AccOf<at::Half> {
+  typedef float type;
+};
+template <>
+struct AccOf<at::BFloat16> {
+  typedef float type;
+};
+template <typename X>
+using acc_t = typename AccOf<X>::type;
+
+// vld / vst: lanes<T>() consecutive elements of storage type X as one vec_t<T>. Half
+// formats convert on the way (bfloat16: shift / round-to-nearest-even like c10::BFloat16,
+// NaN -> quiet NaN; float16: the F16C / AVX-512 conversions, round-to-nearest-even).
+template <typename T>
+  requires std::is_floating_point_v<T>
+inline vec_t<T> vld(const T* p) {
+  return vload(p);
+}
+template <typename T>
+  requires std::is_floating_point_v<T>
+inline void vst(T* p, vec_t<T> v) {
+  vstore(p, v);
+}
+
+typedef uint16_t u16x16_t __attribute__((vector_size(32)));
+typedef uint32_t u32x16_t __attribute__((vector_size(64)));
+
+inline vec_t<float> vld(const at::BFloat16* p) {
+  u16x16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16_t w = __builtin_convertvector(h, u32x16_t) << 16;
+  vec_t<float> v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline u16x16_t bf16_bits(vec_t<float> v) {
+  u32x16_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  u32x16_t r = (b + ((b >> 16) & 1u) + 0x7FFFu) >> 16;
+  r = (v != v) ? (u32x16_t{} + 0x7FC0u) : r;
+  return __builtin_convertvector(r, u16x16_t);
+}
+
+inline void vst(at::BFloat16* p, vec_t<float> v) {
+  const u16x16_t h = bf16_bits(v);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+inline vec_t<float> vld(const at::Half* p) {
+  vec_t<float> v;
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &f, sizeof(v));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+#else
+  for (int l = 0; l < 16; ++l) v[l] = float(p[l]);
+#endif
+  return v;
+}
+
+inline void vst(at::Half* p, vec_t<float> v) {
+#if defined(__AVX512F__)
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int l = 0; l < 16; ++l) p[l] = at::Half(v[l]);
+#endif
+}
+
+#if defined(__AVX512F__)
+// non-temporal vector stores; p aligned to the vector's storage size (64 / 32 bytes)
+inline void vst_nt(float* p, vec_t<float> v) {
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  _mm512_stream_ps(p, f);
+}
+inline void vst_nt(at::Half* p, vec_t<float> v) {
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void vst_nt(at::BFloat16* p, vec_t<float> v) {
+  const u16x16_t h = bf16_bits(v);
+  __m256i m;
+  std::memcpy(&m, &h, sizeof(m));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), m);
+}
+#endif
+
 constexpr int64_t kLanes = 32;  // pixel chunks are whole multiples of this
 
 template <typename T>
@@ -71,10 +183,10 @@ inline T vmax(T m, T v) {
 }
 
 // x' at one pixel: channel c at x[c * cstride] * s[c]; true if one is NaN.
-template <typename T>
-bool any_nan(const T* x, const T* s, int64_t C, int64_t cstride) {
+template <typename X, typename T>
+bool any_nan(const X* x, const T* s, int64_t C, int64_t cstride) {
   for (int64_t c = 0; c < C; ++c) {
-    T v = s ? x[c * cstride] * s[c] : x[c * cstride];
+    T v = s ? T(x[c * cstride]) * s[c] : T(x[c * cstride]);
     if (v != v) return true;
   }
   return false;
@@ -129,26 +241,37 @@ inline void stream_fence(bool stream) {
 }
 
 // d[i] = (x[i] * s) * a with s = sv[i] or ss, a = av[i] or as; (x * s) is rounded first,
-// as in the reference. With `stream`, float rows use non-temporal stores.
-template <typename T>
-inline void mul_row(T* d, const T* x, const T* sv, T ss, const T* av, T as, int64_t n, bool stream) {
+// as in the reference (in T; d and x in their storage types). With `stream`, float32 /
+// float16 / bfloat16 rows use non-temporal stores.
+template <typename T, typename XD, typename XS>
+inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, int64_t n, bool stream) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
   int64_t i = 0;
 #if defined(__AVX512F__)
-  if (stream && std::is_same<T, float>::value) {
-    float* df = reinterpret_cast<float*>(d);
-    const float* xf = reinterpret_cast<const float*>(x);
-    const float* svf = reinterpret_cast<const float*>(sv);
-    const float* avf = reinterpret_cast<const float*>(av);
-    for (; i < n && (reinterpret_cast<uintptr_t>(df + i) & 63); ++i)
-      d[i] = (x[i] * (sv ? sv[i] : ss)) * (av ? av[i] : as);
-    const __m512 vss = _mm512_set1_ps(float(ss)), vas = _mm512_set1_ps(float(as));
-    for (; i + 16 <= n; i += 16) {
-      __m512 xs = _mm512_mul_ps(_mm512_loadu_ps(xf + i), sv ? _mm512_loadu_ps(svf + i) : vss);
-      _mm512_stream_ps(df + i, _mm512_mul_ps(xs, av ? _mm512_loadu_ps(avf + i) : vas));
+  if constexpr (std::is_same<T, float>::value) {
+    if (stream) {
+      constexpr uintptr_t align = uintptr_t(L) * sizeof(XD);
+      for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & (align - 1)); ++i)
+        d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
+      const V vss = V{} + ss, vas = V{} + as;
+      for (; i + L <= n; i += L) {
+        const V xs = vld(x + i) * (sv ? vload(sv + i) : vss);
+        vst_nt(d + i, xs * (av ? vload(av + i) : vas));
+      }
     }
   }
 #endif
   (void)stream;
+  if constexpr (!std::is_same<XD, T>::value || !std::is_same<XS, T>::value) {
+    // a half format on either side: explicit vectors (the conversions keep the compiler
+    // from vectorising the scalar loops below)
+    const V vss = V{} + ss, vas = V{} + as;
+    for (; i + L <= n; i += L)
+      vst(d + i, (vld(x + i) * (sv ? vload(sv + i) : vss)) * (av ? vload(av + i) : vas));
+    for (; i < n; ++i) d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
+    return;
+  }
   if (sv && av) {
     for (; i < n; ++i) d[i] = (x[i] * sv[i]) * av[i];
   } else if (sv) {
@@ -183,42 +306,42 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 // `len` consecutive pixels starting at x. Four channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
 // mp / sp: max and mean out (the mean divides like torch: sum / C).
-template <typename T>
-void pool_chunk(const T* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
+template <typename T, typename X>
+void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   {
     const T sc = s ? s[0] : T(1);
     for (int64_t i = 0; i < len; ++i) {
-      const T v = x[i] * sc;
+      const T v = T(x[i]) * sc;
       mp[i] = v;
       sp[i] = v;
     }
   }
   int64_t c = 1;
   for (; c + 4 <= C; c += 4) {
-    const T* r0 = x + c * HW;
-    const T* r1 = r0 + HW;
-    const T* r2 = r1 + HW;
-    const T* r3 = r2 + HW;
+    const X* r0 = x + c * HW;
+    const X* r1 = r0 + HW;
+    const X* r2 = r1 + HW;
+    const X* r3 = r2 + HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      const V v0 = vload(r0 + i) * s0, v1 = vload(r1 + i) * s1, v2 = vload(r2 + i) * s2, v3 = vload(r3 + i) * s3;
+      const V v0 = vld(r0 + i) * s0, v1 = vld(r1 + i) * s1, v2 = vld(r2 + i) * s2, v3 = vld(r3 + i) * s3;
       vstore(mp + i, vmax(vmax(vload(mp + i), v0), vmax(vmax(v1, v2), v3)));
       vstore(sp + i, vload(sp + i) + v0 + v1 + v2 + v3);
     }
     for (; i < len; ++i) {
-      const T v0 = r0[i] * s0, v1 = r1[i] * s1, v2 = r2[i] * s2, v3 = r3[i] * s3;
+      const T v0 = T(r0[i]) * s0, v1 = T(r1[i]) * s1, v2 = T(r2[i]) * s2, v3 = T(r3[i]) * s3;
       mp[i] = vmax(vmax(mp[i], v0), vmax(vmax(v1, v2), v3));
       sp[i] = sp[i] + v0 + v1 + v2 + v3;
     }
   }
   for (; c < C; ++c) {
-    const T* row = x + c * HW;
+    const X* row = x + c * HW;
     const T sc = s ? s[c] : T(1);
     for (int64_t i = 0; i < len; ++i) {
-      const T v = row[i] * sc;
+      const T v = T(row[i]) * sc;
       mp[i] = vmax(mp[i], v);
       sp[i] += v;
     }
@@ -252,14 +375,14 @@ inline T hreduce(V v, bool is_max) {
 // accumulator pairs, then tree reductions across the lanes (the sum order differs from the
 // sequential one by rounding only; the lane-by-lane scalar reduction it replaces was a
 // 15-step dependency chain per pixel: pooling 0.83x the time at 8x512x26x26, paired).
-template <typename T>
-inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
+template <typename T, typename X>
+inline void pool_pixel(const X* x, const T* s, int64_t C, T& mx, T& mean) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   T m, sum;
   int64_t c = 0;
   if (C >= 4 * L) {
-    auto ld = [&](int64_t k) { return s ? vload(x + k) * vload(s + k) : vload(x + k); };
+    auto ld = [&](int64_t k) { return s ? vld(x + k) * vload(s + k) : vld(x + k); };
     V m0 = ld(0), m1 = ld(L), m2 = ld(2 * L), m3 = ld(3 * L);
     V a0 = m0, a1 = m1, a2 = m2, a3 = m3;
     for (c = 4 * L; c + 4 * L <= C; c += 4 * L) {
@@ -281,12 +404,12 @@ inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
     m = hreduce<T, 64>(vmax(vmax(m0, m1), vmax(m2, m3)), true);
     sum = hreduce<T, 64>((a0 + a1) + (a2 + a3), false);
   } else if (C >= 2 * L) {
-    V m0 = s ? vload(x) * vload(s) : vload(x);
-    V m1 = s ? vload(x + L) * vload(s + L) : vload(x + L);
+    V m0 = s ? vld(x) * vload(s) : vld(x);
+    V m1 = s ? vld(x + L) * vload(s + L) : vld(x + L);
     V a0 = m0, a1 = m1;
     for (c = 2 * L; c + 2 * L <= C; c += 2 * L) {
-      const V v0 = s ? vload(x + c) * vload(s + c) : vload(x + c);
-      const V v1 = s ? vload(x + c + L) * vload(s + c + L) : vload(x + c + L);
+      const V v0 = s ? vld(x + c) * vload(s + c) : vld(x + c);
+      const V v1 = s ? vld(x + c + L) * vload(s + c + L) : vld(x + c + L);
       m0 = vmax(m0, v0);
       m1 = vmax(m1, v1);
       a0 += v0;
@@ -295,12 +418,12 @@ inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
     m = hreduce<T, 64>(vmax(m0, m1), true);
     sum = hreduce<T, 64>(a0 + a1, false);
   } else {
-    m = s ? x[0] * s[0] : x[0];
+    m = s ? T(x[0]) * s[0] : T(x[0]);
     sum = m;
     c = 1;
   }
   for (; c < C; ++c) {
-    const T v = s ? x[c] * s[c] : x[c];
+    const T v = s ? T(x[c]) * s[c] : T(x[c]);
     m = vmax(m, v);
     sum += v;
   }
@@ -310,8 +433,8 @@ inline void pool_pixel(const T* x, const T* s, int64_t C, T& mx, T& mean) {
 }
 
 // mx / mean: outputs with batch stride `obs` (HW each image); either may be null.
-template <typename T>
-void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
+template <typename T, typename X>
+void k_pool(const X* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
             T* mx, T* mean, int64_t obs) {
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
@@ -321,7 +444,7 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
         const int64_t len = std::min(chunk, HW - p0);
-        pool_chunk<T>(x + n * C * HW + p0, s ? s + n * C : nullptr, C, HW, len, m.data(), sm.data());
+        pool_chunk<T, X>(x + n * C * HW + p0, s ? s + n * C : nullptr, C, HW, len, m.data(), sm.data());
         if (mx) std::copy(m.data(), m.data() + len, mx + n * obs + p0);
         if (mean) std::copy(sm.data(), sm.data() + len, mean + n * obs + p0);
       }
@@ -331,7 +454,7 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
       for (int64_t p = b; p < e; ++p) {
         const int64_t n = p / HW, q = p % HW;
         T m, a;
-        pool_pixel<T>(x + p * C, s ? s + n * C : nullptr, C, m, a);
+        pool_pixel<T, X>(x + p * C, s ? s + n * C : nullptr, C, m, a);
         if (mx) mx[n * obs + q] = m;
         if (mean) mean[n * obs + q] = a;
       }
@@ -340,8 +463,8 @@ void k_pool(const T* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
 }
 
 // ---------------------------------------------------------------- y = (x * s) * a
-template <typename T>
-void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64_t HW, bool nhwc, bool stream) {
+template <typename T, typename X>
+void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64_t HW, bool nhwc, bool stream) {
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
@@ -370,8 +493,8 @@ void k_mul(const T* x, const T* s, const T* a, T* y, int64_t N, int64_t C, int64
 // mx has batch stride mbs. gc: g is one value broadcast to every element (e.g. the
 // gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
 // keep the compiler from vectorising the loop.
-template <typename T, bool G, bool GC, bool M>
-void reduce_chunk(const T* x, const T* s, const T* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
+template <typename T, typename X, bool G, bool GC, bool M>
+void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
                   T* ap, T* cp) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
@@ -380,20 +503,20 @@ void reduce_chunk(const T* x, const T* s, const T* g, T gv, const T* mp, int64_t
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
   for (; c + 4 <= C; c += 4) {
-    const T* x0 = x + c * HW;
-    const T* g0 = g + c * HW;
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      const V v0 = vload(x0 + i) * s0, v1 = vload(x0 + HW + i) * s1, v2 = vload(x0 + 2 * HW + i) * s2,
-              v3 = vload(x0 + 3 * HW + i) * s3;
+      const V v0 = vld(x0 + i) * s0, v1 = vld(x0 + HW + i) * s1, v2 = vld(x0 + 2 * HW + i) * s2,
+              v3 = vld(x0 + 3 * HW + i) * s3;
       if (G) {
         V a = vload(ap + i);
         if (GC) {
           a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
         } else {
-          a = a + vload(g0 + i) * v0 + vload(g0 + HW + i) * v1 + vload(g0 + 2 * HW + i) * v2 +
-              vload(g0 + 3 * HW + i) * v3;
+          a = a + vld(g0 + i) * v0 + vld(g0 + HW + i) * v1 + vld(g0 + 2 * HW + i) * v2 +
+              vld(g0 + 3 * HW + i) * v3;
         }
         vstore(ap + i, a);
       }
@@ -404,30 +527,30 @@ void reduce_chunk(const T* x, const T* s, const T* g, T gv, const T* mp, int64_t
       }
     }
     for (; i < len; ++i) {
-      const T v0 = x0[i] * s0, v1 = x0[HW + i] * s1, v2 = x0[2 * HW + i] * s2, v3 = x0[3 * HW + i] * s3;
+      const T v0 = T(x0[i]) * s0, v1 = T(x0[HW + i]) * s1, v2 = T(x0[2 * HW + i]) * s2, v3 = T(x0[3 * HW + i]) * s3;
       if (G)
         ap[i] = GC ? ap[i] + gv * v0 + gv * v1 + gv * v2 + gv * v3
-                   : ap[i] + g0[i] * v0 + g0[HW + i] * v1 + g0[2 * HW + i] * v2 + g0[3 * HW + i] * v3;
+                   : ap[i] + T(g0[i]) * v0 + T(g0[HW + i]) * v1 + T(g0[2 * HW + i]) * v2 + T(g0[3 * HW + i]) * v3;
       if (M)
         cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0)) + (v2 == mp[i] ? T(1) : T(0)) +
                 (v3 == mp[i] ? T(1) : T(0));
     }
   }
   for (; c < C; ++c) {
-    const T* x0 = x + c * HW;
-    const T* g0 = g + c * HW;
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1);
     for (int64_t i = 0; i < len; ++i) {
-      const T v0 = x0[i] * s0;
-      if (G) ap[i] += (GC ? gv : g0[i]) * v0;
+      const T v0 = T(x0[i]) * s0;
+      if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;
       if (M) cp[i] += v0 == mp[i] ? T(1) : T(0);
     }
   }
 }
 
 // one pixel, channels_last: returns sum_c g * x' and the tie count
-template <typename T, bool G, bool GC, bool M, bool I>
-inline void reduce_pixel(const T* x, const T* s, const T* g, T gv, T m, int64_t C, T& ga, T& cnt, T& idx) {
+template <typename T, typename X, bool G, bool GC, bool M, bool I>
+inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t C, T& ga, T& cnt, T& idx) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -436,14 +559,14 @@ inline void reduce_pixel(const T* x, const T* s, const T* g, T gv, T m, int64_t 
   for (int64_t l = 0; l < L; ++l) lane[l] = T(l);
   int64_t c = 0;
   for (; c + 2 * L <= C; c += 2 * L) {
-    V v0 = vload(x + c), v1 = vload(x + c + L);
+    V v0 = vld(x + c), v1 = vld(x + c + L);
     if (s) {
       v0 = v0 * vload(s + c);
       v1 = v1 * vload(s + c + L);
     }
     if (G) {
-      a0 += (GC ? V{} + gv : vload(g + c)) * v0;
-      a1 += (GC ? V{} + gv : vload(g + c + L)) * v1;
+      a0 += (GC ? V{} + gv : vld(g + c)) * v0;
+      a1 += (GC ? V{} + gv : vld(g + c + L)) * v1;
     }
     if (M) {
       k0 += v0 == m ? one : zero;
@@ -463,8 +586,8 @@ inline void reduce_pixel(const T* x, const T* s, const T* g, T gv, T m, int64_t 
     if (I) si = std::max(si, std::max(i0[l], i1[l]));
   }
   for (; c < C; ++c) {
-    const T v = s ? x[c] * s[c] : x[c];
-    if (G) sa += (GC ? gv : g[c]) * v;
+    const T v = s ? T(x[c]) * s[c] : T(x[c]);
+    if (G) sa += (GC ? gv : T(g[c])) * v;
     if (M && v == m) {
       sc += T(1);
       if (I) si = T(c);
@@ -475,10 +598,10 @@ inline void reduce_pixel(const T* x, const T* s, const T* g, T gv, T m, int64_t 
   idx = si;
 }
 
-template <typename T, bool G, bool GC, bool M>
-void k_reduce_impl(const T* x, const T* s, const T* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
+template <typename T, typename X, bool G, bool GC, bool M>
+void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
                    bool nhwc, T* ga, T* cnt, T* ix) {
-  const T gv = (G && GC) ? g[0] : T(0);
+  const T gv = (G && GC) ? T(g[0]) : T(0);
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
@@ -487,7 +610,7 @@ void k_reduce_impl(const T* x, const T* s, const T* g, const T* mx, int64_t mbs,
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
         const int64_t len = std::min(chunk, HW - p0);
-        reduce_chunk<T, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
+        reduce_chunk<T, X, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
                                   (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
                                   len, acc.data(), cn.data());
         if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
@@ -500,11 +623,11 @@ void k_reduce_impl(const T* x, const T* s, const T* g, const T* mx, int64_t mbs,
         const int64_t n = p / HW;
         T a, k, i;
         if (M && ix) {
-          reduce_pixel<T, G, GC, M, true>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
+          reduce_pixel<T, X, G, GC, M, true>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
                                           mx[n * mbs + (p - n * HW)], C, a, k, i);
           ix[p] = i;
         } else {
-          reduce_pixel<T, G, GC, M, false>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
+          reduce_pixel<T, X, G, GC, M, false>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
                                            M ? mx[n * mbs + (p - n * HW)] : T(0), C, a, k, i);
         }
         if (ga) ga[p] = a;
@@ -514,12 +637,12 @@ void k_reduce_impl(const T* x, const T* s, const T* g, const T* mx, int64_t mbs,
   }
 }
 
-template <typename T>
-void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
+template <typename T, typename X>
+void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
               int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr) {
   const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
   if (!G && !M) return;
-#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix)
+#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix)
   if (G && gc) {
     if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);
   } else if (G) {
@@ -537,28 +660,28 @@ void k_reduce(const T* x, const T* s, const T* g, bool gc, const T* mx, int64_t 
 // NCHW: `len` pixels of one channel row (scale sc); returns sum gx' * x if S, else 0 (the
 // sum is skipped: measured ~6 % off the 1x1024x13x13 backward, within noise on the large
 // maps, which wait on memory); buf: len scratch
-template <typename T, bool G, bool GC, bool M, bool F, bool S>
-inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
-                       int64_t len, T* gx, bool stream, T* gp) {
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S>
+inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
+                       int64_t len, X* gx, bool stream, T* gp) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   V acc = {};
   int64_t i = 0;
   auto step = [&](int64_t k) {
     V v = {};
-    if (G) v = (GC ? V{} + gv : vload(gr + k)) * vload(an + k);
-    if (M) v += (vload(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
+    if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
+    if (M) v += (vld(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
     if (F) v += vload(fa + k);
     if (stream || !gx) {
       vstore(gp + k, v);
     } else {
-      vstore(gx + k, v * sc);  // cached stores: write directly, no second pass
+      vst(gx + k, v * sc);  // cached stores: write directly, no second pass
     }
     return v;
   };
   for (; i + L <= len; i += L) {
     const V v = step(i);
-    if (S) acc += v * vload(xr + i);
+    if (S) acc += v * vld(xr + i);
   }
   // the tail as one vector ending at len, overlapping the last full one: its elements are
   // written again with the same values (without S, which would count them twice)
@@ -571,60 +694,60 @@ inline T gradx_segment(const T* xr, const T* gr, T gv, T sc, const T* an, const 
     for (int64_t l = 0; l < L; ++l) t += acc[l];
   for (; i < len; ++i) {
     T v = 0;
-    if (G) v = (GC ? gv : gr[i]) * an[i];
-    if (M) v += (xr[i] * sc == mn[i]) ? fm[i] : T(0);
+    if (G) v = (GC ? gv : T(gr[i])) * an[i];
+    if (M) v += (T(xr[i]) * sc == mn[i]) ? fm[i] : T(0);
     if (F) v += fa[i];
-    if (S) t += v * xr[i];
+    if (S) t += v * T(xr[i]);
     gp[i] = v;
-    if (gx && !stream) gx[i] = v * sc;
+    if (gx && !stream) gx[i] = X(v * sc);
   }
   if (gx && stream) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
   return t;
 }
 
 // channels_last: one pixel (its C channels); ps[c] += gx' * x (if ps, X only); buf: C scratch.
-// X (mask from x): the max channels are those with x' == m. Without X, `ix` (from pass A,
+// XM (mask from x): the max channels are those with x' == m. Without XM, `ix` (from pass A,
 // only where the tie count is 1) is the max channel (or < 0: none), patched after the
 // sweep, and x is not read at all: one input stream less (measured: the channels_last
 // backward 9-10 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
 // (sum gx' * x) needs x, so callers take X with it. NCHW keeps the compare: there the
 // index map's cost in pass A ate the gain (measured within noise).
-template <typename T, bool G, bool GC, bool M, bool F, bool X>
-inline void gradx_pixel(const T* xr, const T* gr, T gv, T av, const T* sr, T m, T ix, T f, T fa, int64_t C, T* ps,
-                        T* gx, bool stream, T* gp) {
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool XM>
+inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, T ix, T f, T fa, int64_t C, T* ps,
+                        X* gx, bool stream, T* gp) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V gav = V{} + gv * av;
   int64_t c = 0;
   for (; c + L <= C; c += L) {
     V v = F ? V{} + fa : V{};
-    if (G) v = (GC ? gav : vload(gr + c) * av) + v;
-    if (M && X) {
-      const V xs = sr ? vload(xr + c) * vload(sr + c) : vload(xr + c);
+    if (G) v = (GC ? gav : vld(gr + c) * av) + v;
+    if (M && XM) {
+      const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
       v += xs == m ? V{} + f : V{};
     }
-    if (X && ps) vstore(ps + c, vload(ps + c) + v * vload(xr + c));
+    if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
     if (stream || !gx) {
       vstore(gp + c, v);
     } else {
-      vstore(gx + c, sr ? v * vload(sr + c) : v);
+      vst(gx + c, sr ? v * vload(sr + c) : v);
     }
   }
   for (; c < C; ++c) {
     T v = F ? fa : T(0);
-    if (G) v = (GC ? gv * av : gr[c] * av) + v;
-    if (M && X) v += ((sr ? xr[c] * sr[c] : xr[c]) == m) ? f : T(0);
-    if (X && ps) ps[c] += v * xr[c];
+    if (G) v = (GC ? gv * av : T(gr[c]) * av) + v;
+    if (M && XM) v += ((sr ? T(xr[c]) * sr[c] : T(xr[c])) == m) ? f : T(0);
+    if (XM && ps) ps[c] += v * T(xr[c]);
     gp[c] = v;
-    if (gx && !stream) gx[c] = sr ? v * sr[c] : v;
+    if (gx && !stream) gx[c] = X(sr ? v * sr[c] : v);
   }
-  if (M && !X && ix >= T(0)) {  // the one max channel
+  if (M && !XM && ix >= T(0)) {  // the one max channel
     const int64_t k = int64_t(ix);
     T v = F ? fa : T(0);
-    if (G) v = (GC ? gv * av : gr[k] * av) + v;
+    if (G) v = (GC ? gv * av : T(gr[k]) * av) + v;
     v += f;
     gp[k] = v;
-    if (gx && !stream) gx[k] = sr ? v * sr[k] : v;
+    if (gx && !stream) gx[k] = X(sr ? v * sr[k] : v);
   }
   if (gx && stream) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
 }
@@ -644,11 +767,11 @@ inline bool any_ties(const T* cnt, int64_t n) {
 
 // ix / cnt (with M, batch stride HW; channels_last): index map and tie counts of pass A;
 // null: the max mask comes from x everywhere.
-template <typename T, bool G, bool GC, bool M, bool F>
-void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
-                  const T* fmean, const T* ix, const T* cnt, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx,
+template <typename T, typename X, bool G, bool GC, bool M, bool F>
+void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                  const T* fmean, const T* ix, const T* cnt, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx,
                   T* gs, bool stream) {
-  const T gv = (G && GC) ? g[0] : T(0);
+  const T gv = (G && GC) ? T(g[0]) : T(0);
   const bool by_index = max_by_index(M, nhwc, gs != nullptr) && ix && cnt;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
@@ -657,7 +780,7 @@ void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, i
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / C;
         auto run = [&](auto s_t) {
-          return gradx_segment<T, G, GC, M, F, decltype(s_t)::value>(
+          return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value>(
               x + r * HW, (G && !GC) ? g + r * HW : nullptr, gv, s ? s[r] : T(1), G ? a + n * HW : nullptr,
               M ? mx + n * mbs : nullptr, M ? fmax + n * HW : nullptr, F ? fmean + n * HW : nullptr, HW,
               gx ? gx + r * HW : nullptr, stream, buf.data());
@@ -679,7 +802,7 @@ void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, i
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t p = n * HW + q;
           auto run = [&](auto x_t) {
-            gradx_pixel<T, G, GC, M, F, decltype(x_t)::value>(
+            gradx_pixel<T, X, G, GC, M, F, decltype(x_t)::value>(
                 x + p * C, (G && !GC) ? g + p * C : nullptr, gv, G ? a[p] : T(0), s ? s + n * C : nullptr,
                 M ? mx[n * mbs + q] : T(0), by_index ? ix[p] : T(-1), M ? fmax[p] : T(0), F ? fmean[p] : T(0), C,
                 gs ? partial.data() + t * C : nullptr, gx ? gx + p * C : nullptr, stream, buf.data());
@@ -704,13 +827,13 @@ void k_gradx_impl(const T* x, const T* s, const T* g, const T* a, const T* mx, i
   }
 }
 
-template <typename T>
-void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
-             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, T* gx, T* gs, bool stream,
+template <typename T, typename X>
+void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
+             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
              const T* ix = nullptr, const T* cnt = nullptr) {
   const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
 #define SA_GRADX(g_, gc_, m_, f_) \
-  k_gradx_impl<T, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream)
+  k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream)
 #define SA_GRADX_MF(g_, gc_)                   \
   if (M && F) SA_GRADX(g_, gc_, true, true);   \
   else if (M) SA_GRADX(g_, gc_, true, false);  \
@@ -732,21 +855,21 @@ void k_gradx(const T* x, const T* s, const T* g, bool gc, const T* a, const T* m
 // mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
 // number of elements equal to the max, counted in the same read (the backward then needs no
 // counting pass over x; NCHW counts each row while it is in L1 anyway).
-template <typename T>
-void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
+template <typename T, typename X>
+void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const T* row = x + r * HW;
-        T m = row[0], sum = 0;
+        const X* row = x + r * HW;
+        T m = T(row[0]), sum = 0;
         int64_t i = 0;
         if (HW >= 2 * L) {
-          V m0 = vload(row), m1 = vload(row + L), a0 = {}, a1 = {};
+          V m0 = vld(row), m1 = vld(row + L), a0 = {}, a1 = {};
           for (; i + 2 * L <= HW; i += 2 * L) {
-            const V v0 = vload(row + i), v1 = vload(row + i + L);
+            const V v0 = vld(row + i), v1 = vld(row + i + L);
             m0 = vmax(m0, v0);
             m1 = vmax(m1, v1);
             a0 += v0;
@@ -760,10 +883,10 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
           }
         }
         for (; i < HW; ++i) {
-          m = vmax(m, row[i]);
-          sum += row[i];
+          m = vmax(m, T(row[i]));
+          sum += T(row[i]);
         }
-        if (sum != sum && any_nan<T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
+        if (sum != sum && any_nan<X, T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
         if (mx) mx[r] = m;
         if (mean) mean[r] = sum / T(HW);
       }
@@ -775,7 +898,7 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
     const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
     const int64_t block = (HW + nb - 1) / nb;
     const bool counting = cnt && mx;
-    const bool four = !use_stream<T>(N * HW * C) || C * int64_t(sizeof(T)) >= 4096;
+    const bool four = !use_stream<X>(N * HW * C) || C * int64_t(sizeof(X)) >= 4096;
     std::vector<T> pm(N * nb * C), ps(N * nb * C), pc(counting ? N * nb * C : 0);
     const V one = V{} + T(1), zero = V{};
     at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
@@ -784,7 +907,7 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
         T* m = pm.data() + t * C;
         T* sm = ps.data() + t * C;
         T* ct = counting ? pc.data() + t * C : nullptr;
-        const T* base = x + n * HW * C;
+        const X* base = x + n * HW * C;
         if (p0 >= p1) {
           std::fill(sm, sm + C, T(0));
           std::fill(m, m + C, -std::numeric_limits<T>::infinity());
@@ -805,12 +928,12 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
         auto sweep = [&](auto k_t, auto count_t, int64_t p) {
           constexpr int K = decltype(k_t)::value;
           constexpr bool CNT = decltype(count_t)::value;
-          const T* row = base + p * C;
+          const X* row = base + p * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
             V mo = vload(m + c), a = vload(sm + c), k = CNT ? vload(ct + c) : V{};
             for (int j = 0; j < K; ++j) {
-              const V v = vload(row + j * C + c);
+              const V v = vld(row + j * C + c);
               if (CNT) k = v > mo ? one : k + (v == mo ? one : zero);
               mo = vmax(mo, v);
               a += v;
@@ -821,7 +944,7 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
           }
           for (; c < C; ++c)
             for (int j = 0; j < K; ++j) {
-              const T v = row[j * C + c];
+              const T v = T(row[j * C + c]);
               if (CNT) ct[c] = v > m[c] ? T(1) : ct[c] + (v == m[c] ? T(1) : T(0));
               m[c] = vmax(m[c], v);
               sm[c] += v;
@@ -854,7 +977,7 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
               if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
             cnt[n * C + c] = k;
           }
-          if (sc != sc && any_nan<T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+          if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
           if (mx) mx[n * C + c] = mc;
           if (mean) mean[n * C + c] = sc / T(HW);
         }
@@ -867,9 +990,9 @@ void k_global_pool(const T* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
 // gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
 // write of gx instead of a new tensor that autograd would then add: CBAM's fused backward).
 // counts (channels_last, from the forward): [N, C] tie counts, no counting pass; may be null.
-template <typename T>
-void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
-                            bool nhwc, T* gx, bool stream, bool acc, const T* counts = nullptr) {
+template <typename T, typename X>
+void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
+                            bool nhwc, X* gx, bool stream, bool acc, const T* counts = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -878,29 +1001,32 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW);
       for (int64_t r = b; r < e; ++r) {
-        const T* row = x + r * HW;
+        const X* row = x + r * HW;
         T fm = 0;
         const T m = mx ? mx[r] : T(0);
         if (mx) {
           V k = {};
           int64_t i = 0;
-          for (; i + L <= HW; i += L) k += vload(row + i) == m ? one : zero;
+          for (; i + L <= HW; i += L) k += vld(row + i) == m ? one : zero;
           T cnt = 0;
           for (int64_t l = 0; l < L; ++l) cnt += k[l];
-          for (; i < HW; ++i) cnt += row[i] == m ? T(1) : T(0);
+          for (; i < HW; ++i) cnt += T(row[i]) == m ? T(1) : T(0);
           fm = gmax[r] / cnt;
         }
         const T fa = fmean ? fmean[r] : T(0);
-        T* o = stream ? buf.data() : gx + r * HW;
-        const T* prev = gx + r * HW;
+        T* ob = buf.data();  // with `stream`: the row, then copied out with non-temporal stores
+        X* og = gx + r * HW;
         int64_t i = 0;
         for (; i + L <= HW; i += L) {
-          V v = mx ? (vload(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
-          if (acc) v = vload(prev + i) + v;
-          vstore(o + i, v);
+          V v = mx ? (vld(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
+          if (acc) v = vld(og + i) + v;
+          if (stream) vstore(ob + i, v); else vst(og + i, v);
         }
-        for (; i < HW; ++i) o[i] = (acc ? prev[i] : T(0)) + ((mx && row[i] == m) ? fa + fm : fa);
-        if (stream) mul_row<T>(gx + r * HW, buf.data(), nullptr, T(1), nullptr, T(1), HW, true);
+        for (; i < HW; ++i) {
+          const T v = (acc ? T(og[i]) : T(0)) + ((mx && T(row[i]) == m) ? fa + fm : fa);
+          if (stream) ob[i] = v; else og[i] = X(v);
+        }
+        if (stream) mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), HW, true);
       }
       stream_fence(stream);
     });
@@ -920,10 +1046,10 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
           const T* mn = mx + n * C;
           T* ct = cnt.data() + t * C;
           for (int64_t p = p0; p < p1; ++p) {
-            const T* row = x + (n * HW + p) * C;
+            const X* row = x + (n * HW + p) * C;
             int64_t c = 0;
-            for (; c + L <= C; c += L) vstore(ct + c, vload(ct + c) + (vload(row + c) == vload(mn + c) ? one : zero));
-            for (; c < C; ++c) ct[c] += row[c] == mn[c] ? T(1) : T(0);
+            for (; c + L <= C; c += L) vstore(ct + c, vload(ct + c) + (vld(row + c) == vload(mn + c) ? one : zero));
+            for (; c < C; ++c) ct[c] += T(row[c]) == mn[c] ? T(1) : T(0);
           }
         }
       });
@@ -949,18 +1075,21 @@ void k_global_pool_backward(const T* x, const T* mx, const T* gmax, const T* fme
         const T* fan = fa.data() + n * C;
         const T* fmn = fm.data() + n * C;
         for (int64_t p = p0; p < p1; ++p) {
-          const T* row = x + (n * HW + p) * C;
-          T* o = stream ? buf.data() : gx + (n * HW + p) * C;
-          const T* prev = gx + (n * HW + p) * C;
+          const X* row = x + (n * HW + p) * C;
+          T* ob = buf.data();  // with `stream`: the pixel, then copied out with non-temporal stores
+          X* og = gx + (n * HW + p) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
             const V f = vload(fan + c);
-            V v = mn ? (vload(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
-            if (acc) v = vload(prev + c) + v;
-            vstore(o + c, v);
+            V v = mn ? (vld(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
+            if (acc) v = vld(og + c) + v;
+            if (stream) vstore(ob + c, v); else vst(og + c, v);
           }
-          for (; c < C; ++c) o[c] = (acc ? prev[c] : T(0)) + ((mn && row[c] == mn[c]) ? fan[c] + fmn[c] : fan[c]);
-          if (stream) mul_row<T>(gx + (n * HW + p) * C, buf.data(), nullptr, T(1), nullptr, T(1), C, true);
+          for (; c < C; ++c) {
+            const T v = (acc ? T(og[c]) : T(0)) + ((mn && T(row[c]) == mn[c]) ? fan[c] + fmn[c] : fan[c]);
+            if (stream) ob[c] = v; else og[c] = X(v);
+          }
+          if (stream) mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), C, true);
         }
       }
       stream_fence(stream);
@@ -1255,8 +1384,8 @@ struct Scratch {
 };
 
 // y rows [h0, h1) = x' * attn (one image)
-template <typename T>
-void mul_rows(const T* x, const T* s, const T* attn, T* y, int64_t C, int64_t HW, int64_t W, bool nhwc,
+template <typename T, typename X>
+void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW, int64_t W, bool nhwc,
               int64_t h0, int64_t h1, bool stream) {
   const int64_t p0 = h0 * W, len = (h1 - h0) * W;
   if (!nhwc) {
@@ -1268,12 +1397,12 @@ void mul_rows(const T* x, const T* s, const T* attn, T* y, int64_t C, int64_t HW
 }
 
 // Forward of one image. pooled [P, HW], logits / attn [HW], y: this image's slices.
-template <typename T>
-void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
+template <typename T, typename X>
+void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
-                       T* attn, T* y, bool stream, Scratch<T>& sc) {
+                       T* attn, X* y, bool stream, Scratch<T>& sc) {
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(T)), lag, H, nhwc);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc);
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
   sc.spare.resize(R * W);
   int64_t done = 0;
@@ -1282,9 +1411,9 @@ void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, 
     T* mx = imax >= 0 ? pooled + imax * HW + p0 : sc.spare.data();
     T* mean = imean >= 0 ? pooled + imean * HW + p0 : sc.spare.data();
     if (!nhwc) {
-      pool_chunk<T>(x + p0, s, C, HW, len, mx, mean);
+      pool_chunk<T, X>(x + p0, s, C, HW, len, mx, mean);
     } else {
-      for (int64_t k = 0; k < len; ++k) pool_pixel<T>(x + (p0 + k) * C, s, C, mx[k], mean[k]);
+      for (int64_t k = 0; k < len; ++k) pool_pixel<T, X>(x + (p0 + k) * C, s, C, mx[k], mean[k]);
     }
     for (int64_t i = 0; i < P; ++i) {
       const T* src = pooled + (kinds[i] == 0 ? imax : imean) * HW;
@@ -1296,7 +1425,7 @@ void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, 
     const int64_t g1 = r1 == H ? H : std::max(done, r1 - lag);
     if (g1 > done) {
       gate_rows<T>(q, sc.pad.data(), done, g1, logits, attn);
-      mul_rows<T>(x, s, attn, y, C, HW, W, nhwc, done, g1, stream);
+      mul_rows<T, X>(x, s, attn, y, C, HW, W, nhwc, done, g1, stream);
       done = g1;
     }
   }
@@ -1306,14 +1435,14 @@ void sam_forward_image(const T* x, const T* s, int64_t C, int64_t H, int64_t W, 
 // Backward of one image. g: this image's upstream gradient (or the single broadcast value
 // if GC); gextra: gradient w.r.t. the returned attention [HW] or null; gs: [C] or null;
 // par: [P*KH*KW + 3] (grad weight, bias, norm scale, norm shift shares), added to.
-template <typename T, bool GC, bool M, bool F>
-void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H, int64_t W, bool nhwc,
+template <typename T, typename X, bool GC, bool M, bool F>
+void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H, int64_t W, bool nhwc,
                         const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* mx,
-                        const T* logits, const T* attn, const T* gextra, T* gx, T* gs, double* par, bool stream,
+                        const T* logits, const T* attn, const T* gextra, X* gx, T* gs, double* par, bool stream,
                         Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(T)) * (GC ? 1 : 2), lag, H, nhwc);
-  const T gv = GC ? g[0] : T(0);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc);
+  const T gv = GC ? T(g[0]) : T(0);
   sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
   pad_maps<T>(pooled, q.P, q.g, sc.pad.data());
   sc.dlpad.assign(q.g.Hp * q.g.Wp, T(0));
@@ -1337,16 +1466,16 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
     const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
     // pass A on the band
     if (!nhwc) {
-      reduce_chunk<T, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len, dA + p0,
+      reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len, dA + p0,
                                    cnt + p0);
     } else {
       for (int64_t p = p0; p < p0 + len; ++p) {
         T i;
         if (by_index) {
-          reduce_pixel<T, true, GC, M, true>(x + p * C, s, GC ? g : g + p * C, gv, mx[p], C, dA[p], cnt[p], i);
+          reduce_pixel<T, X, true, GC, M, true>(x + p * C, s, GC ? g : g + p * C, gv, mx[p], C, dA[p], cnt[p], i);
           ix[p] = i;
         } else {
-          reduce_pixel<T, true, GC, M, false>(x + p * C, s, GC ? g : g + p * C, gv, M ? mx[p] : T(0), C, dA[p],
+          reduce_pixel<T, X, true, GC, M, false>(x + p * C, s, GC ? g : g + p * C, gv, M ? mx[p] : T(0), C, dA[p],
                                               cnt[p], i);
         }
       }
@@ -1363,7 +1492,7 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
     if (!nhwc) {
       auto pass_b = [&](auto s_t) {
         for (int64_t c = 0; c < C; ++c) {
-          const T t = gradx_segment<T, true, GC, M, F, decltype(s_t)::value>(
+          const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value>(
               x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0,
               M ? mx + a0 : nullptr, M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0,
               stream, sc.row.data());
@@ -1376,7 +1505,7 @@ void sam_backward_image(const T* x, const T* s, const T* g, int64_t C, int64_t H
       // and the channel-scale gradient (which needs x) is not wanted
       auto pass_b = [&](auto x_t) {
         for (int64_t p = a0; p < a0 + alen; ++p)
-          gradx_pixel<T, true, GC, M, F, decltype(x_t)::value>(
+          gradx_pixel<T, X, true, GC, M, F, decltype(x_t)::value>(
               x + p * C, GC ? nullptr : g + p * C, gv, attn[p], s, M ? mx[p] : T(0), by_index ? ix[p] : T(-1),
               M ? dmax[p] : T(0), F ? dmean[p] : T(0), C, gs ? sc.gs.data() : nullptr, gx + p * C, stream,
               sc.row.data());
@@ -1399,8 +1528,9 @@ struct Geo {
 
 Geo geometry(const Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "spatialattn: expected a 4-D tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "spatialattn cpu kernel: float32/float64 only, got ", x.scalar_type());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "spatialattn cpu kernel: float32/float64/float16/bfloat16 only, got ", st);
   Geo g{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), false};
   if (x.is_contiguous()) {
     g.nhwc = false;
@@ -1417,8 +1547,17 @@ const T* ptr_or_null(const optional<Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
 }
 
+// compute dtype of x's kernels (acc_t): float32 for float16 / bfloat16, else x's dtype
+at::ScalarType acc_type(const Tensor& x) {
+  const auto st = x.scalar_type();
+  return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
+}
+
+at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_type(x)); }
+
+// a small tensor (parameters, maps) in the compute dtype of x, contiguous
 Tensor small(const Tensor& t, const Tensor& like) {
-  return t.to(like.scalar_type()).contiguous();
+  return t.to(acc_type(like)).contiguous();
 }
 
 optional<Tensor> small_opt(const optional<Tensor>& t, const Tensor& like) {
@@ -1427,11 +1566,11 @@ optional<Tensor> small_opt(const optional<Tensor>& t, const Tensor& like) {
 }
 
 Tensor empty_map(const Geo& g, int64_t P, const Tensor& x) {
-  return at::empty({g.N, P, g.H, g.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  return at::empty({g.N, P, g.H, g.W}, acc_options(x).memory_format(at::MemoryFormat::Contiguous));
 }
 
-// pooled [N, P, H, W] (dtype of x) from the pooling order.
-template <typename T>
+// pooled [N, P, H, W] (compute dtype) from the pooling order.
+template <typename T, typename X>
 void pool_into(const Tensor& x, const Geo& g, const T* s, const std::vector<int64_t>& kinds,
                Tensor& pooled) {
   const int64_t P = kinds.size();
@@ -1441,7 +1580,7 @@ void pool_into(const Tensor& x, const Geo& g, const T* s, const std::vector<int6
     if (kinds[i] == 1 && imean < 0) imean = i;
   }
   T* base = pooled.data_ptr<T>();
-  k_pool<T>(x.data_ptr<T>(), s, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? base + imax * g.HW : nullptr,
+  k_pool<T, X>(x.data_ptr<X>(), s, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? base + imax * g.HW : nullptr,
             imean >= 0 ? base + imean * g.HW : nullptr, P * g.HW);
   for (int64_t i = 0; i < P; ++i) {
     const int64_t src = kinds[i] == 0 ? imax : imean;
@@ -1469,8 +1608,12 @@ Tensor kind_value(const Tensor& pooled, const std::vector<int64_t>& kinds, int64
 
 Tensor flat_scale(const optional<Tensor>& s, const Tensor& x) {
   if (!s.has_value() || !s->defined()) return Tensor();
-  return s->to(x.scalar_type()).reshape({x.size(0), x.size(1)}).contiguous();
+  return s->to(acc_type(x)).reshape({x.size(0), x.size(1)}).contiguous();
 }
+
+// x's dtype: X = storage type, T = compute type
+#define SA_DISPATCH(x, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
 template <typename T>
 T* dptr(const Tensor& t) {
@@ -1496,8 +1639,10 @@ Tensor pool_forward(const Tensor& x, const optional<Tensor>& scale, std::vector<
   Tensor s = flat_scale(scale, x);
   Tensor pooled = empty_map(g, kinds.size(), x);
   if (g.N * g.HW == 0) return pooled;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_forward", [&] {
-    pool_into<scalar_t>(x, g, dptr<scalar_t>(s), kinds, pooled);
+  SA_DISPATCH(x, "pool_forward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    pool_into<T, X>(x, g, dptr<T>(s), kinds, pooled);
   });
   return pooled;
 }
@@ -1507,29 +1652,30 @@ std::vector<Tensor> pool_backward(const Tensor& grad, const Tensor& x, const opt
                                   const Tensor& pooled, std::vector<int64_t> kinds, bool need_gs) {
   Geo g = geometry(x);
   Tensor s = flat_scale(scale, x);
-  Tensor gp = grad.to(x.scalar_type()).contiguous();
+  Tensor gp = grad.to(acc_type(x)).contiguous();
   Tensor gx = at::empty_like(x);
-  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, x.options()) : Tensor();
+  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, acc_options(x)) : Tensor();
   if (x.numel() == 0) {
     if (gs.defined()) gs.zero_();
     return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_backward", [&] {
-    Tensor mx = kind_value(pooled.to(x.scalar_type()), kinds, 0);
+  SA_DISPATCH(x, "pool_backward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    Tensor mx = kind_value(pooled.to(acc_type(x)), kinds, 0);
     Tensor gmax = kind_grad(gp, kinds, 0), gmean = kind_grad(gp, kinds, 1);
     Tensor cnt, ix;
     if (mx.defined()) {
-      cnt = at::empty({g.N, g.HW}, x.options());
-      if (max_by_index(true, g.nhwc, gs.defined())) ix = at::empty({g.N, g.HW}, x.options());
-      k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, mx.data_ptr<scalar_t>(),
-                         g.HW, g.N, g.C, g.HW, g.nhwc, nullptr, cnt.data_ptr<scalar_t>(), dptr<scalar_t>(ix));
+      cnt = at::empty({g.N, g.HW}, acc_options(x));
+      if (max_by_index(true, g.nhwc, gs.defined())) ix = at::empty({g.N, g.HW}, acc_options(x));
+      k_reduce<T, X>(x.data_ptr<X>(), dptr<T>(s), nullptr, false, mx.data_ptr<T>(), g.HW, g.N, g.C, g.HW, g.nhwc,
+                     nullptr, cnt.data_ptr<T>(), dptr<T>(ix));
       gmax = (gmax.reshape({g.N, g.HW}) / cnt).contiguous();
     }
     if (gmean.defined()) gmean = (gmean / double(g.C)).contiguous();
-    k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), nullptr, false, nullptr, dptr<scalar_t>(mx),
-                      g.HW, dptr<scalar_t>(gmax), dptr<scalar_t>(gmean), g.N, g.C, g.HW, g.nhwc,
-                      gx.data_ptr<scalar_t>(), dptr<scalar_t>(gs), use_stream<scalar_t>(x.numel()), dptr<scalar_t>(ix),
-                      dptr<scalar_t>(cnt));
+    k_gradx<T, X>(x.data_ptr<X>(), dptr<T>(s), nullptr, false, nullptr, dptr<T>(mx), g.HW, dptr<T>(gmax),
+                  dptr<T>(gmean), g.N, g.C, g.HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
+                  dptr<T>(ix), dptr<T>(cnt));
   });
   return {gx, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
 }
@@ -1538,7 +1684,7 @@ Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>&
                     const optional<Tensor>& out) {
   Geo g = geometry(x);
   Tensor s = flat_scale(scale, x);
-  Tensor a = attn.to(x.scalar_type()).expand({g.N, 1, g.H, g.W}).contiguous();
+  Tensor a = attn.to(acc_type(x)).expand({g.N, 1, g.H, g.W}).contiguous();
   Tensor y;
   if (out.has_value() && out->defined()) {
     y = *out;
@@ -1548,9 +1694,11 @@ Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>&
     y = at::empty_like(x);
   }
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_forward", [&] {
-    k_mul<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), a.data_ptr<scalar_t>(),
-                    y.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc, use_stream<scalar_t>(x.numel()));
+  SA_DISPATCH(x, "gate_forward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    k_mul<T, X>(x.data_ptr<X>(), dptr<T>(s), a.data_ptr<T>(), y.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc,
+                use_stream<X>(x.numel()));
   });
   return y;
 }
@@ -1561,24 +1709,25 @@ std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Ten
                                   bool need_gs) {
   Geo g = geometry(x);
   Tensor s = flat_scale(scale, x);
-  Tensor a = attn.to(x.scalar_type()).expand({g.N, 1, g.H, g.W}).contiguous();
+  Tensor a = attn.to(acc_type(x)).expand({g.N, 1, g.H, g.W}).contiguous();
   bool gc = false;
   Tensor gy = upstream(grad, x, g, gc);
   Tensor gx = need_gx ? at::empty_like(x) : Tensor();
   Tensor ga = need_ga ? empty_map(g, 1, x) : Tensor();
-  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, x.options()) : Tensor();
+  Tensor gs = (s.defined() && need_gs) ? at::empty({g.N, g.C}, acc_options(x)) : Tensor();
   if (x.numel() == 0) {
     if (ga.defined()) ga.zero_();
     if (gs.defined()) gs.zero_();
   } else {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_backward", [&] {
+    SA_DISPATCH(x, "gate_backward", [&] {
+      using X = scalar_t;
+      using T = acc_t<X>;
       if (ga.defined())
-        k_reduce<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc, nullptr,
-                           0, g.N, g.C, g.HW, g.nhwc, ga.data_ptr<scalar_t>(), nullptr);
+        k_reduce<T, X>(x.data_ptr<X>(), dptr<T>(s), gy.data_ptr<X>(), gc, nullptr, 0, g.N, g.C, g.HW, g.nhwc,
+                       ga.data_ptr<T>(), nullptr);
       if (gx.defined() || gs.defined())
-        k_gradx<scalar_t>(x.data_ptr<scalar_t>(), dptr<scalar_t>(s), gy.data_ptr<scalar_t>(), gc,
-                          a.data_ptr<scalar_t>(), nullptr, 0, nullptr, nullptr, g.N, g.C, g.HW, g.nhwc,
-                          dptr<scalar_t>(gx), dptr<scalar_t>(gs), use_stream<scalar_t>(x.numel()));
+        k_gradx<T, X>(x.data_ptr<X>(), dptr<T>(s), gy.data_ptr<X>(), gc, a.data_ptr<T>(), nullptr, 0, nullptr,
+                      nullptr, g.N, g.C, g.HW, g.nhwc, dptr<X>(gx), dptr<T>(gs), use_stream<X>(x.numel()));
     });
   }
   return {gx, ga, gs.defined() ? gs.view({g.N, g.C, 1, 1}) : gs};
@@ -1684,28 +1833,29 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
     y = at::empty_like(x);
   }
   if (g.N * g.HW == 0) return {y, attn, logits, pooled};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_forward", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
+  SA_DISPATCH(x, "sam_forward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
     T* pp = pooled.data_ptr<T>();
     T* lp = logits.data_ptr<T>();
     T* ap = attn.data_ptr<T>();
-    T* yp = y.data_ptr<T>();
+    X* yp = y.data_ptr<X>();
     int64_t imax, imean;
     first_slots(kinds, imax, imean);
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation),
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
-    const bool stream = use_stream<T>(x.numel());
+    const bool stream = use_stream<X>(x.numel());
     auto pool = [&](int64_t n0, int64_t cnt) {
-      k_pool<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, cnt, g.C, g.HW, g.nhwc,
+      k_pool<T, X>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, cnt, g.C, g.HW, g.nhwc,
                 imax >= 0 ? pp + n0 * PHW + imax * g.HW : nullptr, imean >= 0 ? pp + n0 * PHW + imean * g.HW : nullptr,
                 PHW);
       fill_repeated_slots<T>(pp, kinds, imax, imean, g.HW, n0, n0 + cnt);
     };
     auto mul = [&](int64_t n0, int64_t cnt) {
-      k_mul<T>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, ap + n0 * g.HW, yp + n0 * CHW, cnt, g.C, g.HW, g.nhwc,
+      k_mul<T, X>(xp + n0 * CHW, sp ? sp + n0 * g.C : nullptr, ap + n0 * g.HW, yp + n0 * CHW, cnt, g.C, g.HW, g.nhwc,
                stream);
     };
     const int64_t Nf = whole_images(g.N);
@@ -1713,7 +1863,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
       at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
         Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n)
-          sam_forward_image<T>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
+          sam_forward_image<T, X>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
                                imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, sc);
       });
     }
@@ -1744,15 +1894,15 @@ SamGrads sam_grads(const Tensor& grad_y, const optional<Tensor>& grad_attn, cons
   SamGrads r;
   r.gy = upstream(grad_y, x, g, r.gc);
   r.gx = at::empty_like(x);
-  if (s.defined() && need_gs) r.gs = at::zeros({g.N, g.C}, x.options());
+  if (s.defined() && need_gs) r.gs = at::zeros({g.N, g.C}, acc_options(x));
   if (need_gw) r.gw = at::zeros_like(w);
-  if (need_gb) r.gb = at::zeros({1}, x.options());
+  if (need_gb) r.gb = at::zeros({1}, acc_options(x));
   if (need_g12) {
-    r.g1 = at::zeros({1}, x.options());
-    r.g2 = at::zeros({1}, x.options());
+    r.g1 = at::zeros({1}, acc_options(x));
+    r.g2 = at::zeros({1}, acc_options(x));
   }
   if (grad_attn.has_value() && grad_attn->defined())
-    r.gextra = grad_attn->to(x.scalar_type()).reshape({g.N, g.HW}).contiguous();
+    r.gextra = grad_attn->to(acc_type(x)).reshape({g.N, g.HW}).contiguous();
   return r;
 }
 
@@ -1777,16 +1927,19 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
     r.gx.zero_();
     return r.pack(g);
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
+  SA_DISPATCH(x, "sam_backward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    const Tensor pooled_t = pooled.to(acc_type(x)).contiguous(), logits_t = logits.to(acc_type(x)).contiguous(),
+                 attn_t = attn.to(acc_type(x)).contiguous();
+    const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
-    const T* gyp = gy.data_ptr<T>();
-    const T* pp = pooled.data_ptr<T>();
-    const T* lp = logits.data_ptr<T>();
-    const T* ap = attn.data_ptr<T>();
+    const X* gyp = gy.data_ptr<X>();
+    const T* pp = pooled_t.data_ptr<T>();
+    const T* lp = logits_t.data_ptr<T>();
+    const T* ap = attn_t.data_ptr<T>();
     const T* ge = dptr<T>(gextra);
-    T* gxp = gx.data_ptr<T>();
+    X* gxp = gx.data_ptr<X>();
     T* gsp = dptr<T>(gs);
     int64_t imax, imean;
     first_slots(kinds, imax, imean);
@@ -1794,7 +1947,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
                     ptr_or_null<T>(ns), nullptr};  // backward uses only the norm scale
     const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
     const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp;
-    const bool stream = use_stream<T>(x.numel());
+    const bool stream = use_stream<X>(x.numel());
     std::vector<double> par(g.N * NP, 0.0);
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;  // batch stride PHW
     const int64_t Nf = whole_images(g.N);
@@ -1803,7 +1956,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
         Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n) {
           auto run = [&](auto gc_t, auto m_t, auto f_t) {
-            sam_backward_image<T, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
+            sam_backward_image<T, X, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
                 xp + n * CHW, sp ? sp + n * g.C : nullptr, gc ? gyp : gyp + n * CHW, g.C, g.H, g.W, g.nhwc, q, kinds,
                 pp + n * PHW, mx ? mx + n * PHW : nullptr, lp + n * HW, ap + n * HW, ge ? ge + n * HW : nullptr,
                 gxp + n * CHW, gsp ? gsp + n * g.C : nullptr, par.data() + n * NP, stream, sc);
@@ -1826,7 +1979,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), ix(by_index ? Nr * HW : 0), dmax(mx ? Nr * HW : 0),
           dmean(imean >= 0 ? Nr * HW : 0);
       // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts and index of the max
-      k_reduce<T>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
+      k_reduce<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
                   mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
                   by_index ? ix.data() : nullptr);
       if (ge)
@@ -1845,7 +1998,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
         }
       });
       // pass B: grad_x and grad_scale
-      k_gradx<T>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
+      k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
                  mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                  Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream,
                  by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr);
@@ -1886,9 +2039,10 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
   Tensor pooled = empty_map(g, P, x), logits = empty_map(g, 1, x), attn = empty_map(g, 1, x);
   Tensor y = at::empty_like(x);
   Tensor stats = at::empty({2}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_forward_bn", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
+  SA_DISPATCH(x, "sam_forward_bn", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
     T* pp = pooled.data_ptr<T>();
     T* lp = logits.data_ptr<T>();
@@ -1898,7 +2052,7 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), ptr_or_null<T>(b),
                     nullptr, nullptr};
     const int64_t PHW = P * g.HW;
-    k_pool<T>(xp, sp, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? pp + imax * g.HW : nullptr,
+    k_pool<T, X>(xp, sp, g.N, g.C, g.HW, g.nhwc, imax >= 0 ? pp + imax * g.HW : nullptr,
               imean >= 0 ? pp + imean * g.HW : nullptr, PHW);
     fill_repeated_slots<T>(pp, kinds, imax, imean, g.HW, 0, g.N);
     gate_images<T>(q, pp, 0, g.N, lp, ap);  // logits (attn is recomputed below with the statistics)
@@ -1916,7 +2070,7 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
     int64_t k = 0;
     for (; k + L <= M; k += L) vstore(ap + k, vsigmoid(vload(lp + k) * ns + nsh));
     for (; k < M; ++k) ap[k] = T(1) / (T(1) + std::exp(-(lp[k] * ns + nsh)));
-    k_mul<T>(xp, sp, ap, y.data_ptr<T>(), g.N, g.C, g.HW, g.nhwc, use_stream<T>(x.numel()));
+    k_mul<T, X>(xp, sp, ap, y.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc, use_stream<X>(x.numel()));
   });
   return {y, attn, logits, pooled, stats};
 }
@@ -1938,14 +2092,17 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
   const Tensor &gy = r.gy, &gx = r.gx, &gs = r.gs, &gw = r.gw, &gb = r.gb, &ggamma = r.g1, &gbeta = r.g2,
                &gextra = r.gextra;
   const bool gc = r.gc;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sam_backward_bn", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
+  SA_DISPATCH(x, "sam_backward_bn", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    const Tensor pooled_t = pooled.to(acc_type(x)).contiguous(), logits_t = logits.to(acc_type(x)).contiguous(),
+                 attn_t = attn.to(acc_type(x)).contiguous();
+    const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
-    const T* gyp = gy.data_ptr<T>();
-    const T* pp = pooled.data_ptr<T>();
-    const T* lp = logits.data_ptr<T>();
-    const T* ap = attn.data_ptr<T>();
+    const X* gyp = gy.data_ptr<X>();
+    const T* pp = pooled_t.data_ptr<T>();
+    const T* lp = logits_t.data_ptr<T>();
+    const T* ap = attn_t.data_ptr<T>();
     const T* ge = dptr<T>(gextra);
     int64_t imax, imean;
     first_slots(kinds, imax, imean);
@@ -1955,7 +2112,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;
     const bool by_index = max_by_index(mx != nullptr, g.nhwc, gs.defined());
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
-    k_reduce<T>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
+    k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
                 by_index ? ix.data() : nullptr);
     if (ge)
       for (int64_t k = 0; k < M; ++k) dA[k] += ge[k];
@@ -1998,31 +2155,32 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
       T* o = gw.data_ptr<T>();
       for (int64_t k = 0; k < P * KK; ++k) o[k] = T(image_total(par, g.N, P * KK, k));
     }
-    k_gradx<T>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr, g.N,
-               g.C, HW, g.nhwc, gx.data_ptr<T>(), dptr<T>(gs), use_stream<T>(x.numel()),
+    k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
+                  g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
                by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr);
   });
   return r.pack(g);
 }
 
-// [P, N, C] (dtype of x): max / mean over H, W for each kind in `kinds`.
+// [P, N, C] (compute dtype of x): max / mean over H, W for each kind in `kinds`.
 // (out [P, N, C], tie counts [N, C] or undefined): counts only with `counts`, for
 // channels_last x with a max slot (what the backward then skips counting for)
 std::vector<Tensor> global_pool_counted(const Tensor& x, const std::vector<int64_t>& kinds, bool counts) {
   Geo g = geometry(x);
   TORCH_CHECK(g.HW > 0, "spatialattn: global pooling over an empty H x W");
   const int64_t P = kinds.size();
-  Tensor out = at::empty({P, g.N, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor out = at::empty({P, g.N, g.C}, acc_options(x).memory_format(at::MemoryFormat::Contiguous));
   int64_t imax = -1, imean = -1;
   first_slots(kinds, imax, imean);
   Tensor cnt;
   if (counts && g.nhwc && imax >= 0) cnt = at::empty({g.N, g.C}, out.options());
   if (g.N * g.C == 0) return {out, cnt};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    k_global_pool<scalar_t>(x.data_ptr<scalar_t>(), g.N, g.C, g.HW, g.nhwc,
-                            imax >= 0 ? o + imax * g.N * g.C : nullptr, imean >= 0 ? o + imean * g.N * g.C : nullptr,
-                            dptr<scalar_t>(cnt));
+  SA_DISPATCH(x, "global_pool", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    T* o = out.data_ptr<T>();
+    k_global_pool<T, X>(x.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc, imax >= 0 ? o + imax * g.N * g.C : nullptr,
+                        imean >= 0 ? o + imean * g.N * g.C : nullptr, dptr<T>(cnt));
     for (int64_t i = 0; i < P; ++i) {
       const int64_t src = kinds[i] == 0 ? imax : imean;
       if (src != i) out.select(0, i).copy_(out.select(0, src));
@@ -2045,28 +2203,30 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
                     into->scalar_type() == x.scalar_type(),
                 "spatialattn: global_pool_backward into= must have the shape, strides and dtype of x");
   if (counts.has_value() && counts->defined())
-    TORCH_CHECK(counts->numel() == g.N * g.C && counts->scalar_type() == x.scalar_type() && counts->is_contiguous(),
-                "spatialattn: global_pool_backward counts= must be a contiguous [N, C] tensor in the dtype of x");
+    TORCH_CHECK(counts->numel() == g.N * g.C && counts->scalar_type() == acc_type(x) && counts->is_contiguous(),
+                "spatialattn: global_pool_backward counts= must be a contiguous [N, C] tensor in the compute dtype "
+                "of x");
   Tensor gx = acc ? *into : at::empty_like(x);
   if (x.numel() == 0) return gx;
-  const Tensor gp = grad.to(x.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "global_pool_backward", [&] {
-    using T = scalar_t;
+  const Tensor gp = grad.to(acc_type(x)).contiguous();
+  SA_DISPATCH(x, "global_pool_backward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
     Tensor gmax, fmean;
     Tensor mx;
     for (size_t i = 0; i < kinds.size(); ++i) {
       Tensor gi = gp.select(0, i);
       if (kinds[i] == 0) {
         gmax = gmax.defined() ? gmax + gi : gi.clone();
-        if (!mx.defined()) mx = out.select(0, i).to(x.scalar_type()).contiguous();
+        if (!mx.defined()) mx = out.select(0, i).to(acc_type(x)).contiguous();
       } else {
         fmean = fmean.defined() ? fmean + gi : gi.clone();
       }
     }
     if (fmean.defined()) fmean = (fmean / double(g.HW)).contiguous();
     if (gmax.defined()) gmax = gmax.contiguous();
-    k_global_pool_backward<T>(x.data_ptr<T>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW, g.nhwc,
-                              gx.data_ptr<T>(), use_stream<T>(x.numel()), acc,
+    k_global_pool_backward<T, X>(x.data_ptr<X>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW,
+                                 g.nhwc, gx.data_ptr<X>(), use_stream<X>(x.numel()), acc,
                               g.nhwc ? ptr_or_null<T>(counts) : nullptr);
   });
   return gx;
