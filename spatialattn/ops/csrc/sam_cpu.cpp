@@ -98,21 +98,41 @@ inline void vst(T* p, vec_t<T> v) {
 typedef uint16_t u16x16_t __attribute__((vector_size(32)));
 typedef uint32_t u32x16_t __attribute__((vector_size(64)));
 
+// (AVX-512: explicit intrinsics; GCC splits the generic widening load into 256-bit halves
+// and narrows with a 3-uop word permute)
 inline vec_t<float> vld(const at::BFloat16* p) {
+  vec_t<float> v;
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  std::memcpy(&v, &w, sizeof(v));
+#else
   u16x16_t h;
   std::memcpy(&h, p, sizeof(h));
   const u32x16_t w = __builtin_convertvector(h, u32x16_t) << 16;
-  vec_t<float> v;
   std::memcpy(&v, &w, sizeof(v));
+#endif
   return v;
 }
 
 inline u16x16_t bf16_bits(vec_t<float> v) {
+  u16x16_t h;
+#if defined(__AVX512F__)
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  const __m512i b = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m256i n = _mm512_cvtepi32_epi16(r);
+  std::memcpy(&h, &n, sizeof(h));
+#else
   u32x16_t b;
   std::memcpy(&b, &v, sizeof(b));
   u32x16_t r = (b + ((b >> 16) & 1u) + 0x7FFFu) >> 16;
   r = (v != v) ? (u32x16_t{} + 0x7FC0u) : r;
-  return __builtin_convertvector(r, u16x16_t);
+  h = __builtin_convertvector(r, u16x16_t);
+#endif
+  return h;
 }
 
 inline void vst(at::BFloat16* p, vec_t<float> v) {
@@ -267,8 +287,13 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
     // a half format on either side: explicit vectors (the conversions keep the compiler
     // from vectorising the scalar loops below)
     const V vss = V{} + ss, vas = V{} + as;
-    for (; i + L <= n; i += L)
-      vst(d + i, (vld(x + i) * (sv ? vload(sv + i) : vss)) * (av ? vload(av + i) : vas));
+    auto run = [&](auto s_t, auto a_t) {  // the vector / scalar choices out of the loop
+      constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
+      for (; i + L <= n; i += L) vst(d + i, (vld(x + i) * (HS ? vload(sv + i) : vss)) * (HA ? vload(av + i) : vas));
+    };
+    using Y = std::true_type;
+    using No = std::false_type;
+    if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
     for (; i < n; ++i) d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
     return;
   }
