@@ -47,7 +47,14 @@ more). Unless ``--system-malloc`` is given the script re-executes itself with
 freed blocks are reused, as a long-running training process would; the table
 says which setting was used.
 
-Results: printed, and written to ``benchmarks/results/sam_<device>.md`` / ``.csv``.
+``--dtype bfloat16`` / ``float16``: x, the upstream gradient and every formula's
+parameters in that dtype (the ratios stay relative to a clone of the half tensor); the
+training modes run the float32 modules under ``torch.autocast`` instead (half feature maps,
+float32 parameters: autocast training). Our op computes in float32 and rounds y / grad_x once;
+the eager formulas compute in the half format.
+
+Results: printed, and written to ``benchmarks/results/sam_<device>.md`` / ``.csv``
+(``sam_<device>_<dtype>`` for half dtypes).
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ def _parse():
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--system-malloc", action="store_true", help="do not set GLIBC_TUNABLES")
     p.add_argument("--shapes", default=None, help="e.g. 8x256x52x52,1x1024x13x13")
@@ -95,6 +103,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    half = dtype != torch.float32
     if args.mem_child:
         return _mem_child(args, torch, F, SF, ops)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -126,14 +136,14 @@ def main() -> None:
         return SF.channel_gate(x, w1, None, w2, None)
 
     def cbam_eager(x, w, w1, w2):
-        return timm_sam(x * channel_gate(x, w1, w2), w)
+        return timm_sam(x * channel_gate(x, w1, w2).to(x.dtype), w)
 
     def channel_gate_fused(x, w1, w2):
         # the math of SF.channel_gate (avg + max pools, shared MLP, sigmoid) with the
         # two pools read in one pass (ops.global_pool)
-        v = ops.global_pool(x, ("mean", "max"))
-        h = F.linear(F.relu(F.linear(v, w1)), w2)
-        return torch.sigmoid(h.sum(0)).reshape(x.shape[0], x.shape[1], 1, 1)
+        v = ops.global_pool(x, ("mean", "max"), dtype=SF.accumulate_dtype(x))
+        h = F.linear(F.relu(F.linear(v, w1.to(v.dtype))), w2.to(v.dtype))
+        return torch.sigmoid(h.sum(0)).reshape(x.shape[0], x.shape[1], 1, 1).to(x.dtype)
 
     def cbam_ours(x, w, w1, w2):
         return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate_fused(x, w1, w2))
@@ -179,11 +189,11 @@ def main() -> None:
         n, c, h, wd = shape
         for lname, fmt in layouts:
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(shape, generator=g).to(dev).contiguous(memory_format=fmt)
-            w = (torch.randn(1, 2, 7, 7, generator=g) * 0.1).to(dev)
-            w1 = (torch.randn(max(c // 16, 1), c, generator=g) * 0.05).to(dev)
-            w2 = (torch.randn(c, max(c // 16, 1), generator=g) * 0.05).to(dev)
-            gy = torch.randn(shape, generator=g).to(dev).contiguous(memory_format=fmt)
+            x = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+            w = (torch.randn(1, 2, 7, 7, generator=g) * 0.1).to(dev, dtype)
+            w1 = (torch.randn(max(c // 16, 1), c, generator=g) * 0.05).to(dev, dtype)
+            w2 = (torch.randn(c, max(c // 16, 1), generator=g) * 0.05).to(dev, dtype)
+            gy = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
             xg = x.clone().requires_grad_()
             wg = w.clone().requires_grad_()
 
@@ -222,7 +232,7 @@ def main() -> None:
             eager_cbam_bn = torch.nn.BatchNorm2d(1).to(dev).train()
             mlp1 = (torch.randn(max(c // 16, 1), c, 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
             mlp2 = (torch.randn(c, max(c // 16, 1), 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
-            w_e = w.clone().requires_grad_()
+            w_e = w.float().requires_grad_()
 
             def eager_sam_bn(t):
                 p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
@@ -237,7 +247,9 @@ def main() -> None:
 
             def step(f, params):
                 def run():
-                    f(xg).backward(gy)
+                    with torch.autocast(dev.type, dtype=dtype, enabled=half):
+                        y = f(xg)
+                    y.backward(gy)
                     xg.grad = None
                     for t in params:
                         t.grad = None
@@ -279,7 +291,10 @@ def main() -> None:
             with torch.no_grad():
                 err = (ours(x, w) - timm_sam(x, w)).abs().max().item()
                 err = max(err, (cbam_ours(x, w, w1, w2) - cbam_eager(x, w, w1, w2)).abs().max().item())
-                if not err < 1e-4:
+                # the eager formulas round every intermediate to the half format
+                tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype] * max(
+                    1.0, x.abs().max().item())
+                if not err < tol:
                     raise SystemExit(f"outputs disagree with the eager formula: max abs diff {err}")
             est = timeit(cases[("fwd", "clone")], 3)
             iters = max(3, min(50, int(0.05 / max(est, 1e-6))))
@@ -305,7 +320,8 @@ def main() -> None:
                     import subprocess
 
                     res = subprocess.run([sys.executable, __file__, "--mem-child", name, "x".join(map(str, shape)), lname,
-                                          "--threads", str(args.threads)], capture_output=True, text=True)
+                                          "--threads", str(args.threads), "--dtype", args.dtype],
+                                         capture_output=True, text=True)
                     try:
                         peak[name] = float(res.stdout.strip().splitlines()[-1])
                     except (ValueError, IndexError):
@@ -339,8 +355,8 @@ def main() -> None:
                 break
     except OSError:
         pass
-    header = (f"device {dev.type} ({cpu}), {args.threads} threads, torch {torch.__version__}, "
-              f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev))}, rounds {rounds}, "
+    header = (f"device {dev.type} ({cpu}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
+              f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
               f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
     impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
              "cbam": ["ours", "eager", "compile"], "train": ["ours", "ours-2op", "eager", "compile"],
@@ -368,12 +384,13 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"sam_{dev.type}.md").write_text(text + "\n")
-    with open(out / f"sam_{dev.type}.csv", "w", newline="") as fh:
+    stem = f"sam_{dev.type}" + ("" if not half else f"_{args.dtype}")
+    (out / f"{stem}.md").write_text(text + "\n")
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
         wr.writeheader()
         wr.writerows(rows)
-    print(f"written {out / f'sam_{dev.type}.md'} and .csv", file=sys.stderr)
+    print(f"written {out / (stem + '.md')} and .csv", file=sys.stderr)
 
 
 def _mem_child(args, torch, F, SF, ops):
@@ -381,6 +398,7 @@ def _mem_child(args, torch, F, SF, ops):
     impl, shape_s, layout = args.mem_child
     shape = tuple(int(v) for v in shape_s.split("x"))
     fmt = torch.channels_last if layout == "CL" else torch.contiguous_format
+    dtype = getattr(torch, args.dtype)
 
     def f(x, w):
         if impl == "ours":
@@ -393,12 +411,12 @@ def _mem_child(args, torch, F, SF, ops):
             p = torch.cat([torch.mean(x, 1, keepdim=True), torch.max(x, 1, keepdim=True)[0]], 1)
         return x * torch.sigmoid(F.conv2d(p, w, padding=3))
 
-    w = torch.randn(1, 2, 7, 7, requires_grad=True)
-    small = torch.randn(2, 8, 8, 8, requires_grad=True).contiguous(memory_format=fmt)
+    w = torch.randn(1, 2, 7, 7, dtype=dtype, requires_grad=True)
+    small = torch.randn(2, 8, 8, 8, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
     f(small, w).backward(torch.ones_like(small))  # loads libraries / the extension
     # created in place: no freed |x|-sized block left in the heap to hide the step's allocations
-    x = torch.empty(shape, memory_format=fmt).normal_().requires_grad_()
-    gy = torch.empty(shape, memory_format=fmt).normal_()
+    x = torch.empty(shape, memory_format=fmt, dtype=dtype).normal_().requires_grad_()
+    gy = torch.empty(shape, memory_format=fmt, dtype=dtype).normal_()
     def status(key):
         with open("/proc/self/status") as fh:
             for line in fh:

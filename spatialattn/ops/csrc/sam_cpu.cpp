@@ -1041,17 +1041,25 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
         const T fa = fmean ? fmean[r] : T(0);
         T* ob = buf.data();  // with `stream`: the row, then copied out with non-temporal stores
         X* og = gx + r * HW;
-        int64_t i = 0;
-        for (; i + L <= HW; i += L) {
-          V v = mx ? (vld(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
-          if (acc) v = vld(og + i) + v;
-          if (stream) vstore(ob + i, v); else vst(og + i, v);
+        auto emit = [&](auto st_t) {  // ST: write to ob (a compile-time choice, out of the loop)
+          constexpr bool ST = decltype(st_t)::value;
+          int64_t i = 0;
+          for (; i + L <= HW; i += L) {
+            V v = mx ? (vld(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
+            if (acc) v = vld(og + i) + v;
+            if constexpr (ST) vstore(ob + i, v); else vst(og + i, v);
+          }
+          for (; i < HW; ++i) {
+            const T v = (acc ? T(og[i]) : T(0)) + ((mx && T(row[i]) == m) ? fa + fm : fa);
+            if constexpr (ST) ob[i] = v; else og[i] = X(v);
+          }
+        };
+        if (stream) {
+          emit(std::true_type{});
+          mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), HW, true);
+        } else {
+          emit(std::false_type{});
         }
-        for (; i < HW; ++i) {
-          const T v = (acc ? T(og[i]) : T(0)) + ((mx && T(row[i]) == m) ? fa + fm : fa);
-          if (stream) ob[i] = v; else og[i] = X(v);
-        }
-        if (stream) mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), HW, true);
       }
       stream_fence(stream);
     });
@@ -1103,18 +1111,26 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
           const X* row = x + (n * HW + p) * C;
           T* ob = buf.data();  // with `stream`: the pixel, then copied out with non-temporal stores
           X* og = gx + (n * HW + p) * C;
-          int64_t c = 0;
-          for (; c + L <= C; c += L) {
-            const V f = vload(fan + c);
-            V v = mn ? (vld(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
-            if (acc) v = vld(og + c) + v;
-            if (stream) vstore(ob + c, v); else vst(og + c, v);
+          auto emit = [&](auto st_t) {  // ST: write to ob (a compile-time choice, out of the loop)
+            constexpr bool ST = decltype(st_t)::value;
+            int64_t c = 0;
+            for (; c + L <= C; c += L) {
+              const V f = vload(fan + c);
+              V v = mn ? (vld(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
+              if (acc) v = vld(og + c) + v;
+              if constexpr (ST) vstore(ob + c, v); else vst(og + c, v);
+            }
+            for (; c < C; ++c) {
+              const T v = (acc ? T(og[c]) : T(0)) + ((mn && T(row[c]) == mn[c]) ? fan[c] + fmn[c] : fan[c]);
+              if constexpr (ST) ob[c] = v; else og[c] = X(v);
+            }
+          };
+          if (stream) {
+            emit(std::true_type{});
+            mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), C, true);
+          } else {
+            emit(std::false_type{});
           }
-          for (; c < C; ++c) {
-            const T v = (acc ? T(og[c]) : T(0)) + ((mn && T(row[c]) == mn[c]) ? fan[c] + fmn[c] : fan[c]);
-            if (stream) ob[c] = v; else og[c] = X(v);
-          }
-          if (stream) mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), C, true);
         }
       }
       stream_fence(stream);
