@@ -1010,6 +1010,41 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
   }
 }
 
+// One run of n elements of the global-pool gradient: out[k] = (acc ? out[k] : 0) + f +
+// [row[k] == m] * fm, the max term only with has_max. at(k, f, fm, m) sets the operands of
+// element k, as T (one element) or vec_t<T> (lanes<T>() elements from k): an NCHW row
+// broadcasts one value each, a channels_last pixel reads one per channel. With `stream`, the
+// run goes to buf first and is copied out with non-temporal stores.
+template <typename T, typename X, typename At>
+inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc, X* out, T* buf, bool stream,
+                                 At at) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  auto emit = [&](auto st_t) {  // ST: write to buf (a compile-time choice, out of the loop)
+    constexpr bool ST = decltype(st_t)::value;
+    int64_t k = 0;
+    for (; k + L <= n; k += L) {
+      V f, fm, m;
+      at(k, f, fm, m);
+      V v = has_max ? (vld(row + k) == m ? f + fm : f) : f;
+      if (acc) v = vld(out + k) + v;
+      if constexpr (ST) vstore(buf + k, v); else vst(out + k, v);
+    }
+    for (; k < n; ++k) {
+      T f, fm, m;
+      at(k, f, fm, m);
+      const T v = (acc ? T(out[k]) : T(0)) + ((has_max && T(row[k]) == m) ? f + fm : f);
+      if constexpr (ST) buf[k] = v; else out[k] = X(v);
+    }
+  };
+  if (stream) {
+    emit(std::true_type{});
+    mul_row<T>(out, buf, nullptr, T(1), nullptr, T(1), n, true);
+  } else {
+    emit(std::false_type{});
+  }
+}
+
 // Backward of the global pooling: gx[n, c, p] = fmean[n, c] + [x == mx[n, c]] * fmax[n, c]
 // (fmean = d mean / HW; fmax = gmax / number of tied maxima, counted here). Either of
 // gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
@@ -1039,27 +1074,14 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
           fm = gmax[r] / cnt;
         }
         const T fa = fmean ? fmean[r] : T(0);
-        T* ob = buf.data();  // with `stream`: the row, then copied out with non-temporal stores
-        X* og = gx + r * HW;
-        auto emit = [&](auto st_t) {  // ST: write to ob (a compile-time choice, out of the loop)
-          constexpr bool ST = decltype(st_t)::value;
-          int64_t i = 0;
-          for (; i + L <= HW; i += L) {
-            V v = mx ? (vld(row + i) == m ? V{} + (fa + fm) : V{} + fa) : V{} + fa;
-            if (acc) v = vld(og + i) + v;
-            if constexpr (ST) vstore(ob + i, v); else vst(og + i, v);
-          }
-          for (; i < HW; ++i) {
-            const T v = (acc ? T(og[i]) : T(0)) + ((mx && T(row[i]) == m) ? fa + fm : fa);
-            if constexpr (ST) ob[i] = v; else og[i] = X(v);
-          }
-        };
-        if (stream) {
-          emit(std::true_type{});
-          mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), HW, true);
-        } else {
-          emit(std::false_type{});
-        }
+        global_pool_grad_run<T>(row, HW, mx != nullptr, acc, gx + r * HW, buf.data(), stream,
+                                [&](int64_t, auto& f, auto& g, auto& mm) {
+                                  if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
+                                    f = fa, g = fm, mm = m;
+                                  } else {
+                                    f = V{} + fa, g = V{} + fm, mm = V{} + m;
+                                  }
+                                });
       }
       stream_fence(stream);
     });
@@ -1108,29 +1130,14 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
         const T* fan = fa.data() + n * C;
         const T* fmn = fm.data() + n * C;
         for (int64_t p = p0; p < p1; ++p) {
-          const X* row = x + (n * HW + p) * C;
-          T* ob = buf.data();  // with `stream`: the pixel, then copied out with non-temporal stores
-          X* og = gx + (n * HW + p) * C;
-          auto emit = [&](auto st_t) {  // ST: write to ob (a compile-time choice, out of the loop)
-            constexpr bool ST = decltype(st_t)::value;
-            int64_t c = 0;
-            for (; c + L <= C; c += L) {
-              const V f = vload(fan + c);
-              V v = mn ? (vld(row + c) == vload(mn + c) ? f + vload(fmn + c) : f) : f;
-              if (acc) v = vld(og + c) + v;
-              if constexpr (ST) vstore(ob + c, v); else vst(og + c, v);
-            }
-            for (; c < C; ++c) {
-              const T v = (acc ? T(og[c]) : T(0)) + ((mn && T(row[c]) == mn[c]) ? fan[c] + fmn[c] : fan[c]);
-              if constexpr (ST) ob[c] = v; else og[c] = X(v);
-            }
-          };
-          if (stream) {
-            emit(std::true_type{});
-            mul_row<T>(og, ob, nullptr, T(1), nullptr, T(1), C, true);
-          } else {
-            emit(std::false_type{});
-          }
+          global_pool_grad_run<T>(x + (n * HW + p) * C, C, mn != nullptr, acc, gx + (n * HW + p) * C, buf.data(),
+                                  stream, [&](int64_t c, auto& f, auto& g, auto& mm) {
+                                    if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
+                                      f = fan[c], g = fmn[c], mm = mn ? mn[c] : T(0);
+                                    } else {
+                                      f = vload(fan + c), g = vload(fmn + c), mm = mn ? vload(mn + c) : V{};
+                                    }
+                                  });
         }
       }
       stream_fence(stream);
