@@ -1978,14 +1978,12 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
   SA_DISPATCH(x, "sam_backward", [&] {
     using X = scalar_t;
     using T = acc_t<X>;
-    const Tensor pooled_t = pooled.to(acc_type(x)).contiguous(), logits_t = logits.to(acc_type(x)).contiguous(),
-                 attn_t = attn.to(acc_type(x)).contiguous();
     const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
     const X* gyp = gy.data_ptr<X>();
-    const T* pp = pooled_t.data_ptr<T>();
-    const T* lp = logits_t.data_ptr<T>();
-    const T* ap = attn_t.data_ptr<T>();
+    const T* pp = pooled.data_ptr<T>();  // the small maps from the forward: compute dtype, contiguous
+    const T* lp = logits.data_ptr<T>();
+    const T* ap = attn.data_ptr<T>();
     const T* ge = dptr<T>(gextra);
     X* gxp = gx.data_ptr<X>();
     T* gsp = dptr<T>(gs);
@@ -2143,14 +2141,12 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
   SA_DISPATCH(x, "sam_backward_bn", [&] {
     using X = scalar_t;
     using T = acc_t<X>;
-    const Tensor pooled_t = pooled.to(acc_type(x)).contiguous(), logits_t = logits.to(acc_type(x)).contiguous(),
-                 attn_t = attn.to(acc_type(x)).contiguous();
     const X* xp = x.data_ptr<X>();
     const T* sp = dptr<T>(s);
     const X* gyp = gy.data_ptr<X>();
-    const T* pp = pooled_t.data_ptr<T>();
-    const T* lp = logits_t.data_ptr<T>();
-    const T* ap = attn_t.data_ptr<T>();
+    const T* pp = pooled.data_ptr<T>();  // the small maps from the forward: compute dtype, contiguous
+    const T* lp = logits.data_ptr<T>();
+    const T* ap = attn.data_ptr<T>();
     const T* ge = dptr<T>(gextra);
     int64_t imax, imean;
     first_slots(kinds, imax, imean);
