@@ -3,9 +3,10 @@
 The extension is compiled by :func:`torch.utils.cpp_extension.load` on first
 use and cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). Instruction-set flags follow the CPU
-capability that torch itself detected at run time (AVX-512 / AVX2 / baseline),
-and that capability is part of the extension's name, so a cache shared between
-different machines never hands one of them code it cannot run.
+capability that torch itself detected at run time (AVX-512 / AVX2 / baseline; AVX-512
+builds add AVX512-BF16 where the CPU has it), and that capability is part of the
+extension's name, so a cache shared between different machines never hands one of
+them code it cannot run.
 
 If anything goes wrong (no compiler, no ninja, a build error) :func:`get` returns
 ``None``, the callers use the plain PyTorch path, and the reason is logged once
@@ -40,6 +41,18 @@ def disabled() -> bool:
     return os.environ.get("SPATIALATTN_DISABLE_CPP", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _cpu_has(flag: str) -> bool:
+    """True if Linux's ``/proc/cpuinfo`` lists ``flag`` for this CPU (False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return flag in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
 def _capability() -> str:
     try:
         import torch
@@ -61,27 +74,33 @@ def _build() -> Any:
     # exactly the float32 results rounded once, and results do not depend on how the
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
     flags = ["-O3", "-ffp-contract=off"]
+    variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])
-    name = f"spatialattn_sam_cpu_{cap.lower()}"
+        if cap == "AVX512" and _cpu_has("avx512_bf16"):
+            # hardware float32 -> bfloat16 rounding for the bfloat16 kernels: a build of its
+            # own (not every AVX-512 CPU has the instruction), tried first
+            variants.insert(0, ("AVX512_BF16", ["-mavx512bf16"]))
     # ATen's parallel_for is an inline template: without -fopenmp its pragmas are
     # ignored and every kernel runs on one thread. On Linux the extension then links
     # libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP
     # pool, shared thread count). Where OpenMP cannot be compiled, build without it.
-    attempts = [(["-fopenmp"], name + "_omp"), ([], name)] if sys.platform.startswith("linux") else [([], name)]
+    omps = [(["-fopenmp"], "_omp"), ([], "")] if sys.platform.startswith("linux") else [([], "")]
     error: Optional[BaseException] = None
-    for omp, ext_name in attempts:
-        try:
-            return cpp_extension.load(
-                name=ext_name,
-                sources=[str(_SRC)],
-                extra_cflags=flags + omp,
-                extra_ldflags=omp,
-                verbose=False,
-            )
-        except Exception as exc:  # e.g. a compiler without OpenMP: try the next option
-            error = exc
-            log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
+    for vcap, vflags in variants:
+        for omp, suffix in omps:
+            ext_name = f"spatialattn_sam_cpu_{vcap.lower()}{suffix}"
+            try:
+                return cpp_extension.load(
+                    name=ext_name,
+                    sources=[str(_SRC)],
+                    extra_cflags=flags + vflags + omp,
+                    extra_ldflags=omp,
+                    verbose=False,
+                )
+            except Exception as exc:  # e.g. a compiler without OpenMP or AVX512-BF16: try the next
+                error = exc
+                log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
     assert error is not None
     raise error
 
