@@ -130,7 +130,10 @@ def channel_pool(
 
 
 def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor] = None) -> Tensor:
-    """``(x * channel_gate) * spatial_gate``, gates cast to ``x.dtype``; saves only ``x`` and the gates.
+    """``(x * channel_gate) * spatial_gate`` in ``x.dtype``; saves only ``x`` and the gates.
+
+    The reference casts the gates to ``x.dtype``; the C++ kernels compute float16 / bfloat16
+    inputs in float32 and round the product once.
 
     Shapes: ``x`` ``[N, C, H, W]``, ``spatial_gate`` ``[N, 1, H, W]``, ``channel_gate``
     ``[N, C, 1, 1]`` or ``None`` (other broadcastable shapes take the PyTorch path).

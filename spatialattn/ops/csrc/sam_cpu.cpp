@@ -2,7 +2,8 @@
 //
 // Built on first use by spatialattn.ops._cpp (torch.utils.cpp_extension.load, with
 // -fopenmp: at::parallel_for is an inline template and runs on one thread without it).
-// float32 / float64, NCHW-contiguous or channels_last-contiguous inputs. Hot loops use
+// float32 / float64 / float16 / bfloat16 (half formats computed in float32, see "Storage and
+// compute types"), NCHW-contiguous or channels_last-contiguous inputs. Hot loops use
 // GCC/Clang vector extensions (64-byte vectors) so that they vectorise whatever the
 // compiler thinks of compares and selects; no -ffast-math (NaN must propagate). Threads
 // through at::parallel_for (torch's own OpenMP pool).
