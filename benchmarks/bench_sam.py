@@ -232,7 +232,7 @@ def main() -> None:
             eager_cbam_bn = torch.nn.BatchNorm2d(1).to(dev).train()
             mlp1 = (torch.randn(max(c // 16, 1), c, 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
             mlp2 = (torch.randn(c, max(c // 16, 1), 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
-            w_e = w.float().requires_grad_()
+            w_e = w.detach().to(torch.float32, copy=True).requires_grad_()  # never w itself (fp32)
 
             def eager_sam_bn(t):
                 p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)

@@ -50,7 +50,7 @@ __all__ = [
 
 _KINDS: dict = {}
 _HALF = (torch.float16, torch.bfloat16)
-_CPU_DTYPES = (torch.float32, torch.float64) + _HALF  # what the C++ kernels take
+_CPU_DTYPES = _lib._CPP_DTYPES  # what the C++ kernels take
 
 
 def is_exporting() -> bool:
