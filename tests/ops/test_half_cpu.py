@@ -55,11 +55,6 @@ def make(shape, layout, dtype, seed=0, ties=True):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.contiguous()
 
 
-def like(t, x):
-    return t.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-        memory_format=torch.channels_last) and not x.is_contiguous() else t.contiguous()
-
-
 def assert_rounded_once(half, full, dtype):
     assert half.dtype == dtype
     torch.testing.assert_close(half, full.to(dtype), rtol=0, atol=0, equal_nan=True)
@@ -91,7 +86,7 @@ def test_sam_equals_float32_rounded_once(m, stores, dtype, layout, shape, kinds,
         assert_equal(u, v)
     assert_rounded_once(y, yf, dtype)
     assert y.stride() == x.stride()
-    g = like(torch.randn(shape).to(dtype), x)
+    g = torch.randn_like(x)  # x's dtype and layout
     ga = torch.randn(shape[0], 1, shape[2], shape[3])
     for extra in (None, ga):
         r = m.sam_backward(g, extra, x, s, w, None, a, lg, p, kinds, 1, with_scale, True, True, False)
@@ -124,7 +119,7 @@ def test_pool_and_gate_equal_float32_rounded_once(m, stores, dtype, layout, shap
     assert_equal(gs, gsf)
     attn = torch.rand(shape[0], 1, shape[2], shape[3])
     assert_rounded_once(m.gate_forward(x, attn, s, None), m.gate_forward(x.float(), attn, s.float(), None), dtype)
-    g = like(torch.randn(shape).to(dtype), x)
+    g = torch.randn_like(x)  # x's dtype and layout
     got = m.gate_backward(g, x, attn, s, True, True, True)
     want = m.gate_backward(g.float(), x.float(), attn, s.float(), True, True, True)
     assert_rounded_once(got[0], want[0], dtype)
@@ -146,7 +141,7 @@ def test_global_pool_equals_float32_rounded_once(m, stores, dtype, layout, shape
     assert_rounded_once(m.global_pool_backward(grad, x, out, [1, 0]),
                         m.global_pool_backward(grad, x.float(), outf, [1, 0]), dtype)
     # added in place into a gradient of x's dtype and strides: one rounding of the sum
-    into = like(torch.randn(shape).to(dtype), x)
+    into = torch.randn_like(x)  # x's dtype and layout
     intof = into.float()
     got = m.global_pool_backward(grad, x, out, [1, 0], into, counts)
     assert got.data_ptr() == into.data_ptr()
@@ -165,7 +160,7 @@ def test_training_batchnorm_equals_float32_rounded_once(m, dtype, layout):
     assert_rounded_once(out[0], outf[0], dtype)
     for u, v in zip(out[1:], outf[1:]):
         assert_equal(u, v)
-    g = like(torch.randn(shape).to(dtype), x)
+    g = torch.randn_like(x)  # x's dtype and layout
     r = m.sam_backward_bn(g, None, x, s, w, gamma, *out[1:], 1e-5, [0, 1], 1, True, True, True, True)
     rf = m.sam_backward_bn(g.float(), None, x.float(), s.float(), w, gamma, *outf[1:], 1e-5, [0, 1], 1, True, True,
                            True, True)
