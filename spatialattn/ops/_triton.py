@@ -67,6 +67,15 @@ if _HAVE_TRITON:
         return (xv.to(tl.float32) * sv.to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
 
     @triton.jit
+    def _image_and_pixels(HW, BP: tl.constexpr):
+        """Image ``n`` (int64: ``n * sN`` can pass 2**31 elements) and pixels ``p`` of this
+        program, on a 1-D grid of ``N * cdiv(HW, BP)`` (CUDA caps grid axes 1 and 2 at 65535,
+        which the pixel tiles of a 2048 x 2048 map, or a batch of many RoIs, reach)."""
+        tiles = tl.cdiv(HW, BP)
+        pid = tl.program_id(0).to(tl.int64)
+        return pid // tiles, (pid % tiles).to(tl.int32) * BP + tl.arange(0, BP)
+
+    @triton.jit
     def _max_sum_nan(mx, sm, nan, v, m2, AXIS: tl.constexpr):
         """Running max, sum and NaN flag of a tile ``v`` (valid where ``m2``) along ``AXIS``."""
         mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=AXIS))
@@ -77,8 +86,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, sN, sC, sP, P, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
                      HAS_S: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        n = tl.program_id(0)
-        p = tl.program_id(1) * BP + tl.arange(0, BP)
+        n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         mx = tl.full([BP], float("-inf"), tl.float32)
         sm = tl.zeros([BP], tl.float32)
@@ -126,8 +134,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
                        HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        n = tl.program_id(0)
-        p = tl.program_id(1) * BP + tl.arange(0, BP)
+        n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         ga = tl.zeros([BP], tl.float32)
         cnt = tl.zeros([BP], tl.float32)
@@ -157,7 +164,7 @@ if _HAVE_TRITON:
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, C, HW, sN, sC, sP,
                       P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
                       HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         if HAS_S:
@@ -205,7 +212,7 @@ if _HAVE_TRITON:
     def _gpool_kernel(x_ptr, out_ptr, NC, C, HW, sN, sC, sP, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
                       BC: tl.constexpr, BP: tl.constexpr):
         # max / mean over the HW pixels of BC channels of image n; out: [P, N, C]
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         mx = tl.full([BC], float("-inf"), tl.float32)
@@ -230,7 +237,7 @@ if _HAVE_TRITON:
                                BP: tl.constexpr):
         # gx = fmean + [x == max] * gmax / (number of tied maxima), for BC channels of image n;
         # ACC: added to what gx holds (one read-modify-write, rounded once)
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         fa = tl.zeros([BC], tl.float32)
@@ -276,7 +283,7 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     i_max = kinds.index(0) if 0 in kinds else -1
     i_mean = kinds.index(1) if 1 in kinds else -1
     sN, sC, sP = _strides(x, cl)
-    grid = (n, triton.cdiv(hw, _BP))
+    grid = (n * triton.cdiv(hw, _BP),)
     _pool_kernel[grid](x, s if s is not None else x, out, c, hw, sN, sC, sP, len(kinds), I_MAX=i_max,
                        I_MEAN=i_mean, HAS_S=s is not None, BC=_BC, BP=_BP)
     for i, k in enumerate(kinds):
@@ -316,7 +323,7 @@ def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optio
     mxc = None if mx is None else mx.to(torch.float32).contiguous()
     if n * hw > 0:
         sN, sC, sP = _strides(x, cl)
-        grid = (n, triton.cdiv(hw, _BP))
+        grid = (n * triton.cdiv(hw, _BP),)
         _reduce_kernel[grid](x, s if s is not None else x, g if g is not None else x,
                              mxc if mxc is not None else x, ga if ga is not None else x,
                              cnt if cnt is not None else x, c, hw, sN, sC, sP, HAS_S=s is not None,

@@ -1,0 +1,330 @@
+"""The CUDA (Triton) path through the public API, against float64 references.
+
+Runs on a CUDA device. Without one, the same tests run on CPU tensors through Triton's
+interpreter when ``TRITON_INTERPRET=1`` and ``SPATIALATTN_TRITON_ON_CPU=1`` are set (the
+dispatch is then pointed at the Triton kernels): ``tests/ops/test_triton_interp.py`` does
+that in a subprocess, so this module's own code is exercised by the CPU suite too. Tests
+that need real hardware (CUDA grid limits, tensors over 2**31 elements, the benchmark) run
+on CUDA only.
+
+On CUDA, PyTorch's convs may use TF32 (``torch.backends.cudnn.allow_tf32``, on by default);
+the fused ops run their small-map conv through PyTorch and follow that setting as eager
+code does. These tests turn TF32 off to compare float32 at float32 precision.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spatialattn import ops
+from spatialattn.nn import CBAM, SpatialAttention
+from spatialattn.ops import _library as lib
+from spatialattn.ops import reference
+
+from ._autograd_graph import node_names
+
+pytest.importorskip("triton")
+
+if torch.cuda.is_available():
+    MODE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPATIALATTN_TRITON_ON_CPU") == "1":
+    MODE = "interp"
+else:
+    MODE = None
+pytestmark = pytest.mark.skipif(
+    MODE is None, reason="needs CUDA (or TRITON_INTERPRET=1 and SPATIALATTN_TRITON_ON_CPU=1)"
+)
+cuda_only = pytest.mark.skipif(MODE != "cuda", reason="needs a CUDA device")
+
+DEV = torch.device("cuda" if MODE == "cuda" else "cpu")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = list(TRITON_DTYPES)
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+# float64 reference: one rounding of the output on top of the inputs' (shared) rounding
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_backend():
+    """TF32 off (CUDA); on CPU, the dispatch pointed at the Triton kernels (interpreter)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if MODE == "cuda":
+            mp.setattr(torch.backends.cudnn, "allow_tf32", False)
+            mp.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        elif MODE == "interp":
+            def fast_device(x):
+                if x.dtype not in TRITON_DTYPES:
+                    return None
+                return "op" if torch.compiler.is_compiling() else "triton"
+
+            mp.setattr(ops, "_fast_device", fast_device)
+            mp.setattr(lib, "_cpp_ok", lambda x: False)
+            mp.setattr(lib, "_triton_ok", lambda x: x.dtype in TRITON_DTYPES)
+        yield
+
+
+def make_x(shape, layout, dtype, seed=0):
+    """``x`` on the test device, drawn on the CPU (the same values in both modes)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    if layout == "noncontig":
+        x = torch.randn(n, c, h, 2 * w, generator=g).to(dtype).to(DEV)[..., ::2]
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        return x
+    x = torch.randn(shape, generator=g).to(dtype).to(DEV)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def pow2_scale(n, c, dtype, seed=1):
+    """A channel scale of powers of two: ``x * s`` is exact in every dtype, so no rounding
+    (the interpreter's downcast truncates) can move a maximum or its ties."""
+    g = torch.Generator().manual_seed(seed)
+    return (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype).to(DEV)
+
+
+def f64(t):
+    return None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad)
+
+
+def close(got, want, dtype, what, scale_atol=False):
+    """``got`` (any device / dtype) against the float64 ``want``; ``scale_atol``: the error of a
+    sum over many terms, taken relative to the largest value of ``want``."""
+    assert got is not None and want is not None, what
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    tol = TOL[dtype]
+    atol = tol * max(1.0, float(want.abs().max())) if scale_atol and want.numel() else tol
+    torch.testing.assert_close(got, want, rtol=tol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def ref_sam(x, w, b, order, scale):
+    pooled = reference.channel_pool(x, order, scale)
+    attn = torch.sigmoid(F.conv2d(pooled, w, b, padding=w.shape[-1] // 2))
+    return reference.gate_multiply(x, attn, scale), attn
+
+
+def test_backend_is_triton():
+    for dtype in TRITON_DTYPES:
+        assert ops.backend(torch.zeros(1, 2, 3, 3, device=DEV, dtype=dtype)) == "triton"
+    assert ops.backend(torch.zeros(1, 2, 3, 3, device=DEV, dtype=torch.float64)) == "torch"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("order", [("max", "mean"), ("mean",)])
+def test_fused_sam_matches_float64_reference(dtype, layout, with_scale, order):
+    shape = (2, 19, 9, 11)  # C and H*W not multiples of the tiles
+    x = make_x(shape, layout, dtype).requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(1, len(order), 7, 7, generator=g) * 0.3).to(DEV).requires_grad_()
+    b = torch.randn(1, generator=g).to(DEV).requires_grad_()
+    s = pow2_scale(2, 19, dtype).requires_grad_() if with_scale else None
+    y, attn = ops.spatial_attention_fused(x, w, b, order=order, channel_scale=s, return_attention=True)
+    assert y.dtype == dtype and y.device.type == DEV.type and attn.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    gy = torch.randn(shape, generator=g).to(dtype).to(DEV)
+    inputs = [t for t in (x, w, b, s) if t is not None]
+    got = torch.autograd.grad(y, inputs, gy)
+
+    ref_in = [f64(t) for t in inputs]
+    x64, w64, b64 = ref_in[:3]
+    s64 = ref_in[3] if with_scale else None
+    y_ref, attn_ref = ref_sam(x64, w64, b64, order, s64)
+    want = torch.autograd.grad(y_ref, ref_in, f64(gy))
+    what = f"{dtype} {layout} scale={with_scale} {order}"
+    close(y, y_ref, dtype, f"y {what}")
+    close(attn, attn_ref, dtype, f"attention {what}")
+    for name, gg, ww in zip(("x", "weight", "bias", "scale"), got, want):
+        close(gg, ww, dtype, f"grad {name} {what}", scale_atol=name != "x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_spatial_attention_training_batchnorm(dtype, layout):
+    """``SpatialAttention`` in training mode (BatchNorm with batch statistics: the fused
+    ``GenericSamBatchNorm`` op) against a float64 copy: output, running statistics, grads."""
+    torch.manual_seed(3)
+    m = SpatialAttention(19).to(DEV).train()
+    m64 = copy.deepcopy(m).cpu().double()
+    x = make_x((3, 19, 8, 9), layout, dtype).requires_grad_()
+    assert ops.batchnorm_train_fusable(x, m.bn)
+    y = m(x)
+    assert "GenericSamBatchNormBackward" in node_names(y)
+    gy = torch.randn(y.shape).to(dtype).to(DEV)
+    y.backward(gy)
+    x64 = f64(x)
+    y64 = m64(x64)
+    y64.backward(f64(gy))
+    what = f"SpatialAttention train {dtype} {layout}"
+    close(y, y64, dtype, what)
+    close(m.bn.running_mean, m64.bn.running_mean, torch.float32, f"{what} running mean")
+    close(m.bn.running_var, m64.bn.running_var, torch.float32, f"{what} running var")
+    close(x.grad, x64.grad, dtype, f"{what} grad x")
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        close(p.grad, p64.grad, dtype, f"{what} grad {name}", scale_atol=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cbam_training_step(dtype, layout):
+    """CBAM in training: the channel gate's pooling gradient is added in place into the
+    SAM's (GradTap, the GlobalPool slot, the Triton ACC kernel). float32 against a float64
+    copy; half formats against the two ops run separately on the same device (both round
+    ``x * gate`` to the half format before the SAM pools it, which can move a maximum
+    against float64)."""
+    torch.manual_seed(4)
+    m = CBAM(19, reduction=4).to(DEV).train()
+    m_ref = copy.deepcopy(m)
+    x = make_x((2, 19, 9, 10), layout, dtype, seed=5).requires_grad_()
+    y = m(x)
+    assert {"GradTapBackward", "GlobalPoolBackward", "GenericSamBatchNormBackward"} <= node_names(y)
+    gy = torch.randn(y.shape).to(dtype).to(DEV)
+    y.backward(gy)
+    what = f"CBAM train {dtype} {layout}"
+    if dtype == torch.float32:
+        m_ref = m_ref.cpu().double()
+        x_ref = f64(x)
+        y_ref = m_ref(x_ref)
+        y_ref.backward(f64(gy))
+        loose = 1.0
+    else:
+        x_ref = x.detach().requires_grad_()
+        cg = m_ref.channel.channel_gate(x_ref)
+        y_ref = m_ref.spatial.attend(x_ref, channel_scale=cg.to(dtype))[0]
+        assert "GradTapBackward" not in node_names(y_ref)
+        y_ref.backward(gy)
+        loose = 2.0  # grad x: one rounding in place of two
+    close(y, y_ref, dtype, what)
+    torch.testing.assert_close(x.grad.cpu().double(), x_ref.grad.cpu().double(), rtol=TOL[dtype] * loose,
+                               atol=TOL[dtype] * loose, msg=lambda m_: f"{what} grad x: {m_}")
+    for (name, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
+        close(p.grad, p_ref.grad, dtype, f"{what} grad {name}", scale_atol=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_modules_under_autocast(dtype):
+    """A conv + SpatialAttention + CBAM model under autocast: half feature maps, float32
+    parameters; the attention runs on the Triton path and the gradients follow float32's."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), SpatialAttention(16), CBAM(16, reduction=4))
+    model = model.to(DEV).train()
+    model32 = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12).to(DEV)
+    with torch.autocast(DEV.type, dtype=dtype):
+        y = model(x)
+    assert y.dtype == dtype
+    assert "GenericSamBatchNormBackward" in node_names(y)
+    y.float().square().mean().backward()
+    model32(x).square().mean().backward()
+    for (name, p), p32 in zip(model.named_parameters(), model32.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, p32.grad, rtol=0.1, atol=0.1 * float(p32.grad.abs().max()) + 1e-6,
+                                   msg=lambda m_: f"{dtype} grad {name}: {m_}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(dtype):
+    x = torch.zeros(0, 8, 5, 5, dtype=dtype, device=DEV, requires_grad=True)
+    w = torch.randn(1, 2, 7, 7, device=DEV, requires_grad=True)
+    y = ops.spatial_attention_fused(x, w)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and float(w.grad.abs().sum()) == 0.0
+    assert ops.global_pool(x, ("mean", "max"), dtype=torch.float32).shape == (2, 0, 8)
+
+
+def test_max_ties_and_nan():
+    """Tied maxima share the max-pool gradient evenly (``amax``); NaN propagates through the max."""
+    x = torch.randint(-2, 3, (2, 19, 6, 7)).float().to(DEV).requires_grad_()  # many ties
+    gp = torch.randn(2, 2, 6, 7).to(DEV)
+    (gx,) = torch.autograd.grad(ops.channel_pool(x, ("max", "mean")), x, gp)
+    x64 = f64(x)
+    (want,) = torch.autograd.grad(reference.channel_pool(x64, ("max", "mean")), x64, f64(gp))
+    close(gx, want, torch.float32, "channel pool gradient at ties")
+    (gx,) = torch.autograd.grad(ops.global_pool(x, ("max", "mean")), x, torch.randn(2, 2, 19).to(DEV))
+    assert torch.isfinite(gx).all()
+    xn = torch.randn(1, 20, 3, 3).to(DEV)
+    xn[0, 17, 1, 2] = float("nan")
+    p = ops.channel_pool(xn, ("max", "mean"))
+    assert torch.isnan(p[0, :, 1, 2]).all() and not torch.isnan(p[0, :, 0, 0]).any()
+    g = ops.global_pool(xn, ("max", "mean"))
+    assert torch.isnan(g[:, 0, 17]).all() and not torch.isnan(g[:, 0, 16]).any()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_torch_compile_fullgraph(layout):
+    """One graph with the custom ops; equal to eager, forward and backward."""
+    torch._dynamo.reset()
+    x = make_x((2, 19, 9, 11), layout, torch.float32).requires_grad_()
+    w = (torch.randn(1, 2, 7, 7) * 0.3).to(DEV).requires_grad_()
+    s = pow2_scale(2, 19, torch.float32)
+
+    def f(x, w):
+        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=s)
+
+    y = torch.compile(f, fullgraph=True)(x, w)
+    y_eager = f(x, w)
+    close(y, y_eager, torch.float32, "compiled forward")
+    gy = torch.randn(y.shape).to(DEV)
+    got = torch.autograd.grad(y, (x, w), gy)
+    want = torch.autograd.grad(y_eager, (x, w), gy)
+    for name, gg, ww in zip(("x", "weight"), got, want):
+        close(gg, ww, torch.float32, f"compiled grad {name}", scale_atol=True)
+
+
+@cuda_only
+def test_many_pixel_tiles_and_images():
+    """More than 65535 pixel tiles (CUDA caps grid axes 1 and 2 there) and many small images
+    (a batch of RoI features)."""
+    for shape in [(1, 3, 2050, 2050), (70000, 3, 2, 2)]:
+        x = torch.randn(shape, device=DEV, requires_grad=True)
+        w = torch.randn(1, 2, 3, 3, device=DEV) * 0.3
+        y = ops.spatial_attention_fused(x, w)
+        gy = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, gy)
+        x64 = x.detach().double().requires_grad_()
+        y64, _ = ref_sam(x64, w.double(), None, ("max", "mean"), None)
+        (want,) = torch.autograd.grad(y64, x64, gy.double())
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_tensor_over_2_31_elements():
+    """Offsets past 2**31 elements (int64 image offsets in the Triton kernels): the last
+    image of a 2.7e9-element bfloat16 tensor, forward and backward."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip(f"needs 30 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    n, c, h, w = 5, 512, 1024, 1024
+    assert n * c * h * w > 2**31
+    x = torch.empty(n, c, h, w, dtype=torch.bfloat16, device=DEV)
+    torch.manual_seed(7)
+    x[-1].normal_()
+    x[:-1].fill_(1.0)
+    x.requires_grad_()
+    wt = torch.randn(1, 2, 7, 7, device=DEV) * 0.1
+    y = ops.spatial_attention_fused(x, wt)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    last = x.detach()[-1:].float().requires_grad_()
+    y_ref, _ = ref_sam(last, wt, None, ("max", "mean"), None)
+    (g_ref,) = torch.autograd.grad(y_ref, last, torch.ones_like(y_ref))
+    torch.testing.assert_close(y[-1:].float(), y_ref, rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(gx[-1:].float(), g_ref, rtol=1.6e-2, atol=1.6e-2 * float(g_ref.abs().max()))
+
+
+@cuda_only
+def test_benchmark_runs_on_cuda(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sam.py"
+    cmd = [sys.executable, str(script), "--device", "cuda", "--quick", "--no-compile", "--no-mem",
+           "--shapes", "2x32x16x16", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## fwd" in proc.stdout and list(tmp_path.glob("sam_cuda*.csv"))
