@@ -42,7 +42,8 @@ def available() -> bool:
 
 _BP = 64  # pixels per tile
 _BC = 16  # channels per tile
-_BLOCK = 1024  # elements per program (elementwise kernels)
+# gate multiply: (channels, pixels) per program, the contiguous axis long: 1024 elements
+_MUL_TILE = {False: (4, 256), True: (64, 16)}  # keyed by channels_last
 
 
 def _layout(x: Tensor) -> Tuple[Tensor, bool]:
@@ -110,26 +111,27 @@ if _HAVE_TRITON:
             tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
 
     @triton.jit
-    def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, total, C, HW, CL: tl.constexpr, HAS_S: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < total
-        if CL:
-            c = i % C
-            np_ = i // C  # n * HW + p
-            n = np_ // HW
-        else:
-            c = (i // HW) % C
-            n = i // (C * HW)
-            np_ = n * HW + i % HW
+    def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr, BC: tl.constexpr,
+                    BP: tl.constexpr):
+        # one [BC, BP] tile of (channels, pixels) of image n: the attention is loaded once per
+        # pixel and the scale once per channel, with no per-element integer division (64-bit
+        # division is a long instruction sequence on GPUs, in a kernel that should only move
+        # memory); BC / BP are chosen per layout so that the contiguous axis is the long one
+        n, p = _image_and_pixels(HW, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        pm = p < HW
+        cm = c < C
+        m2 = cm[:, None] & pm[None, :]
+        off = n * sN + c[:, None] * sC + p[None, :] * sP
         # products of two half-precision values are exact in float32, so computing in
         # float32 and rounding once equals the native half-precision product
         dt = y_ptr.dtype.element_ty
-        xv = tl.load(x_ptr + i, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
         if HAS_S:
-            xv = (xv * tl.load(s_ptr + n * C + c, mask=m, other=0.0).to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-        av = tl.load(a_ptr + np_, mask=m, other=0.0).to(dt).to(tl.float32)
-        tl.store(y_ptr + i, (xv * av).to(dt, fp_downcast_rounding="rtne"), mask=m)
+            sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+            xv = (xv * sv[:, None]).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(dt).to(tl.float32)
+        tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
     def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
@@ -301,9 +303,11 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
         return y
     s = _flat_scale(scale, x)
     a = attn.expand(n, 1, h, w).contiguous()
-    grid = (triton.cdiv(x.numel(), _BLOCK),)
-    _mul_kernel[grid](x, s if s is not None else x, a, y, x.numel(), c, h * w, CL=cl, HAS_S=s is not None,
-                      BLOCK=_BLOCK)
+    hw = h * w
+    sN, sC, sP = _strides(x, cl)
+    bc, bp = _MUL_TILE[cl]
+    grid = (n * triton.cdiv(hw, bp), triton.cdiv(c, bc))
+    _mul_kernel[grid](x, s if s is not None else x, a, y, c, hw, sN, sC, sP, HAS_S=s is not None, BC=bc, BP=bp)
     return y
 
 
