@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .ops._library import autocast_off
 
 __all__ = [
     "check_input",
@@ -196,7 +197,7 @@ def spatial_attention_map(
     k_h, k_w = weight.shape[-2:]
     acc = accumulate_dtype(x)
     pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         logits = F.conv2d(
             pooled,
             weight.to(acc),
@@ -265,7 +266,7 @@ def spatial_attention(
     if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
         # training-mode BatchNorm on the logits: one fused op with the batch statistics
         order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return ops.spatial_attention_fused_batchnorm(
                 x, weight, bias, norm, order=order, dilation=dilation, channel_scale=channel_scale,
                 return_attention=return_attention,
@@ -281,7 +282,7 @@ def spatial_attention(
     # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply)
     order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
     norm_scale, norm_shift = fused
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return ops.spatial_attention_fused(
             x, weight, bias, order=order, dilation=dilation, channel_scale=channel_scale,
             norm_scale=norm_scale, norm_shift=norm_shift, return_attention=return_attention,
@@ -335,7 +336,7 @@ def pointwise_spatial_attention(
         )
     groups = x.shape[1] // weight.shape[1]
     logits = F.conv2d(x, weight, bias, groups=groups)  # the C -> C conv follows autocast
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         logits = logits.to(accumulate_dtype(logits))
         logits = _apply_norm(norm, logits)
         attn = get_gate(gate)(logits)
@@ -390,7 +391,7 @@ def channel_gate_from_pooled(
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
     logits = None
-    with torch.autocast(device_type=pooled.device.type, enabled=False):
+    with autocast_off(pooled.device.type):
         w1, b1 = w1.to(acc), None if bias1 is None else bias1.to(acc)
         if w2 is not None:
             w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
@@ -459,7 +460,7 @@ def position_attention(
     """
     out_dtype = value.dtype
     acc = accumulate_dtype(query)
-    with torch.autocast(device_type=query.device.type, enabled=False):
+    with autocast_off(query.device.type):
         query, key, value = query.to(acc), key.to(acc), value.to(acc)
         out, attn = _position_attention(query, key, value, mode, scale, concat_weight)
     return out.to(out_dtype), attn
