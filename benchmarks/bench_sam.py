@@ -53,6 +53,11 @@ training modes run the float32 modules under ``torch.autocast`` instead (half fe
 float32 parameters: autocast training). Our op computes in float32 and rounds y / grad_x once;
 the eager formulas compute in the half format.
 
+``--device cuda``: the same table on a GPU (Triton kernels), with two larger shapes added
+(16x256x104x104, 16x128x208x208: beyond the L2 cache), each figure timed with CUDA events
+over a batch of queued calls (so that launch latency does not stand in for the copy), and
+``peak/|x|`` from the CUDA allocator.
+
 Results: printed, and written to ``benchmarks/results/sam_<device>.md`` / ``.csv``
 (``sam_<device>_<dtype>`` for half dtypes).
 """
@@ -69,6 +74,9 @@ from pathlib import Path
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 SHAPES = [(8, 256, 52, 52), (8, 512, 26, 26), (8, 128, 104, 104), (1, 1024, 13, 13)]
+# added on a GPU: tensors of 177-354 MB (float32), well beyond its L2 cache, where a copy runs
+# at memory bandwidth
+GPU_SHAPES = [(16, 256, 104, 104), (16, 128, 208, 208)]
 
 
 def _parse():
@@ -109,7 +117,7 @@ def main() -> None:
         return _mem_child(args, torch, F, SF, ops)
     rounds = args.rounds or (3 if args.quick else 5)
     use_compile = not (args.quick or args.no_compile)
-    shapes = SHAPES
+    shapes = SHAPES + (GPU_SHAPES if dev.type == "cuda" else [])
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
@@ -159,6 +167,21 @@ def main() -> None:
     def timeit(fn, iters):
         # the fastest of `iters` calls: on a shared machine a preempted thread stalls a
         # whole parallel region, and the minimum is the figure least hit by that
+        if dev.type == "cuda":
+            # throughput: `iters` calls queued between two events, per call, the fastest of
+            # three batches (a synchronisation per call would time the launch latency, which
+            # exceeds a copy of these tensors at GPU bandwidth)
+            fn()
+            best = float("inf")
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) / 1e3 / iters)
+            return best
         ts = []
         for _ in range(iters):
             sync()
@@ -355,6 +378,8 @@ def main() -> None:
                 break
     except OSError:
         pass
+    if dev.type == "cuda":
+        cpu = torch.cuda.get_device_name(dev)
     header = (f"device {dev.type} ({cpu}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
               f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
               f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
