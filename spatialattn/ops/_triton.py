@@ -77,11 +77,14 @@ if _HAVE_TRITON:
         return pid // tiles, (pid % tiles).to(tl.int32) * BP + tl.arange(0, BP)
 
     @triton.jit
-    def _max_sum_nan(mx, sm, nan, v, m2, AXIS: tl.constexpr):
-        """Running max, sum and NaN flag of a tile ``v`` (valid where ``m2``) along ``AXIS``."""
-        mx = tl.maximum(mx, tl.max(tl.where(m2, v, float("-inf")), axis=AXIS))
-        sm += tl.sum(tl.where(m2, v, 0.0), axis=AXIS)
-        nan = tl.maximum(nan, tl.max(tl.where(m2 & (v != v), 1, 0), axis=AXIS))
+    def _max_sum_nan(mx, sm, nan, v, m2):
+        """Element-wise running max, sum and NaN flag of tiles ``v`` (valid where ``m2``). The
+        loops accumulate whole tiles and reduce them once at the end: a reduction across the
+        tile in every iteration would exchange values between threads (shared memory and a
+        barrier on GPUs) once per tile instead of once per program."""
+        mx = tl.maximum(mx, tl.where(m2, v, float("-inf")))
+        sm += tl.where(m2, v, 0.0)
+        nan = tl.maximum(nan, tl.where(m2 & (v != v), 1, 0))
         return mx, sm, nan
 
     @triton.jit
@@ -89,9 +92,9 @@ if _HAVE_TRITON:
                      HAS_S: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
-        mx = tl.full([BP], float("-inf"), tl.float32)
-        sm = tl.zeros([BP], tl.float32)
-        nan = tl.zeros([BP], tl.int32)
+        mx = tl.full([BC, BP], float("-inf"), tl.float32)
+        sm = tl.zeros([BC, BP], tl.float32)
+        nan = tl.zeros([BC, BP], tl.int32)
         for c0 in range(0, C, BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
@@ -102,8 +105,9 @@ if _HAVE_TRITON:
                 v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
             else:
                 v = xv.to(tl.float32)
-            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2, 0)
-        mx = tl.where(nan > 0, float("nan"), mx)
+            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
+        mx = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0))
+        sm = tl.sum(sm, axis=0)
         base = out_ptr + n * P * HW + p
         if I_MAX >= 0:
             tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
@@ -138,8 +142,8 @@ if _HAVE_TRITON:
                        HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
-        ga = tl.zeros([BP], tl.float32)
-        cnt = tl.zeros([BP], tl.float32)
+        ga = tl.zeros([BC, BP], tl.float32)  # per-element partial sums, reduced after the loop
+        cnt = tl.zeros([BC, BP], tl.float32)
         if HAS_MAX:
             mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
         for c0 in range(0, C, BC):
@@ -154,13 +158,13 @@ if _HAVE_TRITON:
                 v = xv.to(tl.float32)
             if HAS_G:
                 gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
-                ga += tl.sum(gv * v, axis=0)
+                ga += gv * v
             if HAS_MAX:
-                cnt += tl.sum(tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0), axis=0)
+                cnt += tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0)
         if HAS_G:
-            tl.store(ga_ptr + n * HW + p, ga, mask=pm)
+            tl.store(ga_ptr + n * HW + p, tl.sum(ga, axis=0), mask=pm)
         if HAS_MAX:
-            tl.store(cnt_ptr + n * HW + p, cnt, mask=pm)
+            tl.store(cnt_ptr + n * HW + p, tl.sum(cnt, axis=0), mask=pm)
 
     @triton.jit
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, C, HW, sN, sC, sP,
@@ -171,7 +175,7 @@ if _HAVE_TRITON:
         cm = c < C
         if HAS_S:
             sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
-        gs = tl.zeros([BC], tl.float32)
+        gs = tl.zeros([BC, BP], tl.float32)  # reduced over the pixels after the loop
         p_start = tl.program_id(2) * P_PER_PROG
         for p0 in range(0, P_PER_PROG, BP):
             p = p_start + p0 + tl.arange(0, BP)
@@ -198,14 +202,14 @@ if _HAVE_TRITON:
             # the reference rounds grad_x' to x.dtype before the scale
             gxs = gxs.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
             if NEED_GS:
-                gs += tl.sum(tl.where(m2, gxs * xv.to(tl.float32), 0.0), axis=1)
+                gs += tl.where(m2, gxs * xv.to(tl.float32), 0.0)
             if HAS_S:
                 gx = gxs * sv[:, None].to(tl.float32)
             else:
                 gx = gxs
             tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
         if NEED_GS:
-            tl.atomic_add(gs_ptr + n * C + c, gs, mask=cm)
+            tl.atomic_add(gs_ptr + n * C + c, tl.sum(gs, axis=1), mask=cm)
 
 
 if _HAVE_TRITON:
@@ -217,15 +221,16 @@ if _HAVE_TRITON:
         n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
-        mx = tl.full([BC], float("-inf"), tl.float32)
-        sm = tl.zeros([BC], tl.float32)
-        nan = tl.zeros([BC], tl.int32)
+        mx = tl.full([BC, BP], float("-inf"), tl.float32)
+        sm = tl.zeros([BC, BP], tl.float32)
+        nan = tl.zeros([BC, BP], tl.int32)
         for p0 in range(0, HW, BP):
             p = p0 + tl.arange(0, BP)
             m2 = cm[:, None] & (p < HW)[None, :]
             v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
-            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2, 1)
-        mx = tl.where(nan > 0, float("nan"), mx)
+            mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
+        mx = tl.where(tl.max(nan, axis=1) > 0, float("nan"), tl.max(mx, axis=1))
+        sm = tl.sum(sm, axis=1)
         if I_MAX >= 0:
             tl.store(out_ptr + I_MAX * NC + n * C + c, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
                      mask=cm)
@@ -249,12 +254,13 @@ if _HAVE_TRITON:
         fm = tl.zeros([BC], tl.float32)
         if HAS_MAX:
             m = tl.load(mx_ptr + n * C + c, mask=cm, other=0.0)
-            cnt = tl.zeros([BC], tl.float32)
+            cnt2 = tl.zeros([BC, BP], tl.float32)
             for p0 in range(0, HW, BP):
                 p = p0 + tl.arange(0, BP)
                 m2 = cm[:, None] & (p < HW)[None, :]
                 v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
-                cnt += tl.sum(tl.where(m2 & (v == m[:, None]), 1.0, 0.0), axis=1)
+                cnt2 += tl.where(m2 & (v == m[:, None]), 1.0, 0.0)
+            cnt = tl.sum(cnt2, axis=1)
             fm = tl.load(gmax_ptr + n * C + c, mask=cm, other=0.0) / tl.where(cm, cnt, 1.0)
         for p0 in range(0, HW, BP):
             p = p0 + tl.arange(0, BP)
