@@ -165,8 +165,6 @@ def main() -> None:
     compiled_cbam = torch.compile(cbam_eager) if use_compile else None
 
     def timeit(fn, iters):
-        # the fastest of `iters` calls: on a shared machine a preempted thread stalls a
-        # whole parallel region, and the minimum is the figure least hit by that
         if dev.type == "cuda":
             # throughput: `iters` calls queued between two events, per call, the fastest of
             # three batches (a synchronisation per call would time the launch latency, which
@@ -182,6 +180,8 @@ def main() -> None:
                 end.synchronize()
                 best = min(best, start.elapsed_time(end) / 1e3 / iters)
             return best
+        # the fastest of `iters` calls: on a shared machine a preempted thread stalls a
+        # whole parallel region, and the minimum is the figure least hit by that
         ts = []
         for _ in range(iters):
             sync()

@@ -54,8 +54,8 @@ def _triton_ok(x: Tensor) -> bool:
 
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a no-op context
-    (entering and leaving an autocast context costs about 5 us, a visible share of an
-    attention layer on small maps)."""
+    (entering and leaving a disabled autocast context costs about 3.5 us, the check 0.6 us:
+    a visible share of an attention layer on small maps)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
