@@ -129,23 +129,27 @@ def _generic_multiply(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tenso
 
 
 def _generic_reduce(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int],
-                    acc: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(sum_c grad_y * x'  [N, 1, H, W] in acc, tie counts of the max or None)``."""
+                    acc: torch.dtype, need_gs: bool) -> Tuple[Tensor, Optional[Tuple]]:
+    """``(sum_c grad_y * x'  [N, 1, H, W] in acc, ties)``: ``ties`` (tie counts of the max and,
+    where the scale gradient is not wanted, the max channels) for :func:`_generic_gradx`, or None."""
     if _triton_ok(x):
         from . import _triton
 
-        ga_x, cnt = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0))
-        return ga_x.to(acc), cnt
+        max_index = scale is None or not need_gs
+        ga_x, cnt, ix = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0), max_index=max_index)
+        return ga_x.to(acc), (cnt, ix)
     return (grad_y * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=acc), None
 
 
 def _generic_gradx(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], attn: Tensor, pooled: Tensor, gp: Tensor,
-                   kinds: Sequence[int], cnt: Optional[Tensor], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps."""
+                   kinds: Sequence[int], ties: Optional[Tuple], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps (``ties``:
+    from :func:`_generic_reduce`)."""
     if _triton_ok(x):
         from . import _triton
 
-        return _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, need_gs)
+        cnt, ix = ties
+        return _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, need_gs, max_index=ix)
     xs = _scaled(x, scale)
     gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
     gx = gxs if scale is None else gxs * scale.to(x.dtype)
@@ -382,13 +386,13 @@ def sam_backward_op(
         return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
     # Generic path: the big passes through Triton / PyTorch, the small maps through autograd.
     acc = attn.dtype
-    dA, cnt = _generic_reduce(grad_y, x, scale, pooled, kinds, acc)
+    dA, ties = _generic_reduce(grad_y, x, scale, pooled, kinds, acc, True)
     if grad_attn is not None:
         dA = dA + grad_attn.to(acc)
     gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
     gns = empty() if gns is None else gns
     gnsh = empty() if gnsh is None else gnsh
-    gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, True)
+    gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, kinds, ties, True)
     gs = empty() if gs is None else gs.to(scale.dtype)
     return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
 
@@ -605,7 +609,8 @@ class GenericSamBatchNorm(torch.autograd.Function):
         grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need = ctx.needs_input_grad
         acc = attn.dtype
-        dA, cnt = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc)
+        need_gs = scale is not None and need[3]
+        dA, ties = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc, need_gs)
         if grad_attn is not None:
             dA = dA + grad_attn.to(acc)
         # BatchNorm backward with the batch statistics, in float64 (as the C++ op)
@@ -617,7 +622,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
         gm = 1.0 if bn_weight is None else bn_weight.double().reshape(())
         dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
         gp, gw = _conv_backward(dl.to(acc), pooled, weight, ctx.dilation)
-        gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, ctx.kinds, cnt, scale is not None and need[3])
+        gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, ctx.kinds, ties, need_gs)
         return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 

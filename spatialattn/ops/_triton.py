@@ -138,12 +138,14 @@ if _HAVE_TRITON:
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
-    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
-                       HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
+                       HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, BC: tl.constexpr,
+                       BP: tl.constexpr):
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         ga = tl.zeros([BC, BP], tl.float32)  # per-element partial sums, reduced after the loop
         cnt = tl.zeros([BC, BP], tl.float32)
+        ix = tl.full([BC, BP], -1, tl.int32)  # HAS_IX: the last channel holding the max
         if HAS_MAX:
             mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
         for c0 in range(0, C, BC):
@@ -160,16 +162,25 @@ if _HAVE_TRITON:
                 gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
                 ga += gv * v
             if HAS_MAX:
-                cnt += tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0)
+                hit = m2 & (v == mxv[None, :])
+                cnt += tl.where(hit, 1.0, 0.0)
+                if HAS_IX:
+                    ix = tl.maximum(ix, tl.where(hit, c[:, None], -1))
         if HAS_G:
             tl.store(ga_ptr + n * HW + p, tl.sum(ga, axis=0), mask=pm)
         if HAS_MAX:
             tl.store(cnt_ptr + n * HW + p, tl.sum(cnt, axis=0), mask=pm)
+        if HAS_IX:
+            tl.store(ix_ptr + n * HW + p, tl.max(ix, axis=0), mask=pm)
 
     @triton.jit
-    def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, C, HW, sN, sC, sP,
-                      P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
-                      HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, cnt_ptr, ix_ptr, C,
+                      HW, sN, sC, sP, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
+                      HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, BC: tl.constexpr,
+                      BP: tl.constexpr):
+        # USE_IX (no scale gradient): pixel tiles without tied maxima take the max channel from
+        # pass A's index map and do not read x at all; tiles with ties compare x' with the max
+        # (amax semantics: tied channels share the gradient)
         n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
@@ -182,20 +193,33 @@ if _HAVE_TRITON:
             pm = p < HW
             m2 = cm[:, None] & pm[None, :]
             off = n * sN + c[:, None] * sC + p[None, :] * sP
-            xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+            if NEED_GS or (HAS_MAX and not USE_IX):
+                xv = tl.load(x_ptr + off, mask=m2, other=0.0)
             gxs = tl.zeros([BC, BP], tl.float32)
             if HAS_G:
                 gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
                 av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
                 gxs += gv * av[None, :]
             if HAS_MAX:
-                if HAS_S:
-                    v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
-                else:
-                    v = xv.to(tl.float32)
                 mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
                 fm = tl.load(fmax_ptr + n * HW + p, mask=pm, other=0.0)
-                gxs += tl.where(v == mxv[None, :], 1.0, 0.0) * fm[None, :]
+                if USE_IX:
+                    if tl.max(tl.load(cnt_ptr + n * HW + p, mask=pm, other=0.0), axis=0) <= 1.0:
+                        hit = c[:, None] == tl.load(ix_ptr + n * HW + p, mask=pm, other=-1)[None, :]
+                    else:
+                        xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+                        if HAS_S:
+                            v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
+                        else:
+                            v = xv.to(tl.float32)
+                        hit = v == mxv[None, :]
+                else:
+                    if HAS_S:
+                        v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
+                    else:
+                        v = xv.to(tl.float32)
+                    hit = v == mxv[None, :]
+                gxs += tl.where(hit, 1.0, 0.0) * fm[None, :]
             if HAS_MEAN:
                 fa = tl.load(fmean_ptr + n * HW + p, mask=pm, other=0.0)
                 gxs += fa[None, :]
@@ -321,8 +345,10 @@ def _grad_like(grad: Tensor, x: Tensor, cl: bool) -> Tensor:
     return grad.to(x.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor]):
-    """``(sum_c grad * x'  [N, 1, H, W] float32 or None, tie counts [N, 1, H, W] or None)``."""
+def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor], max_index: bool = False):
+    """``(sum_c grad * x'  [N, 1, H, W] float32 or None, tie counts [N, 1, H, W] or None, max
+    channel [N, 1, H, W] int32 or None)``; the max channel (the last one where ``x' == mx``,
+    -1 if none) with ``max_index`` and ``mx``, for :func:`gradx` to skip reading ``x``."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     hw = h * w
@@ -331,16 +357,18 @@ def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optio
     ga = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if g is not None else None
     cnt = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if mx is not None else None
     mxc = None if mx is None else mx.to(torch.float32).contiguous()
+    ix = torch.empty((n, 1, h, w), dtype=torch.int32, device=x.device) if mx is not None and max_index else None
     if n * hw > 0:
         sN, sC, sP = _strides(x, cl)
         grid = (n * triton.cdiv(hw, _BP),)
         _reduce_kernel[grid](x, s if s is not None else x, g if g is not None else x,
                              mxc if mxc is not None else x, ga if ga is not None else x,
-                             cnt if cnt is not None else x, c, hw, sN, sC, sP, HAS_S=s is not None,
-                             HAS_G=g is not None, HAS_MAX=mx is not None, BC=_BC, BP=_BP)
+                             cnt if cnt is not None else x, ix if ix is not None else x, c, hw, sN, sC, sP,
+                             HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
+                             HAS_IX=ix is not None, BC=_BC, BP=_BP)
     elif ga is not None:
         ga.zero_()
-    return ga, cnt
+    return ga, cnt, ix
 
 
 def _kind_sum(t: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
@@ -353,8 +381,10 @@ def _kind_sum(t: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
 
 def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Optional[Tensor],
           pooled: Optional[Tensor], gpooled: Optional[Tensor], kinds: Sequence[int], cnt: Optional[Tensor],
-          need_gs: bool = True):
-    """``(grad_x, grad_scale [N, C, 1, 1] float32 or None)``; ``gpooled`` is the gradient of the pooled maps."""
+          need_gs: bool = True, max_index: Optional[Tensor] = None):
+    """``(grad_x, grad_scale [N, C, 1, 1] float32 or None)``; ``gpooled`` is the gradient of the pooled maps;
+    ``max_index``: :func:`reduce`'s max channels (then ``x`` is read only where maxima tie, unless
+    the scale gradient needs it)."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     hw = h * w
@@ -372,6 +402,7 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
     gx = torch.empty_like(x)
     need_gs = need_gs and s is not None
     gs = torch.zeros((n, c), dtype=torch.float32, device=x.device) if need_gs else None
+    use_ix = max_index is not None and mx is not None and not need_gs
     if x.numel() > 0:
         sN, sC, sP = _strides(x, cl)
         split = max(1, min(triton.cdiv(hw, _BP), 8))
@@ -381,21 +412,22 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
         _gradx_kernel[grid](x, s if s is not None else dummy, g if g is not None else dummy,
                             a if a is not None else dummy, mx if mx is not None else dummy,
                             fmax if fmax is not None else dummy, fmean if fmean is not None else dummy,
-                            gx, gs if gs is not None else dummy, c, hw, sN, sC, sP, per_prog,
+                            gx, gs if gs is not None else dummy, cnt if use_ix else dummy,
+                            max_index if use_ix else dummy, c, hw, sN, sC, sP, per_prog,
                             HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
-                            HAS_MEAN=fmean is not None, NEED_GS=need_gs, BC=_BC, BP=_BP)
+                            HAS_MEAN=fmean is not None, NEED_GS=need_gs, USE_IX=use_ix, BC=_BC, BP=_BP)
     return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
 
 
 def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):
     kinds = list(kinds)
     mx = pooled[:, kinds.index(0) : kinds.index(0) + 1] if 0 in kinds else None
-    _, cnt = reduce(None, x, scale, mx)
-    return gradx(None, x, scale, None, pooled, grad, kinds, cnt)
+    _, cnt, ix = reduce(None, x, scale, mx, max_index=scale is None)
+    return gradx(None, x, scale, None, pooled, grad, kinds, cnt, max_index=ix)
 
 
 def gate_backward(grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]):
-    ga, _ = reduce(grad, x, scale, None)
+    ga, _, _ = reduce(grad, x, scale, None)
     gx, gs = gradx(grad, x, scale, attn, None, None, [], None)
     return gx, ga, gs
 
