@@ -8,8 +8,9 @@ exactly as the reference does; reductions accumulate in float32.
 * :func:`pool_forward` -- max / mean over channels (NaN propagates: ``tl.max``
   drops NaN, so a NaN flag is reduced alongside and restores it);
 * :func:`gate_forward` -- ``(x * scale) * attn``;
-* :func:`reduce` -- backward pass A: ``sum_c grad * x'`` and the max-tie counts;
-* :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale``;
+* :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
+* :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
+  no maxima tie and no scale gradient is wanted);
 * :func:`pool_backward` / :func:`gate_backward` -- built from the two passes;
 * :func:`global_pool_forward` / :func:`global_pool_backward` -- CBAM's channel-gate
   pooling (max / mean over ``H, W``) in one read, and its gradient (tie counts, then
