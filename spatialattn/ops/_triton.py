@@ -175,6 +175,15 @@ if _HAVE_TRITON:
             tl.store(ix_ptr + n * HW + p, tl.max(ix, axis=0), mask=pm)
 
     @triton.jit
+    def _is_max(xv, sv, mxv, HAS_S: tl.constexpr):
+        """Where ``x'`` (``x * s`` rounded as the pooling rounded it) equals the pooled max ``mxv``."""
+        if HAS_S:
+            v = _scaled(xv, sv[:, None], xv.dtype)
+        else:
+            v = xv.to(tl.float32)
+        return v == mxv[None, :]
+
+    @triton.jit
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, cnt_ptr, ix_ptr, C,
                       HW, sN, sC, sP, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
                       HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, BC: tl.constexpr,
@@ -187,6 +196,8 @@ if _HAVE_TRITON:
         cm = c < C
         if HAS_S:
             sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+        else:
+            sv = tl.full([BC], 1.0, tl.float32)  # unused
         gs = tl.zeros([BC, BP], tl.float32)  # reduced over the pixels after the loop
         p_start = tl.program_id(2) * P_PER_PROG
         for p0 in range(0, P_PER_PROG, BP):
@@ -208,18 +219,9 @@ if _HAVE_TRITON:
                     if tl.max(tl.load(cnt_ptr + n * HW + p, mask=pm, other=0.0), axis=0) <= 1.0:
                         hit = c[:, None] == tl.load(ix_ptr + n * HW + p, mask=pm, other=-1)[None, :]
                     else:
-                        xv = tl.load(x_ptr + off, mask=m2, other=0.0)
-                        if HAS_S:
-                            v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
-                        else:
-                            v = xv.to(tl.float32)
-                        hit = v == mxv[None, :]
+                        hit = _is_max(tl.load(x_ptr + off, mask=m2, other=0.0), sv, mxv, HAS_S)
                 else:
-                    if HAS_S:
-                        v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
-                    else:
-                        v = xv.to(tl.float32)
-                    hit = v == mxv[None, :]
+                    hit = _is_max(xv, sv, mxv, HAS_S)
                 gxs += tl.where(hit, 1.0, 0.0) * fm[None, :]
             if HAS_MEAN:
                 fa = tl.load(fmean_ptr + n * HW + p, mask=pm, other=0.0)
