@@ -398,6 +398,37 @@ def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, b
         cpp_module.set_band_rows(0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_nchw_pooling_eight_channels_per_sweep(cpp_module, dtype, with_scale):
+    # Where the accumulator rows exceed 16 KiB (here 2115 float32 pixels: 16.9 KB) the NCHW
+    # pooling takes eight channels per sweep, each half the four-channel step: the same
+    # bits as four per sweep (threshold raised), in the pooled maps and the whole SAM, and
+    # the reference's values. 23 channels: two eight-sweeps, one four-sweep, two single ones;
+    # 2115 pixels: a 3-pixel vector tail. Also forced (threshold 0) on a small map.
+    for shape in [(2, 23, 47, 45), (1, 12, 3, 5)]:
+        x = make_x(shape, "nchw", torch.float32, seed=3).to(dtype)
+        c = shape[1]
+        x[0, c - 3, 1, 1] = x[0, 3, 1, 1] = x[0, :, 1, 1].max() + 1  # tied maxima across the sweeps
+        x[-1, c - 6, 2, 0] = float("nan")
+        s = (torch.rand(shape[0], shape[1], 1, 1) + 0.5).to(dtype) if with_scale else None
+        w = torch.randn(1, 2, 7, 7).to(ops._lib._acc(x))
+        wide = 16384 if shape[2] * shape[3] > 2048 else 0
+        outs = {}
+        try:
+            for name, limit in (("wide", wide), ("narrow", 1 << 62)):
+                cpp_module.set_pool_wide_bytes(limit)
+                outs[name] = (cpp_module.pool_forward(x, s, [0, 1]),
+                              *cpp_module.sam_forward(x, w, None, s, None, None, [1, 0], 1, None))
+        finally:
+            cpp_module.set_pool_wide_bytes(-1)
+        for a, b in zip(outs["wide"], outs["narrow"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        acc = ops._lib._acc(x)
+        ref = reference.channel_pool(x.to(acc), ("max", "mean"), None if s is None else s.to(acc), acc)
+        torch.testing.assert_close(outs["wide"][0], ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_row_band_rule(cpp_module):
     # channels_last: bands of ~384 KiB whatever the image size; NCHW: whole images while an
     # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag.

@@ -349,6 +349,9 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 }
 
 // ---------------------------------------------------------------- pooling
+// NCHW pooling: eight channels per sweep where the accumulators exceed this (see pool_chunk;
+// adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
+int64_t kPoolWideBytes = 16384;
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
 // `len` consecutive pixels starting at x. Four channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
@@ -366,6 +369,31 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     }
   }
   int64_t c = 1;
+  if (len * int64_t(2 * sizeof(T)) > kPoolWideBytes) {
+    // Eight channels per sweep where the two accumulator rows exceed half of a 32 KiB L1:
+    // they then travel to L2 and back every sweep, and eight channels halve that. Each
+    // half of the sweep is the four-channel step below, so the results are the same bits.
+    for (; c + 8 <= C; c += 8) {
+      const X* r = x + c * HW;
+      T sc[8];
+      for (int j = 0; j < 8; ++j) sc[j] = s ? s[c + j] : T(1);
+      int64_t i = 0;
+      for (; i + L <= len; i += L) {
+        V v[8];
+        for (int j = 0; j < 8; ++j) v[j] = vld(r + j * HW + i) * sc[j];
+        V m = vmax(vmax(vload(mp + i), v[0]), vmax(vmax(v[1], v[2]), v[3]));
+        vstore(mp + i, vmax(vmax(m, v[4]), vmax(vmax(v[5], v[6]), v[7])));
+        vstore(sp + i, vload(sp + i) + v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]);
+      }
+      for (; i < len; ++i) {
+        T v[8];
+        for (int j = 0; j < 8; ++j) v[j] = T(r[j * HW + i]) * sc[j];
+        const T m = vmax(vmax(mp[i], v[0]), vmax(vmax(v[1], v[2]), v[3]));
+        mp[i] = vmax(vmax(m, v[4]), vmax(vmax(v[5], v[6]), v[7]));
+        sp[i] = sp[i] + v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
+      }
+    }
+  }
   for (; c + 4 <= C; c += 4) {
     const X* r0 = x + c * HW;
     const X* r1 = r0 + HW;
@@ -2318,6 +2346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
   m.def("set_whole_image_bytes", [](int64_t b) { kWholeImageBytes = b; });
+  m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? 16384 : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
 }
