@@ -353,7 +353,7 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 // adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
 int64_t kPoolWideBytes = 16384;
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
-// `len` consecutive pixels starting at x. Four channels per sweep over the
+// `len` consecutive pixels starting at x. Four (or eight) channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
 // mp / sp: max and mean out (the mean divides like torch: sum / C).
 template <typename T, typename X>
@@ -368,6 +368,11 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       sp[i] = v;
     }
   }
+  // one four-channel step on a vector or a scalar: max and sum updated in channel order
+  auto step4 = [](auto& m, auto& a, auto v0, auto v1, auto v2, auto v3) {
+    m = vmax(vmax(m, v0), vmax(vmax(v1, v2), v3));
+    a = a + v0 + v1 + v2 + v3;
+  };
   int64_t c = 1;
   if (len * int64_t(2 * sizeof(T)) > kPoolWideBytes) {
     // Eight channels per sweep where the two accumulator rows exceed half of a 32 KiB L1:
@@ -381,16 +386,17 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       for (; i + L <= len; i += L) {
         V v[8];
         for (int j = 0; j < 8; ++j) v[j] = vld(r + j * HW + i) * sc[j];
-        V m = vmax(vmax(vload(mp + i), v[0]), vmax(vmax(v[1], v[2]), v[3]));
-        vstore(mp + i, vmax(vmax(m, v[4]), vmax(vmax(v[5], v[6]), v[7])));
-        vstore(sp + i, vload(sp + i) + v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]);
+        V m = vload(mp + i), a = vload(sp + i);
+        step4(m, a, v[0], v[1], v[2], v[3]);
+        step4(m, a, v[4], v[5], v[6], v[7]);
+        vstore(mp + i, m);
+        vstore(sp + i, a);
       }
       for (; i < len; ++i) {
         T v[8];
         for (int j = 0; j < 8; ++j) v[j] = T(r[j * HW + i]) * sc[j];
-        const T m = vmax(vmax(mp[i], v[0]), vmax(vmax(v[1], v[2]), v[3]));
-        mp[i] = vmax(vmax(m, v[4]), vmax(vmax(v[5], v[6]), v[7]));
-        sp[i] = sp[i] + v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
+        step4(mp[i], sp[i], v[0], v[1], v[2], v[3]);
+        step4(mp[i], sp[i], v[4], v[5], v[6], v[7]);
       }
     }
   }
@@ -402,15 +408,12 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
     int64_t i = 0;
     for (; i + L <= len; i += L) {
-      const V v0 = vld(r0 + i) * s0, v1 = vld(r1 + i) * s1, v2 = vld(r2 + i) * s2, v3 = vld(r3 + i) * s3;
-      vstore(mp + i, vmax(vmax(vload(mp + i), v0), vmax(vmax(v1, v2), v3)));
-      vstore(sp + i, vload(sp + i) + v0 + v1 + v2 + v3);
+      V m = vload(mp + i), a = vload(sp + i);
+      step4(m, a, vld(r0 + i) * s0, vld(r1 + i) * s1, vld(r2 + i) * s2, vld(r3 + i) * s3);
+      vstore(mp + i, m);
+      vstore(sp + i, a);
     }
-    for (; i < len; ++i) {
-      const T v0 = T(r0[i]) * s0, v1 = T(r1[i]) * s1, v2 = T(r2[i]) * s2, v3 = T(r3[i]) * s3;
-      mp[i] = vmax(vmax(mp[i], v0), vmax(vmax(v1, v2), v3));
-      sp[i] = sp[i] + v0 + v1 + v2 + v3;
-    }
+    for (; i < len; ++i) step4(mp[i], sp[i], T(r0[i]) * s0, T(r1[i]) * s1, T(r2[i]) * s2, T(r3[i]) * s3);
   }
   for (; c < C; ++c) {
     const X* row = x + c * HW;
