@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spatialattn import ops
 from spatialattn.nn import CBAM, SpatialAttention
@@ -29,6 +28,7 @@ from spatialattn.ops import _library as lib
 from spatialattn.ops import reference
 
 from ._autograd_graph import node_names
+from ._sam_reference import ref_sam
 
 pytest.importorskip("triton")
 
@@ -103,12 +103,6 @@ def close(got, want, dtype, what, scale_atol=False):
     torch.testing.assert_close(got, want, rtol=tol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def ref_sam(x, w, b, order, scale):
-    pooled = reference.channel_pool(x, order, scale)
-    attn = torch.sigmoid(F.conv2d(pooled, w, b, padding=w.shape[-1] // 2))
-    return reference.gate_multiply(x, attn, scale), attn
-
-
 def test_backend_is_triton():
     for dtype in TRITON_DTYPES:
         assert ops.backend(torch.zeros(1, 2, 3, 3, device=DEV, dtype=dtype)) == "triton"
@@ -136,7 +130,7 @@ def test_fused_sam_matches_float64_reference(dtype, layout, with_scale, order):
     ref_in = [f64(t) for t in inputs]
     x64, w64, b64 = ref_in[:3]
     s64 = ref_in[3] if with_scale else None
-    y_ref, attn_ref = ref_sam(x64, w64, b64, order, s64)
+    y_ref, attn_ref = ref_sam(x64, w64, b64, order, 1, s64)
     want = torch.autograd.grad(y_ref, ref_in, f64(gy))
     what = f"{dtype} {layout} scale={with_scale} {order}"
     close(y, y_ref, dtype, f"y {what}")
@@ -292,7 +286,7 @@ def test_many_pixel_tiles_and_images():
         gy = torch.randn_like(y)
         (gx,) = torch.autograd.grad(y, x, gy)
         x64 = x.detach().double().requires_grad_()
-        y64, _ = ref_sam(x64, w.double(), None, ("max", "mean"), None)
+        y64, _ = ref_sam(x64, w.double(), None, ("max", "mean"), 1, None)
         (want,) = torch.autograd.grad(y64, x64, gy.double())
         torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gx.double(), want, rtol=1e-5, atol=1e-5)
@@ -316,7 +310,7 @@ def test_tensor_over_2_31_elements():
     y = ops.spatial_attention_fused(x, wt)
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     last = x.detach()[-1:].float().requires_grad_()
-    y_ref, _ = ref_sam(last, wt, None, ("max", "mean"), None)
+    y_ref, _ = ref_sam(last, wt, None, ("max", "mean"), 1, None)
     (g_ref,) = torch.autograd.grad(y_ref, last, torch.ones_like(y_ref))
     torch.testing.assert_close(y[-1:].float(), y_ref, rtol=1.6e-2, atol=1.6e-2)
     torch.testing.assert_close(gx[-1:].float(), g_ref, rtol=1.6e-2, atol=1.6e-2 * float(g_ref.abs().max()))

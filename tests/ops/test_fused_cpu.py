@@ -12,6 +12,7 @@ from spatialattn.ops import _cpp, reference
 from spatialattn.ops import _library as lib
 
 from ._autograd_graph import node_names
+from ._sam_reference import ref_sam
 
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
 
@@ -33,17 +34,6 @@ def make_x(shape, layout, dtype=torch.float32, seed=0):
         return x
     x = torch.randn(shape, generator=g, dtype=dtype)
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
-
-
-def ref_sam(x, w, b, order, dilation, scale, ns=None, nsh=None):
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    pooled = reference.channel_pool(x, order, scale, acc)
-    k = w.shape[-1]
-    logits = F.conv2d(pooled, w.to(acc), None if b is None else b.to(acc), padding=dilation * (k // 2), dilation=dilation)
-    if ns is not None:
-        logits = logits * ns + nsh
-    attn = torch.sigmoid(logits)
-    return reference.gate_multiply(x, attn, scale), attn
 
 
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}

@@ -351,7 +351,8 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 // ---------------------------------------------------------------- pooling
 // NCHW pooling: eight channels per sweep where the accumulators exceed this (see pool_chunk;
 // adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
-int64_t kPoolWideBytes = 16384;
+constexpr int64_t kPoolWideDefault = 16384;
+int64_t kPoolWideBytes = kPoolWideDefault;
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
 // `len` consecutive pixels starting at x. Four (or eight) channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
@@ -2349,7 +2350,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
   m.def("set_whole_image_bytes", [](int64_t b) { kWholeImageBytes = b; });
-  m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? 16384 : b; });
+  m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
 }
