@@ -77,6 +77,66 @@ def test_fused_norm_dilation_kernel3(layout):
     assert ops.batchnorm_affine(torch.nn.BatchNorm2d(1).train()) is None
 
 
+def _affine_reference(bn):
+    inv = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+    scale = bn.weight.double() * inv
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def test_batchnorm_affine_cache_follows_every_change():
+    # without autograd the pair is cached on the module; each way of changing the norm
+    # must show in the next call
+    bn = torch.nn.BatchNorm2d(1).eval()
+
+    def check():
+        with torch.no_grad():
+            ns, nsh = ops.batchnorm_affine(bn)
+        rs, rsh = _affine_reference(bn)
+        torch.testing.assert_close(ns.double(), rs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(nsh.double(), rsh, rtol=1e-6, atol=1e-7)
+        return ns, nsh
+
+    with torch.no_grad():
+        first = ops.batchnorm_affine(bn)
+        assert ops.batchnorm_affine(bn)[0] is first[0]  # cached
+        bn.running_mean.fill_(0.3)  # in place (version counter)
+    check()
+    with torch.no_grad():
+        bn.running_var.mul_(4.0)
+        bn.weight.fill_(1.5)
+        bn.bias.add_(-0.2)
+    check()
+    bn.load_state_dict({k: v * 0.5 + 0.1 for k, v in bn.state_dict().items() if v.is_floating_point()}, strict=False)
+    check()
+    bn.running_var = torch.full((1,), 9.0)  # a new tensor object
+    check()
+    bn.eps = 0.5
+    check()
+    bn.double()  # same parameter objects, new storage
+    ns, _ = check()
+    assert ns.dtype == torch.float64
+    with torch.no_grad():
+        stale = ops.batchnorm_affine(bn)[0]
+        stale.add_(1.0)  # a caller writing into the returned pair invalidates it
+    check()
+    # with autograd the pair is computed afresh and carries the gradient to gamma / beta
+    ns, nsh = ops.batchnorm_affine(bn)
+    assert ns.requires_grad and nsh.requires_grad
+    (ns + nsh).sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_batchnorm_affine_of_inference_tensors():
+    with torch.inference_mode():  # inference tensors have no version counter: no cache
+        bn = torch.nn.BatchNorm2d(1).eval()
+        bn.running_mean.fill_(0.25)
+        ns, nsh = ops.batchnorm_affine(bn)
+        rs, rsh = _affine_reference(bn)
+        torch.testing.assert_close(nsh.double(), rsh)
+        bn.running_mean.fill_(-1.0)
+        torch.testing.assert_close(ops.batchnorm_affine(bn)[1].double(), _affine_reference(bn)[1])
+
+
 @pytest.mark.parametrize("shape", [(0, 8, 5, 5), (2, 8, 1, 1), (2, 8, 1, 9), (1, 1, 4, 4)])
 def test_edge_shapes(shape):
     x = torch.randn(shape)
