@@ -72,3 +72,21 @@ def test_onnx_dynamo_exporter(tmp_path, kind, opset):
     path = tmp_path / f"{kind}.onnx"
     _export(model, path, dynamo=True, opset=opset)
     _check_graph_and_run(model, path)
+
+
+@pytest.mark.parametrize("kind", ["sam", "cbam"])
+def test_jit_trace_records_torch_ops(kind):
+    # The TorchScript tracer records torch operators only: while it runs, the modules take
+    # the plain decomposition (the C++ kernels would run untraced and leave uninitialised
+    # outputs in the graph), and the eval BatchNorm's affine pair is computed, not taken
+    # from the inference cache (a call before the trace fills it).
+    torch.manual_seed(0)
+    model = Net(kind).eval()
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        model(x)
+        traced = torch.jit.trace(model, x)
+        x2 = torch.randn(2, 3, 12, 10)
+        torch.testing.assert_close(traced(x2), model(x2), rtol=1e-5, atol=1e-6)
+        model.attn.spatial.bn.running_mean.fill_(0.7) if kind == "cbam" else model.attn.bn.running_mean.fill_(0.7)
+        torch.testing.assert_close(traced(x2), model(x2), rtol=1e-5, atol=1e-6)

@@ -112,6 +112,8 @@ def test_batchnorm_affine_cache_follows_every_change():
     check()
     bn.eps = 0.5
     check()
+    bn.weight.data = torch.full((1,), 3.0)  # same object and version, new storage (as .to(device) does)
+    check()
     bn.double()  # same parameter objects, new storage
     ns, _ = check()
     assert ns.dtype == torch.float64
