@@ -61,6 +61,13 @@ template <typename T>
 inline void vstore(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// {0, 1, ..., L - 1}
+template <typename T>
+inline vec_t<T> lane_index() {
+  vec_t<T> v;
+  for (int64_t l = 0; l < lanes<T>(); ++l) v[l] = T(l);
+  return v;
+}
 
 // Storage and compute types. float16 / bfloat16 tensors are read and written in their own
 // format and all arithmetic runs in float32: X (storage) is the element type of the
@@ -319,6 +326,29 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
     for (; i < n; ++i) d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
     return;
   }
+  if constexpr (std::is_same<XD, T>::value && std::is_same<XS, T>::value) {
+  if (i == 0 && n >= L && static_cast<const void*>(d) != static_cast<const void*>(x)) {
+    // explicit vectors, the row's tail as one vector ending at n (its overlapped elements
+    // are written again with the same values; not in place, where they would be read back
+    // as outputs). Measured: ... .
+    const V vss = V{} + ss, vas = V{} + as;
+    auto run = [&](auto s_t, auto a_t) {
+      constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
+      auto at = [&](int64_t k) { vstore(d + k, (vload(x + k) * (HS ? vload(sv + k) : vss)) * (HA ? vload(av + k) : vas)); };
+      // a head vector, then vectors from the first 64-byte boundary of d (stores that
+      // split a cache line cost), then the tail
+      at(0);
+      i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 63) / sizeof(T));
+      if (i == 0) i = L;
+      for (; i + L <= n; i += L) at(i);
+      if (i < n) at(n - L);
+    };
+    using Y = std::true_type;
+    using No = std::false_type;
+    if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
+    return;
+  }
+  }
   if (sv && av) {
     for (; i < n; ++i) d[i] = (x[i] * sv[i]) * av[i];
   } else if (sv) {
@@ -369,6 +399,11 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       sp[i] = v;
     }
   }
+  // A row's last len % L pixels: one vector ending at len, overlapping the last full one,
+  // whose results are kept only in the lanes past it (the overlapped lanes keep the
+  // accumulators they had: a blend, not an added zero, so the bits are those of the
+  // scalar loop). Measured: the pooling of 1x1024x13x13 (rows of 169 pixels) ... .
+  const V lane = lane_index<T>();
   // one four-channel step on a vector or a scalar: max and sum updated in channel order
   auto step4 = [](auto& m, auto& a, auto v0, auto v1, auto v2, auto v3) {
     m = vmax(vmax(m, v0), vmax(vmax(v1, v2), v3));
@@ -393,6 +428,19 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
         vstore(mp + i, m);
         vstore(sp + i, a);
       }
+      if (i < len && len >= L) {  // the tail as one vector ending at len (see tail_keep)
+        const int64_t k = len - L;
+        const auto keep = lane >= T(i - k);
+        V v[8];
+        for (int j = 0; j < 8; ++j) v[j] = vld(r + j * HW + k) * sc[j];
+        const V m0 = vload(mp + k), a0 = vload(sp + k);
+        V m = m0, a = a0;
+        step4(m, a, v[0], v[1], v[2], v[3]);
+        step4(m, a, v[4], v[5], v[6], v[7]);
+        vstore(mp + k, keep ? m : m0);
+        vstore(sp + k, keep ? a : a0);
+        i = len;
+      }
       for (; i < len; ++i) {
         T v[8];
         for (int j = 0; j < 8; ++j) v[j] = T(r[j * HW + i]) * sc[j];
@@ -413,6 +461,16 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       step4(m, a, vld(r0 + i) * s0, vld(r1 + i) * s1, vld(r2 + i) * s2, vld(r3 + i) * s3);
       vstore(mp + i, m);
       vstore(sp + i, a);
+    }
+    if (i < len && len >= L) {
+      const int64_t k = len - L;
+      const auto keep = lane >= T(i - k);
+      const V m0 = vload(mp + k), a0 = vload(sp + k);
+      V m = m0, a = a0;
+      step4(m, a, vld(r0 + k) * s0, vld(r1 + k) * s1, vld(r2 + k) * s2, vld(r3 + k) * s3);
+      vstore(mp + k, keep ? m : m0);
+      vstore(sp + k, keep ? a : a0);
+      i = len;
     }
     for (; i < len; ++i) step4(mp[i], sp[i], T(r0[i]) * s0, T(r1[i]) * s1, T(r2[i]) * s2, T(r3[i]) * s3);
   }
@@ -577,7 +635,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
                   T* ap, T* cp) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  const V one = V{} + T(1), zero = V{};
+  const V one = V{} + T(1), zero = V{}, lane = lane_index<T>();
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
@@ -604,6 +662,29 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
         vstore(cp + i, vload(cp + i) + (v0 == m ? one : zero) + (v1 == m ? one : zero) + (v2 == m ? one : zero) +
                            (v3 == m ? one : zero));
       }
+    }
+    if (i < len && len >= L) {  // the tail as one vector, kept past the last full one (as in pool_chunk)
+      const int64_t k = len - L;
+      const auto keep = lane >= T(i - k);
+      const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
+              v3 = vld(x0 + 3 * HW + k) * s3;
+      if (G) {
+        const V a0 = vload(ap + k);
+        V a = a0;
+        if (GC) {
+          a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
+        } else {
+          a = a + vld(g0 + k) * v0 + vld(g0 + HW + k) * v1 + vld(g0 + 2 * HW + k) * v2 + vld(g0 + 3 * HW + k) * v3;
+        }
+        vstore(ap + k, keep ? a : a0);
+      }
+      if (M) {
+        const V m = vload(mp + k), n0 = vload(cp + k);
+        const V n1 = n0 + (v0 == m ? one : zero) + (v1 == m ? one : zero) + (v2 == m ? one : zero) +
+                     (v3 == m ? one : zero);
+        vstore(cp + k, keep ? n1 : n0);
+      }
+      i = len;
     }
     for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0, v1 = T(x0[HW + i]) * s1, v2 = T(x0[2 * HW + i]) * s2, v3 = T(x0[3 * HW + i]) * s3;
