@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import ops
 from .ops._library import autocast_off
@@ -69,18 +69,30 @@ def accumulate_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+_ORDERS: dict = {}  # normalised pooling orders by the tuple / str given (called on every forward)
+
+
 def normalize_pool_order(order: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     """``("max", "avg")`` -> ``("max", "mean")``; validates the names."""
+    try:
+        return _ORDERS[order]
+    except (KeyError, TypeError):  # new, or unhashable (a list)
+        pass
+    given = order
     if isinstance(order, str):
         order = (order,)
     out = []
     for kind in order:
-        key = str(kind).lower()
-        if key not in _POOL_ALIASES:
+        name = str(kind).lower()
+        if name not in _POOL_ALIASES:
             raise ValueError(f"unknown pooling {kind!r}: expected 'max' or 'mean' (alias 'avg')")
-        out.append(_POOL_ALIASES[key])
+        out.append(_POOL_ALIASES[name])
     if not out:
         raise ValueError("pooling order must name at least one of 'max', 'mean'")
+    try:
+        _ORDERS[given] = tuple(out)
+    except TypeError:
+        pass
     return tuple(out)
 
 
@@ -225,7 +237,7 @@ def _check_sam_inputs(
             raise ValueError(
                 f"channel_scale: expected shape {(x.shape[0], x.shape[1], 1, 1)}, got {tuple(channel_scale.shape)}"
             )
-        channel_scale = channel_scale.to(x.dtype)
+        channel_scale = _as_dtype(channel_scale, x.dtype)
     return order, channel_scale
 
 
@@ -384,28 +396,41 @@ def channel_gate_from_pooled(
         raise ValueError(f"pooled: expected a [P, N, C] tensor, got shape {tuple(pooled.shape)}")
     p, n, c = pooled.shape
     acc = pooled.dtype
-    w1 = weight1.reshape(weight1.shape[0], -1, 1, 1)
+    # Linear ([out, in]) weights of a 1x1 conv; every no-op view or cast skipped: each
+    # tensor call costs about 1 us, which on a 13x13 map is what the whole MLP costs
+    w1 = _as_linear_weight(weight1, acc)
     if w1.shape[1] != c:
         raise ValueError(f"weight1: expected {c} input features, got shape {tuple(weight1.shape)}")
-    w2 = None if weight2 is None else weight2.reshape(weight2.shape[0], -1, 1, 1)
+    w2 = None if weight2 is None else _as_linear_weight(weight2, acc)
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
-    logits = None
     with autocast_off(pooled.device.type):
-        w1, b1 = w1.to(acc), None if bias1 is None else bias1.to(acc)
-        if w2 is not None:
-            w2, b2 = w2.to(acc), None if bias2 is None else bias2.to(acc)
         # the MLP on all pools at once as matrix products (a 1x1 conv on [N, C, 1, 1] maps
         # is the same product; torch's conv path was 4x slower at N = 8), the results
         # summed in pool order (as every reference implementation does)
-        h = F.linear(pooled.reshape(p * n, c), w1.flatten(1), b1)
+        h = F.linear(pooled.reshape(p * n, c), w1, _as_dtype(bias1, acc))
         if w2 is not None:
             r = w1.shape[0]
-            h = activation(h.reshape(p * n, r, 1, 1)).reshape(p * n, r)
-            h = F.linear(h, w2.flatten(1), b2)
-        for v in h.reshape(p, n, c).unbind(0):
-            logits = v if logits is None else logits + v
+            if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
+                h = torch.relu(h)  # elementwise: no [.., r, 1, 1] view needed
+            else:  # any other activation sees the [P * N, r, 1, 1] maps of the 1x1-conv form
+                h = activation(h.reshape(p * n, r, 1, 1)).reshape(p * n, r)
+            h = F.linear(h, w2, _as_dtype(bias2, acc))
+        logits = h[:n]
+        for k in range(1, p):
+            logits = logits + h[k * n:(k + 1) * n]
         return get_gate(gate)(logits.reshape(n, c, 1, 1))
+
+
+def _as_linear_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """A Linear (``[out, in]``) or 1x1 conv (``[out, in, 1, 1]``) weight as ``[out, in]`` in ``dtype``."""
+    if w.dim() != 2:
+        w = w.flatten(1)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def channel_attention(

@@ -82,6 +82,41 @@ def test_channel_attention_single_layer_and_mlp():
     torch.testing.assert_close(SF.channel_attention(x, w, pool_types="avg"), x * g1)
 
 
+def test_normalize_pool_order_cached_per_input():
+    # results are cached by the (hashable) order given: each input keeps its own answer
+    calls = [("max",), "max", ("max", "avg"), "avg", ["avg", "max"], ("MEAN", "max"), "max", ("max", "avg")]
+    want = [("max",), ("max",), ("max", "mean"), ("mean",), ("mean", "max"), ("mean", "max"), ("max",), ("max", "mean")]
+    for _ in range(2):
+        assert [SF.normalize_pool_order(o) for o in calls] == want
+    with pytest.raises(ValueError, match="unknown pooling 'min'"):
+        SF.normalize_pool_order(("max", "min"))
+    with pytest.raises(ValueError, match="at least one"):
+        SF.normalize_pool_order(())
+
+
+@pytest.mark.parametrize("activation", ["module", "functional", "torch", "silu", "needs_4d"])
+def test_channel_gate_activations(activation):
+    # ReLU runs on the [P * N, r] rows directly; any other activation sees the
+    # [P * N, r, 1, 1] maps of the 1x1-conv formulation
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    w1, b1 = torch.randn(2, 8, 1, 1, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    w2, b2 = torch.randn(8, 2, 1, 1, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def needs_4d(t):
+        assert t.dim() == 4 and t.shape[2:] == (1, 1)
+        return torch.tanh(t)
+
+    act = {"module": torch.nn.ReLU(inplace=True), "functional": F.relu, "torch": torch.relu,
+           "silu": torch.nn.SiLU(), "needs_4d": needs_4d}[activation]
+    ref_act = torch.relu if activation in ("module", "functional", "torch") else (
+        F.silu if activation == "silu" else torch.tanh)
+    mlp = lambda v: F.conv2d(ref_act(F.conv2d(v, w1, b1)), w2, b2)  # noqa: E731
+    want = torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
+    got = SF.channel_gate(x, w1, b1, w2, b2, activation=act, pool_types=("avg", "max"))
+    torch.testing.assert_close(got, want)
+
+
 def test_input_checks_name_expected_and_found():
     with pytest.raises(ValueError, match=r"expected a 4-D tensor.*got shape \(3, 4\)"):
         SF.channel_pool(torch.randn(3, 4))

@@ -120,7 +120,7 @@ class CBAM(AttentionModule):
 
         def body(t: Tensor, pooled: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
             cg = self.channel.gate_from_pooled(pooled)
-            y, sa = self.spatial.attend(t, channel_scale=cg.to(t.dtype))
+            y, sa = self.spatial.attend(t, channel_scale=cg)  # (in t's dtype there)
             return y, sa, cg
 
         y, sa, cg = ops.with_global_pool(x, body, order=self.channel.pool_types, dtype=SF.accumulate_dtype(x))

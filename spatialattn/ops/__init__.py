@@ -242,11 +242,14 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
     key = None
     if not (torch.compiler.is_compiling() or is_exporting() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
-        key = _affine_key(norm.eps, mean, var, gamma, beta)
+        try:
+            key = (norm.eps, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma), _tensor_state(beta))
+        except RuntimeError:  # inference tensors have no version counter: no cache
+            key = None
         hit = norm.__dict__.get(_AFFINE_CACHE)
-        if hit is not None and key is not None and hit[0] == key and _same_tensors(hit[1], (mean, var, gamma, beta)):
-            scale, shift, versions = hit[2]
-            if (scale._version, shift._version) == versions:
+        if key is not None and hit is not None and hit[0] == key:
+            _, _, scale, shift, versions = hit
+            if (scale._version, shift._version) == versions:  # not written into by a caller
                 return scale, shift
     inv = torch.rsqrt(var + norm.eps)
     scale = inv if gamma is None else gamma * inv
@@ -255,28 +258,19 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
         shift = shift + beta
     scale, shift = scale.reshape(1), shift.reshape(1)
     if key is not None:
-        norm.__dict__[_AFFINE_CACHE] = (key, (mean, var, gamma, beta),
-                                        (scale, shift, (scale._version, shift._version)))
+        # the tensors themselves are kept too: their ids in the key stay theirs
+        norm.__dict__[_AFFINE_CACHE] = (key, (mean, var, gamma, beta), scale, shift,
+                                        (scale._version, shift._version))
     return scale, shift
 
 
 _AFFINE_CACHE = "_spatialattn_affine"
 
 
-def _affine_key(eps: float, *tensors: Optional[Tensor]) -> Optional[tuple]:
-    """What the affine pair depends on besides the tensors' identity: their data (address,
-    dtype, in-place version). ``None`` for inference tensors, which have no version."""
-    key: list = [eps]
-    try:
-        for t in tensors:
-            key += (None, None, None) if t is None else (t.data_ptr(), t.dtype, t._version)
-    except RuntimeError:
-        return None
-    return tuple(key)
-
-
-def _same_tensors(a: tuple, b: tuple) -> bool:
-    return all(s is t for s, t in zip(a, b))
+def _tensor_state(t: Optional[Tensor]) -> Optional[tuple]:
+    """What a cached result computed from ``t`` depends on: the tensor object, its data
+    (``.to()`` / ``.data =`` keep the object but swap the storage) and its in-place version."""
+    return None if t is None else (id(t), t.data_ptr(), t.dtype, t._version)
 
 
 def _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift):

@@ -1021,13 +1021,19 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
   constexpr int64_t L = lanes<T>();
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    const V lane = lane_index<T>();
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const X* row = x + r * HW;
         T m = T(row[0]), sum = 0;
         int64_t i = 0;
-        if (HW >= 2 * L) {
-          V m0 = vld(row), m1 = vld(row + L), a0 = {}, a1 = {};
+        if (HW >= L) {
+          // two vector accumulator pairs, the row's last HW % L elements as one vector
+          // ending at HW (for the sum, its lanes already counted masked to +0, which adds
+          // exactly: no lane of a sum started at +0 is ever -0), tree reductions at the end.
+          // The lane-by-lane reduction and scalar tail they replace were about 100 dependent
+          // steps per row: ... on 13x13 maps.
+          V m0 = vld(row), m1 = m0, a0 = {}, a1 = {};
           for (; i + 2 * L <= HW; i += 2 * L) {
             const V v0 = vld(row + i), v1 = vld(row + i + L);
             m0 = vmax(m0, v0);
@@ -1035,12 +1041,20 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
             a0 += v0;
             a1 += v1;
           }
-          m0 = vmax(m0, m1);
-          a0 += a1;
-          for (int64_t l = 0; l < L; ++l) {
-            m = vmax(m, m0[l]);
-            sum += a0[l];
+          if (i + L <= HW) {
+            const V v0 = vld(row + i);
+            m0 = vmax(m0, v0);
+            a0 += v0;
+            i += L;
           }
+          if (i < HW) {
+            const V v1 = vld(row + HW - L);
+            m1 = vmax(m1, v1);
+            a1 += lane >= T(i - (HW - L)) ? v1 : V{};
+            i = HW;
+          }
+          m = hreduce<T, 64>(vmax(m0, m1), true);
+          sum = hreduce<T, 64>(a0 + a1, false);
         }
         for (; i < HW; ++i) {
           m = vmax(m, T(row[i]));
