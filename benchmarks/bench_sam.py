@@ -25,7 +25,11 @@ for x and the conv weight; its ``floor`` column is ``x.clone()`` followed by
 and write y, read x and the upstream gradient and write grad_x, timed the same
 way. Where x and y fit the last-level cache but the four tensors of a training
 step do not, as at 8x512x26x26 on a 32 MiB L3, this floor is far above 2.5), ``cbam`` (channel gate + spatial attention, no
-autograd; the eager CBAM materialises ``x * channel_gate``), ``train`` and
+autograd; the eager CBAM materialises ``x * channel_gate``),
+``eval`` / ``cbam-eval`` (inference of the whole modules ``SpatialAttention(C)`` /
+``CBAM(C, preset="official")`` in eval mode under ``torch.no_grad()``, Python and
+dispatch included: what a model pays per attention layer at test time; ``eager`` is the
+same math in plain PyTorch), ``train`` and
 ``cbam-train`` (one training step, forward + backward, of
 ``spatialattn.nn.SpatialAttention(C)`` / ``CBAM(C, preset="official")`` with the
 BatchNorm of the spatial gate in training mode; ``ours-2op`` is the same module
@@ -73,6 +77,7 @@ import time
 from pathlib import Path
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+NO_GRAD_MODES = ("fwd", "cbam", "eval", "cbam-eval")  # timed under torch.no_grad()
 SHAPES = [(8, 256, 52, 52), (8, 512, 26, 26), (8, 128, 104, 104), (1, 1024, 13, 13)]
 # added on a GPU: tensors of 177-354 MB (float32), well beyond its L2 cache, where a copy runs
 # at memory bandwidth
@@ -288,6 +293,31 @@ def main() -> None:
                         SF._fused_batchnorm_ok = orig
                 return run
 
+            # inference of whole modules (no autograd, BatchNorm in eval mode: folded into the
+            # fused op): what a model pays per attention layer at test time, Python included
+            sam_eval = SpatialAttention(c).to(dev).eval()
+            cbam_eval = CBAM(c, preset="official").to(dev).eval()
+            bn_eval = torch.nn.BatchNorm2d(1).to(dev).eval()
+
+            def eager_sam_eval(t):
+                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
+                return t * torch.sigmoid(bn_eval(F.conv2d(p, w_e, padding=3)))
+
+            def eager_cbam_eval(t):
+                a = F.conv2d(F.relu(F.conv2d(t.mean((2, 3), keepdim=True), mlp1)), mlp2)
+                m = F.conv2d(F.relu(F.conv2d(t.amax((2, 3), keepdim=True), mlp1)), mlp2)
+                return eager_sam_eval(t * torch.sigmoid(a + m))
+
+            def infer(f):
+                def run():
+                    with torch.autocast(dev.type, dtype=dtype, enabled=half):
+                        return f(x)
+                return run
+
+            cases[("eval", "ours")] = infer(sam_eval)
+            cases[("eval", "eager")] = infer(eager_sam_eval)
+            cases[("cbam-eval", "ours")] = infer(cbam_eval)
+            cases[("cbam-eval", "eager")] = infer(eager_cbam_eval)
             cases[("train", "ours")] = step(sam_mod, list(sam_mod.parameters()))
             cases[("train", "ours-2op")] = no_fused_bn(step(sam_mod, list(sam_mod.parameters())))
             cases[("train", "eager")] = step(eager_sam_bn, [w_e] + list(eager_bn.parameters()))
@@ -305,10 +335,10 @@ def main() -> None:
             # warm-up (builds the extension / compiles once)
             with torch.no_grad():
                 for (mode, name), fn in cases.items():
-                    if mode in ("fwd", "cbam"):
+                    if mode in NO_GRAD_MODES:
                         fn()
             for (mode, name), fn in cases.items():
-                if mode not in ("fwd", "cbam"):
+                if mode not in NO_GRAD_MODES:
                     fn()
             # agreement of our output with the eager formula (sanity, not a test)
             with torch.no_grad():
@@ -326,7 +356,7 @@ def main() -> None:
             for _ in range(rounds):
                 base = None
                 for key, fn in cases.items():
-                    if key[0] not in ("fwd", "cbam"):
+                    if key[0] not in NO_GRAD_MODES:
                         t = timeit(fn, max(2, iters // 8))
                     else:
                         with torch.no_grad():
@@ -384,7 +414,8 @@ def main() -> None:
               f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
               f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
     impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
-             "cbam": ["ours", "eager", "compile"], "train": ["ours", "ours-2op", "eager", "compile"],
+             "cbam": ["ours", "eager", "compile"], "eval": ["ours", "eager"], "cbam-eval": ["ours", "eager"],
+             "train": ["ours", "ours-2op", "eager", "compile"],
              "cbam-train": ["ours", "ours-2op", "eager", "compile"]}
     lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
     for mode, names in impls.items():
