@@ -425,7 +425,7 @@ def channel_gate_from_pooled(
 def _as_linear_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
     """A Linear (``[out, in]``) or 1x1 conv (``[out, in, 1, 1]``) weight as ``[out, in]`` in ``dtype``."""
     if w.dim() != 2:
-        w = w.flatten(1)
+        w = w.reshape(w.shape[0], -1)
     return w if w.dtype == dtype else w.to(dtype)
 
 
