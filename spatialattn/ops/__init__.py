@@ -65,6 +65,20 @@ def is_exporting() -> bool:
     return torch._C._get_tracing_state() is not None or torch.compiler.is_exporting()
 
 
+_functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _torch_ops_only() -> bool:
+    """True where only torch operators may run: while a graph is traced for export (see
+    :func:`is_exporting`), and under a ``torch.func`` transform (``grad``, ``vmap``,
+    ``jacrev``, ``functional_call`` inside them...), which cannot see into our autograd
+    Functions or custom ops (they have no functorch rules); then the plain reference
+    decomposition runs (0.04 us to ask)."""
+    if is_exporting():
+        return True
+    return not torch.compiler.is_compiling() and _functorch_level() is not None
+
+
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -117,7 +131,7 @@ def channel_pool(
     first without keeping the product for backward.
     """
     dtype = x.dtype if dtype is None else dtype
-    if is_exporting():
+    if _torch_ops_only():
         return reference.channel_pool(x, order, channel_scale, dtype)
     grad = _needs_autograd(x, channel_scale)
     fast = _fast_device(x) if x.dim() == 4 and x.shape[1] > 0 else None
@@ -145,7 +159,7 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
     Shapes: ``x`` ``[N, C, H, W]``, ``spatial_gate`` ``[N, 1, H, W]``, ``channel_gate``
     ``[N, C, 1, 1]`` or ``None`` (other broadcastable shapes take the PyTorch path).
     """
-    if is_exporting():
+    if _torch_ops_only():
         return reference.gate_multiply(x, spatial_gate, channel_gate)
     grad = _needs_autograd(x, spatial_gate, channel_gate)
     fast = _fast_device(x) if x.dim() == 4 else None
@@ -167,7 +181,7 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
 
 def _global_pool_backend(x: Tensor, dtype: torch.dtype) -> Optional[str]:
     """'cpp' / 'triton' where the fused global pooling runs, else None."""
-    if is_exporting() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
+    if _torch_ops_only() or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
         return None
     fast = _fast_device(x)
     if fast == "cpp" and dtype == _lib._acc(x):
@@ -240,7 +254,7 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
     # tensors changes: six small tensor ops cost about 17 us, the SAM of a 13x13 map 25 us.
     # Not while a graph is captured, which must record the computation.
     key = None
-    if not (torch.compiler.is_compiling() or is_exporting() or (torch.is_grad_enabled() and (
+    if not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
         try:
             key = (norm.eps, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma), _tensor_state(beta))
@@ -314,7 +328,7 @@ def spatial_attention_fused(
 
     Saved for backward: ``x``, the small maps (pooled, logits, gate) and parameters.
     """
-    if is_exporting():
+    if _torch_ops_only():
         y, attn = _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift)
         return (y, attn) if return_attention else y
     grad = _needs_autograd(x, weight, bias, channel_scale, norm_scale, norm_shift)
@@ -353,7 +367,7 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
         return False
     if not (norm.training or norm.running_mean is None):
         return False
-    if is_exporting() or torch.compiler.is_compiling():
+    if _torch_ops_only() or torch.compiler.is_compiling():
         return False
     if x.dim() != 4 or x.shape[1] == 0 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return False
