@@ -262,16 +262,23 @@ def main() -> None:
             mlp2 = (torch.randn(c, max(c // 16, 1), 1, 1, generator=g) * 0.05).to(dev).requires_grad_()
             w_e = w.detach().to(torch.float32, copy=True).requires_grad_()  # never w itself (fp32)
 
-            def eager_sam_bn(t):
-                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
-                return t * torch.sigmoid(eager_bn(F.conv2d(p, w_e, padding=3)))
+            def eager_sam_with(bn):  # the official CBAM's SAM (max, mean; BatchNorm) in plain PyTorch
+                def sam(t):
+                    p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
+                    return t * torch.sigmoid(bn(F.conv2d(p, w_e, padding=3)))
+                return sam
 
-            def eager_cbam(t):
-                a = F.conv2d(F.relu(F.conv2d(t.mean((2, 3), keepdim=True), mlp1)), mlp2)
-                m = F.conv2d(F.relu(F.conv2d(t.amax((2, 3), keepdim=True), mlp1)), mlp2)
-                t = t * torch.sigmoid(a + m)
-                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
-                return t * torch.sigmoid(eager_cbam_bn(F.conv2d(p, w_e, padding=3)))
+            def eager_cbam_with(bn):  # channel gate (shared MLP on mean and max) then that SAM
+                sam = eager_sam_with(bn)
+
+                def cbam(t):
+                    a = F.conv2d(F.relu(F.conv2d(t.mean((2, 3), keepdim=True), mlp1)), mlp2)
+                    m = F.conv2d(F.relu(F.conv2d(t.amax((2, 3), keepdim=True), mlp1)), mlp2)
+                    return sam(t * torch.sigmoid(a + m))
+                return cbam
+
+            eager_sam_bn = eager_sam_with(eager_bn)
+            eager_cbam = eager_cbam_with(eager_cbam_bn)
 
             def step(f, params):
                 def run():
@@ -298,15 +305,8 @@ def main() -> None:
             sam_eval = SpatialAttention(c).to(dev).eval()
             cbam_eval = CBAM(c, preset="official").to(dev).eval()
             bn_eval = torch.nn.BatchNorm2d(1).to(dev).eval()
-
-            def eager_sam_eval(t):
-                p = torch.cat([t.amax(1, keepdim=True), t.mean(1, keepdim=True)], 1)
-                return t * torch.sigmoid(bn_eval(F.conv2d(p, w_e, padding=3)))
-
-            def eager_cbam_eval(t):
-                a = F.conv2d(F.relu(F.conv2d(t.mean((2, 3), keepdim=True), mlp1)), mlp2)
-                m = F.conv2d(F.relu(F.conv2d(t.amax((2, 3), keepdim=True), mlp1)), mlp2)
-                return eager_sam_eval(t * torch.sigmoid(a + m))
+            eager_sam_eval = eager_sam_with(bn_eval)
+            eager_cbam_eval = eager_cbam_with(bn_eval)
 
             def infer(f):
                 def run():
