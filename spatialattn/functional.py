@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .ops._library import autocast_off
+from .ops._library import autocast_off, device_type
 
 __all__ = [
     "check_input",
@@ -209,7 +209,7 @@ def spatial_attention_map(
     k_h, k_w = weight.shape[-2:]
     acc = accumulate_dtype(x)
     pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
-    with autocast_off(x.device.type):
+    with autocast_off(device_type(x)):
         logits = F.conv2d(
             pooled,
             weight.to(acc),
@@ -278,7 +278,7 @@ def spatial_attention(
     if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
         # training-mode BatchNorm on the logits: one fused op with the batch statistics
         order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
-        with autocast_off(x.device.type):
+        with autocast_off(device_type(x)):
             return ops.spatial_attention_fused_batchnorm(
                 x, weight, bias, norm, order=order, dilation=dilation, channel_scale=channel_scale,
                 return_attention=return_attention,
@@ -294,7 +294,7 @@ def spatial_attention(
     # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply)
     order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
     norm_scale, norm_shift = fused
-    with autocast_off(x.device.type):
+    with autocast_off(device_type(x)):
         return ops.spatial_attention_fused(
             x, weight, bias, order=order, dilation=dilation, channel_scale=channel_scale,
             norm_scale=norm_scale, norm_shift=norm_shift, return_attention=return_attention,
@@ -348,7 +348,7 @@ def pointwise_spatial_attention(
         )
     groups = x.shape[1] // weight.shape[1]
     logits = F.conv2d(x, weight, bias, groups=groups)  # the C -> C conv follows autocast
-    with autocast_off(x.device.type):
+    with autocast_off(device_type(x)):
         logits = logits.to(accumulate_dtype(logits))
         logits = _apply_norm(norm, logits)
         attn = get_gate(gate)(logits)
@@ -404,7 +404,7 @@ def channel_gate_from_pooled(
     w2 = None if weight2 is None else _as_linear_weight(weight2, acc)
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
-    with autocast_off(pooled.device.type):
+    with autocast_off(device_type(pooled)):
         # the MLP on all pools at once as matrix products (a 1x1 conv on [N, C, 1, 1] maps
         # is the same product; torch's conv path was 4x slower at N = 8), the results
         # summed in pool order (as every reference implementation does)
@@ -485,7 +485,7 @@ def position_attention(
     """
     out_dtype = value.dtype
     acc = accumulate_dtype(query)
-    with autocast_off(query.device.type):
+    with autocast_off(device_type(query)):
         query, key, value = query.to(acc), key.to(acc), value.to(acc)
         out, attn = _position_attention(query, key, value, mode, scale, concat_weight)
     return out.to(out_dtype), attn

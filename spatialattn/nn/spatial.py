@@ -101,8 +101,9 @@ class SpatialAttention(AttentionModule):
     def attend(self, x: Tensor, channel_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(x * channel_scale) * attention`` and the attention ``[N, 1, H, W]`` (see functional)."""
         SF.check_input(x, self.channels)
+        conv = self.conv
         y, attn = SF.spatial_attention(
-            x, self.conv.weight, self.conv.bias, order=self.order, dilation=self.dilation,
+            x, conv.weight, conv.bias, order=self.order, dilation=self.dilation,
             norm=self.bn, gate=self.gate, channel_scale=channel_scale, return_attention=True,
         )
         return y, attn

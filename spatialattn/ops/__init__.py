@@ -99,11 +99,11 @@ def _fast_device(x: Tensor) -> Optional[str]:
         if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF:
             return "op"
         return None
-    if x.device.type == "cpu":
+    if x.is_cpu:  # (is_cpu / is_cuda: 0.05 us; x.device.type builds a torch.device, 0.3 us)
         if x.dtype in _CPU_DTYPES and _cpp.get() is not None:
             return "cpp"
         return None
-    if x.device.type == "cuda" and x.dtype in (torch.float32,) + _HALF and _lib._triton_ok(x):
+    if x.is_cuda and x.dtype in (torch.float32,) + _HALF and _lib._triton_ok(x):
         return "triton"
     return None
 

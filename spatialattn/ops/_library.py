@@ -52,6 +52,12 @@ def _triton_ok(x: Tensor) -> bool:
     return _triton.available()
 
 
+def device_type(t: Tensor) -> str:
+    """``t.device.type`` (``"cpu"`` / ``"cuda"`` / ...) without building a ``torch.device``
+    (0.05 us instead of 0.3 us: asked several times per attention layer)."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a no-op context
     (entering and leaving a disabled autocast context costs about 3.5 us, the check 0.6 us:
@@ -292,7 +298,7 @@ gate_multiply_op.register_autograd(_gate_backward, setup_context=_gate_setup)
 def _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation):
     """conv + bias, affine norm, sigmoid on the pooled maps, in their dtype (never autocast)."""
     kh, kw = weight.shape[-2:]
-    with autocast_off(pooled.device.type):
+    with autocast_off(device_type(pooled)):
         logits = F.conv2d(pooled, weight.to(pooled.dtype), None if bias is None else bias.to(pooled.dtype),
                           padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
         z = logits if norm_scale is None else logits * norm_scale.to(logits.dtype) + norm_shift.to(logits.dtype)
@@ -590,7 +596,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
         acc = _acc(x)
         pooled = _generic_pool(x, scale, kinds, acc)
         kh, kw = weight.shape[-2:]
-        with autocast_off(x.device.type):
+        with autocast_off(device_type(x)):
             logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
                               padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
             l64 = logits.double()
