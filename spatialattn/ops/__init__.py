@@ -265,17 +265,25 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
             _, _, scale, shift, versions = hit
             if (scale._version, shift._version) == versions:  # not written into by a caller
                 return scale, shift
-    inv = torch.rsqrt(var + norm.eps)
+    if key is None:
+        return _affine_pair(mean, var, gamma, beta, norm.eps)
+    # a pair for the cache must serve any later mode: ordinary tensors (not inference
+    # tensors, which autograd cannot save, should a later call need the input's gradient)
+    with torch.inference_mode(False), torch.no_grad():
+        scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps)
+    # the tensors themselves are kept too: their ids in the key stay theirs
+    norm.__dict__[_AFFINE_CACHE] = (key, (mean, var, gamma, beta), scale, shift, (scale._version, shift._version))
+    return scale, shift
+
+
+def _affine_pair(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                 eps: float) -> Tuple[Tensor, Tensor]:
+    inv = torch.rsqrt(var + eps)
     scale = inv if gamma is None else gamma * inv
     shift = -mean * scale
     if beta is not None:
         shift = shift + beta
-    scale, shift = scale.reshape(1), shift.reshape(1)
-    if key is not None:
-        # the tensors themselves are kept too: their ids in the key stay theirs
-        norm.__dict__[_AFFINE_CACHE] = (key, (mean, var, gamma, beta), scale, shift,
-                                        (scale._version, shift._version))
-    return scale, shift
+    return scale.reshape(1), shift.reshape(1)
 
 
 _AFFINE_CACHE = "_spatialattn_affine"

@@ -128,6 +128,29 @@ def test_batchnorm_affine_cache_follows_every_change():
     assert bn.weight.grad is not None and bn.bias.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["sam", "cbam"])
+def test_eval_module_in_inference_mode_then_with_input_gradient(kind):
+    # the first call (inference mode) fills the affine cache; a later call that needs the
+    # gradient w.r.t. the input (saliency on a frozen model) saves the cached pair for backward
+    from spatialattn import CBAM, SpatialAttention
+
+    torch.manual_seed(0)
+    m = (SpatialAttention(8) if kind == "sam" else CBAM(8, reduction=4)).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.inference_mode():
+        y_inf = m(x)
+        torch.testing.assert_close(m(x), y_inf, rtol=0, atol=0)  # cache hit in inference mode
+    xr = x.clone().requires_grad_()
+    y = m(xr)
+    torch.testing.assert_close(y.detach(), y_inf, rtol=0, atol=0)
+    y.sum().backward()
+    xd = x.double().requires_grad_()
+    m.double()(xd).sum().backward()  # reference: float64, the pair computed afresh
+    torch.testing.assert_close(xr.grad, xd.grad.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_affine_of_inference_tensors():
     with torch.inference_mode():  # inference tensors have no version counter: no cache
         bn = torch.nn.BatchNorm2d(1).eval()
