@@ -206,6 +206,27 @@ def test_autocast_keeps_input_dtype_and_fp32_gates(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_inference_contexts_match_reference(name, context):
+    # without autograd the eval-mode BatchNorm's affine pair is cached: repeated calls, every
+    # layout, and a change of the running statistics in between must all match the reference
+    m, ref = make(name, torch.float64, train=False)
+    torch.manual_seed(1)
+    x0 = torch.randn(2, C, 6, 5, dtype=torch.float64)
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    for step in range(2):
+        with ctx():
+            for layout, x in layouts(x0):
+                for _ in range(2):
+                    y = m(x)
+                    torch.testing.assert_close(y, ref(m, x0)[0], rtol=1e-10, atol=1e-12, msg=f"{name} {layout}")
+        with torch.no_grad():
+            for b in m.buffers():
+                if b.is_floating_point():
+                    b.mul_(1.5).add_(0.25)  # running statistics change in place
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_batch_zero(name):
     m, _ = make(name, train=False)
     x = torch.randn(0, C, 6, 6, requires_grad=True)
