@@ -259,9 +259,10 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
         try:
             key = (norm.eps, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma), _tensor_state(beta))
         except RuntimeError:  # inference tensors have no version counter: no cache
-            key = None
+            pass
+    if key is not None:
         hit = norm.__dict__.get(_AFFINE_CACHE)
-        if key is not None and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key:
             _, _, scale, shift, versions = hit
             if (scale._version, shift._version) == versions:  # not written into by a caller
                 return scale, shift

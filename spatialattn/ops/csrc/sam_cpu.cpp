@@ -327,28 +327,30 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
     return;
   }
   if constexpr (std::is_same<XD, T>::value && std::is_same<XS, T>::value) {
-  if (i == 0 && n >= L && static_cast<const void*>(d) != static_cast<const void*>(x)) {
-    // explicit vectors, the row's tail as one vector ending at n (its overlapped elements
-    // are written again with the same values; not in place, where they would be read back
-    // as outputs). Measured (with the pooling tails below): the NCHW forward 0.94-0.98x the
-    // time at 13x13 and 26x26; plain unaligned vectors had been 1.19x slower at 26x26.
-    const V vss = V{} + ss, vas = V{} + as;
-    auto run = [&](auto s_t, auto a_t) {
-      constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
-      auto at = [&](int64_t k) { vstore(d + k, (vload(x + k) * (HS ? vload(sv + k) : vss)) * (HA ? vload(av + k) : vas)); };
-      // a head vector, then vectors from the first 64-byte boundary of d (stores that
-      // split a cache line cost), then the tail
-      at(0);
-      i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 63) / sizeof(T));
-      if (i == 0) i = L;
-      for (; i + L <= n; i += L) at(i);
-      if (i < n) at(n - L);
-    };
-    using Y = std::true_type;
-    using No = std::false_type;
-    if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
-    return;
-  }
+    if (i == 0 && n >= L && static_cast<const void*>(d) != static_cast<const void*>(x)) {
+      // explicit vectors, the row's tail as one vector ending at n (its overlapped elements
+      // are written again with the same values; not in place, where they would be read back
+      // as outputs). Measured (with the pooling tails below): the NCHW forward 0.94-0.98x the
+      // time at 13x13 and 26x26; plain unaligned vectors had been 1.19x slower at 26x26.
+      const V vss = V{} + ss, vas = V{} + as;
+      auto run = [&](auto s_t, auto a_t) {
+        constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
+        auto at = [&](int64_t k) {
+          vstore(d + k, (vload(x + k) * (HS ? vload(sv + k) : vss)) * (HA ? vload(av + k) : vas));
+        };
+        // a head vector, then vectors from the first 64-byte boundary of d (stores that
+        // split a cache line cost), then the tail
+        at(0);
+        i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 63) / sizeof(T));
+        if (i == 0) i = L;
+        for (; i + L <= n; i += L) at(i);
+        if (i < n) at(n - L);
+      };
+      using Y = std::true_type;
+      using No = std::false_type;
+      if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
+      return;
+    }
   }
   if (sv && av) {
     for (; i < n; ++i) d[i] = (x[i] * sv[i]) * av[i];
