@@ -125,7 +125,9 @@ def test_batchnorm_affine_cache_follows_every_change():
     ns, nsh = ops.batchnorm_affine(bn)
     assert ns.requires_grad and nsh.requires_grad
     (ns + nsh).sum().backward()
-    assert bn.weight.grad is not None and bn.bias.grad is not None
+    inv = 1.0 / torch.sqrt(bn.running_var + bn.eps)  # d(scale + shift)/d gamma = inv * (1 - mean)
+    torch.testing.assert_close(bn.weight.grad, inv * (1 - bn.running_mean))
+    torch.testing.assert_close(bn.bias.grad, torch.ones_like(bn.bias))
 
 
 @pytest.mark.parametrize("kind", ["sam", "cbam"])
