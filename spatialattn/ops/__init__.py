@@ -411,17 +411,23 @@ def spatial_attention_fused_batchnorm(
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
     """
-    fn = _lib.CppSamBatchNorm if _fast_device(x) == "cpp" else _lib.GenericSamBatchNorm
+    cpp = _fast_device(x) == "cpp"
+    fn = _lib.CppSamBatchNorm if cpp else _lib.GenericSamBatchNorm
     y, attn, stats = fn.apply(
         x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
     )
-    if norm.training and norm.track_running_stats:
-        with torch.no_grad():
-            factor = 0.0
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if norm.training and norm.track_running_stats and cpp:
+        # one C++ call (ATen's update formula, in double; bumps the version counters)
+        momentum = -1.0 if norm.momentum is None else float(norm.momentum)
+        _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
+                                     count, momentum)
+    elif norm.training and norm.track_running_stats:
+        with torch.no_grad():  # as BatchNorm2d.forward
+            factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:
                 norm.num_batches_tracked.add_(1)
                 factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            count = x.shape[0] * x.shape[2] * x.shape[3]
             mean = stats[0].to(norm.running_mean.dtype)
             var = (stats[1] * count / (count - 1)).to(norm.running_var.dtype)
             norm.running_mean.mul_(1 - factor).add_(mean * factor)

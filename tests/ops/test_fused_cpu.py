@@ -659,6 +659,35 @@ def test_training_batchnorm_fused_gradcheck_and_fallbacks(impl):
     assert not ops.batchnorm_train_fusable(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16), bn.bfloat16())
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_batchnorm_running_statistics_like_batchnorm(momentum, dtype):
+    # the fused op's running statistics (one C++ update, in double as ATen's batch norm)
+    # follow BatchNorm2d's own over several steps, and a later eval call sees them
+    from spatialattn import SpatialAttention
+
+    torch.manual_seed(3)
+    m = SpatialAttention(6, bn_momentum=momentum).to(dtype).train()
+    ref_bn = torch.nn.BatchNorm2d(1, momentum=momentum).to(dtype).train()
+    w = m.conv.weight.detach()
+    for step in range(4):
+        x = torch.randn(3, 6, 5, 4, dtype=dtype) * (step + 1) + step
+        with torch.no_grad():
+            m(x)
+            pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], 1)
+            ref_bn(torch.nn.functional.conv2d(pooled, w, padding=3))
+        assert int(m.bn.num_batches_tracked) == int(ref_bn.num_batches_tracked) == step + 1
+        torch.testing.assert_close(m.bn.running_mean, ref_bn.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(m.bn.running_var, ref_bn.running_var, rtol=1e-6, atol=1e-7)
+        m.eval()  # the eval-mode affine pair (cached between steps) follows the new statistics
+        with torch.no_grad():
+            y = m(x)
+            y_ref = x * torch.sigmoid(ref_bn.eval()(torch.nn.functional.conv2d(pooled, w, padding=3)))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        m.train()
+        ref_bn.train()
+
+
 def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
     # CUDA with Triton (emulated: the backend choice patched): half inputs with float32
     # BatchNorm parameters (autocast training) fuse; half parameters do not.
