@@ -418,18 +418,18 @@ def spatial_attention_fused_batchnorm(
     )
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if norm.training and norm.track_running_stats and cpp:
-        # one C++ call (ATen's update formula, in double; bumps the version counters)
+        # one C++ call: ATen's update, momentum * stat + (1 - momentum) * running in double,
+        # rounded once (bumps the version counters)
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
     elif norm.training and norm.track_running_stats:
-        with torch.no_grad():  # as BatchNorm2d.forward
+        with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:
                 norm.num_batches_tracked.add_(1)
                 factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            mean = stats[0].to(norm.running_mean.dtype)
-            var = (stats[1] * count / (count - 1)).to(norm.running_var.dtype)
-            norm.running_mean.mul_(1 - factor).add_(mean * factor)
-            norm.running_var.mul_(1 - factor).add_(var * factor)
+            unbiased = stats[1] * count / (count - 1)
+            norm.running_mean.copy_(factor * stats[0] + (1.0 - factor) * norm.running_mean.double())
+            norm.running_var.copy_(factor * unbiased + (1.0 - factor) * norm.running_var.double())
     return (y, attn) if return_attention else y

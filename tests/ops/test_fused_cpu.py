@@ -688,6 +688,21 @@ def test_training_batchnorm_running_statistics_like_batchnorm(momentum, dtype):
         ref_bn.train()
 
 
+def test_running_statistics_update_same_bits_in_cpp_and_torch_ops(cpp_module):
+    # the CPU op updates in C++, the others (CUDA) with torch ops: the same formula, the same bits
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        dtype = (torch.float32, torch.float64)[trial % 2]
+        stats = torch.rand(2, dtype=torch.float64, generator=g) * 10
+        rm, rv = torch.randn(1, dtype=dtype, generator=g), torch.rand(1, dtype=dtype, generator=g) * 3
+        count, factor = 2 + trial * 7, float(torch.rand(1, generator=g))
+        a_m, a_v = rm.clone(), rv.clone()
+        cpp_module.bn_update_running(a_m, a_v, None, stats, count, factor)
+        unbiased = stats[1] * count / (count - 1)
+        torch.testing.assert_close(a_m, (factor * stats[0] + (1.0 - factor) * rm.double()).to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(a_v, (factor * unbiased + (1.0 - factor) * rv.double()).to(dtype), rtol=0, atol=0)
+
+
 def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
     # CUDA with Triton (emulated: the backend choice patched): half inputs with float32
     # BatchNorm parameters (autocast training) fuse; half parameters do not.
