@@ -424,9 +424,7 @@ def channel_gate_from_pooled(
 
 def _as_linear_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
     """A Linear (``[out, in]``) or 1x1 conv (``[out, in, 1, 1]``) weight as ``[out, in]`` in ``dtype``."""
-    if w.dim() != 2:
-        w = w.reshape(w.shape[0], -1)
-    return w if w.dtype == dtype else w.to(dtype)
+    return _as_dtype(w if w.dim() == 2 else w.reshape(w.shape[0], -1), dtype)
 
 
 def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
