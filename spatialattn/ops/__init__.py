@@ -202,8 +202,10 @@ def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Opt
     """
     dtype = x.dtype if dtype is None else dtype
     fast = _global_pool_backend(x, dtype)
-    if fast == "cpp" and not _needs_autograd(x):
-        return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
+    if fast is not None and not _needs_autograd(x):
+        if fast == "cpp":
+            return _cpp.get().global_pool(_lib._dense(x), _kinds(order))
+        return _lib._global_pool_forward(_lib._dense(x), _kinds(order), dtype, fast, count=False)[0]
     if fast is not None:
         return _lib.GlobalPool.apply(x, _kinds(order), dtype, fast)
     maps = [x.amax(dim=(2, 3)).to(dtype) if k == "max" else x.mean(dim=(2, 3), dtype=dtype) for k in order]

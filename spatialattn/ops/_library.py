@@ -632,16 +632,17 @@ class GenericSamBatchNorm(torch.autograd.Function):
         return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 
-def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str
+def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str, count: bool
                          ) -> Tuple[Tensor, Optional[Tensor]]:
     """``(pooled, tie counts or None)``; the C++ kernel counts the maxima of a channels_last
-    ``x`` in the same read (its backward then needs no counting pass)."""
+    ``x`` in the same read, the Triton kernel those of any ``x`` where ``count`` (the
+    backward then needs no counting pass)."""
     if backend == "cpp":
         out, counts = _cpp.get().global_pool_counted(x, kinds, True)  # counts: None if not counted
         return out, counts
     from . import _triton
 
-    return _triton.global_pool_forward(x, kinds, dtype), None
+    return _triton.global_pool_forward(x, kinds, dtype, count=count)
 
 
 def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int], backend: str,
@@ -650,22 +651,22 @@ def _global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: List[int]
         return _cpp.get().global_pool_backward(grad, x, out, kinds, into, counts)
     from . import _triton
 
-    return _triton.global_pool_backward(grad, x, out, kinds, into)
+    return _triton.global_pool_backward(grad, x, out, kinds, into, counts)
 
 
 class GlobalPool(torch.autograd.Function):
     """CBAM channel-gate pooling (max / mean over H, W, ``[P, N, C]`` in ``dtype``) with a
     fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``, float32 for half ``x``) or ``"triton"``.
     One read of ``x`` forward; backward one write of the gradient, after a read for the tie
-    counts where the forward did not count them (the C++ kernel counts for channels_last;
-    ``amax`` semantics: ties share the max gradient evenly). With a ``slot``
+    counts where the forward did not count them (the C++ kernel counts for channels_last, the
+    Triton kernel for both layouts when ``x`` needs a gradient; ``amax`` semantics: ties share the max gradient evenly). With a ``slot``
     (:class:`GradSlot`, filled by a :class:`GradTap` node), the gradient is added in place to
     the one the slot holds, and the sum is returned."""
 
     @staticmethod
     def forward(ctx, x, kinds, dtype, backend, slot=None):
         x = _dense(x)
-        out, counts = _global_pool_forward(x, kinds, dtype, backend)
+        out, counts = _global_pool_forward(x, kinds, dtype, backend, ctx.needs_input_grad[0])
         ctx.kinds, ctx.backend, ctx.slot = kinds, backend, slot
         ctx.counts = counts  # small, not an input or output: no version tracking needed
         ctx.save_for_backward(x, out)

@@ -1,27 +1,49 @@
 """Triton kernels for the SAM primitives (CUDA; float16 / bfloat16 / float32).
 
-Layout-generic: ``x`` is addressed as ``[N, C, HW]`` with strides
-``(C*HW, HW, 1)`` (NCHW) or ``(HW*C, 1, C)`` (channels_last); other layouts are
-made NCHW-contiguous first. Products ``x * scale`` are rounded to ``x.dtype``
-exactly as the reference does; reductions accumulate in float32.
+Layouts: ``x`` is dense NCHW or channels_last (other layouts are made NCHW-contiguous
+first) and addressed as ``[N, C, HW]``; the layout is a compile-time flag (``CL``), so the
+unit stride is a constant. Products ``x * scale`` are rounded to ``x.dtype`` exactly as the
+reference does; reductions accumulate in float32.
 
-* :func:`pool_forward` -- max / mean over channels (NaN propagates: ``tl.max``
-  drops NaN, so a NaN flag is reduced alongside and restores it);
+* :func:`pool_forward` -- max / mean over channels (NaN propagates: ``tl.max`` drops NaN,
+  so a NaN flag is reduced alongside and restores it);
 * :func:`gate_forward` -- ``(x * scale) * attn``;
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
   no maxima tie and no scale gradient is wanted);
 * :func:`pool_backward` / :func:`gate_backward` -- built from the two passes;
 * :func:`global_pool_forward` / :func:`global_pool_backward` -- CBAM's channel-gate
-  pooling (max / mean over ``H, W``) in one read, and its gradient (tie counts, then
-  ``grad_x``).
+  pooling (max / mean over ``H, W``, and in autograd the number of pixels at the max) in one
+  read, and its gradient (one pass, from those counts).
 
-Launch configurations are fixed (no autotune), so the kernels also run under
-Triton's CPU interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
+Two things the kernels do for a GPU's sake, checked on the compiled code without one
+(``tests/ops/test_triton_compile.py``, ``benchmarks/triton_report.py``):
+
+* **Vector loads where the shapes allow them.** Triton proves alignment only from what it
+  knows of the arguments: pointers and integers that are multiples of 16. A 26 x 26 map
+  (676 pixels, a multiple of 4) gave scalar loads and stores along its rows. The host passes
+  the largest power of two (up to 16) dividing ``C`` and ``HW`` as compile-time constants and
+  the kernels rewrite ``C`` and ``HW`` as multiples of them (:func:`_dims`), so the offsets
+  carry that divisibility and the accesses along the contiguous axis become 8- or 16-byte
+  vectors where the data pointers are aligned.
+* **Enough programs.** The reductions over channels (pooling, pass A) ran one program per
+  image and pixel tile, and the global pooling one per image and channel tile: 88 programs
+  for 8 x 512 x 26 x 26 and 64 for the global pooling of 8 x 128 x 104 x 104, against 132
+  streaming multiprocessors on an H100, each looping over the whole reduction. Where the
+  grid has fewer than ``_PROGRAMS_PER_SM`` programs per SM, they split their loop into
+  chunks, write float32 partial results (max, sum, counts) and the host combines them with
+  torch (a few small-map ops). Results are deterministic (fixed chunks, no atomics except the
+  channel-scale gradient, see :func:`gradx`); sums are added in a different order than
+  without the split (float32, tested against float64).
+
+Launch configurations are fixed (no autotune), so the kernels also run under Triton's CPU
+interpreter (``TRITON_INTERPRET=1``), which the test-suite uses; the tile sizes, warps and
+the programs-per-SM target are module constants that ``benchmarks/triton_report.py``
+sweeps on a GPU.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -41,10 +63,16 @@ def available() -> bool:
     return _HAVE_TRITON
 
 
-_BP = 64  # pixels per tile
+_BP = 64  # pixels per tile (reductions and the gradient pass)
 _BC = 16  # channels per tile
 # gate multiply: (channels, pixels) per program, the contiguous axis long: 1024 elements
 _MUL_TILE = {False: (4, 256), True: (64, 16)}  # keyed by channels_last
+_NUM_WARPS = 4
+# reductions split their loop until the grid has this many programs per streaming
+# multiprocessor (0: never split)
+_PROGRAMS_PER_SM = 8
+_DEFAULT_SMS = 132  # CPU tensors (Triton's interpreter): an H100's count, so the tests split as a GPU would
+_SMS: Dict[int, int] = {}
 
 
 def _layout(x: Tensor) -> Tuple[Tensor, bool]:
@@ -56,9 +84,38 @@ def _layout(x: Tensor) -> Tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
-def _strides(x: Tensor, cl: bool):
-    n, c, h, w = x.shape
-    return (c * h * w, 1, c) if cl else (c * h * w, h * w, 1)
+def _pow2_div(v: int) -> int:
+    """The largest power of two dividing ``v``, at most 16 (16 for 0)."""
+    return min(v & -v, 16) if v > 0 else 16
+
+
+def _meta(c: int, hw: int, cl: bool) -> dict:
+    """Compile-time layout arguments shared by the kernels."""
+    return dict(CL=cl, C_DIV=_pow2_div(c), HW_DIV=_pow2_div(hw), num_warps=_NUM_WARPS)
+
+
+def _target_programs(x: Tensor) -> int:
+    """Programs a launch should have: ``_PROGRAMS_PER_SM`` per SM of ``x``'s device."""
+    if _PROGRAMS_PER_SM <= 0:
+        return 0
+    if not x.is_cuda:
+        return _PROGRAMS_PER_SM * _DEFAULT_SMS
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS_PER_SM * sms
+
+
+def _split(extent: int, block: int, programs: int, target: int) -> Tuple[int, int]:
+    """``(per, chunks)``: ``extent`` cut into ``chunks`` runs of ``per`` elements (whole
+    blocks), enough that ``programs * chunks`` reaches ``target`` where the blocks allow it
+    (one chunk when ``programs`` alone does)."""
+    blocks = triton.cdiv(extent, block)
+    if blocks <= 1 or programs >= target:
+        return max(blocks, 1) * block, 1
+    per = max(1, blocks // triton.cdiv(target, programs)) * block
+    return per, triton.cdiv(extent, per)
 
 
 if _HAVE_TRITON:
@@ -69,10 +126,27 @@ if _HAVE_TRITON:
         return (xv.to(tl.float32) * sv.to(tl.float32)).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
 
     @triton.jit
+    def _dims(C, HW, C_DIV: tl.constexpr, HW_DIV: tl.constexpr):
+        """``C`` and ``HW`` unchanged (the host checked they are multiples of ``C_DIV`` /
+        ``HW_DIV``), written so that Triton can prove it: offsets built from them then carry
+        that divisibility, and loads along the contiguous axis become vectors."""
+        return C // C_DIV * C_DIV, HW // HW_DIV * HW_DIV
+
+    @triton.jit
+    def _x_offsets(n, c, p, C, HW, CL: tl.constexpr):
+        """Element offsets of the ``[BC, BP]`` tile ``x[n, c, p]`` (``n`` int64: ``n * C * HW``
+        can pass 2**31 elements)."""
+        if CL:
+            off = p[None, :] * C + c[:, None]
+        else:
+            off = c[:, None] * HW + p[None, :]
+        return n * C * HW + off
+
+    @triton.jit
     def _image_and_pixels(HW, BP: tl.constexpr):
-        """Image ``n`` (int64: ``n * sN`` can pass 2**31 elements) and pixels ``p`` of this
-        program, on a 1-D grid of ``N * cdiv(HW, BP)`` (CUDA caps grid axes 1 and 2 at 65535,
-        which the pixel tiles of a 2048 x 2048 map, or a batch of many RoIs, reach)."""
+        """Image ``n`` (int64) and pixels ``p`` of this program, on a grid axis 0 of
+        ``N * cdiv(HW, BP)`` (CUDA caps grid axes 1 and 2 at 65535, which the pixel tiles of a
+        2048 x 2048 map, or a batch of many RoIs, reach)."""
         tiles = tl.cdiv(HW, BP)
         pid = tl.program_id(0).to(tl.int64)
         return pid // tiles, (pid % tiles).to(tl.int32) * BP + tl.arange(0, BP)
@@ -89,18 +163,24 @@ if _HAVE_TRITON:
         return mx, sm, nan
 
     @triton.jit
-    def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, sN, sC, sP, P, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
-                     HAS_S: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, P, C_PER, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                     HAS_S: tl.constexpr, PARTIAL: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                     HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # channels [s * C_PER, (s + 1) * C_PER) of one pixel tile, s = program_id(1); C_PER is a
+        # multiple of BC, so a channel tile never straddles two chunks. out: the [N, P, HW]
+        # maps, or with PARTIAL float32 [N, S, 2, HW] (max with NaN restored, sum) to combine
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
+        c_lo = tl.program_id(1) * C_PER
         mx = tl.full([BC, BP], float("-inf"), tl.float32)
         sm = tl.zeros([BC, BP], tl.float32)
         nan = tl.zeros([BC, BP], tl.int32)
-        for c0 in range(0, C, BC):
+        for c0 in range(c_lo, tl.minimum(c_lo + C_PER, C), BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
             m2 = cm[:, None] & pm[None, :]
-            xv = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0)
+            xv = tl.load(x_ptr + _x_offsets(n, c, p, C, HW, CL), mask=m2, other=0.0)
             if HAS_S:
                 sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
                 v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
@@ -109,25 +189,32 @@ if _HAVE_TRITON:
             mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
         mx = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0))
         sm = tl.sum(sm, axis=0)
-        base = out_ptr + n * P * HW + p
-        if I_MAX >= 0:
-            tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
-        if I_MEAN >= 0:
-            tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+        if PARTIAL:
+            base = out_ptr + (n * tl.num_programs(1) + tl.program_id(1)) * 2 * HW + p
+            tl.store(base, mx, mask=pm)
+            tl.store(base + HW, sm, mask=pm)
+        else:
+            base = out_ptr + n * P * HW + p
+            if I_MAX >= 0:
+                tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+            if I_MEAN >= 0:
+                tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                         mask=pm)
 
     @triton.jit
-    def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr, BC: tl.constexpr,
-                    BP: tl.constexpr):
+    def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, C, HW, HAS_S: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                    HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         # one [BC, BP] tile of (channels, pixels) of image n: the attention is loaded once per
         # pixel and the scale once per channel, with no per-element integer division (64-bit
         # division is a long instruction sequence on GPUs, in a kernel that should only move
         # memory); BC / BP are chosen per layout so that the contiguous axis is the long one
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
         n, p = _image_and_pixels(HW, BP)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         pm = p < HW
         cm = c < C
         m2 = cm[:, None] & pm[None, :]
-        off = n * sN + c[:, None] * sC + p[None, :] * sP
+        off = _x_offsets(n, c, p, C, HW, CL)
         # products of two half-precision values are exact in float32, so computing in
         # float32 and rounding once equals the native half-precision product
         dt = y_ptr.dtype.element_ty
@@ -139,21 +226,25 @@ if _HAVE_TRITON:
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
-    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, sN, sC, sP, HAS_S: tl.constexpr,
-                       HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, BC: tl.constexpr,
-                       BP: tl.constexpr):
+    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, HAS_S: tl.constexpr,
+                       HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, CL: tl.constexpr,
+                       C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # channels [s * C_PER, (s + 1) * C_PER) of one pixel tile, s = program_id(1); outputs
+        # [N, S, HW] (the host combines the S partial results: sums, and the max of the index)
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
+        c_lo = tl.program_id(1) * C_PER
         ga = tl.zeros([BC, BP], tl.float32)  # per-element partial sums, reduced after the loop
         cnt = tl.zeros([BC, BP], tl.float32)
         ix = tl.full([BC, BP], -1, tl.int32)  # HAS_IX: the last channel holding the max
         if HAS_MAX:
             mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
-        for c0 in range(0, C, BC):
+        for c0 in range(c_lo, tl.minimum(c_lo + C_PER, C), BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
             m2 = cm[:, None] & pm[None, :]
-            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            off = _x_offsets(n, c, p, C, HW, CL)
             xv = tl.load(x_ptr + off, mask=m2, other=0.0)
             if HAS_S:
                 v = _scaled(xv, tl.load(s_ptr + n * C + c, mask=cm, other=0.0)[:, None], x_ptr.dtype.element_ty)
@@ -167,12 +258,13 @@ if _HAVE_TRITON:
                 cnt += tl.where(hit, 1.0, 0.0)
                 if HAS_IX:
                     ix = tl.maximum(ix, tl.where(hit, c[:, None], -1))
+        out = (n * tl.num_programs(1) + tl.program_id(1)) * HW + p
         if HAS_G:
-            tl.store(ga_ptr + n * HW + p, tl.sum(ga, axis=0), mask=pm)
+            tl.store(ga_ptr + out, tl.sum(ga, axis=0), mask=pm)
         if HAS_MAX:
-            tl.store(cnt_ptr + n * HW + p, tl.sum(cnt, axis=0), mask=pm)
+            tl.store(cnt_ptr + out, tl.sum(cnt, axis=0), mask=pm)
         if HAS_IX:
-            tl.store(ix_ptr + n * HW + p, tl.max(ix, axis=0), mask=pm)
+            tl.store(ix_ptr + out, tl.max(ix, axis=0), mask=pm)
 
     @triton.jit
     def _is_max(xv, sv, mxv, HAS_S: tl.constexpr):
@@ -185,13 +277,14 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, cnt_ptr, ix_ptr, C,
-                      HW, sN, sC, sP, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
-                      HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, BC: tl.constexpr,
-                      BP: tl.constexpr):
+                      HW, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
+                      HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, CL: tl.constexpr,
+                      C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         # USE_IX (no scale gradient): pixel tiles without tied maxima take the max channel from
         # pass A's index map and do not read x at all; tiles with ties compare x' with the max
         # (amax semantics: tied channels share the gradient)
-        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
+        n = tl.program_id(0).to(tl.int64)  # n * C * HW can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         if HAS_S:
@@ -204,7 +297,7 @@ if _HAVE_TRITON:
             p = p_start + p0 + tl.arange(0, BP)
             pm = p < HW
             m2 = cm[:, None] & pm[None, :]
-            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            off = _x_offsets(n, c, p, C, HW, CL)
             if NEED_GS or (HAS_MAX and not USE_IX):
                 xv = tl.load(x_ptr + off, mask=m2, other=0.0)
             gxs = tl.zeros([BC, BP], tl.float32)
@@ -238,40 +331,61 @@ if _HAVE_TRITON:
         if NEED_GS:
             tl.atomic_add(gs_ptr + n * C + c, tl.sum(gs, axis=1), mask=cm)
 
-
-if _HAVE_TRITON:
-
     @triton.jit
-    def _gpool_kernel(x_ptr, out_ptr, NC, C, HW, sN, sC, sP, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
-                      BC: tl.constexpr, BP: tl.constexpr):
-        # max / mean over the HW pixels of BC channels of image n; out: [P, N, C]
-        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
+    def _gpool_kernel(x_ptr, out_ptr, cnt_ptr, NC, C, HW, P_PER, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                      COUNT: tl.constexpr, PARTIAL: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                      HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # max / mean over pixels [s * P_PER, (s + 1) * P_PER) of BC channels of image n,
+        # s = program_id(2); COUNT: also the number of pixels equal to the max (each element of
+        # the accumulator tile counts the values equal to its own running max, restarting at a
+        # larger one; the slots holding the overall max add up). out: [P, N, C] in out's dtype
+        # and cnt [N, C] float32, or with PARTIAL float32 [S, 3, N, C] (max with NaN restored,
+        # sum, count) for the host to combine
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
+        n = tl.program_id(0).to(tl.int64)  # n * C * HW can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
+        p_lo = tl.program_id(2) * P_PER
         mx = tl.full([BC, BP], float("-inf"), tl.float32)
         sm = tl.zeros([BC, BP], tl.float32)
         nan = tl.zeros([BC, BP], tl.int32)
-        for p0 in range(0, HW, BP):
+        k = tl.zeros([BC, BP], tl.float32)
+        for p0 in range(p_lo, tl.minimum(p_lo + P_PER, HW), BP):
             p = p0 + tl.arange(0, BP)
             m2 = cm[:, None] & (p < HW)[None, :]
-            v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + _x_offsets(n, c, p, C, HW, CL), mask=m2, other=0.0).to(tl.float32)
+            if COUNT:
+                k = tl.where(m2 & (v > mx), 1.0, tl.where(m2 & (v == mx), k + 1.0, k))
             mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
-        mx = tl.where(tl.max(nan, axis=1) > 0, float("nan"), tl.max(mx, axis=1))
+        top = tl.max(mx, axis=1)
+        kt = tl.sum(tl.where(mx == top[:, None], k, 0.0), axis=1)
+        top = tl.where(tl.max(nan, axis=1) > 0, float("nan"), top)
         sm = tl.sum(sm, axis=1)
-        if I_MAX >= 0:
-            tl.store(out_ptr + I_MAX * NC + n * C + c, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                     mask=cm)
-        if I_MEAN >= 0:
-            tl.store(out_ptr + I_MEAN * NC + n * C + c,
-                     (sm / HW).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cm)
+        if PARTIAL:
+            base = out_ptr + tl.program_id(2).to(tl.int64) * 3 * NC + n * C + c
+            tl.store(base, top, mask=cm)
+            tl.store(base + NC, sm, mask=cm)
+            if COUNT:
+                tl.store(base + 2 * NC, kt, mask=cm)
+        else:
+            if I_MAX >= 0:
+                tl.store(out_ptr + I_MAX * NC + n * C + c,
+                         top.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cm)
+            if I_MEAN >= 0:
+                tl.store(out_ptr + I_MEAN * NC + n * C + c,
+                         (sm / HW).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=cm)
+            if COUNT:
+                tl.store(cnt_ptr + n * C + c, kt, mask=cm)
 
     @triton.jit
-    def _gpool_backward_kernel(x_ptr, mx_ptr, gmax_ptr, fmean_ptr, gx_ptr, C, HW, sN, sC, sP,
-                               HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr,
-                               BP: tl.constexpr):
-        # gx = fmean + [x == max] * gmax / (number of tied maxima), for BC channels of image n;
-        # ACC: added to what gx holds (one read-modify-write, rounded once)
-        n = tl.program_id(0).to(tl.int64)  # n * sN can pass 2**31 elements
+    def _gpool_backward_kernel(x_ptr, mx_ptr, fm_ptr, fmean_ptr, gx_ptr, C, HW, P_PER, HAS_MAX: tl.constexpr,
+                               HAS_MEAN: tl.constexpr, ACC: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                               HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # gx = fmean + [x == max] * fm over pixels [s * P_PER, (s + 1) * P_PER) of BC channels
+        # of image n (fm: the max's gradient over its tie count); ACC: added to what gx holds
+        # (one read-modify-write, rounded once)
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
+        n = tl.program_id(0).to(tl.int64)  # n * C * HW can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         fa = tl.zeros([BC], tl.float32)
@@ -281,18 +395,12 @@ if _HAVE_TRITON:
         fm = tl.zeros([BC], tl.float32)
         if HAS_MAX:
             m = tl.load(mx_ptr + n * C + c, mask=cm, other=0.0)
-            cnt2 = tl.zeros([BC, BP], tl.float32)
-            for p0 in range(0, HW, BP):
-                p = p0 + tl.arange(0, BP)
-                m2 = cm[:, None] & (p < HW)[None, :]
-                v = tl.load(x_ptr + n * sN + c[:, None] * sC + p[None, :] * sP, mask=m2, other=0.0).to(tl.float32)
-                cnt2 += tl.where(m2 & (v == m[:, None]), 1.0, 0.0)
-            cnt = tl.sum(cnt2, axis=1)
-            fm = tl.load(gmax_ptr + n * C + c, mask=cm, other=0.0) / tl.where(cm, cnt, 1.0)
-        for p0 in range(0, HW, BP):
+            fm = tl.load(fm_ptr + n * C + c, mask=cm, other=0.0)
+        p_lo = tl.program_id(2) * P_PER
+        for p0 in range(p_lo, tl.minimum(p_lo + P_PER, HW), BP):
             p = p0 + tl.arange(0, BP)
             m2 = cm[:, None] & (p < HW)[None, :]
-            off = n * sN + c[:, None] * sC + p[None, :] * sP
+            off = _x_offsets(n, c, p, C, HW, CL)
             g = tl.zeros([BC, BP], tl.float32) + fa[:, None]
             if HAS_MAX:
                 v = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
@@ -317,10 +425,18 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     s = _flat_scale(scale, x)
     i_max = kinds.index(0) if 0 in kinds else -1
     i_mean = kinds.index(1) if 1 in kinds else -1
-    sN, sC, sP = _strides(x, cl)
-    grid = (n * triton.cdiv(hw, _BP),)
-    _pool_kernel[grid](x, s if s is not None else x, out, c, hw, sN, sC, sP, len(kinds), I_MAX=i_max,
-                       I_MEAN=i_mean, HAS_S=s is not None, BC=_BC, BP=_BP)
+    tiles = n * triton.cdiv(hw, _BP)
+    c_per, chunks = _split(c, _BC, tiles, _target_programs(x))
+    part = torch.empty((n, chunks, 2, hw), dtype=torch.float32, device=x.device) if chunks > 1 else None
+    _pool_kernel[(tiles, chunks)](x, s if s is not None else x, out if part is None else part, c, hw, len(kinds),
+                                  c_per, I_MAX=i_max, I_MEAN=i_mean, HAS_S=s is not None, PARTIAL=part is not None,
+                                  BC=_BC, BP=_BP, **_meta(c, hw, cl))
+    if part is not None:
+        maps = out.view(n, len(kinds), hw)
+        if i_max >= 0:
+            maps[:, i_max].copy_(part[:, :, 0].amax(dim=1))
+        if i_mean >= 0:
+            maps[:, i_mean].copy_(part[:, :, 1].sum(dim=1) / c)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:
@@ -337,10 +453,10 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     s = _flat_scale(scale, x)
     a = attn.expand(n, 1, h, w).contiguous()
     hw = h * w
-    sN, sC, sP = _strides(x, cl)
     bc, bp = _MUL_TILE[cl]
     grid = (n * triton.cdiv(hw, bp), triton.cdiv(c, bc))
-    _mul_kernel[grid](x, s if s is not None else x, a, y, c, hw, sN, sC, sP, HAS_S=s is not None, BC=bc, BP=bp)
+    _mul_kernel[grid](x, s if s is not None else x, a, y, c, hw, HAS_S=s is not None, BC=bc, BP=bp,
+                      **_meta(c, hw, cl))
     return y
 
 
@@ -357,18 +473,26 @@ def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optio
     hw = h * w
     s = _flat_scale(scale, x)
     g = None if grad is None else _grad_like(grad, x, cl)
-    ga = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if g is not None else None
-    cnt = torch.empty((n, 1, h, w), dtype=torch.float32, device=x.device) if mx is not None else None
+    tiles = n * triton.cdiv(hw, _BP)
+    c_per, chunks = _split(c, _BC, tiles, _target_programs(x)) if n * hw > 0 else (_BC, 1)
+
+    def buf(want: bool, dtype: torch.dtype) -> Optional[Tensor]:
+        return torch.empty((n, chunks, h, w), dtype=dtype, device=x.device) if want else None
+
+    ga = buf(g is not None, torch.float32)
+    cnt = buf(mx is not None, torch.float32)
+    ix = buf(mx is not None and max_index, torch.int32)
     mxc = None if mx is None else mx.to(torch.float32).contiguous()
-    ix = torch.empty((n, 1, h, w), dtype=torch.int32, device=x.device) if mx is not None and max_index else None
     if n * hw > 0:
-        sN, sC, sP = _strides(x, cl)
-        grid = (n * triton.cdiv(hw, _BP),)
-        _reduce_kernel[grid](x, s if s is not None else x, g if g is not None else x,
-                             mxc if mxc is not None else x, ga if ga is not None else x,
-                             cnt if cnt is not None else x, ix if ix is not None else x, c, hw, sN, sC, sP,
-                             HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
-                             HAS_IX=ix is not None, BC=_BC, BP=_BP)
+        _reduce_kernel[(tiles, chunks)](x, s if s is not None else x, g if g is not None else x,
+                                        mxc if mxc is not None else x, ga if ga is not None else x,
+                                        cnt if cnt is not None else x, ix if ix is not None else x, c, hw, c_per,
+                                        HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
+                                        HAS_IX=ix is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
+        if chunks > 1:
+            ga = None if ga is None else ga.sum(dim=1, keepdim=True)
+            cnt = None if cnt is None else cnt.sum(dim=1, keepdim=True)
+            ix = None if ix is None else ix.amax(dim=1, keepdim=True)
     elif ga is not None:
         ga.zero_()
     return ga, cnt, ix
@@ -407,18 +531,16 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
     gs = torch.zeros((n, c), dtype=torch.float32, device=x.device) if need_gs else None
     use_ix = max_index is not None and mx is not None and not need_gs
     if x.numel() > 0:
-        sN, sC, sP = _strides(x, cl)
-        split = max(1, min(triton.cdiv(hw, _BP), 8))
-        per_prog = triton.cdiv(triton.cdiv(hw, split), _BP) * _BP
-        grid = (n, triton.cdiv(c, _BC), triton.cdiv(hw, per_prog))
+        cblocks = triton.cdiv(c, _BC)
+        per_prog, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
         dummy = x
-        _gradx_kernel[grid](x, s if s is not None else dummy, g if g is not None else dummy,
-                            a if a is not None else dummy, mx if mx is not None else dummy,
-                            fmax if fmax is not None else dummy, fmean if fmean is not None else dummy,
-                            gx, gs if gs is not None else dummy, cnt if use_ix else dummy,
-                            max_index if use_ix else dummy, c, hw, sN, sC, sP, per_prog,
-                            HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
-                            HAS_MEAN=fmean is not None, NEED_GS=need_gs, USE_IX=use_ix, BC=_BC, BP=_BP)
+        _gradx_kernel[(n, cblocks, chunks)](
+            x, s if s is not None else dummy, g if g is not None else dummy, a if a is not None else dummy,
+            mx if mx is not None else dummy, fmax if fmax is not None else dummy,
+            fmean if fmean is not None else dummy, gx, gs if gs is not None else dummy,
+            cnt if use_ix else dummy, max_index if use_ix else dummy, c, hw, per_prog,
+            HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None,
+            NEED_GS=need_gs, USE_IX=use_ix, BC=_BC, BP=_BP, **_meta(c, hw, cl))
     return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
 
 
@@ -435,32 +557,51 @@ def gate_backward(grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]
     return gx, ga, gs
 
 
-def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """CBAM channel-gate pooling: max / mean over ``H, W`` in one read, ``[len(kinds), N, C]`` in ``dtype``."""
+def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype, count: bool = False
+                        ) -> Tuple[Tensor, Optional[Tensor]]:
+    """CBAM channel-gate pooling: max / mean over ``H, W`` in one read, ``[len(kinds), N, C]`` in
+    ``dtype``; with ``count`` (and a max among ``kinds``) also the number of pixels equal to
+    each max, ``[N, C]`` float32, for :func:`global_pool_backward` (else None)."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
+    hw = h * w
     kinds = list(kinds)
     out = torch.empty((len(kinds), n, c), dtype=dtype, device=x.device)
+    count = count and 0 in kinds
+    counts = torch.empty((n, c), dtype=torch.float32, device=x.device) if count else None
     if out.numel() == 0:
-        return out
+        return out, counts
     i_max = kinds.index(0) if 0 in kinds else -1
     i_mean = kinds.index(1) if 1 in kinds else -1
-    sN, sC, sP = _strides(x, cl)
-    grid = (n, triton.cdiv(c, _BC))
-    _gpool_kernel[grid](x, out, n * c, c, h * w, sN, sC, sP, I_MAX=i_max, I_MEAN=i_mean, BC=_BC, BP=_BP)
+    cblocks = triton.cdiv(c, _BC)
+    p_per, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
+    part = torch.empty((chunks, 3, n, c), dtype=torch.float32, device=x.device) if chunks > 1 else None
+    _gpool_kernel[(n, cblocks, chunks)](x, out if part is None else part, counts if counts is not None else x,
+                                        n * c, c, hw, p_per, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
+                                        PARTIAL=part is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
+    if part is not None:
+        top = part[:, 0].amax(dim=0)
+        if i_max >= 0:
+            out[i_max].copy_(top)
+        if i_mean >= 0:
+            out[i_mean].copy_(part[:, 1].sum(dim=0) / hw)
+        if count:
+            counts.copy_(torch.where(part[:, 0] == top, part[:, 2], 0.0).sum(dim=0))
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:
             out[i].copy_(out[src])
-    return out
+    return out, counts
 
 
 def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[int],
-                         into: Optional[Tensor] = None) -> Tensor:
+                         into: Optional[Tensor] = None, counts: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. ``x`` of :func:`global_pool_forward` (ties share the max gradient evenly);
-    with ``into`` (dtype and strides of the dense ``x``), added to it in place and returned."""
+    ``counts``: the forward's tie counts (counted here, one more read of ``x``, if None); with
+    ``into`` (dtype and strides of the dense ``x``), added to it in place and returned."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
+    hw = h * w
     kinds = list(kinds)
     if into is not None and (into.shape != x.shape or into.stride() != x.stride() or into.dtype != x.dtype):
         raise ValueError("global_pool_backward: into= must have the shape, strides and dtype of x")
@@ -470,14 +611,18 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
     # per-kind sums of the slot gradients, [N, 1, C] (slots along dim 1 as _kind_sum expects)
     grad = grad.to(torch.float32).movedim(0, 1)
     gmax, fmean = _kind_sum(grad, kinds, 0), _kind_sum(grad, kinds, 1)
-    mx = out[kinds.index(0)].to(torch.float32).contiguous() if gmax is not None else None
-    gmax = None if gmax is None else gmax.contiguous()
-    fmean = None if fmean is None else (fmean / (h * w)).contiguous()
-    sN, sC, sP = _strides(x, cl)
-    grid = (n, triton.cdiv(c, _BC))
+    mx = fm = None
+    if gmax is not None:
+        mx = out[kinds.index(0)].to(torch.float32).contiguous()
+        if counts is None:
+            counts = global_pool_forward(x, [0], torch.float32, count=True)[1]
+        fm = (gmax.reshape(n, c) / counts).contiguous()
+    fmean = None if fmean is None else (fmean / hw).contiguous()
+    cblocks = triton.cdiv(c, _BC)
+    p_per, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
     dummy = gx
-    _gpool_backward_kernel[grid](x, mx if mx is not None else dummy, gmax if gmax is not None else dummy,
-                                 fmean if fmean is not None else dummy, gx, c, h * w, sN, sC, sP,
-                                 HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, ACC=into is not None,
-                                 BC=_BC, BP=_BP)
+    _gpool_backward_kernel[(n, cblocks, chunks)](
+        x, mx if mx is not None else dummy, fm if fm is not None else dummy, fmean if fmean is not None else dummy,
+        gx, c, hw, p_per, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, ACC=into is not None, BC=_BC, BP=_BP,
+        **_meta(c, hw, cl))
     return gx

@@ -59,13 +59,13 @@ def check(got, want, dtype, what, loose=1.0):
     torch.testing.assert_close(got, want, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-def main() -> None:
-    shape = (2, 19, 5, 7)  # C and HW not multiples of the tile sizes
+def check_primitives(shape, dtypes, layouts) -> int:
+    """Channel pooling, gate multiply and their backward passes against the reference."""
     n, c, h, w = shape
     count = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         acc = torch.float32
-        for layout in ("nchw", "channels_last", "noncontig"):
+        for layout in layouts:
             for with_scale in (False, True):
                 x = make(shape, layout, dtype, 0)
                 # powers of two: x * s is exact, so the interpreter's round-toward-zero
@@ -101,6 +101,29 @@ def main() -> None:
                 if s is not None:
                     check(gs.to(dtype), want[1], dtype, f"pool bwd scale {dtype} {layout}", loose=4)
                 count += 6
+    return count
+
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
+# (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
+# loops split (C = 19: two chunks of 16); C and HW multiples of 8 / 4 (the kernels' C_DIV /
+# HW_DIV), more than one pixel tile, no split and split (pixel loops of the gradient pass too);
+# one tile of multiples of 16
+CASES = [((2, 19, 5, 7), ALL_DTYPES, ALL_LAYOUTS, 8),
+         ((2, 24, 9, 12), (torch.float32, torch.bfloat16), ("nchw", "channels_last"), 0),
+         ((2, 24, 9, 12), (torch.float32,), ("nchw", "channels_last"), 8),
+         ((1, 16, 8, 8), (torch.float16,), ("nchw", "channels_last"), 8)]
+
+
+def main() -> None:
+    count = 0
+    for shape, dtypes, layouts, programs_per_sm in CASES:
+        _triton._PROGRAMS_PER_SM = programs_per_sm
+        count += check_primitives(shape, dtypes, layouts)
+    _triton._PROGRAMS_PER_SM = 8
+    shape = (2, 19, 5, 7)
+    n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)
     x = torch.randn(1, 20, 3, 3)
     x[0, 17, 1, 2] = float("nan")
@@ -161,7 +184,10 @@ def main() -> None:
     ops_fast = ops._fast_device
     ops._fast_device = lambda x: "triton"
     try:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # the pixel loops split in two (HW = 90) and, for float32, not split
+        for dtype, programs_per_sm in [(torch.float32, 8), (torch.float16, 8), (torch.bfloat16, 8),
+                                       (torch.float32, 0)]:
+            _triton._PROGRAMS_PER_SM = programs_per_sm
             for layout in ("nchw", "channels_last", "noncontig"):
                 for ties in (False, True):
                     x = make((2, 19, 9, 10), layout, dtype, 3)  # HW = 90: more than one pixel tile
@@ -211,10 +237,22 @@ def main() -> None:
                     check(p1.grad, p2.grad, torch.float32 if dtype == torch.float32 else dtype,
                           f"{what} grad {name}", loose=4)
                 count += 1
-        x = torch.randn(1, 20, 3, 3)
-        x[0, 17, 1, 2] = float("nan")
-        p = ops.global_pool(x, ("max", "mean"))
-        assert torch.isnan(p[:, 0, 17]).all() and not torch.isnan(p[:, 0, 16]).any(), "NaN lost in global pool"
+        _triton._PROGRAMS_PER_SM = 8
+        for hw in ((3, 3), (9, 10)):  # one pixel chunk; two (the NaN in the host's combine)
+            x = torch.randn(1, 20, *hw)
+            x[0, 17, 1, 2] = float("nan")
+            p = ops.global_pool(x, ("max", "mean"))
+            assert torch.isnan(p[:, 0, 17]).all() and not torch.isnan(p[:, 0, 16]).any(), f"NaN lost in global pool {hw}"
+        # the tie counts taken in the forward (autograd) and counted by the backward itself agree
+        for layout in ("nchw", "channels_last"):
+            x = make((2, 19, 9, 10), layout, torch.float32, 6).round()
+            out, counts = _triton.global_pool_forward(x, [0, 1], torch.float32, count=True)
+            want = (x == x.amax(dim=(2, 3), keepdim=True)).sum(dim=(2, 3)).float()
+            assert torch.equal(counts, want), f"global pool tie counts {layout}"
+            g = torch.randn(2, 2, 19)
+            check(_triton.global_pool_backward(g, x, out, [0, 1], counts=counts),
+                  _triton.global_pool_backward(g, x, out, [0, 1]), torch.float32, f"global pool counts {layout}")
+            count += 2
     finally:
         ops._fast_device = ops_fast
     print(f"triton interpreter checks passed ({count} comparisons + NaN + SAM)")

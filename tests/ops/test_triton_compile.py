@@ -1,0 +1,150 @@
+"""The Triton kernels compiled for real GPUs on a machine without one.
+
+Triton's interpreter (``test_triton_interp.py``) checks the kernels' numbers on CPU; these
+tests check what only a GPU build shows: that every specialisation the library launches
+compiles for sm_90 (H100 / H200) and sm_80 (A100) through Triton's compiler and the
+``ptxas`` it ships, without register spills, and that accesses along the contiguous axis
+are vector loads and stores wherever the shapes allow them. The launches are recorded from
+the public API (``spatialattn.ops._triton_aot``), specialised as Triton's JIT would on a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from spatialattn import ops  # noqa: E402
+from spatialattn.ops import _triton  # noqa: E402
+from spatialattn.ops import _triton_aot as aot  # noqa: E402
+
+_ok, _why = aot.supported()
+pytestmark = pytest.mark.skipif(not _ok, reason=_why)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (shape, dtype, programs per SM): C = 24 / HW = 108 (multiples of 8 / 4, as 26 x 26 maps
+# are), loops split; C = 16 / HW = 64 (multiples of 16), not split
+CASES = [((2, 24, 9, 12), F32, 8), ((2, 24, 9, 12), BF16, 8), ((1, 16, 8, 8), F16, 0), ((1, 16, 8, 8), F32, 0)]
+ORDERS = (("max", "mean"), ("mean",))
+WRITERS = ("_mul_kernel", "_gradx_kernel", "_gpool_backward_kernel")  # kernels that write x-sized tensors
+
+
+@pytest.fixture(scope="module")
+def launches():
+    return aot.record_launches(aot.api_workload(CASES, ORDERS))
+
+
+@pytest.fixture(scope="module")
+def sm90(launches):
+    return [aot.compile_launch(launch, 90) for launch in launches]
+
+
+def _variants(launches, kernel, name):
+    return {launch.constants().get(name) for launch in launches if launch.kernel == kernel}
+
+
+def test_workload_launches_every_kernel_and_variant(launches):
+    launched = {name for name in aot.kernels() if name.endswith("_kernel")}
+    assert {launch.kernel for launch in launches} == launched
+    for kernel in launched:
+        assert _variants(launches, kernel, "CL") == {False, True}, kernel
+    for kernel, flag in [("_pool_kernel", "PARTIAL"), ("_pool_kernel", "HAS_S"), ("_gpool_kernel", "PARTIAL"),
+                         ("_gpool_kernel", "COUNT"), ("_gpool_backward_kernel", "ACC"), ("_gradx_kernel", "USE_IX"),
+                         ("_gradx_kernel", "NEED_GS"), ("_reduce_kernel", "HAS_IX"), ("_reduce_kernel", "HAS_G")]:
+        assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
+    dtypes = {launch.signature["x_ptr"] for launch in launches}
+    assert dtypes == {"*fp32", "*fp16", "*bf16"}
+
+
+def test_compile_for_sm90_without_spills(sm90):
+    assert len(sm90) > 100
+    for c in sm90:
+        assert c.local_bytes == 0, f"{c.launch.describe()}: {c.local_bytes} bytes of local memory (spills)"
+        assert c.registers <= 128, f"{c.launch.describe()}: {c.registers} registers"
+        assert c.num_warps == _triton._NUM_WARPS
+
+
+def test_vector_accesses_where_the_shape_allows(sm90):
+    """Where ``x`` is aligned, the accesses along its contiguous axis move as many bytes as
+    the shape allows (16 for float32 rows of a multiple of 4 elements): the widest load of
+    every kernel, and every store of the kernels that write ``x``-sized tensors."""
+    checked = {16: 0, 8: 0}
+    for c in sm90:
+        want = aot.contiguous_alignment(c.launch)
+        if want >= 8:
+            checked[want] += 1
+            assert c.widest_load() >= want, f"{c.launch.describe()}: loads {dict(c.loads)}, want {want} bytes"
+            if c.launch.kernel in WRITERS:
+                assert c.narrowest_store() >= want, f"{c.launch.describe()}: stores {dict(c.stores)}"
+    assert checked[16] > 20 and checked[8] > 5, checked
+
+
+def test_26x26_maps_move_16_bytes_per_access():
+    """The case the compiled code showed: a 26 x 26 map (676 pixels, a multiple of 4 but not
+    of 16) in float32 NCHW had only 4-byte loads and stores before the kernels were told
+    the divisibility of ``HW``."""
+
+    def workload():
+        x = torch.randn(2, 32, 26, 26, requires_grad=True)
+        y = ops.spatial_attention_fused(x, torch.randn(1, 2, 7, 7))
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+    launches = aot.record_launches(workload)
+    assert {launch.kernel for launch in launches} >= {"_pool_kernel", "_mul_kernel", "_reduce_kernel", "_gradx_kernel"}
+    for launch in launches:
+        c = aot.compile_launch(launch, 90)
+        assert aot.contiguous_alignment(launch) == 16
+        assert c.widest_load() == 16, f"{launch.describe()}: {dict(c.loads)}"
+        if launch.kernel in WRITERS:
+            assert set(c.stores) == {16}, f"{launch.describe()}: {dict(c.stores)}"
+
+
+@pytest.mark.parametrize("shape", [(8, 512, 26, 26), (8, 128, 104, 104), (1, 1024, 13, 13)])
+def test_grids_fill_the_gpu(shape):
+    """Every kernel of a CBAM training step launches at least ``_PROGRAMS_PER_SM`` programs
+    per SM of an H100 where the work allows it (the reductions split their loops; before,
+    the channel pooling of 8 x 512 x 26 x 26 had 88 programs and the global pooling of
+    8 x 128 x 104 x 104 had 64)."""
+    target = _triton._PROGRAMS_PER_SM * 132
+    n, c, h, w = shape
+
+    def workload():
+        from spatialattn.nn import CBAM
+
+        x = torch.randn(shape, requires_grad=True)
+        y = CBAM(c, preset="official")(x)
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+    for launch in aot.record_launches(workload):
+        for grid in launch.grids:
+            programs = math.prod(grid)
+            bc, bp = (_triton._MUL_TILE[launch.constants()["CL"]] if launch.kernel == "_mul_kernel"
+                      else (_triton._BC, _triton._BP))
+            tiles = n * math.ceil(c / bc) * math.ceil(h * w / bp)  # one program per tile at most
+            assert programs >= min(target, tiles), f"{launch.kernel} {shape}: grid {grid}"
+            assert max(grid[1:], default=1) <= 65535, f"{launch.kernel}: grid {grid} (CUDA caps axes 1, 2)"
+
+
+def test_split_rule():
+    # (per, chunks): whole blocks, enough chunks to reach the target, every element covered once
+    assert _triton._split(512, 16, 88, 1056) == (32, 16)
+    assert _triton._split(512, 16, 8, 1056) == (16, 32)
+    assert _triton._split(512, 16, 2000, 1056) == (512, 1)
+    assert _triton._split(10, 16, 1, 1056) == (16, 1)
+    assert _triton._split(0, 16, 1, 1056) == (16, 1)
+    for extent in (1, 17, 100, 676, 1024):
+        for programs in (1, 7, 88):
+            per, chunks = _triton._split(extent, 16, programs, 1056)
+            assert per % 16 == 0 and (chunks - 1) * per < extent <= chunks * per
+            assert programs * chunks >= min(1056, programs * -(-extent // 16))
+
+
+def test_compile_for_sm80(launches):
+    """The bfloat16 launches for an A100 (sm_80: bfloat16 conversions without sm_90's instructions)."""
+    bf16 = [launch for launch in launches if launch.signature["x_ptr"] == "*bf16"]
+    assert len(bf16) > 20
+    for launch in bf16:
+        c = aot.compile_launch(launch, 80)
+        assert c.local_bytes == 0, launch.describe()
