@@ -280,9 +280,11 @@ if _HAVE_TRITON:
                       HW, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
                       HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, CL: tl.constexpr,
                       C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        # USE_IX (no scale gradient): pixel tiles without tied maxima take the max channel from
-        # pass A's index map and do not read x at all; tiles with ties compare x' with the max
-        # (amax semantics: tied channels share the gradient)
+        # USE_IX (no scale gradient): pixels without tied maxima take the max channel from pass
+        # A's index map, and x is read only at pixels with ties, to compare x' with the max
+        # (amax semantics: tied channels share the gradient). A predicated load per pixel, not
+        # a branch per tile: the branch needed a reduction across the tile (shared memory and
+        # a barrier on a GPU) in every iteration
         C, HW = _dims(C, HW, C_DIV, HW_DIV)
         n = tl.program_id(0).to(tl.int64)  # n * C * HW can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -309,10 +311,11 @@ if _HAVE_TRITON:
                 mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
                 fm = tl.load(fmax_ptr + n * HW + p, mask=pm, other=0.0)
                 if USE_IX:
-                    if tl.max(tl.load(cnt_ptr + n * HW + p, mask=pm, other=0.0), axis=0) <= 1.0:
-                        hit = c[:, None] == tl.load(ix_ptr + n * HW + p, mask=pm, other=-1)[None, :]
-                    else:
-                        hit = _is_max(tl.load(x_ptr + off, mask=m2, other=0.0), sv, mxv, HAS_S)
+                    # per pixel: x is loaded (predicated) only where maxima tie
+                    tie = tl.load(cnt_ptr + n * HW + p, mask=pm, other=0.0) > 1.0
+                    ixv = tl.load(ix_ptr + n * HW + p, mask=pm, other=-1)
+                    xt = tl.load(x_ptr + off, mask=m2 & tie[None, :], other=0.0)
+                    hit = tl.where(tie[None, :], _is_max(xt, sv, mxv, HAS_S), c[:, None] == ixv[None, :])
                 else:
                     hit = _is_max(xv, sv, mxv, HAS_S)
                 gxs += tl.where(hit, 1.0, 0.0) * fm[None, :]
