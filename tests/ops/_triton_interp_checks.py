@@ -109,19 +109,26 @@ ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
 # (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
 # loops split (C = 19: two chunks of 16); C and HW multiples of 8 / 4 (the kernels' C_DIV /
 # HW_DIV), more than one pixel tile, no split and split (pixel loops of the gradient pass too);
-# one tile of multiples of 16
-CASES = [((2, 19, 5, 7), ALL_DTYPES, ALL_LAYOUTS, 8),
-         ((2, 24, 9, 12), (torch.float32, torch.bfloat16), ("nchw", "channels_last"), 0),
-         ((2, 24, 9, 12), (torch.float32,), ("nchw", "channels_last"), 8),
-         ((1, 16, 8, 8), (torch.float16,), ("nchw", "channels_last"), 8)]
+# one tile of multiples of 16; the other tile sizes that benchmarks/triton_report.py sweeps
+CASES = [((2, 19, 5, 7), ALL_DTYPES, ALL_LAYOUTS, 8, {}),
+         ((2, 24, 9, 12), (torch.float32, torch.bfloat16), ("nchw", "channels_last"), 0, {}),
+         ((2, 24, 9, 12), (torch.float32,), ("nchw", "channels_last"), 8, {}),
+         ((1, 16, 8, 8), (torch.float16,), ("nchw", "channels_last"), 8, {}),
+         ((2, 24, 9, 12), (torch.float32,), ("nchw",), 8,
+          {"_BC": 8, "_BP": 32, "_MUL_TILE": {False: (2, 512), True: (128, 8)}}),
+         ((2, 40, 9, 12), (torch.float32,), ("channels_last",), 8,
+          {"_BC": 32, "_BP": 128, "_MUL_TILE": {False: (8, 128), True: (32, 32)}})]
 
 
 def main() -> None:
     count = 0
-    for shape, dtypes, layouts, programs_per_sm in CASES:
-        _triton._PROGRAMS_PER_SM = programs_per_sm
+    defaults = {k: getattr(_triton, k) for k in ("_BC", "_BP", "_MUL_TILE", "_PROGRAMS_PER_SM")}
+    for shape, dtypes, layouts, programs_per_sm, settings in CASES:
+        for k, v in dict(defaults, _PROGRAMS_PER_SM=programs_per_sm, **settings).items():
+            setattr(_triton, k, v)
         count += check_primitives(shape, dtypes, layouts)
-    _triton._PROGRAMS_PER_SM = 8
+    for k, v in defaults.items():
+        setattr(_triton, k, v)
     shape = (2, 19, 5, 7)
     n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)

@@ -148,3 +148,28 @@ def test_compile_for_sm80(launches):
     for launch in bf16:
         c = aot.compile_launch(launch, 80)
         assert c.local_bytes == 0, launch.describe()
+
+
+def _report(tmp_path, *args, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_report.py"
+    proc = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, **env))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_report_script(tmp_path):
+    """``benchmarks/triton_report.py``: the static report, and the sweep's code through the
+    interpreter (its figures mean nothing there; on a GPU it is the tuning run)."""
+    out = _report(tmp_path, "--shapes", "2x32x8x8")
+    rows = [line for line in (tmp_path / "triton_sm90_float32.md").read_text().splitlines()
+            if line.startswith("| 2x32x8x8")]
+    assert len(rows) >= 12 and "local memory anywhere: 0 B" in out
+    _report(tmp_path, "--sweep", "--device", "cpu", "--shapes", "1x16x8x8", "--iters", "1", TRITON_INTERPRET="1")
+    sweep = (tmp_path / "triton_sweep_float32.md").read_text()
+    assert sweep.count("| gate multiply [2] |") == 6 and sweep.count("| pool [1] |") == 10

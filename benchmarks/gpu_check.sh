@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks of the fused kernels in one command, for a lent GPU machine:
+#
+#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [sweep]    (default: tests bench)
+#
+# tests       tests/ops/test_cuda.py: the Triton path against float64 references (pytest-xdist
+#             where installed: the first launch of each kernel variant compiles it, about a
+#             second each on one core)
+# bench       benchmarks/bench_sam.py --device cuda --quick (float32): the issue's ratios to x.clone()
+# bench-bf16  the same in bfloat16
+# sweep       benchmarks/triton_report.py --sweep: each kernel under its launch settings
+#
+# Runs from the repository root without installing the package (PYTHONPATH=.), with the
+# machine's own python3, torch and triton. Writes one log (gpu_check.log) and the tables to
+# $OUT (the device tool's folder) or benchmarks/results/gpu; each part has its own time limit,
+# so a slow part cannot eat the others'. About 2-4 min for tests, 3-5 for bench on an H200
+# (first compiles included), 3-4 for sweep: split them over two calls of the device tool if
+# its budget is short.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results/gpu}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+parts=${*:-tests bench}
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,driver_version --format=csv 2>&1
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
+} | tee "$log"
+status=0
+for part in $parts; do
+  start=$SECONDS
+  echo "== $part" | tee -a "$log"
+  case $part in
+    tests)
+      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+      timeout 420 $py -m pytest -q -p no:cacheprovider $xdist tests/ops/test_cuda.py >>"$log" 2>&1 ;;
+    bench)
+      timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --out "$out" >>"$log" 2>&1 ;;
+    bench-bf16)
+      timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --dtype bfloat16 --out "$out" >>"$log" 2>&1 ;;
+    sweep)
+      timeout 420 $py benchmarks/triton_report.py --sweep --out "$out" >>"$log" 2>&1 ;;
+    *)
+      echo "unknown part: $part (tests, bench, bench-bf16, sweep)" | tee -a "$log"; false ;;
+  esac
+  code=$?
+  [ $code -ne 0 ] && status=1
+  echo "== $part exited $code after $((SECONDS - start)) s" | tee -a "$log"
+done
+rm -f "$out"/*.csv  # the markdown tables hold the same figures; the device tool returns at most 8 files
+tail -n 60 "$log"
+exit $status
