@@ -659,9 +659,9 @@ class GlobalPool(torch.autograd.Function):
     fused backward; ``backend``: ``"cpp"`` (CPU, ``dtype`` = ``x.dtype``, float32 for half ``x``) or ``"triton"``.
     One read of ``x`` forward; backward one write of the gradient, after a read for the tie
     counts where the forward did not count them (the C++ kernel counts for channels_last, the
-    Triton kernel for both layouts when ``x`` needs a gradient; ``amax`` semantics: ties share the max gradient evenly). With a ``slot``
-    (:class:`GradSlot`, filled by a :class:`GradTap` node), the gradient is added in place to
-    the one the slot holds, and the sum is returned."""
+    Triton kernel for both layouts when ``x`` needs a gradient; ``amax`` semantics: ties share
+    the max gradient evenly). With a ``slot`` (:class:`GradSlot`, filled by a :class:`GradTap`
+    node), the gradient is added in place to the one the slot holds, and the sum is returned."""
 
     @staticmethod
     def forward(ctx, x, kinds, dtype, backend, slot=None):

@@ -361,7 +361,8 @@ if _HAVE_TRITON:
                 k = tl.where(m2 & (v > mx), 1.0, tl.where(m2 & (v == mx), k + 1.0, k))
             mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
         top = tl.max(mx, axis=1)
-        kt = tl.sum(tl.where(mx == top[:, None], k, 0.0), axis=1)
+        if COUNT:
+            kt = tl.sum(tl.where(mx == top[:, None], k, 0.0), axis=1)
         top = tl.where(tl.max(nan, axis=1) > 0, float("nan"), top)
         sm = tl.sum(sm, axis=1)
         if PARTIAL:

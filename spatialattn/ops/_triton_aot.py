@@ -33,9 +33,6 @@ import torch
 
 from . import _triton
 
-_ARCHS = {"sm_80": 80, "sm_90": 90}  # A100; H100 / H200
-
-
 def supported() -> Tuple[bool, str]:
     """``(ok, why not)``: Triton importable with the internals used here."""
     if not _triton.available():
@@ -93,7 +90,9 @@ class Launch:
 
 @contextlib.contextmanager
 def triton_dispatch_on_cpu() -> Iterator[None]:
-    """The public ops take the Triton path for CPU float32 / float16 / bfloat16 tensors."""
+    """The public ops take the Triton path for CPU float32 / float16 / bfloat16 tensors (the
+    custom ops under ``torch.compile``), as they do for CUDA tensors; with
+    ``TRITON_INTERPRET=1`` the kernels then run on the CPU."""
     import spatialattn.ops as ops
     from . import _library as lib
 

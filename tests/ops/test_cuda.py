@@ -24,7 +24,6 @@ import torch
 
 from spatialattn import ops
 from spatialattn.nn import CBAM, SpatialAttention
-from spatialattn.ops import _library as lib
 from spatialattn.ops import reference
 
 from ._autograd_graph import node_names
@@ -54,19 +53,15 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.fixture(scope="module", autouse=True)
 def triton_backend():
     """TF32 off (CUDA); on CPU, the dispatch pointed at the Triton kernels (interpreter)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if MODE == "cuda":
-            mp.setattr(torch.backends.cudnn, "allow_tf32", False)
-            mp.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        elif MODE == "interp":
-            def fast_device(x):
-                if x.dtype not in TRITON_DTYPES:
-                    return None
-                return "op" if torch.compiler.is_compiling() else "triton"
+    if MODE == "interp":
+        from spatialattn.ops._triton_aot import triton_dispatch_on_cpu
 
-            mp.setattr(ops, "_fast_device", fast_device)
-            mp.setattr(lib, "_cpp_ok", lambda x: False)
-            mp.setattr(lib, "_triton_ok", lambda x: x.dtype in TRITON_DTYPES)
+        with triton_dispatch_on_cpu():
+            yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.backends.cudnn, "allow_tf32", False)
+        mp.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
         yield
 
 

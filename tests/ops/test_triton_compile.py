@@ -10,6 +10,10 @@ the public API (``spatialattn.ops._triton_aot``), specialised as Triton's JIT wo
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,11 +155,6 @@ def test_compile_for_sm80(launches):
 
 
 def _report(tmp_path, *args, **env):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_report.py"
     proc = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, **env))
