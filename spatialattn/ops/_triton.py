@@ -32,9 +32,9 @@ Two things the kernels do for a GPU's sake, checked on the compiled code without
   streaming multiprocessors on an H100, each looping over the whole reduction. Where the
   grid has fewer than ``_PROGRAMS_PER_SM`` programs per SM, they split their loop into
   chunks, write float32 partial results (max, sum, counts) and the host combines them with
-  torch (a few small-map ops). Results are deterministic (fixed chunks, no atomics except the
-  channel-scale gradient, see :func:`gradx`); sums are added in a different order than
-  without the split (float32, tested against float64).
+  torch (a few small-map ops). Results are deterministic (fixed chunks, no atomics: the
+  channel-scale gradient of :func:`gradx` is summed the same way); sums are added in a
+  different order than without the split (float32, tested against float64).
 
 Launch configurations are fixed (no autotune), so the kernels also run under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), which the test-suite uses; the tile sizes, warps and
@@ -332,7 +332,10 @@ if _HAVE_TRITON:
                 gx = gxs
             tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
         if NEED_GS:
-            tl.atomic_add(gs_ptr + n * C + c, tl.sum(gs, axis=1), mask=cm)
+            # one row of partial sums per pixel chunk, [chunks, N, C], summed by the host in a
+            # fixed order: deterministic, where an atomic add would not be
+            part = tl.program_id(2).to(tl.int64) * tl.num_programs(0) * C
+            tl.store(gs_ptr + part + n * C + c, tl.sum(gs, axis=1), mask=cm)
 
     @triton.jit
     def _gpool_kernel(x_ptr, out_ptr, cnt_ptr, NC, C, HW, P_PER, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
@@ -532,11 +535,13 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
             fmean = (gmean.to(torch.float32) / c).contiguous()
     gx = torch.empty_like(x)
     need_gs = need_gs and s is not None
-    gs = torch.zeros((n, c), dtype=torch.float32, device=x.device) if need_gs else None
+    gs = None
     use_ix = max_index is not None and mx is not None and not need_gs
     if x.numel() > 0:
         cblocks = triton.cdiv(c, _BC)
         per_prog, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
+        if need_gs:
+            gs = torch.empty((chunks, n, c), dtype=torch.float32, device=x.device)
         dummy = x
         _gradx_kernel[(n, cblocks, chunks)](
             x, s if s is not None else dummy, g if g is not None else dummy, a if a is not None else dummy,
@@ -545,6 +550,11 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
             cnt if use_ix else dummy, max_index if use_ix else dummy, c, hw, per_prog,
             HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None,
             NEED_GS=need_gs, USE_IX=use_ix, BC=_BC, BP=_BP, **_meta(c, hw, cl))
+    if need_gs:
+        if gs is None:  # nothing to sum: no pixels or no images
+            gs = torch.zeros((n, c), dtype=torch.float32, device=x.device)
+        else:
+            gs = gs[0] if gs.shape[0] == 1 else gs.sum(dim=0)
     return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
 
 

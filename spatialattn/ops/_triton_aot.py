@@ -218,6 +218,7 @@ class Compiled:
     num_warps: int
     loads: collections.Counter  # bytes moved per thread by one ld.global -> how many in the PTX
     stores: collections.Counter  # the same for st.global
+    atomics: int  # atom.* / red.* instructions in the PTX (run-to-run order of additions)
 
     def widest_load(self) -> int:
         return max(self.loads, default=0)
@@ -226,6 +227,7 @@ class Compiled:
         return min(self.stores, default=0)
 
 
+_ATOMIC = re.compile(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", re.MULTILINE)
 _MEM_OP = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.([bfsu])(\d+)\b")
 
 
@@ -273,9 +275,10 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
     src = ASTSource(kernel, launch.signature, launch.constexprs, launch.attrs)
     compiled = triton.compile(src, target=_target(arch), options=launch.options)
     usage = resource_usage(compiled.asm["cubin"])
-    loads, stores = access_widths(compiled.asm["ptx"])
+    ptx = compiled.asm["ptx"]
+    loads, stores = access_widths(ptx)
     return Compiled(launch, arch, usage["REG"], usage["LOCAL"], usage["SHARED"], compiled.metadata.num_warps,
-                    loads, stores)
+                    loads, stores, len(_ATOMIC.findall(ptx)))
 
 
 def contiguous_alignment(launch: Launch) -> int:
