@@ -333,7 +333,12 @@ def sam_op(
         )
         return y, attn, logits, pooled
     pooled = _generic_pool(x, scale, kinds, _acc(x))
-    logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
+    if _triton_ok(x):
+        from . import _triton
+
+        logits, attn = _triton.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
+    else:
+        logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
     return _generic_multiply(x, attn, scale), attn, logits, pooled
 
 
@@ -390,7 +395,16 @@ def sam_backward_op(
         gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
         gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
         return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
-    # Generic path: the big passes through Triton / PyTorch, the small maps through autograd.
+    if _triton_ok(x):
+        from . import _triton
+
+        gx, gs, gw, gb, gns, gnsh = _triton.sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn,
+                                                         logits, pooled, kinds, dilation)
+        gs = empty() if gs is None else gs.to(scale.dtype)
+        gns = empty() if gns is None else gns.reshape(norm_scale.shape).to(norm_scale.dtype)
+        gnsh = empty() if gnsh is None else gnsh.reshape(norm_scale.shape).to(norm_scale.dtype)
+        return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
+    # Generic path: the big passes through PyTorch, the small maps without autograd.
     acc = attn.dtype
     dA, ties = _generic_reduce(grad_y, x, scale, pooled, kinds, acc, True)
     if grad_attn is not None:
@@ -422,6 +436,9 @@ def _sam_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.bias_shape = None if bias is None else bias.shape
     ctx.save_for_backward(x, scale, weight, norm_scale, attn, logits, pooled)
+    # outputs without a gradient (attn, logits, pooled as a rule) arrive as None rather than
+    # as zero maps made for the purpose (three launches per backward on a GPU)
+    ctx.set_materialize_grads(False)
 
 
 def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):

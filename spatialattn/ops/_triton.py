@@ -68,6 +68,7 @@ _BC = 16  # channels per tile
 # gate multiply: (channels, pixels) per program, the contiguous axis long: 1024 elements
 _MUL_TILE = {False: (4, 256), True: (64, 16)}  # keyed by channels_last
 _NUM_WARPS = 4
+_BP_SMALL = 128  # pixels per program on the [N, 1 or P, H, W] maps (one per lane at 4 warps)
 # reductions split their loop until the grid has this many programs per streaming
 # multiprocessor (0: never split)
 _PROGRAMS_PER_SM = 8
@@ -202,6 +203,167 @@ if _HAVE_TRITON:
                          mask=pm)
 
     @triton.jit
+    def _pool_combine_kernel(part_ptr, out_ptr, C, HW, P, S, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                             BP: tl.constexpr):
+        # the S partial results [N, S, 2, HW] of a split channel pooling (max with NaN restored,
+        # sum) into the [N, P, HW] maps, added in a fixed order: one launch where torch took five
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        mx = tl.full([BP], float("-inf"), tl.float32)
+        sm = tl.zeros([BP], tl.float32)
+        nan = tl.zeros([BP], tl.int32)
+        for s in range(S):
+            base = part_ptr + (n * S + s) * 2 * HW + p
+            m = tl.load(base, mask=pm, other=float("-inf"))
+            nan = tl.maximum(nan, tl.where(m != m, 1, 0))
+            mx = tl.maximum(mx, m)
+            sm += tl.load(base + HW, mask=pm, other=0.0)
+        mx = tl.where(nan > 0, float("nan"), mx)
+        base = out_ptr + n * P * HW + p
+        if I_MAX >= 0:
+            tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+        if I_MEAN >= 0:
+            tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=pm)
+
+    @triton.jit
+    def _gate_kernel(pooled_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, logits_ptr, attn_ptr, H, W, P: tl.constexpr,
+                     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_NORM: tl.constexpr, BP: tl.constexpr):
+        # the gate on the small maps, one launch for what torch ran as conv2d, the affine norm
+        # and sigmoid: logits = conv(pooled, w) + b (zero padding DIL * (K // 2), K odd),
+        # attn = sigmoid(logits * ns + nsh); float32, one pixel per lane, the taps unrolled
+        HW = H * W
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        h = p // W
+        w = p % W
+        acc = tl.zeros([BP], tl.float32)
+        for i in tl.static_range(P):
+            for kh in tl.static_range(KH):
+                hh = h + (kh - KH // 2) * DIL
+                hm = pm & (hh >= 0) & (hh < H)
+                for kw in tl.static_range(KW):
+                    ww = w + (kw - KW // 2) * DIL
+                    m = hm & (ww >= 0) & (ww < W)
+                    v = tl.load(pooled_ptr + (n * P + i) * HW + hh * W + ww, mask=m, other=0.0)
+                    acc += v.to(tl.float32) * tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+        if HAS_B:
+            acc += tl.load(b_ptr).to(tl.float32)
+        tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+        z = acc
+        if HAS_NORM:
+            z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
+        tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+
+    @triton.jit
+    def _gate_backward_kernel(ga_ptr, cnt_ptr, ix_ptr, gattn_ptr, attn_ptr, logits_ptr, ns_ptr, dz_ptr, cnt_out_ptr,
+                              ix_out_ptr, part_ptr, HW, S, NPART, COL, HAS_GATTN: tl.constexpr, HAS_MAX: tl.constexpr,
+                              HAS_IX: tl.constexpr, HAS_NORM: tl.constexpr, BP: tl.constexpr):
+        # backward of the sigmoid and the affine norm, per pixel: pass A's S partial results
+        # [N, S, HW] combined in a fixed order (sum_c grad * x', tie counts, max channel), plus
+        # the gradient of the returned attention; writes d logits' (dz) and the combined counts
+        # and channels, and this program's partial sums of the bias / norm-shift / norm-scale
+        # gradients into its row of part [programs, NPART] at columns COL, COL + 1, COL + 2
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        ga = tl.zeros([BP], tl.float32)
+        cnt = tl.zeros([BP], tl.float32)
+        ix = tl.full([BP], -1, tl.int32)
+        for s in range(S):
+            off = (n * S + s) * HW + p
+            ga += tl.load(ga_ptr + off, mask=pm, other=0.0)
+            if HAS_MAX:
+                cnt += tl.load(cnt_ptr + off, mask=pm, other=0.0)
+            if HAS_IX:
+                ix = tl.maximum(ix, tl.load(ix_ptr + off, mask=pm, other=-1))
+        if HAS_MAX:
+            tl.store(cnt_out_ptr + n * HW + p, cnt, mask=pm)
+        if HAS_IX:
+            tl.store(ix_out_ptr + n * HW + p, ix, mask=pm)
+        if HAS_GATTN:
+            ga += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
+        a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+        dz = ga * ((1.0 - a) * a)
+        row = part_ptr + tl.program_id(0).to(tl.int64) * NPART + COL
+        if HAS_NORM:
+            lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+            tl.store(row + 1, tl.sum(tl.where(pm, dz, 0.0), axis=0))
+            tl.store(row + 2, tl.sum(tl.where(pm, dz * lg, 0.0), axis=0))
+            dz = dz * tl.load(ns_ptr).to(tl.float32)
+        else:
+            tl.store(row + 1, 0.0)
+            tl.store(row + 2, 0.0)
+        tl.store(row, tl.sum(tl.where(pm, dz, 0.0), axis=0))
+        tl.store(dz_ptr + n * HW + p, dz, mask=pm)
+
+    @triton.jit
+    def _conv_backward_kernel(dz_ptr, pooled_ptr, w_ptr, cnt_ptr, fmax_ptr, fmean_ptr, part_ptr, C, H, W, NPART,
+                              P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
+                              MEAN_SLOTS: tl.constexpr, HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr,
+                              BP: tl.constexpr):
+        # the conv's backward on the small maps, per pixel: the gradient of each pooled map
+        # (transposed conv of dz), summed over the max slots and over the mean slots (bit i of
+        # MEAN_SLOTS: slot i is a mean) into what the gradient pass reads, the max's share per
+        # tied channel (/ tie count) and the mean's (/ C); and this program's partial sums of
+        # the weight gradient (pooled * dz per tap) into columns [0, P * KH * KW) of its row
+        HW = H * W
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        h = p // W
+        w = p % W
+        dzv = tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0)
+        row = part_ptr + tl.program_id(0).to(tl.int64) * NPART
+        gmax = tl.zeros([BP], tl.float32)
+        gmean = tl.zeros([BP], tl.float32)
+        for i in tl.static_range(P):
+            gp = tl.zeros([BP], tl.float32)
+            for kh in tl.static_range(KH):
+                dh = (kh - KH // 2) * DIL
+                hi = h - dh  # dz position this tap brings to (h, w)
+                ho = h + dh  # pooled position this tap reads for output (h, w)
+                him = pm & (hi >= 0) & (hi < H)
+                hom = pm & (ho >= 0) & (ho < H)
+                for kw in tl.static_range(KW):
+                    dw = (kw - KW // 2) * DIL
+                    wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+                    wi = w - dw
+                    mi = him & (wi >= 0) & (wi < W)
+                    gp += tl.load(dz_ptr + n * HW + hi * W + wi, mask=mi, other=0.0) * wt
+                    wo = w + dw
+                    mo = hom & (wo >= 0) & (wo < W)
+                    pv = tl.load(pooled_ptr + (n * P + i) * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
+                    tl.store(row + (i * KH + kh) * KW + kw, tl.sum(pv * dzv, axis=0))
+            if (MEAN_SLOTS >> i) & 1:
+                gmean += gp
+            else:
+                gmax += gp
+        if HAS_MAX:
+            tl.store(fmax_ptr + n * HW + p, gmax / tl.load(cnt_ptr + n * HW + p, mask=pm, other=1.0), mask=pm)
+        if HAS_MEAN:
+            tl.store(fmean_ptr + n * HW + p, gmean / C, mask=pm)
+
+    @triton.jit
+    def _column_sums_kernel(part_ptr, gw_ptr, gb_ptr, gnsh_ptr, gns_ptr, R, NPART, NTAPS, BR: tl.constexpr):
+        # column j of part [R, NPART] summed over its rows (per-program partial sums), in a fixed
+        # order, into the parameter gradient it belongs to: the weight's taps, then bias,
+        # norm shift and norm scale (separate tensors: outputs of a custom op must not alias)
+        j = tl.program_id(0)
+        acc = tl.zeros([BR], tl.float32)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            acc += tl.load(part_ptr + r.to(tl.int64) * NPART + j, mask=r < R, other=0.0)
+        tot = tl.sum(acc, axis=0)
+        if j < NTAPS:
+            tl.store(gw_ptr + j, tot)
+        elif j == NTAPS:
+            tl.store(gb_ptr, tot)
+        elif j == NTAPS + 1:
+            tl.store(gnsh_ptr, tot)
+        else:
+            tl.store(gns_ptr, tot)
+
+    @triton.jit
     def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, C, HW, HAS_S: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
                     HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         # one [BC, BP] tile of (channels, pixels) of image n: the attention is loaded once per
@@ -226,7 +388,7 @@ if _HAVE_TRITON:
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
-    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, HAS_S: tl.constexpr,
+    def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, MXS, HAS_S: tl.constexpr,
                        HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, CL: tl.constexpr,
                        C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         # channels [s * C_PER, (s + 1) * C_PER) of one pixel tile, s = program_id(1); outputs
@@ -239,7 +401,7 @@ if _HAVE_TRITON:
         cnt = tl.zeros([BC, BP], tl.float32)
         ix = tl.full([BC, BP], -1, tl.int32)  # HAS_IX: the last channel holding the max
         if HAS_MAX:
-            mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
+            mxv = tl.load(mx_ptr + n * MXS + p, mask=pm, other=0.0)  # MXS: the max map's image stride
         for c0 in range(c_lo, tl.minimum(c_lo + C_PER, C), BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
@@ -277,7 +439,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, cnt_ptr, ix_ptr, C,
-                      HW, P_PER_PROG, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
+                      HW, P_PER_PROG, MXS, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
                       HAS_MEAN: tl.constexpr, NEED_GS: tl.constexpr, USE_IX: tl.constexpr, CL: tl.constexpr,
                       C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
         # USE_IX (no scale gradient): pixels without tied maxima take the max channel from pass
@@ -308,7 +470,7 @@ if _HAVE_TRITON:
                 av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
                 gxs += gv * av[None, :]
             if HAS_MAX:
-                mxv = tl.load(mx_ptr + n * HW + p, mask=pm, other=0.0)
+                mxv = tl.load(mx_ptr + n * MXS + p, mask=pm, other=0.0)
                 fm = tl.load(fmax_ptr + n * HW + p, mask=pm, other=0.0)
                 if USE_IX:
                     # per pixel: x is loaded (predicated) only where maxima tie
@@ -439,16 +601,34 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
                                   c_per, I_MAX=i_max, I_MEAN=i_mean, HAS_S=s is not None, PARTIAL=part is not None,
                                   BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if part is not None:
-        maps = out.view(n, len(kinds), hw)
-        if i_max >= 0:
-            maps[:, i_max].copy_(part[:, :, 0].amax(dim=1))
-        if i_mean >= 0:
-            maps[:, i_mean].copy_(part[:, :, 1].sum(dim=1) / c)
+        _pool_combine_kernel[(n * triton.cdiv(hw, _BP_SMALL),)](part, out, c, hw, len(kinds), chunks, I_MAX=i_max,
+                                                              I_MEAN=i_mean, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:
             out[:, i].copy_(out[:, src])
     return out
+
+
+def gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], norm_scale: Optional[Tensor],
+         norm_shift: Optional[Tensor], dilation: int) -> Tuple[Tensor, Tensor]:
+    """``(logits, attn)``, float32 ``[N, 1, H, W]``: ``logits = conv2d(pooled, weight) + bias``
+    (zero padding ``dilation * (k // 2)``, odd ``k``), ``attn = sigmoid(logits * norm_scale +
+    norm_shift)``; ``pooled``: float32 ``[N, P, H, W]``, ``weight``: ``[1, P, kh, kw]``."""
+    n, p, h, w = pooled.shape
+    kh, kw = weight.shape[-2:]
+    pooled = pooled.contiguous()
+    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
+    attn = torch.empty_like(logits)
+    if logits.numel() == 0:
+        return logits, attn
+    wt = weight.to(torch.float32).contiguous()
+    has_norm = norm_scale is not None
+    _gate_kernel[(n * triton.cdiv(h * w, _BP_SMALL),)](
+        pooled, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
+        norm_shift if has_norm else wt, logits, attn, h, w, P=p, KH=kh, KW=kw, DIL=dilation,
+        HAS_B=bias is not None, HAS_NORM=has_norm, BP=_BP_SMALL, num_warps=_NUM_WARPS)
+    return logits, attn
 
 
 def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -471,10 +651,11 @@ def _grad_like(grad: Tensor, x: Tensor, cl: bool) -> Tensor:
     return grad.to(x.dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
-def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor], max_index: bool = False):
-    """``(sum_c grad * x'  [N, 1, H, W] float32 or None, tie counts [N, 1, H, W] or None, max
-    channel [N, 1, H, W] int32 or None)``; the max channel (the last one where ``x' == mx``,
-    -1 if none) with ``max_index`` and ``mx``, for :func:`gradx` to skip reading ``x``."""
+def _reduce_partials(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor],
+                     max_index: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], int]:
+    """Pass A's kernel: ``(ga, cnt, ix, chunks)``, each ``[N, chunks, H, W]`` (partial results
+    over ``chunks`` runs of channels; see :func:`reduce`). ``mx``: ``[N, 1, H, W]`` float32, any
+    image stride (a slot of the pooled maps)."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     hw = h * w
@@ -489,19 +670,39 @@ def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optio
     ga = buf(g is not None, torch.float32)
     cnt = buf(mx is not None, torch.float32)
     ix = buf(mx is not None and max_index, torch.int32)
-    mxc = None if mx is None else mx.to(torch.float32).contiguous()
+    mxc, mxs = _image_map(mx)
     if n * hw > 0:
         _reduce_kernel[(tiles, chunks)](x, s if s is not None else x, g if g is not None else x,
                                         mxc if mxc is not None else x, ga if ga is not None else x,
                                         cnt if cnt is not None else x, ix if ix is not None else x, c, hw, c_per,
-                                        HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
+                                        mxs, HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None,
                                         HAS_IX=ix is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
-        if chunks > 1:
-            ga = None if ga is None else ga.sum(dim=1, keepdim=True)
-            cnt = None if cnt is None else cnt.sum(dim=1, keepdim=True)
-            ix = None if ix is None else ix.amax(dim=1, keepdim=True)
     elif ga is not None:
         ga.zero_()
+    return ga, cnt, ix, chunks
+
+
+def _image_map(m: Optional[Tensor]) -> Tuple[Optional[Tensor], int]:
+    """``(m, image stride)`` for a ``[N, 1, H, W]`` float32 map read as ``m[n * stride + p]``:
+    a slot of ``[N, P, H, W]`` maps is used in place (no copy) when its pixels are dense."""
+    if m is None:
+        return None, 0
+    m = m.to(torch.float32)
+    n, _, h, w = m.shape
+    if not (m.stride(3) == 1 and (m.stride(2) == w or h == 1)):
+        m = m.contiguous()
+    return m, (m.stride(0) if n > 1 else h * w)
+
+
+def reduce(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], mx: Optional[Tensor], max_index: bool = False):
+    """``(sum_c grad * x'  [N, 1, H, W] float32 or None, tie counts [N, 1, H, W] or None, max
+    channel [N, 1, H, W] int32 or None)``; the max channel (the last one where ``x' == mx``,
+    -1 if none) with ``max_index`` and ``mx``, for :func:`gradx` to skip reading ``x``."""
+    ga, cnt, ix, chunks = _reduce_partials(grad, x, scale, mx, max_index)
+    if chunks > 1:
+        ga = None if ga is None else ga.sum(dim=1, keepdim=True)
+        cnt = None if cnt is None else cnt.sum(dim=1, keepdim=True)
+        ix = None if ix is None else ix.amax(dim=1, keepdim=True)
     return ga, cnt, ix
 
 
@@ -519,20 +720,31 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
     """``(grad_x, grad_scale [N, C, 1, 1] float32 or None)``; ``gpooled`` is the gradient of the pooled maps;
     ``max_index``: :func:`reduce`'s max channels (then ``x`` is read only where maxima tie, unless
     the scale gradient needs it)."""
+    c = x.shape[1]
+    mx = fmax = fmean = None
+    if gpooled is not None:
+        gmax, gmean = _kind_sum(gpooled, kinds, 0), _kind_sum(gpooled, kinds, 1)
+        if gmax is not None:
+            mx = pooled[:, kinds.index(0) : kinds.index(0) + 1]
+            fmax = (gmax.to(torch.float32) / cnt).contiguous()
+        if gmean is not None:
+            fmean = (gmean.to(torch.float32) / c).contiguous()
+    return _gradx_run(grad, x, scale, attn, mx, fmax, fmean, cnt, max_index, need_gs)
+
+
+def _gradx_run(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Optional[Tensor],
+               mx: Optional[Tensor], fmax: Optional[Tensor], fmean: Optional[Tensor], cnt: Optional[Tensor],
+               max_index: Optional[Tensor], need_gs: bool):
+    """The gradient pass given the per-pixel maps ``[N, 1, H, W]`` float32: ``mx`` (the pooled
+    max, any image stride), ``fmax`` (its gradient over the tie count), ``fmean`` (the mean's
+    gradient over C); see :func:`gradx`."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     hw = h * w
     s = _flat_scale(scale, x)
     g = None if grad is None else _grad_like(grad, x, cl)
     a = None if attn is None else attn.expand(n, 1, h, w).contiguous()
-    mx = fmax = fmean = None
-    if gpooled is not None:
-        gmax, gmean = _kind_sum(gpooled, kinds, 0), _kind_sum(gpooled, kinds, 1)
-        if gmax is not None:
-            mx = pooled[:, kinds.index(0)].to(torch.float32).contiguous()
-            fmax = (gmax.to(torch.float32) / cnt).contiguous()
-        if gmean is not None:
-            fmean = (gmean.to(torch.float32) / c).contiguous()
+    mx, mxs = _image_map(mx)
     gx = torch.empty_like(x)
     need_gs = need_gs and s is not None
     gs = None
@@ -547,7 +759,7 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
             x, s if s is not None else dummy, g if g is not None else dummy, a if a is not None else dummy,
             mx if mx is not None else dummy, fmax if fmax is not None else dummy,
             fmean if fmean is not None else dummy, gx, gs if gs is not None else dummy,
-            cnt if use_ix else dummy, max_index if use_ix else dummy, c, hw, per_prog,
+            cnt if use_ix else dummy, max_index if use_ix else dummy, c, hw, per_prog, mxs,
             HAS_S=s is not None, HAS_G=g is not None, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None,
             NEED_GS=need_gs, USE_IX=use_ix, BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if need_gs:
@@ -556,6 +768,65 @@ def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Opti
         else:
             gs = gs[0] if gs.shape[0] == 1 else gs.sum(dim=0)
     return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
+
+
+def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
+                 weight: Tensor, norm_scale: Optional[Tensor], attn: Tensor, logits: Tensor, pooled: Tensor,
+                 kinds: Sequence[int], dilation: int, need_gs: bool = True):
+    """Backward of the sigmoid-gated SAM (:func:`pool_forward`, :func:`gate`,
+    :func:`gate_forward`) in four kernels and one sum: pass A over ``x``, the sigmoid / norm
+    backward and the conv backward on the small maps, the gradient pass over ``x``, and the
+    sum of the per-program partial parameter gradients.
+
+    Returns ``(grad_x, grad_scale [N, C, 1, 1] float32 or None, grad_weight [1, P, kh, kw],
+    grad_bias [1], grad_norm_scale [1] or None, grad_norm_shift [1] or None)``, the small ones
+    in float32. ``grad_y``: like ``x``; ``grad_attn``: ``[N, 1, H, W]`` or None; ``attn``,
+    ``logits``: float32 ``[N, 1, H, W]``; ``pooled``: float32 ``[N, P, H, W]``.
+    """
+    kinds = list(kinds)
+    n, c, h, w = x.shape
+    hw = h * w
+    np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
+    i_max = kinds.index(0) if 0 in kinds else -1
+    mx = pooled[:, i_max : i_max + 1] if i_max >= 0 else None
+    need_gs = need_gs and scale is not None
+    max_index = not need_gs
+    ga, cntp, ixp, chunks = _reduce_partials(grad_y, x, scale, mx, max_index and mx is not None)
+    dev = x.device
+    programs = n * triton.cdiv(hw, _BP_SMALL)
+    ntaps = np_ * kh * kw
+    npart = ntaps + 3
+    # every element is written by the kernels below (zeros where there is nothing to add)
+    part = (torch.empty if programs > 0 else torch.zeros)((max(programs, 1), npart), dtype=torch.float32, device=dev)
+    dz = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    cnt = torch.empty_like(dz) if cntp is not None else None
+    ix = torch.empty((n, 1, h, w), dtype=torch.int32, device=dev) if ixp is not None else None
+    mean_slots = sum(1 << i for i, k in enumerate(kinds) if k == 1)
+    fmax = torch.empty_like(dz) if mx is not None else None
+    fmean = torch.empty_like(dz) if mean_slots else None
+    wt = weight.to(torch.float32).contiguous()
+    if programs > 0:
+        gattn = None if grad_attn is None else grad_attn.reshape(n, 1, h, w).contiguous()
+        has_norm = norm_scale is not None
+        _gate_backward_kernel[(programs,)](
+            ga, cntp if cntp is not None else ga, ixp if ixp is not None else ga,
+            gattn if gattn is not None else ga, attn.contiguous(), logits.contiguous(),
+            norm_scale if has_norm else ga, dz, cnt if cnt is not None else ga, ix if ix is not None else ga, part,
+            hw, chunks, npart, ntaps, HAS_GATTN=gattn is not None, HAS_MAX=cnt is not None, HAS_IX=ix is not None,
+            HAS_NORM=has_norm, BP=_BP_SMALL, num_warps=_NUM_WARPS)
+        _conv_backward_kernel[(programs,)](
+            dz, pooled.contiguous(), wt, cnt if cnt is not None else dz, fmax if fmax is not None else dz,
+            fmean if fmean is not None else dz, part, c, h, w, npart, P=np_, KH=kh, KW=kw, DIL=dilation,
+            MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BP=_BP_SMALL,
+            num_warps=_NUM_WARPS)
+    gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
+    gb, gnsh, gns = (torch.empty(1, dtype=torch.float32, device=dev) for _ in range(3))
+    _column_sums_kernel[(npart,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps, BR=_BP_SMALL,
+                                  num_warps=_NUM_WARPS)
+    gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
+    if norm_scale is None:
+        gns = gnsh = None
+    return gx, gs, gw, gb, gns, gnsh
 
 
 def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):

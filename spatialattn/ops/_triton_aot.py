@@ -11,7 +11,11 @@ not that they compile for a GPU nor what the compiled code does. This module
 2. compiles each distinct specialisation ahead of time with Triton's own compiler and the
    ``ptxas`` it ships, down to a cubin (:func:`compile_launch`), and reads off registers,
    local memory (spills), shared memory and the width of every global load and store in
-   the PTX.
+   the PTX;
+3. counts the kernel launches a call would make on a GPU (:func:`kernel_launches`): the
+   Triton launches plus the torch operators that launch a kernel, inside the custom ops
+   too. On small maps and at GPU bandwidth a launch (several microseconds of host time)
+   can cost more than the data it moves.
 
 No GPU or driver is needed. Used by ``tests/ops/test_triton_compile.py`` and
 ``benchmarks/triton_report.py``. Relies on Triton's JIT internals
@@ -144,6 +148,52 @@ def record_launches(workload: Callable[[], None], arch: int = 90) -> List[Launch
     return list(found.values())
 
 
+# torch operators that launch no kernel: views, allocations, metadata; `to` / `contiguous`
+# launch one only when they return new storage (checked per call)
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "expand", "as_strided", "empty", "empty_like", "empty_strided",
+              "detach", "alias", "t", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice",
+              "lift_fresh", "split", "unbind", "new_empty", "new_empty_strided", "_reshape_alias", "resize_",
+              "as_strided_", "split_with_sizes", "view_as", "expand_as", "detach_", "set_"}
+_MAYBE_KERNEL = {"to", "contiguous", "type_as", "_to_copy"}
+
+
+def kernel_launches(workload: Callable[[], None]) -> collections.Counter:
+    """Kernel launches ``workload`` would make on a GPU through the Triton path, by name
+    (Triton kernels by their function name, torch operators as ``aten.<name>``), counted on
+    CPU tensors: Triton launches are recorded as in :func:`record_launches`; torch operators
+    through a dispatch mode that also looks inside this library's custom ops."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "spatialattn":
+                with self:  # the custom op's own body, whose operators this mode must see too
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            if name in _MAYBE_KERNEL:
+                first = args[0] if args else None
+                same = isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor) and \
+                    out.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                if not same:
+                    counts["aten." + name] += 1
+            elif name not in _NO_KERNEL:
+                counts["aten." + name] += 1
+            return out
+
+    def run() -> None:
+        with _Count():
+            workload()
+
+    for launch in record_launches(run):
+        counts[launch.kernel] += len(launch.grids)
+    return counts
+
+
 Case = Tuple[Tuple[int, int, int, int], torch.dtype, int]  # (shape, dtype, programs per SM)
 ALL_ORDERS = (("max", "mean"), ("mean", "max"), ("max",), ("mean",))
 
@@ -189,6 +239,10 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
             wt = leaf(1, len(order), 7, 7, dt=torch.float32)
             y = ops.spatial_attention_fused(x, wt, order=order, channel_scale=s)
             torch.autograd.grad(y, [t for t in (x, s, wt) if t is not None], torch.ones_like(y))
+    # a bias, another kernel size and a dilation (the gate's compile-time variants)
+    x, wt, b = leaf(*shape), leaf(1, 2, 3, 3, dt=torch.float32), leaf(1, dt=torch.float32)
+    y = ops.spatial_attention_fused(x, wt, b, dilation=2)
+    torch.autograd.grad(y, (x, wt, b), torch.ones_like(y))
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

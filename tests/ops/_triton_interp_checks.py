@@ -136,6 +136,23 @@ def main() -> None:
     x[0, 17, 1, 2] = float("nan")
     p = _triton.pool_forward(x, None, [0, 1], torch.float32)
     assert torch.isnan(p[0, :, 1, 2]).all() and not torch.isnan(p[0, :, 0, 0]).any(), "NaN lost in max pooling"
+    # the gate on the small maps (conv + bias, affine norm, sigmoid in one kernel) against
+    # torch in float64: kernel sizes, dilations, one or two maps, with and without bias / norm;
+    # 130 pixels: two programs of _BP_SMALL, the second part-empty
+    for p_, k_, dil, has_b, has_norm in [(2, 7, 1, True, False), (1, 3, 2, False, True), (2, 5, 3, True, True),
+                                         (2, 1, 1, False, False)]:
+        g = torch.Generator().manual_seed(k_ * 10 + dil)
+        pooled = torch.randn(2, p_, 10, 13, generator=g)
+        wt = torch.randn(1, p_, k_, k_, generator=g)
+        b = torch.randn(1, generator=g) if has_b else None
+        ns, nsh = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if has_norm else (None, None)
+        logits, attn = _triton.gate(pooled, wt, b, ns, nsh, dil)
+        want = torch.nn.functional.conv2d(pooled.double(), wt.double(), None if b is None else b.double(),
+                                          padding=dil * (k_ // 2), dilation=dil)
+        check(logits.double(), want, torch.float32, f"gate logits k={k_} dilation={dil}")
+        z = want if ns is None else want * ns.double() + nsh.double()
+        check(attn.double(), torch.sigmoid(z), torch.float32, f"gate attention k={k_} dilation={dil}")
+        count += 2
     # the whole SAM custom op on its generic (Triton) path, forward and backward
     lib._cpp_ok = lambda x: False
     lib._triton_ok = lambda x: True
@@ -153,6 +170,30 @@ def main() -> None:
     want = torch.autograd.grad(y_ref, (x, s, wt, b), gy)
     for gg, ww, name in zip(got, want, ("x", "scale", "weight", "bias")):
         check(gg, ww, torch.float32, f"sam backward {name}")
+    # the backward's small-map kernels: affine norm, other kernel sizes and dilations, one
+    # pooled map, a gradient through the returned attention, pixel counts over two programs
+    for order, k_, dil, layout in [([0], 5, 2, "nchw"), ([1], 3, 1, "channels_last"), ([0, 1, 1], 3, 3, "nchw")]:
+        shape2 = (2, 19, 9, 17)
+        x = make(shape2, layout, torch.float32, 7).requires_grad_()
+        g = torch.Generator().manual_seed(k_)
+        wt = torch.randn(1, len(order), k_, k_, generator=g).requires_grad_()
+        ns = (torch.rand(1, generator=g) + 0.5).requires_grad_()
+        nsh = torch.randn(1, generator=g).requires_grad_()
+        y, attn, _, _ = lib.sam_op(x, wt, None, None, ns, nsh, order, dil)
+        names = ["max" if k == 0 else "mean" for k in order]
+        xd, wd, nsd, nshd = (t.detach().double().requires_grad_() for t in (x, wt, ns, nsh))
+        pooled = reference.channel_pool(xd, names, None, torch.float64)
+        z = torch.nn.functional.conv2d(pooled, wd, padding=dil * (k_ // 2), dilation=dil) * nsd + nshd
+        attn_ref = torch.sigmoid(z)
+        y_ref = xd * attn_ref
+        gy, ga = torch.randn(shape2, generator=g), torch.randn(2, 1, 9, 17, generator=g)
+        got = torch.autograd.grad((y, attn), (x, wt, ns, nsh), (gy, ga))
+        want = torch.autograd.grad((y_ref, attn_ref), (xd, wd, nsd, nshd), (gy.double(), ga.double()))
+        check(y.double(), y_ref, torch.float32, f"sam forward {order} k={k_} dilation={dil}")
+        for gg, ww, name in zip(got, want, ("x", "weight", "norm scale", "norm shift")):
+            scale_ = max(1.0, float(ww.abs().max()))
+            torch.testing.assert_close(gg.double(), ww, rtol=1e-5, atol=1e-5 * scale_,
+                                       msg=lambda m: f"sam backward {name} {order} k={k_} dilation={dil}: {m}")
     # SAM with a training-mode BatchNorm on the logits (GenericSamBatchNorm, Triton passes)
     for layout in ("nchw", "channels_last"):
         for dtype in (torch.float32, torch.float16):
