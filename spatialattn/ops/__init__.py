@@ -425,6 +425,12 @@ def spatial_attention_fused_batchnorm(
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
+    elif norm.training and norm.track_running_stats and _lib._triton_ok(x):
+        from . import _triton  # the same formula in one kernel (factor read on the device)
+
+        with torch.no_grad():
+            _triton.bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats, count,
+                                      norm.momentum)
     elif norm.training and norm.track_running_stats:
         with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum

@@ -550,6 +550,7 @@ def _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilati
     ctx.small_maps = (logits, pooled, stats)  # not inputs or outputs: no version tracking needed
     ctx.save_for_backward(x, scale, weight, bn_weight, attn)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # an unused attention gradient arrives as None, not as zeros
 
 
 def _bn_saved(ctx, grad_y):
@@ -612,6 +613,14 @@ class GenericSamBatchNorm(torch.autograd.Function):
         x = _dense(x)  # one dense copy of a strided x, made here and saved, not in every pass
         acc = _acc(x)
         pooled = _generic_pool(x, scale, kinds, acc)
+        if _triton_ok(x):
+            from . import _triton
+
+            logits, attn, stats = _triton.gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
+            y = _generic_multiply(x, attn, scale)
+            _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled,
+                     stats)
+            return y, attn, stats
         kh, kw = weight.shape[-2:]
         with autocast_off(device_type(x)):
             logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
@@ -633,6 +642,13 @@ class GenericSamBatchNorm(torch.autograd.Function):
         need = ctx.needs_input_grad
         acc = attn.dtype
         need_gs = scale is not None and need[3]
+        if _triton_ok(x):
+            from . import _triton
+
+            gx, gs, gw, gb, ggamma, gbeta = _triton.sam_backward(
+                grad_y, grad_attn, x, scale, weight, None, attn, logits, pooled, ctx.kinds, ctx.dilation, need_gs,
+                bn_stats=stats, bn_weight=bn_weight, bn_eps=ctx.eps)
+            return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
         dA, ties = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc, need_gs)
         if grad_attn is not None:
             dA = dA + grad_attn.to(acc)

@@ -43,6 +43,7 @@ sweeps on a GPU.
 """
 from __future__ import annotations
 
+import struct
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -229,10 +230,13 @@ if _HAVE_TRITON:
     @triton.jit
     def _gate_kernel(pooled_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, logits_ptr, attn_ptr, H, W, P: tl.constexpr,
                      KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr,
-                     HAS_NORM: tl.constexpr, BP: tl.constexpr):
+                     HAS_NORM: tl.constexpr, STATS: tl.constexpr, BP: tl.constexpr):
         # the gate on the small maps, one launch for what torch ran as conv2d, the affine norm
         # and sigmoid: logits = conv(pooled, w) + b (zero padding DIL * (K // 2), K odd),
-        # attn = sigmoid(logits * ns + nsh); float32, one pixel per lane, the taps unrolled
+        # attn = sigmoid(logits * ns + nsh); float32, one pixel per lane, the taps unrolled.
+        # STATS (a BatchNorm with batch statistics follows): no attention; instead this
+        # program's (count, sum, sum of squared deviations from its own mean) of the logits,
+        # float64, at attn_ptr[3 * program], for _bn_attn_kernel to combine
         HW = H * W
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
@@ -251,15 +255,73 @@ if _HAVE_TRITON:
         if HAS_B:
             acc += tl.load(b_ptr).to(tl.float32)
         tl.store(logits_ptr + n * HW + p, acc, mask=pm)
-        z = acc
-        if HAS_NORM:
-            z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
+        if STATS:
+            l64 = acc.to(tl.float64)
+            cnt = tl.sum(tl.where(pm, 1.0, 0.0).to(tl.float64), axis=0)
+            tot = tl.sum(tl.where(pm, l64, 0.0), axis=0)
+            dev = tl.where(pm, l64 - tot / cnt, 0.0)
+            row = attn_ptr + tl.program_id(0).to(tl.int64) * 3
+            tl.store(row, cnt)
+            tl.store(row + 1, tot)
+            tl.store(row + 2, tl.sum(dev * dev, axis=0))
+        else:
+            z = acc
+            if HAS_NORM:
+                z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
+            tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+
+    @triton.jit
+    def _batch_stats(stat_ptr, R, BR: tl.constexpr):
+        """``(count, mean, biased variance)`` (float64) of the logits from the ``R`` programs'
+        ``(count, sum, M2)`` rows at ``stat_ptr``, combined in a fixed order (Chan et al.'s
+        pairwise update: M2 = sum M2_i + n_i (mean_i - mean)^2); every caller gets the same bits."""
+        acc_n = tl.zeros([BR], tl.float64)
+        acc_s = tl.zeros([BR], tl.float64)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            rm = r < R
+            acc_n += tl.load(stat_ptr + r.to(tl.int64) * 3, mask=rm, other=0.0)
+            acc_s += tl.load(stat_ptr + r.to(tl.int64) * 3 + 1, mask=rm, other=0.0)
+        m = tl.sum(acc_n, axis=0)
+        mean = tl.sum(acc_s, axis=0) / m
+        acc_m2 = tl.zeros([BR], tl.float64)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            rm = r < R
+            ni = tl.load(stat_ptr + r.to(tl.int64) * 3, mask=rm, other=1.0)
+            si = tl.load(stat_ptr + r.to(tl.int64) * 3 + 1, mask=rm, other=0.0)
+            d = si / ni - mean
+            acc_m2 += tl.where(rm, tl.load(stat_ptr + r.to(tl.int64) * 3 + 2, mask=rm, other=0.0) + ni * d * d, 0.0)
+        return m, mean, tl.sum(acc_m2, axis=0) / m
+
+    @triton.jit
+    def _bn_attn_kernel(logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, HW, HAS_G: tl.constexpr,
+                        HAS_BETA: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
+        # attn = sigmoid(logits * k + shift) with the batch statistics of all logits: every
+        # program combines the partial statistics itself (a few hundred values), program 0
+        # stores [mean, var] (float64); k = gamma / sqrt(var + eps), shift = beta - mean * k
+        # in float64, applied in float32 (as torch's formula)
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        _, mean, var = _batch_stats(stat_ptr, R, BR)
+        k = 1.0 / tl.sqrt(var + eps)
+        if HAS_G:
+            k = k * tl.load(g_ptr).to(tl.float64)
+        shift = -mean * k
+        if HAS_BETA:
+            shift = tl.load(b_ptr).to(tl.float64) - mean * k
+        lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+        z = lg * k.to(tl.float32) + shift.to(tl.float32)
         tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+        if tl.program_id(0) == 0:
+            tl.store(stats_ptr, mean)
+            tl.store(stats_ptr + 1, var)
 
     @triton.jit
     def _gate_backward_kernel(ga_ptr, cnt_ptr, ix_ptr, gattn_ptr, attn_ptr, logits_ptr, ns_ptr, dz_ptr, cnt_out_ptr,
-                              ix_out_ptr, part_ptr, HW, S, NPART, COL, HAS_GATTN: tl.constexpr, HAS_MAX: tl.constexpr,
-                              HAS_IX: tl.constexpr, HAS_NORM: tl.constexpr, BP: tl.constexpr):
+                              ix_out_ptr, part_ptr, stats_ptr, eps, HW, S, NPART, COL, HAS_GATTN: tl.constexpr,
+                              HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, HAS_NORM: tl.constexpr, BN: tl.constexpr,
+                              BP: tl.constexpr):
         # backward of the sigmoid and the affine norm, per pixel: pass A's S partial results
         # [N, S, HW] combined in a fixed order (sum_c grad * x', tie counts, max channel), plus
         # the gradient of the returned attention; writes d logits' (dz) and the combined counts
@@ -286,34 +348,67 @@ if _HAVE_TRITON:
         a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
         dz = ga * ((1.0 - a) * a)
         row = part_ptr + tl.program_id(0).to(tl.int64) * NPART + COL
-        if HAS_NORM:
-            lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
-            tl.store(row + 1, tl.sum(tl.where(pm, dz, 0.0), axis=0))
-            tl.store(row + 2, tl.sum(tl.where(pm, dz * lg, 0.0), axis=0))
-            dz = dz * tl.load(ns_ptr).to(tl.float32)
+        if BN:
+            # BatchNorm with batch statistics: this program's sums of dz and dz * xhat (float64);
+            # the conv backward combines them into d logits (column COL is its)
+            invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+            xhat = (tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - tl.load(stats_ptr)) * invstd
+            dz64 = tl.where(pm, dz.to(tl.float64), 0.0)
+            tl.store(row + 1, tl.sum(dz64, axis=0))
+            tl.store(row + 2, tl.sum(dz64 * xhat, axis=0))
         else:
-            tl.store(row + 1, 0.0)
-            tl.store(row + 2, 0.0)
-        tl.store(row, tl.sum(tl.where(pm, dz, 0.0), axis=0))
+            if HAS_NORM:
+                lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+                tl.store(row + 1, tl.sum(tl.where(pm, dz, 0.0), axis=0))
+                tl.store(row + 2, tl.sum(tl.where(pm, dz * lg, 0.0), axis=0))
+                dz = dz * tl.load(ns_ptr).to(tl.float32)
+            else:
+                tl.store(row + 1, 0.0)
+                tl.store(row + 2, 0.0)
+            tl.store(row, tl.sum(tl.where(pm, dz, 0.0), axis=0))
         tl.store(dz_ptr + n * HW + p, dz, mask=pm)
 
     @triton.jit
-    def _conv_backward_kernel(dz_ptr, pooled_ptr, w_ptr, cnt_ptr, fmax_ptr, fmean_ptr, part_ptr, C, H, W, NPART,
-                              P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
-                              MEAN_SLOTS: tl.constexpr, HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr,
-                              BP: tl.constexpr):
+    def _conv_backward_kernel(dz_ptr, pooled_ptr, w_ptr, cnt_ptr, fmax_ptr, fmean_ptr, part_ptr, logits_ptr,
+                              stats_ptr, g_ptr, eps, R, C, H, W, NPART, P: tl.constexpr, KH: tl.constexpr,
+                              KW: tl.constexpr, DIL: tl.constexpr, MEAN_SLOTS: tl.constexpr, HAS_MAX: tl.constexpr,
+                              HAS_MEAN: tl.constexpr, BN: tl.constexpr, HAS_G: tl.constexpr, BP: tl.constexpr):
         # the conv's backward on the small maps, per pixel: the gradient of each pooled map
         # (transposed conv of dz), summed over the max slots and over the mean slots (bit i of
         # MEAN_SLOTS: slot i is a mean) into what the gradient pass reads, the max's share per
         # tied channel (/ tie count) and the mean's (/ C); and this program's partial sums of
         # the weight gradient (pooled * dz per tap) into columns [0, P * KH * KW) of its row
+        # BN: d logits from dz and the batch sums of dz and dz * xhat over the R programs'
+        # rows (each program adds them up itself, in the same order), at every tap (dl of the
+        # neighbours), and this program's partial sum of dl (the conv bias' gradient) at NTAPS
         HW = H * W
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         h = p // W
         w = p % W
-        dzv = tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0)
         row = part_ptr + tl.program_id(0).to(tl.int64) * NPART
+        NTAPS: tl.constexpr = P * KH * KW
+        if BN:
+            acc1 = tl.zeros([BP], tl.float64)
+            acc2 = tl.zeros([BP], tl.float64)
+            for r0 in range(0, R, BP):
+                r = r0 + tl.arange(0, BP)
+                acc1 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 1, mask=r < R, other=0.0)
+                acc2 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 2, mask=r < R, other=0.0)
+            m = (tl.num_programs(0) // tl.cdiv(HW, BP) * HW).to(tl.float64)
+            mean = tl.load(stats_ptr)
+            invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+            c1 = invstd
+            if HAS_G:
+                c1 = tl.load(g_ptr).to(tl.float64) * invstd
+            a0 = tl.sum(acc1, axis=0) / m
+            a1 = tl.sum(acc2, axis=0) / m
+            dl64 = c1 * (tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - a0
+                         - (tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - mean) * invstd * a1)
+            tl.store(row + NTAPS, tl.sum(tl.where(pm, dl64, 0.0), axis=0))
+            dzv = tl.where(pm, dl64.to(tl.float32), 0.0)
+        else:
+            dzv = tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0)
         gmax = tl.zeros([BP], tl.float32)
         gmean = tl.zeros([BP], tl.float32)
         for i in tl.static_range(P):
@@ -329,7 +424,12 @@ if _HAVE_TRITON:
                     wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
                     wi = w - dw
                     mi = him & (wi >= 0) & (wi < W)
-                    gp += tl.load(dz_ptr + n * HW + hi * W + wi, mask=mi, other=0.0) * wt
+                    dzn = tl.load(dz_ptr + n * HW + hi * W + wi, mask=mi, other=0.0)
+                    if BN:
+                        ln = tl.load(logits_ptr + n * HW + hi * W + wi, mask=mi, other=0.0).to(tl.float64)
+                        dln = c1 * (dzn.to(tl.float64) - a0 - (ln - mean) * invstd * a1)
+                        dzn = tl.where(mi, dln.to(tl.float32), 0.0)
+                    gp += dzn * wt
                     wo = w + dw
                     mo = hom & (wo >= 0) & (wo < W)
                     pv = tl.load(pooled_ptr + (n * P + i) * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
@@ -349,7 +449,7 @@ if _HAVE_TRITON:
         # order, into the parameter gradient it belongs to: the weight's taps, then bias,
         # norm shift and norm scale (separate tensors: outputs of a custom op must not alias)
         j = tl.program_id(0)
-        acc = tl.zeros([BR], tl.float32)
+        acc = tl.zeros([BR], part_ptr.dtype.element_ty)  # float64 partials for the BatchNorm
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
             acc += tl.load(part_ptr + r.to(tl.int64) * NPART + j, mask=r < R, other=0.0)
@@ -362,6 +462,61 @@ if _HAVE_TRITON:
             tl.store(gnsh_ptr, tot)
         else:
             tl.store(gns_ptr, tot)
+
+    @triton.jit
+    def _bn_running_kernel(stats_ptr, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT: tl.constexpr,
+                           CUMULATIVE: tl.constexpr):
+        # BatchNorm2d's running-statistics update from the batch [mean, biased var] (float64),
+        # one program: running = factor * stat + (1 - factor) * running in float64, rounded
+        # once; factor = momentum, or 1 / num_batches_tracked (after the increment) where the
+        # momentum is None -- read here, not synchronised to the host as float(tensor) would
+        mean = tl.load(stats_ptr)
+        var = tl.load(stats_ptr + 1)
+        # the momentum, a Python float, arrives as the two 32-bit halves of its float64 bits
+        # (a float argument would be rounded to float32, and 0.1 is not 0.1 there)
+        bits = (m_hi.to(tl.int64) << 32) | (m_lo.to(tl.int64) & 0xFFFFFFFF)
+        factor = bits.to(tl.float64, bitcast=True)
+        if HAS_NBT:
+            t = tl.load(nbt_ptr) + 1
+            tl.store(nbt_ptr, t)
+            if CUMULATIVE:
+                factor = 1.0 / t.to(tl.float64)
+        cnt = count.to(tl.float64)
+        unbiased = var * cnt / (cnt - 1.0)
+        rm = tl.load(rm_ptr).to(tl.float64)
+        tl.store(rm_ptr, (factor * mean + (1.0 - factor) * rm).to(rm_ptr.dtype.element_ty))
+        rv = tl.load(rv_ptr).to(tl.float64)
+        tl.store(rv_ptr, (factor * unbiased + (1.0 - factor) * rv).to(rv_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _gpool_combine_kernel(part_ptr, out_ptr, cnt_ptr, NC, S, HW, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                              COUNT: tl.constexpr, BLOCK: tl.constexpr):
+        # the S partial results [S, 3, N * C] of a split global pooling (max with NaN restored,
+        # sum, tie count at the chunk's max) into the [P, N * C] output and the [N * C] tie
+        # counts, in a fixed order: one launch where torch took five to seven
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        em = e < NC
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        sm = tl.zeros([BLOCK], tl.float32)
+        k = tl.zeros([BLOCK], tl.float32)
+        nan = tl.zeros([BLOCK], tl.int32)
+        for s in range(S):
+            base = part_ptr + s * 3 * NC + e
+            m = tl.load(base, mask=em, other=float("-inf"))
+            nan = tl.maximum(nan, tl.where(m != m, 1, 0))
+            sm += tl.load(base + NC, mask=em, other=0.0)
+            if COUNT:
+                ks = tl.load(base + 2 * NC, mask=em, other=0.0)
+                k = tl.where(m > top, ks, tl.where(m == top, k + ks, k))
+            top = tl.maximum(top, m)
+        if I_MAX >= 0:
+            mx = tl.where(nan > 0, float("nan"), top)
+            tl.store(out_ptr + I_MAX * NC + e, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=em)
+        if I_MEAN >= 0:
+            tl.store(out_ptr + I_MEAN * NC + e, (sm / HW).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=em)
+        if COUNT:
+            tl.store(cnt_ptr + e, tl.where(nan > 0, 0.0, k), mask=em)
 
     @triton.jit
     def _mul_kernel(x_ptr, s_ptr, a_ptr, y_ptr, C, HW, HAS_S: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
@@ -627,8 +782,48 @@ def gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], norm_scale: Opt
     _gate_kernel[(n * triton.cdiv(h * w, _BP_SMALL),)](
         pooled, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
         norm_shift if has_norm else wt, logits, attn, h, w, P=p, KH=kh, KW=kw, DIL=dilation,
-        HAS_B=bias is not None, HAS_NORM=has_norm, BP=_BP_SMALL, num_warps=_NUM_WARPS)
+        HAS_B=bias is not None, HAS_NORM=has_norm, STATS=False, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     return logits, attn
+
+
+def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], eps: float, dilation: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logits, attn, stats)``: the gate with a training-mode ``BatchNorm2d(1)`` on the logits,
+    ``attn = sigmoid(bn(conv2d(pooled, weight) + bias))`` with the batch statistics ``stats =
+    [mean, biased var]`` (float64) of all ``N * H * W`` logits; two launches (the conv with
+    per-program partial statistics, then the attention)."""
+    n, p, h, w = pooled.shape
+    kh, kw = weight.shape[-2:]
+    dev = pooled.device
+    pooled = pooled.contiguous()
+    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    attn = torch.empty_like(logits)
+    stats = torch.empty(2, dtype=torch.float64, device=dev)
+    programs = n * triton.cdiv(h * w, _BP_SMALL)
+    if programs == 0:
+        return logits, attn, stats.fill_(float("nan"))
+    part = torch.empty((programs, 3), dtype=torch.float64, device=dev)
+    wt = weight.to(torch.float32).contiguous()
+    _gate_kernel[(programs,)](pooled, wt, bias if bias is not None else wt, wt, wt, logits, part, h, w, P=p, KH=kh,
+                              KW=kw, DIL=dilation, HAS_B=bias is not None, HAS_NORM=False, STATS=True,
+                              BP=_BP_SMALL, num_warps=_NUM_WARPS)
+    _bn_attn_kernel[(programs,)](logits, part, programs, bn_weight if bn_weight is not None else wt,
+                                 bn_bias if bn_bias is not None else wt, float(eps), attn, stats, h * w,
+                                 HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, BP=_BP_SMALL,
+                                 BR=_BP_SMALL, num_warps=_NUM_WARPS)
+    return logits, attn, stats
+
+
+def bn_update_running(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                      stats: Tensor, count: int, momentum: Optional[float]) -> None:
+    """``BatchNorm2d``'s update of ``running_mean`` / ``running_var`` (and the increment of
+    ``num_batches_tracked``) from :func:`gate_batchnorm`'s ``stats``, in one launch."""
+    bits = struct.unpack("<q", struct.pack("<d", 0.0 if momentum is None else float(momentum)))[0]
+    hi, lo = bits >> 32, bits & 0xFFFFFFFF
+    lo = lo - (1 << 32) if lo >= 1 << 31 else lo  # both halves as signed 32-bit integers
+    _bn_running_kernel[(1,)](stats, running_mean, running_var,
+                             num_batches_tracked if num_batches_tracked is not None else stats, int(count), hi, lo,
+                             HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, num_warps=1)
 
 
 def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -772,7 +967,8 @@ def _gradx_run(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn:
 
 def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
                  weight: Tensor, norm_scale: Optional[Tensor], attn: Tensor, logits: Tensor, pooled: Tensor,
-                 kinds: Sequence[int], dilation: int, need_gs: bool = True):
+                 kinds: Sequence[int], dilation: int, need_gs: bool = True, bn_stats: Optional[Tensor] = None,
+                 bn_weight: Optional[Tensor] = None, bn_eps: float = 0.0):
     """Backward of the sigmoid-gated SAM (:func:`pool_forward`, :func:`gate`,
     :func:`gate_forward`) in four kernels and one sum: pass A over ``x``, the sigmoid / norm
     backward and the conv backward on the small maps, the gradient pass over ``x``, and the
@@ -782,6 +978,11 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     grad_bias [1], grad_norm_scale [1] or None, grad_norm_shift [1] or None)``, the small ones
     in float32. ``grad_y``: like ``x``; ``grad_attn``: ``[N, 1, H, W]`` or None; ``attn``,
     ``logits``: float32 ``[N, 1, H, W]``; ``pooled``: float32 ``[N, P, H, W]``.
+
+    With ``bn_stats`` (:func:`gate_batchnorm`'s ``[mean, var]``) the norm is a training-mode
+    BatchNorm (weight ``bn_weight``, ``bn_eps``) instead of the affine ``norm_scale``; the last
+    two gradients are then those of the BatchNorm's weight and bias (float64 sums, as the
+    PyTorch formula).
     """
     kinds = list(kinds)
     n, c, h, w = x.shape
@@ -796,8 +997,10 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     programs = n * triton.cdiv(hw, _BP_SMALL)
     ntaps = np_ * kh * kw
     npart = ntaps + 3
+    bn = bn_stats is not None
     # every element is written by the kernels below (zeros where there is nothing to add)
-    part = (torch.empty if programs > 0 else torch.zeros)((max(programs, 1), npart), dtype=torch.float32, device=dev)
+    part = (torch.empty if programs > 0 else torch.zeros)((max(programs, 1), npart),
+                                                          dtype=torch.float64 if bn else torch.float32, device=dev)
     dz = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     cnt = torch.empty_like(dz) if cntp is not None else None
     ix = torch.empty((n, 1, h, w), dtype=torch.int32, device=dev) if ixp is not None else None
@@ -812,19 +1015,21 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
             ga, cntp if cntp is not None else ga, ixp if ixp is not None else ga,
             gattn if gattn is not None else ga, attn.contiguous(), logits.contiguous(),
             norm_scale if has_norm else ga, dz, cnt if cnt is not None else ga, ix if ix is not None else ga, part,
-            hw, chunks, npart, ntaps, HAS_GATTN=gattn is not None, HAS_MAX=cnt is not None, HAS_IX=ix is not None,
-            HAS_NORM=has_norm, BP=_BP_SMALL, num_warps=_NUM_WARPS)
+            bn_stats if bn else part, float(bn_eps), hw, chunks, npart, ntaps, HAS_GATTN=gattn is not None,
+            HAS_MAX=cnt is not None, HAS_IX=ix is not None, HAS_NORM=has_norm, BN=bn, BP=_BP_SMALL,
+            num_warps=_NUM_WARPS)
         _conv_backward_kernel[(programs,)](
             dz, pooled.contiguous(), wt, cnt if cnt is not None else dz, fmax if fmax is not None else dz,
-            fmean if fmean is not None else dz, part, c, h, w, npart, P=np_, KH=kh, KW=kw, DIL=dilation,
-            MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BP=_BP_SMALL,
-            num_warps=_NUM_WARPS)
+            fmean if fmean is not None else dz, part, logits.contiguous(), bn_stats if bn else part,
+            bn_weight if bn_weight is not None else wt, float(bn_eps), programs, c, h, w, npart, P=np_, KH=kh,
+            KW=kw, DIL=dilation, MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BN=bn,
+            HAS_G=bn and bn_weight is not None, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
     gb, gnsh, gns = (torch.empty(1, dtype=torch.float32, device=dev) for _ in range(3))
     _column_sums_kernel[(npart,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps, BR=_BP_SMALL,
                                   num_warps=_NUM_WARPS)
     gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
-    if norm_scale is None:
+    if norm_scale is None and not bn:
         gns = gnsh = None
     return gx, gs, gw, gb, gns, gnsh
 
@@ -865,13 +1070,10 @@ def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype, cou
                                         n * c, c, hw, p_per, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
                                         PARTIAL=part is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if part is not None:
-        top = part[:, 0].amax(dim=0)
-        if i_max >= 0:
-            out[i_max].copy_(top)
-        if i_mean >= 0:
-            out[i_mean].copy_(part[:, 1].sum(dim=0) / hw)
-        if count:
-            counts.copy_(torch.where(part[:, 0] == top, part[:, 2], 0.0).sum(dim=0))
+        nc = n * c
+        _gpool_combine_kernel[(triton.cdiv(nc, _BP_SMALL),)](part, out, counts if counts is not None else part, nc,
+                                                             chunks, hw, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
+                                                             BLOCK=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:

@@ -226,6 +226,27 @@ def main() -> None:
                     torch.testing.assert_close(gg.float(), ww.float(), rtol=1e-2,
                                                atol=1e-2 * max(1.0, float(ww.abs().max())), msg=what)
             count += 1
+    # BatchNorm2d's running-statistics update in one kernel: bit for bit the float64 formula of
+    # BatchNorm2d.forward (the momentum passed as its float64 bits), cumulative average too
+    stats = torch.tensor([0.123456789, 2.718281828], dtype=torch.float64)
+    for momentum in (0.1, 0.3, None):
+        for tracked in (True, False):
+            rm, rv = torch.tensor([0.5]), torch.tensor([1.7])
+            nbt = torch.tensor(3) if tracked else None
+            want_rm, want_rv, want_nbt = rm.clone(), rv.clone(), None if nbt is None else nbt.clone()
+            for _ in range(2):
+                _triton.bn_update_running(rm, rv, nbt, stats, 77, momentum)
+                factor = 0.0 if momentum is None else momentum
+                if want_nbt is not None:
+                    want_nbt.add_(1)
+                    factor = 1.0 / float(want_nbt) if momentum is None else momentum
+                unbiased = stats[1] * 77 / (77 - 1)
+                want_rm.copy_(factor * stats[0] + (1.0 - factor) * want_rm.double())
+                want_rv.copy_(factor * unbiased + (1.0 - factor) * want_rv.double())
+            what = f"running statistics momentum={momentum} tracked={tracked}"
+            assert torch.equal(rm, want_rm) and torch.equal(rv, want_rv), (what, rm, want_rm, rv, want_rv)
+            assert nbt is None or torch.equal(nbt, want_nbt), what
+            count += 1
     # CBAM channel-gate pooling (max / mean over H, W) and its backward, through ops.global_pool
     from spatialattn import ops
 

@@ -36,7 +36,11 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [((2, 24, 9, 12), F32, 8), ((2, 24, 9, 12), BF16, 8), ((1, 16, 8, 8), F16, 0), ((1, 16, 8, 8), F32, 0)]
 ORDERS = (("max", "mean"), ("mean",))
 # kernels on the small [N, P, H, W] maps, one program per _BP_SMALL pixels
-_SMALL_MAP_KERNELS = {"_pool_combine_kernel", "_gate_kernel", "_gate_backward_kernel", "_conv_backward_kernel"}
+_SMALL_MAP_KERNELS = {"_pool_combine_kernel", "_gate_kernel", "_bn_attn_kernel", "_gate_backward_kernel",
+                      "_conv_backward_kernel"}
+_GATE_VECTOR_KERNELS = {"_gpool_combine_kernel"}  # on CBAM's [N, C] channel-gate vectors
+# the sums of the parameter gradients' partials (a program per parameter), the running statistics
+_ONE_SHOT_KERNELS = {"_column_sums_kernel", "_bn_running_kernel"}
 WRITERS = ("_mul_kernel", "_gradx_kernel", "_gpool_backward_kernel")  # kernels that write x-sized tensors
 
 
@@ -58,7 +62,7 @@ def test_workload_launches_every_kernel_and_variant(launches):
     launched = {name for name in aot.kernels() if name.endswith("_kernel")}
     assert {launch.kernel for launch in launches} == launched
     for kernel in launched:
-        if kernel in _SMALL_MAP_KERNELS or kernel == "_column_sums_kernel":
+        if kernel in _SMALL_MAP_KERNELS | _ONE_SHOT_KERNELS | _GATE_VECTOR_KERNELS:
             assert _variants(launches, kernel, "CL") == {None}, kernel  # no layout: small maps, sums
         else:
             assert _variants(launches, kernel, "CL") == {False, True}, kernel
@@ -79,7 +83,7 @@ def test_compile_for_sm90_without_spills(sm90):
         # backward on the small maps unrolls its 2 x 49 taps and may hold more (no spills)
         limit = 255 if c.launch.kernel == "_conv_backward_kernel" else 128
         assert c.registers <= limit, f"{c.launch.describe()}: {c.registers} registers"
-        assert c.num_warps == _triton._NUM_WARPS
+        assert c.num_warps == (1 if c.launch.kernel == "_bn_running_kernel" else _triton._NUM_WARPS)
 
 
 @triton.jit
@@ -160,12 +164,14 @@ def test_grids_fill_the_gpu(shape):
         torch.autograd.grad(y, x, torch.ones_like(y))
 
     for launch in aot.record_launches(workload):
-        if launch.kernel == "_column_sums_kernel":  # one program per parameter of the conv and the norm
+        if launch.kernel in _ONE_SHOT_KERNELS:  # a program per parameter; one program
             continue
         for grid in launch.grids:
             programs = math.prod(grid)
             if launch.kernel in _SMALL_MAP_KERNELS:  # [N, 1 or P, H, W] maps
                 tiles = n * math.ceil(h * w / _triton._BP_SMALL)
+            elif launch.kernel in _GATE_VECTOR_KERNELS:
+                tiles = math.ceil(n * c / _triton._BP_SMALL)
             else:
                 bc, bp = (_triton._MUL_TILE[launch.constants()["CL"]] if launch.kernel == "_mul_kernel"
                           else (_triton._BC, _triton._BP))
@@ -246,6 +252,21 @@ def test_kernel_launches_of_the_fused_sam(shape):
     both = aot.kernel_launches(training_step)
     assert sum(both.values()) == 8 + split, dict(both)
     assert not [name for name in both if name.startswith("aten.")], dict(both)
+
+    # SpatialAttention in training: its BatchNorm with batch statistics (partial statistics
+    # with the conv, one kernel for the attention, one for the running statistics); was 72
+    from spatialattn.nn import SpatialAttention
+
+    module = SpatialAttention(shape[1]).train()
+
+    def module_step():
+        y = module(xg)
+        torch.autograd.grad(y, [xg] + list(module.parameters()), y)
+
+    step = aot.kernel_launches(module_step)
+    assert sum(step.values()) == 10 + split, dict(step)
+    assert step["_bn_attn_kernel"] == 1 and step["_bn_running_kernel"] == 1, dict(step)
+    assert not [name for name in step if name.startswith("aten.")], dict(step)
 
 
 def test_kernel_launches_counts_torch_ops():
