@@ -79,10 +79,8 @@ def test_compile_for_sm90_without_spills(sm90):
     assert len(sm90) > 100
     for c in sm90:
         assert c.local_bytes == 0, f"{c.launch.describe()}: {c.local_bytes} bytes of local memory (spills)"
-        # the passes over x stay at <= 128 registers (occupancy for memory streaming); the conv
-        # backward on the small maps unrolls its 2 x 49 taps and may hold more (no spills)
-        limit = 255 if c.launch.kernel == "_conv_backward_kernel" else 128
-        assert c.registers <= limit, f"{c.launch.describe()}: {c.registers} registers"
+        # (the conv backward with its tap rows unrolled had held 168-255)
+        assert c.registers <= 128, f"{c.launch.describe()}: {c.registers} registers"
         assert c.num_warps == (1 if c.launch.kernel == "_bn_running_kernel" else _triton._NUM_WARPS)
 
 
