@@ -101,11 +101,67 @@ def static_report(args, torch) -> str:
                 lines.append(f"| {'x'.join(map(str, shape))} | {'CL' if cl else 'NCHW'} | {name} | {programs} | "
                              f"{programs / H100_SMS:.1f} | {c.registers} | {c.shared_bytes} | {c.local_bytes} | "
                              f"{c.widest_load()} | {c.narrowest_store()} | {aot.contiguous_alignment(launch)} |")
-                worst.append((programs / H100_SMS, c.registers, c.local_bytes, name, shape, cl))
-    fewest = min(worst)
-    lines += ["", f"fewest programs per SM: {fewest[0]:.1f} ({fewest[3]}, {fewest[4]}, {'CL' if fewest[5] else 'NCHW'}); "
-              f"most registers: {max(w[1] for w in worst)}; local memory anywhere: {max(w[2] for w in worst)} B"]
-    return "\n".join(lines)
+                worst.append((programs / H100_SMS, c.registers, c.local_bytes, name, shape, cl,
+                              "x_ptr" in launch.signature))
+    fewest = min(w for w in worst if w[6])  # of the passes over x (the small-map kernels have few pixels)
+    lines += ["", f"fewest programs per SM of a pass over x: {fewest[0]:.1f} ({fewest[3]}, {fewest[4]}, "
+              f"{'CL' if fewest[5] else 'NCHW'}); most registers: {max(w[1] for w in worst)}; "
+              f"local memory anywhere: {max(w[2] for w in worst)} B"]
+    return "\n".join(lines + [""] + launch_table(args, torch))
+
+
+def launch_table(args, torch) -> list:
+    """Kernel launches per call on the Triton path (``_triton_aot.kernel_launches``): Triton
+    kernels + torch operators that launch one. On a GPU each costs a few microseconds of host
+    time, which on these shapes is of the order of the whole op's memory time."""
+    from spatialattn import ops
+    from spatialattn.nn import CBAM, SpatialAttention
+    from spatialattn.ops import _triton_aot as aot
+
+    dtype = getattr(torch, args.dtype)
+    modes = ["fused fwd", "fused fwd+bwd", "SpatialAttention eval", "SpatialAttention train", "CBAM eval",
+             "CBAM train"]
+    lines = ["## Kernel launches per call (Triton + torch)", "",
+             "Counted on CPU tensors with the dispatch pointed at the Triton path; modules in eval counted on",
+             "their second call (the folded BatchNorm is cached); train = forward + backward of the module.", "",
+             "| shape | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for shape in _shapes(args, SHAPES + GPU_SHAPES):
+        x = torch.randn(shape).to(dtype)
+        xg = x.clone().requires_grad_()
+        w = torch.randn(1, 2, 7, 7)
+        sam_e, cbam_e = SpatialAttention(shape[1]).eval(), CBAM(shape[1], preset="official").eval()
+        sam_t, cbam_t = SpatialAttention(shape[1]).train(), CBAM(shape[1], preset="official").train()
+        half = dtype != torch.float32
+
+        def fused_fwd():
+            with torch.no_grad():
+                ops.spatial_attention_fused(x, w)
+
+        def fused_both():
+            y = ops.spatial_attention_fused(xg, w)
+            torch.autograd.grad(y, xg, y)
+
+        def evaluate(m):
+            def run():
+                with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=half):
+                    m(x)
+            run()
+            return run
+
+        def train(m):
+            def run():
+                with torch.autocast("cpu", dtype=dtype, enabled=half):
+                    y = m(xg)
+                torch.autograd.grad(y, [xg] + list(m.parameters()), y)
+            return run
+
+        cells = []
+        for fn in (fused_fwd, fused_both, evaluate(sam_e), train(sam_t), evaluate(cbam_e), train(cbam_t)):
+            counts = aot.kernel_launches(fn)
+            tri = sum(v for k, v in counts.items() if not k.startswith("aten."))
+            cells.append(f"{tri + sum(v for k, v in counts.items() if k.startswith('aten.'))} ({tri} Triton)")
+        lines.append(f"| {'x'.join(map(str, shape))} | " + " | ".join(cells) + " |")
+    return lines
 
 
 @contextlib.contextmanager

@@ -228,7 +228,7 @@ def test_kernel_launches_of_the_fused_sam(shape):
     pooling (and, where its loop is split, one combine of the partial maps), the gate (conv,
     norm, sigmoid) and the product; the backward pass A, the sigmoid / norm backward and the
     conv backward on the small maps, one sum of the parameter gradients' partials, the
-    gradient pass. Before: 9 launches forward and 34 forward + backward (torch ops on the
+    gradient pass. Before: 9 launches forward and 27 forward + backward (torch ops on the
     small maps, the partials combined with torch, zero maps made for unused gradients)."""
     tiles = shape[0] * math.ceil(shape[2] * shape[3] / _triton._BP)
     split = int(_triton._split(shape[1], _triton._BC, tiles, _triton._PROGRAMS_PER_SM * 132)[1] > 1)
