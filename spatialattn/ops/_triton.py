@@ -196,12 +196,17 @@ if _HAVE_TRITON:
             tl.store(base, mx, mask=pm)
             tl.store(base + HW, sm, mask=pm)
         else:
-            base = out_ptr + n * P * HW + p
-            if I_MAX >= 0:
-                tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
-            if I_MEAN >= 0:
-                tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                         mask=pm)
+            _store_pooled(out_ptr, n, p, pm, mx, sm, C, HW, P, I_MAX, I_MEAN)
+
+    @triton.jit
+    def _store_pooled(out_ptr, n, p, pm, mx, sm, C, HW, P, I_MAX: tl.constexpr, I_MEAN: tl.constexpr):
+        """The max ``mx`` and the mean ``sm / C`` of pixels ``p`` of image ``n`` into their slots of
+        the ``[N, P, HW]`` maps, rounded once to the maps' dtype."""
+        base = out_ptr + n * P * HW + p
+        if I_MAX >= 0:
+            tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
+        if I_MEAN >= 0:
+            tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
 
     @triton.jit
     def _pool_combine_kernel(part_ptr, out_ptr, C, HW, P, S, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
@@ -219,13 +224,7 @@ if _HAVE_TRITON:
             nan = tl.maximum(nan, tl.where(m != m, 1, 0))
             mx = tl.maximum(mx, m)
             sm += tl.load(base + HW, mask=pm, other=0.0)
-        mx = tl.where(nan > 0, float("nan"), mx)
-        base = out_ptr + n * P * HW + p
-        if I_MAX >= 0:
-            tl.store(base + I_MAX * HW, mx.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=pm)
-        if I_MEAN >= 0:
-            tl.store(base + I_MEAN * HW, (sm / C).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                     mask=pm)
+        _store_pooled(out_ptr, n, p, pm, tl.where(nan > 0, float("nan"), mx), sm, C, HW, P, I_MAX, I_MEAN)
 
     @triton.jit
     def _gate_kernel(pooled_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, logits_ptr, attn_ptr, H, W, P: tl.constexpr,
