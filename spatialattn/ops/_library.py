@@ -134,28 +134,15 @@ def _generic_multiply(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tenso
     return _scaled(x, scale) * attn.to(x.dtype)
 
 
-def _generic_reduce(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int],
-                    acc: torch.dtype, need_gs: bool) -> Tuple[Tensor, Optional[Tuple]]:
-    """``(sum_c grad_y * x'  [N, 1, H, W] in acc, ties)``: ``ties`` (tie counts of the max and,
-    where the scale gradient is not wanted, the max channels) for :func:`_generic_gradx`, or None."""
-    if _triton_ok(x):
-        from . import _triton
-
-        max_index = scale is None or not need_gs
-        ga_x, cnt, ix = _triton.reduce(grad_y, x, scale, _kind_value(pooled, kinds, 0), max_index=max_index)
-        return ga_x.to(acc), (cnt, ix)
-    return (grad_y * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=acc), None
+def _reduce_torch(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """``sum_c grad_y * x'``, ``[N, 1, H, W]`` in ``acc`` (plain PyTorch; the Triton path has
+    :func:`_triton.sam_backward`)."""
+    return (grad_y * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=acc)
 
 
-def _generic_gradx(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], attn: Tensor, pooled: Tensor, gp: Tensor,
-                   kinds: Sequence[int], ties: Optional[Tuple], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps (``ties``:
-    from :func:`_generic_reduce`)."""
-    if _triton_ok(x):
-        from . import _triton
-
-        cnt, ix = ties
-        return _triton.gradx(grad_y, x, scale, attn, pooled, gp, kinds, cnt, need_gs, max_index=ix)
+def _gradx_torch(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], attn: Tensor, pooled: Tensor, gp: Tensor,
+                 kinds: Sequence[int], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps (plain PyTorch)."""
     xs = _scaled(x, scale)
     gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
     gx = gxs if scale is None else gxs * scale.to(x.dtype)
@@ -391,29 +378,21 @@ def sam_backward_op(
             grad_y, grad_attn, _dense(x), scale, weight, norm_scale, attn, logits, pooled, list(kinds),
             dilation, scale is not None, True, True, norm_scale is not None,
         )
-        gs = empty() if gs is None else gs.to(scale.dtype)
-        gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
-        gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
-        return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
-    if _triton_ok(x):
+    elif _triton_ok(x):
         from . import _triton
 
         gx, gs, gw, gb, gns, gnsh = _triton.sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn,
                                                          logits, pooled, kinds, dilation)
-        gs = empty() if gs is None else gs.to(scale.dtype)
-        gns = empty() if gns is None else gns.reshape(norm_scale.shape).to(norm_scale.dtype)
-        gnsh = empty() if gnsh is None else gnsh.reshape(norm_scale.shape).to(norm_scale.dtype)
-        return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
-    # Generic path: the big passes through PyTorch, the small maps without autograd.
-    acc = attn.dtype
-    dA, ties = _generic_reduce(grad_y, x, scale, pooled, kinds, acc, True)
-    if grad_attn is not None:
-        dA = dA + grad_attn.to(acc)
-    gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
-    gns = empty() if gns is None else gns
-    gnsh = empty() if gnsh is None else gnsh
-    gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, kinds, ties, True)
+    else:  # plain PyTorch: the big passes as tensor ops, the small maps without autograd
+        acc = attn.dtype
+        dA = _reduce_torch(grad_y, x, scale, acc)
+        if grad_attn is not None:
+            dA = dA + grad_attn.to(acc)
+        gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
+        gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, True)
     gs = empty() if gs is None else gs.to(scale.dtype)
+    gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
+    gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
     return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
 
 
@@ -601,9 +580,9 @@ class CppSamBatchNorm(torch.autograd.Function):
 
 
 class GenericSamBatchNorm(torch.autograd.Function):
-    """:class:`CppSamBatchNorm` off the C++ path: the full-size passes through Triton (CUDA)
-    or PyTorch, the small maps (conv, BatchNorm with batch statistics, sigmoid) through
-    torch. Forward: one read of x for the pooling, one for the product. Backward: one
+    """:class:`CppSamBatchNorm` off the C++ path: Triton on CUDA (the full-size passes and the
+    small maps, :func:`_triton.gate_batchnorm` / :func:`_triton.sam_backward`), plain PyTorch
+    elsewhere. Forward: one read of x for the pooling, one for the product. Backward: one
     reduction pass (``sum_c g * x'`` and the tie counts), the BatchNorm and conv backward on
     the small maps, one gradient pass; nothing full-size is kept besides x. Same outputs as
     :class:`CppSamBatchNorm` (``stats`` in float64)."""
@@ -617,31 +596,26 @@ class GenericSamBatchNorm(torch.autograd.Function):
             from . import _triton
 
             logits, attn, stats = _triton.gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
-            y = _generic_multiply(x, attn, scale)
-            _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled,
-                     stats)
-            return y, attn, stats
-        kh, kw = weight.shape[-2:]
-        with autocast_off(device_type(x)):
-            logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
-                              padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-            l64 = logits.double()
-            mean = l64.mean()
-            var = (l64 - mean).square().mean()
-            k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
-            shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
-            attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
+        else:
+            kh, kw = weight.shape[-2:]
+            with autocast_off(device_type(x)):
+                logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
+                                  padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+                l64 = logits.double()
+                mean = l64.mean()
+                var = (l64 - mean).square().mean()
+                k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
+                shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
+                attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
+            stats = torch.stack([mean, var])
         y = _generic_multiply(x, attn, scale)
-        stats = torch.stack([mean, var])
         _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats)
         return y, attn, stats
 
     @staticmethod
     def backward(ctx, grad_y, grad_attn, _gstats):
         grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
-        need = ctx.needs_input_grad
-        acc = attn.dtype
-        need_gs = scale is not None and need[3]
+        need_gs = scale is not None and ctx.needs_input_grad[3]
         if _triton_ok(x):
             from . import _triton
 
@@ -649,7 +623,8 @@ class GenericSamBatchNorm(torch.autograd.Function):
                 grad_y, grad_attn, x, scale, weight, None, attn, logits, pooled, ctx.kinds, ctx.dilation, need_gs,
                 bn_stats=stats, bn_weight=bn_weight, bn_eps=ctx.eps)
             return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
-        dA, ties = _generic_reduce(grad_y, x, scale, pooled, ctx.kinds, acc, need_gs)
+        acc = attn.dtype
+        dA = _reduce_torch(grad_y, x, scale, acc)
         if grad_attn is not None:
             dA = dA + grad_attn.to(acc)
         # BatchNorm backward with the batch statistics, in float64 (as the C++ op)
@@ -661,7 +636,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
         gm = 1.0 if bn_weight is None else bn_weight.double().reshape(())
         dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
         gp, gw = _conv_backward(dl.to(acc), pooled, weight, ctx.dilation)
-        gx, gs = _generic_gradx(grad_y, x, scale, attn, pooled, gp, ctx.kinds, ties, need_gs)
+        gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, ctx.kinds, need_gs)
         return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
 
 

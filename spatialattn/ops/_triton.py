@@ -764,25 +764,36 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     return out
 
 
+def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, out: Tensor,
+               norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None, stats: bool = False
+               ) -> Tensor:
+    """The logits ``conv2d(pooled, weight) + bias`` (float32 ``[N, 1, H, W]``, returned) and, in
+    the same launch, into ``out`` either the attention (``sigmoid(logits * norm_scale +
+    norm_shift)``, ``[N, 1, H, W]``) or with ``stats`` each program's partial statistics of
+    the logits (float64 ``[programs, 3]``)."""
+    n, p, h, w = pooled.shape
+    kh, kw = weight.shape[-2:]
+    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
+    programs = n * triton.cdiv(h * w, _BP_SMALL)
+    if programs == 0:
+        return logits
+    wt = weight.to(torch.float32).contiguous()
+    has_norm = norm_scale is not None
+    _gate_kernel[(programs,)](pooled.contiguous(), wt, bias if bias is not None else wt,
+                              norm_scale if has_norm else wt, norm_shift if has_norm else wt, logits, out, h, w, P=p,
+                              KH=kh, KW=kw, DIL=dilation, HAS_B=bias is not None, HAS_NORM=has_norm, STATS=stats,
+                              BP=_BP_SMALL, num_warps=_NUM_WARPS)
+    return logits
+
+
 def gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], norm_scale: Optional[Tensor],
          norm_shift: Optional[Tensor], dilation: int) -> Tuple[Tensor, Tensor]:
     """``(logits, attn)``, float32 ``[N, 1, H, W]``: ``logits = conv2d(pooled, weight) + bias``
     (zero padding ``dilation * (k // 2)``, odd ``k``), ``attn = sigmoid(logits * norm_scale +
     norm_shift)``; ``pooled``: float32 ``[N, P, H, W]``, ``weight``: ``[1, P, kh, kw]``."""
-    n, p, h, w = pooled.shape
-    kh, kw = weight.shape[-2:]
-    pooled = pooled.contiguous()
-    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
-    attn = torch.empty_like(logits)
-    if logits.numel() == 0:
-        return logits, attn
-    wt = weight.to(torch.float32).contiguous()
-    has_norm = norm_scale is not None
-    _gate_kernel[(n * triton.cdiv(h * w, _BP_SMALL),)](
-        pooled, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
-        norm_shift if has_norm else wt, logits, attn, h, w, P=p, KH=kh, KW=kw, DIL=dilation,
-        HAS_B=bias is not None, HAS_NORM=has_norm, STATS=False, BP=_BP_SMALL, num_warps=_NUM_WARPS)
-    return logits, attn
+    n, _, h, w = pooled.shape
+    attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
+    return _conv_gate(pooled, weight, bias, dilation, attn, norm_scale, norm_shift), attn
 
 
 def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -791,23 +802,18 @@ def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     ``attn = sigmoid(bn(conv2d(pooled, weight) + bias))`` with the batch statistics ``stats =
     [mean, biased var]`` (float64) of all ``N * H * W`` logits; two launches (the conv with
     per-program partial statistics, then the attention)."""
-    n, p, h, w = pooled.shape
-    kh, kw = weight.shape[-2:]
+    n, _, h, w = pooled.shape
     dev = pooled.device
-    pooled = pooled.contiguous()
-    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
-    attn = torch.empty_like(logits)
+    attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     stats = torch.empty(2, dtype=torch.float64, device=dev)
     programs = n * triton.cdiv(h * w, _BP_SMALL)
+    part = torch.empty((programs, 3), dtype=torch.float64, device=dev)
+    logits = _conv_gate(pooled, weight, bias, dilation, part, stats=True)
     if programs == 0:
         return logits, attn, stats.fill_(float("nan"))
-    part = torch.empty((programs, 3), dtype=torch.float64, device=dev)
-    wt = weight.to(torch.float32).contiguous()
-    _gate_kernel[(programs,)](pooled, wt, bias if bias is not None else wt, wt, wt, logits, part, h, w, P=p, KH=kh,
-                              KW=kw, DIL=dilation, HAS_B=bias is not None, HAS_NORM=False, STATS=True,
-                              BP=_BP_SMALL, num_warps=_NUM_WARPS)
-    _bn_attn_kernel[(programs,)](logits, part, programs, bn_weight if bn_weight is not None else wt,
-                                 bn_bias if bn_bias is not None else wt, float(eps), attn, stats, h * w,
+    dummy = part
+    _bn_attn_kernel[(programs,)](logits, part, programs, bn_weight if bn_weight is not None else dummy,
+                                 bn_bias if bn_bias is not None else dummy, float(eps), attn, stats, h * w,
                                  HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, BP=_BP_SMALL,
                                  BR=_BP_SMALL, num_warps=_NUM_WARPS)
     return logits, attn, stats
@@ -990,8 +996,8 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     i_max = kinds.index(0) if 0 in kinds else -1
     mx = pooled[:, i_max : i_max + 1] if i_max >= 0 else None
     need_gs = need_gs and scale is not None
-    max_index = not need_gs
-    ga, cntp, ixp, chunks = _reduce_partials(grad_y, x, scale, mx, max_index and mx is not None)
+    # pass A records the max channels unless the scale gradient needs x read anyway
+    ga, cntp, ixp, chunks = _reduce_partials(grad_y, x, scale, mx, max_index=not need_gs)
     dev = x.device
     programs = n * triton.cdiv(hw, _BP_SMALL)
     ntaps = np_ * kh * kw

@@ -6,6 +6,7 @@ shows up in the comparison.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -228,25 +229,27 @@ def main() -> None:
             count += 1
     # BatchNorm2d's running-statistics update in one kernel: bit for bit the float64 formula of
     # BatchNorm2d.forward (the momentum passed as its float64 bits), cumulative average too
-    stats = torch.tensor([0.123456789, 2.718281828], dtype=torch.float64)
-    for momentum in (0.1, 0.3, None):
-        for tracked in (True, False):
-            rm, rv = torch.tensor([0.5]), torch.tensor([1.7])
-            nbt = torch.tensor(3) if tracked else None
-            want_rm, want_rv, want_nbt = rm.clone(), rv.clone(), None if nbt is None else nbt.clone()
-            for _ in range(2):
-                _triton.bn_update_running(rm, rv, nbt, stats, 77, momentum)
-                factor = 0.0 if momentum is None else momentum
-                if want_nbt is not None:
-                    want_nbt.add_(1)
-                    factor = 1.0 / float(want_nbt) if momentum is None else momentum
-                unbiased = stats[1] * 77 / (77 - 1)
-                want_rm.copy_(factor * stats[0] + (1.0 - factor) * want_rm.double())
-                want_rv.copy_(factor * unbiased + (1.0 - factor) * want_rv.double())
-            what = f"running statistics momentum={momentum} tracked={tracked}"
+    # (the second case cancels to about 1e-16 in its first update: a momentum rounded to
+    # float32 would leave 1.5e-8; checked after every update)
+    cases = [(torch.tensor([0.123456789, 2.718281828], dtype=torch.float64), 0.5),
+             (torch.tensor([9.0, 2.718281828], dtype=torch.float64), -1.0)]
+    for (stats, rm0), momentum, tracked in itertools.product(cases, (0.1, 0.3, None), (True, False)):
+        rm, rv = torch.tensor([rm0]), torch.tensor([1.7])
+        nbt = torch.tensor(3) if tracked else None
+        want_rm, want_rv, want_nbt = rm.clone(), rv.clone(), None if nbt is None else nbt.clone()
+        for step in range(2):
+            _triton.bn_update_running(rm, rv, nbt, stats, 77, momentum)
+            factor = 0.0 if momentum is None else momentum
+            if want_nbt is not None:
+                want_nbt.add_(1)
+                factor = 1.0 / float(want_nbt) if momentum is None else momentum
+            unbiased = stats[1] * 77 / (77 - 1)
+            want_rm.copy_(factor * stats[0] + (1.0 - factor) * want_rm.double())
+            want_rv.copy_(factor * unbiased + (1.0 - factor) * want_rv.double())
+            what = f"running statistics momentum={momentum} tracked={tracked} step {step}"
             assert torch.equal(rm, want_rm) and torch.equal(rv, want_rv), (what, rm, want_rm, rv, want_rv)
             assert nbt is None or torch.equal(nbt, want_nbt), what
-            count += 1
+        count += 1
     # CBAM channel-gate pooling (max / mean over H, W) and its backward, through ops.global_pool
     from spatialattn import ops
 

@@ -61,15 +61,14 @@ def _variants(launches, kernel, name):
 def test_workload_launches_every_kernel_and_variant(launches):
     launched = {name for name in aot.kernels() if name.endswith("_kernel")}
     assert {launch.kernel for launch in launches} == launched
-    for kernel in launched:
-        if kernel in _SMALL_MAP_KERNELS | _ONE_SHOT_KERNELS | _GATE_VECTOR_KERNELS:
-            assert _variants(launches, kernel, "CL") == {None}, kernel  # no layout: small maps, sums
-        else:
-            assert _variants(launches, kernel, "CL") == {False, True}, kernel
+    for kernel in launched:  # both layouts of every kernel that has a layout flag (those over x)
+        has_layout = "CL" in aot.kernels()[kernel].arg_names
+        assert _variants(launches, kernel, "CL") == ({False, True} if has_layout else {None}), kernel
     for kernel, flag in [("_pool_kernel", "PARTIAL"), ("_pool_kernel", "HAS_S"), ("_gpool_kernel", "PARTIAL"),
                          ("_gpool_kernel", "COUNT"), ("_gpool_backward_kernel", "ACC"), ("_gradx_kernel", "USE_IX"),
                          ("_gradx_kernel", "NEED_GS"), ("_reduce_kernel", "HAS_IX"), ("_reduce_kernel", "HAS_G"),
-                         ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM")]:
+                         ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM"), ("_gate_kernel", "STATS"),
+                         ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN")]:
         assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
     dtypes = {launch.signature["x_ptr"] for launch in launches if "x_ptr" in launch.signature}
     assert dtypes == {"*fp32", "*fp16", "*bf16"}
