@@ -153,10 +153,10 @@ def main() -> None:
 
     def channel_gate_fused(x, w1, w2):
         # the math of SF.channel_gate (avg + max pools, shared MLP, sigmoid) with the
-        # two pools read in one pass (ops.global_pool)
+        # two pools read in one pass (ops.global_pool) and the MLP as one op (ops.channel_mlp_gate)
         v = ops.global_pool(x, ("mean", "max"), dtype=SF.accumulate_dtype(x))
-        h = F.linear(F.relu(F.linear(v, w1.to(v.dtype))), w2.to(v.dtype))
-        return torch.sigmoid(h.sum(0)).reshape(x.shape[0], x.shape[1], 1, 1).to(x.dtype)
+        g = ops.channel_mlp_gate(v, w1.to(v.dtype), None, w2.to(v.dtype), None)
+        return g.reshape(x.shape[0], x.shape[1], 1, 1).to(x.dtype)
 
     def cbam_ours(x, w, w1, w2):
         return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate_fused(x, w1, w2))

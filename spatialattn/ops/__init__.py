@@ -6,6 +6,8 @@ context (export, autograd, device, dtype, layout) and a plain PyTorch reference
 
 * :func:`channel_pool` -- max / mean over channels of ``x * channel_scale``.
 * :func:`gate_multiply` -- ``(x * channel_gate) * spatial_gate``.
+* :func:`channel_mlp_gate` -- CBAM's channel gate (shared MLP, sum over the pools,
+  sigmoid) from globally pooled maps, forward and backward in one call each.
 * :func:`spatial_attention_fused` -- the whole CBAM SAM with a sigmoid gate
   (pool -> k x k conv + bias -> optional affine norm -> sigmoid -> multiply) in
   one op, forward and backward.
@@ -43,6 +45,7 @@ __all__ = [
     "batchnorm_train_fusable",
     "global_pool",
     "with_global_pool",
+    "channel_mlp_gate",
     "batchnorm_affine",
     "is_exporting",
     "backend",
@@ -238,6 +241,39 @@ def with_global_pool(
         xt, pooled = _lib.GradTap.apply(x.detach(), pooled, slot)
         return tuple(body(xt, pooled))
     return tuple(body(x, global_pool(x, order, dtype=dtype)))
+
+
+def channel_mlp_gate(
+    pooled: Tensor,
+    weight1: Tensor,
+    bias1: Optional[Tensor] = None,
+    weight2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+) -> Tensor:
+    """CBAM's channel gate from pooled maps: ``sigmoid(sum_p fc2(relu(fc1(pooled[p]))))``.
+
+    ``pooled``: ``Tensor[P, N, C]`` (what :func:`global_pool` returns); Linear weights
+    ``weight1`` ``Tensor[R, C]``, ``weight2`` ``Tensor[C, R]``, biases ``[R]`` / ``[C]`` or
+    None; with ``weight2=None`` the MLP is the single layer ``fc1`` (``weight1``
+    ``Tensor[C, C]``). Returns ``Tensor[N, C]`` in ``pooled``'s dtype.
+
+    On CPU (float32 / float64, all tensors of one dtype, eager) the C++ kernels compute the
+    forward in one call and, under autograd, the whole backward in another: about a dozen
+    tensor ops and their autograd nodes fewer per call, which is most of a CBAM's cost on
+    small maps. Elsewhere (CUDA, ``torch.compile``, export, ``torch.func``) the plain
+    decomposition :func:`spatialattn.ops.reference.channel_mlp_gate`.
+    """
+    if pooled.dim() != 3:
+        raise ValueError(f"pooled: expected a [P, N, C] tensor, got shape {tuple(pooled.shape)}")
+    parts = (weight1, bias1, weight2, bias2)
+    if (pooled.is_cpu and pooled.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+            and not _torch_ops_only()
+            and all(t is None or (t.is_cpu and t.dtype == pooled.dtype) for t in parts)
+            and _cpp.get() is not None):
+        if _needs_autograd(pooled, *parts):
+            return _lib.ChannelMlpGate.apply(pooled, weight1, bias1, weight2, bias2)
+        return _cpp.get().channel_mlp_forward(pooled, weight1, bias1, weight2, bias2, False)[0]
+    return reference.channel_mlp_gate(pooled, weight1, bias1, weight2, bias2)
 
 
 def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:

@@ -729,3 +729,23 @@ class GradTap(torch.autograd.Function):
             shape, dtype, device = ctx.pooled_meta
             grad_pooled = torch.zeros(shape, dtype=dtype, device=device)
         return None, grad_pooled, None
+
+
+class ChannelMlpGate(torch.autograd.Function):
+    """:func:`spatialattn.ops.reference.channel_mlp_gate` on the C++ kernels (CPU, float32 /
+    float64): the forward in one call, the backward (sigmoid, both layers, the relu and the
+    sums over the pools) in another; saves the small hidden activations ``[P, N, R]``."""
+
+    @staticmethod
+    def forward(ctx, pooled, weight1, bias1, weight2, bias2):
+        gate, hidden = _cpp.get().channel_mlp_forward(pooled, weight1, bias1, weight2, bias2, True)
+        ctx.save_for_backward(pooled, weight1, weight2, gate, hidden)
+        return gate
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        pooled, weight1, weight2, gate, hidden = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad)
+        grads = _cpp.get().channel_mlp_backward(grad.to(gate.dtype), gate, pooled, weight1, weight2, hidden, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs))

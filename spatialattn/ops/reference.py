@@ -47,3 +47,27 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
     if channel_gate is not None:
         x = x * channel_gate.to(x.dtype)
     return x * spatial_gate.to(x.dtype)
+
+
+def channel_mlp_gate(
+    pooled: Tensor,
+    weight1: Tensor,
+    bias1: Optional[Tensor] = None,
+    weight2: Optional[Tensor] = None,
+    bias2: Optional[Tensor] = None,
+) -> Tensor:
+    """CBAM's channel gate from pooled maps: ``sigmoid(sum_p mlp(pooled[p]))``.
+
+    ``pooled`` ``[P, N, C]``; ``mlp(v) = fc2(relu(fc1(v)))`` with Linear weights
+    ``weight1`` ``[R, C]``, ``weight2`` ``[C, R]``, or ``fc1(v)`` alone when
+    ``weight2`` is None (then ``weight1`` is ``[C, C]``). The per-pool outputs are
+    added in pool order. Returns ``Tensor[N, C]``.
+    """
+    p, n, c = pooled.shape
+    h = torch.nn.functional.linear(pooled.reshape(p * n, c), weight1, bias1)
+    if weight2 is not None:
+        h = torch.nn.functional.linear(torch.relu(h), weight2, bias2)
+    logits = h[:n]
+    for k in range(1, p):
+        logits = logits + h[k * n:(k + 1) * n]
+    return torch.sigmoid(logits)

@@ -2446,6 +2446,294 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
   return gx;
 }
 
+
+// ================================================================ CBAM channel MLP gate
+//
+// gate [N, C] = sigmoid(sum_p mlp(pooled[p])), pooled [P, N, C] (the global_pool maps, in
+// pool order), mlp = fc2(relu(fc1(v))) or, without fc2, fc1(v) alone (ultralytics' C -> C
+// layer). Float32 / float64 (the pooled maps are in the compute dtype already). Each
+// matrix-vector product is a dot product in kLanes lanes summed in a fixed order, and
+// every parallel loop owns its outputs (no cross-thread sums): results do not depend on
+// the thread count. Tiny problems (a few 100k multiply-adds) stay on one thread, where
+// waking the pool would cost more than the work.
+
+constexpr int64_t kMlpGrain = 1 << 17;  // multiply-adds per thread chunk, at least
+
+template <typename T>
+inline T dot_lanes(const T* a, const T* b, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  V acc0 = V{}, acc1 = V{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += vload(a + i) * vload(b + i);
+    acc1 += vload(a + i + L) * vload(b + i + L);
+  }
+  if (i + L <= n) {
+    acc0 += vload(a + i) * vload(b + i);
+    i += L;
+  }
+  T s = hreduce<T, 64>(acc0 + acc1, false);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// dot_lanes(a, b + k * ldb, n) for k < 4 (one load of a for four products); the same
+// order of sums as dot_lanes
+template <typename T>
+inline void dot_lanes4(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  V acc[4][2] = {};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    const V a0 = vload(a + i), a1 = vload(a + i + L);
+    for (int k = 0; k < 4; ++k) {
+      acc[k][0] += a0 * vload(b + k * ldb + i);
+      acc[k][1] += a1 * vload(b + k * ldb + i + L);
+    }
+  }
+  const bool odd = i + L <= n;
+  for (int k = 0; k < 4; ++k) {
+    if (odd) acc[k][0] += vload(a + i) * vload(b + k * ldb + i);
+    T s = hreduce<T, 64>(acc[k][0] + acc[k][1], false);
+    for (int64_t j = i + (odd ? L : 0); j < n; ++j) s += a[j] * b[k * ldb + j];
+    out[k] = s;
+  }
+}
+
+// out[j] = sum_k coef[k * cs] * rows[k * rs + j] for j < width, k < K (in order of k),
+// accumulated in registers four vectors at a time
+template <typename T>
+inline void lincomb(const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t K, int64_t width, T* out) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  int64_t j = 0;
+  for (; j + 4 * L <= width; j += 4 * L) {
+    V acc[4] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = coef[k * cs];
+      const T* row = rows + k * rs + j;
+      for (int u = 0; u < 4; ++u) acc[u] += a * vload(row + u * L);
+    }
+    for (int u = 0; u < 4; ++u) vstore(out + j + u * L, acc[u]);
+  }
+  for (; j + L <= width; j += L) {
+    V acc = V{};
+    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * vload(rows + k * rs + j);
+    vstore(out + j, acc);
+  }
+  for (; j < width; ++j) {
+    T acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * rows[k * rs + j];
+    out[j] = acc;
+  }
+}
+
+inline int64_t mlp_grain(int64_t per_item) { return std::max<int64_t>(1, kMlpGrain / std::max<int64_t>(1, per_item)); }
+
+Tensor mlp_checked(const Tensor& t, const Tensor& like, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "spatialattn: channel_mlp_gate: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "spatialattn: channel_mlp_gate: ", name, " has shape ", t.sizes(),
+              ", expected ", shape);
+  return t.contiguous();
+}
+
+// -> {gate [N, C], hidden [P, N, R] after the relu (two layers and `keep_hidden`; else undefined)}
+std::vector<Tensor> channel_mlp_forward(const Tensor& pooled_in, const Tensor& w1_in, const optional<Tensor>& b1_in,
+                                        const optional<Tensor>& w2_in, const optional<Tensor>& b2_in,
+                                        bool keep_hidden) {
+  TORCH_CHECK(pooled_in.dim() == 3, "spatialattn: channel_mlp_gate: pooled must be [P, N, C], got ",
+              pooled_in.sizes());
+  TORCH_CHECK(pooled_in.scalar_type() == at::kFloat || pooled_in.scalar_type() == at::kDouble,
+              "spatialattn: channel_mlp_gate: float32 or float64 only, got ", pooled_in.scalar_type());
+  const Tensor pooled = pooled_in.contiguous();
+  const int64_t P = pooled.size(0), N = pooled.size(1), C = pooled.size(2), Q = P * N;
+  const bool two = w2_in.has_value() && w2_in->defined();
+  TORCH_CHECK(w1_in.dim() == 2, "spatialattn: channel_mlp_gate: weight1 must be [R, C], got ", w1_in.sizes());
+  const int64_t R = w1_in.size(0);
+  const Tensor w1 = mlp_checked(w1_in, pooled, "weight1", {R, C});
+  if (!two)
+    TORCH_CHECK(R == C, "spatialattn: channel_mlp_gate: a single layer must map ", C, " channels to ", C,
+                ", got weight1 of shape ", w1_in.sizes());
+  Tensor b1, w2, b2;
+  if (b1_in.has_value() && b1_in->defined()) b1 = mlp_checked(*b1_in, pooled, "bias1", {R});
+  if (two) w2 = mlp_checked(*w2_in, pooled, "weight2", {C, R});
+  if (b2_in.has_value() && b2_in->defined()) {
+    TORCH_CHECK(two, "spatialattn: channel_mlp_gate: bias2 without weight2");
+    b2 = mlp_checked(*b2_in, pooled, "bias2", {C});
+  }
+  Tensor gate = at::empty({N, C}, pooled.options());
+  Tensor hidden = at::empty({Q, R}, pooled.options());  // layer 1 output (relu'd with two layers)
+  if (N * C == 0) return {gate, two && keep_hidden ? hidden.view({P, N, R}) : Tensor()};
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "channel_mlp_forward", [&] {
+    using T = scalar_t;
+    const T *v = pooled.data_ptr<T>(), *W1 = w1.data_ptr<T>(), *B1 = dptr<T>(b1);
+    T* h = hidden.data_ptr<T>();
+    T* g = gate.data_ptr<T>();
+    at::parallel_for(0, R, mlp_grain(Q * C), [&](int64_t r0, int64_t r1) {
+      T a[4];
+      for (int64_t r = r0; r < r1; ++r) {
+        const T bias = B1 ? B1[r] : T(0);
+        for (int64_t q = 0; q < Q; q += 4) {
+          const int64_t k4 = std::min<int64_t>(4, Q - q);
+          if (k4 == 4)
+            dot_lanes4(W1 + r * C, v + q * C, C, C, a);
+          else
+            for (int64_t k = 0; k < k4; ++k) a[k] = dot_lanes(W1 + r * C, v + (q + k) * C, C);
+          for (int64_t k = 0; k < k4; ++k) {
+            const T z = a[k] + bias;
+            h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
+          }
+        }
+      }
+    });
+    const T *W2 = dptr<T>(w2), *B2 = dptr<T>(b2);
+    std::vector<T> t;  // layer 2 outputs, [C][Qp]: lanes over q
+    constexpr int64_t L = lanes<T>();
+    const int64_t Qp = (Q + L - 1) / L * L;
+    // layer 2 as lanes over q (h transposed) where q fills the lanes, else as dot
+    // products over r (few pooled vectors: one image)
+    const bool by_q = two && 2 * Q >= L;
+    if (two && by_q) {
+      // h transposed in blocks of L rows: hT[(qb * R + r) * L + l] = h[qb * L + l, r]
+      std::vector<T> hT(Qp * R, T(0));
+      for (int64_t q = 0; q < Q; ++q)
+        for (int64_t r = 0; r < R; ++r) hT[((q / L) * R + r) * L + q % L] = h[q * R + r];
+      t.resize(C * Qp);
+      using V = vec_t<T>;
+      at::parallel_for(0, C, mlp_grain(Qp * R), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* w = W2 + c * R;
+          for (int64_t qb = 0; qb < Qp / L; ++qb) {
+            V acc[4] = {};
+            const T* hb = hT.data() + qb * R * L;
+            int64_t r = 0;
+            for (; r + 4 <= R; r += 4)
+              for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * vload(hb + (r + k) * L);
+            for (int k = 0; r < R; ++r, ++k) acc[k] += w[r] * vload(hb + r * L);
+            vstore(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
+          }
+        }
+      });
+    } else if (two) {
+      t.resize(C * Qp);
+      at::parallel_for(0, C, mlp_grain(Q * R), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < Q; ++q) t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
+      });
+    }
+    at::parallel_for(0, N, mlp_grain(C * P * 8), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          T s = 0;
+          for (int64_t p = 0; p < P; ++p) {  // summed in pool order
+            const int64_t q = p * N + n;
+            const T v2 = two ? t[c * Qp + q] : h[q * R + c];
+            s = p == 0 ? v2 : s + v2;
+          }
+          g[n * C + c] = s;
+        }
+    });
+  });
+  gate.sigmoid_();  // torch's own (vectorised) sigmoid: the same values as the reference
+  return {gate, two && keep_hidden ? hidden.view({P, N, R}) : Tensor()};
+}
+
+// gradients of channel_mlp_forward from the gradient [N, C] of its gate; `needs`: which of
+// (pooled, weight1, bias1, weight2, bias2) want one -> those five (undefined where not asked)
+std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& gate, const Tensor& pooled_in,
+                                         const Tensor& w1_in, const optional<Tensor>& w2_in,
+                                         const optional<Tensor>& hidden_in, std::vector<bool> needs) {
+  TORCH_CHECK(needs.size() == 5, "spatialattn: channel_mlp_backward: needs five flags");
+  const Tensor pooled = pooled_in.contiguous();
+  const int64_t P = pooled.size(0), N = pooled.size(1), C = pooled.size(2), Q = P * N;
+  const int64_t R = w1_in.size(0);
+  const bool two = w2_in.has_value() && w2_in->defined();
+  TORCH_CHECK(!two || (hidden_in.has_value() && hidden_in->defined()),
+              "spatialattn: channel_mlp_backward: two layers need the saved hidden activations");
+  const Tensor grad = mlp_checked(grad_in, pooled, "grad", {N, C});
+  const Tensor g = mlp_checked(gate, pooled, "gate", {N, C});
+  const Tensor w1 = mlp_checked(w1_in, pooled, "weight1", {R, C});
+  Tensor w2, hidden;
+  if (two) {
+    w2 = mlp_checked(*w2_in, pooled, "weight2", {C, R});
+    hidden = mlp_checked(*hidden_in, pooled, "hidden", {P, N, R});
+  }
+  auto opts = pooled.options();
+  Tensor gp = needs[0] ? at::empty({P, N, C}, opts) : Tensor();
+  Tensor gw1 = needs[1] ? at::empty({R, C}, opts) : Tensor();
+  Tensor gb1 = needs[2] ? at::empty({R}, opts) : Tensor();
+  Tensor gw2 = two && needs[3] ? at::empty({C, R}, opts) : Tensor();
+  Tensor gb2 = two && needs[4] ? at::empty({C}, opts) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "channel_mlp_backward", [&] {
+    using T = scalar_t;
+    // dl = d(logits) [N, C]; dh = d(layer 1 output) [Q, R]
+    std::vector<T> dl(N * C), dh(Q * R, T(0));
+    const T *gy = grad.data_ptr<T>(), *gt = g.data_ptr<T>();
+    for (int64_t i = 0; i < N * C; ++i) dl[i] = gy[i] * (T(1) - gt[i]) * gt[i];
+    if (two) {
+      const T *W2 = w2.data_ptr<T>(), *h = hidden.data_ptr<T>();
+      std::vector<T> hs(N * R, T(0)), dhs(N * R);  // hidden summed over the pools
+      for (int64_t q = 0; q < Q; ++q)
+        for (int64_t r = 0; r < R; ++r) hs[(q % N) * R + r] += h[q * R + r];
+      if (gb2.defined()) {
+        T* o = gb2.data_ptr<T>();
+        for (int64_t c = 0; c < C; ++c) {
+          T s = 0;
+          for (int64_t n = 0; n < N; ++n) s += dl[n * C + c];
+          o[c] = s * T(P);
+        }
+      }
+      if (gw2.defined()) {  // gw2[c, :] = sum_n dl[n, c] hs[n, :]
+        T* o = gw2.data_ptr<T>();
+        at::parallel_for(0, C, mlp_grain(N * R), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) lincomb(dl.data() + c, C, hs.data(), R, N, R, o + c * R);
+        });
+      }
+      if (needs[0] || needs[1] || needs[2]) {  // dhs[n, :] = sum_c dl[n, c] W2[c, :]
+        at::parallel_for(0, N, mlp_grain(C * R), [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) lincomb(dl.data() + n * C, 1, W2, R, C, R, dhs.data() + n * R);
+        });
+        for (int64_t q = 0; q < Q; ++q)
+          for (int64_t r = 0; r < R; ++r) dh[q * R + r] = h[q * R + r] > T(0) ? dhs[(q % N) * R + r] : T(0);
+      }
+    } else {
+      for (int64_t q = 0; q < Q; ++q) std::copy(dl.begin() + (q % N) * C, dl.begin() + (q % N + 1) * C, dh.begin() + q * R);
+    }
+    if (gb1.defined()) {
+      T* o = gb1.data_ptr<T>();
+      for (int64_t r = 0; r < R; ++r) {
+        T s = 0;
+        for (int64_t q = 0; q < Q; ++q) s += dh[q * R + r];
+        o[r] = s;
+      }
+    }
+    if (needs[0] || needs[1]) {
+      // layer 1 in column blocks: each block owns its columns of grad_weight1 and grad_pooled
+      const T *v = pooled.data_ptr<T>(), *W1 = w1.data_ptr<T>();
+      T *ogp = dptr<T>(gp), *ogw = dptr<T>(gw1);
+      // dh transposed (dhT[r, q]) so that both sums read their coefficients contiguously
+      std::vector<T> dhT(R * Q);
+      for (int64_t q = 0; q < Q; ++q)
+        for (int64_t r = 0; r < R; ++r) dhT[r * Q + q] = dh[q * R + r];
+      constexpr int64_t kCols = 64;
+      const int64_t nb = (C + kCols - 1) / kCols;
+      at::parallel_for(0, nb, mlp_grain(Q * R * kCols * 2), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t c0 = b * kCols, w = std::min(kCols, C - c0);
+          if (ogw)  // gw1[r, :] = sum_q dh[q, r] v[q, :]
+            for (int64_t r = 0; r < R; ++r) lincomb(dhT.data() + r * Q, 1, v + c0, C, Q, w, ogw + r * C + c0);
+          if (ogp)  // gp[q, :] = sum_r dh[q, r] W1[r, :]
+            for (int64_t q = 0; q < Q; ++q) lincomb(dh.data() + q * R, 1, W1 + c0, C, R, w, ogp + q * C + c0);
+        }
+      });
+    }
+  });
+  return {gp, gw1, gb1, gw2, gb2};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2459,6 +2747,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sam_backward_bn", &sam_backward_bn);
   m.def("bn_update_running", &bn_update_running);
   m.def("global_pool", &global_pool);
+  m.def("channel_mlp_forward", &channel_mlp_forward);
+  m.def("channel_mlp_backward", &channel_mlp_backward);
   m.def("global_pool_counted", &global_pool_counted);
   m.def("global_pool_backward", &global_pool_backward, py::arg("grad"), py::arg("x"), py::arg("out"),
         py::arg("kinds"), py::arg("into") = py::none(), py::arg("counts") = py::none());
