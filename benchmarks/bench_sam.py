@@ -15,9 +15,10 @@ modules call it today (fused pooling + torch conv + fused gate-multiply);
 ``timm`` = timm's formula (mean, amax -> cat -> conv -> sigmoid -> multiply);
 ``ultra`` = ultralytics' formula (``torch.max(x, 1)`` instead of ``amax``);
 ``compile`` = ``torch.compile`` of the timm formula. For ``cbam``, ``ours`` is
-the channel gate with its two pools read in one pass (:func:`spatialattn.ops.global_pool`,
-MLP in torch) followed by the fused SAM with ``channel_scale``; ``eager`` is
-:func:`spatialattn.functional.channel_gate` then ``x * gate`` then the timm SAM.
+the channel gate with its two pools read in one pass (:func:`spatialattn.ops.global_pool`)
+and its MLP as one op (:func:`spatialattn.ops.channel_mlp_gate`) followed by the fused SAM
+with ``channel_scale``; ``eager`` is the channel gate in plain PyTorch (``mean`` / ``amax``,
+the shared MLP as matrix products, sigmoid) then ``x * gate`` then the timm SAM.
 
 Modes: ``fwd`` (no autograd), ``fwd+bwd`` (dense upstream gradient, gradients
 for x and the conv weight; its ``floor`` column is ``x.clone()`` followed by
@@ -145,8 +146,10 @@ def main() -> None:
     def ours_2op(x, w):
         return SF.spatial_attention(x, w, order=("mean", "max"))
 
-    def channel_gate(x, w1, w2):
-        return SF.channel_gate(x, w1, None, w2, None)
+    def channel_gate(x, w1, w2):  # plain PyTorch (before the 11th session: the fused global pooling)
+        v = torch.stack([x.mean((2, 3)), x.amax((2, 3))])
+        h = F.linear(F.relu(F.linear(v, w1.reshape(w1.shape[0], -1))), w2.reshape(w2.shape[0], -1))
+        return torch.sigmoid(h[0] + h[1]).reshape(x.shape[0], x.shape[1], 1, 1)
 
     def cbam_eager(x, w, w1, w2):
         return timm_sam(x * channel_gate(x, w1, w2).to(x.dtype), w)

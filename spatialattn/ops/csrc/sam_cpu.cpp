@@ -2457,7 +2457,7 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
 // the thread count. Tiny problems (a few 100k multiply-adds) stay on one thread, where
 // waking the pool would cost more than the work.
 
-constexpr int64_t kMlpGrain = 1 << 17;  // multiply-adds per thread chunk, at least
+constexpr int64_t kMlpGrain = 1 << 15;  // multiply-adds per thread chunk, at least
 
 template <typename T>
 inline T dot_lanes(const T* a, const T* b, int64_t n) {
@@ -2500,6 +2500,58 @@ inline void dot_lanes4(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
     for (int64_t j = i + (odd ? L : 0); j < n; ++j) s += a[j] * b[k * ldb + j];
     out[k] = s;
   }
+}
+
+// Sixteen float32 dot products at once: lane j of the result = sum of the lanes of v[j], in
+// four levels of pairwise folds (15 folds instead of 16 separate reductions, each a chain
+// through the upper halves). Needs __builtin_shufflevector (GCC 12+, Clang).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SA_HAVE_REDUCE16 1
+inline vec_t<float> reduce16(const vec_t<float>* v) {
+  using V = vec_t<float>;
+  V a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // lanes 0-7: v[2k] folded once, 8-15: v[2k + 1]
+    a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int k = 0; k < 4; ++k)  // four lanes each of v[4k .. 4k + 3]
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)  // two lanes each of v[8k .. 8k + 7]
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#endif
+#endif
+
+// t[(c0 + j) * ld + q] = dot(W[c0 + j, :R], h[q, :R]) + bias[c0 + j] for j < 16 (float32,
+// R a multiple of 16): the sixteen dot products reduced together
+template <typename T>
+inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0, T* t, int64_t ld, int64_t q) {
+#ifdef SA_HAVE_REDUCE16
+  if constexpr (std::is_same<T, float>::value) {
+    using V = vec_t<float>;
+    V acc[16];
+    for (int j = 0; j < 16; ++j) {
+      const float* w = W + (c0 + j) * R;
+      V s0 = V{}, s1 = V{};
+      int64_t r = 0;
+      for (; r + 32 <= R; r += 32) {
+        s0 += vload(w + r) * vload(hq + r);
+        s1 += vload(w + r + 16) * vload(hq + r + 16);
+      }
+      if (r < R) s0 += vload(w + r) * vload(hq + r);
+      acc[j] = s0 + s1;
+    }
+    const V out = reduce16(acc);
+    for (int j = 0; j < 16; ++j) t[(c0 + j) * ld + q] = out[j] + (bias ? bias[c0 + j] : 0.f);
+    return true;
+  }
+#endif
+  return false;
 }
 
 // out[j] = sum_k coef[k * cs] * rows[k * rs + j] for j < width, k < K (in order of k),
@@ -2619,9 +2671,14 @@ std::vector<Tensor> channel_mlp_forward(const Tensor& pooled_in, const Tensor& w
       });
     } else if (two) {
       t.resize(C * Qp);
-      at::parallel_for(0, C, mlp_grain(Q * R), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < Q; ++q) t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
+      const bool blocks = R % 16 == 0;
+      at::parallel_for(0, (C + 15) / 16, mlp_grain(16 * Q * R), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t q = 0; q < Q; ++q) {
+            if (blocks && b * 16 + 16 <= C && dots16(W2, h + q * R, R, B2, b * 16, t.data(), Qp, q)) continue;
+            for (int64_t c = b * 16; c < std::min(C, b * 16 + 16); ++c)
+              t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
+          }
       });
     }
     at::parallel_for(0, N, mlp_grain(C * P * 8), [&](int64_t n0, int64_t n1) {
