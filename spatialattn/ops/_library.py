@@ -732,13 +732,21 @@ class GradTap(torch.autograd.Function):
 
 
 class ChannelMlpGate(torch.autograd.Function):
-    """:func:`spatialattn.ops.reference.channel_mlp_gate` on the C++ kernels (CPU, float32 /
-    float64): the forward in one call, the backward (sigmoid, both layers, the relu and the
-    sums over the pools) in another; saves the small hidden activations ``[P, N, R]``."""
+    """:func:`spatialattn.ops.reference.channel_mlp_gate` on fused kernels: ``backend``
+    ``"cpp"`` (CPU, float32 / float64, one or two layers) or ``"triton"`` (float32, two
+    layers). The forward in one call, the backward (sigmoid, both layers, the relu and the sums
+    over the pools) in one C++ call or two Triton launches; saves the small hidden activations
+    ``[P, N, R]``."""
 
     @staticmethod
-    def forward(ctx, pooled, weight1, bias1, weight2, bias2):
-        gate, hidden = _cpp.get().channel_mlp_forward(pooled, weight1, bias1, weight2, bias2, True)
+    def forward(ctx, pooled, weight1, bias1, weight2, bias2, backend="cpp"):
+        if backend == "cpp":
+            gate, hidden = _cpp.get().channel_mlp_forward(pooled, weight1, bias1, weight2, bias2, True)
+        else:
+            from . import _triton
+
+            gate, hidden = _triton.mlp_gate_forward(pooled, weight1, bias1, weight2, bias2)
+        ctx.backend = backend
         ctx.save_for_backward(pooled, weight1, weight2, gate, hidden)
         return gate
 
@@ -746,6 +754,12 @@ class ChannelMlpGate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         pooled, weight1, weight2, gate, hidden = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad)
-        grads = _cpp.get().channel_mlp_backward(grad.to(gate.dtype), gate, pooled, weight1, weight2, hidden, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs))
+        needs = list(ctx.needs_input_grad[:5])
+        if ctx.backend == "cpp":
+            grads = _cpp.get().channel_mlp_backward(grad.to(gate.dtype), gate, pooled, weight1, weight2, hidden,
+                                                    needs)
+        else:
+            from . import _triton
+
+            grads = _triton.mlp_gate_backward(grad, gate, pooled, weight1, weight2, hidden, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)

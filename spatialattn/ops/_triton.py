@@ -732,6 +732,111 @@ if _HAVE_TRITON:
                 g += tl.load(gx_ptr + off, mask=m2, other=0.0).to(tl.float32)
             tl.store(gx_ptr + off, g.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
 
+    # CBAM's channel MLP gate (float32): pooled [P, N, C], w1 [R, C], w2 [C, R], hidden [P, N, R]
+    # (after the relu), gate [N, C]; R <= BR. Tiles [BR, BC] of a weight; the sums over C
+    # accumulate whole tiles and reduce once per program (see _max_sum_nan).
+
+    @triton.jit
+    def _mlp_gate_kernel(v_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, P, N, C, R, HAS_B1: tl.constexpr,
+                         HAS_B2: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        # one image n: h_p = relu(w1 v_p + b1) for each pool p (stored: the backward reads
+        # them, and so does this program's second loop), then gate = sigmoid(sum_p (w2 h_p + b2)),
+        # the pools added in order
+        n = tl.program_id(0)
+        r = tl.arange(0, BR)
+        rm = r < R
+        for p in range(P):
+            acc = tl.zeros([BR, BC], tl.float32)
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < C
+                v = tl.load(v_ptr + (p * N + n) * C + c, mask=cm, other=0.0)
+                w = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+                acc += w * v[None, :]
+            a = tl.sum(acc, axis=1)
+            if HAS_B1:
+                a += tl.load(b1_ptr + r, mask=rm, other=0.0)
+            h = tl.where(a > 0.0, a, tl.where(a != a, a, 0.0))  # relu, NaN kept
+            tl.store(h_ptr + (p * N + n) * R + r, h, mask=rm)
+        tl.debug_barrier()  # the hidden vectors, stored by other threads of this program
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cm = c < C
+            w = tl.load(w2_ptr + c[None, :] * R + r[:, None], mask=rm[:, None] & cm[None, :], other=0.0)
+            b = tl.zeros([BC], tl.float32)
+            if HAS_B2:
+                b = tl.load(b2_ptr + c, mask=cm, other=0.0)
+            s = tl.zeros([BC], tl.float32)
+            for p in range(P):
+                h = tl.load(h_ptr + (p * N + n) * R + r, mask=rm, other=0.0)
+                s += tl.sum(w * h[:, None], axis=0) + b
+            tl.store(g_ptr + n * C + c, 1.0 / (1.0 + tl.exp(-s)), mask=cm)
+
+    @triton.jit
+    def _mlp_gate_backward_kernel(gy_ptr, g_ptr, v_ptr, w1_ptr, w2_ptr, h_ptr, dh_ptr, gv_ptr, P, N, C, R,
+                                  NEED_GV: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        # one image n: dl = gy * (1 - g) * g; dhs = sum_c dl[c] w2[c, :]; dh_p = dhs where
+        # h_p > 0 (stored for the weight gradients); grad_pooled[p] = sum_r dh_p[r] w1[r, :]
+        n = tl.program_id(0)
+        r = tl.arange(0, BR)
+        rm = r < R
+        acc = tl.zeros([BR, BC], tl.float32)
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cm = c < C
+            g = tl.load(g_ptr + n * C + c, mask=cm, other=0.0)
+            dl = tl.load(gy_ptr + n * C + c, mask=cm, other=0.0) * (1.0 - g) * g
+            w = tl.load(w2_ptr + c[None, :] * R + r[:, None], mask=rm[:, None] & cm[None, :], other=0.0)
+            acc += w * dl[None, :]
+        dhs = tl.sum(acc, axis=1)
+        for p in range(P):
+            h = tl.load(h_ptr + (p * N + n) * R + r, mask=rm, other=0.0)
+            tl.store(dh_ptr + (p * N + n) * R + r, tl.where(h > 0.0, dhs, 0.0), mask=rm)
+        if NEED_GV:
+            tl.debug_barrier()
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < C
+                w = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+                for p in range(P):
+                    dh = tl.load(dh_ptr + (p * N + n) * R + r, mask=rm, other=0.0)
+                    tl.store(gv_ptr + (p * N + n) * C + c, tl.sum(w * dh[:, None], axis=0), mask=cm)
+
+    @triton.jit
+    def _mlp_weight_grads_kernel(gy_ptr, g_ptr, v_ptr, h_ptr, dh_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, P, N, C,
+                                 R, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, BR: tl.constexpr,
+                                 BC: tl.constexpr):
+        # channels c of this program: gw2[c, :] = sum_n dl[n, c] sum_p h[p, n, :],
+        # gb2[c] = P sum_n dl[n, c], gw1[:, c] = sum_{n, p} dh[p, n, :] v[p, n, c]; program 0
+        # also gb1 = sum_{p, n} dh[p, n, :]. Sums over the batch in order, no atomics.
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        cm = c < C
+        r = tl.arange(0, BR)
+        rm = r < R
+        gw2 = tl.zeros([BR, BC], tl.float32)
+        gw1 = tl.zeros([BR, BC], tl.float32)
+        gb2 = tl.zeros([BC], tl.float32)
+        gb1 = tl.zeros([BR], tl.float32)
+        for n in range(N):
+            g = tl.load(g_ptr + n * C + c, mask=cm, other=0.0)
+            dl = tl.load(gy_ptr + n * C + c, mask=cm, other=0.0) * (1.0 - g) * g
+            hs = tl.zeros([BR], tl.float32)
+            for p in range(P):
+                q = p * N + n
+                hs += tl.load(h_ptr + q * R + r, mask=rm, other=0.0)
+                dh = tl.load(dh_ptr + q * R + r, mask=rm, other=0.0)
+                gw1 += dh[:, None] * tl.load(v_ptr + q * C + c, mask=cm, other=0.0)[None, :]
+                gb1 += dh
+            gw2 += hs[:, None] * dl[None, :]
+            gb2 += dl
+        m2 = rm[:, None] & cm[None, :]
+        tl.store(gw2_ptr + c[None, :] * R + r[:, None], gw2, mask=m2)
+        tl.store(gw1_ptr + r[:, None] * C + c[None, :], gw1, mask=m2)
+        if HAS_B2:
+            tl.store(gb2_ptr + c, gb2 * P, mask=cm)
+        if HAS_B1:
+            tl.store(gb1_ptr + r, gb1, mask=rm & (tl.program_id(0) == 0))
+
 
 def _flat_scale(scale: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if scale is None else scale.to(x.dtype).reshape(x.shape[0], x.shape[1]).contiguous()
@@ -1118,3 +1223,68 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
         gx, c, hw, p_per, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, ACC=into is not None, BC=_BC, BP=_BP,
         **_meta(c, hw, cl))
     return gx
+
+
+# ------------------------------------------------------------------ CBAM channel MLP gate
+
+_MLP_MAX_R = 256  # hidden widths above this take the torch decomposition
+_MLP_TILE = 2048  # elements of a [BR, BC] weight tile (16 float32 registers a thread at 4 warps)
+
+
+def mlp_supported(pooled: Tensor, w1: Tensor, w2: Optional[Tensor]) -> bool:
+    """True where :func:`mlp_gate_forward` takes these tensors: float32, two layers, R <= 256."""
+    return w2 is not None and pooled.dtype == torch.float32 and w1.shape[0] <= _MLP_MAX_R
+
+
+def _mlp_tiles(r: int) -> Tuple[int, int]:
+    br = max(2, triton.next_power_of_2(r))
+    return br, max(16, _MLP_TILE // br)
+
+
+def mlp_gate_forward(pooled: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]
+                     ) -> Tuple[Tensor, Tensor]:
+    """``(gate [N, C], hidden [P, N, R])`` of :func:`spatialattn.ops.reference.channel_mlp_gate`
+    (two layers, float32), one launch: a program per image."""
+    p, n, c = pooled.shape
+    r = w1.shape[0]
+    pooled, w1, w2 = pooled.contiguous(), w1.contiguous(), w2.contiguous()
+    gate = torch.empty(n, c, device=pooled.device, dtype=torch.float32)
+    hidden = torch.empty(p, n, r, device=pooled.device, dtype=torch.float32)
+    if n * c == 0:
+        return gate, hidden
+    br, bc = _mlp_tiles(r)
+    _mlp_gate_kernel[(n,)](pooled, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, hidden,
+                           gate, p, n, c, r, HAS_B1=b1 is not None, HAS_B2=b2 is not None, BR=br, BC=bc,
+                           num_warps=_NUM_WARPS)
+    return gate, hidden
+
+
+def mlp_gate_backward(grad: Tensor, gate: Tensor, pooled: Tensor, w1: Tensor, w2: Tensor, hidden: Tensor,
+                      needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients ``(pooled, w1, b1, w2, b2)`` of :func:`mlp_gate_forward` (None where ``needs``
+    is false): a launch per image for the gradient w.r.t. the pooled maps, then one program
+    per channel tile for the parameters' (sums over the batch in order, no atomics)."""
+    p, n, c = pooled.shape
+    r = w1.shape[0]
+    dev = pooled.device
+    grad = grad.to(torch.float32).contiguous()
+    pooled, w1, w2 = pooled.contiguous(), w1.contiguous(), w2.contiguous()
+    gv = torch.empty(p, n, c, device=dev, dtype=torch.float32) if needs[0] else None
+    gw1 = torch.empty(r, c, device=dev, dtype=torch.float32)
+    gw2 = torch.empty(c, r, device=dev, dtype=torch.float32)
+    gb1 = torch.empty(r, device=dev, dtype=torch.float32) if needs[2] else None
+    gb2 = torch.empty(c, device=dev, dtype=torch.float32) if needs[4] else None
+    if n * c == 0:
+        for t in (gw1, gw2, gb1, gb2):
+            if t is not None:
+                t.zero_()
+        return gv, gw1 if needs[1] else None, gb1, gw2 if needs[3] else None, gb2
+    dh = torch.empty(p, n, r, device=dev, dtype=torch.float32)
+    br, bc = _mlp_tiles(r)
+    _mlp_gate_backward_kernel[(n,)](grad, gate, pooled, w1, w2, hidden, dh, gv if gv is not None else dh, p, n, c,
+                                    r, NEED_GV=gv is not None, BR=br, BC=bc, num_warps=_NUM_WARPS)
+    if any(needs[1:]):
+        _mlp_weight_grads_kernel[(triton.cdiv(c, bc),)](
+            grad, gate, pooled, hidden, dh, gw1, gb1 if gb1 is not None else gw1, gw2, gb2 if gb2 is not None else gw2,
+            p, n, c, r, HAS_B1=gb1 is not None, HAS_B2=gb2 is not None, BR=br, BC=bc, num_warps=_NUM_WARPS)
+    return gv, gw1 if needs[1] else None, gb1, gw2 if needs[3] else None, gb2

@@ -53,10 +53,14 @@ def make(shape, layout, dtype, seed):
     return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def check(got, want, dtype, what, loose=1.0):
-    """``loose``: tolerance factor for sums over many half-precision-rounded terms."""
+def check(got, want, dtype, what, loose=1.0, scaled=False):
+    """``loose``: tolerance factor for sums over many half-precision-rounded terms; ``scaled``:
+    the absolute tolerance times the largest ``|want|`` (for sums whose rounding error follows
+    the size of their terms, not of the result)."""
     assert not torch.isnan(got).any() or torch.isnan(want).any(), f"{what}: unwritten (NaN) elements"
     tol = {k: v * (loose if dtype != torch.float32 else 1.0) for k, v in TOL[dtype].items()}
+    if scaled:
+        tol["atol"] *= max(1.0, float(want.abs().max()))
     torch.testing.assert_close(got, want, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
@@ -100,7 +104,7 @@ def check_primitives(shape, dtypes, layouts) -> int:
                 gx, gs = _triton.pool_backward(gp, x, s, pooled, [0, 1])
                 check(gx, want[0], dtype, f"pool bwd x {dtype} {layout}")
                 if s is not None:
-                    check(gs.to(dtype), want[1], dtype, f"pool bwd scale {dtype} {layout}", loose=4)
+                    check(gs.to(dtype), want[1], dtype, f"pool bwd scale {dtype} {layout}", loose=4, scaled=True)
                 count += 6
     return count
 
@@ -122,6 +126,8 @@ CASES = [((2, 19, 5, 7), ALL_DTYPES, ALL_LAYOUTS, 8, {}),
 
 
 def main() -> None:
+    # the same inputs every run (another seed: SPATIALATTN_TEST_SEED; the tolerances hold for any)
+    torch.manual_seed(int(os.environ.get("SPATIALATTN_TEST_SEED", "0")))
     count = 0
     defaults = {k: getattr(_triton, k) for k in ("_BC", "_BP", "_MUL_TILE", "_PROGRAMS_PER_SM")}
     for shape, dtypes, layouts, programs_per_sm, settings in CASES:
@@ -309,6 +315,38 @@ def main() -> None:
                     check(p1.grad, p2.grad, torch.float32 if dtype == torch.float32 else dtype,
                           f"{what} grad {name}", loose=4)
                 count += 1
+        # CBAM's channel MLP gate (one launch forward, two backward) against float64 torch:
+        # one to three pools, hidden widths below / at / across a power of two, C across tiles
+        # (BC = 2048 / BR), with and without biases, each gradient asked alone and all together
+        for p_, n_, c_, r_, bias in [(2, 3, 37, 5, True), (1, 2, 64, 16, False), (3, 1, 20, 3, True),
+                                     (2, 4, 300, 40, True)]:
+            g = torch.Generator().manual_seed(c_)
+            args = [torch.randn(p_, n_, c_, generator=g), torch.randn(r_, c_, generator=g) / c_ ** 0.5,
+                    torch.randn(r_, generator=g) if bias else None, torch.randn(c_, r_, generator=g) / r_ ** 0.5,
+                    torch.randn(c_, generator=g) if bias else None]
+            gy = torch.randn(n_, c_, generator=g)
+            exact = [None if t is None else t.double().requires_grad_() for t in args]
+            want = reference.channel_mlp_gate(*exact)
+            wgrads = torch.autograd.grad(want, [t for t in exact if t is not None], gy.double())
+            what = f"channel MLP gate P={p_} N={n_} C={c_} R={r_} bias={bias}"
+            with torch.no_grad():
+                check(ops.channel_mlp_gate(*args).double(), want, torch.float32, what)
+            for asked in [i for i, t in enumerate(args) if t is not None] + ["all"]:
+                leaves = [None if t is None else t.clone().requires_grad_(asked in ("all", i))
+                          for i, t in enumerate(args)]
+                got = ops.channel_mlp_gate(*leaves)
+                assert "ChannelMlpGateBackward" in node_names(got), what
+                got.backward(gy)
+                for i, (t, e) in enumerate(zip(leaves, [e for e in exact])):
+                    if t is None:
+                        continue
+                    assert (t.grad is not None) == (asked in ("all", i)), (what, asked, i)
+                    if t.grad is not None:
+                        ww = wgrads[[j for j, u in enumerate(exact) if u is not None].index(i)]
+                        torch.testing.assert_close(t.grad.double(), ww, rtol=1e-5,
+                                                   atol=1e-6 * max(1.0, float(ww.abs().max())),
+                                                   msg=lambda m: f"{what} grad {i} (asked {asked}): {m}")
+            count += 1
         _triton._PROGRAMS_PER_SM = defaults["_PROGRAMS_PER_SM"]
         for hw in ((3, 3), (9, 10)):  # one pixel chunk; two (the NaN in the host's combine)
             x = torch.randn(1, 20, *hw)

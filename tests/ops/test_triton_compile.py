@@ -39,6 +39,9 @@ ORDERS = (("max", "mean"), ("mean",))
 _SMALL_MAP_KERNELS = {"_pool_combine_kernel", "_gate_kernel", "_bn_attn_kernel", "_gate_backward_kernel",
                       "_conv_backward_kernel"}
 _GATE_VECTOR_KERNELS = {"_gpool_combine_kernel"}  # on CBAM's [N, C] channel-gate vectors
+# CBAM's channel MLP: a program per image (the second layer needs the whole hidden vector),
+# the weight gradients a program per channel tile; the whole MLP is a few 100k multiply-adds
+_MLP_IMAGE_KERNELS = {"_mlp_gate_kernel", "_mlp_gate_backward_kernel"}
 # the sums of the parameter gradients' partials (a program per parameter), the running statistics
 _ONE_SHOT_KERNELS = {"_column_sums_kernel", "_bn_running_kernel"}
 WRITERS = ("_mul_kernel", "_gradx_kernel", "_gpool_backward_kernel")  # kernels that write x-sized tensors
@@ -169,6 +172,10 @@ def test_grids_fill_the_gpu(shape):
                 tiles = n * math.ceil(h * w / _triton._BP_SMALL)
             elif launch.kernel in _GATE_VECTOR_KERNELS:
                 tiles = math.ceil(n * c / _triton._BP_SMALL)
+            elif launch.kernel in _MLP_IMAGE_KERNELS:
+                tiles = n
+            elif launch.kernel == "_mlp_weight_grads_kernel":
+                tiles = math.ceil(c / launch.constants()["BC"])
             else:
                 bc, bp = (_triton._MUL_TILE[launch.constants()["CL"]] if launch.kernel == "_mul_kernel"
                           else (_triton._BC, _triton._BP))
@@ -277,3 +284,35 @@ def test_kernel_launches_counts_torch_ops():
     counts = aot.kernel_launches(workload)
     assert counts["aten._to_copy"] + counts["aten.to"] == 1 and counts["aten.amax"] >= 1, dict(counts)
     assert "aten.reshape" not in counts and "aten.view" not in counts, dict(counts)
+
+
+def test_kernel_launches_of_cbam():
+    """CBAM's channel MLP on the Triton path: one launch forward, two backward (it was about
+    19 torch launches per training step: the matrix products, relu, sigmoid and their
+    autograd). A CBAM training step then launches 20 kernels, 3 of them torch's (the sum of
+    the channel-scale gradient's partial rows, two divisions in the global pooling's backward)."""
+    from spatialattn.nn import CBAM
+
+    x = torch.randn(8, 512, 26, 26, requires_grad=True)
+    module = CBAM(512, preset="official").train()
+
+    def step():
+        y = module(x)
+        torch.autograd.grad(y, [x] + list(module.parameters()), y)
+
+    counts = aot.kernel_launches(step)
+    assert counts["_mlp_gate_kernel"] == 1 and counts["_mlp_gate_backward_kernel"] == 1, dict(counts)
+    assert counts["_mlp_weight_grads_kernel"] == 1, dict(counts)
+    torch_ops = {name: k for name, k in counts.items() if name.startswith("aten.")}
+    assert torch_ops == {"aten.sum": 1, "aten.div": 2}, torch_ops
+    assert sum(counts.values()) == 20, dict(counts)
+
+    module.eval()
+
+    def infer():
+        with torch.no_grad():
+            module(x)
+
+    infer()  # the folded BatchNorm is cached from the second call
+    counts = aot.kernel_launches(infer)
+    assert sum(counts.values()) == 7 and not [n for n in counts if n.startswith("aten.")], dict(counts)
