@@ -14,7 +14,9 @@ reference does; reductions accumulate in float32.
 * :func:`pool_backward` / :func:`gate_backward` -- built from the two passes;
 * :func:`global_pool_forward` / :func:`global_pool_backward` -- CBAM's channel-gate
   pooling (max / mean over ``H, W``, and in autograd the number of pixels at the max) in one
-  read, and its gradient (one pass, from those counts).
+  read, and its gradient (one pass, from those counts);
+* :func:`mlp_gate_forward` / :func:`mlp_gate_backward` -- CBAM's channel MLP gate from the
+  pooled maps (float32, two layers): one launch forward, two backward.
 
 Two things the kernels do for a GPU's sake, checked on the compiled code without one
 (``tests/ops/test_triton_compile.py``, ``benchmarks/triton_report.py``):

@@ -249,6 +249,35 @@ def test_max_ties_and_nan():
     assert torch.isnan(g[:, 0, 17]).all() and not torch.isnan(g[:, 0, 16]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cbam_channel_mlp_gate_on_triton(dtype):
+    """CBAM (its channel MLP on the Triton kernels: one launch forward, two backward) against
+    its float64 copy on the CPU: output and every gradient, float32 and float16 input.
+    (bfloat16: ``x * gate`` rounded to 8 bits moves the channel max at near-ties among 40
+    channels, so whole entries of the pooling gradient go elsewhere than in float64; the
+    bfloat16 kernels are checked against references that round the same way.)"""
+    import copy
+
+    from spatialattn import CBAM
+
+    torch.manual_seed(0)
+    m = CBAM(40, reduction=4, preset="official").to(DEV).train()
+    m64 = copy.deepcopy(m).cpu().double()
+    x = make_x((3, 40, 7, 9), "channels_last", dtype).requires_grad_()
+    with torch.autocast(DEV.type, dtype=dtype, enabled=dtype != torch.float32):
+        y = m(x)
+    x64 = f64(x)
+    y64 = m64(x64)
+    close(y, y64, dtype, "CBAM forward", scale_atol=True)
+    gy = torch.randn(y.shape).to(DEV).to(y.dtype)
+    (y * gy).sum().backward()
+    (y64 * f64(gy)).sum().backward()
+    close(x.grad, x64.grad, dtype, "CBAM grad x", scale_atol=True)
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        close(p.grad, p64.grad, dtype if dtype != torch.float32 else torch.float32, f"CBAM grad {name}",
+              scale_atol=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_torch_compile_fullgraph(layout):
     """One graph with the custom ops; equal to eager, forward and backward."""

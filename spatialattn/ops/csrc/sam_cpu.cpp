@@ -2757,7 +2757,8 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
           for (int64_t r = 0; r < R; ++r) dh[q * R + r] = h[q * R + r] > T(0) ? dhs[(q % N) * R + r] : T(0);
       }
     } else {
-      for (int64_t q = 0; q < Q; ++q) std::copy(dl.begin() + (q % N) * C, dl.begin() + (q % N + 1) * C, dh.begin() + q * R);
+      for (int64_t q = 0; q < Q; ++q)  // one layer: the hidden width is C, dh the logits' gradient
+        std::copy(dl.begin() + (q % N) * C, dl.begin() + (q % N + 1) * C, dh.begin() + q * R);
     }
     if (gb1.defined()) {
       T* o = gb1.data_ptr<T>();
