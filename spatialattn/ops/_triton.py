@@ -465,6 +465,16 @@ if _HAVE_TRITON:
             tl.store(gns_ptr, tot)
 
     @triton.jit
+    def _sum_rows_kernel(part_ptr, out_ptr, R, M, BM: tl.constexpr):
+        # out[j] = sum of part[:, j] ([R, M] float32 partial rows), rows added in order
+        j = tl.program_id(0) * BM + tl.arange(0, BM)
+        jm = j < M
+        acc = tl.zeros([BM], tl.float32)
+        for r in range(R):
+            acc += tl.load(part_ptr + r * M + j, mask=jm, other=0.0)
+        tl.store(out_ptr + j, acc, mask=jm)
+
+    @triton.jit
     def _bn_running_kernel(stats_ptr, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT: tl.constexpr,
                            CUMULATIVE: tl.constexpr):
         # BatchNorm2d's running-statistics update from the batch [mean, biased var] (float64),
@@ -703,31 +713,33 @@ if _HAVE_TRITON:
                 tl.store(cnt_ptr + n * C + c, kt, mask=cm)
 
     @triton.jit
-    def _gpool_backward_kernel(x_ptr, mx_ptr, fm_ptr, fmean_ptr, gx_ptr, C, HW, P_PER, HAS_MAX: tl.constexpr,
-                               HAS_MEAN: tl.constexpr, ACC: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+    def _gpool_backward_kernel(x_ptr, mx_ptr, g_ptr, cnt_ptr, gx_ptr, N, C, HW, P_PER, I_MAX: tl.constexpr,
+                               I_MEAN: tl.constexpr, ACC: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
                                HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        # gx = fmean + [x == max] * fm over pixels [s * P_PER, (s + 1) * P_PER) of BC channels
-        # of image n (fm: the max's gradient over its tie count); ACC: added to what gx holds
-        # (one read-modify-write, rounded once)
+        # gx = g_mean / HW + [x == max] * g_max / count over pixels [s * P_PER, (s + 1) * P_PER)
+        # of BC channels of image n; g: the pooled maps' gradient [slots, N, C] (float32),
+        # I_MAX / I_MEAN its max / mean slot (-1: none), count: the tie count of the max;
+        # ACC: added to what gx holds (one read-modify-write, rounded once)
         C, HW = _dims(C, HW, C_DIV, HW_DIV)
         n = tl.program_id(0).to(tl.int64)  # n * C * HW can pass 2**31 elements
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         cm = c < C
         fa = tl.zeros([BC], tl.float32)
-        if HAS_MEAN:
-            fa = tl.load(fmean_ptr + n * C + c, mask=cm, other=0.0)
+        if I_MEAN >= 0:
+            fa = tl.load(g_ptr + (I_MEAN * N + n) * C + c, mask=cm, other=0.0) / HW
         m = tl.zeros([BC], tl.float32)
         fm = tl.zeros([BC], tl.float32)
-        if HAS_MAX:
+        if I_MAX >= 0:
             m = tl.load(mx_ptr + n * C + c, mask=cm, other=0.0)
-            fm = tl.load(fm_ptr + n * C + c, mask=cm, other=0.0)
+            fm = tl.load(g_ptr + (I_MAX * N + n) * C + c, mask=cm, other=0.0) / tl.load(cnt_ptr + n * C + c,
+                                                                                         mask=cm, other=1.0)
         p_lo = tl.program_id(2) * P_PER
         for p0 in range(p_lo, tl.minimum(p_lo + P_PER, HW), BP):
             p = p0 + tl.arange(0, BP)
             m2 = cm[:, None] & (p < HW)[None, :]
             off = _x_offsets(n, c, p, C, HW, CL)
             g = tl.zeros([BC, BP], tl.float32) + fa[:, None]
-            if HAS_MAX:
+            if I_MAX >= 0:
                 v = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
                 g = tl.where(v == m[:, None], g + fm[:, None], g)
             if ACC:
@@ -1021,6 +1033,16 @@ def _kind_sum(t: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
     return out
 
 
+def _sum_rows(part: Tensor) -> Tensor:
+    """``part.sum(dim=0)`` of float32 partial rows ``[R, ...]``, the rows added in order (one launch)."""
+    part = part.contiguous()
+    m = part[0].numel()
+    out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
+    _sum_rows_kernel[(triton.cdiv(m, _BP_SMALL),)](part, out, part.shape[0], m, BM=_BP_SMALL,
+                                                   num_warps=_NUM_WARPS)
+    return out
+
+
 def gradx(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn: Optional[Tensor],
           pooled: Optional[Tensor], gpooled: Optional[Tensor], kinds: Sequence[int], cnt: Optional[Tensor],
           need_gs: bool = True, max_index: Optional[Tensor] = None):
@@ -1073,7 +1095,7 @@ def _gradx_run(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn:
         if gs is None:  # nothing to sum: no pixels or no images
             gs = torch.zeros((n, c), dtype=torch.float32, device=x.device)
         else:
-            gs = gs[0] if gs.shape[0] == 1 else gs.sum(dim=0)
+            gs = gs[0] if gs.shape[0] == 1 else _sum_rows(gs)
     return gx, (None if gs is None else gs.reshape(n, c, 1, 1))
 
 
@@ -1207,23 +1229,29 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
     gx = torch.empty_like(x) if into is None else into
     if x.numel() == 0:
         return gx
-    # per-kind sums of the slot gradients, [N, 1, C] (slots along dim 1 as _kind_sum expects)
-    grad = grad.to(torch.float32).movedim(0, 1)
-    gmax, fmean = _kind_sum(grad, kinds, 0), _kind_sum(grad, kinds, 1)
-    mx = fm = None
-    if gmax is not None:
+    grad = grad.to(torch.float32)
+    if len(set(kinds)) < len(kinds):  # a kind in several slots: their gradients summed first (torch)
+        g2 = grad.movedim(0, 1)
+        sums = [_kind_sum(g2, kinds, k) for k in (0, 1)]
+        grad = torch.cat([t for t in sums if t is not None], dim=1).movedim(1, 0)
+        uniq = [k for k in (0, 1) if k in kinds]
+    else:
+        uniq = kinds
+    grad = grad.contiguous()
+    i_max = uniq.index(0) if 0 in uniq else -1
+    i_mean = uniq.index(1) if 1 in uniq else -1
+    mx = None
+    if i_max >= 0:
         mx = out[kinds.index(0)].to(torch.float32).contiguous()
         if counts is None:
             counts = global_pool_forward(x, [0], torch.float32, count=True)[1]
-        fm = (gmax.reshape(n, c) / counts).contiguous()
-    fmean = None if fmean is None else (fmean / hw).contiguous()
     cblocks = triton.cdiv(c, _BC)
     p_per, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
     dummy = gx
     _gpool_backward_kernel[(n, cblocks, chunks)](
-        x, mx if mx is not None else dummy, fm if fm is not None else dummy, fmean if fmean is not None else dummy,
-        gx, c, hw, p_per, HAS_MAX=mx is not None, HAS_MEAN=fmean is not None, ACC=into is not None, BC=_BC, BP=_BP,
-        **_meta(c, hw, cl))
+        x, mx if mx is not None else dummy, grad, counts.reshape(n, c).contiguous() if mx is not None else dummy, gx,
+        n, c, hw, p_per,
+        I_MAX=i_max, I_MEAN=i_mean, ACC=into is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
     return gx
 
 
