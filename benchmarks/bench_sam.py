@@ -154,15 +154,11 @@ def main() -> None:
     def cbam_eager(x, w, w1, w2):
         return timm_sam(x * channel_gate(x, w1, w2).to(x.dtype), w)
 
-    def channel_gate_fused(x, w1, w2):
-        # the math of SF.channel_gate (avg + max pools, shared MLP, sigmoid) with the
-        # two pools read in one pass (ops.global_pool) and the MLP as one op (ops.channel_mlp_gate)
-        v = ops.global_pool(x, ("mean", "max"), dtype=SF.accumulate_dtype(x))
-        g = ops.channel_mlp_gate(v, w1.to(v.dtype), None, w2.to(v.dtype), None)
-        return g.reshape(x.shape[0], x.shape[1], 1, 1).to(x.dtype)
-
     def cbam_ours(x, w, w1, w2):
-        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=channel_gate_fused(x, w1, w2))
+        # SF.channel_gate: the two pools in one read (ops.global_pool), the MLP as one op
+        # (ops.channel_mlp_gate)
+        gate = SF.channel_gate(x, w1, None, w2, None).to(x.dtype)
+        return ops.spatial_attention_fused(x, w, order=("mean", "max"), channel_scale=gate)
 
     if use_compile:  # one graph per shape / layout / grad mode: keep them all
         import torch._dynamo

@@ -405,26 +405,12 @@ def channel_gate_from_pooled(
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
     relu = activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU
-    if (w2 is None or relu) and ((isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid):
-        # the fused op (C++ kernels on CPU; the same products below elsewhere)
-        with autocast_off(device_type(pooled)):
-            return ops.channel_mlp_gate(pooled, w1, _as_dtype(bias1, acc), w2, _as_dtype(bias2, acc)).reshape(
-                n, c, 1, 1)
+    b1, b2 = _as_dtype(bias1, acc), _as_dtype(bias2, acc)
     with autocast_off(device_type(pooled)):
-        # the MLP on all pools at once as matrix products (a 1x1 conv on [N, C, 1, 1] maps
-        # is the same product; torch's conv path was 4x slower at N = 8), the results
-        # summed in pool order (as every reference implementation does)
-        h = F.linear(pooled.reshape(p * n, c), w1, _as_dtype(bias1, acc))
-        if w2 is not None:
-            r = w1.shape[0]
-            if relu:
-                h = torch.relu(h)  # elementwise: no [.., r, 1, 1] view needed
-            else:  # any other activation sees the [P * N, r, 1, 1] maps of the 1x1-conv form
-                h = activation(h.reshape(p * n, r, 1, 1)).reshape(p * n, r)
-            h = F.linear(h, w2, _as_dtype(bias2, acc))
-        logits = h[:n]
-        for k in range(1, p):
-            logits = logits + h[k * n:(k + 1) * n]
+        if (w2 is None or relu) and ((isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid):
+            # the fused op (C++ / Triton kernels; the reference's products elsewhere)
+            return ops.channel_mlp_gate(pooled, w1, b1, w2, b2).reshape(n, c, 1, 1)
+        logits = ops.reference.channel_mlp_logits(pooled, w1, b1, w2, b2, torch.relu if relu else activation)
         return get_gate(gate)(logits.reshape(n, c, 1, 1))
 
 
