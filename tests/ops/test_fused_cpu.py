@@ -735,8 +735,7 @@ def test_training_batchnorm_fusable_on_the_triton_path(monkeypatch):
 def test_global_pool_backward_matches_reference(layout, shape, threads, from_memory):
     # the C++ backward of the channel-gate pooling: amax semantics (ties share evenly); with
     # fewer images than threads, channels_last splits each image's pixels into blocks.
-    # from_memory: as if x did not fit in the cache (one pixel per sweep in the channels_last
-    # forward, non-temporal stores in the backward)
+    # from_memory: as if x did not fit in the cache (non-temporal stores in the backward)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     if from_memory:
@@ -746,6 +745,44 @@ def test_global_pool_backward_matches_reference(layout, shape, threads, from_mem
     finally:
         torch.set_num_threads(old)
         _cpp.get().set_stream_bytes(-1)
+
+
+@pytest.mark.parametrize("dtype,channels", [(torch.float32, 213), (torch.float32, 1100), (torch.float64, 37),
+                                            (torch.bfloat16, 150)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_global_pool_channels_last_tiles(dtype, channels, threads):
+    # channels_last: pixels in tiles, swept once per block of 8 / 4 / 1 channel vectors
+    # (8 only where a pixel is shorter than 4 KiB), then a scalar tail; the tile size must not
+    # change a bit of the maxima, means or tie counts (the sum adds pixels in order either
+    # way). One image with 3 threads: its pixels split into blocks as well.
+    gen = torch.Generator().manual_seed(11)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, h, w in ((1, 7, 9), (2, 5, 13)):
+            x = torch.randn(n, channels, h, w, generator=gen).to(dtype)
+            x[:, :, 1:3] = x[:, :, 1:3].round()  # tied maxima, some in a tile of their own
+            x[0, 3, 2, 2] = float("nan")
+            x = x.contiguous(memory_format=torch.channels_last)
+            item = x.element_size()
+            results = []
+            for tile_bytes in (0, 3 * channels * item, 5 * channels * item, -1):
+                _cpp.get().set_gp_tile_bytes(tile_bytes)
+                results.append(_cpp.get().global_pool_counted(x, [lib.KIND["max"], lib.KIND["mean"]], True))
+            for pooled, counts in results[1:]:
+                assert torch.equal(pooled.nan_to_num(7.0), results[0][0].nan_to_num(7.0))
+                assert torch.equal(counts, results[0][1])
+            pooled, counts = results[-1]
+            acc = lib._acc(x)
+            want_max = x.to(acc).amax(dim=(2, 3))
+            torch.testing.assert_close(pooled[1], x.to(acc).mean(dim=(2, 3)), equal_nan=True)
+            torch.testing.assert_close(pooled[0], want_max, rtol=0, atol=0, equal_nan=True)
+            ok = ~want_max.isnan()
+            want_counts = (x.to(acc) == want_max[:, :, None, None]).sum(dim=(2, 3)).to(acc)
+            assert torch.equal(counts[ok], want_counts[ok])
+    finally:
+        _cpp.get().set_gp_tile_bytes(-1)
+        torch.set_num_threads(old)
 
 
 def _global_pool_backward_cases(layout, shape):

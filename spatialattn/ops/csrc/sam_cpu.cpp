@@ -409,6 +409,8 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 // adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
 constexpr int64_t kPoolWideDefault = 16384;
 int64_t kPoolWideBytes = kPoolWideDefault;
+constexpr int64_t kGpTileDefault = 65536;
+int64_t kGpTileBytes = kGpTileDefault;  // channels_last global pooling: bytes of x per tile
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
 // `len` consecutive pixels starting at x. Four (or eight) channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
@@ -1059,7 +1061,6 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
     const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
     const int64_t block = (HW + nb - 1) / nb;
     const bool counting = cnt && mx;
-    const bool four = !use_stream<X>(N * HW * C) || C * int64_t(sizeof(X)) >= 4096;
     std::vector<T> pm(N * nb * C), ps(N * nb * C), pc(counting ? N * nb * C : 0);
     const V one = V{} + T(1), zero = V{};
     at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
@@ -1078,33 +1079,66 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
         std::copy(base + p0 * C, base + (p0 + 1) * C, m);
         std::copy(base + p0 * C, base + (p0 + 1) * C, sm);  // 0 + v exactly: the same sums
         if (counting) std::fill(ct, ct + C, T(1));
-        // K pixels per sweep over the channel accumulators (held in registers across them;
-        // the sum still adds the pixels in order). With counting, a larger value restarts
-        // the count at 1 and an equal one adds 1 (NaN does neither: a NaN max is restored
-        // below, and no element equals it in backward). K = 4 where x is cache-resident or a
-        // pixel's channels span a 4 KiB page: there it took 0.45-0.65x the time of K = 1
-        // (8x512x26x26, 8x256x26x26, 1x1024x13x13; 0.92-0.94x at 2x1024x52x52); from memory
-        // with shorter pixels (8x256x52x52, 8x128x104x104) K = 4 took 1.4-2.1x the time and
-        // K = 2 longer still, so K = 1 there.
-        auto sweep = [&](auto k_t, auto count_t, int64_t p) {
-          constexpr int K = decltype(k_t)::value;
+        // Tiles of about kGpTileBytes of x (tp pixels), swept once per block of NB channel
+        // vectors whose accumulators stay in registers over the whole tile (the sum still
+        // adds the pixels in order, so every tiling gives the same bits). With counting, a
+        // larger value restarts the count at 1 and an equal one adds 1 (NaN does neither: a
+        // NaN max is restored below, and no element equals it in backward). Within a tile
+        // the reads jump from pixel to pixel, which the hardware prefetchers do not follow
+        // from memory; so the next tile's lines are prefetched into L2 in address order
+        // along the current one (without them: 1.35-1.6x the time at 8x256x52x52,
+        // 8x512x26x26 and 2x1024x52x52, the same at 8x128x104x104). NB = 4 where a pixel
+        // spans a 4 KiB page (8 was slower there). Against the previous sweeps of one pixel
+        // (four where x was cache-resident) over accumulator rows in L1, which were bound by
+        // their stores: see docs/performance.md.
+        const int64_t tp = std::max<int64_t>(1, kGpTileBytes / std::max<int64_t>(1, C * int64_t(sizeof(X))));
+        // not where each thread's share of x fits in half an L2 (1x1024x13x13: 1.04-1.10x the
+        // time with the prefetches, which then only cost instructions)
+        const bool prefetch = N * HW * C * int64_t(sizeof(X)) > threads * (int64_t(1) << 19);
+        auto tile = [&](auto count_t, int64_t p, int64_t np) {
           constexpr bool CNT = decltype(count_t)::value;
           const X* row = base + p * C;
+          const char* pf = reinterpret_cast<const char*>(row + np * C);
+          const char* pf_end = reinterpret_cast<const char*>(base + std::min(p1, p + np + tp) * C);
           int64_t c = 0;
-          for (; c + L <= C; c += L) {
-            V mo = vload(m + c), a = vload(sm + c), k = CNT ? vload(ct + c) : V{};
-            for (int j = 0; j < K; ++j) {
-              const V v = vld(row + j * C + c);
-              if (CNT) k = v > mo ? one : k + (v == mo ? one : zero);
-              mo = vmax(mo, v);
-              a += v;
+          auto block = [&](auto nb_t) {
+            constexpr int NB = decltype(nb_t)::value;
+            for (; c + NB * L <= C; c += NB * L) {
+              V mo[NB], a[NB], k[NB];
+#pragma GCC unroll 8
+              for (int i = 0; i < NB; ++i) {
+                mo[i] = vload(m + c + i * L);
+                a[i] = vload(sm + c + i * L);
+                k[i] = CNT ? vload(ct + c + i * L) : V{};
+              }
+              const X* r = row + c;
+              for (int64_t j = 0; j < np; ++j, r += C) {
+                if (prefetch && pf < pf_end) {
+#pragma GCC unroll 8
+                  for (int i = 0; i < NB; ++i) __builtin_prefetch(pf + i * 64, 0, 2);
+                  pf += NB * 64;
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < NB; ++i) {
+                  const V v = vld(r + i * L);
+                  if (CNT) k[i] = v > mo[i] ? one : k[i] + (v == mo[i] ? one : zero);
+                  mo[i] = vmax(mo[i], v);
+                  a[i] += v;
+                }
+              }
+#pragma GCC unroll 8
+              for (int i = 0; i < NB; ++i) {
+                vstore(m + c + i * L, mo[i]);
+                vstore(sm + c + i * L, a[i]);
+                if (CNT) vstore(ct + c + i * L, k[i]);
+              }
             }
-            vstore(m + c, mo);
-            vstore(sm + c, a);
-            if (CNT) vstore(ct + c, k);
-          }
+          };
+          if (C * int64_t(sizeof(X)) < 4096) block(std::integral_constant<int, 8>{});
+          block(std::integral_constant<int, 4>{});
+          block(std::integral_constant<int, 1>{});
           for (; c < C; ++c)
-            for (int j = 0; j < K; ++j) {
+            for (int64_t j = 0; j < np; ++j) {
               const T v = T(row[j * C + c]);
               if (CNT) ct[c] = v > m[c] ? T(1) : ct[c] + (v == m[c] ? T(1) : T(0));
               m[c] = vmax(m[c], v);
@@ -1112,10 +1146,7 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
             }
         };
         auto run = [&](auto count_t) {
-          int64_t p = p0 + 1;
-          if (four)
-            for (; p + 4 <= p1; p += 4) sweep(std::integral_constant<int, 4>{}, count_t, p);
-          for (; p < p1; ++p) sweep(std::integral_constant<int, 1>{}, count_t, p);
+          for (int64_t p = p0 + 1; p < p1; p += tp) tile(count_t, p, std::min(tp, p1 - p));
         };
         if (counting) {
           run(std::true_type{});
@@ -2815,6 +2846,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
   m.def("set_whole_image_bytes", [](int64_t b) { kWholeImageBytes = b; });
+  m.def("set_gp_tile_bytes", [](int64_t b) { kGpTileBytes = b < 0 ? kGpTileDefault : b; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
