@@ -146,10 +146,10 @@ def main() -> None:
     def ours_2op(x, w):
         return SF.spatial_attention(x, w, order=("mean", "max"))
 
-    def channel_gate(x, w1, w2):  # plain PyTorch (before the 11th session: the fused global pooling)
+    def channel_gate(x, w1, w2):  # plain PyTorch: mean / amax, then the reference MLP gate (linear, relu, sigmoid)
         v = torch.stack([x.mean((2, 3)), x.amax((2, 3))])
-        h = F.linear(F.relu(F.linear(v, w1.reshape(w1.shape[0], -1))), w2.reshape(w2.shape[0], -1))
-        return torch.sigmoid(h[0] + h[1]).reshape(x.shape[0], x.shape[1], 1, 1)
+        gate = ops.reference.channel_mlp_gate(v, w1.reshape(w1.shape[0], -1), None, w2.reshape(w2.shape[0], -1))
+        return gate.reshape(x.shape[0], x.shape[1], 1, 1)
 
     def cbam_eager(x, w, w1, w2):
         return timm_sam(x * channel_gate(x, w1, w2).to(x.dtype), w)

@@ -1063,6 +1063,11 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
     const bool counting = cnt && mx;
     std::vector<T> pm(N * nb * C), ps(N * nb * C), pc(counting ? N * nb * C : 0);
     const V one = V{} + T(1), zero = V{};
+    // pixels per tile (see the sweep below), and whether the next tile is prefetched: not
+    // where each thread's share of x fits in half an L2 (1x1024x13x13: 1.04-1.10x the time
+    // with the prefetches, which then only cost instructions)
+    const int64_t tp = std::max<int64_t>(1, kGpTileBytes / std::max<int64_t>(1, C * int64_t(sizeof(X))));
+    const bool prefetch = N * HW * C * int64_t(sizeof(X)) > threads * (int64_t(1) << 19);
     at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
@@ -1079,7 +1084,7 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
         std::copy(base + p0 * C, base + (p0 + 1) * C, m);
         std::copy(base + p0 * C, base + (p0 + 1) * C, sm);  // 0 + v exactly: the same sums
         if (counting) std::fill(ct, ct + C, T(1));
-        // Tiles of about kGpTileBytes of x (tp pixels), swept once per block of NB channel
+        // Tiles of tp pixels (about kGpTileBytes of x), swept once per block of NB channel
         // vectors whose accumulators stay in registers over the whole tile (the sum still
         // adds the pixels in order, so every tiling gives the same bits). With counting, a
         // larger value restarts the count at 1 and an equal one adds 1 (NaN does neither: a
@@ -1091,10 +1096,6 @@ void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* m
         // spans a 4 KiB page (8 was slower there). Against the previous sweeps of one pixel
         // (four where x was cache-resident) over accumulator rows in L1, which were bound by
         // their stores: see docs/performance.md.
-        const int64_t tp = std::max<int64_t>(1, kGpTileBytes / std::max<int64_t>(1, C * int64_t(sizeof(X))));
-        // not where each thread's share of x fits in half an L2 (1x1024x13x13: 1.04-1.10x the
-        // time with the prefetches, which then only cost instructions)
-        const bool prefetch = N * HW * C * int64_t(sizeof(X)) > threads * (int64_t(1) << 19);
         auto tile = [&](auto count_t, int64_t p, int64_t np) {
           constexpr bool CNT = decltype(count_t)::value;
           const X* row = base + p * C;
@@ -2679,7 +2680,7 @@ std::vector<Tensor> channel_mlp_forward(const Tensor& pooled_in, const Tensor& w
     // layer 2 as lanes over q (h transposed) where q fills the lanes, else as dot
     // products over r (few pooled vectors: one image)
     const bool by_q = two && 2 * Q >= L;
-    if (two && by_q) {
+    if (by_q) {
       // h transposed in blocks of L rows: hT[(qb * R + r) * L + l] = h[qb * L + l, r]
       std::vector<T> hT(Qp * R, T(0));
       for (int64_t q = 0; q < Q; ++q)
