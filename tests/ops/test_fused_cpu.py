@@ -562,6 +562,61 @@ def test_automatic_nchw_bands_match_reference(cpp_module, layout, threads):
         m.set_band_bytes_nchw(2 << 20)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal values (NaN where the other has NaN; a NaN's sign and payload may differ: the
+    vector and scalar conversions to bfloat16 disagree on them)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_forward_bits_do_not_depend_on_threads_or_row_split(cpp_module, layout, dtype):
+    # Fewer images than threads (batch-1 inference) run in one parallel region with the rows
+    # split into one share per thread (a share may span two images); whole images go in bands
+    # of rows. The 7x7 conv sums its taps in one order for every row block, so every split
+    # (threads 1-4, shares of any size, band heights) must give the same bits, and the
+    # reference's numbers. Orders with a missing kind and a repeated kind, a channel scale, an
+    # affine norm, dilation 1 and 2, NaN in one pixel.
+    m = cpp_module
+    old = torch.get_num_threads()
+    cases = [((1, 40, 13, 11), ("max", "mean"), 1), ((2, 24, 9, 10), ("mean",), 1),
+             ((3, 16, 5, 19), ("max", "mean", "max"), 2), ((1, 20, 23, 8), ("max",), 1)]
+    try:
+        for shape, order, dil in cases:
+            g = torch.Generator().manual_seed(shape[2])
+            x = make_x(shape, layout, torch.float32, seed=shape[1]).to(dtype)
+            x[0, 3, 2, 4] = float("nan")
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            s = torch.rand(shape[0], shape[1], 1, 1, generator=g).to(dtype)
+            wt = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
+            b, ns, nsh = torch.randn(1, generator=g).to(acc), torch.rand(1).to(acc) + 0.5, torch.randn(1).to(acc)
+            kinds = [lib.KIND[k] for k in order]
+            # also 3N - 1 images: whole images per thread and leftovers
+            x3, s3 = torch.cat([x, x, x])[: 3 * shape[0] - 1], torch.cat([s, s, s])[: 3 * shape[0] - 1]
+            runs = []
+            for threads, shared, band in [(1, -1, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0), (2, -1, 0), (4, 0, 3),
+                                          (3, 0, 1)]:
+                torch.set_num_threads(threads)
+                m.set_shared_bytes(shared)
+                m.set_band_rows(band)
+                for xx, ss in ((x, s), (x3, s3)):
+                    runs.append(m.sam_forward(xx, wt, b, ss, ns, nsh, kinds, dil, None))
+            for got in runs[2::2]:
+                for a, r in zip(got, runs[0]):
+                    _same(a, r)
+            for got in runs[3::2]:
+                for a, r in zip(got, runs[1]):
+                    _same(a, r)
+            y_ref, a_ref = ref_sam(x, wt, b, order, dil, s, ns, nsh)
+            tol = TOL.get(dtype, dict(rtol=1.6e-2, atol=1e-2))
+            torch.testing.assert_close(runs[0][0], y_ref, equal_nan=True, **tol)
+            torch.testing.assert_close(runs[0][1], a_ref, equal_nan=True, **tol)
+    finally:
+        torch.set_num_threads(old)
+        m.set_shared_bytes(-1)
+        m.set_band_rows(0)
+
+
 @contextlib.contextmanager
 def _unfused():
     """functional.spatial_attention without the fused training-BatchNorm op (the module path)."""
