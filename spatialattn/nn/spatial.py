@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional as SF
+from ._fast_eval import sam_eval
 from .base import AttentionModule, _check_channels, _make_bn
 
 __all__ = ["SpatialAttention", "PointwiseSpatialAttention"]
@@ -109,7 +111,9 @@ class SpatialAttention(AttentionModule):
         return y, attn
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        y, attn = self.attend(x)
+        # without autograd on CPU: one direct kernel call where it applies (see _fast_eval)
+        out = None if torch.is_grad_enabled() else sam_eval(self, x)
+        y, attn = self.attend(x) if out is None else out
         self._remember(attn)
         return (y, attn) if return_attention else y
 

@@ -1,0 +1,178 @@
+"""SpatialAttention inference by one direct kernel call (spatialattn.nn._fast_eval)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from spatialattn import functional as SF
+from spatialattn.nn import SpatialAttention
+from spatialattn.nn import _fast_eval
+from spatialattn.ops import _cpp
+
+
+@pytest.fixture(autouse=True)
+def need_cpp():
+    if _cpp.get() is None:
+        pytest.skip("C++ extension could not be built here (no compiler?)")
+
+
+def _randomise(m: SpatialAttention, seed: int) -> SpatialAttention:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]:
+            t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5 if t.dim() <= 1 else
+                    torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return m
+
+
+def _x(shape, layout, dtype, seed=0):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontig":
+        return torch.cat([x, x], dim=3)[..., ::2]
+    return x
+
+
+def _ordinary(m, x):
+    with torch.no_grad():
+        return m.attend(x)  # the module's ordinary path (functional -> ops)
+
+
+def _fast(m, x):
+    with torch.no_grad():
+        out = _fast_eval.sam_eval(m, x)
+        assert out is not None, "the direct call did not apply"
+        y, a = m(x, return_attention=True)
+    torch.testing.assert_close(y, out[0], rtol=0, atol=0)
+    return y, a
+
+
+def _same(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_same_bits_as_the_ordinary_path(layout, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for i, (norm, bias, dil, order, k, n) in enumerate(itertools.product(
+            ["bn", None], [False, True], [1, 2], [("max", "mean"), ("mean",), ("mean", "max", "max")], [7, 3],
+            [2, 0])):
+        if i % 3:  # a third of the 96 combinations, all values of each option among them
+            continue
+        m = _randomise(SpatialAttention(12, k, order=order, norm=norm, bias=bias, dilation=dil), i).to(acc).eval()
+        x = _x((n, 12, 9, 10), layout, dtype, seed=i)
+        y, a = _fast(m, x)
+        _same((y, a), _ordinary(m, x))
+        assert y.dtype == dtype and a.dtype == acc
+
+
+def test_used_without_autograd_only(monkeypatch):
+    m = _randomise(SpatialAttention(8), 1).eval()
+    x = torch.randn(2, 8, 5, 5)
+    calls = []
+    orig = SF.spatial_attention
+    monkeypatch.setattr(SF, "spatial_attention", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    with torch.no_grad():
+        y = m(x)
+    assert not calls  # the direct call
+    y_grad = m(x)  # autograd on: the ordinary path
+    assert calls and y_grad.requires_grad
+    torch.testing.assert_close(y_grad.detach(), y, rtol=0, atol=0)
+    with torch.inference_mode():
+        calls.clear()
+        torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+        assert not calls
+
+
+@pytest.mark.parametrize("change", ["gate", "train", "float16_input", "tensor_subclass", "inference_params",
+                                    "wrong_channels"])
+def test_falls_back_where_it_does_not_apply(change):
+    ctx = torch.inference_mode() if change == "inference_params" else torch.no_grad()
+    with ctx:  # a module made in inference mode has inference tensors: no version to key on
+        m = _randomise(SpatialAttention(8), 2).eval()
+    x = torch.randn(2, 8, 5, 5)
+    if change == "gate":
+        m.gate = "tanh"
+    elif change == "train":
+        m.train()
+    elif change == "float16_input":
+        x = x.half()  # (applies after all: float16 x with float32 parameters is fusable)
+    elif change == "tensor_subclass":
+        class Sub(torch.Tensor):
+            pass
+        x = x.as_subclass(Sub)
+    elif change == "wrong_channels":
+        x = torch.randn(2, 7, 5, 5)
+    with torch.no_grad():
+        out = _fast_eval.sam_eval(m, x)
+        if change == "float16_input":
+            # float16 with float32 parameters is fusable: the direct call applies
+            assert out is not None
+            _same(out, _ordinary(m, x))
+            return
+        assert out is None
+        if change == "wrong_channels":
+            with pytest.raises(ValueError, match="expected shape"):
+                m(x)
+            return
+        y = m(x)
+    ref = _ordinary(m, x)[0]
+    torch.testing.assert_close(torch.as_tensor(y).as_subclass(torch.Tensor), ref.as_subclass(torch.Tensor),
+                               rtol=0, atol=0)
+
+
+def test_plan_follows_every_change():
+    torch.manual_seed(0)
+    m = _randomise(SpatialAttention(8, bias=True), 3).eval()
+    x = torch.randn(2, 8, 6, 7)
+
+    def check():
+        _same(_fast(m, x), _ordinary(m, x))
+
+    check()
+    with torch.no_grad():
+        m.conv.weight.mul_(-1.5)  # in place
+    check()
+    for _ in range(4):  # same object and version, new storage (a freed address may come back)
+        m.conv.weight.data = torch.randn_like(m.conv.weight)
+        check()
+    m.conv.bias.data = torch.randn(1)
+    check()
+    with torch.no_grad():
+        m.bn.running_var.mul_(3.0)
+        m.bn.weight.fill_(-0.7)
+    check()
+    m.bn.eps = 0.3
+    check()
+    m.bn.running_mean = torch.full((1,), 0.4)  # a new tensor object
+    check()
+    m.load_state_dict({k: v * 0.5 for k, v in m.state_dict().items()})
+    check()
+    m.bn = torch.nn.BatchNorm2d(1).eval()  # a new norm
+    check()
+    m.bn = None
+    check()
+    m.dilation = 2
+    check()
+    m.order = ("mean",)
+    m.conv = torch.nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    check()
+    m.double()  # same parameters, new storages in another dtype
+    y64 = _fast(m, x.double())[0]
+    assert y64.dtype == torch.float64
+    _same((y64,), _ordinary(m, x.double()))
+    # a caller writing into the folded BatchNorm pair (ops.batchnorm_affine hands it out)
+    m.bn = _randomise(torch.nn.BatchNorm2d(1), 4).double().eval()
+    check64 = lambda: _same(_fast(m, x.double()), _ordinary(m, x.double()))  # noqa: E731
+    check64()
+    from spatialattn import ops
+
+    with torch.no_grad():
+        ops.batchnorm_affine(m.bn)[0].add_(1.0)
+    check64()
