@@ -321,8 +321,11 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
     # tensors, which autograd cannot save, should a later call need the input's gradient)
     with torch.inference_mode(False), torch.no_grad():
         scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps)
-    # the tensors themselves are kept too: their ids in the key stay theirs
-    norm.__dict__[_AFFINE_CACHE] = (key, (mean, var, gamma, beta), scale, shift, (scale._version, shift._version))
+    # the tensors themselves are kept too: their ids in the key stay theirs; and aliases of
+    # their storages: a `.data =` swap frees the old storage, whose address a later one could
+    # take (same object, same version, same data_ptr: a stale hit)
+    held = (mean, var, gamma, beta, [t.detach() for t in (mean, var, gamma, beta) if t is not None])
+    norm.__dict__[_AFFINE_CACHE] = (key, held, scale, shift, (scale._version, shift._version))
     return scale, shift
 
 
