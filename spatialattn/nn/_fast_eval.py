@@ -1,12 +1,13 @@
-"""Inference of :class:`~spatialattn.nn.SpatialAttention` with one direct kernel call.
+"""Inference of :class:`~spatialattn.nn.SpatialAttention` and CBAM with direct kernel calls.
 
 On small maps the fused C++ SAM takes 25-35 us, and the layers around it
 (module -> functional -> ops: argument checks, the BatchNorm fold, context
-managers, dispatch) took about as long again. Without autograd, on CPU, the
-module can call the kernel directly with arguments it prepared once: the *plan*,
-cached on the module and rebuilt whenever anything it was made from changes
-(the conv / BatchNorm tensors -- object, storage or in-place version --, the
-BatchNorm mode and eps, the gate, order, dilation, the input dtype).
+managers, dispatch) took about as long again; CBAM's channel gate (global
+pooling, the MLP) likewise. Without autograd, on CPU, a module can call the
+kernels directly with arguments it prepared once: the *plan*, cached on the
+module and rebuilt whenever anything it was made from changes (its parameter and
+buffer tensors -- object, storage or in-place version --, the BatchNorm mode and
+eps, the gates, pooling orders, dilation, activation, the input dtype).
 
 Everything else (autograd, tracing / export, ``torch.func`` transforms,
 ``torch.compile``, tensor subclasses, CUDA, no C++ extension, a non-sigmoid
@@ -25,7 +26,7 @@ from .. import ops
 from ..ops import _cpp
 from ..ops import _library as _lib
 
-__all__ = ["sam_eval"]
+__all__ = ["sam_eval", "cbam_eval"]
 
 _PLAN = "_spatialattn_eval_plan"
 
@@ -73,8 +74,8 @@ def _build(m, x: Tensor):
     return (weight.detach(), None if bias is None else bias.detach(), ns, nsh, ops._kinds(order), m.dilation)
 
 
-def sam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(y, attention)`` of SpatialAttention ``m`` on ``x`` by one direct kernel call, or
+def sam_eval(m, x: Tensor, channel_scale: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+    """``m.attend(x, channel_scale)`` of SpatialAttention ``m`` by one direct kernel call, or
     ``None`` where that does not apply (then the caller takes the ordinary path).
     Call only without autograd (``torch.is_grad_enabled()`` false)."""
     if type(x) is not Tensor or not x.is_cpu or x.dim() != 4:
@@ -82,34 +83,111 @@ def sam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     c = x.shape[1]
     if c == 0 or (m.channels is not None and c != m.channels):
         return None
+    if channel_scale is not None:  # CBAM's channel gate [N, C, 1, 1], rounded to x's dtype first
+        if type(channel_scale) is not Tensor or not channel_scale.is_cpu or channel_scale.shape != (x.shape[0], c, 1, 1):
+            return None
+        if channel_scale.dtype != x.dtype:
+            channel_scale = channel_scale.to(x.dtype)
     if torch.compiler.is_compiling() or ops._torch_ops_only():
         return None
+    if ops._fast_device(x) != "cpp":  # the ops' own dispatch (no extension, other backends)
+        return None
     ext = _cpp.get()
-    if ext is None:
-        return None
-    try:
-        key = _key(m, x)
-    except RuntimeError:  # inference tensors among the parameters: no version to key on
-        return None
-    entry = m.__dict__.get(_PLAN)
-    if entry is None or entry[0] != key or (entry[3] is not None and entry[3] != _pair_versions(entry[1])):
-        # new, changed, or the folded BatchNorm pair was written into (ops.batchnorm_affine
-        # hands the same tensors out)
-        plan = _build(m, x)
-        # keeps the keyed tensors' storages alive, so that a later storage cannot take an
-        # address in the key (a `.data =` swap frees the old one)
-        conv, bn = _parts(m)
-        held = [t.detach() for t in list(conv.parameters(recurse=False)) + (
-            list(bn.parameters(recurse=False)) + list(bn.buffers(recurse=False)) if isinstance(bn, torch.nn.Module)
-            else [])]
-        entry = m.__dict__[_PLAN] = (key, plan, held, _pair_versions(plan))
-    plan = entry[1]
+    plan = _plan(m, x, _key, _build, _pair_versions)
     if plan is None:
         return None
     w, b, ns, nsh, kinds, dilation = plan
-    y, attn, _, _ = ext.sam_forward(_lib._dense(x), w, b, None, ns, nsh, kinds, dilation, None)
+    y, attn, _, _ = ext.sam_forward(_lib._dense(x), w, b, channel_scale, ns, nsh, kinds, dilation, None)
     return y, attn
 
 
 def _pair_versions(plan):
+    """The folded BatchNorm pair's versions: ops.batchnorm_affine hands the same tensors out."""
     return None if plan is None or plan[2] is None else (plan[2]._version, plan[3]._version)
+
+
+def _plan(m, x: Tensor, key_of, build, versions=lambda plan: None):
+    """``m``'s cached plan for inputs like ``x`` (None: not fusable), rebuilt when its key
+    changes or ``versions(plan)`` (tensors of the plan a caller may write into) does."""
+    try:
+        key = key_of(m, x)
+    except RuntimeError:  # inference tensors among the parameters: no version to key on
+        return None
+    entry = m.__dict__.get(_PLAN)
+    if entry is None or entry[0] != key or entry[3] != versions(entry[1]):
+        plan = build(m, x)
+        # keeps the keyed tensors' storages alive, so that a later storage cannot take an
+        # address in the key (a `.data =` swap frees the old one)
+        held = [t.detach() for t in list(m.parameters()) + list(m.buffers())]
+        entry = m.__dict__[_PLAN] = (key, plan, held, versions(plan))
+    return entry[1]
+
+
+def _channel_key(m, x: Tensor):
+    ch = m._modules["channel"]
+    mods = ch._modules
+    key = (x.dtype, ch.pool_types, ch.gate, ch.num_layers, id(ch))
+    for name in ("fc1", "fc2") if ch.num_layers == 2 else ("fc",):
+        fc = mods[name]
+        key += (id(fc), _state(fc._parameters["weight"]), _state(fc._parameters.get("bias")))
+    return key + ((id(mods["act"]),) if ch.num_layers == 2 else ())
+
+
+def _channel_build(m, x: Tensor):
+    """Arguments of the global pooling and the channel MLP kernels, or None (not fusable)."""
+    ch = m._modules["channel"]
+    if x.dtype not in _lib._CPP_DTYPES:
+        return None
+    acc = SF.accumulate_dtype(x)
+    gate = ch.gate
+    if not ((isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid):
+        return None
+    try:
+        kinds = ops._kinds(ch.pool_types)
+    except KeyError:  # not normalised: the ordinary path names the error
+        return None
+    mods = ch._modules
+    if ch.num_layers == 2:
+        act = mods["act"]
+        if not (type(act) is torch.nn.ReLU or act is torch.relu or act is torch.nn.functional.relu):
+            return None
+        fcs = (mods["fc1"], mods["fc2"])
+    else:
+        fcs = (mods["fc"],)
+    parts = []
+    for fc in fcs:
+        w, b = fc._parameters["weight"], fc._parameters.get("bias")
+        if w.dim() not in (2, 4) or any(t is not None and (t.dtype != acc or not t.is_cpu) for t in (w, b)):
+            return None
+        parts += [SF._as_linear_weight(w.detach(), acc), None if b is None else b.detach()]
+    w1 = parts[0]
+    w2 = parts[2] if len(parts) > 2 else None
+    if w1.shape[1] != x.shape[1] or (w1 if w2 is None else w2).shape[0] != x.shape[1]:
+        return None
+    if w2 is not None and w2.shape[1] != w1.shape[0]:
+        return None
+    return (kinds, *parts) if len(parts) == 4 else (kinds, parts[0], parts[1], None, None)
+
+
+def cbam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """``(y, spatial map, channel gate)`` of a channel-then-spatial CBAM ``m`` by direct kernel
+    calls (global pooling, the channel MLP, the SAM with the channel scale), or ``None`` where
+    that does not apply. Call only without autograd."""
+    if type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    if c == 0 or c != m.channels or torch.compiler.is_compiling() or ops._torch_ops_only():
+        return None
+    if ops._fast_device(x) != "cpp":  # the ops' own dispatch (no extension, other backends)
+        return None
+    ext = _cpp.get()
+    plan = _plan(m, x, _channel_key, _channel_build)
+    if plan is None:
+        return None
+    kinds, w1, b1, w2, b2 = plan
+    pooled = ext.global_pool(_lib._dense(x), kinds)
+    cg = ext.channel_mlp_forward(pooled, w1, b1, w2, b2, False)[0].view(n, c, 1, 1)
+    spatial = m._modules["spatial"]
+    out = sam_eval(spatial, x, cg)
+    y, sa = spatial.attend(x, channel_scale=cg) if out is None else out
+    return y, sa, cg

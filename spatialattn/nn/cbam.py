@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from .. import functional as SF
 from .. import ops
+from ._fast_eval import cbam_eval
 
 from .base import AttentionModule
 from .channel import ChannelAttention
@@ -135,7 +137,9 @@ class CBAM(AttentionModule):
             self._remember(cg)
             return (y, cg) if return_attention else y
         if self.arrangement == "channel_spatial":
-            y, sa, cg = self._channel_spatial(x)
+            # without autograd on CPU: direct kernel calls where they apply (see _fast_eval)
+            out = None if torch.is_grad_enabled() else cbam_eval(self, x)
+            y, sa, cg = self._channel_spatial(x) if out is None else out
         elif self.arrangement == "parallel":
             cg = self.channel.channel_gate(x)
             sa = self.spatial.attention_map(x)

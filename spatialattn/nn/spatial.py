@@ -102,6 +102,10 @@ class SpatialAttention(AttentionModule):
 
     def attend(self, x: Tensor, channel_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(x * channel_scale) * attention`` and the attention ``[N, 1, H, W]`` (see functional)."""
+        if not torch.is_grad_enabled():  # on CPU: one direct kernel call where it applies (_fast_eval)
+            out = sam_eval(self, x, channel_scale)
+            if out is not None:
+                return out
         SF.check_input(x, self.channels)
         conv = self.conv
         y, attn = SF.spatial_attention(
@@ -111,9 +115,7 @@ class SpatialAttention(AttentionModule):
         return y, attn
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        # without autograd on CPU: one direct kernel call where it applies (see _fast_eval)
-        out = None if torch.is_grad_enabled() else sam_eval(self, x)
-        y, attn = self.attend(x) if out is None else out
+        y, attn = self.attend(x)
         self._remember(attn)
         return (y, attn) if return_attention else y
 

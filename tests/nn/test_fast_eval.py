@@ -1,6 +1,7 @@
 """SpatialAttention inference by one direct kernel call (spatialattn.nn._fast_eval)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from spatialattn import functional as SF
 from spatialattn.nn import SpatialAttention
-from spatialattn.nn import _fast_eval
+from spatialattn.nn import CBAM, _fast_eval
+from spatialattn.nn import cbam as cbam_module
+from spatialattn.nn import spatial as spatial_module
 from spatialattn.ops import _cpp
 
 
@@ -36,9 +39,19 @@ def _x(shape, layout, dtype, seed=0):
     return x
 
 
-def _ordinary(m, x):
-    with torch.no_grad():
-        return m.attend(x)  # the module's ordinary path (functional -> ops)
+@contextlib.contextmanager
+def _no_direct_call():
+    orig = spatial_module.sam_eval
+    spatial_module.sam_eval = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        spatial_module.sam_eval = orig
+
+
+def _ordinary(m, x, *args):
+    with torch.no_grad(), _no_direct_call():
+        return m.attend(x, *args)  # the module's ordinary path (functional -> ops)
 
 
 def _fast(m, x):
@@ -176,3 +189,99 @@ def test_plan_follows_every_change():
     with torch.no_grad():
         ops.batchnorm_affine(m.bn)[0].add_(1.0)
     check64()
+
+
+@contextlib.contextmanager
+def _no_direct_calls():
+    """CBAM and SpatialAttention on their ordinary paths."""
+    orig = cbam_module.cbam_eval
+    cbam_module.cbam_eval = lambda *a, **k: None
+    try:
+        with _no_direct_call():
+            yield
+    finally:
+        cbam_module.cbam_eval = orig
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["official", "timm", "ultralytics"])
+def test_cbam_same_bits_as_the_ordinary_path(dtype, preset):
+    torch.manual_seed(5)
+    m = _randomise(CBAM(16, reduction=4, preset=preset), 5).eval()
+    for layout in ("nchw", "channels_last", "noncontig"):
+        x = _x((3, 16, 7, 9), layout, dtype, seed=6)
+        with torch.no_grad():
+            assert _fast_eval.cbam_eval(m, x) is not None
+            got = m(x, return_attention=True)
+            with _no_direct_calls():
+                want = m(x, return_attention=True)
+        _same(got, want)
+        assert got[0].dtype == dtype
+
+
+def test_cbam_plan_follows_every_change():
+    m = _randomise(CBAM(16, reduction=4, preset="official"), 7).eval()
+    m.keep_attention = True
+    x = torch.randn(2, 16, 6, 5)
+
+    def check(direct=True):
+        with torch.no_grad():
+            assert (_fast_eval.cbam_eval(m, x) is not None) == direct
+            got = m(x, return_attention=True)
+            cg = m.last_channel_attention
+            with _no_direct_calls():
+                want = m(x, return_attention=True)
+        _same(got, want)
+        _same((cg,), (m.last_channel_attention,))
+
+    check()
+    with torch.no_grad():
+        m.channel.fc2.weight.mul_(-2.0)
+    check()
+    for _ in range(3):
+        m.channel.fc1.weight.data = torch.randn_like(m.channel.fc1.weight)
+        check()
+    m.channel.fc1.bias.data = torch.randn(m.channel.fc1.bias.shape)
+    check()
+    with torch.no_grad():
+        m.spatial.bn.running_mean.add_(0.5)  # the spatial half's own plan
+    check()
+    m.channel.pool_types = ("max",)
+    check()
+    m.channel.act = torch.nn.GELU()  # not the C++ MLP (ReLU only): the ordinary path
+    check(direct=False)
+    m.channel.act = torch.nn.ReLU()
+    check()
+    m.channel.gate = "hard_sigmoid"
+    check(direct=False)
+    m.channel.gate = "sigmoid"
+    m.double()
+    x = x.double()
+    check()
+    m.arrangement = "parallel"  # other arrangements: the ordinary path
+    with torch.no_grad():
+        y = m(x)
+        with _no_direct_calls():
+            _same((y,), (m(x),))
+    m.arrangement = "channel_spatial"
+    with torch.inference_mode():
+        m2 = _randomise(CBAM(16, reduction=4), 8).eval()  # inference tensors: no plan
+        assert _fast_eval.cbam_eval(m2, x.float()) is None
+        y2 = m2(x.float())
+    with torch.no_grad(), _no_direct_calls():
+        _same((y2,), (m2(x.float()),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["official", "timm"])
+def test_spatial_attend_with_channel_scale(dtype, preset):
+    # CBAM's spatial half through spatial.attend(x, channel_scale)
+    m = _randomise(CBAM(16, reduction=4, preset=preset), 5).eval()
+    for layout in ("nchw", "channels_last"):
+        x = _x((3, 16, 7, 9), layout, dtype, seed=6)
+        cs = torch.rand(3, 16, 1, 1, dtype=torch.float32)  # a float32 scale on a bfloat16 x: rounded first
+        with torch.no_grad():
+            _same(m.spatial.attend(x, cs), _ordinary(m.spatial, x, cs))
+            assert _fast_eval.sam_eval(m.spatial, x, cs[:2]) is None  # wrong shape: the ordinary path's error
+        with pytest.raises(ValueError, match="channel_scale"):
+            _ordinary(m.spatial, x, cs[:2])
