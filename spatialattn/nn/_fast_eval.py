@@ -25,10 +25,11 @@ from .. import functional as SF
 from .. import ops
 from ..ops import _cpp
 from ..ops import _library as _lib
+from .base import EVAL_PLAN
 
 __all__ = ["sam_eval", "cbam_eval"]
 
-_PLAN = "_spatialattn_eval_plan"
+_PLAN = EVAL_PLAN
 
 
 def _state(t: Optional[Tensor]):

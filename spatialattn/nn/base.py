@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 __all__ = ["AttentionModule"]
 
+EVAL_PLAN = "_spatialattn_eval_plan"  # attribute of a module's cached inference plan (_fast_eval)
+
 
 class AttentionModule(nn.Module):
     """Base class of every attention module in :mod:`spatialattn.nn`.
@@ -22,6 +24,12 @@ class AttentionModule(nn.Module):
         super().__init__()
         self.keep_attention: bool = False
         self.last_attention: Optional[Tensor] = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # a cached inference plan (see _fast_eval) holds the tensors it was made from:
+        # .to() / .cuda() / .half() drop it rather than keep the old storages alive
+        self.__dict__.pop(EVAL_PLAN, None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _remember(self, attention: Optional[Tensor]) -> None:
         if self.keep_attention and attention is not None:

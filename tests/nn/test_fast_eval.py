@@ -285,3 +285,19 @@ def test_spatial_attend_with_channel_scale(dtype, preset):
             assert _fast_eval.sam_eval(m.spatial, x, cs[:2]) is None  # wrong shape: the ordinary path's error
         with pytest.raises(ValueError, match="channel_scale"):
             _ordinary(m.spatial, x, cs[:2])
+
+
+def test_moving_a_module_drops_its_plans():
+    # a plan holds the tensors it was made from: .to() / .double() / .cuda() drop it, so it
+    # does not keep the old storages alive
+    m = _randomise(CBAM(16, reduction=4), 9).eval()
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        m(x)
+    assert _fast_eval._PLAN in m.__dict__ and _fast_eval._PLAN in m.spatial.__dict__
+    m.double()
+    assert _fast_eval._PLAN not in m.__dict__ and _fast_eval._PLAN not in m.spatial.__dict__
+    with torch.no_grad():
+        y = m(x.double())
+        with _no_direct_calls():
+            _same((y,), (m(x.double()),))
