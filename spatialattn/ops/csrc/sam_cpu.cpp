@@ -2073,7 +2073,6 @@ void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t 
                         bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds, int64_t imax,
                         int64_t imean, T* pooled, T* logits, T* attn, X* y, bool stream) {
   const int64_t HW = H * W, P = q.P, CHW = C * HW, rows = (n1 - n0) * H;
-  const int64_t nt = shared_threads((n1 - n0) * CHW * int64_t(sizeof(X)), rows);
   // calls f(n, h0, h1) for the image rows of share t of nth (a share may span two images)
   auto segments = [&](int64_t t, int64_t nth, auto&& f) {
     const int64_t r0 = rows * t / nth, r1 = rows * (t + 1) / nth;
@@ -2138,6 +2137,7 @@ void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t 
     stream_fence(stream);
   };
 #ifdef _OPENMP
+  const int64_t nt = shared_threads((n1 - n0) * CHW * int64_t(sizeof(X)), rows);
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
     body(omp_get_thread_num(), omp_get_num_threads(), [] {
