@@ -66,8 +66,8 @@ def _build(m, x: Tensor):
     if fused is None:
         return None
     order = SF.normalize_pool_order(m.order)
-    k_h, k_w = weight.shape[-2:]
-    if weight.dim() != 4 or tuple(weight.shape[:2]) != (1, len(order)) or k_h % 2 == 0 or k_w % 2 == 0:
+    shape = tuple(weight.shape)
+    if len(shape) != 4 or shape[:2] != (1, len(order)) or not (shape[2] % 2 and shape[3] % 2):
         return None  # the ordinary path raises the error
     ns, nsh = fused
     if not all(t is None or t.is_cpu for t in (weight, bias, ns, nsh)):

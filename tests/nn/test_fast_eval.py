@@ -104,7 +104,7 @@ def test_used_without_autograd_only(monkeypatch):
 
 
 @pytest.mark.parametrize("change", ["gate", "train", "float16_input", "tensor_subclass", "inference_params",
-                                    "wrong_channels"])
+                                    "wrong_channels", "three_channel_conv", "even_kernel"])
 def test_falls_back_where_it_does_not_apply(change):
     ctx = torch.inference_mode() if change == "inference_params" else torch.no_grad()
     with ctx:  # a module made in inference mode has inference tensors: no version to key on
@@ -122,6 +122,10 @@ def test_falls_back_where_it_does_not_apply(change):
         x = x.as_subclass(Sub)
     elif change == "wrong_channels":
         x = torch.randn(2, 7, 5, 5)
+    elif change == "three_channel_conv":  # a conv that does not match the pooling order
+        m.conv = torch.nn.Conv2d(3, 1, 7, padding=3, bias=False)
+    elif change == "even_kernel":
+        m.conv = torch.nn.Conv2d(2, 1, 4, padding=2, bias=False)
     with torch.no_grad():
         out = _fast_eval.sam_eval(m, x)
         if change == "float16_input":
@@ -130,8 +134,8 @@ def test_falls_back_where_it_does_not_apply(change):
             _same(out, _ordinary(m, x))
             return
         assert out is None
-        if change == "wrong_channels":
-            with pytest.raises(ValueError, match="expected shape"):
+        if change in ("wrong_channels", "three_channel_conv", "even_kernel"):  # the ordinary path's error
+            with pytest.raises(ValueError, match="expected shape|must be odd"):
                 m(x)
             return
         y = m(x)
