@@ -305,3 +305,14 @@ def test_moving_a_module_drops_its_plans():
         y = m(x.double())
         with _no_direct_calls():
             _same((y,), (m(x.double()),))
+
+
+def test_torch_compile_fullgraph_in_inference():
+    # under torch.compile the direct calls step aside (is_compiling) and the graph holds the
+    # ordinary path's custom ops: same numbers as eager inference, no graph break
+    m = _randomise(torch.nn.Sequential(CBAM(16, reduction=4), SpatialAttention(16)), 10).eval()
+    x = torch.randn(2, 16, 7, 6)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
