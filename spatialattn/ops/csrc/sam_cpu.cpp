@@ -31,9 +31,9 @@
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
-#endif
 #endif
 
 namespace {
