@@ -29,8 +29,9 @@ step do not, as at 8x512x26x26 on a 32 MiB L3, this floor is far above 2.5), ``c
 autograd; the eager CBAM materialises ``x * channel_gate``),
 ``eval`` / ``cbam-eval`` (inference of the whole modules ``SpatialAttention(C)`` /
 ``CBAM(C, preset="official")`` in eval mode under ``torch.no_grad()``, Python and
-dispatch included: what a model pays per attention layer at test time; ``eager`` is the
-same math in plain PyTorch), ``train`` and
+dispatch included: what a model pays per attention layer at test time, with the modules'
+direct kernel calls; ``eager`` is the same math in plain PyTorch; float32 calls enter no
+autocast context), ``train`` and
 ``cbam-train`` (one training step, forward + backward, of
 ``spatialattn.nn.SpatialAttention(C)`` / ``CBAM(C, preset="official")`` with the
 BatchNorm of the spatial gate in training mode; ``ours-2op`` is the same module
