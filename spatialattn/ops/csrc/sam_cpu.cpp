@@ -1615,6 +1615,17 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
   }
 }
 
+// pixels [p0, p0 + len) of one image's pooled maps [P, HW]: each repeated pooling slot
+// copied from the first slot of its kind (imax / imean)
+template <typename T>
+void copy_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, int64_t HW,
+                         int64_t p0, int64_t len) {
+  for (int64_t i = 0; i < int64_t(kinds.size()); ++i) {
+    const int64_t src = kinds[i] == 0 ? imax : imean;
+    if (src != i) std::copy(pooled + src * HW + p0, pooled + src * HW + p0 + len, pooled + i * HW + p0);
+  }
+}
+
 // Forward of one image. pooled [P, HW], logits / attn [HW], y: this image's slices.
 template <typename T, typename X>
 void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
@@ -1634,13 +1645,11 @@ void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, 
     } else {
       for (int64_t k = 0; k < len; ++k) pool_pixel<T, X>(x + (p0 + k) * C, s, C, mx[k], mean[k]);
     }
-    for (int64_t i = 0; i < P; ++i) {
-      const T* src = pooled + (kinds[i] == 0 ? imax : imean) * HW;
-      T* dst = pooled + i * HW;
-      if (src != dst) std::copy(src + p0, src + p0 + len, dst + p0);
+    copy_repeated_slots<T>(pooled, kinds, imax, imean, HW, p0, len);
+    for (int64_t i = 0; i < P; ++i)
       for (int64_t h = r0; h < r1; ++h)
-        std::copy(dst + h * W, dst + (h + 1) * W, sc.pad.data() + (i * q.g.Hp + h + q.g.ph) * q.g.Wp + q.g.pw);
-    }
+        std::copy(pooled + i * HW + h * W, pooled + i * HW + (h + 1) * W,
+                  sc.pad.data() + (i * q.g.Hp + h + q.g.ph) * q.g.Wp + q.g.pw);
     const int64_t g1 = r1 == H ? H : std::max(done, r1 - lag);
     if (g1 > done) {
       gate_rows<T>(q, sc.pad.data(), done, g1, logits, attn);
@@ -1978,11 +1987,7 @@ template <typename T>
 void fill_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, int64_t HW,
                          int64_t n0, int64_t n1) {
   const int64_t P = kinds.size();
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t src = kinds[i] == 0 ? imax : imean;
-      if (src != i) std::copy(pooled + (n * P + src) * HW, pooled + (n * P + src + 1) * HW, pooled + (n * P + i) * HW);
-    }
+  for (int64_t n = n0; n < n1; ++n) copy_repeated_slots<T>(pooled + n * P * HW, kinds, imax, imean, HW, 0, HW);
 }
 
 // grain (in blocks of `rows` rows) that gives each task at least ~64k multiply-adds
@@ -2110,10 +2115,7 @@ void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t 
           if (imean >= 0) pn[imean * HW + k] = b;
         }
       }
-      for (int64_t i = 0; i < P; ++i) {
-        const int64_t src = kinds[i] == 0 ? imax : imean;
-        if (src != i) std::copy(pn + src * HW + p0, pn + src * HW + p0 + len, pn + i * HW + p0);
-      }
+      copy_repeated_slots<T>(pn, kinds, imax, imean, HW, p0, len);
     });
     barrier();
     std::vector<T> pad(P * q.g.Hp * q.g.Wp);
