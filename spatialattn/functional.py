@@ -404,14 +404,24 @@ def channel_gate_from_pooled(
     w2 = None if weight2 is None else _as_linear_weight(weight2, acc)
     if (w1 if w2 is None else w2).shape[0] != c:
         raise ValueError(f"channel MLP must map back to {c} channels")
-    relu = activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU
+    relu = _is_relu(activation)
     b1, b2 = _as_dtype(bias1, acc), _as_dtype(bias2, acc)
     with autocast_off(device_type(pooled)):
-        if (w2 is None or relu) and ((isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid):
+        if (w2 is None or relu) and _is_sigmoid_gate(gate):
             # the fused op (C++ / Triton kernels; the reference's products elsewhere)
             return ops.channel_mlp_gate(pooled, w1, b1, w2, b2).reshape(n, c, 1, 1)
         logits = ops.reference.channel_mlp_logits(pooled, w1, b1, w2, b2, torch.relu if relu else activation)
         return get_gate(gate)(logits.reshape(n, c, 1, 1))
+
+
+def _is_relu(activation) -> bool:
+    """The channel MLP's activation is ReLU (what the fused MLP kernels apply)."""
+    return activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU
+
+
+def _is_sigmoid_gate(gate: GateLike) -> bool:
+    """The channel gate is a sigmoid (what the fused MLP kernels apply)."""
+    return (isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid
 
 
 def _as_linear_weight(w: Tensor, dtype: torch.dtype) -> Tensor:

@@ -75,30 +75,32 @@ def _build(m, x: Tensor):
     return (weight.detach(), None if bias is None else bias.detach(), ns, nsh, ops._kinds(order), m.dilation)
 
 
+def _direct_ok(x: Tensor) -> bool:
+    """``x`` is a plain 4-D tensor that the ops would send to the C++ kernels, and only
+    torch operators are not required (no tracing / export, no ``torch.func`` transform);
+    ``_fast_device`` also rules out CUDA, a missing extension and ``torch.compile``."""
+    return type(x) is Tensor and x.dim() == 4 and not ops._torch_ops_only() and ops._fast_device(x) == "cpp"
+
+
 def sam_eval(m, x: Tensor, channel_scale: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
     """``m.attend(x, channel_scale)`` of SpatialAttention ``m`` by one direct kernel call, or
     ``None`` where that does not apply (then the caller takes the ordinary path).
     Call only without autograd (``torch.is_grad_enabled()`` false)."""
-    if type(x) is not Tensor or not x.is_cpu or x.dim() != 4:
+    if not _direct_ok(x):
         return None
     c = x.shape[1]
     if c == 0 or (m.channels is not None and c != m.channels):
         return None
-    if channel_scale is not None:  # CBAM's channel gate [N, C, 1, 1], rounded to x's dtype first
-        if type(channel_scale) is not Tensor or not channel_scale.is_cpu or channel_scale.shape != (x.shape[0], c, 1, 1):
-            return None
-        if channel_scale.dtype != x.dtype:
-            channel_scale = channel_scale.to(x.dtype)
-    if torch.compiler.is_compiling() or ops._torch_ops_only():
+    if channel_scale is not None and (type(channel_scale) is not Tensor or not channel_scale.is_cpu
+                                      or channel_scale.shape != (x.shape[0], c, 1, 1)):
         return None
-    if ops._fast_device(x) != "cpp":  # the ops' own dispatch (no extension, other backends)
-        return None
-    ext = _cpp.get()
     plan = _plan(m, x, _key, _build, _pair_versions)
     if plan is None:
         return None
+    if channel_scale is not None and channel_scale.dtype != x.dtype:
+        channel_scale = channel_scale.to(x.dtype)  # CBAM's channel gate, rounded to x's dtype first
     w, b, ns, nsh, kinds, dilation = plan
-    y, attn, _, _ = ext.sam_forward(_lib._dense(x), w, b, channel_scale, ns, nsh, kinds, dilation, None)
+    y, attn, _, _ = _cpp.get().sam_forward(_lib._dense(x), w, b, channel_scale, ns, nsh, kinds, dilation, None)
     return y, attn
 
 
@@ -140,8 +142,7 @@ def _channel_build(m, x: Tensor):
     if x.dtype not in _lib._CPP_DTYPES:
         return None
     acc = SF.accumulate_dtype(x)
-    gate = ch.gate
-    if not ((isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid):
+    if not SF._is_sigmoid_gate(ch.gate):
         return None
     try:
         kinds = ops._kinds(ch.pool_types)
@@ -149,8 +150,7 @@ def _channel_build(m, x: Tensor):
         return None
     mods = ch._modules
     if ch.num_layers == 2:
-        act = mods["act"]
-        if not (type(act) is torch.nn.ReLU or act is torch.relu or act is torch.nn.functional.relu):
+        if not SF._is_relu(mods["act"]):
             return None
         fcs = (mods["fc1"], mods["fc2"])
     else:
@@ -172,23 +172,20 @@ def _channel_build(m, x: Tensor):
 
 def cbam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     """``(y, spatial map, channel gate)`` of a channel-then-spatial CBAM ``m`` by direct kernel
-    calls (global pooling, the channel MLP, the SAM with the channel scale), or ``None`` where
-    that does not apply. Call only without autograd."""
-    if type(x) is not Tensor or not x.is_cpu or x.dim() != 4 or x.shape[2] * x.shape[3] == 0:
+    calls (global pooling, the channel MLP; then ``m.spatial.attend`` with the gate as channel
+    scale, itself a direct call where it applies), or ``None`` where that does not apply.
+    Call only without autograd."""
+    if not _direct_ok(x) or x.shape[2] * x.shape[3] == 0:
         return None
     n, c = x.shape[0], x.shape[1]
-    if c == 0 or c != m.channels or torch.compiler.is_compiling() or ops._torch_ops_only():
+    if c == 0 or c != m.channels:
         return None
-    if ops._fast_device(x) != "cpp":  # the ops' own dispatch (no extension, other backends)
-        return None
-    ext = _cpp.get()
     plan = _plan(m, x, _channel_key, _channel_build)
     if plan is None:
         return None
     kinds, w1, b1, w2, b2 = plan
+    ext = _cpp.get()
     pooled = ext.global_pool(_lib._dense(x), kinds)
     cg = ext.channel_mlp_forward(pooled, w1, b1, w2, b2, False)[0].view(n, c, 1, 1)
-    spatial = m._modules["spatial"]
-    out = sam_eval(spatial, x, cg)
-    y, sa = spatial.attend(x, channel_scale=cg) if out is None else out
+    y, sa = m._modules["spatial"].attend(x, channel_scale=cg)
     return y, sa, cg
