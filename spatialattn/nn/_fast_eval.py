@@ -170,22 +170,43 @@ def _channel_build(m, x: Tensor):
     return (kinds, *parts) if len(parts) == 4 else (kinds, parts[0], parts[1], None, None)
 
 
+def _cbam_key(m, x: Tensor):
+    return _channel_key(m, x) + _key(m._modules["spatial"], x)
+
+
+def _cbam_build(m, x: Tensor):
+    """(channel-half arguments, spatial-half arguments or None), or None (not fusable)."""
+    ch = _channel_build(m, x)
+    if ch is None:
+        return None
+    spatial = m._modules["spatial"]
+    return ch, _build(spatial, x) if spatial.channels in (None, x.shape[1]) else None
+
+
+def _cbam_versions(plan):
+    return None if plan is None else _pair_versions(plan[1])
+
+
 def cbam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     """``(y, spatial map, channel gate)`` of a channel-then-spatial CBAM ``m`` by direct kernel
-    calls (global pooling, the channel MLP; then ``m.spatial.attend`` with the gate as channel
-    scale, itself a direct call where it applies), or ``None`` where that does not apply.
-    Call only without autograd."""
+    calls, or ``None`` where that does not apply. Where the spatial half is fusable too, one
+    call does everything (``cbam_forward``: global pooling, the channel MLP, the gate, the
+    SAM); else global pooling and the MLP, then ``m.spatial.attend`` with the gate as channel
+    scale. Call only without autograd."""
     if not _direct_ok(x) or x.shape[2] * x.shape[3] == 0:
         return None
     n, c = x.shape[0], x.shape[1]
     if c == 0 or c != m.channels:
         return None
-    plan = _plan(m, x, _channel_key, _channel_build)
+    plan = _plan(m, x, _cbam_key, _cbam_build, _cbam_versions)
     if plan is None:
         return None
-    kinds, w1, b1, w2, b2 = plan
+    ch, sam = plan
     ext = _cpp.get()
-    pooled = ext.global_pool(_lib._dense(x), kinds)
-    cg = ext.channel_mlp_forward(pooled, w1, b1, w2, b2, False)[0].view(n, c, 1, 1)
+    if sam is not None:  # all of it in one call (one parallel region for batches below the threads)
+        y, sa, cg = ext.cbam_forward(_lib._dense(x), *ch, *sam)
+        return y, sa, cg.view(n, c, 1, 1)
+    pooled = ext.global_pool(_lib._dense(x), ch[0])
+    cg = ext.channel_mlp_forward(pooled, *ch[1:], False)[0].view(n, c, 1, 1)
     y, sa = m._modules["spatial"].attend(x, channel_scale=cg)
     return y, sa, cg

@@ -290,7 +290,8 @@ def test_moving_a_module_drops_its_plans():
     m = _randomise(CBAM(16, reduction=4), 9).eval()
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
-        m(x)
+        m(x)  # CBAM's plan covers both halves
+        m.spatial(x)  # the spatial half on its own: a plan of its own
     assert _fast_eval._PLAN in m.__dict__ and _fast_eval._PLAN in m.spatial.__dict__
     m.double()
     assert _fast_eval._PLAN not in m.__dict__ and _fast_eval._PLAN not in m.spatial.__dict__
@@ -309,3 +310,46 @@ def test_torch_compile_fullgraph_in_inference():
         want = m(x)
         got = torch.compile(m, fullgraph=True)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads,batch", [(2, 1), (3, 2), (4, 1), (4, 3), (8, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cbam_one_call_below_the_thread_count(monkeypatch, threads, batch, dtype):
+    # fewer images than threads: cbam_forward runs pooling, MLP, gate and SAM in one parallel
+    # region, each phase split between the threads by hand (8 threads, 4 images: layer 2 as
+    # lanes over the pooled vectors); the bits of the kernels called one by one
+    ext = _cpp.get()
+    calls = []
+    real = ext.cbam_forward
+    monkeypatch.setattr(ext, "cbam_forward", lambda *a: calls.append(1) or real(*a))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for shared, preset, order in ((0, "official", None), (0, "timm", ("max", "mean", "max")),
+                                      (-1, "official", ("mean",))):
+            ext.set_shared_bytes(shared)  # 0: every thread, however small the input; -1: the default
+            m = _randomise(CBAM(32, reduction=4, preset=preset), 11).eval()
+            m.to(SF.accumulate_dtype(torch.empty(0, dtype=dtype)))  # float64 parameters for float64
+            m.keep_attention = True
+            if order is not None:
+                m.channel.pool_types = order
+            for layout in ("nchw", "channels_last", "noncontig"):
+                x = _x((batch, 32, 9, 11), layout, dtype, seed=12)
+                with torch.no_grad():
+                    n = len(calls)
+                    got = m(x, return_attention=True)
+                    assert len(calls) == n + 1, "cbam_forward was not called"
+                    cg = m.last_channel_attention
+                    with _no_direct_calls():
+                        want = m(x, return_attention=True)
+                _same(got, want)
+                _same((cg,), (m.last_channel_attention,))
+                assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=_format(x))
+    finally:
+        torch.set_num_threads(old)
+        ext.set_shared_bytes(-1)
+
+
+def _format(x):
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format

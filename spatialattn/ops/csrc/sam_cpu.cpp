@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -421,7 +422,7 @@ int64_t kGpTileBytes = kGpTileDefault;  // channels_last global pooling: bytes o
 template <typename T, typename X>
 void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
   using V = vec_t<T>;
-  constexpr int64_t L = lanes<T>();
+  [[maybe_unused]] constexpr int64_t L = lanes<T>();
   {
     const T sc = s ? s[0] : T(1);
     for (int64_t i = 0; i < len; ++i) {
@@ -645,7 +646,7 @@ template <typename T, typename X, bool G, bool GC, bool M>
 void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
                   T* ap, T* cp) {
   using V = vec_t<T>;
-  constexpr int64_t L = lanes<T>();
+  [[maybe_unused]] constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
@@ -1007,178 +1008,212 @@ void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* m
 // mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
 // number of elements equal to the max, counted in the same read (the backward then needs no
 // counting pass over x; NCHW counts each row while it is in L1 anyway).
+// Two phases, each a range of independent items that any thread may take (k_global_pool runs
+// them through at::parallel_for; cbam_forward's one parallel region splits them by hand):
+// run(b, e) reads x (NCHW: items are the N * C rows; channels_last: N * nb pixel blocks into
+// partial accumulators), then, channels_last only, combine(b, e) sums the partials of the
+// N * C outputs. The bits depend on nb (set from the thread count), not on the split.
 template <typename T, typename X>
-void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
+struct GlobalPool {
   using V = vec_t<T>;
-  constexpr int64_t L = lanes<T>();
-  if (!nhwc) {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
-    const V lane = lane_index<T>();
-    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const X* row = x + r * HW;
-        T m = T(row[0]), sum = 0;
-        int64_t i = 0;
-        if (HW >= L) {
-          // two vector accumulator pairs, the row's last HW % L elements as one vector
-          // ending at HW (for the sum, its lanes already counted masked to +0, which adds
-          // exactly: no lane of a sum started at +0 is ever -0), tree reductions at the end.
-          // The lane-by-lane reduction and scalar tail they replace were about 100 dependent
-          // steps per row: 0.45x the time at 2x2048x7x7, 0.71x at 13x13, 0.86x at 26x26.
-          V m0 = vld(row), m1 = m0, a0 = {}, a1 = {};
-          for (; i + 2 * L <= HW; i += 2 * L) {
-            const V v0 = vld(row + i), v1 = vld(row + i + L);
-            m0 = vmax(m0, v0);
-            m1 = vmax(m1, v1);
-            a0 += v0;
-            a1 += v1;
-          }
-          if (i + L <= HW) {
-            const V v0 = vld(row + i);
-            m0 = vmax(m0, v0);
-            a0 += v0;
-            i += L;
-          }
-          if (i < HW) {
-            const V v1 = vld(row + HW - L);
-            m1 = vmax(m1, v1);
-            a1 += lane >= T(i - (HW - L)) ? v1 : V{};
-            i = HW;
-          }
-          m = hreduce<T, 64>(vmax(m0, m1), true);
-          sum = hreduce<T, 64>(a0 + a1, false);
-        }
-        for (; i < HW; ++i) {
-          m = vmax(m, T(row[i]));
-          sum += T(row[i]);
-        }
-        if (sum != sum && any_nan<X, T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
-        if (mx) mx[r] = m;
-        if (mean) mean[r] = sum / T(HW);
-      }
-    });
-  } else {
-    // channels_last: one contiguous pass over the pixels of an image (or of a block of
-    // them when there are fewer images than threads), accumulating all C channels
+  static constexpr int64_t L = lanes<T>();
+  const X* x;
+  int64_t N, C, HW;
+  bool nhwc;
+  T *mx, *mean, *cnt;
+  int64_t nb = 1, block = 0, tp = 1;  // channels_last: blocks per image, pixels per block / per tile
+  bool prefetch = false, counting = false;
+  std::vector<T> pm, ps, pc;  // channels_last partials [N * nb, C]
+
+  GlobalPool(const X* x_, int64_t N_, int64_t C_, int64_t HW_, bool nhwc_, T* mx_, T* mean_, T* cnt_)
+      : x(x_), N(N_), C(C_), HW(HW_), nhwc(nhwc_), mx(mx_), mean(mean_), cnt(cnt_) {
+    if (!nhwc) return;
+    // one contiguous pass over the pixels of an image (or of a block of them when there are
+    // fewer images than threads), accumulating all C channels
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
-    const int64_t block = (HW + nb - 1) / nb;
-    const bool counting = cnt && mx;
-    std::vector<T> pm(N * nb * C), ps(N * nb * C), pc(counting ? N * nb * C : 0);
-    const V one = V{} + T(1), zero = V{};
+    nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
+    block = (HW + nb - 1) / nb;
+    counting = cnt && mx;
+    pm.resize(N * nb * C);
+    ps.resize(N * nb * C);
+    pc.resize(counting ? N * nb * C : 0);
     // pixels per tile (see the sweep below), and whether the next tile is prefetched: not
     // where each thread's share of x fits in half an L2 (1x1024x13x13: 1.04-1.10x the time
     // with the prefetches, which then only cost instructions)
-    const int64_t tp = std::max<int64_t>(1, kGpTileBytes / std::max<int64_t>(1, C * int64_t(sizeof(X))));
-    const bool prefetch = N * HW * C * int64_t(sizeof(X)) > threads * (int64_t(1) << 19);
-    at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
-        T* m = pm.data() + t * C;
-        T* sm = ps.data() + t * C;
-        T* ct = counting ? pc.data() + t * C : nullptr;
-        const X* base = x + n * HW * C;
-        if (p0 >= p1) {
-          std::fill(sm, sm + C, T(0));
-          std::fill(m, m + C, -std::numeric_limits<T>::infinity());
-          if (counting) std::fill(ct, ct + C, T(0));
-          continue;
-        }
-        std::copy(base + p0 * C, base + (p0 + 1) * C, m);
-        std::copy(base + p0 * C, base + (p0 + 1) * C, sm);  // 0 + v exactly: the same sums
-        if (counting) std::fill(ct, ct + C, T(1));
-        // Tiles of tp pixels (about kGpTileBytes of x), swept once per block of NB channel
-        // vectors whose accumulators stay in registers over the whole tile (the sum still
-        // adds the pixels in order, so every tiling gives the same bits). With counting, a
-        // larger value restarts the count at 1 and an equal one adds 1 (NaN does neither: a
-        // NaN max is restored below, and no element equals it in backward). Within a tile
-        // the reads jump from pixel to pixel, which the hardware prefetchers do not follow
-        // from memory; so the next tile's lines are prefetched into L2 in address order
-        // along the current one (without them: 1.35-1.6x the time at 8x256x52x52,
-        // 8x512x26x26 and 2x1024x52x52, the same at 8x128x104x104). NB = 4 where a pixel
-        // spans a 4 KiB page (8 was slower there). Against the previous sweeps of one pixel
-        // (four where x was cache-resident) over accumulator rows in L1, which were bound by
-        // their stores: see docs/performance.md.
-        auto tile = [&](auto count_t, int64_t p, int64_t np) {
-          constexpr bool CNT = decltype(count_t)::value;
-          const X* row = base + p * C;
-          const char* pf = reinterpret_cast<const char*>(row + np * C);
-          const char* pf_end = reinterpret_cast<const char*>(base + std::min(p1, p + np + tp) * C);
-          int64_t c = 0;
-          auto block = [&](auto nb_t) {
-            constexpr int NB = decltype(nb_t)::value;
-            for (; c + NB * L <= C; c += NB * L) {
-              V mo[NB], a[NB], k[NB];
-#pragma GCC unroll 8
-              for (int i = 0; i < NB; ++i) {
-                mo[i] = vload(m + c + i * L);
-                a[i] = vload(sm + c + i * L);
-                k[i] = CNT ? vload(ct + c + i * L) : V{};
-              }
-              const X* r = row + c;
-              for (int64_t j = 0; j < np; ++j, r += C) {
-                if (prefetch && pf < pf_end) {
-#pragma GCC unroll 8
-                  for (int i = 0; i < NB; ++i) __builtin_prefetch(pf + i * 64, 0, 2);
-                  pf += NB * 64;
-                }
-#pragma GCC unroll 8
-                for (int i = 0; i < NB; ++i) {
-                  const V v = vld(r + i * L);
-                  if (CNT) k[i] = v > mo[i] ? one : k[i] + (v == mo[i] ? one : zero);
-                  mo[i] = vmax(mo[i], v);
-                  a[i] += v;
-                }
-              }
-#pragma GCC unroll 8
-              for (int i = 0; i < NB; ++i) {
-                vstore(m + c + i * L, mo[i]);
-                vstore(sm + c + i * L, a[i]);
-                if (CNT) vstore(ct + c + i * L, k[i]);
-              }
-            }
-          };
-          if (C * int64_t(sizeof(X)) < 4096) block(std::integral_constant<int, 8>{});
-          block(std::integral_constant<int, 4>{});
-          block(std::integral_constant<int, 1>{});
-          for (; c < C; ++c)
-            for (int64_t j = 0; j < np; ++j) {
-              const T v = T(row[j * C + c]);
-              if (CNT) ct[c] = v > m[c] ? T(1) : ct[c] + (v == m[c] ? T(1) : T(0));
-              m[c] = vmax(m[c], v);
-              sm[c] += v;
-            }
-        };
-        auto run = [&](auto count_t) {
-          for (int64_t p = p0 + 1; p < p1; p += tp) tile(count_t, p, std::min(tp, p1 - p));
-        };
-        if (counting) {
-          run(std::true_type{});
-        } else {
-          run(std::false_type{});
-        }
-      }
-    });
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        for (int64_t c = 0; c < C; ++c) {
-          T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
-          for (int64_t k = 1; k < nb; ++k) {
-            mc = vmax(mc, pm[(n * nb + k) * C + c]);
-            sc += ps[(n * nb + k) * C + c];
-          }
-          if (counting) {
-            T k = 0;
-            for (int64_t j = 0; j < nb; ++j)
-              if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
-            cnt[n * C + c] = k;
-          }
-          if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
-          if (mx) mx[n * C + c] = mc;
-          if (mean) mean[n * C + c] = sc / T(HW);
-        }
-    });
+    tp = std::max<int64_t>(1, kGpTileBytes / std::max<int64_t>(1, C * int64_t(sizeof(X))));
+    prefetch = N * HW * C * int64_t(sizeof(X)) > threads * (int64_t(1) << 19);
   }
+
+  int64_t items() const { return nhwc ? N * nb : N * C; }
+  int64_t grain() const { return nhwc ? 1 : std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)); }
+
+  void run(int64_t b, int64_t e) {
+    if (!nhwc) {
+      for (int64_t r = b; r < e; ++r) row(r);
+    } else {
+      for (int64_t t = b; t < e; ++t) pixel_block(t);
+    }
+  }
+
+  // NCHW: max and mean of row r
+  void row(int64_t r) {
+    const X* row = x + r * HW;
+    T m = T(row[0]), sum = 0;
+    int64_t i = 0;
+    if (HW >= L) {
+      // two vector accumulator pairs, the row's last HW % L elements as one vector
+      // ending at HW (for the sum, its lanes already counted masked to +0, which adds
+      // exactly: no lane of a sum started at +0 is ever -0), tree reductions at the end.
+      // The lane-by-lane reduction and scalar tail they replace were about 100 dependent
+      // steps per row: 0.45x the time at 2x2048x7x7, 0.71x at 13x13, 0.86x at 26x26.
+      V m0 = vld(row), m1 = m0, a0 = {}, a1 = {};
+      for (; i + 2 * L <= HW; i += 2 * L) {
+        const V v0 = vld(row + i), v1 = vld(row + i + L);
+        m0 = vmax(m0, v0);
+        m1 = vmax(m1, v1);
+        a0 += v0;
+        a1 += v1;
+      }
+      if (i + L <= HW) {
+        const V v0 = vld(row + i);
+        m0 = vmax(m0, v0);
+        a0 += v0;
+        i += L;
+      }
+      if (i < HW) {
+        const V v1 = vld(row + HW - L);
+        m1 = vmax(m1, v1);
+        a1 += lane_index<T>() >= T(i - (HW - L)) ? v1 : V{};
+        i = HW;
+      }
+      m = hreduce<T, 64>(vmax(m0, m1), true);
+      sum = hreduce<T, 64>(a0 + a1, false);
+    }
+    for (; i < HW; ++i) {
+      m = vmax(m, T(row[i]));
+      sum += T(row[i]);
+    }
+    if (sum != sum && any_nan<X, T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
+    if (mx) mx[r] = m;
+    if (mean) mean[r] = sum / T(HW);
+  }
+
+  // channels_last: block t (image t / nb, pixels of its share t % nb) into partials t
+  void pixel_block(int64_t t) {
+    const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
+    T* m = pm.data() + t * C;
+    T* sm = ps.data() + t * C;
+    T* ct = counting ? pc.data() + t * C : nullptr;
+    const X* base = x + n * HW * C;
+    if (p0 >= p1) {
+      std::fill(sm, sm + C, T(0));
+      std::fill(m, m + C, -std::numeric_limits<T>::infinity());
+      if (counting) std::fill(ct, ct + C, T(0));
+      return;
+    }
+    std::copy(base + p0 * C, base + (p0 + 1) * C, m);
+    std::copy(base + p0 * C, base + (p0 + 1) * C, sm);  // 0 + v exactly: the same sums
+    if (counting) std::fill(ct, ct + C, T(1));
+    const V one = V{} + T(1), zero = V{};
+    // Tiles of tp pixels (about kGpTileBytes of x), swept once per block of NB channel
+    // vectors whose accumulators stay in registers over the whole tile (the sum still
+    // adds the pixels in order, so every tiling gives the same bits). With counting, a
+    // larger value restarts the count at 1 and an equal one adds 1 (NaN does neither: a
+    // NaN max is restored below, and no element equals it in backward). Within a tile
+    // the reads jump from pixel to pixel, which the hardware prefetchers do not follow
+    // from memory; so the next tile's lines are prefetched into L2 in address order
+    // along the current one (without them: 1.35-1.6x the time at 8x256x52x52,
+    // 8x512x26x26 and 2x1024x52x52, the same at 8x128x104x104). NB = 4 where a pixel
+    // spans a 4 KiB page (8 was slower there). Against the previous sweeps of one pixel
+    // (four where x was cache-resident) over accumulator rows in L1, which were bound by
+    // their stores: see docs/performance.md.
+    auto tile = [&](auto count_t, int64_t p, int64_t np) {
+      constexpr bool CNT = decltype(count_t)::value;
+      const X* row = base + p * C;
+      const char* pf = reinterpret_cast<const char*>(row + np * C);
+      const char* pf_end = reinterpret_cast<const char*>(base + std::min(p1, p + np + tp) * C);
+      int64_t c = 0;
+      auto sweep = [&](auto nb_t) {
+        constexpr int NB = decltype(nb_t)::value;
+        for (; c + NB * L <= C; c += NB * L) {
+          V mo[NB], a[NB], k[NB];
+#pragma GCC unroll 8
+          for (int i = 0; i < NB; ++i) {
+            mo[i] = vload(m + c + i * L);
+            a[i] = vload(sm + c + i * L);
+            k[i] = CNT ? vload(ct + c + i * L) : V{};
+          }
+          const X* r = row + c;
+          for (int64_t j = 0; j < np; ++j, r += C) {
+            if (prefetch && pf < pf_end) {
+#pragma GCC unroll 8
+              for (int i = 0; i < NB; ++i) __builtin_prefetch(pf + i * 64, 0, 2);
+              pf += NB * 64;
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < NB; ++i) {
+              const V v = vld(r + i * L);
+              if (CNT) k[i] = v > mo[i] ? one : k[i] + (v == mo[i] ? one : zero);
+              mo[i] = vmax(mo[i], v);
+              a[i] += v;
+            }
+          }
+#pragma GCC unroll 8
+          for (int i = 0; i < NB; ++i) {
+            vstore(m + c + i * L, mo[i]);
+            vstore(sm + c + i * L, a[i]);
+            if (CNT) vstore(ct + c + i * L, k[i]);
+          }
+        }
+      };
+      if (C * int64_t(sizeof(X)) < 4096) sweep(std::integral_constant<int, 8>{});
+      sweep(std::integral_constant<int, 4>{});
+      sweep(std::integral_constant<int, 1>{});
+      for (; c < C; ++c)
+        for (int64_t j = 0; j < np; ++j) {
+          const T v = T(row[j * C + c]);
+          if (CNT) ct[c] = v > m[c] ? T(1) : ct[c] + (v == m[c] ? T(1) : T(0));
+          m[c] = vmax(m[c], v);
+          sm[c] += v;
+        }
+    };
+    auto run_tiles = [&](auto count_t) {
+      for (int64_t p = p0 + 1; p < p1; p += tp) tile(count_t, p, std::min(tp, p1 - p));
+    };
+    if (counting) {
+      run_tiles(std::true_type{});
+    } else {
+      run_tiles(std::false_type{});
+    }
+  }
+
+  // channels_last: outputs [b, e) of the N * C (partials summed in block order)
+  void combine(int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / C, c = i % C;
+      T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
+      for (int64_t k = 1; k < nb; ++k) {
+        mc = vmax(mc, pm[(n * nb + k) * C + c]);
+        sc += ps[(n * nb + k) * C + c];
+      }
+      if (counting) {
+        T k = 0;
+        for (int64_t j = 0; j < nb; ++j)
+          if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
+        cnt[i] = k;
+      }
+      if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+      if (mx) mx[i] = mc;
+      if (mean) mean[i] = sc / T(HW);
+    }
+  }
+};
+
+template <typename T, typename X>
+void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
+  GlobalPool<T, X> gp(x, N, C, HW, nhwc, mx, mean, cnt);
+  at::parallel_for(0, gp.items(), gp.grain(), [&](int64_t b, int64_t e) { gp.run(b, e); });
+  if (nhwc) at::parallel_for(0, N * C, C, [&](int64_t b, int64_t e) { gp.combine(b, e); });
 }
 
 // One run of n elements of the global-pool gradient: out[k] = (acc ? out[k] : 0) + f +
@@ -2073,10 +2108,13 @@ inline int64_t line_share(const X* y, int64_t len, int64_t t, int64_t nth) {
   return std::min<int64_t>(len, i + int64_t((r - a) / sizeof(X)));
 }
 
-template <typename T, typename X>
-void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t C, int64_t H, int64_t W,
-                        bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds, int64_t imax,
-                        int64_t imean, T* pooled, T* logits, T* attn, X* y, bool stream) {
+// share t of nth threads of that region; barrier(): all nth threads wait there (called twice
+// NCHW, once channels_last, by every thread)
+template <typename T, typename X, typename B>
+void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T* s, int64_t n0, int64_t n1,
+                       int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
+                       const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
+                       T* attn, X* y, bool stream) {
   const int64_t HW = H * W, P = q.P, CHW = C * HW, rows = (n1 - n0) * H;
   // calls f(n, h0, h1) for the image rows of share t of nth (a share may span two images)
   auto segments = [&](int64_t t, int64_t nth, auto&& f) {
@@ -2087,68 +2125,82 @@ void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t 
       r += h1 - h0;
     }
   };
-  auto body = [&](int64_t t, int64_t nth, auto&& barrier) {
-    // NCHW: the accumulator rows are the thread's own (pool_chunk sweeps them once per four
-    // channels; in the shared output, a line at the ends of two shares went back and forth
-    // between the cores on every sweep), copied out at the end
-    constexpr int64_t kChunk = 4096;  // pixels per sweep (accumulators in L1 / L2, as k_pool)
-    std::vector<T> am, as;
-    segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
-      const int64_t p0 = h0 * W, len = (h1 - h0) * W;
-      const X* xn = x + n * CHW;
-      const T* sn = s ? s + n * C : nullptr;
-      T* pn = pooled + n * P * HW;
-      if (!nhwc) {
-        am.resize(std::min(kChunk, len));
-        as.resize(am.size());
-        for (int64_t k = 0; k < len; k += kChunk) {
-          const int64_t m = std::min(kChunk, len - k);
-          pool_chunk<T, X>(xn + p0 + k, sn, C, HW, m, am.data(), as.data());
-          if (imax >= 0) std::copy(am.data(), am.data() + m, pn + imax * HW + p0 + k);
-          if (imean >= 0) std::copy(as.data(), as.data() + m, pn + imean * HW + p0 + k);
-        }
-      } else {
-        T a, b;
-        for (int64_t k = p0; k < p0 + len; ++k) {
-          pool_pixel<T, X>(xn + k * C, sn, C, a, b);
-          if (imax >= 0) pn[imax * HW + k] = a;
-          if (imean >= 0) pn[imean * HW + k] = b;
-        }
-      }
-      copy_repeated_slots<T>(pn, kinds, imax, imean, HW, p0, len);
-    });
-    barrier();
-    std::vector<T> pad(P * q.g.Hp * q.g.Wp);
-    segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
-      pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data());
-      gate_rows<T>(q, pad.data(), h0, h1, logits + n * HW, attn + n * HW);
-      if (nhwc) mul_rows<T, X>(x + n * CHW, s ? s + n * C : nullptr, attn + n * HW, y + n * CHW, C, HW, W, true, h0,
-                               h1, stream);
-    });
+  // NCHW: the accumulator rows are the thread's own (pool_chunk sweeps them once per four
+  // channels; in the shared output, a line at the ends of two shares went back and forth
+  // between the cores on every sweep), copied out at the end
+  constexpr int64_t kChunk = 4096;  // pixels per sweep (accumulators in L1 / L2, as k_pool)
+  std::vector<T> am, as;
+  segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
+    const int64_t p0 = h0 * W, len = (h1 - h0) * W;
+    const X* xn = x + n * CHW;
+    const T* sn = s ? s + n * C : nullptr;
+    T* pn = pooled + n * P * HW;
     if (!nhwc) {
-      // NCHW: the product in one contiguous run of channel rows per thread, its ends on lines
-      // of y. Split by pixels like the pooling (each thread writing half of every channel
-      // row), the cores' stream prefetchers ran on into each other's halves: 2.5-4x the time
-      // at 1x1024x13x13 / 16x16 and 1x512x26x26 (the second read from the own L2 gained less).
-      barrier();
-      const int64_t len = (n1 - n0) * CHW;
-      X* yb = y + n0 * CHW;
-      mul_nchw_flat<T, X>(x + n0 * CHW, s ? s + n0 * C : nullptr, attn + n0 * HW, yb, C, HW,
-                          line_share(yb, len, t, nth), line_share(yb, len, t + 1, nth), stream);
+      am.resize(std::min(kChunk, len));
+      as.resize(am.size());
+      for (int64_t k = 0; k < len; k += kChunk) {
+        const int64_t m = std::min(kChunk, len - k);
+        pool_chunk<T, X>(xn + p0 + k, sn, C, HW, m, am.data(), as.data());
+        if (imax >= 0) std::copy(am.data(), am.data() + m, pn + imax * HW + p0 + k);
+        if (imean >= 0) std::copy(as.data(), as.data() + m, pn + imean * HW + p0 + k);
+      }
+    } else {
+      T a, b;
+      for (int64_t k = p0; k < p0 + len; ++k) {
+        pool_pixel<T, X>(xn + k * C, sn, C, a, b);
+        if (imax >= 0) pn[imax * HW + k] = a;
+        if (imean >= 0) pn[imean * HW + k] = b;
+      }
     }
-    stream_fence(stream);
-  };
+    copy_repeated_slots<T>(pn, kinds, imax, imean, HW, p0, len);
+  });
+  barrier();
+  std::vector<T> pad(P * q.g.Hp * q.g.Wp);
+  segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
+    pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data());
+    gate_rows<T>(q, pad.data(), h0, h1, logits + n * HW, attn + n * HW);
+    if (nhwc) mul_rows<T, X>(x + n * CHW, s ? s + n * C : nullptr, attn + n * HW, y + n * CHW, C, HW, W, true, h0,
+                             h1, stream);
+  });
+  if (!nhwc) {
+    // NCHW: the product in one contiguous run of channel rows per thread, its ends on lines
+    // of y. Split by pixels like the pooling (each thread writing half of every channel
+    // row), the cores' stream prefetchers ran on into each other's halves: 2.5-4x the time
+    // at 1x1024x13x13 / 16x16 and 1x512x26x26 (the second read from the own L2 gained less).
+    barrier();
+    const int64_t len = (n1 - n0) * CHW;
+    X* yb = y + n0 * CHW;
+    mul_nchw_flat<T, X>(x + n0 * CHW, s ? s + n0 * C : nullptr, attn + n0 * HW, yb, C, HW,
+                        line_share(yb, len, t, nth), line_share(yb, len, t + 1, nth), stream);
+  }
+  stream_fence(stream);
+}
+
+// f(t, nth, barrier) on nt threads of one OpenMP parallel region (on this thread alone where
+// nt is 1 or there is no OpenMP; barrier() then does nothing)
+template <typename F>
+void in_one_region(int64_t nt, F&& f) {
 #ifdef _OPENMP
-  const int64_t nt = shared_threads((n1 - n0) * CHW * int64_t(sizeof(X)), rows);
   if (nt > 1) {
 #pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads(), [] {
+    f(int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()), [] {
 #pragma omp barrier
     });
     return;
   }
 #endif
-  body(0, 1, [] {});
+  f(int64_t(0), int64_t(1), [] {});
+}
+
+template <typename T, typename X>
+void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t C, int64_t H, int64_t W,
+                        bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds, int64_t imax,
+                        int64_t imean, T* pooled, T* logits, T* attn, X* y, bool stream) {
+  const int64_t nt = shared_threads((n1 - n0) * C * H * W * int64_t(sizeof(X)), (n1 - n0) * H);
+  in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
+    sam_forward_share<T, X>(t, nth, barrier, x, s, n0, n1, C, H, W, nhwc, q, kinds, imax, imean, pooled, logits,
+                            attn, y, stream);
+  });
 }
 
 // Whole SAM forward with a sigmoid gate: returns (y, attn, logits, pooled); the last
@@ -2623,23 +2675,24 @@ inline T dot_lanes(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// dot_lanes(a, b + k * ldb, n) for k < 4 (one load of a for four products); the same
-// order of sums as dot_lanes
-template <typename T>
-inline void dot_lanes4(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
+// dot_lanes(a, b + k * ldb, n) for k < K (one load of a for K products); the same order of
+// sums as dot_lanes
+template <int K, typename T>
+inline void dot_lanes_k(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  V acc[4][2] = {};
+  V acc[K][2] = {};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
     const V a0 = vload(a + i), a1 = vload(a + i + L);
-    for (int k = 0; k < 4; ++k) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
       acc[k][0] += a0 * vload(b + k * ldb + i);
       acc[k][1] += a1 * vload(b + k * ldb + i + L);
     }
   }
   const bool odd = i + L <= n;
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < K; ++k) {
     if (odd) acc[k][0] += vload(a + i) * vload(b + k * ldb + i);
     T s = hreduce<T, 64>(acc[k][0] + acc[k][1], false);
     for (int64_t j = i + (odd ? L : 0); j < n; ++j) s += a[j] * b[k * ldb + j];
@@ -2729,12 +2782,140 @@ inline void lincomb(const T* coef, int64_t cs, const T* rows, int64_t rs, int64_
 
 inline int64_t mlp_grain(int64_t per_item) { return std::max<int64_t>(1, kMlpGrain / std::max<int64_t>(1, per_item)); }
 
-Tensor mlp_checked(const Tensor& t, const Tensor& like, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "spatialattn: channel_mlp_gate: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type());
+// The channel MLP's forward in phases of independent items (channel_mlp_forward runs each
+// through at::parallel_for; cbam_forward's one parallel region splits them by hand), every
+// item writing its own outputs: layer1 (hidden units r), transpose (pooled vectors q, where
+// layer 2 runs as lanes over q), layer2 (output channels, or blocks of 16 of them), combine
+// (the gate logits of a range of channels, summed over the pooled kinds in pool order; no
+// sigmoid).
+template <typename T>
+struct ChannelMlp {
+  static constexpr int64_t L = lanes<T>();
+  const T *v, *W1, *B1, *W2, *B2;  // pooled [Q, C], weight1 [R, C], bias1 [R], weight2 [C, R], bias2 [C]
+  T *h, *g;                        // hidden [Q, R] (after the relu with two layers), gate logits [N, C]
+  int64_t P, N, C, R, Q, Qp;
+  bool two, by_q, blocks;
+  std::vector<T> hT, t;  // h transposed in blocks of L rows; layer 2 outputs [C][Qp] (lanes over q)
+
+  ChannelMlp(const T* v_, const T* W1_, const T* B1_, const T* W2_, const T* B2_, T* h_, T* g_, int64_t P_,
+             int64_t N_, int64_t C_, int64_t R_)
+      : v(v_), W1(W1_), B1(B1_), W2(W2_), B2(B2_), h(h_), g(g_), P(P_), N(N_), C(C_), R(R_), Q(P_ * N_) {
+    two = W2 != nullptr;
+    Qp = (Q + L - 1) / L * L;
+    // layer 2 as lanes over q (h transposed) where q fills the lanes, else as dot
+    // products over r (few pooled vectors: one image)
+    by_q = two && 2 * Q >= L;
+    blocks = R % 16 == 0;
+    if (by_q) hT.assign(Qp * R, T(0));
+    if (two) t.resize(C * Qp);
+  }
+
+  int64_t layer1_grain() const { return mlp_grain(Q * C); }
+  void layer1(int64_t r0, int64_t r1) {
+    T a[4];
+    for (int64_t r = r0; r < r1; ++r) {
+      const T bias = B1 ? B1[r] : T(0);
+      for (int64_t q = 0; q < Q; q += 4) {
+        const int64_t k4 = std::min<int64_t>(4, Q - q);
+        switch (k4) {  // one read of the weight row for up to four pooled vectors
+          case 4: dot_lanes_k<4>(W1 + r * C, v + q * C, C, C, a); break;
+          case 3: dot_lanes_k<3>(W1 + r * C, v + q * C, C, C, a); break;
+          case 2: dot_lanes_k<2>(W1 + r * C, v + q * C, C, C, a); break;
+          default: a[0] = dot_lanes(W1 + r * C, v + q * C, C);
+        }
+        for (int64_t k = 0; k < k4; ++k) {
+          const T z = a[k] + bias;
+          h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
+        }
+      }
+    }
+  }
+
+  // by_q: hT[(qb * R + r) * L + l] = h[qb * L + l, r] for q = qb * L + l in [q0, q1)
+  void transpose(int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t r = 0; r < R; ++r) hT[((q / L) * R + r) * L + q % L] = h[q * R + r];
+  }
+
+  int64_t layer2_items() const { return !two ? 0 : by_q ? C : (C + 15) / 16; }
+  int64_t layer2_grain() const { return by_q ? mlp_grain(Qp * R) : mlp_grain(16 * Q * R); }
+  void layer2(int64_t b0, int64_t b1) {
+    if (by_q) {
+      using V = vec_t<T>;
+      for (int64_t c = b0; c < b1; ++c) {
+        const T* w = W2 + c * R;
+        for (int64_t qb = 0; qb < Qp / L; ++qb) {
+          V acc[4] = {};
+          const T* hb = hT.data() + qb * R * L;
+          int64_t r = 0;
+          for (; r + 4 <= R; r += 4)
+            for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * vload(hb + (r + k) * L);
+          for (int k = 0; r < R; ++r, ++k) acc[k] += w[r] * vload(hb + r * L);
+          vstore(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
+        }
+      }
+      return;
+    }
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t q = 0; q < Q; ++q) {
+        if (blocks && b * 16 + 16 <= C && dots16(W2, h + q * R, R, B2, b * 16, t.data(), Qp, q)) continue;
+        for (int64_t c = b * 16; c < std::min(C, b * 16 + 16); ++c)
+          t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
+      }
+  }
+
+  int64_t combine_grain() const { return std::max<int64_t>(16, mlp_grain(N * P * 8)); }
+  // gate logits of channels [c0, c1) of every image: the sum over the pooled kinds, in pool
+  // order (needs layer 2 of those channels only: cbam_forward runs it in the thread that
+  // computed them)
+  void combine(int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        T s = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t q = p * N + n;
+          const T v2 = two ? t[c * Qp + q] : h[q * R + c];
+          s = p == 0 ? v2 : s + v2;
+        }
+        g[n * C + c] = s;
+      }
+  }
+  // the channels of layer-2 items [b0, b1)
+  int64_t item_channel(int64_t b) const { return by_q ? b : std::min(C, b * 16); }
+};
+
+Tensor mlp_checked(const Tensor& t, at::ScalarType dtype, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == dtype, "spatialattn: channel_mlp_gate: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", dtype);
   TORCH_CHECK(t.sizes() == shape, "spatialattn: channel_mlp_gate: ", name, " has shape ", t.sizes(),
               ", expected ", shape);
   return t.contiguous();
+}
+
+// the channel MLP's parameters, checked against C channels and `dtype`
+struct MlpParams {
+  Tensor w1, b1, w2, b2;  // contiguous; b1 / w2 / b2 undefined where absent
+  int64_t R;
+  bool two;
+};
+
+MlpParams mlp_params(at::ScalarType dtype, int64_t C, const Tensor& w1_in, const optional<Tensor>& b1_in,
+                     const optional<Tensor>& w2_in, const optional<Tensor>& b2_in) {
+  MlpParams m;
+  m.two = w2_in.has_value() && w2_in->defined();
+  TORCH_CHECK(w1_in.dim() == 2, "spatialattn: channel_mlp_gate: weight1 must be [R, C], got ", w1_in.sizes());
+  m.R = w1_in.size(0);
+  m.w1 = mlp_checked(w1_in, dtype, "weight1", {m.R, C});
+  if (!m.two)
+    TORCH_CHECK(m.R == C, "spatialattn: channel_mlp_gate: a single layer must map ", C, " channels to ", C,
+                ", got weight1 of shape ", w1_in.sizes());
+  if (b1_in.has_value() && b1_in->defined()) m.b1 = mlp_checked(*b1_in, dtype, "bias1", {m.R});
+  if (m.two) m.w2 = mlp_checked(*w2_in, dtype, "weight2", {C, m.R});
+  if (b2_in.has_value() && b2_in->defined()) {
+    TORCH_CHECK(m.two, "spatialattn: channel_mlp_gate: bias2 without weight2");
+    m.b2 = mlp_checked(*b2_in, dtype, "bias2", {C});
+  }
+  return m;
 }
 
 // -> {gate [N, C], hidden [P, N, R] after the relu (two layers and `keep_hidden`; else undefined)}
@@ -2747,97 +2928,21 @@ std::vector<Tensor> channel_mlp_forward(const Tensor& pooled_in, const Tensor& w
               "spatialattn: channel_mlp_gate: float32 or float64 only, got ", pooled_in.scalar_type());
   const Tensor pooled = pooled_in.contiguous();
   const int64_t P = pooled.size(0), N = pooled.size(1), C = pooled.size(2), Q = P * N;
-  const bool two = w2_in.has_value() && w2_in->defined();
-  TORCH_CHECK(w1_in.dim() == 2, "spatialattn: channel_mlp_gate: weight1 must be [R, C], got ", w1_in.sizes());
-  const int64_t R = w1_in.size(0);
-  const Tensor w1 = mlp_checked(w1_in, pooled, "weight1", {R, C});
-  if (!two)
-    TORCH_CHECK(R == C, "spatialattn: channel_mlp_gate: a single layer must map ", C, " channels to ", C,
-                ", got weight1 of shape ", w1_in.sizes());
-  Tensor b1, w2, b2;
-  if (b1_in.has_value() && b1_in->defined()) b1 = mlp_checked(*b1_in, pooled, "bias1", {R});
-  if (two) w2 = mlp_checked(*w2_in, pooled, "weight2", {C, R});
-  if (b2_in.has_value() && b2_in->defined()) {
-    TORCH_CHECK(two, "spatialattn: channel_mlp_gate: bias2 without weight2");
-    b2 = mlp_checked(*b2_in, pooled, "bias2", {C});
-  }
+  const MlpParams mp = mlp_params(pooled.scalar_type(), C, w1_in, b1_in, w2_in, b2_in);
+  const Tensor &w1 = mp.w1, &b1 = mp.b1, &w2 = mp.w2, &b2 = mp.b2;
+  const int64_t R = mp.R;
+  const bool two = mp.two;
   Tensor gate = at::empty({N, C}, pooled.options());
   Tensor hidden = at::empty({Q, R}, pooled.options());  // layer 1 output (relu'd with two layers)
   if (N * C == 0) return {gate, two && keep_hidden ? hidden.view({P, N, R}) : Tensor()};
   AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "channel_mlp_forward", [&] {
     using T = scalar_t;
-    const T *v = pooled.data_ptr<T>(), *W1 = w1.data_ptr<T>(), *B1 = dptr<T>(b1);
-    T* h = hidden.data_ptr<T>();
-    T* g = gate.data_ptr<T>();
-    at::parallel_for(0, R, mlp_grain(Q * C), [&](int64_t r0, int64_t r1) {
-      T a[4];
-      for (int64_t r = r0; r < r1; ++r) {
-        const T bias = B1 ? B1[r] : T(0);
-        for (int64_t q = 0; q < Q; q += 4) {
-          const int64_t k4 = std::min<int64_t>(4, Q - q);
-          if (k4 == 4)
-            dot_lanes4(W1 + r * C, v + q * C, C, C, a);
-          else
-            for (int64_t k = 0; k < k4; ++k) a[k] = dot_lanes(W1 + r * C, v + (q + k) * C, C);
-          for (int64_t k = 0; k < k4; ++k) {
-            const T z = a[k] + bias;
-            h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
-          }
-        }
-      }
-    });
-    const T *W2 = dptr<T>(w2), *B2 = dptr<T>(b2);
-    std::vector<T> t;  // layer 2 outputs, [C][Qp]: lanes over q
-    constexpr int64_t L = lanes<T>();
-    const int64_t Qp = (Q + L - 1) / L * L;
-    // layer 2 as lanes over q (h transposed) where q fills the lanes, else as dot
-    // products over r (few pooled vectors: one image)
-    const bool by_q = two && 2 * Q >= L;
-    if (by_q) {
-      // h transposed in blocks of L rows: hT[(qb * R + r) * L + l] = h[qb * L + l, r]
-      std::vector<T> hT(Qp * R, T(0));
-      for (int64_t q = 0; q < Q; ++q)
-        for (int64_t r = 0; r < R; ++r) hT[((q / L) * R + r) * L + q % L] = h[q * R + r];
-      t.resize(C * Qp);
-      using V = vec_t<T>;
-      at::parallel_for(0, C, mlp_grain(Qp * R), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const T* w = W2 + c * R;
-          for (int64_t qb = 0; qb < Qp / L; ++qb) {
-            V acc[4] = {};
-            const T* hb = hT.data() + qb * R * L;
-            int64_t r = 0;
-            for (; r + 4 <= R; r += 4)
-              for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * vload(hb + (r + k) * L);
-            for (int k = 0; r < R; ++r, ++k) acc[k] += w[r] * vload(hb + r * L);
-            vstore(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
-          }
-        }
-      });
-    } else if (two) {
-      t.resize(C * Qp);
-      const bool blocks = R % 16 == 0;
-      at::parallel_for(0, (C + 15) / 16, mlp_grain(16 * Q * R), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          for (int64_t q = 0; q < Q; ++q) {
-            if (blocks && b * 16 + 16 <= C && dots16(W2, h + q * R, R, B2, b * 16, t.data(), Qp, q)) continue;
-            for (int64_t c = b * 16; c < std::min(C, b * 16 + 16); ++c)
-              t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
-          }
-      });
-    }
-    at::parallel_for(0, N, mlp_grain(C * P * 8), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t c = 0; c < C; ++c) {
-          T s = 0;
-          for (int64_t p = 0; p < P; ++p) {  // summed in pool order
-            const int64_t q = p * N + n;
-            const T v2 = two ? t[c * Qp + q] : h[q * R + c];
-            s = p == 0 ? v2 : s + v2;
-          }
-          g[n * C + c] = s;
-        }
-    });
+    ChannelMlp<T> mlp(pooled.data_ptr<T>(), w1.data_ptr<T>(), dptr<T>(b1), dptr<T>(w2), dptr<T>(b2),
+                      hidden.data_ptr<T>(), gate.data_ptr<T>(), P, N, C, R);
+    at::parallel_for(0, R, mlp.layer1_grain(), [&](int64_t b, int64_t e) { mlp.layer1(b, e); });
+    if (mlp.by_q) mlp.transpose(0, Q);
+    at::parallel_for(0, mlp.layer2_items(), mlp.layer2_grain(), [&](int64_t b, int64_t e) { mlp.layer2(b, e); });
+    at::parallel_for(0, C, mlp.combine_grain(), [&](int64_t b, int64_t e) { mlp.combine(b, e); });
   });
   gate.sigmoid_();  // torch's own (vectorised) sigmoid: the same values as the reference
   return {gate, two && keep_hidden ? hidden.view({P, N, R}) : Tensor()};
@@ -2855,13 +2960,13 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
   const bool two = w2_in.has_value() && w2_in->defined();
   TORCH_CHECK(!two || (hidden_in.has_value() && hidden_in->defined()),
               "spatialattn: channel_mlp_backward: two layers need the saved hidden activations");
-  const Tensor grad = mlp_checked(grad_in, pooled, "grad", {N, C});
-  const Tensor g = mlp_checked(gate, pooled, "gate", {N, C});
-  const Tensor w1 = mlp_checked(w1_in, pooled, "weight1", {R, C});
+  const Tensor grad = mlp_checked(grad_in, pooled.scalar_type(), "grad", {N, C});
+  const Tensor g = mlp_checked(gate, pooled.scalar_type(), "gate", {N, C});
+  const Tensor w1 = mlp_checked(w1_in, pooled.scalar_type(), "weight1", {R, C});
   Tensor w2, hidden;
   if (two) {
-    w2 = mlp_checked(*w2_in, pooled, "weight2", {C, R});
-    hidden = mlp_checked(*hidden_in, pooled, "hidden", {P, N, R});
+    w2 = mlp_checked(*w2_in, pooled.scalar_type(), "weight2", {C, R});
+    hidden = mlp_checked(*hidden_in, pooled.scalar_type(), "hidden", {P, N, R});
   }
   auto opts = pooled.options();
   Tensor gp = needs[0] ? at::empty({P, N, C}, opts) : Tensor();
@@ -2937,6 +3042,114 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
   return {gp, gw1, gb1, gw2, gb2};
 }
 
+// ---------------------------------------------------------------- CBAM inference
+// CBAM (channel gate, then the SAM of x * gate) without autograd, in one call: global pooling
+// of x (ch_kinds) -> the channel MLP (w1, b1, w2, b2 as channel_mlp_forward) -> sigmoid gate s
+// [N, C] -> the SAM of x * s, with s rounded to x's dtype first, as the module path does.
+// Returns {y, attn [N, 1, H, W], gate [N, C] in the compute dtype}. With fewer images than
+// threads (batch-1 inference) all of it runs in one parallel region, each phase split between
+// the threads and the phases separated by barriers (at 1x1024x13x13 the separate calls'
+// parallel regions, allocations and the Python between them cost as much as the work); with
+// more images, the three kernels run one after another. Either way the bits are those of
+// global_pool, channel_mlp_forward and sam_forward called one by one.
+std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds, const Tensor& w1,
+                                 const optional<Tensor>& b1, const optional<Tensor>& w2, const optional<Tensor>& b2,
+                                 const Tensor& weight, const optional<Tensor>& bias,
+                                 const optional<Tensor>& norm_scale, const optional<Tensor>& norm_shift,
+                                 std::vector<int64_t> kinds, int64_t dilation) {
+  const Geo g = geometry(x);
+  TORCH_CHECK(g.C > 0 && g.HW > 0, "spatialattn: cbam_forward: x must have channels and pixels, got ", x.sizes());
+  TORCH_CHECK(!ch_kinds.empty() && !kinds.empty(), "spatialattn: cbam_forward: empty pooling order");
+  if (g.N == 0 || whole_images(g.N) > 0) {
+    const Tensor gate = channel_mlp_forward(global_pool(x, ch_kinds), w1, b1, w2, b2, false)[0];
+    const Tensor s = gate.to(x.scalar_type()).view({g.N, g.C, 1, 1});
+    const auto r = sam_forward(x, weight, bias, s, norm_scale, norm_shift, kinds, dilation, std::nullopt);
+    return {r[0], r[1], gate};
+  }
+  const int64_t Pc = ch_kinds.size(), P = kinds.size(), NC = g.N * g.C;
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
+              "spatialattn: weight must be (1, P, kh, kw)");
+  const MlpParams mp = mlp_params(acc_type(x), g.C, w1, b1, w2, b2);
+  const Tensor w = small(weight, x);
+  const auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
+  TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
+  const auto opts = acc_options(x).memory_format(at::MemoryFormat::Contiguous);
+  Tensor gate = at::empty({g.N, g.C}, opts), attn = empty_map(g, 1, x), y = at::empty_like(x);
+  SA_DISPATCH(x, "cbam_forward", [&] {
+    using X = scalar_t;
+    using T = acc_t<X>;
+    const X* xp = x.data_ptr<X>();
+    // scratch (not returned): global pooling [Pc, N, C], hidden [Pc * N, R], the SAM's pooled
+    // maps [N, P, H, W] and logits [N, HW]
+    std::unique_ptr<T[]> scratch(new T[NC * Pc + Pc * g.N * mp.R + g.N * (P + 1) * g.HW]);
+    T* gpp = scratch.get();
+    T* hp = gpp + NC * Pc;
+    T* pooled = hp + Pc * g.N * mp.R;
+    T* logits = pooled + g.N * P * g.HW;
+    T* gt = gate.data_ptr<T>();
+    int64_t cmax, cmean, imax, imean;
+    first_slots(ch_kinds, cmax, cmean);
+    first_slots(kinds, imax, imean);
+    GlobalPool<T, X> gp(xp, g.N, g.C, g.HW, g.nhwc, cmax >= 0 ? gpp + cmax * NC : nullptr,
+                        cmean >= 0 ? gpp + cmean * NC : nullptr, nullptr);
+    ChannelMlp<T> mlp(gpp, mp.w1.data_ptr<T>(), dptr<T>(mp.b1), dptr<T>(mp.w2), dptr<T>(mp.b2),
+                      hp, gt, Pc, g.N, g.C, mp.R);
+    // the gate rounded to x's dtype (half formats), as the channel scale of the SAM
+    std::vector<T> rounded(std::is_same<T, X>::value ? 0 : NC);
+    const T* sp = rounded.empty() ? gt : rounded.data();
+    const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), ptr_or_null<T>(b),
+                    ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
+    const bool stream = use_stream<X>(x.numel());
+    const int64_t nt = shared_threads(NC * g.HW * int64_t(sizeof(X)), g.N * g.H);
+    in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
+      int64_t i0, i1;  // this thread's share of a phase's items
+      auto share = [&](int64_t items) {
+        i0 = items * t / nth;
+        i1 = items * (t + 1) / nth;
+      };
+      share(gp.items());
+      gp.run(i0, i1);
+      if (g.nhwc) {
+        barrier();
+        share(NC);
+        gp.combine(i0, i1);
+      }
+      share(NC);  // NCHW: the same rows as gp.run's share (items = N * C)
+      for (int64_t p = 0; p < Pc; ++p) {  // repeated kinds: copies of the first of their kind
+        const int64_t src = ch_kinds[p] == 0 ? cmax : cmean;
+        if (src != p) std::copy(gpp + src * NC + i0, gpp + src * NC + i1, gpp + p * NC + i0);
+      }
+      barrier();
+      share(mp.R);
+      mlp.layer1(i0, i1);
+      barrier();
+      if (mlp.by_q) {
+        share(mlp.Q);
+        mlp.transpose(i0, i1);
+        barrier();
+      }
+      if (mlp.two) {
+        share(mlp.layer2_items());
+        mlp.layer2(i0, i1);
+        mlp.combine(mlp.item_channel(i0), mlp.item_channel(i1));  // the channels this thread made
+      } else {
+        share(g.C);
+        mlp.combine(i0, i1);
+      }
+      barrier();
+      if (t == 0) {  // a few thousand elements: one thread, while the others wait
+        gate.sigmoid_();  // torch's own sigmoid, as channel_mlp_forward
+        for (int64_t i = 0; i < int64_t(rounded.size()); ++i) rounded[i] = T(X(gt[i]));
+      }
+      barrier();
+      sam_forward_share<T, X>(t, nth, barrier, xp, sp, 0, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, imax, imean,
+                              pooled, logits, attn.data_ptr<T>(), y.data_ptr<X>(),
+                              stream);
+    });
+  });
+  return {y, attn, gate};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2952,6 +3165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_pool", &global_pool);
   m.def("channel_mlp_forward", &channel_mlp_forward);
   m.def("channel_mlp_backward", &channel_mlp_backward);
+  m.def("cbam_forward", &cbam_forward);
   m.def("global_pool_counted", &global_pool_counted);
   m.def("global_pool_backward", &global_pool_backward, py::arg("grad"), py::arg("x"), py::arg("out"),
         py::arg("kinds"), py::arg("into") = py::none(), py::arg("counts") = py::none());
