@@ -205,7 +205,7 @@ def cbam_eval(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     ext = _cpp.get()
     if sam is not None:  # all of it in one call (one parallel region for batches below the threads)
         y, sa, cg = ext.cbam_forward(_lib._dense(x), *ch, *sam)
-        return y, sa, cg.view(n, c, 1, 1)
+        return y, sa, cg
     pooled = ext.global_pool(_lib._dense(x), ch[0])
     cg = ext.channel_mlp_forward(pooled, *ch[1:], False)[0].view(n, c, 1, 1)
     y, sa = m._modules["spatial"].attend(x, channel_scale=cg)

@@ -278,6 +278,44 @@ def test_cbam_channel_mlp_gate_on_triton(dtype):
               scale_atol=True)
 
 
+def test_cbam_bfloat16_on_triton_against_float64():
+    """bfloat16 CBAM (Triton channel MLP, pooling and SAM kernels) against its float64 copy:
+    output and every gradient, on an input without near-ties. Each pixel has one dominant
+    channel (6 + k / 32, distinct within a channel, exact in bfloat16), the other channels lie
+    in [-1, 1], and the MLP's weights are small (gates near 0.5), so ``x * gate`` rounded to 8
+    bits cannot move a maximum, neither the channel max of each pixel nor the spatial max of
+    each channel (see the float32 / float16 test above for why random inputs cannot do this)."""
+    from spatialattn import CBAM
+
+    torch.manual_seed(0)
+    n, c, h, w = 3, 40, 7, 9
+    m = CBAM(c, reduction=4, preset="official").to(DEV).train()
+    with torch.no_grad():
+        m.channel.fc1.weight.mul_(0.05)
+        m.channel.fc2.weight.mul_(0.05)
+    m64 = copy.deepcopy(m).cpu().double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(n, c, h * w, generator=g) * 2 - 1
+    for i in range(n):
+        dominant = torch.randperm(h * w, generator=g) % c  # every channel leads one or two pixels
+        for ch in range(c):
+            at = (dominant == ch).nonzero().flatten()
+            x[i, ch, at] = 6 + (torch.arange(at.numel()) + 2 * i).float() / 32  # distinct in the channel
+    x = x.view(n, c, h, w).to(torch.bfloat16).to(DEV).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        y = m(x)
+    x64 = f64(x)
+    y64 = m64(x64)
+    close(y, y64, torch.bfloat16, "CBAM forward", scale_atol=True)
+    gy = torch.randn(y.shape, generator=g).to(DEV).to(y.dtype)
+    (y * gy).sum().backward()
+    (y64 * f64(gy)).sum().backward()
+    close(x.grad, x64.grad, torch.bfloat16, "CBAM grad x", scale_atol=True)
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        close(p.grad, p64.grad, torch.bfloat16, f"CBAM grad {name}", scale_atol=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_torch_compile_fullgraph(layout):
     """One graph with the custom ops; equal to eager, forward and backward."""

@@ -3046,7 +3046,7 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
 // CBAM (channel gate, then the SAM of x * gate) without autograd, in one call: global pooling
 // of x (ch_kinds) -> the channel MLP (w1, b1, w2, b2 as channel_mlp_forward) -> sigmoid gate s
 // [N, C] -> the SAM of x * s, with s rounded to x's dtype first, as the module path does.
-// Returns {y, attn [N, 1, H, W], gate [N, C] in the compute dtype}. With fewer images than
+// Returns {y, attn [N, 1, H, W], gate [N, C, 1, 1] in the compute dtype}. With fewer images than
 // threads (batch-1 inference) all of it runs in one parallel region, each phase split between
 // the threads and the phases separated by barriers (at 1x1024x13x13 the separate calls'
 // parallel regions, allocations and the Python between them cost as much as the work); with
@@ -3064,7 +3064,7 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
     const Tensor gate = channel_mlp_forward(global_pool(x, ch_kinds), w1, b1, w2, b2, false)[0];
     const Tensor s = gate.to(x.scalar_type()).view({g.N, g.C, 1, 1});
     const auto r = sam_forward(x, weight, bias, s, norm_scale, norm_shift, kinds, dilation, std::nullopt);
-    return {r[0], r[1], gate};
+    return {r[0], r[1], gate.view({g.N, g.C, 1, 1})};
   }
   const int64_t Pc = ch_kinds.size(), P = kinds.size(), NC = g.N * g.C;
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
@@ -3074,7 +3074,7 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
   const auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
   TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
   const auto opts = acc_options(x).memory_format(at::MemoryFormat::Contiguous);
-  Tensor gate = at::empty({g.N, g.C}, opts), attn = empty_map(g, 1, x), y = at::empty_like(x);
+  Tensor gate = at::empty({g.N, g.C, 1, 1}, opts), attn = empty_map(g, 1, x), y = at::empty_like(x);
   SA_DISPATCH(x, "cbam_forward", [&] {
     using X = scalar_t;
     using T = acc_t<X>;
