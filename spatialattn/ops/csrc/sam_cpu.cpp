@@ -1189,22 +1189,25 @@ struct GlobalPool {
 
   // channels_last: outputs [b, e) of the N * C (partials summed in block order)
   void combine(int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / C, c = i % C;
-      T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
-      for (int64_t k = 1; k < nb; ++k) {
-        mc = vmax(mc, pm[(n * nb + k) * C + c]);
-        sc += ps[(n * nb + k) * C + c];
+    for (int64_t n = b / C; n * C < e; ++n) {
+      const int64_t c1 = std::min(C, e - n * C);
+      for (int64_t c = std::max<int64_t>(0, b - n * C); c < c1; ++c) {
+        const int64_t i = n * C + c;
+        T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
+        for (int64_t k = 1; k < nb; ++k) {
+          mc = vmax(mc, pm[(n * nb + k) * C + c]);
+          sc += ps[(n * nb + k) * C + c];
+        }
+        if (counting) {
+          T k = 0;
+          for (int64_t j = 0; j < nb; ++j)
+            if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
+          cnt[i] = k;
+        }
+        if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+        if (mx) mx[i] = mc;
+        if (mean) mean[i] = sc / T(HW);
       }
-      if (counting) {
-        T k = 0;
-        for (int64_t j = 0; j < nb; ++j)
-          if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
-        cnt[i] = k;
-      }
-      if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
-      if (mx) mx[i] = mc;
-      if (mean) mean[i] = sc / T(HW);
     }
   }
 };
