@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -621,6 +622,54 @@ def test_forward_bits_do_not_depend_on_threads_or_row_split(cpp_module, layout, 
         torch.set_num_threads(old)
         m.set_shared_bytes(-1)
         m.set_band_rows(0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
+    # The small-map backward of the images left over by whole_images (fewer images than
+    # threads) and of every image under a training-mode BatchNorm runs in bands of eight rows
+    # spread over the threads, each band's share summed in band order: the gradients of the
+    # conv weight, bias, norm and channel scale have the same bits for any thread count above
+    # the batch (fewer threads give whole images per thread, banded differently: close, not
+    # equal), with a BatchNorm for any thread count, and the reference's numbers.
+    from spatialattn.nn import SpatialAttention
+
+    old = torch.get_num_threads()
+    try:
+        for shape in [(1, 12, 37, 23), (3, 8, 19, 30)]:
+            n = shape[0]
+            g = torch.Generator().manual_seed(shape[2])
+            x0 = make_x(shape, layout, torch.float32, seed=shape[3])
+            s0 = torch.rand(n, shape[1], 1, 1, generator=g)
+            w0, b0 = torch.randn(1, 2, 7, 7, generator=g), torch.randn(1, generator=g)
+            ns0, nsh0 = torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)
+            gy = torch.randn(shape, generator=g)
+            mod = SpatialAttention(shape[1], norm="bn").train()
+            runs, bn_runs = {}, {}
+            for threads in (1, n + 1, n + 2, n + 3):
+                torch.set_num_threads(threads)
+                x, s, w, b, ns, nsh = (t.clone().requires_grad_() for t in (x0, s0, w0, b0, ns0, nsh0))
+                y = ops.spatial_attention_fused(x, w, b, channel_scale=s, norm_scale=ns, norm_shift=nsh)
+                runs[threads] = torch.autograd.grad(y, (x, s, w, b, ns, nsh), gy)
+                m = copy.deepcopy(mod)
+                xb = x0.clone().requires_grad_()
+                bn_runs[threads] = torch.autograd.grad(m(xb), [xb] + list(m.parameters()), gy)
+            for threads in (n + 2, n + 3):
+                for a, r in zip(runs[threads], runs[n + 1]):
+                    _same(a, r)
+            for threads in (n + 1, n + 2, n + 3):
+                for a, r in zip(bn_runs[threads], bn_runs[1]):
+                    _same(a, r)
+            for a, r in zip(runs[1], runs[n + 1]):
+                torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+            x, s, w, b, ns, nsh = (t.double().requires_grad_() for t in (x0, s0, w0, b0, ns0, nsh0))
+            y_ref, _ = ref_sam(x, w, b, ("max", "mean"), 1, s, ns, nsh)
+            want = torch.autograd.grad(y_ref, (x, s, w, b, ns, nsh), gy.double())
+            for name, got, ref in zip(("x", "scale", "weight", "bias", "norm_scale", "norm_shift"), runs[n + 1], want):
+                torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * max(1.0, float(ref.abs().max())),
+                                           msg=lambda msg: f"grad {name}: {msg}")
+    finally:
+        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
