@@ -329,7 +329,7 @@ def test_cbam_one_call_below_the_thread_count(monkeypatch, threads, batch, dtype
                                       (-1, "official", ("mean",))):
             ext.set_shared_bytes(shared)  # 0: every thread, however small the input; -1: the default
             m = _randomise(CBAM(32, reduction=4, preset=preset), 11).eval()
-            m.to(SF.accumulate_dtype(torch.empty(0, dtype=dtype)))  # float64 parameters for float64
+            m.to(torch.float64 if dtype == torch.float64 else torch.float32)  # parameters in the compute dtype
             m.keep_attention = True
             if order is not None:
                 m.channel.pool_types = order
@@ -344,12 +344,8 @@ def test_cbam_one_call_below_the_thread_count(monkeypatch, threads, batch, dtype
                         want = m(x, return_attention=True)
                 _same(got, want)
                 _same((cg,), (m.last_channel_attention,))
-                assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=_format(x))
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
     finally:
         torch.set_num_threads(old)
         ext.set_shared_bytes(-1)
-
-
-def _format(x):
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format

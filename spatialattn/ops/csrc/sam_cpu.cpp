@@ -1653,8 +1653,9 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
   }
 }
 
-// pixels [p0, p0 + len) of one image's pooled maps [P, HW]: each repeated pooling slot
-// copied from the first slot of its kind (imax / imean)
+// elements [p0, p0 + len) of pooled slots [P, HW] (one image's pooled maps; or the global
+// pooling's [P, N * C]): each repeated pooling slot copied from the first slot of its kind
+// (imax / imean)
 template <typename T>
 void copy_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, int64_t HW,
                          int64_t p0, int64_t len) {
@@ -2059,13 +2060,13 @@ void gate_images(const Gate<T>& q, const T* pooled, int64_t n0, int64_t n1, T* l
 // [h0, h1) into its zero-padded map (all bands first: the transposed conv of a band reads its
 // neighbours' rows) and adds that band's bias / norm shares to par3[0..2]; then each band adds
 // its weight-gradient share (weight slots of par) and fills its rows of dmax / dmean (see
-// dpooled_rows). The bands' shares are summed in band order into par[k * stride ..] (P*KH*KW
-// weight slots, then the three), so the result does not depend on the thread count.
+// dpooled_rows). The bands' shares are summed in band order into par[k * (P*KH*KW + 3) ..]
+// (the weight slots, then the three), so the result does not depend on the thread count.
 constexpr int64_t kBwdRows = 8;
 
 template <typename T, typename D>
 void small_maps_backward(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, int64_t n,
-                         const T* cnt, int64_t C, D&& dlogits, double* par, int64_t stride, T* dmax, T* dmean) {
+                         const T* cnt, int64_t C, D&& dlogits, double* par, T* dmax, T* dmean) {
   const int64_t H = q.g.H, HW = H * q.g.W, P = q.P, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
   const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp, nb = (H + kBwdRows - 1) / kBwdRows;
   std::vector<T> pads(n * padsz), dlpads(n * dlsz, T(0));
@@ -2088,7 +2089,7 @@ void small_maps_backward(const Gate<T>& q, const std::vector<int64_t>& kinds, co
   });
   for (int64_t k = 0; k < n; ++k)
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = 0; j < NP && j < stride; ++j) par[k * stride + j] += bpar[(k * nb + b) * NP + j];
+      for (int64_t j = 0; j < NP; ++j) par[k * NP + j] += bpar[(k * nb + b) * NP + j];
 }
 
 // sum over the N images of their shares par[n * stride + k], in image order (the result does
@@ -2149,7 +2150,7 @@ void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T*
                        T* attn, X* y, bool stream) {
   const int64_t HW = H * W, P = q.P, CHW = C * HW, rows = (n1 - n0) * H;
   // calls f(n, h0, h1) for the image rows of share t of nth (a share may span two images)
-  auto segments = [&](int64_t t, int64_t nth, auto&& f) {
+  auto segments = [&](auto&& f) {
     const int64_t r0 = rows * t / nth, r1 = rows * (t + 1) / nth;
     for (int64_t r = r0; r < r1;) {
       const int64_t n = n0 + r / H, h0 = r % H, h1 = std::min(H, h0 + (r1 - r));
@@ -2162,7 +2163,7 @@ void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T*
   // between the cores on every sweep), copied out at the end
   constexpr int64_t kChunk = 4096;  // pixels per sweep (accumulators in L1 / L2, as k_pool)
   std::vector<T> am, as;
-  segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
+  segments([&](int64_t n, int64_t h0, int64_t h1) {
     const int64_t p0 = h0 * W, len = (h1 - h0) * W;
     const X* xn = x + n * CHW;
     const T* sn = s ? s + n * C : nullptr;
@@ -2188,7 +2189,7 @@ void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T*
   });
   barrier();
   std::vector<T> pad(P * q.g.Hp * q.g.Wp);
-  segments(t, nth, [&](int64_t n, int64_t h0, int64_t h1) {
+  segments([&](int64_t n, int64_t h0, int64_t h1) {
     pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data());
     gate_rows<T>(q, pad.data(), h0, h1, logits + n * HW, attn + n * HW);
     if (nhwc) mul_rows<T, X>(x + n * CHW, s ? s + n * C : nullptr, attn + n * HW, y + n * CHW, C, HW, W, true, h0,
@@ -2400,7 +2401,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
           [&](int64_t k, int64_t h0, int64_t h1, T* dlpad, double* par3) {
             dlogits_rows<T>(q, dA.data() + k * HW, ap + (Nf + k) * HW, lp + (Nf + k) * HW, h0, h1, dlpad, par3);
           },
-          par.data() + Nf * NP, NP, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr);
+          par.data() + Nf * NP, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr);
       // pass B: grad_x and grad_scale
       k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
                  mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
@@ -2575,7 +2576,8 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     }
     if (gb.defined()) gb.data_ptr<T>()[0] = T(s_dl);
     // conv backward per image
-    std::vector<double> par(g.N * P * KK, 0.0);
+    const int64_t NP = P * KK + 3;  // (the three bias / norm slots stay unused here)
+    std::vector<double> par(g.N * NP, 0.0);
     small_maps_backward<T>(
         q, kinds, pp, g.N, mx ? cnt.data() : nullptr, g.C,
         [&](int64_t n, int64_t h0, int64_t h1, T* dlpad, double*) {
@@ -2583,10 +2585,10 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
             std::copy(dA.data() + n * HW + h * g.W, dA.data() + n * HW + (h + 1) * g.W,
                       dlpad + (h + q.g.ph) * q.g.Wp + q.g.pw);
         },
-        par.data(), P * KK, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr);
+        par.data(), mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr);
     if (gw.defined()) {
       T* o = gw.data_ptr<T>();
-      for (int64_t k = 0; k < P * KK; ++k) o[k] = T(image_total(par, g.N, P * KK, k));
+      for (int64_t k = 0; k < P * KK; ++k) o[k] = T(image_total(par, g.N, NP, k));
     }
     k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                   g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
@@ -2614,10 +2616,7 @@ std::vector<Tensor> global_pool_counted(const Tensor& x, const std::vector<int64
     T* o = out.data_ptr<T>();
     k_global_pool<T, X>(x.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc, imax >= 0 ? o + imax * g.N * g.C : nullptr,
                         imean >= 0 ? o + imean * g.N * g.C : nullptr, dptr<T>(cnt));
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t src = kinds[i] == 0 ? imax : imean;
-      if (src != i) out.select(0, i).copy_(out.select(0, src));
-    }
+    copy_repeated_slots<T>(o, kinds, imax, imean, g.N * g.C, 0, g.N * g.C);
   });
   return {out, cnt};
 }
@@ -2902,7 +2901,8 @@ struct ChannelMlp {
         g[n * C + c] = s;
       }
   }
-  // the channels of layer-2 items [b0, b1)
+  // the first channel of layer-2 item b (C for b = layer2_items()): items [b0, b1) make
+  // channels [item_channel(b0), item_channel(b1))
   int64_t item_channel(int64_t b) const { return by_q ? b : std::min(C, b * 16); }
 };
 
@@ -3131,16 +3131,12 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
       };
       share(gp.items());
       gp.run(i0, i1);
+      share(NC);  // NCHW: the rows gp.run just pooled (its items are the N * C rows)
       if (g.nhwc) {
         barrier();
-        share(NC);
         gp.combine(i0, i1);
       }
-      share(NC);  // NCHW: the same rows as gp.run's share (items = N * C)
-      for (int64_t p = 0; p < Pc; ++p) {  // repeated kinds: copies of the first of their kind
-        const int64_t src = ch_kinds[p] == 0 ? cmax : cmean;
-        if (src != p) std::copy(gpp + src * NC + i0, gpp + src * NC + i1, gpp + p * NC + i0);
-      }
+      copy_repeated_slots<T>(gpp, ch_kinds, cmax, cmean, NC, i0, i1 - i0);  // slots of NC outputs
       barrier();
       share(mp.R);
       mlp.layer1(i0, i1);
