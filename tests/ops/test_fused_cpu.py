@@ -420,13 +420,17 @@ def test_global_pool_matches_reference(layout, shape):
     x = make_x(shape, layout)
     if x.numel():
         x[0, 1, 0, 0] = float("nan")
-    for order in (("mean", "max"), ("max",), ("max", "mean")):
+    for order in (("mean", "max"), ("max",), ("max", "mean"), ("max", "mean", "max")):
         got = ops.global_pool(x, order)
         want = torch.stack([x.amax(dim=(2, 3)) if k == "max" else x.mean(dim=(2, 3)) for k in order])
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
-    xr = x.detach().requires_grad_()
-    ops.global_pool(xr).sum().backward()  # autograd path: amax / mean
-    assert xr.grad.shape == x.shape
+    xr, xw = x.detach().requires_grad_(), x.detach().requires_grad_()
+    ops.global_pool(xr).sum().backward()  # autograd path, against amax / mean's own gradients
+    (xw.amax(dim=(2, 3)).sum() + xw.mean(dim=(2, 3)).sum()).backward()
+    keep = torch.ones(x.shape[:2], dtype=torch.bool)
+    if x.numel():
+        keep[0, 1] = False  # the NaN channel: amax's gradient is NaN there, ours gives the max term none
+    torch.testing.assert_close(xr.grad[keep], xw.grad[keep], rtol=1e-6, atol=1e-6)
 
 
 def test_autocast_keeps_small_maps_in_float32():
