@@ -449,14 +449,20 @@ def test_autocast_keeps_small_maps_in_float32():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("band_rows", [0, 1, 2, 5])
-def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, band_rows):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, band_rows, streamed):
     # With N >= threads whole images go to each thread and are streamed in bands of rows
     # (gate and gradient lag the pooling by the conv's reach); the leftover images run one
-    # phase at a time. Every split, band height and reach (dilation 2: reach 6 > some H)
-    # must give the reference's numbers, forward and backward, dense and broadcast gradients.
+    # phase at a time, or (streamed: forced here, by default where they exceed the LLC) in
+    # units of rows, a run of units per thread (every thread: set_shared_bytes(0)). Every
+    # split, band height and reach (dilation 2: reach 6 > some H) must give the reference's
+    # numbers, forward and backward, dense and broadcast gradients.
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     cpp_module.set_band_rows(band_rows)
+    if streamed:
+        cpp_module.set_shared_backward_bytes(0)
+        cpp_module.set_shared_bytes(0)
     try:
         for n, h, w, dil, order in [(5, 9, 7, 1, ("mean", "max")), (1, 6, 5, 1, ("max", "mean")),
                                     (3, 4, 8, 2, ("max",)), (4, 11, 3, 1, ("mean",))]:
@@ -484,6 +490,8 @@ def test_work_split_and_row_bands_match_reference(cpp_module, layout, threads, b
     finally:
         torch.set_num_threads(old)
         cpp_module.set_band_rows(0)
+        cpp_module.set_shared_backward_bytes(-1)
+        cpp_module.set_shared_bytes(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -630,17 +638,27 @@ def test_forward_bits_do_not_depend_on_threads_or_row_split(cpp_module, layout, 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
-    # The small-map backward of the images left over by whole_images (fewer images than
-    # threads) and of every image under a training-mode BatchNorm runs in bands of eight rows
-    # spread over the threads, each band's share summed in band order: the gradients of the
-    # conv weight, bias, norm and channel scale have the same bits for any thread count above
-    # the batch (fewer threads give whole images per thread, banded differently: close, not
-    # equal), with a BatchNorm for any thread count, and the reference's numbers.
+    # The images left over by whole_images (fewer images than threads): where their x and
+    # gradient exceed the LLC (set_shared_backward_bytes(0): always) their rows are cut into
+    # units of eight and each thread streams one run of units (pass A, d logits, pass B of the
+    # units whose neighbourhood is complete; those at the ends of a run after a barrier), every
+    # unit's share of the conv weight, bias, norm and channel-scale gradients summed in unit
+    # order; below it the phases run over the whole images, their small maps in bands of eight
+    # rows summed in band order. Either way all gradients have the same bits for any thread
+    # count above the batch (the batch then decides the path), any share size
+    # (set_shared_bytes(0): every thread however small the input) and any group of units per
+    # pass (set_band_rows), including a conv reach of 6 and 9 rows (dilation 2, 3: 9 > the unit
+    # height); the two paths agree bit for bit except the channel-scale gradient (summed per
+    # unit vs. per channel row / pixel block: close). Fewer threads give whole images per
+    # thread, banded differently: close, not equal. The training-mode BatchNorm's small-map
+    # backward runs in bands of eight rows too: the same bits for any thread count. And the
+    # reference's numbers.
     from spatialattn.nn import SpatialAttention
 
+    m = cpp_module
     old = torch.get_num_threads()
     try:
-        for shape in [(1, 12, 37, 23), (3, 8, 19, 30)]:
+        for shape, dil in [((1, 12, 37, 23), 1), ((3, 8, 19, 30), 1), ((1, 8, 70, 12), 2), ((2, 6, 45, 9), 3)]:
             n = shape[0]
             g = torch.Generator().manual_seed(shape[2])
             x0 = make_x(shape, layout, torch.float32, seed=shape[3])
@@ -648,32 +666,54 @@ def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
             w0, b0 = torch.randn(1, 2, 7, 7, generator=g), torch.randn(1, generator=g)
             ns0, nsh0 = torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)
             gy = torch.randn(shape, generator=g)
-            mod = SpatialAttention(shape[1], norm="bn").train()
-            runs, bn_runs = {}, {}
-            for threads in (1, n + 1, n + 2, n + 3):
-                torch.set_num_threads(threads)
-                x, s, w, b, ns, nsh = (t.clone().requires_grad_() for t in (x0, s0, w0, b0, ns0, nsh0))
-                y = ops.spatial_attention_fused(x, w, b, channel_scale=s, norm_scale=ns, norm_shift=nsh)
-                runs[threads] = torch.autograd.grad(y, (x, s, w, b, ns, nsh), gy)
-                m = copy.deepcopy(mod)
-                xb = x0.clone().requires_grad_()
-                bn_runs[threads] = torch.autograd.grad(m(xb), [xb] + list(m.parameters()), gy)
-            for threads in (n + 2, n + 3):
-                for a, r in zip(runs[threads], runs[n + 1]):
-                    _same(a, r)
-            for threads in (n + 1, n + 2, n + 3):
-                for a, r in zip(bn_runs[threads], bn_runs[1]):
-                    _same(a, r)
-            for a, r in zip(runs[1], runs[n + 1]):
+            runs = {}
+            for path in (-1, 0):  # the phases (these inputs are far below the LLC), the streamed units
+                m.set_shared_backward_bytes(path)
+                for threads, shared, band in [(1, -1, 0), (n + 1, -1, 0), (n + 1, 0, 0), (n + 2, 0, 0),
+                                              (n + 3, 0, 0), (n + 2, 0, 16), (n + 3, 0, 24), (n + 2, -1, 8)]:
+                    torch.set_num_threads(threads)
+                    m.set_shared_bytes(shared)
+                    m.set_band_rows(band)
+                    x, s, w, b, ns, nsh = (t.clone().requires_grad_() for t in (x0, s0, w0, b0, ns0, nsh0))
+                    y = ops.spatial_attention_fused(x, w, b, dilation=dil, channel_scale=s, norm_scale=ns,
+                                                    norm_shift=nsh)
+                    runs[path, threads, shared, band] = torch.autograd.grad(y, (x, s, w, b, ns, nsh), gy)
+            m.set_shared_backward_bytes(-1)
+            base = runs[0, n + 1, -1, 0]
+            for key, got in runs.items():
+                if key[1] > n:
+                    ref = runs[key[0], n + 1, -1, 0]
+                    for i, (a, r) in enumerate(zip(got, ref)):
+                        _same(a, r)
+                        if i != 1:
+                            _same(a, base[i])
+                    torch.testing.assert_close(got[1], base[1], rtol=1e-5, atol=1e-5)
+            for a, r in zip(runs[0, 1, -1, 0], base):
                 torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
             x, s, w, b, ns, nsh = (t.double().requires_grad_() for t in (x0, s0, w0, b0, ns0, nsh0))
-            y_ref, _ = ref_sam(x, w, b, ("max", "mean"), 1, s, ns, nsh)
+            y_ref, _ = ref_sam(x, w, b, ("max", "mean"), dil, s, ns, nsh)
             want = torch.autograd.grad(y_ref, (x, s, w, b, ns, nsh), gy.double())
-            for name, got, ref in zip(("x", "scale", "weight", "bias", "norm_scale", "norm_shift"), runs[n + 1], want):
+            for name, got, ref in zip(("x", "scale", "weight", "bias", "norm_scale", "norm_shift"), base, want):
                 torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * max(1.0, float(ref.abs().max())),
                                            msg=lambda msg: f"grad {name}: {msg}")
+            if dil == 1:
+                m.set_shared_bytes(-1)
+                m.set_band_rows(0)
+                mod = SpatialAttention(shape[1], norm="bn").train()
+                bn_runs = {}
+                for threads in (1, n + 1, n + 2, n + 3):
+                    torch.set_num_threads(threads)
+                    mb = copy.deepcopy(mod)
+                    xb = x0.clone().requires_grad_()
+                    bn_runs[threads] = torch.autograd.grad(mb(xb), [xb] + list(mb.parameters()), gy)
+                for threads in (n + 1, n + 2, n + 3):
+                    for a, r in zip(bn_runs[threads], bn_runs[1]):
+                        _same(a, r)
     finally:
         torch.set_num_threads(old)
+        m.set_shared_bytes(-1)
+        m.set_shared_backward_bytes(-1)
+        m.set_band_rows(0)
 
 
 @contextlib.contextmanager

@@ -2291,6 +2291,212 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
   return {y, attn, logits, pooled};
 }
 
+// ---------------------------------------------------------------- backward of the leftover images
+// The images left over by whole_images (fewer than the threads; batch-1 training), in one
+// parallel region. The rows of those images are cut into units of kBwdRows rows (fixed, so
+// the sums below do not depend on the thread count) and each thread takes one contiguous run
+// of units, which it streams as sam_backward_image streams an image: pass A on a group of
+// units (d attn, tie counts), their d logits and weight-gradient shares, then pass B (grad_x,
+// grad_scale) on the units whose k x k neighbourhood of d logits is complete. The second read
+// of x and the gradient then comes from a cache instead of memory (the phases read them
+// twice from memory: pass A over the whole batch, then pass B). A unit whose neighbourhood
+// reaches into another thread's units waits until every thread has passed a barrier (at most
+// ceil(lag / kBwdRows) units at each end of a run). Shares per unit: bias / norm / weight
+// gradients (double) and the channel-scale gradient (T), summed in unit order per image.
+// par: [N, P*KK + 3] image shares (images n0 .. n1 added to); gs: [N, C] (or null).
+// Taken only where the leftover images' x and upstream gradient exceed the LLC (above it the
+// phases read both twice from memory; below, their second read comes from the LLC, and the
+// units' shorter runs cost more than they save: measured 1.0-1.1x the phases' time at
+// 1x128x104x104 and 1x64x208x208, 1.65x at 1x1024x13x13 NCHW). kSharedBwdBytes: that limit
+// (< 0: the LLC; 0: always, for tests; set_shared_backward_bytes).
+int64_t kSharedBwdBytes = -1;
+
+inline bool shared_backward(int64_t bytes) {
+  static const int64_t llc = llc_bytes();
+  return bytes > (kSharedBwdBytes >= 0 ? kSharedBwdBytes : llc);
+}
+
+template <typename T, typename X, bool GC, bool M, bool F>
+void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t n1, int64_t C, int64_t H,
+                         int64_t W, bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds,
+                         const T* pooled, const T* logits, const T* attn, const T* gextra, X* gx, T* gs,
+                         double* par, bool stream) {
+  constexpr int64_t U = kBwdRows;
+  const int64_t HW = H * W, CHW = C * HW, P = q.P, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
+  const int64_t lag = q.g.ph, Nr = n1 - n0, nb = (H + U - 1) / U, NU = Nr * nb;
+  const int64_t padsz = P * q.g.Hp * q.g.Wp, dlsz = q.g.Hp * q.g.Wp;
+  int64_t imax, imean;
+  first_slots(kinds, imax, imean);
+  const bool by_index = max_by_index(M, nhwc, gs != nullptr);
+  const T gv = GC ? T(g[0]) : T(0);
+  // scratch of the leftover images (uninitialised: each element is written before it is read)
+  auto raw = [](int64_t n) { return std::unique_ptr<T[]>(new T[std::max<int64_t>(1, n)]); };
+  auto dA = raw(Nr * HW), cnt = raw(Nr * HW), ix = raw(by_index ? Nr * HW : 0), dmax = raw(M ? Nr * HW : 0),
+       dmean = raw(F ? Nr * HW : 0), pads = raw(Nr * padsz), dlpads = raw(Nr * dlsz);
+  std::vector<double> upar(NU * NP, 0.0);
+  std::vector<T> ugs(gs ? NU * C : 0, T(0));
+  // group of units per pass A (as band_rows: about the band budget of x and the gradient, lag
+  // included; NCHW images up to whole_image_bytes whole)
+  const int64_t row_bytes = C * W * int64_t(sizeof(X)) * (GC ? 1 : 2);
+  const int64_t budget = nhwc ? kBandBytes : kBandBytesNchw;
+  int64_t group = nb;
+  if (kBandRows > 0) group = std::max<int64_t>(1, kBandRows / U);
+  else if (budget > 0 && (nhwc || row_bytes * H > whole_image_bytes()))
+    group = std::max<int64_t>(1, (budget / std::max<int64_t>(1, row_bytes) - lag) / U);
+  // unit u: image n0 + u / nb, rows [h0, h1); first / last unit whose d logits its pass B needs
+  auto rows_of = [&](int64_t u, int64_t& k, int64_t& h0, int64_t& h1) {
+    k = u / nb;
+    h0 = (u % nb) * U;
+    h1 = std::min(H, h0 + U);
+  };
+  auto first_needed = [&](int64_t u) { return u - u % nb + std::max<int64_t>(0, (u % nb) * U - lag) / U; };
+  auto last_needed = [&](int64_t u) {
+    return u - u % nb + std::min(H - 1, std::min(H, (u % nb) * U + U) - 1 + lag) / U;
+  };
+  const int64_t nt = shared_threads(Nr * CHW * int64_t(sizeof(X)), NU);
+  in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
+    // padded pooled maps and zeroed d-logit maps, rows split between the threads
+    {
+      const int64_t items = Nr * q.g.Hp, i0 = items * t / nth, i1 = items * (t + 1) / nth;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t k = i / q.g.Hp, hp = i % q.g.Hp, h = hp - q.g.ph;
+        std::fill(dlpads.get() + k * dlsz + hp * q.g.Wp, dlpads.get() + k * dlsz + (hp + 1) * q.g.Wp, T(0));
+        for (int64_t p = 0; p < P; ++p) {
+          T* row = pads.get() + k * padsz + (p * q.g.Hp + hp) * q.g.Wp;
+          std::fill(row, row + q.g.Wp, T(0));
+          if (h >= 0 && h < H) {
+            const T* src = pooled + (n0 + k) * PHW + p * HW + h * W;
+            std::copy(src, src + W, row + q.g.pw);
+          }
+        }
+      }
+    }
+    barrier();
+    const int64_t ua = NU * t / nth, ub = NU * (t + 1) / nth;
+    std::vector<T> gp(nhwc ? C : std::min<int64_t>(HW, U * W));
+    // pass A, d logits and weight shares of units [u0, u1) of one image
+    auto pass_a = [&](int64_t u0, int64_t u1) {
+      int64_t k, h0, h1, e0, e1;
+      rows_of(u0, k, h0, e0);
+      rows_of(u1 - 1, k, e1, h1);
+      const X* xk = x + (n0 + k) * CHW;
+      const T* sk = s ? s + (n0 + k) * C : nullptr;
+      const X* gk = GC ? g : g + (n0 + k) * CHW;
+      const T* mk = M ? pooled + (n0 + k) * PHW + imax * HW : nullptr;
+      T *dAk = dA.get() + k * HW, *ck = cnt.get() + k * HW;
+      if (!nhwc) {
+        constexpr int64_t kChunk = 4096;  // accumulators in L1 / L2 (as k_reduce)
+        for (int64_t p0 = h0 * W; p0 < h1 * W; p0 += kChunk) {
+          const int64_t len = std::min(kChunk, h1 * W - p0);
+          reduce_chunk<T, X, true, GC, M>(xk + p0, sk, GC ? gk : gk + p0, gv, M ? mk + p0 : nullptr, C, HW, len,
+                                       dAk + p0, ck + p0);
+        }
+      } else {
+        for (int64_t p = h0 * W; p < h1 * W; ++p) {
+          T i;
+          if (by_index) {
+            reduce_pixel<T, X, true, GC, M, true>(xk + p * C, sk, GC ? gk : gk + p * C, gv, mk[p], C, dAk[p], ck[p],
+                                               i);
+            ix[k * HW + p] = i;
+          } else {
+            reduce_pixel<T, X, true, GC, M, false>(xk + p * C, sk, GC ? gk : gk + p * C, gv, M ? mk[p] : T(0), C,
+                                                dAk[p], ck[p], i);
+          }
+        }
+      }
+      if (gextra)
+        for (int64_t p = h0 * W; p < h1 * W; ++p) dAk[p] += gextra[(n0 + k) * HW + p];
+      for (int64_t u = u0; u < u1; ++u) {
+        int64_t kk, r0, r1;
+        rows_of(u, kk, r0, r1);
+        dlogits_rows<T>(q, dAk, attn + (n0 + k) * HW, logits + (n0 + k) * HW, r0, r1, dlpads.get() + k * dlsz,
+                        upar.data() + u * NP + P * KK);
+        dweight_rows<T>(q, pads.get() + k * padsz, dlpads.get() + k * dlsz, r0, r1, upar.data() + u * NP);
+      }
+    };
+    // dmax / dmean and pass B of units [u0, u1) of one image
+    auto pass_b = [&](int64_t u0, int64_t u1) {
+      int64_t k, h0, h1, e0, e1;
+      rows_of(u0, k, h0, e0);
+      rows_of(u1 - 1, k, e1, h1);
+      const int64_t n = n0 + k;
+      const X* xk = x + n * CHW;
+      const T* sk = s ? s + n * C : nullptr;
+      const X* gk = GC ? nullptr : g + n * CHW;
+      const T* ak = attn + n * HW;
+      const T* mk = M ? pooled + n * PHW + imax * HW : nullptr;
+      const T* ck = cnt.get() + k * HW;
+      T* fm = M ? dmax.get() + k * HW : nullptr;
+      T* fa = F ? dmean.get() + k * HW : nullptr;
+      X* gxk = gx + n * CHW;
+      dpooled_rows<T>(q, kinds, dlpads.get() + k * dlsz, ck, C, h0, h1, fm, fa);
+      if (!nhwc) {
+        auto sweep = [&](auto s_t) {
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t u = u0; u < u1; ++u) {
+              const int64_t r0 = (u % nb) * U, a0 = r0 * W, len = (std::min(H, r0 + U) - r0) * W;
+              const T sum = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value>(
+                  xk + c * HW + a0, GC ? nullptr : gk + c * HW + a0, gv, sk ? sk[c] : T(1), ak + a0,
+                  M ? mk + a0 : nullptr, M ? fm + a0 : nullptr, F ? fa + a0 : nullptr, len, gxk + c * HW + a0,
+                  stream, gp.data());
+              if (gs) ugs[u * C + c] = sum;
+            }
+        };
+        if (gs) sweep(std::true_type{}); else sweep(std::false_type{});
+      } else {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t r0 = (u % nb) * U, a0 = r0 * W, a1 = std::min(H, r0 + U) * W;
+          auto sweep = [&](auto x_t) {
+            for (int64_t p = a0; p < a1; ++p)
+              gradx_pixel<T, X, true, GC, M, F, decltype(x_t)::value>(
+                  xk + p * C, GC ? nullptr : gk + p * C, gv, ak[p], sk, M ? mk[p] : T(0),
+                  by_index ? ix[k * HW + p] : T(-1), M ? fm[p] : T(0), F ? fa[p] : T(0), C,
+                  gs ? ugs.data() + u * C : nullptr, gxk + p * C, stream, gp.data());
+          };
+          if (by_index && !any_ties(ck + a0, a1 - a0)) sweep(std::false_type{}); else sweep(std::true_type{});
+        }
+      }
+    };
+    // pass B of units [u0, u1), split where the image changes
+    auto pass_b_runs = [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1;) {
+        const int64_t e = std::min(u1, u - u % nb + nb);
+        pass_b(u, e);
+        u = e;
+      }
+    };
+    int64_t next_b = ua, wait_a = ua;  // units [ua, wait_a) wait for the barrier
+    for (int64_t u = ua; u < ub;) {
+      const int64_t e = std::min(std::min(ub, u + group), u - u % nb + nb);
+      pass_a(u, e);
+      u = e;
+      int64_t v = next_b;
+      while (v < u && last_needed(v) < u) ++v;
+      // the ready units [next_b, v); those reaching before ua wait (a prefix of the run)
+      int64_t b0 = next_b;
+      while (b0 < v && first_needed(b0) < ua) ++b0;
+      if (b0 > next_b) wait_a = b0;
+      pass_b_runs(b0, v);
+      next_b = v;
+    }
+    barrier();
+    pass_b_runs(ua, wait_a);
+    pass_b_runs(next_b, ub);
+    stream_fence(stream);
+  });
+  // image shares in unit order
+  for (int64_t k = 0; k < Nr; ++k) {
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = 0; j < NP; ++j) par[(n0 + k) * NP + j] += upar[(k * nb + b) * NP + j];
+    if (gs) {
+      T* o = gs + (n0 + k) * C;
+      std::fill(o, o + C, T(0));
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t c = 0; c < C; ++c) o[c] += ugs[(k * nb + b) * C + c];
+    }
+  }
+}
+
 // Outputs and inputs shared by the two SAM backwards: the upstream gradient in the layout of
 // x (gc: one broadcast value), grad_x, zero-filled grads of the channel scale [N, C], the conv
 // weight and bias, two scalar grads (norm scale / shift, or BatchNorm weight / bias), and the
@@ -2383,8 +2589,22 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
         }
       });
     }
-    if (Nf < g.N) {
-      // the remaining images, one phase at a time
+    if (Nf < g.N && shared_backward(int64_t(sizeof(X)) * (g.N - Nf) * CHW * (gc ? 1 : 2))) {
+      // x and the gradient of the leftover images exceed the LLC: streamed in units of rows
+      auto run = [&](auto gc_t, auto m_t, auto f_t) {
+        sam_backward_shared<T, X, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
+            xp, sp, gyp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, pp, lp, ap, ge, gxp, gsp, par.data(), stream);
+      };
+      using Y = std::true_type;
+      using No = std::false_type;
+      const bool M = mx != nullptr, F = imean >= 0;
+      if (gc) {
+        if (M && F) run(Y{}, Y{}, Y{}); else if (M) run(Y{}, Y{}, No{}); else run(Y{}, No{}, Y{});
+      } else {
+        if (M && F) run(No{}, Y{}, Y{}); else if (M) run(No{}, Y{}, No{}); else run(No{}, No{}, Y{});
+      }
+    } else if (Nf < g.N) {
+      // the remaining images, one phase at a time (their second reads come from the LLC)
       const int64_t Nr = g.N - Nf;
       const bool by_index = max_by_index(mx != nullptr, g.nhwc, gsp != nullptr);
       std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), ix(by_index ? Nr * HW : 0), dmax(mx ? Nr * HW : 0),
@@ -3193,6 +3413,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_band_rows", [](int64_t r) { kBandRows = r; });
   m.def("set_whole_image_bytes", [](int64_t b) { kWholeImageBytes = b; });
   m.def("set_gp_tile_bytes", [](int64_t b) { kGpTileBytes = b < 0 ? kGpTileDefault : b; });
+  m.def("set_shared_backward_bytes", [](int64_t b) { kSharedBwdBytes = b; });
   m.def("set_shared_bytes", [](int64_t b) { kSharedBytes = b < 0 ? kSharedDefault : b; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
