@@ -702,42 +702,37 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   }
 }
 
-// one pixel, channels_last: returns sum_c g * x' and the tie count
+// one pixel, channels_last: returns sum_c g * x' and the tie count (and with I the last
+// channel equal to the max). Four accumulators, then tree reductions across the lanes, as
+// pool_pixel (the lane-by-lane scalar sums they replace were three 15-step dependency chains
+// per pixel)
 template <typename T, typename X, bool G, bool GC, bool M, bool I>
 inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t C, T& ga, T& cnt, T& idx) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  const V one = V{} + T(1), zero = V{};
-  V a0 = {}, a1 = {}, k0 = {}, k1 = {}, i0 = V{} - T(1), i1 = i0;
+  const V one = V{} + T(1), zero = V{}, none = V{} - T(1);
+  V a[4] = {}, k[4] = {}, ix[4] = {none, none, none, none};
   const V lane = lane_index<T>();  // channel index of each lane, from c = 0
-  int64_t c = 0;
-  for (; c + 2 * L <= C; c += 2 * L) {
-    V v0 = vld(x + c), v1 = vld(x + c + L);
-    if (s) {
-      v0 = v0 * vload(s + c);
-      v1 = v1 * vload(s + c + L);
-    }
-    if (G) {
-      a0 += (GC ? V{} + gv : vld(g + c)) * v0;
-      a1 += (GC ? V{} + gv : vld(g + c + L)) * v1;
-    }
+  auto step = [&](int j, int64_t c) {
+    V v = vld(x + c);
+    if (s) v = v * vload(s + c);
+    if (G) a[j] += (GC ? V{} + gv : vld(g + c)) * v;
     if (M) {
-      k0 += v0 == m ? one : zero;
-      k1 += v1 == m ? one : zero;
-      if (I) {
-        i0 = v0 == m ? lane + T(c) : i0;
-        i1 = v1 == m ? lane + T(c + L) : i1;
-      }
+      k[j] += v == m ? one : zero;
+      if (I) ix[j] = v == m ? lane + T(c) : ix[j];
     }
+  };
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    step(0, c);
+    step(1, c + L);
+    step(2, c + 2 * L);
+    step(3, c + 3 * L);
   }
-  a0 += a1;
-  k0 += k1;
-  T sa = 0, sc = 0, si = T(-1);
-  for (int64_t l = 0; l < L; ++l) {
-    sa += a0[l];
-    sc += k0[l];
-    if (I) si = std::max(si, std::max(i0[l], i1[l]));
-  }
+  for (; c + L <= C; c += L) step(0, c);
+  T sa = G ? hreduce<T, 64>((a[0] + a[1]) + (a[2] + a[3]), false) : T(0);
+  T sc = M ? hreduce<T, 64>((k[0] + k[1]) + (k[2] + k[3]), false) : T(0);
+  T si = (M && I) ? hreduce<T, 64>(vmax(vmax(ix[0], ix[1]), vmax(ix[2], ix[3])), true) : T(-1);
   for (; c < C; ++c) {
     const T v = s ? T(x[c]) * s[c] : T(x[c]);
     if (G) sa += (GC ? gv : T(g[c])) * v;
