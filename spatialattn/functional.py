@@ -165,7 +165,7 @@ def _fused_sam_args(
     Fusable: a sigmoid gate, and no norm or an eval-mode ``BatchNorm2d(1)`` (an affine map
     of the logits), with parameters in the accumulation dtype.
     """
-    if not (gate == "sigmoid" or gate is torch.sigmoid):
+    if not _is_sigmoid_gate(gate):
         return None
     acc = accumulate_dtype(x)
     if weight.dtype != acc or (bias is not None and bias.dtype != acc):
@@ -181,7 +181,7 @@ def _fused_sam_args(
 def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:
     """A sigmoid gate and a ``BatchNorm2d(1)`` using batch statistics that the fused op can run
     (CPU C++ or CUDA Triton), with parameters in the accumulation dtype."""
-    if not (gate == "sigmoid" or gate is torch.sigmoid) or norm is None:
+    if not _is_sigmoid_gate(gate) or norm is None:
         return False
     acc = accumulate_dtype(x)
     if weight.dtype != acc or (bias is not None and bias.dtype != acc):
@@ -420,7 +420,8 @@ def _is_relu(activation) -> bool:
 
 
 def _is_sigmoid_gate(gate: GateLike) -> bool:
-    """The channel gate is a sigmoid (what the fused MLP kernels apply)."""
+    """The gate is a sigmoid: the name in any case (as :func:`get_gate` resolves it) or
+    ``torch.sigmoid`` (what the fused kernels apply, spatial and channel gates alike)."""
     return (isinstance(gate, str) and gate.lower() == "sigmoid") or gate is torch.sigmoid
 
 

@@ -1,11 +1,14 @@
 """The functional layer: semantics, gradients (incl. ties), errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spatialattn import functional as SF
+from spatialattn import ops
 
 
 def test_channel_pool_orders_and_aliases():
@@ -139,3 +142,33 @@ def test_position_attention_rows(mode):
     if mode == "embedded_gaussian":
         torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6))
     torch.testing.assert_close(out, torch.einsum("nlm,nem->nel", attn, v))
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "Sigmoid", "SIGMOID", torch.sigmoid])
+@pytest.mark.parametrize("norm", [None, "bn-train", "bn-eval"])
+def test_sigmoid_gate_in_any_case_takes_the_fused_op(gate, norm):
+    # get_gate resolves a gate name in any case; the fused SAM (plain, eval-mode BatchNorm as
+    # an affine map, training-mode BatchNorm) takes every spelling of the sigmoid as the
+    # channel gate's fused MLP does, with the numbers of the lower-case name.
+    from tests.ops._autograd_graph import node_names
+
+    if ops.backend(torch.randn(1, 1, 1, 1)) != "cpp":
+        pytest.skip("no fused CPU backend")
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 8, 9, 9, generator=g)
+    w = torch.randn(1, 2, 7, 7, generator=g)
+    bn = None
+    if norm is not None:
+        bn = torch.nn.BatchNorm2d(1)
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+        bn.train(norm == "bn-train")
+    runs = []
+    for gt in (gate, "sigmoid"):
+        x = x0.clone().requires_grad_()
+        y = SF.spatial_attention(x, w, gate=gt, norm=copy.deepcopy(bn) if bn is not None else None)
+        names = node_names(y)
+        assert {"CppSamBackward", "CppSamBatchNormBackward"} & names, names
+        runs.append((y, torch.autograd.grad(y.sum(), x)[0]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
