@@ -2000,8 +2000,10 @@ std::vector<Tensor> gate_backward(const Tensor& grad, const Tensor& x, const Ten
 // and runs pool -> gate -> multiply (forward) or reduce -> small-map backward ->
 // gradient (backward) on one image at a time, so the second read of the image comes
 // from the cache (L2 / L3) instead of memory. The images left over (N mod threads, or
-// all of them when N < threads) go through the same steps one phase at a time, each
-// phase parallel over the pixels or channels of those images.
+// all of them when N < threads) share the threads: forward in one region by row shares
+// (sam_forward_shared); backward in units of rows (sam_backward_shared) where their x and
+// gradient exceed the LLC, else one phase at a time, each phase parallel over the pixels
+// or channels of those images.
 inline int64_t whole_images(int64_t N) {
   const int64_t t = std::max<int64_t>(1, at::get_num_threads());
   return N >= t ? N - N % t : 0;
