@@ -2523,6 +2523,19 @@ SamGrads sam_grads(const Tensor& grad_y, const optional<Tensor>& grad_attn, cons
   return r;
 }
 
+// run(gc, m, f) with std::true_type / std::false_type for: the upstream gradient is one
+// broadcast value, a max slot, a mean slot (at least one of the two slots)
+template <typename R>
+inline void with_backward_flags(bool gc, bool has_max, bool has_mean, R&& run) {
+  using Y = std::true_type;
+  using No = std::false_type;
+  if (gc) {
+    if (has_max && has_mean) run(Y{}, Y{}, Y{}); else if (has_max) run(Y{}, Y{}, No{}); else run(Y{}, No{}, Y{});
+  } else {
+    if (has_max && has_mean) run(No{}, Y{}, Y{}); else if (has_max) run(No{}, Y{}, No{}); else run(No{}, No{}, Y{});
+  }
+}
+
 // returns (grad_x, grad_scale, grad_weight, grad_bias, grad_norm_scale, grad_norm_shift);
 // undefined where not wanted.
 std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& grad_attn,
@@ -2575,14 +2588,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
                 pp + n * PHW, mx ? mx + n * PHW : nullptr, lp + n * HW, ap + n * HW, ge ? ge + n * HW : nullptr,
                 gxp + n * CHW, gsp ? gsp + n * g.C : nullptr, par.data() + n * NP, stream, sc);
           };
-          using Y = std::true_type;
-          using No = std::false_type;
-          const bool M = mx != nullptr, F = imean >= 0;
-          if (gc) {
-            if (M && F) run(Y{}, Y{}, Y{}); else if (M) run(Y{}, Y{}, No{}); else run(Y{}, No{}, Y{});
-          } else {
-            if (M && F) run(No{}, Y{}, Y{}); else if (M) run(No{}, Y{}, No{}); else run(No{}, No{}, Y{});
-          }
+          with_backward_flags(gc, mx != nullptr, imean >= 0, run);
         }
       });
     }
@@ -2592,14 +2598,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
         sam_backward_shared<T, X, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
             xp, sp, gyp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, pp, lp, ap, ge, gxp, gsp, par.data(), stream);
       };
-      using Y = std::true_type;
-      using No = std::false_type;
-      const bool M = mx != nullptr, F = imean >= 0;
-      if (gc) {
-        if (M && F) run(Y{}, Y{}, Y{}); else if (M) run(Y{}, Y{}, No{}); else run(Y{}, No{}, Y{});
-      } else {
-        if (M && F) run(No{}, Y{}, Y{}); else if (M) run(No{}, Y{}, No{}); else run(No{}, No{}, Y{});
-      }
+      with_backward_flags(gc, mx != nullptr, imean >= 0, run);
     } else if (Nf < g.N) {
       // the remaining images, one phase at a time (their second reads come from the LLC)
       const int64_t Nr = g.N - Nf;
