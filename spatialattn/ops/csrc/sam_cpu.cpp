@@ -1398,14 +1398,23 @@ Pad make_pad(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dil) {
   return g;
 }
 
+// padded rows [hp0, hp1) of every slot of pad [P, Hp, Wp] <- maps [P, H*W] (P maps of one
+// image; zeros outside the image)
+template <typename T>
+void pad_rows(const T* maps, int64_t P, const Pad& g, T* pad, int64_t hp0, int64_t hp1) {
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t hp = hp0; hp < hp1; ++hp) {
+      T* row = pad + (p * g.Hp + hp) * g.Wp;
+      std::fill(row, row + g.Wp, T(0));
+      const int64_t h = hp - g.ph;
+      if (h >= 0 && h < g.H) std::copy(maps + (p * g.H + h) * g.W, maps + (p * g.H + h + 1) * g.W, row + g.pw);
+    }
+}
+
 // pad [P, Hp, Wp] <- maps [P, H*W] (P maps of one image)
 template <typename T>
 void pad_maps(const T* maps, int64_t P, const Pad& g, T* pad) {
-  std::fill(pad, pad + P * g.Hp * g.Wp, T(0));
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t h = 0; h < g.H; ++h)
-      std::copy(maps + (p * g.H + h) * g.W, maps + (p * g.H + h + 1) * g.W,
-                pad + (p * g.Hp + h + g.ph) * g.Wp + g.pw);
+  pad_rows<T>(maps, P, g, pad, 0, g.Hp);
 }
 
 // Correlation of the padded maps with w [P, KH, KW] (flipped taps if `flip`), output
@@ -2061,6 +2070,16 @@ void gate_images(const Gate<T>& q, const T* pooled, int64_t n0, int64_t n1, T* l
 // (the weight slots, then the three), so the result does not depend on the thread count.
 constexpr int64_t kBwdRows = 8;
 
+// out[k * width + j] += shares[(k * nb + b) * width + j] for b = 0 .. nb - 1 in that order
+// (k < n: n images of nb bands / units each), so the sums do not depend on which thread made
+// which share
+template <typename V>
+void add_in_unit_order(const V* shares, int64_t n, int64_t nb, int64_t width, V* out) {
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = 0; j < width; ++j) out[k * width + j] += shares[(k * nb + b) * width + j];
+}
+
 template <typename T, typename D>
 void small_maps_backward(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, int64_t n,
                          const T* cnt, int64_t C, D&& dlogits, double* par, T* dmax, T* dmean) {
@@ -2084,9 +2103,7 @@ void small_maps_backward(const Gate<T>& q, const std::vector<int64_t>& kinds, co
                       dmax ? dmax + k * HW : nullptr, dmean ? dmean + k * HW : nullptr);
     }
   });
-  for (int64_t k = 0; k < n; ++k)
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = 0; j < NP; ++j) par[k * NP + j] += bpar[(k * nb + b) * NP + j];
+  add_in_unit_order(bpar.data(), n, nb, NP, par);
 }
 
 // sum over the N images of their shares par[n * stride + k], in image order (the result does
@@ -2300,7 +2317,8 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
 // reaches into another thread's units waits until every thread has passed a barrier (at most
 // ceil(lag / kBwdRows) units at each end of a run). Shares per unit: bias / norm / weight
 // gradients (double) and the channel-scale gradient (T), summed in unit order per image.
-// par: [N, P*KK + 3] image shares (images n0 .. n1 added to); gs: [N, C] (or null).
+// par: [N, P*KK + 3] image shares (images n0 .. n1 added to); gs: [N, C] zero-filled (images
+// n0 .. n1 added to), or null.
 // Taken only where the leftover images' x and upstream gradient exceed the LLC (above it the
 // phases read both twice from memory; below, their second read comes from the LLC, and the
 // units' shorter runs cost more than they save: measured 1.0-1.1x the phases' time at
@@ -2340,32 +2358,21 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
   if (kBandRows > 0) group = std::max<int64_t>(1, kBandRows / U);
   else if (budget > 0 && (nhwc || row_bytes * H > whole_image_bytes()))
     group = std::max<int64_t>(1, (budget / std::max<int64_t>(1, row_bytes) - lag) / U);
-  // unit u: image n0 + u / nb, rows [h0, h1); first / last unit whose d logits its pass B needs
-  auto rows_of = [&](int64_t u, int64_t& k, int64_t& h0, int64_t& h1) {
-    k = u / nb;
-    h0 = (u % nb) * U;
-    h1 = std::min(H, h0 + U);
-  };
-  auto first_needed = [&](int64_t u) { return u - u % nb + std::max<int64_t>(0, (u % nb) * U - lag) / U; };
-  auto last_needed = [&](int64_t u) {
-    return u - u % nb + std::min(H - 1, std::min(H, (u % nb) * U + U) - 1 + lag) / U;
-  };
+  // unit u: image n0 + u / nb, rows [row0(u), row1(u)); first / last unit whose d logits its
+  // pass B needs
+  auto row0 = [&](int64_t u) { return (u % nb) * U; };
+  auto row1 = [&](int64_t u) { return std::min(H, row0(u) + U); };
+  auto first_needed = [&](int64_t u) { return u - u % nb + std::max<int64_t>(0, row0(u) - lag) / U; };
+  auto last_needed = [&](int64_t u) { return u - u % nb + std::min(H - 1, row1(u) - 1 + lag) / U; };
   const int64_t nt = shared_threads(Nr * CHW * int64_t(sizeof(X)), NU);
   in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
     // padded pooled maps and zeroed d-logit maps, rows split between the threads
     {
       const int64_t items = Nr * q.g.Hp, i0 = items * t / nth, i1 = items * (t + 1) / nth;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t k = i / q.g.Hp, hp = i % q.g.Hp, h = hp - q.g.ph;
+        const int64_t k = i / q.g.Hp, hp = i % q.g.Hp;
         std::fill(dlpads.get() + k * dlsz + hp * q.g.Wp, dlpads.get() + k * dlsz + (hp + 1) * q.g.Wp, T(0));
-        for (int64_t p = 0; p < P; ++p) {
-          T* row = pads.get() + k * padsz + (p * q.g.Hp + hp) * q.g.Wp;
-          std::fill(row, row + q.g.Wp, T(0));
-          if (h >= 0 && h < H) {
-            const T* src = pooled + (n0 + k) * PHW + p * HW + h * W;
-            std::copy(src, src + W, row + q.g.pw);
-          }
-        }
+        pad_rows<T>(pooled + (n0 + k) * PHW, P, q.g, pads.get() + k * padsz, hp, hp + 1);
       }
     }
     barrier();
@@ -2373,9 +2380,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
     std::vector<T> gp(nhwc ? C : std::min<int64_t>(HW, U * W));
     // pass A, d logits and weight shares of units [u0, u1) of one image
     auto pass_a = [&](int64_t u0, int64_t u1) {
-      int64_t k, h0, h1, e0, e1;
-      rows_of(u0, k, h0, e0);
-      rows_of(u1 - 1, k, e1, h1);
+      const int64_t k = u0 / nb, h0 = row0(u0), h1 = row1(u1 - 1);
       const X* xk = x + (n0 + k) * CHW;
       const T* sk = s ? s + (n0 + k) * C : nullptr;
       const X* gk = GC ? g : g + (n0 + k) * CHW;
@@ -2404,19 +2409,14 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
       if (gextra)
         for (int64_t p = h0 * W; p < h1 * W; ++p) dAk[p] += gextra[(n0 + k) * HW + p];
       for (int64_t u = u0; u < u1; ++u) {
-        int64_t kk, r0, r1;
-        rows_of(u, kk, r0, r1);
-        dlogits_rows<T>(q, dAk, attn + (n0 + k) * HW, logits + (n0 + k) * HW, r0, r1, dlpads.get() + k * dlsz,
-                        upar.data() + u * NP + P * KK);
-        dweight_rows<T>(q, pads.get() + k * padsz, dlpads.get() + k * dlsz, r0, r1, upar.data() + u * NP);
+        dlogits_rows<T>(q, dAk, attn + (n0 + k) * HW, logits + (n0 + k) * HW, row0(u), row1(u),
+                        dlpads.get() + k * dlsz, upar.data() + u * NP + P * KK);
+        dweight_rows<T>(q, pads.get() + k * padsz, dlpads.get() + k * dlsz, row0(u), row1(u), upar.data() + u * NP);
       }
     };
     // dmax / dmean and pass B of units [u0, u1) of one image
     auto pass_b = [&](int64_t u0, int64_t u1) {
-      int64_t k, h0, h1, e0, e1;
-      rows_of(u0, k, h0, e0);
-      rows_of(u1 - 1, k, e1, h1);
-      const int64_t n = n0 + k;
+      const int64_t k = u0 / nb, n = n0 + k, h0 = row0(u0), h1 = row1(u1 - 1);
       const X* xk = x + n * CHW;
       const T* sk = s ? s + n * C : nullptr;
       const X* gk = GC ? nullptr : g + n * CHW;
@@ -2431,7 +2431,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
         auto sweep = [&](auto s_t) {
           for (int64_t c = 0; c < C; ++c)
             for (int64_t u = u0; u < u1; ++u) {
-              const int64_t r0 = (u % nb) * U, a0 = r0 * W, len = (std::min(H, r0 + U) - r0) * W;
+              const int64_t a0 = row0(u) * W, len = (row1(u) - row0(u)) * W;
               const T sum = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value>(
                   xk + c * HW + a0, GC ? nullptr : gk + c * HW + a0, gv, sk ? sk[c] : T(1), ak + a0,
                   M ? mk + a0 : nullptr, M ? fm + a0 : nullptr, F ? fa + a0 : nullptr, len, gxk + c * HW + a0,
@@ -2442,7 +2442,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
         if (gs) sweep(std::true_type{}); else sweep(std::false_type{});
       } else {
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t r0 = (u % nb) * U, a0 = r0 * W, a1 = std::min(H, r0 + U) * W;
+          const int64_t a0 = row0(u) * W, a1 = row1(u) * W;
           auto sweep = [&](auto x_t) {
             for (int64_t p = a0; p < a1; ++p)
               gradx_pixel<T, X, true, GC, M, F, decltype(x_t)::value>(
@@ -2482,16 +2482,8 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
     stream_fence(stream);
   });
   // image shares in unit order
-  for (int64_t k = 0; k < Nr; ++k) {
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = 0; j < NP; ++j) par[(n0 + k) * NP + j] += upar[(k * nb + b) * NP + j];
-    if (gs) {
-      T* o = gs + (n0 + k) * C;
-      std::fill(o, o + C, T(0));
-      for (int64_t b = 0; b < nb; ++b)
-        for (int64_t c = 0; c < C; ++c) o[c] += ugs[(k * nb + b) * C + c];
-    }
-  }
+  add_in_unit_order(upar.data(), Nr, nb, NP, par + n0 * NP);
+  if (gs) add_in_unit_order(ugs.data(), Nr, nb, C, gs + n0 * C);
 }
 
 // Outputs and inputs shared by the two SAM backwards: the upstream gradient in the layout of
