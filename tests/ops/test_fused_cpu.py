@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -714,6 +715,65 @@ def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
         m.set_shared_bytes(-1)
         m.set_shared_backward_bytes(-1)
         m.set_band_rows(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
+    # NCHW backward, whole images per thread (AVX-512 builds): pass A, which compares every x'
+    # with the max for the tie count, stores the comparison as one bit per element, and pass B
+    # takes the max channels from the bits instead of reading x (not with the channel-scale
+    # gradient, which reads x). Pass A's pixel ranges then start at multiples of the vector
+    # width, so with rows of W pixels (W not a multiple of it) a band's end falls mid-vector.
+    # Against pass B's own compare (set_max_bits(False)): the same bits of every output, for
+    # whole images and bands of 1, 2 and 5 rows, 1 and 2 threads, channel counts with 1-3
+    # channels past the last four (bits stored one by one), an image smaller than a vector
+    # (scalar rows), a repeated max slot, ties and NaN, dense and broadcast gradients, with and
+    # without the returned attention's gradient. And the reference's numbers.
+    m = cpp_module
+    if not m.has_max_bits():
+        pytest.skip("this build has no max bits (no AVX-512): pass B compares")
+    old = torch.get_num_threads()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [((2, 6, 9, 7), ("max", "mean")), ((3, 13, 11, 21), ("mean", "max")), ((2, 8, 3, 4), ("max",)),
+             ((2, 7, 17, 37), ("max", "mean", "max"))]
+    try:
+        for (shape, order), nan in itertools.product(cases, (False, True)):
+            g = torch.Generator().manual_seed(shape[1])
+            x = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: many tied maxima
+            if nan:
+                x[0, 1, 1, 2] = float("nan")
+            w = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
+            b = torch.randn(1, generator=g).to(acc)
+            kinds = [lib.KIND[k] for k in order]
+            y, attn, logits, pooled = m.sam_forward(x, w, b, None, None, None, kinds, 1, None)
+            gy = torch.randn(shape, generator=g).to(dtype)
+            ga = torch.randn(shape[0], 1, shape[2], shape[3], generator=g).to(acc)
+            for grad, gextra in ((gy, None), (gy, ga), (torch.full((), 0.5, dtype=dtype).expand(shape), None)):
+                runs = []
+                for threads, band in [(1, 0), (2, 0), (1, 1), (2, 2), (2, 5)]:
+                    torch.set_num_threads(threads)
+                    m.set_band_rows(band)
+                    for bits in (True, False):
+                        m.set_max_bits(bits)
+                        runs.append(m.sam_backward(grad, gextra, x, None, w, None, attn, logits, pooled, kinds, 1,
+                                                   False, True, True, False))
+                for i in range(0, len(runs), 2):
+                    for a, r in zip(runs[i], runs[i + 1]):
+                        if r is not None:
+                            _same(a, r)
+                if dtype != torch.float64 or nan:
+                    continue
+                xr = x.clone().requires_grad_()
+                wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+                y_ref, a_ref = ref_sam(xr, wr, br, order, 1, None)
+                loss = (y_ref * grad).sum() + (0 if gextra is None else (a_ref * gextra).sum())
+                want = torch.autograd.grad(loss, (xr, wr, br))
+                for got, ref in zip(runs[0][:1] + runs[0][2:4], want):
+                    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(old)
+        m.set_band_rows(0)
+        m.set_max_bits(True)
 
 
 @contextlib.contextmanager

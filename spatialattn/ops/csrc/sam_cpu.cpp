@@ -96,6 +96,92 @@ inline int64_t vector_sweeps(int64_t len, F&& sweep) {
   return i;
 }
 
+// Max-channel bits (NCHW backward, AVX-512 builds): pass A, which compares every x' with
+// the max for the tie count anyway, also stores the comparison as one bit per element (bit
+// q of channel c's row: pixel q, relative to the first pixel the rows start at); pass B
+// takes the max channels from the bits instead of reading x and comparing again. The bits
+// are 1/32 of x (float32). Without AVX-512, pass B keeps the compare.
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+constexpr bool kMaxBits = true;
+#else
+constexpr bool kMaxBits = false;
+#endif
+bool kUseMaxBits = true;  // off: pass B compares x with the max (tests: set_max_bits)
+
+// bytes of one channel row of max bits for `len` pixels (room for get_bits' 4-byte reads)
+inline int64_t max_bits_stride(int64_t len) { return (len + 7) / 8 + 8; }
+
+// the lanes of m as bits (lane l -> bit l)
+template <typename T>
+inline uint32_t lane_bits(lane_mask_t<T> m) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  __m512i i;
+  std::memcpy(&i, &m, sizeof(i));
+  if constexpr (sizeof(T) == 4) return _mm512_movepi32_mask(i);
+  else return _mm512_movepi64_mask(i);
+#else
+  uint32_t b = 0;
+  for (int64_t l = 0; l < lanes<T>(); ++l) b |= uint32_t(m[l] != 0) << l;
+  return b;
+#endif
+}
+
+// v in the lanes whose bit is set, +0 elsewhere
+template <typename T>
+inline vec_t<T> where_bits(uint32_t b, vec_t<T> v) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (sizeof(T) == 4) {
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    f = _mm512_maskz_mov_ps(__mmask16(b), f);
+    std::memcpy(&v, &f, sizeof(v));
+  } else {
+    __m512d f;
+    std::memcpy(&f, &v, sizeof(f));
+    f = _mm512_maskz_mov_pd(__mmask8(b), f);
+    std::memcpy(&v, &f, sizeof(v));
+  }
+  return v;
+#else
+  for (int64_t l = 0; l < lanes<T>(); ++l) v[l] = (b >> l) & 1u ? v[l] : T(0);
+  return v;
+#endif
+}
+
+// the L bits of pixels [q, q + L) of a row of max bits
+template <typename T>
+inline uint32_t get_bits(const uint8_t* row, int64_t q) {
+  uint32_t w;
+  std::memcpy(&w, row + (q >> 3), sizeof(w));
+  return (w >> (q & 7)) & ((uint32_t(1) << lanes<T>()) - 1);
+}
+
+// store the L bits of pixels [q, q + L); q a multiple of L: one plain store
+template <typename T>
+inline void put_bits(uint8_t* row, int64_t q, uint32_t b) {
+  constexpr int64_t L = lanes<T>();
+  if ((q & (L - 1)) == 0) {
+    if constexpr (L == 16) {
+      const uint16_t h = uint16_t(b);
+      std::memcpy(row + (q >> 3), &h, sizeof(h));
+    } else {
+      row[q >> 3] = uint8_t(b);
+    }
+    return;
+  }
+  uint32_t w;
+  std::memcpy(&w, row + (q >> 3), sizeof(w));
+  const uint32_t keep = ~(((uint32_t(1) << L) - 1) << (q & 7));
+  w = (w & keep) | (b << (q & 7));
+  std::memcpy(row + (q >> 3), &w, sizeof(w));
+}
+
+inline void put_bit(uint8_t* row, int64_t q, bool b) {
+  const uint8_t m = uint8_t(1u << (q & 7));
+  row[q >> 3] = b ? uint8_t(row[q >> 3] | m) : uint8_t(row[q >> 3] & ~m);
+}
+inline bool get_bit(const uint8_t* row, int64_t q) { return (row[q >> 3] >> (q & 7)) & 1u; }
+
 // Storage and compute types. float16 / bfloat16 tensors are read and written in their own
 // format and all arithmetic runs in float32: X (storage) is the element type of the
 // full-size tensors (x, the upstream gradient, y, grad_x), T = acc_t<X> (compute) that of
@@ -642,9 +728,10 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
 // mx has batch stride mbs. gc: g is one value broadcast to every element (e.g. the
 // gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
 // keep the compiler from vectorising the loop.
+// mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
 template <typename T, typename X, bool G, bool GC, bool M>
 void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
-                  T* ap, T* cp) {
+                  T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -675,9 +762,16 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
       }
       if (M) {
         const V m = vload(mp + k), n0 = vload(cp + k);
-        const V n1 = n0 + (v0 == m ? one : zero) + (v1 == m ? one : zero) + (v2 == m ? one : zero) +
-                     (v3 == m ? one : zero);
+        const auto e0 = v0 == m, e1 = v1 == m, e2 = v2 == m, e3 = v3 == m;
+        const V n1 = n0 + (e0 ? one : zero) + (e1 ? one : zero) + (e2 ? one : zero) + (e3 ? one : zero);
         vstore(cp + k, kept(tail_t, keep, n1, n0));
+        if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
+          uint8_t* b0 = mb + c * mbs;
+          put_bits<T>(b0, q0 + k, lane_bits<T>(e0));
+          put_bits<T>(b0 + mbs, q0 + k, lane_bits<T>(e1));
+          put_bits<T>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
+          put_bits<T>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+        }
       }
     });
     for (; i < len; ++i) {
@@ -685,9 +779,17 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
       if (G)
         ap[i] = GC ? ap[i] + gv * v0 + gv * v1 + gv * v2 + gv * v3
                    : ap[i] + T(g0[i]) * v0 + T(g0[HW + i]) * v1 + T(g0[2 * HW + i]) * v2 + T(g0[3 * HW + i]) * v3;
-      if (M)
+      if (M) {
         cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0)) + (v2 == mp[i] ? T(1) : T(0)) +
                 (v3 == mp[i] ? T(1) : T(0));
+        if (mb) {
+          uint8_t* b0 = mb + c * mbs;
+          put_bit(b0, q0 + i, v0 == mp[i]);
+          put_bit(b0 + mbs, q0 + i, v1 == mp[i]);
+          put_bit(b0 + 2 * mbs, q0 + i, v2 == mp[i]);
+          put_bit(b0 + 3 * mbs, q0 + i, v3 == mp[i]);
+        }
+      }
     }
   }
   for (; c < C; ++c) {
@@ -697,7 +799,10 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     for (int64_t i = 0; i < len; ++i) {
       const T v0 = T(x0[i]) * s0;
       if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;
-      if (M) cp[i] += v0 == mp[i] ? T(1) : T(0);
+      if (M) {
+        cp[i] += v0 == mp[i] ? T(1) : T(0);
+        if (mb) put_bit(mb + c * mbs, q0 + i, v0 == mp[i]);
+      }
     }
   }
 }
@@ -807,10 +912,12 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 
 // NCHW: `len` pixels of one channel row (scale sc); returns sum gx' * x if S, else 0 (the
 // sum is skipped: measured ~6 % off the 1x1024x13x13 backward, within noise on the large
-// maps, which wait on memory); buf: len scratch
-template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S>
+// maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
+// the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false>
 inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
-                       int64_t len, X* gx, bool stream, T* gp) {
+                       int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
+  static_assert(!(MB && S), "the channel-scale gradient reads x");
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   V acc = {};
@@ -818,7 +925,8 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   auto step = [&](int64_t k) {
     V v = {};
     if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
-    if (M) v += (vld(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
+    if constexpr (M && MB) v += where_bits<T>(get_bits<T>(mb, q0 + k), vload(fm + k));
+    else if (M) v += (vld(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
     if (F) v += vload(fa + k);
     if (stream || !gx) {
       vstore(gp + k, v);
@@ -843,7 +951,7 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   for (; i < len; ++i) {
     T v = 0;
     if (G) v = (GC ? gv : T(gr[i])) * an[i];
-    if (M) v += (T(xr[i]) * sc == mn[i]) ? fm[i] : T(0);
+    if (M) v += (MB ? get_bit(mb, q0 + i) : T(xr[i]) * sc == mn[i]) ? fm[i] : T(0);
     if (F) v += fa[i];
     if (S) t += v * T(xr[i]);
     gp[i] = v;
@@ -1642,6 +1750,7 @@ struct Scratch {
   std::vector<T> dA, cnt, ix, dmax, dmean;  // [HW] maps of the image (backward; ix: max channel)
   std::vector<T> gs, row;                 // grad of the channel scale [C]; one row of gx'
   std::vector<T> spare;                   // forward: output of an absent max / mean slot
+  std::vector<uint8_t> bits;              // max bits of the image's channel rows (NCHW backward)
 };
 
 // y rows [h0, h1) = x' * attn (one image)
@@ -1732,13 +1841,25 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
   std::vector<double> gw(q.P * KK, 0.0);
   double small3[3] = {0, 0, 0};
   if (gs) sc.gs.assign(C, T(0));
-  int64_t done = 0;
+  // NCHW: pass A records the max channels as bits, and pass B reads them instead of x
+  // (not with the channel-scale gradient, which reads x anyway). Pass A's pixel ranges
+  // then start at multiples of L, so that its bit stores are whole words.
+  const bool bits = kMaxBits && kUseMaxBits && M && !nhwc && !gs;
+  const int64_t mbs = bits ? max_bits_stride(HW) : 0;
+  if (bits) sc.bits.resize(C * mbs);
+  uint8_t* mb = bits ? sc.bits.data() : nullptr;
+  constexpr int64_t L = lanes<T>();
+  int64_t done = 0, reduced = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
-    const int64_t r1 = std::min(H, r0 + R), p0 = r0 * W, len = (r1 - r0) * W;
-    // pass A on the band
+    const int64_t r1 = std::min(H, r0 + R);
+    // pass A on the band: rows [r0, r1); NCHW pixels [reduced, the next multiple of L)
+    const int64_t p0 = nhwc ? r0 * W : reduced;
+    const int64_t len = (nhwc || r1 == H ? r1 * W : std::min(HW, (r1 * W + L - 1) / L * L)) - p0;
+    reduced = p0 + len;
     if (!nhwc) {
-      reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len, dA + p0,
-                                   cnt + p0);
+      if (len > 0)
+        reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len,
+                                     dA + p0, cnt + p0, mb, mbs, p0);
     } else {
       for (int64_t p = p0; p < p0 + len; ++p) {
         T i;
@@ -1761,16 +1882,18 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     // pass B on rows [done, d1)
     const int64_t a0 = done * W, alen = (d1 - done) * W;
     if (!nhwc) {
-      auto pass_b = [&](auto s_t) {
+      auto pass_b = [&](auto s_t, auto b_t) {
         for (int64_t c = 0; c < C; ++c) {
-          const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value>(
+          const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(
               x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0,
               M ? mx + a0 : nullptr, M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0,
-              stream, sc.row.data());
+              stream, sc.row.data(), mb ? mb + c * mbs : nullptr, a0);
           if (gs) sc.gs[c] += t;
         }
       };
-      if (gs) pass_b(std::true_type{}); else pass_b(std::false_type{});
+      if (gs) pass_b(std::true_type{}, std::false_type{});
+      else if (bits) pass_b(std::false_type{}, std::true_type{});
+      else pass_b(std::false_type{}, std::false_type{});
     } else {
       // the max channel from the index map where no pixel of the rows has tied maxima
       // and the channel-scale gradient (which needs x) is not wanted
@@ -3403,6 +3526,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_gp_tile_bytes", [](int64_t b) { kGpTileBytes = b < 0 ? kGpTileDefault : b; });
   m.def("set_shared_backward_bytes", [](int64_t b) { kSharedBwdBytes = b; });
   m.def("set_shared_bytes", [](int64_t b) { kSharedBytes = b < 0 ? kSharedDefault : b; });
+  m.def("set_max_bits", [](bool on) { kUseMaxBits = on; });
+  m.def("has_max_bits", []() { return kMaxBits; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
