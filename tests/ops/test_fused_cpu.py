@@ -719,23 +719,29 @@ def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
-    # NCHW backward, whole images per thread (AVX-512 builds): pass A, which compares every x'
-    # with the max for the tie count, stores the comparison as one bit per element, and pass B
-    # takes the max channels from the bits instead of reading x (not with the channel-scale
-    # gradient, which reads x). Pass A's pixel ranges then start at multiples of the vector
-    # width, so with rows of W pixels (W not a multiple of it) a band's end falls mid-vector.
-    # Against pass B's own compare (set_max_bits(False)): the same bits of every output, for
-    # whole images and bands of 1, 2 and 5 rows, 1 and 2 threads, channel counts with 1-3
-    # channels past the last four (bits stored one by one), an image smaller than a vector
-    # (scalar rows), a repeated max slot, ties and NaN, dense and broadcast gradients, with and
-    # without the returned attention's gradient. And the reference's numbers.
+    # NCHW backward (AVX-512 builds): pass A, which compares every x' with the max for the tie
+    # count, stores the comparison as one bit per element, and pass B takes the max channels
+    # from the bits instead of reading x (not with the channel-scale gradient, which reads x).
+    # Whole images per thread: pass A's pixel ranges then start at multiples of the vector
+    # width, so with rows of W pixels (W not a multiple of it) a band's end falls mid-vector;
+    # the leftover images' phases (fewer images than threads) and the training-mode BatchNorm
+    # write the bits by pixel chunks of their threads (by default only for inputs of 2 MiB and
+    # more; here for any size). Against pass B's own compare
+    # (set_max_bits(False)): the same bits of every output, for whole images and bands of 1, 2
+    # and 5 rows, 1-3 threads, channel counts with 1-3 channels past the last four (bits stored
+    # one by one), an image smaller than a vector (scalar rows), a repeated max slot, ties and
+    # NaN, dense and broadcast gradients, with and without the returned attention's gradient.
+    # And the reference's numbers.
+    from spatialattn.nn import SpatialAttention
+
     m = cpp_module
     if not m.has_max_bits():
         pytest.skip("this build has no max bits (no AVX-512): pass B compares")
     old = torch.get_num_threads()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cases = [((2, 6, 9, 7), ("max", "mean")), ((3, 13, 11, 21), ("mean", "max")), ((2, 8, 3, 4), ("max",)),
-             ((2, 7, 17, 37), ("max", "mean", "max"))]
+             ((2, 7, 17, 37), ("max", "mean", "max")), ((1, 9, 10, 13), ("max", "mean"))]
+    m.set_max_bits_phase_bytes(0)
     try:
         for (shape, order), nan in itertools.product(cases, (False, True)):
             g = torch.Generator().manual_seed(shape[1])
@@ -750,7 +756,7 @@ def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
             ga = torch.randn(shape[0], 1, shape[2], shape[3], generator=g).to(acc)
             for grad, gextra in ((gy, None), (gy, ga), (torch.full((), 0.5, dtype=dtype).expand(shape), None)):
                 runs = []
-                for threads, band in [(1, 0), (2, 0), (1, 1), (2, 2), (2, 5)]:
+                for threads, band in [(1, 0), (2, 0), (1, 1), (2, 2), (2, 5), (3, 0)]:
                     torch.set_num_threads(threads)
                     m.set_band_rows(band)
                     for bits in (True, False):
@@ -770,10 +776,25 @@ def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
                 want = torch.autograd.grad(loss, (xr, wr, br))
                 for got, ref in zip(runs[0][:1] + runs[0][2:4], want):
                     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+            if dtype == torch.bfloat16 or len(order) != 2:
+                continue
+            m.set_band_rows(0)
+            mod = SpatialAttention(shape[1], norm="bn").train().to(dtype)
+            for threads in (1, 2, 3):  # the training BatchNorm: one phase at a time over the batch
+                torch.set_num_threads(threads)
+                bn_runs = []
+                for bits in (True, False):
+                    m.set_max_bits(bits)
+                    mb = copy.deepcopy(mod)
+                    xb = x.clone().requires_grad_()
+                    bn_runs.append(torch.autograd.grad(mb(xb), [xb] + list(mb.parameters()), gy))
+                for a, r in zip(*bn_runs):
+                    _same(a, r)
     finally:
         torch.set_num_threads(old)
         m.set_band_rows(0)
         m.set_max_bits(True)
+        m.set_max_bits_phase_bytes(-1)
 
 
 @contextlib.contextmanager

@@ -108,6 +108,19 @@ constexpr bool kMaxBits = false;
 #endif
 bool kUseMaxBits = true;  // off: pass B compares x with the max (tests: set_max_bits)
 
+// The phases over several images (k_reduce / k_gradx: the leftover images, the training-mode
+// BatchNorm) take the bits only where their x has at least this many bytes: below, x stays in
+// L2 between the passes and the bits cost more than the read they save (measured, 2 threads:
+// 1x1024x13x13 1.14x the time of the compare; 1x256x52x52 0.97-0.99x, 8x128x104x104 with
+// the BatchNorm 0.92x). Whole images per thread take them at any size.
+int64_t kMaxBitsPhaseBytes = 2 << 20;
+
+// NCHW pass B takes the max channels from bits: with a max slot, without the channel-scale
+// gradient; `bytes`: x's size (phases) or -1 (whole images per thread)
+inline bool max_bits_wanted(bool has_max, bool nhwc, bool need_gs, int64_t bytes = -1) {
+  return kMaxBits && kUseMaxBits && has_max && !nhwc && !need_gs && (bytes < 0 || bytes >= kMaxBitsPhaseBytes);
+}
+
 // bytes of one channel row of max bits for `len` pixels (room for get_bits' 4-byte reads)
 inline int64_t max_bits_stride(int64_t len) { return (len + 7) / 8 + 8; }
 
@@ -494,6 +507,19 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
   return std::max<int64_t>(1, std::min(chunk, HW));
 }
 
+// The max bits of k_reduce / k_gradx (N images of C channel rows, NCHW): by pixel chunk of
+// pixel_chunk(N, HW), each chunk's C rows of max_bits_stride(chunk) bytes together, so that the
+// threads' chunks write apart (rows [N, C] of whole images: two threads writing into every row
+// made 1x1024x13x13's backward 1.35x slower than the compare, from the lines they share).
+struct MaxBitsLayout {
+  int64_t chunk, nchunks, stride;
+  MaxBitsLayout(int64_t N, int64_t HW)
+      : chunk(pixel_chunk(N, HW)), nchunks((HW + chunk - 1) / chunk), stride(max_bits_stride(chunk)) {}
+  int64_t bytes(int64_t N, int64_t C) const { return N * nchunks * C * stride; }
+  // the row of channel c of chunk k of image n
+  int64_t row(int64_t n, int64_t k, int64_t c, int64_t C) const { return ((n * nchunks + k) * C + c) * stride; }
+};
+
 // ---------------------------------------------------------------- pooling
 // NCHW pooling: eight channels per sweep where the accumulators exceed this (see pool_chunk;
 // adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
@@ -853,9 +879,10 @@ inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t 
 
 template <typename T, typename X, bool G, bool GC, bool M>
 void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
-                   bool nhwc, T* ga, T* cnt, T* ix) {
+                   bool nhwc, T* ga, T* cnt, T* ix, uint8_t* bits) {
   const T gv = (G && GC) ? T(g[0]) : T(0);
   if (!nhwc) {
+    const MaxBitsLayout lay(N, HW);
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
@@ -865,7 +892,8 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
         const int64_t len = std::min(chunk, HW - p0);
         reduce_chunk<T, X, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
                                   (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
-                                  len, acc.data(), cn.data());
+                                  len, acc.data(), cn.data(), bits ? bits + lay.row(n, t % nchunks, 0, C) : nullptr,
+                                  lay.stride, 0);
         if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
         if (cnt) std::copy(cn.data(), cn.data() + len, cnt + n * HW + p0);
       }
@@ -890,12 +918,15 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
   }
 }
 
+// bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
+// MaxBitsLayout(N, HW) (for k_gradx)
 template <typename T, typename X>
 void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
-              int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr) {
+              int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr, uint8_t* bits = nullptr) {
   const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
   if (!G && !M) return;
-#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix)
+#define SA_REDUCE(g_, gc_, m_) \
+  k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix, nhwc ? nullptr : bits)
   if (G && gc) {
     if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);
   } else if (G) {
@@ -1026,22 +1057,31 @@ inline bool any_ties(const T* cnt, int64_t n) {
 template <typename T, typename X, bool G, bool GC, bool M, bool F>
 void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
                   const T* fmean, const T* ix, const T* cnt, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx,
-                  T* gs, bool stream) {
+                  T* gs, bool stream, const uint8_t* bits) {
   const T gv = (G && GC) ? T(g[0]) : T(0);
   const bool by_index = max_by_index(M, nhwc, gs != nullptr) && ix && cnt;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    const MaxBitsLayout lay(N, HW);
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW);
       for (int64_t r = b; r < e; ++r) {
         const int64_t n = r / C;
-        auto run = [&](auto s_t) {
-          return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value>(
-              x + r * HW, (G && !GC) ? g + r * HW : nullptr, gv, s ? s[r] : T(1), G ? a + n * HW : nullptr,
-              M ? mx + n * mbs : nullptr, M ? fmax + n * HW : nullptr, F ? fmean + n * HW : nullptr, HW,
-              gx ? gx + r * HW : nullptr, stream, buf.data());
+        auto run = [&](auto s_t, auto b_t, int64_t p0, int64_t len, const uint8_t* mb) {
+          return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(
+              x + r * HW + p0, (G && !GC) ? g + r * HW + p0 : nullptr, gv, s ? s[r] : T(1),
+              G ? a + n * HW + p0 : nullptr, M ? mx + n * mbs + p0 : nullptr, M ? fmax + n * HW + p0 : nullptr,
+              F ? fmean + n * HW + p0 : nullptr, len, gx ? gx + r * HW + p0 : nullptr, stream, buf.data(), mb, 0);
         };
-        if (gs) gs[r] = run(std::true_type{}); else run(std::false_type{});
+        if (gs) {
+          gs[r] = run(std::true_type{}, std::false_type{}, 0, HW, nullptr);
+        } else if (M && bits) {  // chunk by chunk, as k_reduce wrote the bits
+          for (int64_t k = 0; k < lay.nchunks; ++k)
+            run(std::false_type{}, std::true_type{}, k * lay.chunk, std::min(lay.chunk, HW - k * lay.chunk),
+                bits + lay.row(n, k, r - n * C, C));
+        } else {
+          run(std::false_type{}, std::false_type{}, 0, HW, nullptr);
+        }
       }
       stream_fence(stream);
     });
@@ -1083,13 +1123,16 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   }
 }
 
+// bits: k_reduce's max bits (NCHW, without gs; may be null): then x is not read
 template <typename T, typename X>
 void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
              const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
-             const T* ix = nullptr, const T* cnt = nullptr) {
+             const T* ix = nullptr, const T* cnt = nullptr, const uint8_t* bits = nullptr) {
   const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
-#define SA_GRADX(g_, gc_, m_, f_) \
-  k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream)
+  bits = nhwc || gs ? nullptr : bits;
+#define SA_GRADX(g_, gc_, m_, f_)                                                                            \
+  k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream, \
+                                      bits)
 #define SA_GRADX_MF(g_, gc_)                   \
   if (M && F) SA_GRADX(g_, gc_, true, true);   \
   else if (M) SA_GRADX(g_, gc_, true, false);  \
@@ -1844,7 +1887,7 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
   // NCHW: pass A records the max channels as bits, and pass B reads them instead of x
   // (not with the channel-scale gradient, which reads x anyway). Pass A's pixel ranges
   // then start at multiples of L, so that its bit stores are whole words.
-  const bool bits = kMaxBits && kUseMaxBits && M && !nhwc && !gs;
+  const bool bits = max_bits_wanted(M, nhwc, gs != nullptr);
   const int64_t mbs = bits ? max_bits_stride(HW) : 0;
   if (bits) sc.bits.resize(C * mbs);
   uint8_t* mb = bits ? sc.bits.data() : nullptr;
@@ -2720,10 +2763,13 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       const bool by_index = max_by_index(mx != nullptr, g.nhwc, gsp != nullptr);
       std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), ix(by_index ? Nr * HW : 0), dmax(mx ? Nr * HW : 0),
           dmean(imean >= 0 ? Nr * HW : 0);
+      std::vector<uint8_t> bits(max_bits_wanted(mx != nullptr, g.nhwc, gsp != nullptr, int64_t(sizeof(X)) * Nr * CHW)
+                                    ? MaxBitsLayout(Nr, HW).bytes(Nr, g.C) : 0);
       // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts and index of the max
+      // (channels_last) or the max bits (NCHW)
       k_reduce<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
                   mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                  by_index ? ix.data() : nullptr);
+                  by_index ? ix.data() : nullptr, bits.empty() ? nullptr : bits.data());
       if (ge)
         for (int64_t k = 0; k < Nr * HW; ++k) dA[k] += ge[Nf * HW + k];
       // small maps: sigmoid', norm, transposed conv, parameter grads
@@ -2737,7 +2783,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
                  mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                  Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream,
-                 by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr);
+                 by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bits.empty() ? nullptr : bits.data());
     }
     // parameter grads: image shares added in image order (independent of the thread count)
     auto total = [&](int64_t k) { return T(image_total(par, g.N, NP, k)); };
@@ -2880,8 +2926,10 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;
     const bool by_index = max_by_index(mx != nullptr, g.nhwc, gs.defined());
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
+    std::vector<uint8_t> bits(max_bits_wanted(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()))
+                                  ? MaxBitsLayout(g.N, HW).bytes(g.N, g.C) : 0);
     k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                by_index ? ix.data() : nullptr);
+                by_index ? ix.data() : nullptr, bits.empty() ? nullptr : bits.data());
     if (ge)
       for (int64_t k = 0; k < M; ++k) dA[k] += ge[k];
     // BatchNorm backward on the logits (batch statistics)
@@ -2923,7 +2971,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     }
     k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                   g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
-               by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr);
+               by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bits.empty() ? nullptr : bits.data());
   });
   return r.pack(g);
 }
@@ -3527,6 +3575,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_shared_backward_bytes", [](int64_t b) { kSharedBwdBytes = b; });
   m.def("set_shared_bytes", [](int64_t b) { kSharedBytes = b < 0 ? kSharedDefault : b; });
   m.def("set_max_bits", [](bool on) { kUseMaxBits = on; });
+  m.def("set_max_bits_phase_bytes", [](int64_t b) { kMaxBitsPhaseBytes = b < 0 ? (2 << 20) : b; });
   m.def("has_max_bits", []() { return kMaxBits; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
