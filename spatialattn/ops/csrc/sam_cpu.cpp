@@ -997,8 +997,8 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 // only where the tie count is 1) is the max channel (or < 0: none), patched after the
 // sweep, and x is not read at all: one input stream less (measured: the channels_last
 // backward 9-10 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
-// (sum gx' * x) needs x, so callers take X with it. NCHW keeps the compare: there the
-// index map's cost in pass A ate the gain (measured within noise).
+// (sum gx' * x) needs x, so callers take X with it. NCHW takes max bits instead (see
+// kMaxBits): there the index map's cost in pass A ate the gain (measured within noise).
 template <typename T, typename X, bool G, bool GC, bool M, bool F, bool XM>
 inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, T ix, T f, T fa, int64_t C, T* ps,
                         X* gx, bool stream, T* gp) {
