@@ -75,6 +75,60 @@ inline vec_t<T> lane_index() {
 template <typename T>
 using lane_mask_t = decltype(vec_t<T>{} >= vec_t<T>{});
 
+// Vector compares and selects. Where the target has no 64-byte vectors (the AVX2 build),
+// GCC 12 splits the vector extensions' arithmetic into 256-bit halves but lowers a compare
+// or a ?: on them to scalar code (a vucomiss / cmov per lane: that build's kernels were
+// 2.5-5x slower than the AVX-512 build's on the same CPU). These keep them vectors there:
+// compares per half through intrinsics, selects as bit operations. Elsewhere they are the
+// vector extensions' own operators. The comparisons are the ordered ones (false for NaN)
+// that ==, >, >=, < give; kNe is != (true for NaN).
+enum VCmp { kEq, kGt, kGe, kLt, kNe };
+template <VCmp OP, typename T>
+inline lane_mask_t<T> vcmp(vec_t<T> a, vec_t<T> b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  constexpr int imm = OP == kEq ? _CMP_EQ_OQ : OP == kGt ? _CMP_GT_OQ : OP == kGe ? _CMP_GE_OQ : OP == kLt ? _CMP_LT_OQ
+                                                                                                      : _CMP_NEQ_UQ;
+  lane_mask_t<T> m;
+  if constexpr (sizeof(T) == 4) {
+    __m256 x[2], y[2], r[2];
+    std::memcpy(x, &a, sizeof(x));
+    std::memcpy(y, &b, sizeof(y));
+    r[0] = _mm256_cmp_ps(x[0], y[0], imm);
+    r[1] = _mm256_cmp_ps(x[1], y[1], imm);
+    std::memcpy(&m, r, sizeof(m));
+  } else {
+    __m256d x[2], y[2], r[2];
+    std::memcpy(x, &a, sizeof(x));
+    std::memcpy(y, &b, sizeof(y));
+    r[0] = _mm256_cmp_pd(x[0], y[0], imm);
+    r[1] = _mm256_cmp_pd(x[1], y[1], imm);
+    std::memcpy(&m, r, sizeof(m));
+  }
+  return m;
+#else
+  if constexpr (OP == kEq) return a == b;
+  else if constexpr (OP == kGt) return a > b;
+  else if constexpr (OP == kGe) return a >= b;
+  else if constexpr (OP == kLt) return a < b;
+  else return a != b;
+#endif
+}
+// m ? a : b, lane by lane (m: all ones or all zeros per lane, as from vcmp)
+template <typename T>
+inline vec_t<T> vsel(lane_mask_t<T> m, vec_t<T> a, vec_t<T> b) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  lane_mask_t<T> x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  x = (x & m) | (y & ~m);
+  vec_t<T> r;
+  std::memcpy(&r, &x, sizeof(r));
+  return r;
+#else
+  return m ? a : b;
+#endif
+}
+
 // The vectors of a row of `len` elements that accumulates into per-element slots:
 // sweep(k, tail, keep) at k = 0, L, 2L, ... with tail = std::false_type, then, where len is
 // not a multiple of L (and at least L), once at the vector ending at len with tail =
@@ -90,7 +144,7 @@ inline int64_t vector_sweeps(int64_t len, F&& sweep) {
   for (; i + L <= len; i += L) sweep(i, std::false_type{}, lane_mask_t<T>{});
   if (i < len && len >= L) {
     const int64_t k = len - L;
-    sweep(k, std::true_type{}, lane_index<T>() >= T(i - k));
+    sweep(k, std::true_type{}, vcmp<kGe, T>(lane_index<T>(), vec_t<T>{} + T(i - k)));
     i = len;
   }
   return i;
@@ -265,7 +319,8 @@ inline u16x16_t bf16_bits_rne(vec_t<float> v) {
   u32x16_t b;
   std::memcpy(&b, &v, sizeof(b));
   u32x16_t r = (b + ((b >> 16) & 1u) + 0x7FFFu) >> 16;
-  r = (v != v) ? (u32x16_t{} + 0x7FC0u) : r;
+  const u32x16_t nan = u32x16_t(vcmp<kNe, float>(v, v));
+  r = (r & ~nan) | (nan & 0x7FC0u);
   h = __builtin_convertvector(r, u16x16_t);
 #endif
   return h;
@@ -356,6 +411,8 @@ inline T vmax(T m, T v) {
   // the channels are scanned again (see fix_nan_max).
   return v > m ? v : m;
 }
+inline vec_t<float> vmax(vec_t<float> m, vec_t<float> v) { return vsel<float>(vcmp<kGt, float>(v, m), v, m); }
+inline vec_t<double> vmax(vec_t<double> m, vec_t<double> v) { return vsel<double>(vcmp<kGt, double>(v, m), v, m); }
 
 // x' at one pixel: channel c at x[c * cstride] * s[c]; true if one is NaN.
 template <typename X, typename T>
@@ -554,8 +611,8 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     V m = m0, a = a0;
     steps(m, a);
     if constexpr (decltype(tail_t)::value) {
-      m = keep ? m : m0;
-      a = keep ? a : a0;
+      m = vsel<T>(keep, m, m0);
+      a = vsel<T>(keep, a, a0);
     }
     vstore(mp + k, m);
     vstore(sp + k, a);
@@ -770,7 +827,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
     // the tail through vector_sweeps: overlapped lanes keep their sums and counts
     auto kept = [](auto tail_t, auto keep, V updated, V old) {
-      if constexpr (decltype(tail_t)::value) return keep ? updated : old;
+      if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
       else return updated;
     };
     int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
@@ -788,8 +845,10 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
       }
       if (M) {
         const V m = vload(mp + k), n0 = vload(cp + k);
-        const auto e0 = v0 == m, e1 = v1 == m, e2 = v2 == m, e3 = v3 == m;
-        const V n1 = n0 + (e0 ? one : zero) + (e1 ? one : zero) + (e2 ? one : zero) + (e3 ? one : zero);
+        const auto e0 = vcmp<kEq, T>(v0, m), e1 = vcmp<kEq, T>(v1, m), e2 = vcmp<kEq, T>(v2, m),
+                   e3 = vcmp<kEq, T>(v3, m);
+        const V n1 = n0 + vsel<T>(e0, one, zero) + vsel<T>(e1, one, zero) + vsel<T>(e2, one, zero) +
+                     vsel<T>(e3, one, zero);
         vstore(cp + k, kept(tail_t, keep, n1, n0));
         if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
           uint8_t* b0 = mb + c * mbs;
@@ -849,8 +908,9 @@ inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t 
     if (s) v = v * vload(s + c);
     if (G) a[j] += (GC ? V{} + gv : vld(g + c)) * v;
     if (M) {
-      k[j] += v == m ? one : zero;
-      if (I) ix[j] = v == m ? lane + T(c) : ix[j];
+      const auto e = vcmp<kEq, T>(v, V{} + m);
+      k[j] += vsel<T>(e, one, zero);
+      if (I) ix[j] = vsel<T>(e, lane + T(c), ix[j]);
     }
   };
   int64_t c = 0;
@@ -957,7 +1017,7 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
     V v = {};
     if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
     if constexpr (M && MB) v += where_bits<T>(get_bits<T>(mb, q0 + k), vload(fm + k));
-    else if (M) v += (vld(xr + k) * sc == vload(mn + k)) ? vload(fm + k) : V{};
+    else if (M) v += vsel<T>(vcmp<kEq, T>(vld(xr + k) * sc, vload(mn + k)), vload(fm + k), V{});
     if (F) v += vload(fa + k);
     if (stream || !gx) {
       vstore(gp + k, v);
@@ -1011,7 +1071,7 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
     if (G) v = (GC ? gav : vld(gr + c) * av) + v;
     if (M && XM) {
       const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
-      v += xs == m ? V{} + f : V{};
+      v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
     }
     if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
     if (stream || !gx) {
@@ -1229,7 +1289,7 @@ struct GlobalPool {
       if (i < HW) {
         const V v1 = vld(row + HW - L);
         m1 = vmax(m1, v1);
-        a1 += lane_index<T>() >= T(i - (HW - L)) ? v1 : V{};
+        a1 += vsel<T>(vcmp<kGe, T>(lane_index<T>(), V{} + T(i - (HW - L))), v1, V{});
         i = HW;
       }
       m = hreduce<T, 64>(vmax(m0, m1), true);
@@ -1299,7 +1359,8 @@ struct GlobalPool {
 #pragma GCC unroll 8
             for (int i = 0; i < NB; ++i) {
               const V v = vld(r + i * L);
-              if (CNT) k[i] = v > mo[i] ? one : k[i] + (v == mo[i] ? one : zero);
+              if (CNT)
+                k[i] = vsel<T>(vcmp<kGt, T>(v, mo[i]), one, k[i] + vsel<T>(vcmp<kEq, T>(v, mo[i]), one, zero));
               mo[i] = vmax(mo[i], v);
               a[i] += v;
             }
@@ -1381,7 +1442,7 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
     for (; k + L <= n; k += L) {
       V f, fm, m;
       at(k, f, fm, m);
-      V v = has_max ? (vld(row + k) == m ? f + fm : f) : f;
+      V v = has_max ? vsel<T>(vcmp<kEq, T>(vld(row + k), m), f + fm, f) : f;
       if (acc) v = vld(out + k) + v;
       if constexpr (ST) vstore(buf + k, v); else vst(out + k, v);
     }
@@ -1422,7 +1483,7 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
         if (mx) {
           V k = {};
           int64_t i = 0;
-          for (; i + L <= HW; i += L) k += vld(row + i) == m ? one : zero;
+          for (; i + L <= HW; i += L) k += vsel<T>(vcmp<kEq, T>(vld(row + i), V{} + m), one, zero);
           T cnt = 0;
           for (int64_t l = 0; l < L; ++l) cnt += k[l];
           for (; i < HW; ++i) cnt += T(row[i]) == m ? T(1) : T(0);
@@ -1458,7 +1519,8 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
           for (int64_t p = p0; p < p1; ++p) {
             const X* row = x + (n * HW + p) * C;
             int64_t c = 0;
-            for (; c + L <= C; c += L) vstore(ct + c, vload(ct + c) + (vld(row + c) == vload(mn + c) ? one : zero));
+            for (; c + L <= C; c += L)
+              vstore(ct + c, vload(ct + c) + vsel<T>(vcmp<kEq, T>(vld(row + c), vload(mn + c)), one, zero));
             for (; c < C; ++c) ct[c] += T(row[c]) == mn[c] ? T(1) : T(0);
           }
         }
@@ -1511,8 +1573,8 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
 inline vec_t<float> vsigmoid(vec_t<float> z) {
   typedef int32_t ivec __attribute__((vector_size(64)));
   vec_t<float> x = -z;
-  x = x < -87.3f ? vec_t<float>{} - 87.3f : x;
-  x = x > 88.7f ? vec_t<float>{} + 88.7f : x;
+  x = vsel<float>(vcmp<kLt, float>(x, vec_t<float>{} - 87.3f), vec_t<float>{} - 87.3f, x);
+  x = vsel<float>(vcmp<kGt, float>(x, vec_t<float>{} + 88.7f), vec_t<float>{} + 88.7f, x);
   const vec_t<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   vec_t<float> r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
