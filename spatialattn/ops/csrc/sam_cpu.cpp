@@ -83,27 +83,29 @@ using lane_mask_t = decltype(vec_t<T>{} >= vec_t<T>{});
 // vector extensions' own operators. The comparisons are the ordered ones (false for NaN)
 // that ==, >, >=, < give; kNe is != (true for NaN).
 enum VCmp { kEq, kGt, kGe, kLt, kNe };
+#if defined(__AVX2__) && !defined(__AVX512F__)
+template <int IMM>
+inline __m256 cmp_half(__m256 a, __m256 b) {
+  return _mm256_cmp_ps(a, b, IMM);
+}
+template <int IMM>
+inline __m256d cmp_half(__m256d a, __m256d b) {
+  return _mm256_cmp_pd(a, b, IMM);
+}
+#endif
 template <VCmp OP, typename T>
 inline lane_mask_t<T> vcmp(vec_t<T> a, vec_t<T> b) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
   constexpr int imm = OP == kEq ? _CMP_EQ_OQ : OP == kGt ? _CMP_GT_OQ : OP == kGe ? _CMP_GE_OQ : OP == kLt ? _CMP_LT_OQ
                                                                                                       : _CMP_NEQ_UQ;
+  using H = std::conditional_t<sizeof(T) == 4, __m256, __m256d>;  // one 256-bit half
+  H x[2], y[2], r[2];
+  std::memcpy(x, &a, sizeof(x));
+  std::memcpy(y, &b, sizeof(y));
+  r[0] = cmp_half<imm>(x[0], y[0]);
+  r[1] = cmp_half<imm>(x[1], y[1]);
   lane_mask_t<T> m;
-  if constexpr (sizeof(T) == 4) {
-    __m256 x[2], y[2], r[2];
-    std::memcpy(x, &a, sizeof(x));
-    std::memcpy(y, &b, sizeof(y));
-    r[0] = _mm256_cmp_ps(x[0], y[0], imm);
-    r[1] = _mm256_cmp_ps(x[1], y[1], imm);
-    std::memcpy(&m, r, sizeof(m));
-  } else {
-    __m256d x[2], y[2], r[2];
-    std::memcpy(x, &a, sizeof(x));
-    std::memcpy(y, &b, sizeof(y));
-    r[0] = _mm256_cmp_pd(x[0], y[0], imm);
-    r[1] = _mm256_cmp_pd(x[1], y[1], imm);
-    std::memcpy(&m, r, sizeof(m));
-  }
+  std::memcpy(&m, r, sizeof(m));
   return m;
 #else
   if constexpr (OP == kEq) return a == b;
@@ -569,13 +571,20 @@ inline int64_t pixel_chunk(int64_t N, int64_t HW) {
 // threads' chunks write apart (rows [N, C] of whole images: two threads writing into every row
 // made 1x1024x13x13's backward 1.35x slower than the compare, from the lines they share).
 struct MaxBitsLayout {
-  int64_t chunk, nchunks, stride;
-  MaxBitsLayout(int64_t N, int64_t HW)
-      : chunk(pixel_chunk(N, HW)), nchunks((HW + chunk - 1) / chunk), stride(max_bits_stride(chunk)) {}
-  int64_t bytes(int64_t N, int64_t C) const { return N * nchunks * C * stride; }
+  int64_t N, C, chunk, nchunks, stride;
+  MaxBitsLayout(int64_t N_, int64_t C_, int64_t HW)
+      : N(N_), C(C_), chunk(pixel_chunk(N_, HW)), nchunks((HW + chunk - 1) / chunk), stride(max_bits_stride(chunk)) {}
+  int64_t bytes() const { return N * nchunks * C * stride; }
   // the row of channel c of chunk k of image n
-  int64_t row(int64_t n, int64_t k, int64_t c, int64_t C) const { return ((n * nchunks + k) * C + c) * stride; }
+  int64_t row(int64_t n, int64_t k, int64_t c) const { return ((n * nchunks + k) * C + c) * stride; }
 };
+
+// the max bits for the phases k_reduce / k_gradx over N images (see max_bits_wanted; x_bytes:
+// the size of their x), or an empty buffer where pass B compares
+inline std::vector<uint8_t> phase_max_bits(bool has_max, bool nhwc, bool need_gs, int64_t x_bytes, int64_t N,
+                                           int64_t C, int64_t HW) {
+  return std::vector<uint8_t>(max_bits_wanted(has_max, nhwc, need_gs, x_bytes) ? MaxBitsLayout(N, C, HW).bytes() : 0);
+}
 
 // ---------------------------------------------------------------- pooling
 // NCHW pooling: eight channels per sweep where the accumulators exceed this (see pool_chunk;
@@ -942,9 +951,8 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
                    bool nhwc, T* ga, T* cnt, T* ix, uint8_t* bits) {
   const T gv = (G && GC) ? T(g[0]) : T(0);
   if (!nhwc) {
-    const MaxBitsLayout lay(N, HW);
-    const int64_t chunk = pixel_chunk(N, HW);
-    const int64_t nchunks = (HW + chunk - 1) / chunk;
+    const MaxBitsLayout lay(N, C, HW);
+    const int64_t chunk = lay.chunk, nchunks = lay.nchunks;
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
       std::vector<T> acc(chunk), cn(chunk);
       for (int64_t t = b; t < e; ++t) {
@@ -952,7 +960,7 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
         const int64_t len = std::min(chunk, HW - p0);
         reduce_chunk<T, X, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
                                   (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
-                                  len, acc.data(), cn.data(), bits ? bits + lay.row(n, t % nchunks, 0, C) : nullptr,
+                                  len, acc.data(), cn.data(), bits ? bits + lay.row(n, t % nchunks, 0) : nullptr,
                                   lay.stride, 0);
         if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
         if (cnt) std::copy(cn.data(), cn.data() + len, cnt + n * HW + p0);
@@ -979,14 +987,13 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
 }
 
 // bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
-// MaxBitsLayout(N, HW) (for k_gradx)
+// MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them)
 template <typename T, typename X>
 void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
               int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr, uint8_t* bits = nullptr) {
   const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
   if (!G && !M) return;
-#define SA_REDUCE(g_, gc_, m_) \
-  k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix, nhwc ? nullptr : bits)
+#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix, bits)
   if (G && gc) {
     if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);
   } else if (G) {
@@ -1122,7 +1129,7 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   const bool by_index = max_by_index(M, nhwc, gs != nullptr) && ix && cnt;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
-    const MaxBitsLayout lay(N, HW);
+    const MaxBitsLayout lay(N, C, HW);
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW);
       for (int64_t r = b; r < e; ++r) {
@@ -1138,7 +1145,7 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
         } else if (M && bits) {  // chunk by chunk, as k_reduce wrote the bits
           for (int64_t k = 0; k < lay.nchunks; ++k)
             run(std::false_type{}, std::true_type{}, k * lay.chunk, std::min(lay.chunk, HW - k * lay.chunk),
-                bits + lay.row(n, k, r - n * C, C));
+                bits + lay.row(n, k, r - n * C));
         } else {
           run(std::false_type{}, std::false_type{}, 0, HW, nullptr);
         }
@@ -1183,13 +1190,13 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   }
 }
 
-// bits: k_reduce's max bits (NCHW, without gs; may be null): then x is not read
+// bits: k_reduce's max bits (NCHW; may be null): then x is not read for the max mask (not
+// with gs, whose sum reads x)
 template <typename T, typename X>
 void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
              const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
              const T* ix = nullptr, const T* cnt = nullptr, const uint8_t* bits = nullptr) {
   const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
-  bits = nhwc || gs ? nullptr : bits;
 #define SA_GRADX(g_, gc_, m_, f_)                                                                            \
   k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream, \
                                       bits)
@@ -2825,13 +2832,14 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       const bool by_index = max_by_index(mx != nullptr, g.nhwc, gsp != nullptr);
       std::vector<T> dA(Nr * HW), cnt(mx ? Nr * HW : 0), ix(by_index ? Nr * HW : 0), dmax(mx ? Nr * HW : 0),
           dmean(imean >= 0 ? Nr * HW : 0);
-      std::vector<uint8_t> bits(max_bits_wanted(mx != nullptr, g.nhwc, gsp != nullptr, int64_t(sizeof(X)) * Nr * CHW)
-                                    ? MaxBitsLayout(Nr, HW).bytes(Nr, g.C) : 0);
+      std::vector<uint8_t> bits =
+          phase_max_bits(mx != nullptr, g.nhwc, gsp != nullptr, int64_t(sizeof(X)) * Nr * CHW, Nr, g.C, HW);
+      uint8_t* bp = bits.empty() ? nullptr : bits.data();
       // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts and index of the max
       // (channels_last) or the max bits (NCHW)
       k_reduce<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
                   mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                  by_index ? ix.data() : nullptr, bits.empty() ? nullptr : bits.data());
+                  by_index ? ix.data() : nullptr, bp);
       if (ge)
         for (int64_t k = 0; k < Nr * HW; ++k) dA[k] += ge[Nf * HW + k];
       // small maps: sigmoid', norm, transposed conv, parameter grads
@@ -2845,7 +2853,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
                  mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                  Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream,
-                 by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bits.empty() ? nullptr : bits.data());
+                 by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bp);
     }
     // parameter grads: image shares added in image order (independent of the thread count)
     auto total = [&](int64_t k) { return T(image_total(par, g.N, NP, k)); };
@@ -2988,10 +2996,10 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;
     const bool by_index = max_by_index(mx != nullptr, g.nhwc, gs.defined());
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
-    std::vector<uint8_t> bits(max_bits_wanted(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()))
-                                  ? MaxBitsLayout(g.N, HW).bytes(g.N, g.C) : 0);
+    std::vector<uint8_t> bits = phase_max_bits(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()), g.N, g.C, HW);
+    uint8_t* bp = bits.empty() ? nullptr : bits.data();
     k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                by_index ? ix.data() : nullptr, bits.empty() ? nullptr : bits.data());
+                by_index ? ix.data() : nullptr, bp);
     if (ge)
       for (int64_t k = 0; k < M; ++k) dA[k] += ge[k];
     // BatchNorm backward on the logits (batch statistics)
@@ -3033,7 +3041,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     }
     k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
                   g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
-               by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bits.empty() ? nullptr : bits.data());
+               by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bp);
   });
   return r.pack(g);
 }
