@@ -83,6 +83,13 @@ using lane_mask_t = decltype(vec_t<T>{} >= vec_t<T>{});
 // vector extensions' own operators. The comparisons are the ordered ones (false for NaN)
 // that ==, >, >=, < give; kNe is != (true for NaN).
 enum VCmp { kEq, kGt, kGe, kLt, kNe };
+// AVX2 builds (with F16C, as built here) write their hottest loops in 256-bit intrinsics
+// instead: see pool_pixel_avx2
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+#define SAM_AVX2_HALVES 1
+#else
+#define SAM_AVX2_HALVES 0
+#endif
 #if defined(__AVX2__) && !defined(__AVX512F__)
 template <int IMM>
 inline __m256 cmp_half(__m256 a, __m256 b) {
@@ -477,11 +484,50 @@ inline void stream_fence(bool stream) {
 // d[i] = (x[i] * s) * a with s = sv[i] or ss, a = av[i] or as; (x * s) is rounded first,
 // as in the reference (in T; d and x in their storage types). With `stream`, float32 /
 // float16 / bfloat16 rows use non-temporal stores.
+#if SAM_AVX2_HALVES
+// mul_row for float32 in AVX2 builds (see SAM_AVX2_HALVES), not in place, n >= 8: 256-bit
+// vectors; cached: a head vector, aligned vectors from the first 32-byte boundary of d,
+// the tail as one vector ending at n (overlapped elements written again, the same values);
+// with `stream`, non-temporal stores from that boundary (the generic code streams only in
+// AVX-512 builds).
+template <bool HS, bool HA>
+inline void mul_row_avx2(float* d, const float* x, const float* sv, float ss, const float* av, float as,
+                         int64_t n, bool stream) {
+  const __m256 vss = _mm256_set1_ps(ss), vas = _mm256_set1_ps(as);
+  auto at = [&](int64_t k) {
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), HS ? _mm256_loadu_ps(sv + k) : vss),
+                         HA ? _mm256_loadu_ps(av + k) : vas);
+  };
+  int64_t i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 31) / sizeof(float));
+  if (stream) {
+    for (int64_t k = 0; k < i && k < n; ++k) d[k] = (x[k] * (HS ? sv[k] : ss)) * (HA ? av[k] : as);
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(d + i, at(i));
+    for (; i < n; ++i) d[i] = (x[i] * (HS ? sv[i] : ss)) * (HA ? av[i] : as);
+    return;
+  }
+  _mm256_storeu_ps(d, at(0));
+  if (i == 0) i = 8;
+  for (; i + 8 <= n; i += 8) _mm256_store_ps(d + i, at(i));
+  if (i < n) _mm256_storeu_ps(d + n - 8, at(n - 8));
+}
+#endif
+
 template <typename T, typename XD, typename XS>
 inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, int64_t n, bool stream) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   int64_t i = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<XD, float> && std::is_same_v<XS, float>) {
+    if (n >= 8 && static_cast<const void*>(d) != static_cast<const void*>(x)) {
+      if (sv && av) mul_row_avx2<true, true>(d, x, sv, ss, av, as, n, stream);
+      else if (sv) mul_row_avx2<true, false>(d, x, sv, ss, av, as, n, stream);
+      else if (av) mul_row_avx2<false, true>(d, x, sv, ss, av, as, n, stream);
+      else mul_row_avx2<false, false>(d, x, sv, ss, av, as, n, stream);
+      return;
+    }
+  }
+#endif
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
     if (stream) {
@@ -698,6 +744,125 @@ inline T hreduce(V v, bool is_max) {
   }
 }
 
+#if SAM_AVX2_HALVES
+// AVX2 builds: the per-pixel channel reductions of channels_last (pool_pixel, reduce_pixel)
+// in 256-bit intrinsics. There a 64-byte vec_t has no register of its own: GCC keeps such
+// variables on the stack and moves them through xmm and general registers around every
+// compare, select and half taken for a lane reduction (perf: a third to a half of the
+// channels_last forward and backward on those moves). Here each 64-byte accumulator of the
+// generic code is two __m256 (its lanes 0-7 and 8-15), updated with the same operations in
+// the same order, and the lane reductions follow hreduce's tree, so the results are the
+// generic code's bits.
+template <typename X>
+inline __m256 ld8(const X* p);
+template <>
+inline __m256 ld8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+inline __m256 ld8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+inline __m256 ld8<at::BFloat16>(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+// vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
+inline __m256 vmax8(__m256 m, __m256 v) { return _mm256_max_ps(v, m); }
+// hreduce<float, 64> of the 64-byte vector whose halves are lo, hi
+inline float hreduce8(__m256 lo, __m256 hi, bool is_max) {
+  if (is_max) {
+    const __m256 a = _mm256_max_ps(hi, lo);
+    __m128 b = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    b = _mm_max_ps(_mm_movehl_ps(b, b), b);
+    return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(b), b));
+  }
+  const __m256 a = _mm256_add_ps(lo, hi);
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+// pool_pixel's vector part for float: sets m, sum and c (the first channel left to the
+// scalar loop)
+template <typename X>
+inline void pool_pixel_avx2(const X* x, const float* s, int64_t C, float& m, float& sum, int64_t& c) {
+  auto ld = [&](int64_t k) { return s ? _mm256_mul_ps(ld8(x + k), _mm256_loadu_ps(s + k)) : ld8(x + k); };
+  if (C >= 64) {  // four 64-byte accumulator pairs: halves 2j, 2j + 1 of vector j
+    __m256 M[8], A[8];
+    for (int j = 0; j < 8; ++j) M[j] = A[j] = ld(8 * j);
+    for (c = 64; c + 64 <= C; c += 64) {
+      for (int j = 0; j < 8; ++j) {
+        const __m256 v = ld(c + 8 * j);
+        M[j] = vmax8(M[j], v);
+        A[j] = _mm256_add_ps(A[j], v);
+      }
+    }
+    for (; c + 16 <= C; c += 16) {
+      for (int j = 0; j < 2; ++j) {
+        const __m256 v = ld(c + 8 * j);
+        M[j] = vmax8(M[j], v);
+        A[j] = _mm256_add_ps(A[j], v);
+      }
+    }
+    m = hreduce8(vmax8(vmax8(M[0], M[2]), vmax8(M[4], M[6])), vmax8(vmax8(M[1], M[3]), vmax8(M[5], M[7])), true);
+    sum = hreduce8(_mm256_add_ps(_mm256_add_ps(A[0], A[2]), _mm256_add_ps(A[4], A[6])),
+                   _mm256_add_ps(_mm256_add_ps(A[1], A[3]), _mm256_add_ps(A[5], A[7])), false);
+  } else {  // C >= 32: two
+    __m256 M[4], A[4];
+    for (int j = 0; j < 4; ++j) M[j] = A[j] = ld(8 * j);
+    for (c = 32; c + 32 <= C; c += 32) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = ld(c + 8 * j);
+        M[j] = vmax8(M[j], v);
+        A[j] = _mm256_add_ps(A[j], v);
+      }
+    }
+    m = hreduce8(vmax8(M[0], M[2]), vmax8(M[1], M[3]), true);
+    sum = hreduce8(_mm256_add_ps(A[0], A[2]), _mm256_add_ps(A[1], A[3]), false);
+  }
+}
+
+// reduce_pixel's vector part for float (see there): sets sa, sc, si and c
+template <typename X, bool G, bool GC, bool M, bool I>
+inline void reduce_pixel_avx2(const X* x, const float* s, const X* g, float gv, float m, int64_t C, float& sa,
+                              float& sc, float& si, int64_t& c) {
+  const __m256 one = _mm256_set1_ps(1.f), vm = _mm256_set1_ps(m), vg = _mm256_set1_ps(gv);
+  const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  __m256 a[8], k[8], ix[8];
+  for (int j = 0; j < 8; ++j) {
+    a[j] = k[j] = _mm256_setzero_ps();
+    ix[j] = _mm256_set1_ps(-1.f);
+  }
+  auto step = [&](int j, int64_t c0) {  // 8 channels from c0 into half j
+    __m256 v = ld8(x + c0);
+    if (s) v = _mm256_mul_ps(v, _mm256_loadu_ps(s + c0));
+    if constexpr (G) a[j] = _mm256_add_ps(a[j], _mm256_mul_ps(GC ? vg : ld8(g + c0), v));
+    if constexpr (M) {
+      const __m256 e = _mm256_cmp_ps(v, vm, _CMP_EQ_OQ);
+      k[j] = _mm256_add_ps(k[j], _mm256_and_ps(e, one));
+      // generic: lane + c over 16 lanes; per half the same integers (exact in float)
+      if constexpr (I) ix[j] = _mm256_blendv_ps(ix[j], _mm256_add_ps(lane, _mm256_set1_ps(float(c0))), e);
+    }
+  };
+  c = 0;
+  for (; c + 64 <= C; c += 64)
+    for (int j = 0; j < 8; ++j) step(j, c + 8 * j);
+  for (; c + 16 <= C; c += 16) {
+    step(0, c);
+    step(1, c + 8);
+  }
+  auto tree = [](const __m256* v, int h, bool is_max) {
+    return is_max ? vmax8(vmax8(v[h], v[2 + h]), vmax8(v[4 + h], v[6 + h]))
+                  : _mm256_add_ps(_mm256_add_ps(v[h], v[2 + h]), _mm256_add_ps(v[4 + h], v[6 + h]));
+  };
+  sa = G ? hreduce8(tree(a, 0, false), tree(a, 1, false), false) : 0.f;
+  sc = M ? hreduce8(tree(k, 0, false), tree(k, 1, false), false) : 0.f;
+  si = (M && I) ? hreduce8(tree(ix, 0, true), tree(ix, 1, true), true) : -1.f;
+}
+#endif
+
 // One pixel, channels_last: max and mean of x' over its C contiguous channels. Four
 // accumulator pairs, then tree reductions across the lanes (the sum order differs from the
 // sequential one by rounding only; the lane-by-lane scalar reduction it replaces was a
@@ -708,6 +873,16 @@ inline void pool_pixel(const X* x, const T* s, int64_t C, T& mx, T& mean) {
   constexpr int64_t L = lanes<T>();
   T m, sum;
   int64_t c = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    if (C >= 2 * L) pool_pixel_avx2<X>(x, s, C, m, sum, c);
+    else {
+      m = s ? T(x[0]) * s[0] : T(x[0]);
+      sum = m;
+      c = 1;
+    }
+  } else
+#endif
   if (C >= 4 * L) {
     auto ld = [&](int64_t k) { return s ? vld(x + k) * vload(s + k) : vld(x + k); };
     V m0 = ld(0), m1 = ld(L), m2 = ld(2 * L), m3 = ld(3 * L);
@@ -821,6 +996,61 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
 // gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
 // keep the compiler from vectorising the loop.
 // mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
+#if SAM_AVX2_HALVES
+// reduce_chunk's groups of four channel rows for float32 in AVX2 builds (no max bits there):
+// the same operations per element in 256-bit vectors, the tail as one vector ending at len
+// whose overlapped lanes keep their sums and counts; returns the first channel left
+template <bool G, bool GC, bool M>
+inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g, float gv, const float* mp,
+                                 int64_t C, int64_t HW, int64_t len, float* ap, float* cp) {
+  if (len < 8) return 0;
+  const __m256 one = _mm256_set1_ps(1.f), vg = _mm256_set1_ps(gv);
+  const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  const int64_t full = len / 8 * 8;
+  // the tail vector's lanes not yet swept (lane >= full - (len - 8))
+  const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(float(full - (len - 8))), _CMP_GE_OQ);
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const float* x0 = x + c * HW;
+    const float* g0 = g + c * HW;
+    const __m256 s0 = _mm256_set1_ps(s ? s[c] : 1.f), s1 = _mm256_set1_ps(s ? s[c + 1] : 1.f),
+                 s2 = _mm256_set1_ps(s ? s[c + 2] : 1.f), s3 = _mm256_set1_ps(s ? s[c + 3] : 1.f);
+    auto sweep = [&](int64_t k, bool tail) {
+      const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(x0 + k), s0), v1 = _mm256_mul_ps(_mm256_loadu_ps(x0 + HW + k), s1),
+                   v2 = _mm256_mul_ps(_mm256_loadu_ps(x0 + 2 * HW + k), s2),
+                   v3 = _mm256_mul_ps(_mm256_loadu_ps(x0 + 3 * HW + k), s3);
+      if constexpr (G) {
+        const __m256 a0 = _mm256_loadu_ps(ap + k);
+        __m256 a = a0;
+        if constexpr (GC) {
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v0));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v1));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v2));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v3));
+        } else {
+          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + k), v0));
+          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + HW + k), v1));
+          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + 2 * HW + k), v2));
+          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + 3 * HW + k), v3));
+        }
+        _mm256_storeu_ps(ap + k, tail ? _mm256_blendv_ps(a0, a, keep) : a);
+      }
+      if constexpr (M) {
+        const __m256 m = _mm256_loadu_ps(mp + k), n0 = _mm256_loadu_ps(cp + k);
+        __m256 n1 = _mm256_add_ps(n0, _mm256_and_ps(_mm256_cmp_ps(v0, m, _CMP_EQ_OQ), one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v1, m, _CMP_EQ_OQ), one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v2, m, _CMP_EQ_OQ), one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v3, m, _CMP_EQ_OQ), one));
+        _mm256_storeu_ps(cp + k, tail ? _mm256_blendv_ps(n0, n1, keep) : n1);
+      }
+    };
+    for (int64_t k = 0; k < full; k += 8) sweep(k, false);
+    if (full < len) sweep(len - 8, true);
+  }
+  return c;
+}
+#endif
+
 template <typename T, typename X, bool G, bool GC, bool M>
 void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
                   T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0) {
@@ -830,6 +1060,11 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+    if (!mb) c = reduce_chunk_avx2<G, GC, M>(x, s, g, gv, mp, C, HW, len, ap, cp);
+  }
+#endif
   for (; c + 4 <= C; c += 4) {
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
@@ -923,16 +1158,24 @@ inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t 
     }
   };
   int64_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) {
-    step(0, c);
-    step(1, c + L);
-    step(2, c + 2 * L);
-    step(3, c + 3 * L);
+  T sa, sc, si;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    reduce_pixel_avx2<X, G, GC, M, I>(x, s, g, gv, m, C, sa, sc, si, c);
+  } else
+#endif
+  {
+    for (; c + 4 * L <= C; c += 4 * L) {
+      step(0, c);
+      step(1, c + L);
+      step(2, c + 2 * L);
+      step(3, c + 3 * L);
+    }
+    for (; c + L <= C; c += L) step(0, c);
+    sa = G ? hreduce<T, 64>((a[0] + a[1]) + (a[2] + a[3]), false) : T(0);
+    sc = M ? hreduce<T, 64>((k[0] + k[1]) + (k[2] + k[3]), false) : T(0);
+    si = (M && I) ? hreduce<T, 64>(vmax(vmax(ix[0], ix[1]), vmax(ix[2], ix[3])), true) : T(-1);
   }
-  for (; c + L <= C; c += L) step(0, c);
-  T sa = G ? hreduce<T, 64>((a[0] + a[1]) + (a[2] + a[3]), false) : T(0);
-  T sc = M ? hreduce<T, 64>((k[0] + k[1]) + (k[2] + k[3]), false) : T(0);
-  T si = (M && I) ? hreduce<T, 64>(vmax(vmax(ix[0], ix[1]), vmax(ix[2], ix[3])), true) : T(-1);
   for (; c < C; ++c) {
     const T v = s ? T(x[c]) * s[c] : T(x[c]);
     if (G) sa += (GC ? gv : T(g[c])) * v;
@@ -1012,10 +1255,45 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 // sum is skipped: measured ~6 % off the 1x1024x13x13 backward, within noise on the large
 // maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
 // the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
+#if SAM_AVX2_HALVES
+// gradx_segment for float32 in AVX2 builds, without the channel-scale sum (whose order
+// over the lanes the generic code keeps) and without max bits (AVX-512 only): the same
+// operations per element in 256-bit vectors; len >= 8
+template <bool G, bool GC, bool M, bool F>
+inline void gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
+                               const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
+                               bool stream, float* gp) {
+  const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
+  auto step = [&](int64_t k) {
+    __m256 v = _mm256_setzero_ps();
+    if constexpr (G) v = _mm256_mul_ps(GC ? vg : _mm256_loadu_ps(gr + k), _mm256_loadu_ps(an + k));
+    if constexpr (M)
+      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vs),
+                                                       _mm256_loadu_ps(mn + k), _CMP_EQ_OQ),
+                                         _mm256_loadu_ps(fm + k)));
+    if constexpr (F) v = _mm256_add_ps(v, _mm256_loadu_ps(fa + k));
+    if (stream || !gx) _mm256_storeu_ps(gp + k, v);
+    else _mm256_storeu_ps(gx + k, _mm256_mul_ps(v, vs));
+  };
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) step(i);
+  if (i < len) step(len - 8);  // overlapping the last full vector: the same values again
+  if (gx && stream) mul_row<float>(gx, gp, nullptr, sc, nullptr, 1.f, len, stream);
+}
+#endif
+
 template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false>
 inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
                        int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
   static_assert(!(MB && S), "the channel-scale gradient reads x");
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float> && !S && !MB) {
+    if (len >= 8) {
+      gradx_segment_avx2<G, GC, M, F>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp);
+      return T(0);
+    }
+  }
+#endif
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   V acc = {};
@@ -1066,6 +1344,31 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 // backward 9-10 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
 // (sum gx' * x) needs x, so callers take X with it. NCHW takes max bits instead (see
 // kMaxBits): there the index map's cost in pass A ate the gain (measured within noise).
+#if SAM_AVX2_HALVES
+// gradx_pixel's vector loop for float32 in AVX2 builds: the same operations per element in
+// 256-bit vectors; returns the first channel left to the scalar loop
+template <bool G, bool GC, bool M, bool F, bool XM>
+inline int64_t gradx_pixel_avx2(const float* xr, const float* gr, float gv, float av, const float* sr, float m,
+                                float f, float fa, int64_t C, float* ps, float* gx, bool stream, float* gp) {
+  const __m256 gav = _mm256_set1_ps(gv * av), vav = _mm256_set1_ps(av), vfa = _mm256_set1_ps(fa),
+               vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(f);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    __m256 v = F ? vfa : _mm256_setzero_ps();
+    if constexpr (G) v = _mm256_add_ps(GC ? gav : _mm256_mul_ps(_mm256_loadu_ps(gr + c), vav), v);
+    if constexpr (M && XM) {
+      const __m256 xv = _mm256_loadu_ps(xr + c);
+      const __m256 xs = sr ? _mm256_mul_ps(xv, _mm256_loadu_ps(sr + c)) : xv;
+      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(xs, vm, _CMP_EQ_OQ), vf));
+    }
+    if (XM && ps) _mm256_storeu_ps(ps + c, _mm256_add_ps(_mm256_loadu_ps(ps + c), _mm256_mul_ps(v, _mm256_loadu_ps(xr + c))));
+    if (stream || !gx) _mm256_storeu_ps(gp + c, v);
+    else _mm256_storeu_ps(gx + c, sr ? _mm256_mul_ps(v, _mm256_loadu_ps(sr + c)) : v);
+  }
+  return c;
+}
+#endif
+
 template <typename T, typename X, bool G, bool GC, bool M, bool F, bool XM>
 inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, T ix, T f, T fa, int64_t C, T* ps,
                         X* gx, bool stream, T* gp) {
@@ -1073,6 +1376,10 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
   constexpr int64_t L = lanes<T>();
   const V gav = V{} + gv * av;
   int64_t c = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>)
+    c = gradx_pixel_avx2<G, GC, M, F, XM>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
+#endif
   for (; c + L <= C; c += L) {
     V v = F ? V{} + fa : V{};
     if (G) v = (GC ? gav : vld(gr + c) * av) + v;
@@ -1577,7 +1884,39 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
 // (independent accumulators hide the FMA latency).
 // sigmoid of a float vector: exp by Cephes' range reduction and degree-6 polynomial
 // (branch-free, vectorised; ~1 ulp), NaN propagates.
+#if SAM_AVX2_HALVES
+// vsigmoid below for one 256-bit half, the same operations (AVX2 builds, see SAM_AVX2_HALVES)
+inline __m256 vsigmoid8(__m256 z) {
+  auto c = [](float v) { return _mm256_set1_ps(v); };
+  __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), z);
+  x = _mm256_blendv_ps(x, c(-87.3f), _mm256_cmp_ps(x, c(-87.3f), _CMP_LT_OQ));
+  x = _mm256_blendv_ps(x, c(88.7f), _mm256_cmp_ps(x, c(88.7f), _CMP_GT_OQ));
+  const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, c(1.44269504088896341f)), c(12582912.0f)),
+                                 c(12582912.0f));
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, c(-2.12194440e-4f)));
+  __m256 p = c(1.9875691500e-4f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), c(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), c(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), c(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), c(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), c(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), c(1.0f));
+  const __m256 two_n =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return _mm256_div_ps(c(1.0f), _mm256_add_ps(c(1.0f), _mm256_mul_ps(p, two_n)));
+}
+#endif
 inline vec_t<float> vsigmoid(vec_t<float> z) {
+#if SAM_AVX2_HALVES
+  __m256 h[2];
+  std::memcpy(h, &z, sizeof(h));
+  h[0] = vsigmoid8(h[0]);
+  h[1] = vsigmoid8(h[1]);
+  vec_t<float> out;
+  std::memcpy(&out, h, sizeof(out));
+  return out;
+#endif
   typedef int32_t ivec __attribute__((vector_size(64)));
   vec_t<float> x = -z;
   x = vsel<float>(vcmp<kLt, float>(x, vec_t<float>{} - 87.3f), vec_t<float>{} - 87.3f, x);
@@ -1657,6 +1996,43 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
     // every output row it reaches (14 loads per 56 multiply-adds instead of 56). Measured:
     // the small-map part 0.70-0.78x the time (forward of 8x1x104x104 / 8x1x26x26)
     constexpr int R = 8, KH = 7;
+#if SAM_AVX2_HALVES
+    if constexpr (std::is_same_v<T, float>) {
+      // AVX2 builds (see SAM_AVX2_HALVES): each 16-lane output vector as two 256-bit halves,
+      // input row by input row (each loaded once per tap column, used by the up to seven
+      // output rows it reaches, in the same tap order per output), then handed to emit
+      for (; h + R <= h1; h += R) {
+        for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+          __m256 a[2][R];
+          for (int hh = 0; hh < 2; ++hh) {
+            __m256 acc[R];
+#pragma GCC unroll 8
+            for (int k = 0; k < R; ++k) acc[k] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < P; ++p) {
+              const T* base = pad + (p * g.Hp + h) * g.Wp + w0 + 8 * hh;
+              for (int64_t j = 0; j < g.KW; ++j) {
+#pragma GCC unroll 14
+                for (int r = 0; r < KH + R - 1; ++r) {
+                  const __m256 v = _mm256_loadu_ps(base + r * g.Wp + j);
+#pragma GCC unroll 8
+                  for (int k = 0; k < R; ++k)
+                    if (r - k >= 0 && r - k < KH)
+                      acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_set1_ps(tap(p, r - k, j)), v));
+                }
+              }
+            }
+            for (int k = 0; k < R; ++k) a[hh][k] = acc[k];
+          }
+          for (int k = 0; k < R; ++k) {
+            vec_t<T> o;
+            std::memcpy(&o, &a[0][k], 32);
+            std::memcpy(reinterpret_cast<char*>(&o) + 32, &a[1][k], 32);
+            emit(h + k, w0, o);
+          }
+        }
+      }
+    }
+#endif
     for (; h + R <= h1; h += R) {
       for (int64_t w0 = 0; w0 < g.W; w0 += L) {
         vec_t<T> a[R] = {};
@@ -1776,6 +2152,38 @@ void dweight_rows(const Gate<T>& q, const T* pad, const T* dlpad, int64_t h0, in
   for (int64_t p = 0; p < q.P; ++p)
     for (int64_t i = 0; i < g.KH; ++i)
       for (int64_t j = 0; j < g.KW; ++j) {
+#if SAM_AVX2_HALVES
+        if constexpr (std::is_same_v<T, float>) {
+          // AVX2 builds (see SAM_AVX2_HALVES): a0 and a1 as two 256-bit halves each, the
+          // same sums per lane
+          __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l;
+          auto mac = [](__m256 a, const float* x, const float* y) {
+            return _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y)));
+          };
+          for (int64_t h = h0; h < h1; ++h) {
+            const T* dr = dlpad + (h + g.ph) * g.Wp + g.pw;
+            const T* pr = pad + (p * g.Hp + h + i * g.dil) * g.Wp + j * g.dil;
+            int64_t w0 = 0;
+            for (; w0 + 2 * L <= Wr; w0 += 2 * L) {
+              a0l = mac(a0l, dr + w0, pr + w0);
+              a0h = mac(a0h, dr + w0 + 8, pr + w0 + 8);
+              a1l = mac(a1l, dr + w0 + L, pr + w0 + L);
+              a1h = mac(a1h, dr + w0 + L + 8, pr + w0 + L + 8);
+            }
+            for (; w0 < Wr; w0 += L) {
+              a0l = mac(a0l, dr + w0, pr + w0);
+              a0h = mac(a0h, dr + w0 + 8, pr + w0 + 8);
+            }
+          }
+          float lanes16[16];
+          _mm256_storeu_ps(lanes16, _mm256_add_ps(a0l, a1l));
+          _mm256_storeu_ps(lanes16 + 8, _mm256_add_ps(a0h, a1h));
+          double t = 0;
+          for (int l = 0; l < 16; ++l) t += double(lanes16[l]);
+          gw[p * KK + i * g.KW + j] += t;
+          continue;
+        }
+#endif
         V a0 = {}, a1 = {};
         for (int64_t h = h0; h < h1; ++h) {
           const T* dr = dlpad + (h + g.ph) * g.Wp + g.pw;
