@@ -411,6 +411,40 @@ inline void vst_nt(at::BFloat16* p, vec_t<float> v) {
 }
 #endif
 
+#if SAM_AVX2_HALVES
+// 256-bit helpers of the AVX2 builds' loops (see pool_pixel_avx2)
+template <typename X>
+inline __m256 ld8(const X* p);
+template <>
+inline __m256 ld8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+inline __m256 ld8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+inline __m256 ld8<at::BFloat16>(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+// vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
+inline __m256 vmax8(__m256 m, __m256 v) { return _mm256_max_ps(v, m); }
+// hreduce<float, 64> of the 64-byte vector whose halves are lo, hi
+inline float hreduce8(__m256 lo, __m256 hi, bool is_max) {
+  if (is_max) {
+    const __m256 a = _mm256_max_ps(hi, lo);
+    __m128 b = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    b = _mm_max_ps(_mm_movehl_ps(b, b), b);
+    return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(b), b));
+  }
+  const __m256 a = _mm256_add_ps(lo, hi);
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+#endif
+
 constexpr int64_t kLanes = 32;  // pixel chunks are whole multiples of this
 
 template <typename T>
@@ -673,6 +707,49 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     vstore(sp + k, a);
   };
   int64_t c = 1;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    if (len >= 8) {
+      // AVX2 builds (see SAM_AVX2_HALVES): the same steps per element in 256-bit vectors,
+      // the tail as one vector ending at len whose overlapped lanes keep their values
+      const bool wide = len * int64_t(2 * sizeof(T)) > kPoolWideBytes;
+      const int64_t full = len / 8 * 8;
+      const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+      const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(float(full - (len - 8))), _CMP_GE_OQ);
+      auto step8 = [](__m256& m, __m256& a, __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+        m = vmax8(vmax8(m, v0), vmax8(vmax8(v1, v2), v3));
+        a = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a, v0), v1), v2), v3);
+      };
+      auto run = [&](int64_t k, bool tail, auto steps) {
+        const __m256 m0 = _mm256_loadu_ps(mp + k), a0 = _mm256_loadu_ps(sp + k);
+        __m256 m = m0, a = a0;
+        steps(k, m, a);
+        _mm256_storeu_ps(mp + k, tail ? _mm256_blendv_ps(m0, m, keep) : m);
+        _mm256_storeu_ps(sp + k, tail ? _mm256_blendv_ps(a0, a, keep) : a);
+      };
+      auto rows = [&](int64_t nc, auto steps) {  // every vector of the chunk, then the tail
+        for (; c + nc <= C; c += nc) {
+          for (int64_t k = 0; k < full; k += 8) run(k, false, steps);
+          if (full < len) run(len - 8, true, steps);
+        }
+      };
+      if (wide)
+        rows(8, [&](int64_t k, __m256& m, __m256& a) {
+          const X* r = x + c * HW + k;
+          __m256 v[8];
+          for (int j = 0; j < 8; ++j) v[j] = _mm256_mul_ps(ld8(r + j * HW), _mm256_set1_ps(s ? s[c + j] : 1.f));
+          step8(m, a, v[0], v[1], v[2], v[3]);
+          step8(m, a, v[4], v[5], v[6], v[7]);
+        });
+      rows(4, [&](int64_t k, __m256& m, __m256& a) {
+        const X* r = x + c * HW + k;
+        auto sv = [&](int j) { return _mm256_set1_ps(s ? s[c + j] : 1.f); };
+        step8(m, a, _mm256_mul_ps(ld8(r), sv(0)), _mm256_mul_ps(ld8(r + HW), sv(1)),
+              _mm256_mul_ps(ld8(r + 2 * HW), sv(2)), _mm256_mul_ps(ld8(r + 3 * HW), sv(3)));
+      });
+    }
+  }
+#endif
   if (len * int64_t(2 * sizeof(T)) > kPoolWideBytes) {
     // Eight channels per sweep where the two accumulator rows exceed half of a 32 KiB L1:
     // they then travel to L2 and back every sweep, and eight channels halve that. Each
@@ -753,37 +830,6 @@ inline T hreduce(V v, bool is_max) {
 // generic code is two __m256 (its lanes 0-7 and 8-15), updated with the same operations in
 // the same order, and the lane reductions follow hreduce's tree, so the results are the
 // generic code's bits.
-template <typename X>
-inline __m256 ld8(const X* p);
-template <>
-inline __m256 ld8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-template <>
-inline __m256 ld8<at::Half>(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-template <>
-inline __m256 ld8<at::BFloat16>(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-// vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
-inline __m256 vmax8(__m256 m, __m256 v) { return _mm256_max_ps(v, m); }
-// hreduce<float, 64> of the 64-byte vector whose halves are lo, hi
-inline float hreduce8(__m256 lo, __m256 hi, bool is_max) {
-  if (is_max) {
-    const __m256 a = _mm256_max_ps(hi, lo);
-    __m128 b = _mm_max_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-    b = _mm_max_ps(_mm_movehl_ps(b, b), b);
-    return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(b), b));
-  }
-  const __m256 a = _mm256_add_ps(lo, hi);
-  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
-
 // pool_pixel's vector part for float: sets m, sum and c (the first channel left to the
 // scalar loop)
 template <typename X>
@@ -1580,6 +1626,45 @@ struct GlobalPool {
     const X* row = x + r * HW;
     T m = T(row[0]), sum = 0;
     int64_t i = 0;
+#if SAM_AVX2_HALVES
+    if constexpr (std::is_same_v<T, float>) {
+      if (HW >= L) {  // the vector part below, each 64-byte vector as two 256-bit halves
+        __m256 m0l = ld8(row), m0h = ld8(row + 8), m1l = m0l, m1h = m0h;
+        __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l;
+        for (; i + 2 * L <= HW; i += 2 * L) {
+          const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8), v1l = ld8(row + i + L), v1h = ld8(row + i + L + 8);
+          m0l = vmax8(m0l, v0l);
+          m0h = vmax8(m0h, v0h);
+          m1l = vmax8(m1l, v1l);
+          m1h = vmax8(m1h, v1h);
+          a0l = _mm256_add_ps(a0l, v0l);
+          a0h = _mm256_add_ps(a0h, v0h);
+          a1l = _mm256_add_ps(a1l, v1l);
+          a1h = _mm256_add_ps(a1h, v1h);
+        }
+        if (i + L <= HW) {
+          const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8);
+          m0l = vmax8(m0l, v0l);
+          m0h = vmax8(m0h, v0h);
+          a0l = _mm256_add_ps(a0l, v0l);
+          a0h = _mm256_add_ps(a0h, v0h);
+          i += L;
+        }
+        if (i < HW) {
+          const __m256 v1l = ld8(row + HW - L), v1h = ld8(row + HW - L + 8);
+          const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+          const __m256 d = _mm256_set1_ps(float(i - (HW - L)));
+          m1l = vmax8(m1l, v1l);
+          m1h = vmax8(m1h, v1h);
+          a1l = _mm256_add_ps(a1l, _mm256_and_ps(_mm256_cmp_ps(lane, d, _CMP_GE_OQ), v1l));
+          a1h = _mm256_add_ps(a1h, _mm256_and_ps(_mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), d, _CMP_GE_OQ), v1h));
+          i = HW;
+        }
+        m = hreduce8(vmax8(m0l, m1l), vmax8(m0h, m1h), true);
+        sum = hreduce8(_mm256_add_ps(a0l, a1l), _mm256_add_ps(a0h, a1h), false);
+      }
+    } else
+#endif
     if (HW >= L) {
       // two vector accumulator pairs, the row's last HW % L elements as one vector
       // ending at HW (for the sum, its lanes already counted masked to +0, which adds
@@ -1687,6 +1772,52 @@ struct GlobalPool {
           }
         }
       };
+#if SAM_AVX2_HALVES
+      if constexpr (std::is_same_v<T, float>) {
+        // AVX2 builds (see SAM_AVX2_HALVES): the same sweep in 256-bit vectors, four per
+        // block (with counting, twelve accumulators in registers); per channel the same
+        // operations on the pixels in the same order, so the same bits
+        auto sweep8 = [&](auto nb_t) {
+          constexpr int NB = decltype(nb_t)::value;
+          constexpr int PF = int((NB * 8 * sizeof(X) + 63) / 64);  // lines of x per pixel and block
+          const __m256 one8 = _mm256_set1_ps(1.f);
+          for (; c + NB * 8 <= C; c += NB * 8) {
+            __m256 mo[NB], a[NB], k[NB];
+#pragma GCC unroll 4
+            for (int i = 0; i < NB; ++i) {
+              mo[i] = _mm256_loadu_ps(m + c + i * 8);
+              a[i] = _mm256_loadu_ps(sm + c + i * 8);
+              k[i] = CNT ? _mm256_loadu_ps(ct + c + i * 8) : _mm256_setzero_ps();
+            }
+            const X* r = row + c;
+            for (int64_t j = 0; j < np; ++j, r += C) {
+              if (prefetch && pf < pf_end) {
+#pragma GCC unroll 4
+                for (int i = 0; i < PF; ++i) __builtin_prefetch(pf + i * 64, 0, 2);
+                pf += PF * 64;
+              }
+#pragma GCC unroll 4
+              for (int i = 0; i < NB; ++i) {
+                const __m256 v = ld8(r + i * 8);
+                if (CNT)
+                  k[i] = _mm256_blendv_ps(_mm256_add_ps(k[i], _mm256_and_ps(_mm256_cmp_ps(v, mo[i], _CMP_EQ_OQ), one8)),
+                                          one8, _mm256_cmp_ps(v, mo[i], _CMP_GT_OQ));
+                mo[i] = vmax8(mo[i], v);
+                a[i] = _mm256_add_ps(a[i], v);
+              }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < NB; ++i) {
+              _mm256_storeu_ps(m + c + i * 8, mo[i]);
+              _mm256_storeu_ps(sm + c + i * 8, a[i]);
+              if (CNT) _mm256_storeu_ps(ct + c + i * 8, k[i]);
+            }
+          }
+        };
+        sweep8(std::integral_constant<int, 4>{});
+        sweep8(std::integral_constant<int, 1>{});
+      }
+#endif
       if (C * int64_t(sizeof(X)) < 4096) sweep(std::integral_constant<int, 8>{});
       sweep(std::integral_constant<int, 4>{});
       sweep(std::integral_constant<int, 1>{});
