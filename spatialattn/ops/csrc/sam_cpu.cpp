@@ -2185,6 +2185,43 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
       }
     }
   }
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    // AVX2 builds: the four-row and one-row paths below as 256-bit halves, any kernel size
+    // and dilation, the same tap order per output (channels_last bands are often fewer than
+    // eight rows, so these carry most of its conv)
+    auto rows = [&](auto r_t) {
+      constexpr int R = decltype(r_t)::value;
+      for (; h + R <= h1; h += R) {
+        for (int64_t w0 = 0; w0 < g.W; w0 += L) {
+          __m256 out[2][R];
+          for (int hh = 0; hh < 2; ++hh) {
+            __m256 acc[R];
+#pragma GCC unroll 4
+            for (int k = 0; k < R; ++k) acc[k] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < P; ++p)
+              for (int64_t j = 0; j < g.KW; ++j)
+                for (int64_t i = 0; i < g.KH; ++i) {
+                  const __m256 wv = _mm256_set1_ps(tap(p, i, j));
+                  const T* src = pad + (p * g.Hp + h + i * g.dil) * g.Wp + w0 + j * g.dil + 8 * hh;
+#pragma GCC unroll 4
+                  for (int k = 0; k < R; ++k) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(wv, _mm256_loadu_ps(src + k * g.Wp)));
+                }
+            for (int k = 0; k < R; ++k) out[hh][k] = acc[k];
+          }
+          for (int k = 0; k < R; ++k) {
+            vec_t<T> o;
+            std::memcpy(&o, &out[0][k], 32);
+            std::memcpy(reinterpret_cast<char*>(&o) + 32, &out[1][k], 32);
+            emit(h + k, w0, o);
+          }
+        }
+      }
+    };
+    rows(std::integral_constant<int, 4>{});
+    rows(std::integral_constant<int, 1>{});
+  }
+#endif
   for (; h + 4 <= h1; h += 4) {
     for (int64_t w0 = 0; w0 < g.W; w0 += L) {
       vec_t<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
