@@ -719,7 +719,7 @@ def test_backward_parameter_grads_do_not_depend_on_threads(cpp_module, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
-    # NCHW backward (AVX-512 builds): pass A, which compares every x' with the max for the tie
+    # NCHW backward (AVX-512 and AVX2 builds): pass A, which compares every x' with the max for the tie
     # count, stores the comparison as one bit per element, and pass B takes the max channels
     # from the bits instead of reading x (not with the channel-scale gradient, which reads x).
     # Whole images per thread: pass A's pixel ranges then start at multiples of the vector
@@ -736,7 +736,7 @@ def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
 
     m = cpp_module
     if not m.has_max_bits():
-        pytest.skip("this build has no max bits (no AVX-512): pass B compares")
+        pytest.skip("this build has no max bits (the baseline build, without AVX2): pass B compares")
     old = torch.get_num_threads()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cases = [((2, 6, 9, 7), ("max", "mean")), ((3, 13, 11, 21), ("mean", "max")), ((2, 8, 3, 4), ("max",)),

@@ -159,12 +159,13 @@ inline int64_t vector_sweeps(int64_t len, F&& sweep) {
   return i;
 }
 
-// Max-channel bits (NCHW backward, AVX-512 builds): pass A, which compares every x' with
+// Max-channel bits (NCHW backward, AVX-512 and AVX2 builds): pass A, which compares every x' with
 // the max for the tie count anyway, also stores the comparison as one bit per element (bit
 // q of channel c's row: pixel q, relative to the first pixel the rows start at); pass B
 // takes the max channels from the bits instead of reading x and comparing again. The bits
-// are 1/32 of x (float32). Without AVX-512, pass B keeps the compare.
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// are 1/32 of x (float32). AVX2 builds (SAM_AVX2_HALVES) take the bits from and to
+// 256-bit masks (vmovmskps / a broadcast, and, compare); the baseline build keeps the compare.
+#if (defined(__AVX512F__) && defined(__AVX512DQ__)) || SAM_AVX2_HALVES
 constexpr bool kMaxBits = true;
 #else
 constexpr bool kMaxBits = false;
@@ -195,12 +196,50 @@ inline uint32_t lane_bits(lane_mask_t<T> m) {
   std::memcpy(&i, &m, sizeof(i));
   if constexpr (sizeof(T) == 4) return _mm512_movepi32_mask(i);
   else return _mm512_movepi64_mask(i);
+#elif SAM_AVX2_HALVES
+  if constexpr (sizeof(T) == 4) {
+    __m256 h[2];
+    std::memcpy(h, &m, sizeof(h));
+    return uint32_t(_mm256_movemask_ps(h[0])) | (uint32_t(_mm256_movemask_ps(h[1])) << 8);
+  } else {
+    __m256d h[2];
+    std::memcpy(h, &m, sizeof(h));
+    return uint32_t(_mm256_movemask_pd(h[0])) | (uint32_t(_mm256_movemask_pd(h[1])) << 4);
+  }
 #else
   uint32_t b = 0;
   for (int64_t l = 0; l < lanes<T>(); ++l) b |= uint32_t(m[l] != 0) << l;
   return b;
 #endif
 }
+
+#if SAM_AVX2_HALVES
+// 8 lanes of float32 (AVX2 builds): v in the lanes whose bit of b (bits 0-7) is set, +0 elsewhere
+inline __m256 where_bits8(uint32_t b, __m256 v) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), sel), sel);
+  return _mm256_and_ps(_mm256_castsi256_ps(m), v);
+}
+// the 8 bits of pixels [q, q + 8) of a row of max bits
+inline uint32_t get_bits8(const uint8_t* row, int64_t q) {
+  uint32_t w;
+  std::memcpy(&w, row + (q >> 3), sizeof(w));
+  return (w >> (q & 7)) & 0xffu;
+}
+// store the 8 bits of pixels [q, q + 8): one byte where q is a multiple of 8, else the two
+// bytes they span (read, merged, written)
+inline void put_bits8(uint8_t* row, int64_t q, uint32_t b) {
+  if ((q & 7) == 0) {
+    row[q >> 3] = uint8_t(b);
+    return;
+  }
+  uint16_t w;
+  std::memcpy(&w, row + (q >> 3), sizeof(w));
+  const uint16_t keep = uint16_t(~(0xffu << (q & 7)));
+  w = uint16_t((w & keep) | (b << (q & 7)));
+  std::memcpy(row + (q >> 3), &w, sizeof(w));
+}
+#endif
 
 // v in the lanes whose bit is set, +0 elsewhere
 template <typename T>
@@ -216,6 +255,24 @@ inline vec_t<T> where_bits(uint32_t b, vec_t<T> v) {
     std::memcpy(&f, &v, sizeof(f));
     f = _mm512_maskz_mov_pd(__mmask8(b), f);
     std::memcpy(&v, &f, sizeof(v));
+  }
+  return v;
+#elif SAM_AVX2_HALVES
+  if constexpr (sizeof(T) == 4) {
+    __m256 h[2];
+    std::memcpy(h, &v, sizeof(h));
+    h[0] = where_bits8(b & 0xffu, h[0]);
+    h[1] = where_bits8(b >> 8, h[1]);
+    std::memcpy(&v, h, sizeof(v));
+  } else {
+    const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+    __m256d h[2];
+    std::memcpy(h, &v, sizeof(h));
+    for (int j = 0; j < 2; ++j) {
+      const __m256i bj = _mm256_set1_epi64x(int64_t((b >> (4 * j)) & 0xfu));
+      h[j] = _mm256_and_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(bj, sel), sel)), h[j]);
+    }
+    std::memcpy(&v, h, sizeof(v));
   }
   return v;
 #else
@@ -1043,12 +1100,14 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
 // keep the compiler from vectorising the loop.
 // mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
 #if SAM_AVX2_HALVES
-// reduce_chunk's groups of four channel rows for float32 in AVX2 builds (no max bits there):
-// the same operations per element in 256-bit vectors, the tail as one vector ending at len
-// whose overlapped lanes keep their sums and counts; returns the first channel left
+// reduce_chunk's groups of four channel rows for float32 in AVX2 builds: the same operations
+// per element in 256-bit vectors, the tail as one vector ending at len whose overlapped lanes
+// keep their sums and counts (and get their max bits again, the same); returns the first
+// channel left
 template <bool G, bool GC, bool M>
 inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g, float gv, const float* mp,
-                                 int64_t C, int64_t HW, int64_t len, float* ap, float* cp) {
+                                 int64_t C, int64_t HW, int64_t len, float* ap, float* cp, uint8_t* mb,
+                                 int64_t mbs, int64_t q0) {
   if (len < 8) return 0;
   const __m256 one = _mm256_set1_ps(1.f), vg = _mm256_set1_ps(gv);
   const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
@@ -1083,11 +1142,20 @@ inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g,
       }
       if constexpr (M) {
         const __m256 m = _mm256_loadu_ps(mp + k), n0 = _mm256_loadu_ps(cp + k);
-        __m256 n1 = _mm256_add_ps(n0, _mm256_and_ps(_mm256_cmp_ps(v0, m, _CMP_EQ_OQ), one));
-        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v1, m, _CMP_EQ_OQ), one));
-        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v2, m, _CMP_EQ_OQ), one));
-        n1 = _mm256_add_ps(n1, _mm256_and_ps(_mm256_cmp_ps(v3, m, _CMP_EQ_OQ), one));
+        const __m256 e0 = _mm256_cmp_ps(v0, m, _CMP_EQ_OQ), e1 = _mm256_cmp_ps(v1, m, _CMP_EQ_OQ),
+                     e2 = _mm256_cmp_ps(v2, m, _CMP_EQ_OQ), e3 = _mm256_cmp_ps(v3, m, _CMP_EQ_OQ);
+        __m256 n1 = _mm256_add_ps(n0, _mm256_and_ps(e0, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e1, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e2, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e3, one));
         _mm256_storeu_ps(cp + k, tail ? _mm256_blendv_ps(n0, n1, keep) : n1);
+        if (mb) {
+          uint8_t* b0 = mb + c * mbs;
+          put_bits8(b0, q0 + k, uint32_t(_mm256_movemask_ps(e0)));
+          put_bits8(b0 + mbs, q0 + k, uint32_t(_mm256_movemask_ps(e1)));
+          put_bits8(b0 + 2 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e2)));
+          put_bits8(b0 + 3 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e3)));
+        }
       }
     };
     for (int64_t k = 0; k < full; k += 8) sweep(k, false);
@@ -1108,7 +1176,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   int64_t c = 0;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
-    if (!mb) c = reduce_chunk_avx2<G, GC, M>(x, s, g, gv, mp, C, HW, len, ap, cp);
+    c = reduce_chunk_avx2<G, GC, M>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
   }
 #endif
   for (; c + 4 <= C; c += 4) {
@@ -1303,17 +1371,19 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 // the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
 #if SAM_AVX2_HALVES
 // gradx_segment for float32 in AVX2 builds, without the channel-scale sum (whose order
-// over the lanes the generic code keeps) and without max bits (AVX-512 only): the same
-// operations per element in 256-bit vectors; len >= 8
-template <bool G, bool GC, bool M, bool F>
+// over the lanes the generic code keeps): the same operations per element in 256-bit
+// vectors (MB: the max channels from the bits, x not read); len >= 8
+template <bool G, bool GC, bool M, bool F, bool MB>
 inline void gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
                                const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
-                               bool stream, float* gp) {
+                               bool stream, float* gp, const uint8_t* mb, int64_t q0) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto step = [&](int64_t k) {
     __m256 v = _mm256_setzero_ps();
     if constexpr (G) v = _mm256_mul_ps(GC ? vg : _mm256_loadu_ps(gr + k), _mm256_loadu_ps(an + k));
-    if constexpr (M)
+    if constexpr (M && MB)
+      v = _mm256_add_ps(v, where_bits8(get_bits8(mb, q0 + k), _mm256_loadu_ps(fm + k)));
+    else if constexpr (M)
       v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vs),
                                                        _mm256_loadu_ps(mn + k), _CMP_EQ_OQ),
                                          _mm256_loadu_ps(fm + k)));
@@ -1333,9 +1403,9 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
                        int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
   static_assert(!(MB && S), "the channel-scale gradient reads x");
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float> && !S && !MB) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float> && !S) {
     if (len >= 8) {
-      gradx_segment_avx2<G, GC, M, F>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp);
+      gradx_segment_avx2<G, GC, M, F, MB>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0);
       return T(0);
     }
   }
