@@ -1370,13 +1370,14 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 // maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
 // the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
 #if SAM_AVX2_HALVES
-// gradx_segment for float32 in AVX2 builds, without the channel-scale sum (whose order
-// over the lanes the generic code keeps): the same operations per element in 256-bit
-// vectors (MB: the max channels from the bits, x not read); len >= 8
-template <bool G, bool GC, bool M, bool F, bool MB>
-inline void gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
-                               const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
-                               bool stream, float* gp, const uint8_t* mb, int64_t q0) {
+// gradx_segment for float32 in AVX2 builds: the same operations per element in 256-bit
+// vectors (MB: the max channels from the bits, x not read); len >= 8. S (the channel-scale
+// sum): the generic code's 16-lane accumulator as two halves, 16 elements per step, its
+// lanes summed in order and the rest of the row scalar, as there, so the sum keeps its bits.
+template <bool G, bool GC, bool M, bool F, bool MB, bool S>
+inline float gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
+                                const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
+                                bool stream, float* gp, const uint8_t* mb, int64_t q0) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto step = [&](int64_t k) {
     __m256 v = _mm256_setzero_ps();
@@ -1390,11 +1391,36 @@ inline void gradx_segment_avx2(const float* xr, const float* gr, float gv, float
     if constexpr (F) v = _mm256_add_ps(v, _mm256_loadu_ps(fa + k));
     if (stream || !gx) _mm256_storeu_ps(gp + k, v);
     else _mm256_storeu_ps(gx + k, _mm256_mul_ps(v, vs));
+    return v;
   };
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8) step(i);
-  if (i < len) step(len - 8);  // overlapping the last full vector: the same values again
+  float t = 0.f;
+  if constexpr (S) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= len; i += 16) {
+      const __m256 v0 = step(i), v1 = step(i + 8);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, _mm256_loadu_ps(xr + i)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, _mm256_loadu_ps(xr + i + 8)));
+    }
+    float l[16];
+    _mm256_storeu_ps(l, a0);
+    _mm256_storeu_ps(l + 8, a1);
+    for (int j = 0; j < 16; ++j) t += l[j];
+    for (; i < len; ++i) {
+      float v = 0.f;
+      if constexpr (G) v = (GC ? gv : gr[i]) * an[i];
+      if constexpr (M) v += xr[i] * sc == mn[i] ? fm[i] : 0.f;
+      if constexpr (F) v += fa[i];
+      t += v * xr[i];
+      gp[i] = v;
+      if (gx && !stream) gx[i] = v * sc;
+    }
+  } else {
+    for (; i + 8 <= len; i += 8) step(i);
+    if (i < len) step(len - 8);  // overlapping the last full vector: the same values again
+  }
   if (gx && stream) mul_row<float>(gx, gp, nullptr, sc, nullptr, 1.f, len, stream);
+  return t;
 }
 #endif
 
@@ -1403,11 +1429,8 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
                        int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
   static_assert(!(MB && S), "the channel-scale gradient reads x");
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float> && !S) {
-    if (len >= 8) {
-      gradx_segment_avx2<G, GC, M, F, MB>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0);
-      return T(0);
-    }
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+    if (len >= 8) return gradx_segment_avx2<G, GC, M, F, MB, S>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0);
   }
 #endif
   using V = vec_t<T>;
@@ -1954,6 +1977,22 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
   auto emit = [&](auto st_t) {  // ST: write to buf (a compile-time choice, out of the loop)
     constexpr bool ST = decltype(st_t)::value;
     int64_t k = 0;
+#if SAM_AVX2_HALVES
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+      // AVX2 builds (see SAM_AVX2_HALVES): the same operations per element in 256-bit
+      // vectors; at(k, f, fm, m) with __m256 operands gives 8 elements from k
+      float* dst = ST ? buf : out;
+      for (; k + 8 <= n; k += 8) {
+        __m256 f, fm, m;
+        at(k, f, fm, m);
+        __m256 v = has_max ? _mm256_blendv_ps(f, _mm256_add_ps(f, fm),
+                                              _mm256_cmp_ps(_mm256_loadu_ps(row + k), m, _CMP_EQ_OQ))
+                           : f;
+        if (acc) v = _mm256_add_ps(_mm256_loadu_ps(out + k), v);
+        _mm256_storeu_ps(dst + k, v);
+      }
+    }
+#endif
     for (; k + L <= n; k += L) {
       V f, fm, m;
       at(k, f, fm, m);
@@ -1996,11 +2035,27 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
         T fm = 0;
         const T m = mx ? mx[r] : T(0);
         if (mx) {
-          V k = {};
-          int64_t i = 0;
-          for (; i + L <= HW; i += L) k += vsel<T>(vcmp<kEq, T>(vld(row + i), V{} + m), one, zero);
+          // (the count is a sum of ones: exact in any order)
           T cnt = 0;
-          for (int64_t l = 0; l < L; ++l) cnt += k[l];
+          int64_t i = 0;
+#if SAM_AVX2_HALVES
+          if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+            const __m256 vm = _mm256_set1_ps(m), o = _mm256_set1_ps(1.f);
+            __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
+            for (; i + 16 <= HW; i += 16) {
+              k0 = _mm256_add_ps(k0, _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), vm, _CMP_EQ_OQ), o));
+              k1 = _mm256_add_ps(k1, _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i + 8), vm, _CMP_EQ_OQ), o));
+            }
+            float l[8];
+            _mm256_storeu_ps(l, _mm256_add_ps(k0, k1));
+            for (int j = 0; j < 8; ++j) cnt += l[j];
+          } else
+#endif
+          {
+            V k = {};
+            for (; i + L <= HW; i += L) k += vsel<T>(vcmp<kEq, T>(vld(row + i), V{} + m), one, zero);
+            for (int64_t l = 0; l < L; ++l) cnt += k[l];
+          }
           for (; i < HW; ++i) cnt += T(row[i]) == m ? T(1) : T(0);
           fm = gmax[r] / cnt;
         }
@@ -2009,6 +2064,10 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
                                 [&](int64_t, auto& f, auto& g, auto& mm) {
                                   if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
                                     f = fa, g = fm, mm = m;
+#if SAM_AVX2_HALVES
+                                  } else if constexpr (std::is_same_v<std::decay_t<decltype(f)>, __m256>) {
+                                    f = _mm256_set1_ps(fa), g = _mm256_set1_ps(fm), mm = _mm256_set1_ps(m);
+#endif
                                   } else {
                                     f = V{} + fa, g = V{} + fm, mm = V{} + m;
                                   }
@@ -2066,6 +2125,11 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
                                   stream, [&](int64_t c, auto& f, auto& g, auto& mm) {
                                     if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
                                       f = fan[c], g = fmn[c], mm = mn ? mn[c] : T(0);
+#if SAM_AVX2_HALVES
+                                    } else if constexpr (std::is_same_v<std::decay_t<decltype(f)>, __m256>) {
+                                      f = _mm256_loadu_ps(fan + c), g = _mm256_loadu_ps(fmn + c),
+                                      mm = mn ? _mm256_loadu_ps(mn + c) : _mm256_setzero_ps();
+#endif
                                     } else {
                                       f = vload(fan + c), g = vload(fmn + c), mm = mn ? vload(mn + c) : V{};
                                     }
