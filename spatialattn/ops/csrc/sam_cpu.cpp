@@ -220,25 +220,6 @@ inline __m256 where_bits8(uint32_t b, __m256 v) {
   const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), sel), sel);
   return _mm256_and_ps(_mm256_castsi256_ps(m), v);
 }
-// the 8 bits of pixels [q, q + 8) of a row of max bits
-inline uint32_t get_bits8(const uint8_t* row, int64_t q) {
-  uint32_t w;
-  std::memcpy(&w, row + (q >> 3), sizeof(w));
-  return (w >> (q & 7)) & 0xffu;
-}
-// store the 8 bits of pixels [q, q + 8): one byte where q is a multiple of 8, else the two
-// bytes they span (read, merged, written)
-inline void put_bits8(uint8_t* row, int64_t q, uint32_t b) {
-  if ((q & 7) == 0) {
-    row[q >> 3] = uint8_t(b);
-    return;
-  }
-  uint16_t w;
-  std::memcpy(&w, row + (q >> 3), sizeof(w));
-  const uint16_t keep = uint16_t(~(0xffu << (q & 7)));
-  w = uint16_t((w & keep) | (b << (q & 7)));
-  std::memcpy(row + (q >> 3), &w, sizeof(w));
-}
 #endif
 
 // v in the lanes whose bit is set, +0 elsewhere
@@ -282,17 +263,19 @@ inline vec_t<T> where_bits(uint32_t b, vec_t<T> v) {
 }
 
 // the L bits of pixels [q, q + L) of a row of max bits
-template <typename T>
+// (L: a vector's lanes, 8 or 16; AVX2 builds' 256-bit float32 vectors take 8)
+template <int64_t L>
 inline uint32_t get_bits(const uint8_t* row, int64_t q) {
+  static_assert(L == 8 || L == 16);
   uint32_t w;
   std::memcpy(&w, row + (q >> 3), sizeof(w));
-  return (w >> (q & 7)) & ((uint32_t(1) << lanes<T>()) - 1);
+  return (w >> (q & 7)) & ((uint32_t(1) << L) - 1);
 }
 
-// store the L bits of pixels [q, q + L); q a multiple of L: one plain store
-template <typename T>
+// store the L bits (8 or 16) of pixels [q, q + L); q a multiple of L: one plain store
+template <int64_t L>
 inline void put_bits(uint8_t* row, int64_t q, uint32_t b) {
-  constexpr int64_t L = lanes<T>();
+  static_assert(L == 8 || L == 16);
   if ((q & (L - 1)) == 0) {
     if constexpr (L == 16) {
       const uint16_t h = uint16_t(b);
@@ -1151,10 +1134,10 @@ inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g,
         _mm256_storeu_ps(cp + k, tail ? _mm256_blendv_ps(n0, n1, keep) : n1);
         if (mb) {
           uint8_t* b0 = mb + c * mbs;
-          put_bits8(b0, q0 + k, uint32_t(_mm256_movemask_ps(e0)));
-          put_bits8(b0 + mbs, q0 + k, uint32_t(_mm256_movemask_ps(e1)));
-          put_bits8(b0 + 2 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e2)));
-          put_bits8(b0 + 3 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e3)));
+          put_bits<8>(b0, q0 + k, uint32_t(_mm256_movemask_ps(e0)));
+          put_bits<8>(b0 + mbs, q0 + k, uint32_t(_mm256_movemask_ps(e1)));
+          put_bits<8>(b0 + 2 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e2)));
+          put_bits<8>(b0 + 3 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e3)));
         }
       }
     };
@@ -1210,10 +1193,10 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
         vstore(cp + k, kept(tail_t, keep, n1, n0));
         if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
           uint8_t* b0 = mb + c * mbs;
-          put_bits<T>(b0, q0 + k, lane_bits<T>(e0));
-          put_bits<T>(b0 + mbs, q0 + k, lane_bits<T>(e1));
-          put_bits<T>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
-          put_bits<T>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+          put_bits<L>(b0, q0 + k, lane_bits<T>(e0));
+          put_bits<L>(b0 + mbs, q0 + k, lane_bits<T>(e1));
+          put_bits<L>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
+          put_bits<L>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
         }
       }
     });
@@ -1370,20 +1353,22 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 // maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
 // the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
 #if SAM_AVX2_HALVES
-// gradx_segment for float32 in AVX2 builds: the same operations per element in 256-bit
-// vectors (MB: the max channels from the bits, x not read); len >= 8. S (the channel-scale
-// sum): the generic code's 16-lane accumulator as two halves, 16 elements per step, its
-// lanes summed in order and the rest of the row scalar, as there, so the sum keeps its bits.
+// gradx_segment's vectors for float32 in AVX2 builds: the same operations per element in
+// 256-bit vectors (MB: the max channels from the bits, x not read); len >= 8. Without S, the
+// whole row (its tail one vector overlapping the last full one); returns len. S (the
+// channel-scale sum): the generic code's 16-lane accumulator as two halves, 16 elements per
+// step, its lanes added to t in order; returns the first element left to gradx_segment's
+// scalar loop, as there, so the sum keeps its bits.
 template <bool G, bool GC, bool M, bool F, bool MB, bool S>
-inline float gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
-                                const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
-                                bool stream, float* gp, const uint8_t* mb, int64_t q0) {
+inline int64_t gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
+                                  const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
+                                  bool stream, float* gp, const uint8_t* mb, int64_t q0, float& t) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto step = [&](int64_t k) {
     __m256 v = _mm256_setzero_ps();
     if constexpr (G) v = _mm256_mul_ps(GC ? vg : _mm256_loadu_ps(gr + k), _mm256_loadu_ps(an + k));
     if constexpr (M && MB)
-      v = _mm256_add_ps(v, where_bits8(get_bits8(mb, q0 + k), _mm256_loadu_ps(fm + k)));
+      v = _mm256_add_ps(v, where_bits8(get_bits<8>(mb, q0 + k), _mm256_loadu_ps(fm + k)));
     else if constexpr (M)
       v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vs),
                                                        _mm256_loadu_ps(mn + k), _CMP_EQ_OQ),
@@ -1394,7 +1379,6 @@ inline float gradx_segment_avx2(const float* xr, const float* gr, float gv, floa
     return v;
   };
   int64_t i = 0;
-  float t = 0.f;
   if constexpr (S) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; i + 16 <= len; i += 16) {
@@ -1406,21 +1390,12 @@ inline float gradx_segment_avx2(const float* xr, const float* gr, float gv, floa
     _mm256_storeu_ps(l, a0);
     _mm256_storeu_ps(l + 8, a1);
     for (int j = 0; j < 16; ++j) t += l[j];
-    for (; i < len; ++i) {
-      float v = 0.f;
-      if constexpr (G) v = (GC ? gv : gr[i]) * an[i];
-      if constexpr (M) v += xr[i] * sc == mn[i] ? fm[i] : 0.f;
-      if constexpr (F) v += fa[i];
-      t += v * xr[i];
-      gp[i] = v;
-      if (gx && !stream) gx[i] = v * sc;
-    }
+    return i;
   } else {
     for (; i + 8 <= len; i += 8) step(i);
     if (i < len) step(len - 8);  // overlapping the last full vector: the same values again
+    return len;
   }
-  if (gx && stream) mul_row<float>(gx, gp, nullptr, sc, nullptr, 1.f, len, stream);
-  return t;
 }
 #endif
 
@@ -1428,41 +1403,47 @@ template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool 
 inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
                        int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
   static_assert(!(MB && S), "the channel-scale gradient reads x");
-#if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
-    if (len >= 8) return gradx_segment_avx2<G, GC, M, F, MB, S>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0);
-  }
-#endif
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  V acc = {};
   int64_t i = 0;
-  auto step = [&](int64_t k) {
-    V v = {};
-    if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
-    if constexpr (M && MB) v += where_bits<T>(get_bits<T>(mb, q0 + k), vload(fm + k));
-    else if (M) v += vsel<T>(vcmp<kEq, T>(vld(xr + k) * sc, vload(mn + k)), vload(fm + k), V{});
-    if (F) v += vload(fa + k);
-    if (stream || !gx) {
-      vstore(gp + k, v);
-    } else {
-      vst(gx + k, v * sc);  // cached stores: write directly, no second pass
-    }
-    return v;
-  };
-  for (; i + L <= len; i += L) {
-    const V v = step(i);
-    if (S) acc += v * vld(xr + i);
-  }
-  // the tail as one vector ending at len, overlapping the last full one: its elements are
-  // written again with the same values (without S, which would count them twice)
-  if (!S && i < len && len >= L) {
-    step(len - L);
-    i = len;
-  }
   T t = 0;
-  if (S)
-    for (int64_t l = 0; l < L; ++l) t += acc[l];
+  bool vectors_done = false;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+    if (len >= 8) {
+      i = gradx_segment_avx2<G, GC, M, F, MB, S>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
+      vectors_done = true;
+    }
+  }
+#endif
+  if (!vectors_done) {
+    V acc = {};
+    auto step = [&](int64_t k) {
+      V v = {};
+      if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
+      if constexpr (M && MB) v += where_bits<T>(get_bits<L>(mb, q0 + k), vload(fm + k));
+      else if (M) v += vsel<T>(vcmp<kEq, T>(vld(xr + k) * sc, vload(mn + k)), vload(fm + k), V{});
+      if (F) v += vload(fa + k);
+      if (stream || !gx) {
+        vstore(gp + k, v);
+      } else {
+        vst(gx + k, v * sc);  // cached stores: write directly, no second pass
+      }
+      return v;
+    };
+    for (; i + L <= len; i += L) {
+      const V v = step(i);
+      if (S) acc += v * vld(xr + i);
+    }
+    // the tail as one vector ending at len, overlapping the last full one: its elements are
+    // written again with the same values (without S, which would count them twice)
+    if (!S && i < len && len >= L) {
+      step(len - L);
+      i = len;
+    }
+    if (S)
+      for (int64_t l = 0; l < L; ++l) t += acc[l];
+  }
   for (; i < len; ++i) {
     T v = 0;
     if (G) v = (GC ? gv : T(gr[i])) * an[i];
