@@ -3817,21 +3817,91 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
 
 constexpr int64_t kMlpGrain = 1 << 15;  // multiply-adds per thread chunk, at least
 
+// The MLP's vectors: mlp_vec_t<T>, kLanes (64 bytes) of T. AVX2 builds (SAM_AVX2_HALVES) have
+// no register for a 64-byte vec_t: GCC kept lincomb's accumulators on the stack and moved
+// every lane through xmm and general registers (perf: channel_mlp_backward at 1.3 G
+// multiply-adds/s on one thread). There mlp_vec_t is MlpHalves, the same lanes as two 32-byte
+// vectors (lanes 0 to L/2 - 1, then the rest) that do have registers, with the same
+// operations per lane; a lane sum starts with lo + hi as hreduce does, and reduce16 folds
+// the halves in its order, so the bits are those of vec_t. The memory layout is vec_t's (64
+// bytes, lanes in order).
+#if SAM_AVX2_HALVES
+template <typename T>
+struct MlpHalves {
+  typedef T H __attribute__((vector_size(32)));
+  H lo, hi;
+  MlpHalves& operator+=(const MlpHalves& o) {
+    lo += o.lo;
+    hi += o.hi;
+    return *this;
+  }
+};
+template <typename T>
+inline MlpHalves<T> operator+(MlpHalves<T> a, MlpHalves<T> b) {
+  return {a.lo + b.lo, a.hi + b.hi};
+}
+template <typename T>
+inline MlpHalves<T> operator*(MlpHalves<T> a, MlpHalves<T> b) {
+  return {a.lo * b.lo, a.hi * b.hi};
+}
+template <typename T>
+inline MlpHalves<T> operator*(T s, MlpHalves<T> b) {
+  return {s * b.lo, s * b.hi};
+}
+template <typename T>
+inline MlpHalves<T> operator+(MlpHalves<T> a, T s) {
+  return {a.lo + s, a.hi + s};
+}
+template <typename T>
+using mlp_vec_t = MlpHalves<T>;
+template <typename T>
+inline T mlp_sum(MlpHalves<T> v) {
+  return hreduce<T, 32>(v.lo + v.hi, false);
+}
+template <typename T>
+inline MlpHalves<T> mlp_load(const T* p) {  // a half at a time (one 64-byte memcpy went
+  MlpHalves<T> v;                           // through the stack in 16-byte pieces)
+  std::memcpy(&v.lo, p, 32);
+  std::memcpy(&v.hi, p + 32 / sizeof(T), 32);
+  return v;
+}
+template <typename T>
+inline void mlp_store(T* p, const MlpHalves<T>& v) {
+  std::memcpy(p, &v.lo, 32);
+  std::memcpy(p + 32 / sizeof(T), &v.hi, 32);
+}
+#else
+template <typename T>
+using mlp_vec_t = vec_t<T>;
+template <typename T>
+inline T mlp_sum(vec_t<T> v) {
+  return hreduce<T, 64>(v, false);
+}
+template <typename T>
+inline vec_t<T> mlp_load(const T* p) {
+  return vload(p);
+}
+template <typename T>
+inline void mlp_store(T* p, const vec_t<T>& v) {
+  vstore(p, v);
+}
+#endif
+
 template <typename T>
 inline T dot_lanes(const T* a, const T* b, int64_t n) {
-  using V = vec_t<T>;
+  using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
   V acc0 = V{}, acc1 = V{};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    acc0 += vload(a + i) * vload(b + i);
-    acc1 += vload(a + i + L) * vload(b + i + L);
+    acc0 += mlp_load(a + i) * mlp_load(b + i);
+    acc1 += mlp_load(a + i + L) * mlp_load(b + i + L);
   }
   if (i + L <= n) {
-    acc0 += vload(a + i) * vload(b + i);
+    acc0 += mlp_load(a + i) * mlp_load(b + i);
     i += L;
   }
-  T s = hreduce<T, 64>(acc0 + acc1, false);
+  T s = mlp_sum<T>(acc0 + acc1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -3840,22 +3910,22 @@ inline T dot_lanes(const T* a, const T* b, int64_t n) {
 // sums as dot_lanes
 template <int K, typename T>
 inline void dot_lanes_k(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
-  using V = vec_t<T>;
+  using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
   V acc[K][2] = {};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    const V a0 = vload(a + i), a1 = vload(a + i + L);
+    const V a0 = mlp_load(a + i), a1 = mlp_load(a + i + L);
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
-      acc[k][0] += a0 * vload(b + k * ldb + i);
-      acc[k][1] += a1 * vload(b + k * ldb + i + L);
+      acc[k][0] += a0 * mlp_load(b + k * ldb + i);
+      acc[k][1] += a1 * mlp_load(b + k * ldb + i + L);
     }
   }
   const bool odd = i + L <= n;
   for (int k = 0; k < K; ++k) {
-    if (odd) acc[k][0] += vload(a + i) * vload(b + k * ldb + i);
-    T s = hreduce<T, 64>(acc[k][0] + acc[k][1], false);
+    if (odd) acc[k][0] += mlp_load(a + i) * mlp_load(b + k * ldb + i);
+    T s = mlp_sum<T>(acc[k][0] + acc[k][1]);
     for (int64_t j = i + (odd ? L : 0); j < n; ++j) s += a[j] * b[k * ldb + j];
     out[k] = s;
   }
@@ -3883,6 +3953,33 @@ inline vec_t<float> reduce16(const vec_t<float>* v) {
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#if SAM_AVX2_HALVES
+// reduce16 on MlpHalves: each of its shuffles takes the first 8 lanes of the result from its
+// first operand and the last 8 from its second, with the same pattern (mod 16) for both, so
+// it is that 8-lane shuffle of the first operand's halves, then of the second's; the adds
+// pair the same lanes in the same order.
+inline MlpHalves<float> reduce16(const MlpHalves<float>* v) {
+  using M = MlpHalves<float>;
+  const auto f1 = [](M p) { return p.lo + p.hi; };
+  const auto f2 = [](M p) {
+    return __builtin_shufflevector(p.lo, p.hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(p.lo, p.hi, 4, 5, 6, 7, 12, 13, 14, 15);
+  };
+  const auto f3 = [](M p) {
+    return __builtin_shufflevector(p.lo, p.hi, 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(p.lo, p.hi, 2, 3, 6, 7, 10, 11, 14, 15);
+  };
+  const auto f4 = [](M p) {
+    return __builtin_shufflevector(p.lo, p.hi, 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(p.lo, p.hi, 1, 3, 5, 7, 9, 11, 13, 15);
+  };
+  M a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) a[k] = {f1(v[2 * k]), f1(v[2 * k + 1])};
+  for (int k = 0; k < 4; ++k) b[k] = {f2(a[2 * k]), f2(a[2 * k + 1])};
+  for (int k = 0; k < 2; ++k) c[k] = {f3(b[2 * k]), f3(b[2 * k + 1])};
+  return {f4(c[0]), f4(c[1])};
+}
+#endif
 #endif
 #endif
 
@@ -3892,20 +3989,21 @@ template <typename T>
 inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0, T* t, int64_t ld, int64_t q) {
 #ifdef SA_HAVE_REDUCE16
   if constexpr (std::is_same<T, float>::value) {
-    using V = vec_t<float>;
+    using V = mlp_vec_t<float>;
     V acc[16];
     for (int j = 0; j < 16; ++j) {
       const float* w = W + (c0 + j) * R;
       V s0 = V{}, s1 = V{};
       int64_t r = 0;
       for (; r + 32 <= R; r += 32) {
-        s0 += vload(w + r) * vload(hq + r);
-        s1 += vload(w + r + 16) * vload(hq + r + 16);
+        s0 += mlp_load(w + r) * mlp_load(hq + r);
+        s1 += mlp_load(w + r + 16) * mlp_load(hq + r + 16);
       }
-      if (r < R) s0 += vload(w + r) * vload(hq + r);
+      if (r < R) s0 += mlp_load(w + r) * mlp_load(hq + r);
       acc[j] = s0 + s1;
     }
-    const V out = reduce16(acc);
+    float out[16];
+    mlp_store(out, reduce16(acc));
     for (int j = 0; j < 16; ++j) t[(c0 + j) * ld + q] = out[j] + (bias ? bias[c0 + j] : 0.f);
     return true;
   }
@@ -3917,7 +4015,7 @@ inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0
 // accumulated in registers four vectors at a time
 template <typename T>
 inline void lincomb(const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t K, int64_t width, T* out) {
-  using V = vec_t<T>;
+  using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
   int64_t j = 0;
   for (; j + 4 * L <= width; j += 4 * L) {
@@ -3925,14 +4023,14 @@ inline void lincomb(const T* coef, int64_t cs, const T* rows, int64_t rs, int64_
     for (int64_t k = 0; k < K; ++k) {
       const T a = coef[k * cs];
       const T* row = rows + k * rs + j;
-      for (int u = 0; u < 4; ++u) acc[u] += a * vload(row + u * L);
+      for (int u = 0; u < 4; ++u) acc[u] += a * mlp_load(row + u * L);
     }
-    for (int u = 0; u < 4; ++u) vstore(out + j + u * L, acc[u]);
+    for (int u = 0; u < 4; ++u) mlp_store(out + j + u * L, acc[u]);
   }
   for (; j + L <= width; j += L) {
     V acc = V{};
-    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * vload(rows + k * rs + j);
-    vstore(out + j, acc);
+    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * mlp_load(rows + k * rs + j);
+    mlp_store(out + j, acc);
   }
   for (; j < width; ++j) {
     T acc = 0;
@@ -4002,7 +4100,7 @@ struct ChannelMlp {
   int64_t layer2_grain() const { return by_q ? mlp_grain(Qp * R) : mlp_grain(16 * Q * R); }
   void layer2(int64_t b0, int64_t b1) {
     if (by_q) {
-      using V = vec_t<T>;
+      using V = mlp_vec_t<T>;
       for (int64_t c = b0; c < b1; ++c) {
         const T* w = W2 + c * R;
         for (int64_t qb = 0; qb < Qp / L; ++qb) {
@@ -4010,9 +4108,13 @@ struct ChannelMlp {
           const T* hb = hT.data() + qb * R * L;
           int64_t r = 0;
           for (; r + 4 <= R; r += 4)
-            for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * vload(hb + (r + k) * L);
-          for (int k = 0; r < R; ++r, ++k) acc[k] += w[r] * vload(hb + r * L);
-          vstore(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
+            for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * mlp_load(hb + (r + k) * L);
+          // the last R % 4 rows into acc[0], acc[1], acc[2] (constant indices: the
+          // accumulators stay in registers)
+          if (r < R) acc[0] += w[r] * mlp_load(hb + r * L);
+          if (r + 1 < R) acc[1] += w[r + 1] * mlp_load(hb + (r + 1) * L);
+          if (r + 2 < R) acc[2] += w[r + 2] * mlp_load(hb + (r + 2) * L);
+          mlp_store(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
         }
       }
       return;
