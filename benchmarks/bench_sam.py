@@ -34,7 +34,8 @@ direct kernel calls; ``eager`` is the same math in plain PyTorch; float32 calls 
 autocast context), ``train`` and
 ``cbam-train`` (one training step, forward + backward, of
 ``spatialattn.nn.SpatialAttention(C)`` / ``CBAM(C, preset="official")`` with the
-BatchNorm of the spatial gate in training mode; ``ours-2op`` is the same module
+BatchNorm of the spatial gate in training mode; ``ours`` runs CBAM's step as one autograd
+node, ``spatialattn.nn._fast_train``; ``ours-2op`` is the same module on its module path
 without the fused training-BatchNorm op, ``eager`` the same math in plain PyTorch).
 
 Memory (``peak/|x|``, CPU): a fresh child process (same malloc settings, no
@@ -115,6 +116,7 @@ def main() -> None:
     from spatialattn import functional as SF
     from spatialattn import ops
     from spatialattn.nn import CBAM, SpatialAttention
+    from spatialattn.nn import _fast_train
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -294,10 +296,12 @@ def main() -> None:
                 def run():
                     orig = SF._fused_batchnorm_ok
                     SF._fused_batchnorm_ok = lambda *a: False
+                    _fast_train.ENABLED = False  # (CBAM: the module path, node by node)
                     try:
                         f()
                     finally:
                         SF._fused_batchnorm_ok = orig
+                        _fast_train.ENABLED = True
                 return run
 
             # inference of whole modules (no autograd, BatchNorm in eval mode: folded into the

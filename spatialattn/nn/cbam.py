@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import functional as SF
 from .. import ops
 from ._fast_eval import cbam_eval
+from ._fast_train import cbam_train
 
 from .base import AttentionModule
 from .channel import ChannelAttention
@@ -137,8 +138,9 @@ class CBAM(AttentionModule):
             self._remember(cg)
             return (y, cg) if return_attention else y
         if self.arrangement == "channel_spatial":
-            # without autograd on CPU: direct kernel calls where they apply (see _fast_eval)
-            out = None if torch.is_grad_enabled() else cbam_eval(self, x)
+            # on CPU where the C++ kernels apply: without autograd, direct kernel calls (see
+            # _fast_eval); with it, one autograd node (see _fast_train). Same numbers.
+            out = cbam_train(self, x) if torch.is_grad_enabled() else cbam_eval(self, x)
             y, sa, cg = self._channel_spatial(x) if out is None else out
         elif self.arrangement == "parallel":
             cg = self.channel.channel_gate(x)

@@ -468,20 +468,30 @@ def spatial_attention_fused_batchnorm(
     y, attn, stats = fn.apply(
         x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
     )
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    if norm.training and norm.track_running_stats and cpp:
+    _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
+    return (y, attn) if return_attention else y
+
+
+def _update_running_stats(norm: "torch.nn.BatchNorm2d", stats: Tensor, count: int, x: Tensor) -> None:
+    """Update ``norm``'s running statistics (and ``num_batches_tracked``) from the batch
+    statistics ``stats = [mean, biased var]`` (float64) of ``count`` logits, as
+    ``BatchNorm2d.forward`` does in training mode (nothing otherwise); ``x``: the input,
+    whose device picks the C++ / Triton / torch update."""
+    if not (norm.training and norm.track_running_stats):
+        return
+    if _fast_device(x) == "cpp":
         # one C++ call: ATen's update, momentum * stat + (1 - momentum) * running in double,
         # rounded once (bumps the version counters)
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
-    elif norm.training and norm.track_running_stats and _lib._triton_ok(x):
+    elif _lib._triton_ok(x):
         from . import _triton  # the same formula in one kernel (factor read on the device)
 
         with torch.no_grad():
             _triton.bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats, count,
                                       norm.momentum)
-    elif norm.training and norm.track_running_stats:
+    else:
         with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:
@@ -490,4 +500,3 @@ def spatial_attention_fused_batchnorm(
             unbiased = stats[1] * count / (count - 1)
             norm.running_mean.copy_(factor * stats[0] + (1.0 - factor) * norm.running_mean.double())
             norm.running_var.copy_(factor * unbiased + (1.0 - factor) * norm.running_var.double())
-    return (y, attn) if return_attention else y

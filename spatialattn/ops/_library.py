@@ -690,11 +690,122 @@ class GlobalPool(torch.autograd.Function):
         kinds, backend, counts = ctx.kinds, ctx.backend, ctx.counts
         if into is None:
             gx = _global_pool_backward(grad, x, out, kinds, backend, counts=counts)
-        elif into.dtype == x.dtype and into.shape == x.shape and into.stride() == x.stride():
-            gx = _global_pool_backward(grad, x, out, kinds, backend, into=into, counts=counts)
         else:
-            gx = into + _global_pool_backward(grad, x, out, kinds, backend, counts=counts)
+            gx = _add_global_pool_grad(into, grad, x, out, kinds, backend, counts)
         return gx, None, None, None, None
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` (one shape) put every element at the same offset: equal strides in
+    every dimension of more than one element (a batch-1 gradient may come with another
+    stride in its size-1 batch dimension than ``x``)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _add_global_pool_grad(into: Tensor, grad: Tensor, x: Tensor, out: Tensor, kinds: List[int], backend: str,
+                          counts: Optional[Tensor]) -> Tensor:
+    """``into`` + the global pooling's gradient: added in place (one read-modify-write, one
+    rounding) where ``into`` has ``x``'s dtype and layout, else as a new tensor."""
+    if into.dtype == x.dtype and into.shape == x.shape and _same_layout(into, x):
+        view = into if into.stride() == x.stride() else into.as_strided(x.shape, x.stride())
+        _global_pool_backward(grad, x, out, kinds, backend, into=view, counts=counts)
+        return into
+    return into + _global_pool_backward(grad, x, out, kinds, backend, counts=counts)
+
+
+class CppCbam(torch.autograd.Function):
+    """A channel-then-spatial CBAM on the C++ kernels (CPU) in one autograd node: global
+    pooling -> channel MLP -> sigmoid gate ``cg`` -> the SAM of ``x * cg`` (with a
+    training-mode ``BatchNorm2d(1)`` on its logits where ``batch_norm``, else with the conv
+    bias only). The kernels and arguments of the module path (:class:`GlobalPool`,
+    :class:`ChannelMlpGate`, :class:`CppSamBatchNorm` / :class:`CppSam`, the pooling's
+    gradient added in place into the SAM's), so the same bits; one node instead of four
+    (with their views and Python glue: about a third of a training step on small maps).
+
+    Inputs: ``x``; the MLP weights as the module holds them (``[out, in]`` or
+    ``[out, in, 1, 1]``, the accumulation dtype), ``weight2`` / ``bias2`` None for the one-layer
+    MLP; the SAM conv ``weight`` ``[1, P, k, k]`` / ``bias``; the BatchNorm's affine
+    parameters (or None). Returns ``(y, attn [N, 1, H, W], cg [N, C, 1, 1], stats)``,
+    ``stats`` = the logits' ``[mean, biased var]`` (float64, no grad) with ``batch_norm``,
+    else an empty tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2, weight, bias, bn_weight, bn_bias, eps, ch_kinds, kinds,
+                dilation, batch_norm):
+        ext = _cpp.get()
+        x = _dense(x)
+        n, c = x.shape[0], x.shape[1]
+        w1 = weight1 if weight1.dim() == 2 else weight1.reshape(weight1.shape[0], -1)
+        w2 = weight2 if weight2 is None or weight2.dim() == 2 else weight2.reshape(weight2.shape[0], -1)
+        pooled_ch, counts = ext.global_pool_counted(x, ch_kinds, True)
+        gate, hidden = ext.channel_mlp_forward(pooled_ch, w1, bias1, w2, bias2, True)
+        cg = gate.view(n, c, 1, 1)
+        scale = cg if cg.dtype == x.dtype else cg.to(x.dtype)  # rounded to x's dtype, as the module path
+        if batch_norm:
+            y, attn, logits, pooled, stats = ext.sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps,
+                                                                kinds, dilation)
+        else:
+            y, attn, logits, pooled = ext.sam_forward(x, weight, bias, scale, None, None, kinds, dilation, None)
+            stats = torch.empty(0, dtype=torch.float64)
+        ctx.args = (eps, ch_kinds, kinds, dilation, batch_norm)
+        ctx.meta = (None if bias is None else (bias.shape, bias.dtype), None if bn_bias is None else bn_bias.dtype,
+                    weight1.shape, None if weight2 is None else weight2.shape)
+        # small, not inputs or outputs: no version tracking needed
+        ctx.small = (pooled_ch, counts, hidden, logits, pooled, stats)
+        ctx.save_for_backward(x, w1, w2, weight, bn_weight, attn, cg)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return y, attn, cg, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_attn, grad_cg, _gstats):
+        x, w1, w2, weight, bn_weight, attn, cg = ctx.saved_tensors
+        pooled_ch, counts, hidden, logits, pooled, stats = ctx.small
+        eps, ch_kinds, kinds, dilation, batch_norm = ctx.args
+        need = ctx.needs_input_grad
+        ext = _cpp.get()
+        n, c = x.shape[0], x.shape[1]
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        scale = cg if cg.dtype == x.dtype else cg.to(x.dtype)
+        need_gate = any(need[:5])  # x (through the pooling) or the MLP's parameters
+        if batch_norm:
+            gx, gs, gw, gb, ggamma, gbeta = ext.sam_backward_bn(
+                grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, eps, kinds, dilation,
+                need_gate, need[5], need[6], need[7] or need[8],
+            )
+        else:
+            gx, gs, gw, gb, _, _ = ext.sam_backward(
+                grad_y, grad_attn, x, scale, weight, None, attn, logits, pooled, kinds, dilation, need_gate, need[5],
+                need[6], False,
+            )
+        gw1 = gb1 = gw2 = gb2 = None
+        if need_gate:
+            # the scale's gradient in x's dtype, then in the gate's (the casts of the module path)
+            g = gs.to(scale.dtype).to(cg.dtype).reshape(n, c)
+            if grad_cg is not None:
+                g = g + grad_cg.reshape(n, c)
+            two = w2 is not None
+            gp, gw1, gb1, gw2, gb2 = ext.channel_mlp_backward(
+                g, cg.view(n, c), pooled_ch, w1, w2, hidden if two else None,
+                [need[0], need[1], need[2], two and need[3], two and need[4]],
+            )
+            if need[0]:
+                gx = _add_global_pool_grad(gx, gp, x, pooled_ch, ch_kinds, "cpp", counts)
+        bias_meta, beta_dtype, w1_shape, w2_shape = ctx.meta
+        return (
+            gx if need[0] else None,
+            gw1.view(w1_shape) if need[1] else None,
+            gb1 if need[2] else None,
+            gw2.view(w2_shape) if need[3] else None,
+            gb2 if need[4] else None,
+            gw.to(weight.dtype) if need[5] else None,
+            gb.to(bias_meta[1]).reshape(bias_meta[0]) if need[6] and bias_meta else None,
+            ggamma.to(bn_weight.dtype).reshape(bn_weight.shape) if need[7] else None,
+            gbeta.to(beta_dtype).reshape(1) if need[8] else None,
+            None, None, None, None, None,
+        )
 
 
 class GradSlot:

@@ -202,8 +202,8 @@ def api_workload(cases: Sequence[Case], orders: Sequence[Sequence[str]] = ALL_OR
     """A workload calling every Triton-backed path of the public API: the fused SAM (pooling
     ``orders``, with and without a channel scale, forward and backward), the fused
     training-BatchNorm SAM (``SpatialAttention`` in training), ``CBAM`` in training and eval
-    (global pooling with tie counts, the in-place pooling gradient), ``channel_pool`` and
-    ``gate_multiply`` with their gradients; both layouts; half dtypes as half tensors and as
+    (global pooling with tie counts, the in-place pooling gradient), ``global_pool``,
+    ``channel_pool`` and ``gate_multiply`` with their gradients; both layouts; half dtypes as half tensors and as
     under autocast (half maps, float32 parameters). Each case is a shape, a dtype and the
     ``_PROGRAMS_PER_SM`` to run under (0: no loop split)."""
     from spatialattn import ops
@@ -245,6 +245,9 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
     torch.autograd.grad(y, (x, wt, b), torch.ones_like(y))
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
+    torch.autograd.grad(p, x, torch.ones_like(p))
+    x = leaf(*shape)  # the global pooling's gradient written (not added in place)
+    p = ops.global_pool(x, ("mean", "max"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))
     x, a, s = leaf(*shape), leaf(n, 1, h, w), leaf(n, c, 1, 1)
     y = ops.gate_multiply(x, a, s)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from spatialattn import CBAM, ops
+from spatialattn.nn import _fast_train
 from spatialattn.ops import _cpp, reference
 from spatialattn.ops import _library as lib
 
@@ -161,6 +162,8 @@ def test_cbam_training_step_uses_the_fused_gate(preset, monkeypatch):
     calls = []
     real = lib.ChannelMlpGate.apply
     monkeypatch.setattr(lib.ChannelMlpGate, "apply", lambda *a: calls.append(1) or real(*a))
+    # the module path (CBAM training otherwise runs as one node: tests/nn/test_fast_train.py)
+    monkeypatch.setattr(_fast_train, "ENABLED", False)
     y = m(x)
     y.square().sum().backward()
     grads = [x.grad] + [p.grad for p in m.parameters()]

@@ -1,0 +1,132 @@
+"""Training-mode CBAM (channel gate, then SAM) in one autograd node on the C++ kernels.
+
+The module path builds four autograd nodes per CBAM (the global pooling, a node that routes
+the two gradients w.r.t. ``x`` into one pass, the channel MLP, the SAM) plus views, casts
+and the checks of three layers of API; on small maps that Python and autograd work cost
+about as much as the kernels (1x1024x13x13 on a 2-core VM: a training step 750 us, the
+kernels about 250 us of it). :func:`cbam_train` runs the same kernels with the same
+arguments in one node (:class:`spatialattn.ops._library.CppCbam`), so outputs, gradients
+and BatchNorm running statistics are bit for bit those of the module path; it applies
+where every part of the module takes the C++ kernels anyway:
+
+* CPU, the C++ extension built, eager (no ``torch.compile``, export, tracing or
+  ``torch.func`` transform), a plain 4-D tensor with pixels, channels and images;
+* the channel half: a sigmoid gate, a ReLU between two layers (or one layer), 1x1 conv /
+  Linear weights in the accumulation dtype (float32 for half inputs);
+* the spatial half: a sigmoid gate, conv weight and bias in the accumulation dtype, and
+  either no norm or a ``BatchNorm2d(1)`` using batch statistics (training mode, or no
+  running statistics) with parameters in the accumulation dtype and more than one logit.
+
+Anything else (an eval-mode BatchNorm folded into an affine, other gates or norms,
+subclasses that override ``gate_from_pooled`` / ``attend``) returns ``None``: the caller
+takes the module path.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import functional as SF
+from .. import ops
+from ..ops import _library as _lib
+from .channel import ChannelAttention
+from .spatial import SpatialAttention
+
+__all__ = ["cbam_train"]
+
+# False: always the module path (tests compare the two)
+ENABLED = True
+
+
+def _cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
+    return all(t is None or (t.is_cpu and t.dtype == dtype) for t in tensors)
+
+
+def _channel_args(ch, c: int, acc: torch.dtype):
+    """``(kinds, w1, b1, w2, b2)`` of the channel half, or None (not fusable)."""
+    if type(ch).gate_from_pooled is not ChannelAttention.gate_from_pooled or not SF._is_sigmoid_gate(ch.gate):
+        return None
+    try:
+        kinds = ops._kinds(ch.pool_types)
+    except KeyError:  # not normalised: the module path names the error
+        return None
+    mods = ch._modules
+    if ch.num_layers == 2:
+        if not SF._is_relu(mods["act"]):
+            return None
+        fc1, fc2 = mods["fc1"]._parameters, mods["fc2"]._parameters
+        w1, b1, w2, b2 = fc1["weight"], fc1.get("bias"), fc2["weight"], fc2.get("bias")
+    else:
+        fc = mods["fc"]._parameters
+        w1, b1, w2, b2 = fc["weight"], fc.get("bias"), None, None
+    if not _cpu_in(acc, w1, b1, w2, b2):
+        return None
+    for w in (w1, w2):
+        if w is not None and not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))):
+            return None
+    r = w1.shape[0]
+    if w1.shape[1] != c or (w1 if w2 is None else w2).shape[0] != c or (w2 is not None and w2.shape[1] != r):
+        return None
+    if (b1 is not None and b1.shape != (r,)) or (b2 is not None and b2.shape != (c,)):
+        return None
+    return kinds, w1, b1, w2, b2
+
+
+def _spatial_args(sp, x: Tensor, acc: torch.dtype):
+    """``(weight, bias, bn or None, kinds, dilation)`` of the spatial half, or None."""
+    if type(sp).attend is not SpatialAttention.attend or not SF._is_sigmoid_gate(sp.gate):
+        return None
+    if sp.channels is not None and sp.channels != x.shape[1]:
+        return None
+    mods = sp._modules
+    conv = mods["conv"]
+    bn = mods["bn"] if "bn" in mods else sp.__dict__.get("bn")
+    weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
+    if not _cpu_in(acc, weight, bias):
+        return None
+    try:
+        kinds = ops._kinds(sp.order)
+    except KeyError:
+        return None
+    shape = tuple(weight.shape)
+    if len(shape) != 4 or shape[:2] != (1, len(kinds)) or not (shape[2] % 2 and shape[3] % 2):
+        return None
+    if bias is not None and bias.numel() != 1:
+        return None
+    if bn is not None:
+        if not ops.batchnorm_train_fusable(x, bn) or not _cpu_in(acc, bn.weight, bn.bias):
+            return None
+    return weight, bias, bn, kinds, sp.dilation
+
+
+def cbam_train(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """``(y, spatial map, channel gate)`` of a channel-then-spatial CBAM ``m`` in one autograd
+    node, with ``m``'s BatchNorm running statistics updated, or ``None`` where that does not
+    apply (see the module docstring). For grad mode."""
+    if not ENABLED or type(x) is not Tensor or x.dim() != 4 or not x.is_cpu:
+        return None
+    if ops._torch_ops_only() or ops._fast_device(x) != "cpp":
+        return None
+    n, c, h, w = x.shape
+    if n == 0 or c == 0 or h * w == 0 or c != m.channels:
+        return None
+    acc = SF.accumulate_dtype(x)
+    mods = m._modules
+    ch = _channel_args(mods["channel"], c, acc)
+    if ch is None:
+        return None
+    sp = _spatial_args(mods["spatial"], x, acc)
+    if sp is None:
+        return None
+    kinds_ch, w1, b1, w2, b2 = ch
+    weight, bias, bn, kinds, dilation = sp
+    with _lib.autocast_off("cpu"):
+        y, attn, cg, stats = _lib.CppCbam.apply(
+            x, w1, b1, w2, b2, weight, bias, None if bn is None else bn.weight, None if bn is None else bn.bias,
+            1e-5 if bn is None else float(bn.eps), kinds_ch, kinds, dilation, bn is not None,
+        )
+    if bn is not None:
+        ops._update_running_stats(bn, stats, n * h * w, x)
+    return y, attn, cg
