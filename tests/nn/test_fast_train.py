@@ -213,3 +213,22 @@ def test_compile_matches_eager():
     for a, b in zip(eager, compiled):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_gate_gradient(dtype):
+    # a loss on the channel gate too (what the node returns as its third output)
+    m = _randomise(CBAM(16, reduction=4), 9).train()
+    x = _x((2, 16, 5, 6), "channels_last", dtype)
+    g = torch.Generator().manual_seed(3)
+    r1, r2 = torch.randn(x.shape, generator=g), torch.randn(2, 16, 1, 1, generator=g)
+    outs = []
+    for fused in (False, True):
+        mm = copy.deepcopy(m)
+        xg = x.detach().clone().requires_grad_()
+        with _count_fused() as calls:
+            y, sa, cg = _fast_train.cbam_train(mm, xg) if fused else mm._channel_spatial(xg)
+        assert len(calls) == int(fused)
+        ((y.float() * r1).sum() + (cg * r2).sum()).backward()
+        outs.append([y, sa, cg, xg.grad] + [p.grad for p in mm.parameters()] + list(mm.buffers()))
+    _assert_same(outs[1], outs[0])
