@@ -468,6 +468,30 @@ inline __m256 ld8<at::BFloat16>(const at::BFloat16* p) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+// 8 elements of storage type X from one float32 vector, rounded as vst rounds them
+// (float16: F16C, nearest even; bfloat16: bf16_bits_rne's integer sequence, NaN -> 0x7FC0)
+inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void st8(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline __m128i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, lsb), _mm256_set1_epi32(0x7FFF)), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // (all <= 0xFFFF)
+}
+inline void st8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
+// non-temporal: p aligned to 8 elements (32 bytes float32, 16 bytes the half formats)
+inline void st8_nt(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void st8_nt(at::Half* p, __m256 v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void st8_nt(at::BFloat16* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
+// the storage types the 256-bit loops take (float32 compute)
+template <typename X>
+constexpr bool kAvx2Storage =
+    std::is_same_v<X, float> || std::is_same_v<X, at::Half> || std::is_same_v<X, at::BFloat16>;
 // vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
 inline __m256 vmax8(__m256 m, __m256 v) { return _mm256_max_ps(v, m); }
 // hreduce<float, 64> of the 64-byte vector whose halves are lo, hi
@@ -564,25 +588,27 @@ inline void stream_fence(bool stream) {
 // the tail as one vector ending at n (overlapped elements written again, the same values);
 // with `stream`, non-temporal stores from that boundary (the generic code streams only in
 // AVX-512 builds).
-template <bool HS, bool HA>
-inline void mul_row_avx2(float* d, const float* x, const float* sv, float ss, const float* av, float as,
-                         int64_t n, bool stream) {
+template <bool HS, bool HA, typename XD, typename XS>
+inline void mul_row_avx2(XD* d, const XS* x, const float* sv, float ss, const float* av, float as, int64_t n,
+                         bool stream) {
   const __m256 vss = _mm256_set1_ps(ss), vas = _mm256_set1_ps(as);
   auto at = [&](int64_t k) {
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), HS ? _mm256_loadu_ps(sv + k) : vss),
+    return _mm256_mul_ps(_mm256_mul_ps(ld8(x + k), HS ? _mm256_loadu_ps(sv + k) : vss),
                          HA ? _mm256_loadu_ps(av + k) : vas);
   };
-  int64_t i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 31) / sizeof(float));
+  auto one = [&](int64_t k) { d[k] = XD((float(x[k]) * (HS ? sv[k] : ss)) * (HA ? av[k] : as)); };
+  constexpr uintptr_t vb = 8 * sizeof(XD);  // bytes of d per vector
+  int64_t i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & (vb - 1)) / sizeof(XD));
   if (stream) {
-    for (int64_t k = 0; k < i && k < n; ++k) d[k] = (x[k] * (HS ? sv[k] : ss)) * (HA ? av[k] : as);
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(d + i, at(i));
-    for (; i < n; ++i) d[i] = (x[i] * (HS ? sv[i] : ss)) * (HA ? av[i] : as);
+    for (int64_t k = 0; k < i && k < n; ++k) one(k);
+    for (; i + 8 <= n; i += 8) st8_nt(d + i, at(i));
+    for (; i < n; ++i) one(i);
     return;
   }
-  _mm256_storeu_ps(d, at(0));
+  st8(d, at(0));
   if (i == 0) i = 8;
-  for (; i + 8 <= n; i += 8) _mm256_store_ps(d + i, at(i));
-  if (i < n) _mm256_storeu_ps(d + n - 8, at(n - 8));
+  for (; i + 8 <= n; i += 8) st8(d + i, at(i));
+  if (i < n) st8(d + n - 8, at(n - 8));
 }
 #endif
 
@@ -592,7 +618,7 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
   constexpr int64_t L = lanes<T>();
   int64_t i = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<XD, float> && std::is_same_v<XS, float>) {
+  if constexpr (std::is_same_v<T, float> && kAvx2Storage<XD> && kAvx2Storage<XS>) {
     if (n >= 8 && static_cast<const void*>(d) != static_cast<const void*>(x)) {
       if (sv && av) mul_row_avx2<true, true>(d, x, sv, ss, av, as, n, stream);
       else if (sv) mul_row_avx2<true, false>(d, x, sv, ss, av, as, n, stream);
@@ -1087,10 +1113,10 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
 // per element in 256-bit vectors, the tail as one vector ending at len whose overlapped lanes
 // keep their sums and counts (and get their max bits again, the same); returns the first
 // channel left
-template <bool G, bool GC, bool M>
-inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g, float gv, const float* mp,
-                                 int64_t C, int64_t HW, int64_t len, float* ap, float* cp, uint8_t* mb,
-                                 int64_t mbs, int64_t q0) {
+template <bool G, bool GC, bool M, typename X>
+inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float gv, const float* mp, int64_t C,
+                                 int64_t HW, int64_t len, float* ap, float* cp, uint8_t* mb, int64_t mbs,
+                                 int64_t q0) {
   if (len < 8) return 0;
   const __m256 one = _mm256_set1_ps(1.f), vg = _mm256_set1_ps(gv);
   const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
@@ -1099,14 +1125,13 @@ inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g,
   const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(float(full - (len - 8))), _CMP_GE_OQ);
   int64_t c = 0;
   for (; c + 4 <= C; c += 4) {
-    const float* x0 = x + c * HW;
-    const float* g0 = g + c * HW;
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
     const __m256 s0 = _mm256_set1_ps(s ? s[c] : 1.f), s1 = _mm256_set1_ps(s ? s[c + 1] : 1.f),
                  s2 = _mm256_set1_ps(s ? s[c + 2] : 1.f), s3 = _mm256_set1_ps(s ? s[c + 3] : 1.f);
     auto sweep = [&](int64_t k, bool tail) {
-      const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(x0 + k), s0), v1 = _mm256_mul_ps(_mm256_loadu_ps(x0 + HW + k), s1),
-                   v2 = _mm256_mul_ps(_mm256_loadu_ps(x0 + 2 * HW + k), s2),
-                   v3 = _mm256_mul_ps(_mm256_loadu_ps(x0 + 3 * HW + k), s3);
+      const __m256 v0 = _mm256_mul_ps(ld8(x0 + k), s0), v1 = _mm256_mul_ps(ld8(x0 + HW + k), s1),
+                   v2 = _mm256_mul_ps(ld8(x0 + 2 * HW + k), s2), v3 = _mm256_mul_ps(ld8(x0 + 3 * HW + k), s3);
       if constexpr (G) {
         const __m256 a0 = _mm256_loadu_ps(ap + k);
         __m256 a = a0;
@@ -1116,10 +1141,10 @@ inline int64_t reduce_chunk_avx2(const float* x, const float* s, const float* g,
           a = _mm256_add_ps(a, _mm256_mul_ps(vg, v2));
           a = _mm256_add_ps(a, _mm256_mul_ps(vg, v3));
         } else {
-          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + k), v0));
-          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + HW + k), v1));
-          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + 2 * HW + k), v2));
-          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(g0 + 3 * HW + k), v3));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + k), v0));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + HW + k), v1));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + 2 * HW + k), v2));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + 3 * HW + k), v3));
         }
         _mm256_storeu_ps(ap + k, tail ? _mm256_blendv_ps(a0, a, keep) : a);
       }
@@ -1158,8 +1183,8 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
-    c = reduce_chunk_avx2<G, GC, M>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
+  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
+    c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
   }
 #endif
   for (; c + 4 <= C; c += 4) {
@@ -1359,23 +1384,23 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
 // channel-scale sum): the generic code's 16-lane accumulator as two halves, 16 elements per
 // step, its lanes added to t in order; returns the first element left to gradx_segment's
 // scalar loop, as there, so the sum keeps its bits.
-template <bool G, bool GC, bool M, bool F, bool MB, bool S>
-inline int64_t gradx_segment_avx2(const float* xr, const float* gr, float gv, float sc, const float* an,
-                                  const float* mn, const float* fm, const float* fa, int64_t len, float* gx,
-                                  bool stream, float* gp, const uint8_t* mb, int64_t q0, float& t) {
+template <bool G, bool GC, bool M, bool F, bool MB, bool S, typename X>
+inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, const float* an, const float* mn,
+                                  const float* fm, const float* fa, int64_t len, X* gx, bool stream, float* gp,
+                                  const uint8_t* mb, int64_t q0, float& t) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto step = [&](int64_t k) {
     __m256 v = _mm256_setzero_ps();
-    if constexpr (G) v = _mm256_mul_ps(GC ? vg : _mm256_loadu_ps(gr + k), _mm256_loadu_ps(an + k));
+    if constexpr (G) v = _mm256_mul_ps(GC ? vg : ld8(gr + k), _mm256_loadu_ps(an + k));
     if constexpr (M && MB)
       v = _mm256_add_ps(v, where_bits8(get_bits<8>(mb, q0 + k), _mm256_loadu_ps(fm + k)));
     else if constexpr (M)
-      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vs),
-                                                       _mm256_loadu_ps(mn + k), _CMP_EQ_OQ),
+      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(ld8(xr + k), vs), _mm256_loadu_ps(mn + k),
+                                                       _CMP_EQ_OQ),
                                          _mm256_loadu_ps(fm + k)));
     if constexpr (F) v = _mm256_add_ps(v, _mm256_loadu_ps(fa + k));
     if (stream || !gx) _mm256_storeu_ps(gp + k, v);
-    else _mm256_storeu_ps(gx + k, _mm256_mul_ps(v, vs));
+    else st8(gx + k, _mm256_mul_ps(v, vs));
     return v;
   };
   int64_t i = 0;
@@ -1383,8 +1408,8 @@ inline int64_t gradx_segment_avx2(const float* xr, const float* gr, float gv, fl
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; i + 16 <= len; i += 16) {
       const __m256 v0 = step(i), v1 = step(i + 8);
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, _mm256_loadu_ps(xr + i)));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, _mm256_loadu_ps(xr + i + 8)));
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, ld8(xr + i + 8)));
     }
     float l[16];
     _mm256_storeu_ps(l, a0);
@@ -1409,9 +1434,9 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   T t = 0;
   bool vectors_done = false;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
     if (len >= 8) {
-      i = gradx_segment_avx2<G, GC, M, F, MB, S>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
+      i = gradx_segment_avx2<G, GC, M, F, MB, S, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
       vectors_done = true;
     }
   }
@@ -1467,23 +1492,23 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 #if SAM_AVX2_HALVES
 // gradx_pixel's vector loop for float32 in AVX2 builds: the same operations per element in
 // 256-bit vectors; returns the first channel left to the scalar loop
-template <bool G, bool GC, bool M, bool F, bool XM>
-inline int64_t gradx_pixel_avx2(const float* xr, const float* gr, float gv, float av, const float* sr, float m,
-                                float f, float fa, int64_t C, float* ps, float* gx, bool stream, float* gp) {
+template <bool G, bool GC, bool M, bool F, bool XM, typename X>
+inline int64_t gradx_pixel_avx2(const X* xr, const X* gr, float gv, float av, const float* sr, float m, float f,
+                                float fa, int64_t C, float* ps, X* gx, bool stream, float* gp) {
   const __m256 gav = _mm256_set1_ps(gv * av), vav = _mm256_set1_ps(av), vfa = _mm256_set1_ps(fa),
                vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(f);
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {
     __m256 v = F ? vfa : _mm256_setzero_ps();
-    if constexpr (G) v = _mm256_add_ps(GC ? gav : _mm256_mul_ps(_mm256_loadu_ps(gr + c), vav), v);
+    if constexpr (G) v = _mm256_add_ps(GC ? gav : _mm256_mul_ps(ld8(gr + c), vav), v);
     if constexpr (M && XM) {
-      const __m256 xv = _mm256_loadu_ps(xr + c);
+      const __m256 xv = ld8(xr + c);
       const __m256 xs = sr ? _mm256_mul_ps(xv, _mm256_loadu_ps(sr + c)) : xv;
       v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(xs, vm, _CMP_EQ_OQ), vf));
     }
-    if (XM && ps) _mm256_storeu_ps(ps + c, _mm256_add_ps(_mm256_loadu_ps(ps + c), _mm256_mul_ps(v, _mm256_loadu_ps(xr + c))));
+    if (XM && ps) _mm256_storeu_ps(ps + c, _mm256_add_ps(_mm256_loadu_ps(ps + c), _mm256_mul_ps(v, ld8(xr + c))));
     if (stream || !gx) _mm256_storeu_ps(gp + c, v);
-    else _mm256_storeu_ps(gx + c, sr ? _mm256_mul_ps(v, _mm256_loadu_ps(sr + c)) : v);
+    else st8(gx + c, sr ? _mm256_mul_ps(v, _mm256_loadu_ps(sr + c)) : v);
   }
   return c;
 }
@@ -1497,8 +1522,8 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
   const V gav = V{} + gv * av;
   int64_t c = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>)
-    c = gradx_pixel_avx2<G, GC, M, F, XM>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
+  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>)
+    c = gradx_pixel_avx2<G, GC, M, F, XM, X>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
 #endif
   for (; c + L <= C; c += L) {
     V v = F ? V{} + fa : V{};
