@@ -1984,18 +1984,16 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
     constexpr bool ST = decltype(st_t)::value;
     int64_t k = 0;
 #if SAM_AVX2_HALVES
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+    if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
       // AVX2 builds (see SAM_AVX2_HALVES): the same operations per element in 256-bit
       // vectors; at(k, f, fm, m) with __m256 operands gives 8 elements from k
-      float* dst = ST ? buf : out;
       for (; k + 8 <= n; k += 8) {
         __m256 f, fm, m;
         at(k, f, fm, m);
-        __m256 v = has_max ? _mm256_blendv_ps(f, _mm256_add_ps(f, fm),
-                                              _mm256_cmp_ps(_mm256_loadu_ps(row + k), m, _CMP_EQ_OQ))
+        __m256 v = has_max ? _mm256_blendv_ps(f, _mm256_add_ps(f, fm), _mm256_cmp_ps(ld8(row + k), m, _CMP_EQ_OQ))
                            : f;
-        if (acc) v = _mm256_add_ps(_mm256_loadu_ps(out + k), v);
-        _mm256_storeu_ps(dst + k, v);
+        if (acc) v = _mm256_add_ps(ld8(out + k), v);
+        if constexpr (ST) _mm256_storeu_ps(buf + k, v); else st8(out + k, v);
       }
     }
 #endif
@@ -2045,12 +2043,12 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
           T cnt = 0;
           int64_t i = 0;
 #if SAM_AVX2_HALVES
-          if constexpr (std::is_same_v<T, float> && std::is_same_v<X, float>) {
+          if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
             const __m256 vm = _mm256_set1_ps(m), o = _mm256_set1_ps(1.f);
             __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
             for (; i + 16 <= HW; i += 16) {
-              k0 = _mm256_add_ps(k0, _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), vm, _CMP_EQ_OQ), o));
-              k1 = _mm256_add_ps(k1, _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i + 8), vm, _CMP_EQ_OQ), o));
+              k0 = _mm256_add_ps(k0, _mm256_and_ps(_mm256_cmp_ps(ld8(row + i), vm, _CMP_EQ_OQ), o));
+              k1 = _mm256_add_ps(k1, _mm256_and_ps(_mm256_cmp_ps(ld8(row + i + 8), vm, _CMP_EQ_OQ), o));
             }
             float l[8];
             _mm256_storeu_ps(l, _mm256_add_ps(k0, k1));
