@@ -136,17 +136,16 @@ def _channel_key(m, x: Tensor):
     return key + ((id(mods["act"]),) if ch.num_layers == 2 else ())
 
 
-def _channel_build(m, x: Tensor):
-    """Arguments of the global pooling and the channel MLP kernels, or None (not fusable)."""
-    ch = m._modules["channel"]
-    if x.dtype not in _lib._CPP_DTYPES:
-        return None
-    acc = SF.accumulate_dtype(x)
+def channel_mlp_parts(ch):
+    """``(pool kinds, [(weight, bias) of fc1, fc2 or of fc]))`` of a ChannelAttention, its
+    parameters as held, or None where the fused MLP kernels do not apply (a gate other than
+    sigmoid, an activation other than ReLU, a pooling order that is not normalised: the
+    ordinary path names that error). Shared with :mod:`._fast_train`."""
     if not SF._is_sigmoid_gate(ch.gate):
         return None
     try:
         kinds = ops._kinds(ch.pool_types)
-    except KeyError:  # not normalised: the ordinary path names the error
+    except KeyError:
         return None
     mods = ch._modules
     if ch.num_layers == 2:
@@ -155,9 +154,20 @@ def _channel_build(m, x: Tensor):
         fcs = (mods["fc1"], mods["fc2"])
     else:
         fcs = (mods["fc"],)
+    return kinds, [(fc._parameters["weight"], fc._parameters.get("bias")) for fc in fcs]
+
+
+def _channel_build(m, x: Tensor):
+    """Arguments of the global pooling and the channel MLP kernels, or None (not fusable)."""
+    if x.dtype not in _lib._CPP_DTYPES:
+        return None
+    acc = SF.accumulate_dtype(x)
+    found = channel_mlp_parts(m._modules["channel"])
+    if found is None:
+        return None
+    kinds, fcs = found
     parts = []
-    for fc in fcs:
-        w, b = fc._parameters["weight"], fc._parameters.get("bias")
+    for w, b in fcs:
         if w.dim() not in (2, 4) or any(t is not None and (t.dtype != acc or not t.is_cpu) for t in (w, b)):
             return None
         parts += [SF._as_linear_weight(w.detach(), acc), None if b is None else b.detach()]

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import functional as SF
 from .. import ops
 from ..ops import _library as _lib
+from ._fast_eval import channel_mlp_parts
 from .channel import ChannelAttention
 from .spatial import SpatialAttention
 
@@ -46,21 +47,13 @@ def _cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
 
 def _channel_args(ch, c: int, acc: torch.dtype):
     """``(kinds, w1, b1, w2, b2)`` of the channel half, or None (not fusable)."""
-    if type(ch).gate_from_pooled is not ChannelAttention.gate_from_pooled or not SF._is_sigmoid_gate(ch.gate):
+    if type(ch).gate_from_pooled is not ChannelAttention.gate_from_pooled:
         return None
-    try:
-        kinds = ops._kinds(ch.pool_types)
-    except KeyError:  # not normalised: the module path names the error
+    found = channel_mlp_parts(ch)
+    if found is None:
         return None
-    mods = ch._modules
-    if ch.num_layers == 2:
-        if not SF._is_relu(mods["act"]):
-            return None
-        fc1, fc2 = mods["fc1"]._parameters, mods["fc2"]._parameters
-        w1, b1, w2, b2 = fc1["weight"], fc1.get("bias"), fc2["weight"], fc2.get("bias")
-    else:
-        fc = mods["fc"]._parameters
-        w1, b1, w2, b2 = fc["weight"], fc.get("bias"), None, None
+    kinds, fcs = found
+    (w1, b1), (w2, b2) = fcs[0], fcs[1] if len(fcs) == 2 else (None, None)
     if not _cpu_in(acc, w1, b1, w2, b2):
         return None
     for w in (w1, w2):

@@ -720,7 +720,7 @@ class CppCbam(torch.autograd.Function):
     bias only). The kernels and arguments of the module path (:class:`GlobalPool`,
     :class:`ChannelMlpGate`, :class:`CppSamBatchNorm` / :class:`CppSam`, the pooling's
     gradient added in place into the SAM's), so the same bits; one node instead of four
-    (with their views and Python glue: about a third of a training step on small maps).
+    (with their views and Python glue: about a fifth of a training step on small maps).
 
     Inputs: ``x``; the MLP weights as the module holds them (``[out, in]`` or
     ``[out, in, 1, 1]``, the accumulation dtype), ``weight2`` / ``bias2`` None for the one-layer
