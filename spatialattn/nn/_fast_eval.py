@@ -16,6 +16,7 @@ same numbers: both end in the same kernel with the same arguments.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -45,6 +46,18 @@ def _parts(m):
     return mods["conv"], mods["bn"] if "bn" in mods else m.__dict__.get("bn")
 
 
+def cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
+    """Every tensor given (None skipped) is a CPU tensor of ``dtype``."""
+    return all(t is None or (t.is_cpu and t.dtype == dtype) for t in tensors)
+
+
+def sam_weight_ok(weight: Tensor, p: int) -> bool:
+    """``weight`` is a SAM conv weight ``[1, p, kh, kw]`` with odd ``kh``, ``kw`` (else the
+    ordinary path raises the error)."""
+    shape = tuple(weight.shape)
+    return len(shape) == 4 and shape[:2] == (1, p) and bool(shape[2] % 2 and shape[3] % 2)
+
+
 def _key(m, x: Tensor):
     conv, bn = _parts(m)
     p = conv._parameters
@@ -66,9 +79,8 @@ def _build(m, x: Tensor):
     if fused is None:
         return None
     order = SF.normalize_pool_order(m.order)
-    shape = tuple(weight.shape)
-    if len(shape) != 4 or shape[:2] != (1, len(order)) or not (shape[2] % 2 and shape[3] % 2):
-        return None  # the ordinary path raises the error
+    if not sam_weight_ok(weight, len(order)):
+        return None
     ns, nsh = fused
     if not all(t is None or t.is_cpu for t in (weight, bias, ns, nsh)):
         return None
@@ -136,11 +148,14 @@ def _channel_key(m, x: Tensor):
     return key + ((id(mods["act"]),) if ch.num_layers == 2 else ())
 
 
-def channel_mlp_parts(ch):
-    """``(pool kinds, [(weight, bias) of fc1, fc2 or of fc]))`` of a ChannelAttention, its
-    parameters as held, or None where the fused MLP kernels do not apply (a gate other than
-    sigmoid, an activation other than ReLU, a pooling order that is not normalised: the
-    ordinary path names that error). Shared with :mod:`._fast_train`."""
+def channel_mlp_args(ch, c: int, acc: torch.dtype):
+    """``(pool kinds, w1, b1, w2, b2)`` of a ChannelAttention on ``c`` channels, its MLP
+    parameters as held (``w2`` / ``b2`` None for one layer), or None where the fused MLP
+    kernels do not apply: a gate other than sigmoid, an activation other than ReLU, a pooling
+    order that is not normalised (the ordinary path names that error), parameters off the CPU
+    or not in ``acc``, weights that are not Linear ``[out, in]`` / conv ``[out, in, ...]``
+    (read as ``[out, prod(in, ...)]``, as ``SF._as_linear_weight`` does) of a C -> R -> C (or
+    C -> C) MLP. Shared with :mod:`._fast_train`."""
     if not SF._is_sigmoid_gate(ch.gate):
         return None
     try:
@@ -151,10 +166,19 @@ def channel_mlp_parts(ch):
     if ch.num_layers == 2:
         if not SF._is_relu(mods["act"]):
             return None
-        fcs = (mods["fc1"], mods["fc2"])
+        p1, p2 = mods["fc1"]._parameters, mods["fc2"]._parameters
+        w1, b1, w2, b2 = p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias")
     else:
-        fcs = (mods["fc"],)
-    return kinds, [(fc._parameters["weight"], fc._parameters.get("bias")) for fc in fcs]
+        p1 = mods["fc"]._parameters
+        w1, b1, w2, b2 = p1["weight"], p1.get("bias"), None, None
+    if not cpu_in(acc, w1, b1, w2, b2) or any(w is not None and w.dim() not in (2, 4) for w in (w1, w2)):
+        return None
+    r = w1.shape[0]
+    if math.prod(w1.shape[1:]) != c or (w1 if w2 is None else w2).shape[0] != c:
+        return None
+    if w2 is not None and math.prod(w2.shape[1:]) != r:
+        return None
+    return kinds, w1, b1, w2, b2
 
 
 def _channel_build(m, x: Tensor):
@@ -162,22 +186,18 @@ def _channel_build(m, x: Tensor):
     if x.dtype not in _lib._CPP_DTYPES:
         return None
     acc = SF.accumulate_dtype(x)
-    found = channel_mlp_parts(m._modules["channel"])
-    if found is None:
+    args = channel_mlp_args(m._modules["channel"], x.shape[1], acc)
+    if args is None:
         return None
-    kinds, fcs = found
-    parts = []
-    for w, b in fcs:
-        if w.dim() not in (2, 4) or any(t is not None and (t.dtype != acc or not t.is_cpu) for t in (w, b)):
-            return None
-        parts += [SF._as_linear_weight(w.detach(), acc), None if b is None else b.detach()]
-    w1 = parts[0]
-    w2 = parts[2] if len(parts) > 2 else None
-    if w1.shape[1] != x.shape[1] or (w1 if w2 is None else w2).shape[0] != x.shape[1]:
-        return None
-    if w2 is not None and w2.shape[1] != w1.shape[0]:
-        return None
-    return (kinds, *parts) if len(parts) == 4 else (kinds, parts[0], parts[1], None, None)
+    kinds, w1, b1, w2, b2 = args
+
+    def linear(w):
+        return None if w is None else SF._as_linear_weight(w.detach(), acc)
+
+    def detached(b):
+        return None if b is None else b.detach()
+
+    return kinds, linear(w1), detached(b1), linear(w2), detached(b2)
 
 
 def _cbam_key(m, x: Tensor):

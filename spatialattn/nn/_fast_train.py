@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import functional as SF
 from .. import ops
 from ..ops import _library as _lib
-from ._fast_eval import channel_mlp_parts
+from ._fast_eval import _parts, channel_mlp_args, cpu_in, sam_weight_ok
 from .channel import ChannelAttention
 from .spatial import SpatialAttention
 
@@ -41,56 +41,24 @@ __all__ = ["cbam_train"]
 ENABLED = True
 
 
-def _cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
-    return all(t is None or (t.is_cpu and t.dtype == dtype) for t in tensors)
-
-
-def _channel_args(ch, c: int, acc: torch.dtype):
-    """``(kinds, w1, b1, w2, b2)`` of the channel half, or None (not fusable)."""
-    if type(ch).gate_from_pooled is not ChannelAttention.gate_from_pooled:
-        return None
-    found = channel_mlp_parts(ch)
-    if found is None:
-        return None
-    kinds, fcs = found
-    (w1, b1), (w2, b2) = fcs[0], fcs[1] if len(fcs) == 2 else (None, None)
-    if not _cpu_in(acc, w1, b1, w2, b2):
-        return None
-    for w in (w1, w2):
-        if w is not None and not (w.dim() == 2 or (w.dim() == 4 and w.shape[2:] == (1, 1))):
-            return None
-    r = w1.shape[0]
-    if w1.shape[1] != c or (w1 if w2 is None else w2).shape[0] != c or (w2 is not None and w2.shape[1] != r):
-        return None
-    if (b1 is not None and b1.shape != (r,)) or (b2 is not None and b2.shape != (c,)):
-        return None
-    return kinds, w1, b1, w2, b2
-
-
 def _spatial_args(sp, x: Tensor, acc: torch.dtype):
     """``(weight, bias, bn or None, kinds, dilation)`` of the spatial half, or None."""
     if type(sp).attend is not SpatialAttention.attend or not SF._is_sigmoid_gate(sp.gate):
         return None
     if sp.channels is not None and sp.channels != x.shape[1]:
         return None
-    mods = sp._modules
-    conv = mods["conv"]
-    bn = mods["bn"] if "bn" in mods else sp.__dict__.get("bn")
+    conv, bn = _parts(sp)
     weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
-    if not _cpu_in(acc, weight, bias):
+    if not cpu_in(acc, weight, bias):
         return None
     try:
         kinds = ops._kinds(sp.order)
     except KeyError:
         return None
-    shape = tuple(weight.shape)
-    if len(shape) != 4 or shape[:2] != (1, len(kinds)) or not (shape[2] % 2 and shape[3] % 2):
+    if not sam_weight_ok(weight, len(kinds)) or (bias is not None and bias.numel() != 1):
         return None
-    if bias is not None and bias.numel() != 1:
+    if bn is not None and not (ops.batchnorm_train_fusable(x, bn) and cpu_in(acc, bn.weight, bn.bias)):
         return None
-    if bn is not None:
-        if not ops.batchnorm_train_fusable(x, bn) or not _cpu_in(acc, bn.weight, bn.bias):
-            return None
     return weight, bias, bn, kinds, sp.dilation
 
 
@@ -107,7 +75,9 @@ def cbam_train(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
         return None
     acc = SF.accumulate_dtype(x)
     mods = m._modules
-    ch = _channel_args(mods["channel"], c, acc)
+    if type(mods["channel"]).gate_from_pooled is not ChannelAttention.gate_from_pooled:
+        return None
+    ch = channel_mlp_args(mods["channel"], c, acc)
     if ch is None:
         return None
     sp = _spatial_args(mods["spatial"], x, acc)

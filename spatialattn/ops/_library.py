@@ -740,7 +740,7 @@ class CppCbam(torch.autograd.Function):
         pooled_ch, counts = ext.global_pool_counted(x, ch_kinds, True)
         gate, hidden = ext.channel_mlp_forward(pooled_ch, w1, bias1, w2, bias2, True)
         cg = gate.view(n, c, 1, 1)
-        scale = cg if cg.dtype == x.dtype else cg.to(x.dtype)  # rounded to x's dtype, as the module path
+        scale = cg.to(x.dtype)  # rounded to x's dtype, as the module path (cg itself where it has it)
         if batch_norm:
             y, attn, logits, pooled, stats = ext.sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps,
                                                                 kinds, dilation)
@@ -768,7 +768,7 @@ class CppCbam(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         if grad_y is None:
             grad_y = torch.zeros_like(x)
-        scale = cg if cg.dtype == x.dtype else cg.to(x.dtype)
+        scale = cg.to(x.dtype)
         need_gate = any(need[:5])  # x (through the pooling) or the MLP's parameters
         if batch_norm:
             gx, gs, gw, gb, ggamma, gbeta = ext.sam_backward_bn(

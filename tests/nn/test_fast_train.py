@@ -111,9 +111,7 @@ def _compare(m, x, with_attention_loss=False, fused=True, x_grad=True):
 )
 def test_training_step_matches_module_path(preset, dtype, layout, batch):
     m = _randomise(CBAM(24, reduction=4, preset=preset), 1).train()
-    if dtype in (torch.float16, torch.bfloat16):
-        pass  # parameters stay float32 (the accumulation dtype): the fused kernels take them
-    else:
+    if dtype not in (torch.float16, torch.bfloat16):  # (half inputs: float32 parameters, as under autocast)
         m = m.to(dtype)
     for step in range(2):  # the running statistics move between the steps
         _compare(m, _x((batch, 24, 7, 9), layout, dtype, seed=step))
@@ -128,11 +126,7 @@ def test_attention_map_gradient_and_noncontiguous_input():
 @pytest.mark.parametrize("case", ["no_running_stats", "momentum_none", "no_affine", "frozen_params", "one_layer_mlp",
                                   "x_no_grad", "big"])
 def test_variants(case):
-    kw = {}
-    if case == "no_running_stats":
-        kw = dict(spatial_kwargs=dict(norm="bn"))
-    if case == "one_layer_mlp":
-        kw = dict(channel_kwargs=dict(num_layers=1))
+    kw = dict(channel_kwargs=dict(num_layers=1)) if case == "one_layer_mlp" else {}
     m = _randomise(CBAM(32 if case != "big" else 256, reduction=8, **kw), 3).train()
     bn = m.spatial.bn
     if case == "no_running_stats":
@@ -232,3 +226,13 @@ def test_channel_gate_gradient(dtype):
         ((y.float() * r1).sum() + (cg * r2).sum()).backward()
         outs.append([y, sa, cg, xg.grad] + [p.grad for p in mm.parameters()] + list(mm.buffers()))
     _assert_same(outs[1], outs[0])
+
+
+def test_malformed_mlp_bias_names_it_and_keeps_the_statistics():
+    m = _randomise(CBAM(16, reduction=4), 10).train()
+    with torch.no_grad():
+        m.channel.fc1.bias = torch.nn.Parameter(torch.zeros(5))  # the MLP has 4 hidden units
+    before = [b.clone() for b in m.buffers()]
+    with pytest.raises(RuntimeError, match=r"bias1 has shape \[5\], expected \[4\]"):
+        m(torch.randn(2, 16, 5, 5, requires_grad=True))
+    _assert_same([b for b in m.buffers()], before)

@@ -454,7 +454,10 @@ inline void vst_nt(at::BFloat16* p, vec_t<float> v) {
 #if SAM_AVX2_HALVES
 // 256-bit helpers of the AVX2 builds' loops (see pool_pixel_avx2)
 template <typename X>
-inline __m256 ld8(const X* p);
+inline __m256 ld8(const X*) {  // (the specialisations below: float32, float16, bfloat16)
+  static_assert(sizeof(X) == 0, "ld8: float32, float16 or bfloat16 storage");
+  return _mm256_setzero_ps();
+}
 template <>
 inline __m256 ld8<float>(const float* p) {
   return _mm256_loadu_ps(p);
@@ -470,10 +473,7 @@ inline __m256 ld8<at::BFloat16>(const at::BFloat16* p) {
 }
 // 8 elements of storage type X from one float32 vector, rounded as vst rounds them
 // (float16: F16C, nearest even; bfloat16: bf16_bits_rne's integer sequence, NaN -> 0x7FC0)
-inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void st8(at::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+inline __m128i f16_bits8(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline __m128i bf16_bits8(__m256 v) {
   const __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
@@ -481,17 +481,15 @@ inline __m128i bf16_bits8(__m256 v) {
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // (all <= 0xFFFF)
 }
+inline void st8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void st8(at::Half* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f16_bits8(v)); }
 inline void st8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
 // non-temporal: p aligned to 8 elements (32 bytes float32, 16 bytes the half formats)
 inline void st8_nt(float* p, __m256 v) { _mm256_stream_ps(p, v); }
-inline void st8_nt(at::Half* p, __m256 v) {
-  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+inline void st8_nt(at::Half* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f16_bits8(v)); }
 inline void st8_nt(at::BFloat16* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
-// the storage types the 256-bit loops take (float32 compute)
-template <typename X>
-constexpr bool kAvx2Storage =
-    std::is_same_v<X, float> || std::is_same_v<X, at::Half> || std::is_same_v<X, at::BFloat16>;
+// The 256-bit loops below are taken for a float32 compute type, whose storage types (X with
+// acc_t<X> = float: float32, float16, bfloat16) are the ones ld8 / st8 convert.
 // vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
 inline __m256 vmax8(__m256 m, __m256 v) { return _mm256_max_ps(v, m); }
 // hreduce<float, 64> of the 64-byte vector whose halves are lo, hi
@@ -618,7 +616,7 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
   constexpr int64_t L = lanes<T>();
   int64_t i = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && kAvx2Storage<XD> && kAvx2Storage<XS>) {
+  if constexpr (std::is_same_v<T, float>) {
     if (n >= 8 && static_cast<const void*>(d) != static_cast<const void*>(x)) {
       if (sv && av) mul_row_avx2<true, true>(d, x, sv, ss, av, as, n, stream);
       else if (sv) mul_row_avx2<true, false>(d, x, sv, ss, av, as, n, stream);
@@ -1183,7 +1181,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   std::fill(cp, cp + len, T(0));
   int64_t c = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
+  if constexpr (std::is_same_v<T, float>) {
     c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
   }
 #endif
@@ -1434,7 +1432,7 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   T t = 0;
   bool vectors_done = false;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
+  if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
       i = gradx_segment_avx2<G, GC, M, F, MB, S, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
       vectors_done = true;
@@ -1522,7 +1520,7 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
   const V gav = V{} + gv * av;
   int64_t c = 0;
 #if SAM_AVX2_HALVES
-  if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>)
+  if constexpr (std::is_same_v<T, float>)
     c = gradx_pixel_avx2<G, GC, M, F, XM, X>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
 #endif
   for (; c + L <= C; c += L) {
@@ -1984,7 +1982,7 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
     constexpr bool ST = decltype(st_t)::value;
     int64_t k = 0;
 #if SAM_AVX2_HALVES
-    if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
+    if constexpr (std::is_same_v<T, float>) {
       // AVX2 builds (see SAM_AVX2_HALVES): the same operations per element in 256-bit
       // vectors; at(k, f, fm, m) with __m256 operands gives 8 elements from k
       for (; k + 8 <= n; k += 8) {
@@ -2043,7 +2041,7 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
           T cnt = 0;
           int64_t i = 0;
 #if SAM_AVX2_HALVES
-          if constexpr (std::is_same_v<T, float> && kAvx2Storage<X>) {
+          if constexpr (std::is_same_v<T, float>) {
             const __m256 vm = _mm256_set1_ps(m), o = _mm256_set1_ps(1.f);
             __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
             for (; i + 16 <= HW; i += 16) {
