@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the fused kernels in one command, for a lent GPU machine:
 #
-#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [sweep]    (default: tests bench)
+#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [model] [sweep]    (default: tests bench)
 #
 # tests       tests/ops/test_cuda.py: the Triton path against float64 references (pytest-xdist
 #             where installed: the first launch of each kernel variant compiles it, about a
 #             second each on one core)
 # bench       benchmarks/bench_sam.py --device cuda --quick (float32): the ratios to x.clone()
 # bench-bf16  the same in bfloat16
+# model       benchmarks/bench_model.py --device cuda --quick: the attention layers inside a ResNet-50
+#             (batch 8, 224x224), in copies of their inputs (needs torchvision)
 # sweep       benchmarks/triton_report.py --sweep: each kernel under its launch settings
 #
 # Runs from the repository root without installing the package (PYTHONPATH=.), with the
@@ -41,10 +43,12 @@ for part in $parts; do
       timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --out "$out" >>"$log" 2>&1 ;;
     bench-bf16)
       timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --dtype bfloat16 --out "$out" >>"$log" 2>&1 ;;
+    model)
+      timeout 300 $py benchmarks/bench_model.py --device cuda --quick --out "$out" >>"$log" 2>&1 ;;
     sweep)
       timeout 420 $py benchmarks/triton_report.py --sweep --out "$out" >>"$log" 2>&1 ;;
     *)
-      echo "unknown part: $part (tests, bench, bench-bf16, sweep)" | tee -a "$log"; false ;;
+      echo "unknown part: $part (tests, bench, bench-bf16, model, sweep)" | tee -a "$log"; false ;;
   esac
   code=$?
   [ $code -ne 0 ] && status=1

@@ -74,3 +74,39 @@ def test_unknown_attention_kind_fails_loudly(tmp_path, bad):
     with pytest.raises(ValueError):
         bench.main(["--model", "resnet18", "--batch", "1", "--size", "32", "--rounds", "1", "--reps", "1",
                     "--layouts", "NCHW", "--modes", "eval", "--out", str(tmp_path)] + bad)
+
+
+def test_cuda_clock_uses_events_and_synchronises():
+    """The CUDA branch of the clock, with stand-ins for CUDA events (no GPU here)."""
+    bench = _load()
+    calls = []
+
+    class Event:
+        n = 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            Event.n += 1
+            self.t = Event.n * 2.5  # ms
+
+        def record(self):
+            calls.append("record")
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    class Cuda:
+        Event = Event
+
+        @staticmethod
+        def synchronize():
+            calls.append("sync")
+
+    class FakeTorch:
+        cuda = Cuda
+
+    clock = bench.Clock(FakeTorch, torch.device("cuda"))
+    a, b = clock.mark(), clock.mark()
+    clock.resolve()
+    assert calls == ["record", "record", "sync"]
+    assert clock.span(a, b) == pytest.approx(2.5e-3)
