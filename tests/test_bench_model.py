@@ -96,11 +96,11 @@ def test_cuda_clock_uses_events_and_synchronises():
             return other.t - self.t
 
     class Cuda:
-        Event = Event
-
         @staticmethod
         def synchronize():
             calls.append("sync")
+
+    Cuda.Event = Event
 
     class FakeTorch:
         cuda = Cuda
