@@ -29,6 +29,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -934,6 +935,22 @@ inline void pool_pixel_avx2(const X* x, const float* s, int64_t C, float& m, flo
   }
 }
 
+// f(std::integral_constant<int, J>{}) for J = 0 .. N - 1: array indices that are constants
+// from the start. GCC replaces a local array of vectors by registers (and spill slots) only
+// where every index is a constant before its scalar-replacement pass, which runs before the
+// loop unroller; a `for (int j ...)` over the array keeps it in memory, zero-initialised per
+// call by `rep stos` (41 % of reduce_pixel_avx2's time at C = 64, perf). Not applied to
+// pool_pixel_avx2, whose arrays start from loads (no memset): written so, it was 1.02-1.15x
+// slower (channels_last forward, C = 64-512, paired).
+template <typename F, int... J>
+inline void each_index(F&& f, std::integer_sequence<int, J...>) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+template <int N, typename F>
+inline void each_index(F&& f) {
+  each_index(f, std::make_integer_sequence<int, N>{});
+}
+
 // reduce_pixel's vector part for float (see there): sets sa, sc, si and c
 template <typename X, bool G, bool GC, bool M, bool I>
 inline void reduce_pixel_avx2(const X* x, const float* s, const X* g, float gv, float m, int64_t C, float& sa,
@@ -941,11 +958,11 @@ inline void reduce_pixel_avx2(const X* x, const float* s, const X* g, float gv, 
   const __m256 one = _mm256_set1_ps(1.f), vm = _mm256_set1_ps(m), vg = _mm256_set1_ps(gv);
   const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
   __m256 a[8], k[8], ix[8];
-  for (int j = 0; j < 8; ++j) {
+  each_index<8>([&](auto j) {
     a[j] = k[j] = _mm256_setzero_ps();
     ix[j] = _mm256_set1_ps(-1.f);
-  }
-  auto step = [&](int j, int64_t c0) {  // 8 channels from c0 into half j
+  });
+  auto step = [&](auto j, int64_t c0) {  // 8 channels from c0 into half j (a constant)
     __m256 v = ld8(x + c0);
     if (s) v = _mm256_mul_ps(v, _mm256_loadu_ps(s + c0));
     if constexpr (G) a[j] = _mm256_add_ps(a[j], _mm256_mul_ps(GC ? vg : ld8(g + c0), v));
@@ -958,18 +975,20 @@ inline void reduce_pixel_avx2(const X* x, const float* s, const X* g, float gv, 
   };
   c = 0;
   for (; c + 64 <= C; c += 64)
-    for (int j = 0; j < 8; ++j) step(j, c + 8 * j);
+    each_index<8>([&](auto j) { step(j, c + 8 * j); });
   for (; c + 16 <= C; c += 16) {
-    step(0, c);
-    step(1, c + 8);
+    step(std::integral_constant<int, 0>{}, c);
+    step(std::integral_constant<int, 1>{}, c + 8);
   }
-  auto tree = [](const __m256* v, int h, bool is_max) {
+  auto tree = [](const __m256 (&v)[8], auto h, bool is_max) {
     return is_max ? vmax8(vmax8(v[h], v[2 + h]), vmax8(v[4 + h], v[6 + h]))
                   : _mm256_add_ps(_mm256_add_ps(v[h], v[2 + h]), _mm256_add_ps(v[4 + h], v[6 + h]));
   };
-  sa = G ? hreduce8(tree(a, 0, false), tree(a, 1, false), false) : 0.f;
-  sc = M ? hreduce8(tree(k, 0, false), tree(k, 1, false), false) : 0.f;
-  si = (M && I) ? hreduce8(tree(ix, 0, true), tree(ix, 1, true), true) : -1.f;
+  const std::integral_constant<int, 0> h0;
+  const std::integral_constant<int, 1> h1;
+  sa = G ? hreduce8(tree(a, h0, false), tree(a, h1, false), false) : 0.f;
+  sc = M ? hreduce8(tree(k, h0, false), tree(k, h1, false), false) : 0.f;
+  si = (M && I) ? hreduce8(tree(ix, h0, true), tree(ix, h1, true), true) : -1.f;
 }
 #endif
 
@@ -2586,6 +2605,35 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
     for (int64_t c = 0; c < C; ++c)
       mul_row<T>(y + c * HW + p0, x + c * HW + p0, nullptr, s ? s[c] : T(1), attn + p0, T(0), len, stream);
   } else {
+#if SAM_AVX2_HALVES
+    // channels_last, float compute, C a multiple of 8, not in place: one loop over the run
+    // of pixels instead of a mul_row call per pixel (its dispatch, alignment head and tail
+    // per C-element row were about a third of the product at C = 64); the same products
+    // ((x * s or 1) * attn) as mul_row_avx2. Streamed only from a vector-aligned y (every
+    // pixel's row then starts aligned).
+    if constexpr (std::is_same_v<T, float>) {
+      const bool aligned = reinterpret_cast<uintptr_t>(y) % (8 * sizeof(X)) == 0;
+      if (C % 8 == 0 && C > 0 && static_cast<const void*>(y) != static_cast<const void*>(x) && (aligned || !stream)) {
+        const __m256 one = _mm256_set1_ps(1.f);
+        auto run = [&](auto hs, auto nt) {
+          for (int64_t p = p0; p < p0 + len; ++p) {
+            const __m256 va = _mm256_set1_ps(attn[p]);
+            const X* xp = x + p * C;
+            X* yp = y + p * C;
+            for (int64_t k = 0; k < C; k += 8) {
+              const __m256 v = _mm256_mul_ps(_mm256_mul_ps(ld8(xp + k), decltype(hs)::value ? _mm256_loadu_ps(s + k) : one), va);
+              if constexpr (decltype(nt)::value) st8_nt(yp + k, v); else st8(yp + k, v);
+            }
+          }
+        };
+        using Y = std::true_type;
+        using No = std::false_type;
+        if (s) { if (stream) run(Y{}, Y{}); else run(Y{}, No{}); }
+        else { if (stream) run(No{}, Y{}); else run(No{}, No{}); }
+        return;
+      }
+    }
+#endif
     for (int64_t p = p0; p < p0 + len; ++p) mul_row<T>(y + p * C, x + p * C, s, T(1), nullptr, attn[p], C, stream);
   }
 }
