@@ -164,7 +164,7 @@ def main(argv=None) -> list:
 
     from spatialattn import ops
     from spatialattn.ops import _cpp
-    from spatialattn.surgery import attention_names, insert_attention
+    from spatialattn.surgery import insert_attention
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -197,9 +197,7 @@ def main(argv=None) -> list:
 
     def build(kind, fmt):
         torch.manual_seed(0)
-        m = getattr(torchvision.models, args.model)(weights=None)
-        names = []
-        m, names = insert_attention(m, kind)
+        m, names = insert_attention(getattr(torchvision.models, args.model)(weights=None), kind)
         m = m.to(dev).to(memory_format=fmt)
         return m, [m.get_submodule(n) for n in names]
 
@@ -250,8 +248,9 @@ def main(argv=None) -> list:
                     for be in backends:
                         with backend(be):
                             if be == "torch" and r == 0 and mode == modes[0]:
-                                y = ops.backend(torch.zeros(1, 1, 1, 1, device=dev))
-                                assert y == "torch", f"backend switch failed: {y}"
+                                got = ops.backend(torch.zeros(1, 1, 1, 1, device=dev))
+                                if got != "torch":
+                                    raise RuntimeError(f"switching the C++ kernels off failed: backend {got!r}")
                             run(m, x, mode)  # warm-up (plans, caches)
                             a = acc[(k, mode, be)]
                             a["model"].append(timed(m, x, mode))
@@ -263,12 +262,12 @@ def main(argv=None) -> list:
                                 per[what] = p.times()
                                 p.remove()
                             n = len(mods)
+                            if mode == "train" and any(not per["attention"][(i, "bwd")] for i in range(n)):
+                                raise RuntimeError("a backward hook did not fire")
                             # per layer: fastest pass; attention = forward (+ backward)
                             att = [min(per["attention"][(i, "fwd")]) + (min(per["attention"][(i, "bwd")])
                                                                         if mode == "train" else 0.0) for i in range(n)]
                             cl = [min(per["clone"][(i, "clone")]) for i in range(n)]
-                            if mode == "train" and any(not per["attention"][(i, "bwd")] for i in range(n)):
-                                raise RuntimeError("a backward hook did not fire")
                             a["att"].append(sum(att))
                             a["clone"].append(sum(cl))
                             by = defaultdict(lambda: [0.0, 0.0])
