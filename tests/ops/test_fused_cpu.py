@@ -289,6 +289,30 @@ def test_out_argument_and_no_grad_path():
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (2, 40, 6, 5), (1, 40, 9, 4)])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_scale):
+    # the channels_last product over a run of pixels (C a multiple of 8): ordinary stores,
+    # non-temporal ones from an aligned y, and the per-pixel path an unaligned y falls back to
+    # when streaming all give the same bits, within float32 rounding of the float64 result
+    x = make_x(shape, "channels_last", seed=3)
+    w = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(4))
+    s = torch.rand(shape[0], shape[1], 1, 1) + 0.5 if with_scale else None
+    buf = torch.empty(x.numel() + 1)
+    unaligned = buf[1:].as_strided(x.shape, x.stride())
+    assert unaligned.data_ptr() % 32 != 0
+    outs = []
+    try:
+        for stream, out in ((-1, None), (0, None), (0, unaligned)):
+            cpp_module.set_stream_bytes(stream)
+            outs.append(ops.spatial_attention_fused(x, w, channel_scale=s, out=out).clone())
+    finally:
+        cpp_module.set_stream_bytes(-1)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    y64 = ref_sam(x.double(), w.double(), None, ("max", "mean"), 1, None if s is None else s.double())[0]
+    torch.testing.assert_close(outs[0].double(), y64, rtol=1e-6, atol=4e-6)
+
+
 def test_saves_no_scaled_copy_for_backward():
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     s = torch.rand(2, 16, 1, 1, requires_grad=True)

@@ -587,13 +587,19 @@ inline void stream_fence(bool stream) {
 // the tail as one vector ending at n (overlapped elements written again, the same values);
 // with `stream`, non-temporal stores from that boundary (the generic code streams only in
 // AVX-512 builds).
+// (x * s) * a for 8 elements from x: the product of the AVX2 multiply loops (mul_row_avx2 and
+// mul_rows' channels_last run), in one order so that both give the same bits
+template <typename X>
+inline __m256 prod8(const X* x, __m256 s, __m256 a) {
+  return _mm256_mul_ps(_mm256_mul_ps(ld8(x), s), a);
+}
+
 template <bool HS, bool HA, typename XD, typename XS>
 inline void mul_row_avx2(XD* d, const XS* x, const float* sv, float ss, const float* av, float as, int64_t n,
                          bool stream) {
   const __m256 vss = _mm256_set1_ps(ss), vas = _mm256_set1_ps(as);
   auto at = [&](int64_t k) {
-    return _mm256_mul_ps(_mm256_mul_ps(ld8(x + k), HS ? _mm256_loadu_ps(sv + k) : vss),
-                         HA ? _mm256_loadu_ps(av + k) : vas);
+    return prod8(x + k, HS ? _mm256_loadu_ps(sv + k) : vss, HA ? _mm256_loadu_ps(av + k) : vas);
   };
   auto one = [&](int64_t k) { d[k] = XD((float(x[k]) * (HS ? sv[k] : ss)) * (HA ? av[k] : as)); };
   constexpr uintptr_t vb = 8 * sizeof(XD);  // bytes of d per vector
@@ -2609,11 +2615,11 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
     // channels_last, float compute, C a multiple of 8, not in place: one loop over the run
     // of pixels instead of a mul_row call per pixel (its dispatch, alignment head and tail
     // per C-element row were about a third of the product at C = 64); the same products
-    // ((x * s or 1) * attn) as mul_row_avx2. Streamed only from a vector-aligned y (every
-    // pixel's row then starts aligned).
+    // (prod8) as mul_row_avx2. Streamed only from a vector-aligned y (every pixel's row then
+    // starts aligned).
     if constexpr (std::is_same_v<T, float>) {
       const bool aligned = reinterpret_cast<uintptr_t>(y) % (8 * sizeof(X)) == 0;
-      if (C % 8 == 0 && C > 0 && static_cast<const void*>(y) != static_cast<const void*>(x) && (aligned || !stream)) {
+      if (C % 8 == 0 && static_cast<const void*>(y) != static_cast<const void*>(x) && (aligned || !stream)) {
         const __m256 one = _mm256_set1_ps(1.f);
         auto run = [&](auto hs, auto nt) {
           for (int64_t p = p0; p < p0 + len; ++p) {
@@ -2621,7 +2627,7 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
             const X* xp = x + p * C;
             X* yp = y + p * C;
             for (int64_t k = 0; k < C; k += 8) {
-              const __m256 v = _mm256_mul_ps(_mm256_mul_ps(ld8(xp + k), decltype(hs)::value ? _mm256_loadu_ps(s + k) : one), va);
+              const __m256 v = prod8(xp + k, decltype(hs)::value ? _mm256_loadu_ps(s + k) : one, va);
               if constexpr (decltype(nt)::value) st8_nt(yp + k, v); else st8(yp + k, v);
             }
           }
