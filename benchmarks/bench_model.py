@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,8 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_sam import machine_name, malloc_setting, reexec_with_tunables  # noqa: E402
 
 
 def _parse(argv=None):
@@ -93,11 +92,13 @@ class Probe:
     """Forward (pre / post) hooks on every attention module, and in training tensor hooks on
     its output and input. ``what="attention"`` times the module (forward, and backward from
     the output's gradient to the input's); ``what="clone"`` times ``x.clone()`` of its input
-    just before the module runs (the module itself then runs untimed)."""
+    just before the module runs (the module itself then runs untimed). Both record each
+    layer's input shape (``shapes``)."""
 
     def __init__(self, modules, clock, what):
         self.clock, self.what = clock, what
         self.marks = []  # (layer, "fwd" / "bwd" / "clone", start mark, end mark)
+        self.shapes = {}  # layer -> its input's shape
         self.handles = []
         for i, m in enumerate(modules):
             self.handles.append(m.register_forward_pre_hook(self._pre(i)))
@@ -108,6 +109,7 @@ class Probe:
     def _pre(self, i):
         def hook(module, inputs):
             x = inputs[0]
+            self.shapes[i] = tuple(x.shape)
             if self.what == "clone":
                 x = x.detach()  # (no autograd node for the clone)
                 a = self.clock.mark()
@@ -155,9 +157,8 @@ class Probe:
 
 def main(argv=None) -> list:
     args = _parse(argv)
-    if (argv is None and not args.system_malloc and sys.platform.startswith("linux")
-            and os.environ.get("GLIBC_TUNABLES") != TUNABLES):
-        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+    if argv is None:  # (called with arguments, from a test: no re-execution)
+        reexec_with_tunables(args.system_malloc)
 
     import torch
     import torchvision
@@ -227,21 +228,6 @@ def main(argv=None) -> list:
         models = {k: build(k, fmt) for k in kinds}
         # per (kind, mode, backend): attention sums, clone sums, per-size sums, model times
         acc = defaultdict(lambda: defaultdict(list))
-        sizes = {}
-        for k, (m, mods) in models.items():  # the input shape of every attention layer
-            shapes = {}
-
-            def shape_hook(i):
-                def hook(module, inputs):  # (returns None: a pre-hook's result would replace the inputs)
-                    shapes.setdefault(i, tuple(inputs[0].shape))
-                return hook
-
-            hooks = [mod.register_forward_pre_hook(shape_hook(i)) for i, mod in enumerate(mods)]
-            with torch.no_grad():
-                m.eval()(x)
-            for h in hooks:
-                h.remove()
-            sizes[k] = shapes
         for r in range(rounds):
             for mode in modes:
                 for k, (m, mods) in models.items():
@@ -261,6 +247,7 @@ def main(argv=None) -> list:
                                     run(m, x, mode)
                                 per[what] = p.times()
                                 p.remove()
+                            shapes = p.shapes
                             n = len(mods)
                             if mode == "train" and any(not per["attention"][(i, "bwd")] for i in range(n)):
                                 raise RuntimeError("a backward hook did not fire")
@@ -272,7 +259,7 @@ def main(argv=None) -> list:
                             a["clone"].append(sum(cl))
                             by = defaultdict(lambda: [0.0, 0.0])
                             for i in range(n):
-                                hw = "x".join(map(str, sizes[k][i][2:]))
+                                hw = "x".join(map(str, shapes[i][2:]))
                                 by[hw][0] += att[i]
                                 by[hw][1] += cl[i]
                             for hw, (s_att, s_cl) in by.items():
@@ -296,18 +283,6 @@ def main(argv=None) -> list:
     return rows
 
 
-def _machine(torch, dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _report(args, torch, dev, rounds, rows) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,8 +291,8 @@ def _report(args, torch, dev, rounds, rows) -> None:
         f"# Attention layers inside {args.model} (batch {args.batch}, {args.size}x{args.size}): "
         f"cost in copies of their inputs (median of {rounds} rounds)",
         "",
-        f"device {dev.type} ({_machine(torch, dev)}), float32, {args.threads} threads, torch {torch.__version__}, "
-        f"malloc: {'GLIBC_TUNABLES=' + os.environ['GLIBC_TUNABLES'] if os.environ.get('GLIBC_TUNABLES') else 'system default'}",
+        f"device {dev.type} ({machine_name(torch, dev)}), float32, {args.threads} threads, torch {torch.__version__}, "
+        f"malloc: {malloc_setting()}",
         "",
         "| kind | layers | mode | layout | backend | attention ms | clone ms | copies [min-max] | copies by map size | model ms | share |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -103,12 +103,34 @@ def _parse():
     return p.parse_args()
 
 
+def reexec_with_tunables(system_malloc: bool) -> None:
+    """Re-execute this script with ``GLIBC_TUNABLES=TUNABLES`` (Linux; unless ``system_malloc``
+    or already set): freed blocks are then reused instead of page-faulting fresh mmaps."""
+    if not system_malloc and sys.platform.startswith("linux") and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, GLIBC_TUNABLES=TUNABLES))
+
+
+def malloc_setting() -> str:
+    """The malloc setting for a table header."""
+    return "GLIBC_TUNABLES=" + TUNABLES if os.environ.get("GLIBC_TUNABLES") == TUNABLES else "system default"
+
+
+def machine_name(torch, dev) -> str:
+    """The GPU's name, or the CPU's model name (``/proc/cpuinfo``, else ``platform``)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     args = _parse()
-    if (not args.system_malloc and sys.platform.startswith("linux")
-            and os.environ.get("GLIBC_TUNABLES") != TUNABLES):
-        env = dict(os.environ, GLIBC_TUNABLES=TUNABLES)
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    reexec_with_tunables(args.system_malloc)
 
     import torch
     import torch.nn.functional as F
@@ -408,19 +430,9 @@ def main() -> None:
             print(f"done {shape} {lname}: clone {statistics.median(clone_ms):.3f} ms", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- report
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if dev.type == "cuda":
-        cpu = torch.cuda.get_device_name(dev)
-    header = (f"device {dev.type} ({cpu}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
+    header = (f"device {dev.type} ({machine_name(torch, dev)}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
               f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
-              f"malloc: {'GLIBC_TUNABLES=' + TUNABLES if os.environ.get('GLIBC_TUNABLES') == TUNABLES else 'system default'}")
+              f"malloc: {malloc_setting()}")
     impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
              "cbam": ["ours", "eager", "compile"], "eval": ["ours", "eager"], "cbam-eval": ["ours", "eager"],
              "train": ["ours", "ours-2op", "eager", "compile"],

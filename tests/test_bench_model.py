@@ -39,6 +39,10 @@ def test_probe_times_forward_and_backward_and_leaves_the_model_as_it_was():
         kind = "fwd" if what == "attention" else "clone"
         assert sorted(t) == [(i, kind) for i in range(len(mods))]
         assert all(len(v) == 1 and v[0] > 0 for v in t.values())
+        # ResNet-18 at 32x32: two blocks per stage, 64 -> 512 channels on 8x8 -> 1x1 maps
+        assert [p.shapes[i] for i in range(len(mods))] == [(2, c, s, s) for c, s in
+                                                          ((64, 8), (64, 8), (128, 4), (128, 4), (256, 2), (256, 2),
+                                                           (512, 1), (512, 1))]
         p.remove()
     assert all(not mod._forward_pre_hooks and not mod._forward_hooks for mod in mods)
 
@@ -63,17 +67,20 @@ def test_small_run_reports_both_backends_and_restores_the_kernels(tmp_path):
         assert set(r["per_size"]) == {"8x8", "4x4", "2x2", "1x1"}  # ResNet-18 stages at 32x32 input
         for key in ("attention_ms", "clone_ms", "copies", "model_ms", "share"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        # one round: the medians are the round's figures, and the ratios are theirs
+        assert r["copies"] == pytest.approx(r["attention_ms"] / r["clone_ms"])
+        assert r["copies_min"] == r["copies"] == r["copies_max"]
+        assert r["share"] == pytest.approx(r["attention_ms"] / r["model_ms"])
     md = (tmp_path / "model_resnet18_cpu.md").read_text()
     assert md.count("| sam | 8 |") == 4
     assert (tmp_path / "model_resnet18_cpu.csv").read_text().count("\n") == 5
 
 
-@pytest.mark.parametrize("bad", [["--kinds", "nope"]])
-def test_unknown_attention_kind_fails_loudly(tmp_path, bad):
+def test_unknown_attention_kind_fails_loudly(tmp_path):
     bench = _load()
     with pytest.raises(ValueError):
         bench.main(["--model", "resnet18", "--batch", "1", "--size", "32", "--rounds", "1", "--reps", "1",
-                    "--layouts", "NCHW", "--modes", "eval", "--out", str(tmp_path)] + bad)
+                    "--layouts", "NCHW", "--modes", "eval", "--kinds", "nope", "--out", str(tmp_path)])
 
 
 def test_cuda_clock_uses_events_and_synchronises():
