@@ -22,3 +22,86 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+# --- Checks that run in their own interpreter, started in the background -------------------------
+# Some checks need a fresh interpreter (Triton reads TRITON_INTERPRET when it is imported) and take
+# minutes in Triton's interpreter, which is single-threaded Python. A test marked
+# ``@pytest.mark.subprocess_check(cmd, env=..., timeout=...)`` has its command started as soon as the
+# session knows it will run, so it overlaps the rest of the suite; the test takes the finished
+# process from the ``subprocess_check`` fixture and checks it.
+
+_BACKGROUND = pytest.StashKey[dict]()
+
+
+class _BackgroundRun:
+    def __init__(self, cmd: list[str], env: dict[str, str] | None, cwd: str | None, timeout: float):
+        import subprocess
+        import tempfile
+        import time
+
+        self.cmd, self.timeout, self.started = cmd, timeout, time.monotonic()
+        self._out = tempfile.TemporaryFile(mode="w+")
+        self._err = tempfile.TemporaryFile(mode="w+")
+        full_env = dict(os.environ, **(env or {}))
+        self.proc = subprocess.Popen(cmd, env=full_env, cwd=cwd, stdout=self._out, stderr=self._err, text=True)
+
+    def result(self):
+        """Wait (up to the timeout counted from the start) and return a ``CompletedProcess``."""
+        import subprocess
+        import time
+
+        left = self.timeout - (time.monotonic() - self.started)
+        try:
+            self.proc.wait(timeout=max(left, 0.0))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self._out.read(), self._err.read())
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "subprocess_check(cmd, env=None, cwd=None, timeout=600): run cmd in the background from the "
+        "start of the session; the test gets the finished process from the subprocess_check fixture")
+    config.stash[_BACKGROUND] = {}
+
+
+def _start_background(config, item) -> _BackgroundRun:
+    runs = config.stash[_BACKGROUND]
+    if item.nodeid not in runs:
+        marker = item.get_closest_marker("subprocess_check")
+        cmd = marker.args[0] if marker.args else marker.kwargs["cmd"]
+        runs[item.nodeid] = _BackgroundRun(list(cmd), marker.kwargs.get("env"), marker.kwargs.get("cwd"),
+                                           marker.kwargs.get("timeout", 600))
+    return runs[item.nodeid]
+
+
+def pytest_collection_finish(session):
+    # Called after deselection (-k, -m, --lf), so only checks that will run are started. Not under
+    # --collect-only.
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.get_closest_marker("subprocess_check") is not None:
+            _start_background(session.config, item)
+
+
+def pytest_sessionfinish(session):
+    for run in session.config.stash.get(_BACKGROUND, {}).values():
+        run.kill()
+
+
+@pytest.fixture
+def subprocess_check(request):
+    """The finished ``subprocess.CompletedProcess`` (text stdout / stderr) of this test's marked command."""
+    if request.node.get_closest_marker("subprocess_check") is None:
+        raise pytest.UsageError(f"{request.node.nodeid} uses subprocess_check without the subprocess_check marker")
+    return _start_background(request.config, request.node).result()
