@@ -550,6 +550,30 @@ def test_nchw_pooling_eight_channels_per_sweep(cpp_module, dtype, with_scale):
         torch.testing.assert_close(outs["wide"][0], ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("channels", [5, 40, 72])
+@pytest.mark.parametrize("kinds", [[0, 1], [1], [0], [1, 0, 1]])
+def test_channels_last_pooling_shares_cross_images(cpp_module, threads, channels, kinds):
+    # The channels_last channel pooling runs image by image within each thread's share of the
+    # N*H*W pixels: 3 images of 35 pixels on 2 or 3 threads give shares that start and end
+    # inside images (53 / 52, 35 / 35 / 35 split by grain 64 as 64 / 41). 5 channels: scalar;
+    # 40: the 32-channel AVX2 accumulators and a tail of 8; 72: the 64-channel ones and a
+    # tail. One slot of a kind, either kind alone, and a repeated slot.
+    x = make_x((3, channels, 5, 7), "channels_last", seed=5)
+    x[1, channels // 2, 2, 3] = float("nan")
+    s = torch.rand(3, channels, 1, 1) + 0.5
+    order = tuple("max" if k == 0 else "mean" for k in kinds)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for sc in (None, s):
+            got = cpp_module.pool_forward(x, sc, kinds)
+            torch.testing.assert_close(got, reference.channel_pool(x, order, sc), rtol=1e-6, atol=1e-6,
+                                       equal_nan=True)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_row_band_rule(cpp_module):
     # channels_last: bands of ~384 KiB whatever the image size; NCHW: whole images while an
     # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag.

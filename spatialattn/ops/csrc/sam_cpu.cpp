@@ -1069,6 +1069,27 @@ inline void pool_pixel(const X* x, const T* s, int64_t C, T& mx, T& mean) {
   mean = sum / T(C);
 }
 
+// pool_pixel over len consecutive channels_last pixels: mx[k] / mean[k] (either may be null).
+// A function of its own, with everything it calls inlined (flatten): left to GCC, the AVX2
+// part stayed out of line in the OpenMP bodies and the per-image passes, where its
+// accumulator arrays lived on the stack, written in 16-byte halves and read back as 32-byte
+// vectors (a failed store forward per accumulator per pixel). The channel pooling of
+// 8x64x56x56 channels_last took twice as long on 2 threads (out of line) as on 1 (inlined
+// in the serial call). Paired against the out-of-line calls: channel pooling 0.30-0.38x the
+// time at 8x64x56x56 / 8x128x28x28, 0.55-0.76x at 8x256x14x14 to 8x256x52x52. (Inlined into
+// the per-image forward itself, by always_inline, the forward became 1.17-1.24x slower at
+// 7x7 to 28x28: hence a separate function, not inlined there.)
+template <typename T, typename X>
+__attribute__((noinline, flatten)) void pool_pixels(const X* x, const T* s, int64_t C, int64_t len, T* mx,
+                                                    T* mean) {
+  for (int64_t k = 0; k < len; ++k) {
+    T m, a;
+    pool_pixel<T, X>(x + k * C, s, C, m, a);
+    if (mx) mx[k] = m;
+    if (mean) mean[k] = a;
+  }
+}
+
 // mx / mean: outputs with batch stride `obs` (HW each image); either may be null.
 template <typename T, typename X>
 void k_pool(const X* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
@@ -1088,12 +1109,11 @@ void k_pool(const X* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
     });
   } else {
     at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        const int64_t n = p / HW, q = p % HW;
-        T m, a;
-        pool_pixel<T, X>(x + p * C, s ? s + n * C : nullptr, C, m, a);
-        if (mx) mx[n * obs + q] = m;
-        if (mean) mean[n * obs + q] = a;
+      for (int64_t p = b; p < e;) {  // the pixels of [b, e) image by image
+        const int64_t n = p / HW, q = p % HW, len = std::min(e - p, HW - q);
+        pool_pixels<T, X>(x + p * C, s ? s + n * C : nullptr, C, len, mx ? mx + n * obs + q : nullptr,
+                          mean ? mean + n * obs + q : nullptr);
+        p += len;
       }
     });
   }
@@ -2268,6 +2288,32 @@ void pad_maps(const T* maps, int64_t P, const Pad& g, T* pad) {
   pad_rows<T>(maps, P, g, pad, 0, g.Hp);
 }
 
+// One callable out of several lambdas (each keeps its own operator()).
+template <class... F>
+struct Overload : F... {
+  using F::operator()...;
+};
+template <class... F>
+Overload(F...) -> Overload<F...>;
+
+#if SAM_AVX2_HALVES
+// Hands a 16-lane float output held as two 256-bit halves to emit: as the halves where emit
+// takes them, emit(h, w0, lo, hi), else as one vec_t. GCC moves a 64-byte generic vector
+// through the stack in 8- and 16-byte pieces in AVX2 builds; at a few channels that traffic
+// in the sigmoid and the stores of the small maps was most of the forward's conv stage.
+template <typename Emit>
+inline void emit_halves(Emit& emit, int64_t h, int64_t w0, __m256 lo, __m256 hi) {
+  if constexpr (std::is_invocable_v<Emit&, int64_t, int64_t, __m256, __m256>) {
+    emit(h, w0, lo, hi);
+  } else {
+    vec_t<float> o;
+    std::memcpy(&o, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&o) + 32, &hi, 32);
+    emit(h, w0, o);
+  }
+}
+#endif
+
 // Correlation of the padded maps with w [P, KH, KW] (flipped taps if `flip`), output
 // rows [h0, h1): emit(h, w0, acc) receives the raw sums of lanes w0 .. w0 + L - 1.
 template <typename T, typename Emit>
@@ -2315,12 +2361,7 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
             }
             for (int k = 0; k < R; ++k) a[hh][k] = acc[k];
           }
-          for (int k = 0; k < R; ++k) {
-            vec_t<T> o;
-            std::memcpy(&o, &a[0][k], 32);
-            std::memcpy(reinterpret_cast<char*>(&o) + 32, &a[1][k], 32);
-            emit(h + k, w0, o);
-          }
+          for (int k = 0; k < R; ++k) emit_halves(emit, h + k, w0, a[0][k], a[1][k]);
         }
       }
     }
@@ -2370,12 +2411,7 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
                 }
             for (int k = 0; k < R; ++k) out[hh][k] = acc[k];
           }
-          for (int k = 0; k < R; ++k) {
-            vec_t<T> o;
-            std::memcpy(&o, &out[0][k], 32);
-            std::memcpy(reinterpret_cast<char*>(&o) + 32, &out[1][k], 32);
-            emit(h + k, w0, o);
-          }
+          for (int k = 0; k < R; ++k) emit_halves(emit, h + k, w0, out[0][k], out[1][k]);
         }
       }
     };
@@ -2432,7 +2468,7 @@ void gate_rows(const Gate<T>& q, const T* pad, int64_t h0, int64_t h1, T* logits
   const T b = q.bias ? q.bias[0] : T(0);
   const T ns = q.ns ? q.ns[0] : T(1), nsh = q.ns ? q.nsh[0] : T(0);
   const int64_t W = q.g.W;
-  correlate_rows<T>(pad, q.P, q.g, q.w, false, h0, h1, [&](int64_t h, int64_t w0, vec_t<T> acc) {
+  auto emit = [&](int64_t h, int64_t w0, vec_t<T> acc) {
     vec_t<T> l = acc + b;
     vec_t<T> a = vsigmoid(q.ns ? l * ns + nsh : l);
     const int64_t len = std::min<int64_t>(L, W - w0);
@@ -2440,7 +2476,32 @@ void gate_rows(const Gate<T>& q, const T* pad, int64_t h0, int64_t h1, T* logits
       logits[h * W + w0 + k] = l[k];
       attn[h * W + w0 + k] = a[k];
     }
-  });
+  };
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    // the same operations on the two halves (vsigmoid is vsigmoid8 per half in these builds)
+    const __m256 vb = _mm256_set1_ps(b), vns = _mm256_set1_ps(ns), vnsh = _mm256_set1_ps(nsh);
+    auto emit8 = [&](int64_t h, int64_t w0, __m256 lo, __m256 hi) {
+      const __m256 l[2] = {_mm256_add_ps(lo, vb), _mm256_add_ps(hi, vb)};
+      __m256 a[2];
+      for (int i = 0; i < 2; ++i) a[i] = vsigmoid8(q.ns ? _mm256_add_ps(_mm256_mul_ps(l[i], vns), vnsh) : l[i]);
+      float* lr = logits + h * W + w0;
+      float* ar = attn + h * W + w0;
+      const int64_t len = std::min<int64_t>(L, W - w0);
+      if (len == L) {
+        for (int i = 0; i < 2; ++i) _mm256_storeu_ps(lr + 8 * i, l[i]), _mm256_storeu_ps(ar + 8 * i, a[i]);
+        return;
+      }
+      float lt[16], at[16];
+      for (int i = 0; i < 2; ++i) _mm256_storeu_ps(lt + 8 * i, l[i]), _mm256_storeu_ps(at + 8 * i, a[i]);
+      std::copy(lt, lt + len, lr);
+      std::copy(at, at + len, ar);
+    };
+    correlate_rows<T>(pad, q.P, q.g, q.w, false, h0, h1, Overload{emit, emit8});
+    return;
+  }
+#endif
+  correlate_rows<T>(pad, q.P, q.g, q.w, false, h0, h1, emit);
 }
 
 // Backward of the small maps, in pieces that work on a band of rows.
@@ -2544,10 +2605,30 @@ void dpooled_rows(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* 
   if (dmean) std::fill(dmean + h0 * W, dmean + h1 * W, T(0));
   for (int64_t p = 0; p < q.P; ++p) {
     T* dst = kinds[p] == 0 ? dmax : dmean;
-    correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, h0, h1, [&](int64_t h, int64_t w0, vec_t<T> acc) {
+    auto emit = [&](int64_t h, int64_t w0, vec_t<T> acc) {
       const int64_t len = std::min<int64_t>(L, W - w0);
       for (int64_t k = 0; k < len; ++k) dst[h * W + w0 + k] += acc[k];
-    });
+    };
+#if SAM_AVX2_HALVES
+    if constexpr (std::is_same_v<T, float>) {
+      auto emit8 = [&](int64_t h, int64_t w0, __m256 lo, __m256 hi) {
+        float* d = dst + h * W + w0;
+        const int64_t len = std::min<int64_t>(L, W - w0);
+        if (len == L) {
+          _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), lo));
+          _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_loadu_ps(d + 8), hi));
+          return;
+        }
+        float t[16];
+        _mm256_storeu_ps(t, lo);
+        _mm256_storeu_ps(t + 8, hi);
+        for (int64_t k = 0; k < len; ++k) d[k] += t[k];
+      };
+      correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, h0, h1, Overload{emit, emit8});
+      continue;
+    }
+#endif
+    correlate_rows<T>(dlpad, 1, g, q.w + p * KK, true, h0, h1, emit);
   }
   if (dmax)
     for (int64_t k = h0 * W; k < h1 * W; ++k) dmax[k] = dmax[k] / cnt[k];
@@ -2673,7 +2754,7 @@ void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, 
     if (!nhwc) {
       pool_chunk<T, X>(x + p0, s, C, HW, len, mx, mean);
     } else {
-      for (int64_t k = 0; k < len; ++k) pool_pixel<T, X>(x + (p0 + k) * C, s, C, mx[k], mean[k]);
+      pool_pixels<T, X>(x + p0 * C, s, C, len, mx, mean);
     }
     copy_repeated_slots<T>(pooled, kinds, imax, imean, HW, p0, len);
     for (int64_t i = 0; i < P; ++i)
@@ -3193,12 +3274,8 @@ void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T*
         if (imean >= 0) std::copy(as.data(), as.data() + m, pn + imean * HW + p0 + k);
       }
     } else {
-      T a, b;
-      for (int64_t k = p0; k < p0 + len; ++k) {
-        pool_pixel<T, X>(xn + k * C, sn, C, a, b);
-        if (imax >= 0) pn[imax * HW + k] = a;
-        if (imean >= 0) pn[imean * HW + k] = b;
-      }
+      pool_pixels<T, X>(xn + p0 * C, sn, C, len, imax >= 0 ? pn + imax * HW + p0 : nullptr,
+                        imean >= 0 ? pn + imean * HW + p0 : nullptr);
     }
     copy_repeated_slots<T>(pn, kinds, imax, imean, HW, p0, len);
   });
