@@ -1,10 +1,14 @@
 """Test-wide settings: every test starts from the same random state (no order-dependent flakes),
 and hypothesis draws the same examples on every run (a CI failure can be reproduced; set
-``HYPOTHESIS_PROFILE=explore`` to draw new ones)."""
+``HYPOTHESIS_PROFILE=explore`` to draw new ones); checks that need an interpreter of their own
+run in the background from the start of the session (``subprocess_check``)."""
 from __future__ import annotations
 
 import os
 import random
+import subprocess
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -36,10 +40,6 @@ _BACKGROUND = pytest.StashKey[dict]()
 
 class _BackgroundRun:
     def __init__(self, cmd: list[str], env: dict[str, str] | None, cwd: str | None, timeout: float):
-        import subprocess
-        import tempfile
-        import time
-
         self.cmd, self.timeout, self.started = cmd, timeout, time.monotonic()
         self._out = tempfile.TemporaryFile(mode="w+")
         self._err = tempfile.TemporaryFile(mode="w+")
@@ -48,9 +48,6 @@ class _BackgroundRun:
 
     def result(self):
         """Wait (up to the timeout counted from the start) and return a ``CompletedProcess``."""
-        import subprocess
-        import time
-
         left = self.timeout - (time.monotonic() - self.started)
         try:
             self.proc.wait(timeout=max(left, 0.0))
@@ -65,6 +62,11 @@ class _BackgroundRun:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self):
+        self.kill()
+        self._out.close()
+        self._err.close()
 
 
 def pytest_configure(config):
@@ -96,7 +98,7 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     for run in session.config.stash.get(_BACKGROUND, {}).values():
-        run.kill()
+        run.close()
 
 
 @pytest.fixture
