@@ -555,13 +555,14 @@ def test_nchw_pooling_eight_channels_per_sweep(cpp_module, dtype, with_scale):
 @pytest.mark.parametrize("kinds", [[0, 1], [1], [0], [1, 0, 1]])
 def test_channels_last_pooling_shares_cross_images(cpp_module, threads, channels, kinds):
     # The channels_last channel pooling runs image by image within each thread's share of the
-    # N*H*W pixels: 3 images of 35 pixels on 2 or 3 threads give shares that start and end
-    # inside images (53 / 52, 35 / 35 / 35 split by grain 64 as 64 / 41). 5 channels: scalar;
-    # 40: the 32-channel AVX2 accumulators and a tail of 8; 72: the 64-channel ones and a
-    # tail. One slot of a kind, either kind alone, and a repeated slot.
-    x = make_x((3, channels, 5, 7), "channels_last", seed=5)
+    # N*H*W pixels (at::parallel_for, grain 64): 4 images of 35 pixels (140) are one share of
+    # four images on 1 thread, two shares of two whole images on 2, and on 3 shares of 47 / 47
+    # / 46 pixels that start and end inside images. 5 channels: scalar; 40: the 32-channel
+    # AVX2 accumulators and a tail of 8; 72: the 64-channel ones and a tail. One slot of a
+    # kind, either kind alone, and a repeated slot.
+    x = make_x((4, channels, 5, 7), "channels_last", seed=5)
     x[1, channels // 2, 2, 3] = float("nan")
-    s = torch.rand(3, channels, 1, 1) + 0.5
+    s = torch.rand(4, channels, 1, 1) + 0.5
     order = tuple("max" if k == 0 else "mean" for k in kinds)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

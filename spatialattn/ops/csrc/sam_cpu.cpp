@@ -1075,8 +1075,8 @@ inline void pool_pixel(const X* x, const T* s, int64_t C, T& mx, T& mean) {
 // accumulator arrays lived on the stack, written in 16-byte halves and read back as 32-byte
 // vectors (a failed store forward per accumulator per pixel). The channel pooling of
 // 8x64x56x56 channels_last took twice as long on 2 threads (out of line) as on 1 (inlined
-// in the serial call). Paired against the out-of-line calls: channel pooling 0.30-0.38x the
-// time at 8x64x56x56 / 8x128x28x28, 0.55-0.76x at 8x256x14x14 to 8x256x52x52. (Inlined into
+// in the serial call). Paired against the out-of-line calls: channel pooling 0.32-0.42x the
+// time at 8x64x56x56 / 8x128x28x28, 0.59-0.85x at 8x256x14x14 to 8x256x52x52. (Inlined into
 // the per-image forward itself, by always_inline, the forward became 1.17-1.24x slower at
 // 7x7 to 28x28: hence a separate function, not inlined there.)
 template <typename T, typename X>
