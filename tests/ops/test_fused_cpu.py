@@ -274,6 +274,40 @@ def test_nan_propagates(layout):
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[0, :, 2, 3]).all()
 
 
+
+@pytest.mark.parametrize("width", [7, 8, 9, 16, 17, 24, 25, 56])
+@pytest.mark.parametrize("kernel", [(7, 1), (3, 2)])
+def test_conv_rows_at_every_width(width, kernel):
+    # the small-map conv works on 16-lane output vectors of two 256-bit halves in AVX2 builds
+    # and leaves out a half past the row's end: widths on both sides of 8 and 16 columns
+    # left in the last vector; 9 rows reach the 8-row sweep of 7x7 kernels and its remainder
+    k, dil = kernel
+    x = make_x((2, 6, 9, width), "nchw").requires_grad_()
+    w = torch.randn(1, 2, k, k, requires_grad=True)
+    g = torch.randn(2, 6, 9, width)
+    y, attn = ops.spatial_attention_fused(x, w, dilation=dil, return_attention=True)
+    y_ref, attn_ref = ref_sam(x, w, None, ("max", "mean"), dil, None)
+    # (the 7x7 conv sums its 98 taps in another order than torch's: a few ulp)
+    torch.testing.assert_close(attn, attn_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(y_ref, (x, w), g)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nchw_pooling_nan_in_whole_vectors_and_in_the_rest():
+    # the mean's division by C runs on whole vectors and then one pixel at a time; a NaN sum
+    # sends its pixel to the scan for NaN in either part (35 pixels: 32 in vectors, 3 after)
+    x = make_x((2, 5, 5, 7), "nchw")
+    x[0, 3, 0, 2] = float("nan")  # pixel 2: in the first vector
+    x[0, 1, 4, 5] = float("nan")  # pixel 33: after the last whole vector
+    x[1, 0, 4, 6] = float("inf")  # pixel 34: inf and -inf make a NaN sum but a finite max
+    x[1, 2, 4, 6] = -float("inf")
+    pooled = ops.channel_pool(x, ("max", "mean"))
+    torch.testing.assert_close(pooled, reference.channel_pool(x, ("max", "mean")), equal_nan=True)
+    assert torch.isnan(pooled[0, :, 0, 2]).all() and torch.isnan(pooled[0, :, 4, 5]).all()
+    assert pooled[1, 0, 4, 6] == float("inf") and torch.isnan(pooled[1, 1, 4, 6])
+    assert not torch.isnan(pooled[0, :, 4, 4]).any()
+
 def test_out_argument_and_no_grad_path():
     x = torch.randn(2, 16, 8, 8)
     w = torch.randn(1, 2, 7, 7)

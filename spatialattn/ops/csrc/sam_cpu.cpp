@@ -867,11 +867,24 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       sp[i] += v;
     }
   }
-  for (int64_t i = 0; i < len; ++i) {
-    // vmax drops NaN; a NaN among the channels makes the sum NaN, and only then they are scanned
+  // vmax drops NaN; a NaN among the channels makes the sum NaN, and only then they are
+  // scanned. Whole vectors first (the same IEEE division per lane; a scalar loop with the
+  // NaN test's branch and call took about 6 cycles a pixel), then the rest one by one.
+  auto finish = [&](int64_t i) {
     if (sp[i] != sp[i] && any_nan(x + i, s, C, HW)) mp[i] = std::numeric_limits<T>::quiet_NaN();
     sp[i] = sp[i] / T(C);
+  };
+  const V vc = V{} + T(C);
+  int64_t i = 0;
+  for (; i + L <= len; i += L) {
+    const V a = vload(sp + i);
+    if (lane_bits<T>(vcmp<kNe, T>(a, a)) != 0) {
+      for (int64_t k = i; k < i + L; ++k) finish(k);
+    } else {
+      vstore(sp + i, a / vc);
+    }
   }
+  for (; i < len; ++i) finish(i);
 }
 
 template <typename T, int B>
@@ -2297,6 +2310,12 @@ template <class... F>
 Overload(F...) -> Overload<F...>;
 
 #if SAM_AVX2_HALVES
+// The 256-bit halves of a 16-lane output vector that hold any of the `left` outputs still
+// wanted in its row: the upper half only where more than eight are left. The callbacks store
+// the first min(16, left) lanes, so a half past the row's end is never computed (it was an
+// eighth of the conv at 56x56, 52x52, 104x104, half of it at 7x7) and is handed on as zeros.
+inline int halves_needed(int64_t left) { return left > 8 ? 2 : 1; }
+
 // Hands a 16-lane float output held as two 256-bit halves to emit: as the halves where emit
 // takes them, emit(h, w0, lo, hi), else as one vec_t. GCC moves a 64-byte generic vector
 // through the stack in 8- and 16-byte pieces in AVX2 builds; at a few channels that traffic
@@ -2342,7 +2361,9 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
       for (; h + R <= h1; h += R) {
         for (int64_t w0 = 0; w0 < g.W; w0 += L) {
           __m256 a[2][R];
-          for (int hh = 0; hh < 2; ++hh) {
+          const int nh = halves_needed(g.W - w0);
+          for (int k = 0; k < R; ++k) a[1][k] = _mm256_setzero_ps();
+          for (int hh = 0; hh < nh; ++hh) {
             __m256 acc[R];
 #pragma GCC unroll 8
             for (int k = 0; k < R; ++k) acc[k] = _mm256_setzero_ps();
@@ -2397,7 +2418,9 @@ inline void correlate_rows(const T* pad, int64_t P, const Pad& g, const T* w, bo
       for (; h + R <= h1; h += R) {
         for (int64_t w0 = 0; w0 < g.W; w0 += L) {
           __m256 out[2][R];
-          for (int hh = 0; hh < 2; ++hh) {
+          const int nh = halves_needed(g.W - w0);
+          for (int k = 0; k < R; ++k) out[1][k] = _mm256_setzero_ps();
+          for (int hh = 0; hh < nh; ++hh) {
             __m256 acc[R];
 #pragma GCC unroll 4
             for (int k = 0; k < R; ++k) acc[k] = _mm256_setzero_ps();
