@@ -274,7 +274,6 @@ def test_nan_propagates(layout):
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[0, :, 2, 3]).all()
 
 
-
 @pytest.mark.parametrize("width", [7, 8, 9, 16, 17, 24, 25, 56])
 @pytest.mark.parametrize("kernel", [(7, 1), (3, 2)])
 def test_conv_rows_at_every_width(width, kernel):
@@ -307,6 +306,7 @@ def test_nchw_pooling_nan_in_whole_vectors_and_in_the_rest():
     assert torch.isnan(pooled[0, :, 0, 2]).all() and torch.isnan(pooled[0, :, 4, 5]).all()
     assert pooled[1, 0, 4, 6] == float("inf") and torch.isnan(pooled[1, 1, 4, 6])
     assert not torch.isnan(pooled[0, :, 4, 4]).any()
+
 
 def test_out_argument_and_no_grad_path():
     x = torch.randn(2, 16, 8, 8)
