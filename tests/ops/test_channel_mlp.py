@@ -81,6 +81,36 @@ def test_backward_matches_reference_for_each_input(needs):
             assert err <= 2 * ref_err + 1e-7 * e.grad.abs().max().item(), (err, ref_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sums_split_into_blocks_match_reference(dtype):
+    # 2000 x 40 weights (320 KB in float32): layer 1 takes weight1's rows in blocks (2 in
+    # float32, 3 in float64), the backward sums weight2's 2000 rows in 5 / 10 blocks, each
+    # resuming the last's sums; 3 images (pairs of outputs and one left over), 40 hidden units
+    # (a vector pair and a scalar tail), 2000 channels (a last column block of 16)
+    shape = (2, 3, 2000, 40)
+    base = make_args(*shape, dtype=dtype, seed=5)
+    ours = [t.clone().requires_grad_() for t in base]
+    exact = [t.double().requires_grad_() for t in base]
+    gy = torch.randn(shape[1], shape[2], generator=torch.Generator().manual_seed(6), dtype=dtype)
+    g = ops.channel_mlp_gate(*ours)
+    assert "ChannelMlpGateBackward" in node_names(g)
+    g.backward(gy)
+    e = reference.channel_mlp_gate(*exact)
+    e.backward(gy.double())
+    if dtype == torch.float64:
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+        for a, b in zip(ours, exact):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-11, atol=1e-13)
+        return
+    refs = [t.clone().requires_grad_() for t in base]
+    reference.channel_mlp_gate(*refs).backward(gy)
+    assert (g.double() - e).abs().max().item() < 2e-6
+    for a, b, x in zip(ours, refs, exact):
+        err = (a.grad.double() - x.grad).abs().max().item()
+        ref_err = (b.grad.double() - x.grad).abs().max().item()
+        assert err <= 2 * ref_err + 1e-7 * x.grad.abs().max().item(), (err, ref_err)
+
+
 def test_thread_count_does_not_change_results():
     # big enough that every loop runs in parallel chunks with two threads
     args = [t.float().requires_grad_() for t in make_args(4, 16, 1024, 64)]

@@ -4088,7 +4088,9 @@ template <int K, typename T>
 inline void dot_lanes_k(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
   using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  V acc[K][2] = {};
+  V acc[K][2];  // set one by one: `= {}` on the array zeroed a stack copy with rep stos
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = V{};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
     const V a0 = mlp_load(a + i), a1 = mlp_load(a + i + L);
@@ -4187,32 +4189,71 @@ inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0
   return false;
 }
 
-// out[j] = sum_k coef[k * cs] * rows[k * rs + j] for j < width, k < K (in order of k),
-// accumulated in registers four vectors at a time
-template <typename T>
-inline void lincomb(const T* coef, int64_t cs, const T* rows, int64_t rs, int64_t K, int64_t width, T* out) {
+// Linear combinations of the same rows: out[m * os + j] = sum_k coef[m * cm + k * cs] * rows[k * rs + j]
+// for m < M, j < width, k < K. Every lane is summed in order of k, from zero, or with `resume`
+// from the value already in out (so a sum over k split into blocks of k, each resuming where
+// the last stopped, has the bits of one pass). The M outputs share each load of a row; two
+// vectors of width per output keep 4M accumulators (AVX2: 4M ymm registers) out of memory.
+template <int M, typename T>
+inline void lincomb_m(const T* coef, int64_t cs, int64_t cm, const T* rows, int64_t rs, int64_t K, int64_t width,
+                      T* out, int64_t os, bool resume) {
   using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
   int64_t j = 0;
-  for (; j + 4 * L <= width; j += 4 * L) {
-    V acc[4] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = coef[k * cs];
-      const T* row = rows + k * rs + j;
-      for (int u = 0; u < 4; ++u) acc[u] += a * mlp_load(row + u * L);
+  for (; j + 2 * L <= width; j += 2 * L) {
+    V acc[M][2];  // set one by one: `= {}` on the array zeroed a stack copy with rep stos
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] = resume ? mlp_load(out + m * os + j) : V{};
+      acc[m][1] = resume ? mlp_load(out + m * os + j + L) : V{};
     }
-    for (int u = 0; u < 4; ++u) mlp_store(out + j + u * L, acc[u]);
+    const T* row = rows + j;
+    const T* c = coef;
+    for (int64_t k = 0; k < K; ++k, row += rs, c += cs) {
+      const V r0 = mlp_load(row), r1 = mlp_load(row + L);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const T a = c[m * cm];
+        acc[m][0] += a * r0;
+        acc[m][1] += a * r1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      mlp_store(out + m * os + j, acc[m][0]);
+      mlp_store(out + m * os + j + L, acc[m][1]);
+    }
   }
-  for (; j + L <= width; j += L) {
-    V acc = V{};
-    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * mlp_load(rows + k * rs + j);
-    mlp_store(out + j, acc);
+  if (j + L <= width) {
+    V acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = resume ? mlp_load(out + m * os + j) : V{};
+    const T* row = rows + j;
+    const T* c = coef;
+    for (int64_t k = 0; k < K; ++k, row += rs, c += cs) {
+      const V r0 = mlp_load(row);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] += c[m * cm] * r0;
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) mlp_store(out + m * os + j, acc[m]);
+    j += L;
   }
-  for (; j < width; ++j) {
-    T acc = 0;
-    for (int64_t k = 0; k < K; ++k) acc += coef[k * cs] * rows[k * rs + j];
-    out[j] = acc;
-  }
+  for (; j < width; ++j)
+    for (int m = 0; m < M; ++m) {
+      T acc = resume ? out[m * os + j] : T(0);
+      for (int64_t k = 0; k < K; ++k) acc += coef[m * cm + k * cs] * rows[k * rs + j];
+      out[m * os + j] = acc;
+    }
+}
+
+// lincomb_m for outputs [m0, m1): coefficients coef + m * cm, outputs out + m * os, in pairs
+template <typename T>
+inline void lincomb_rows(int64_t m0, int64_t m1, const T* coef, int64_t cs, int64_t cm, const T* rows, int64_t rs,
+                         int64_t K, int64_t width, T* out, int64_t os, bool resume = false) {
+  int64_t m = m0;
+  for (; m + 2 <= m1; m += 2) lincomb_m<2>(coef + m * cm, cs, cm, rows, rs, K, width, out + m * os, os, resume);
+  if (m < m1) lincomb_m<1>(coef + m * cm, cs, cm, rows, rs, K, width, out + m * os, os, resume);
 }
 
 inline int64_t mlp_grain(int64_t per_item) { return std::max<int64_t>(1, kMlpGrain / std::max<int64_t>(1, per_item)); }
@@ -4246,21 +4287,28 @@ struct ChannelMlp {
   }
 
   int64_t layer1_grain() const { return mlp_grain(Q * C); }
+  // hidden units [r0, r1): each weight row's dot products with up to three pooled vectors at a
+  // time (one load of the row for three: with four, the 16 accumulators spilled in AVX2
+  // builds); the rows in blocks of about 256 KB, each block (in L2) passed by every group of
+  // pooled vectors (in L1) in turn, so neither is read from memory once per row
   void layer1(int64_t r0, int64_t r1) {
-    T a[4];
-    for (int64_t r = r0; r < r1; ++r) {
-      const T bias = B1 ? B1[r] : T(0);
-      for (int64_t q = 0; q < Q; q += 4) {
-        const int64_t k4 = std::min<int64_t>(4, Q - q);
-        switch (k4) {  // one read of the weight row for up to four pooled vectors
-          case 4: dot_lanes_k<4>(W1 + r * C, v + q * C, C, C, a); break;
-          case 3: dot_lanes_k<3>(W1 + r * C, v + q * C, C, C, a); break;
-          case 2: dot_lanes_k<2>(W1 + r * C, v + q * C, C, C, a); break;
-          default: a[0] = dot_lanes(W1 + r * C, v + q * C, C);
-        }
-        for (int64_t k = 0; k < k4; ++k) {
-          const T z = a[k] + bias;
-          h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
+    const int64_t rb = std::max<int64_t>(1, (256 << 10) / (int64_t(sizeof(T)) * std::max<int64_t>(1, C)));
+    T a[3];
+    for (int64_t rs = r0; rs < r1; rs += rb) {
+      const int64_t re = std::min(r1, rs + rb);
+      for (int64_t q = 0; q < Q; q += 3) {
+        const int64_t k3 = std::min<int64_t>(3, Q - q);
+        for (int64_t r = rs; r < re; ++r) {
+          switch (k3) {
+            case 3: dot_lanes_k<3>(W1 + r * C, v + q * C, C, C, a); break;
+            case 2: dot_lanes_k<2>(W1 + r * C, v + q * C, C, C, a); break;
+            default: a[0] = dot_lanes(W1 + r * C, v + q * C, C);
+          }
+          const T bias = B1 ? B1[r] : T(0);
+          for (int64_t k = 0; k < k3; ++k) {
+            const T z = a[k] + bias;
+            h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
+          }
         }
       }
     }
@@ -4436,12 +4484,17 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
       if (gw2.defined()) {  // gw2[c, :] = sum_n dl[n, c] hs[n, :]
         T* o = gw2.data_ptr<T>();
         at::parallel_for(0, C, mlp_grain(N * R), [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) lincomb(dl.data() + c, C, hs.data(), R, N, R, o + c * R);
+          lincomb_rows(c0, c1, dl.data(), C, 1, hs.data(), R, N, R, o, R);
         });
       }
       if (needs[0] || needs[1] || needs[2]) {  // dhs[n, :] = sum_c dl[n, c] W2[c, :]
+        // in blocks of rows of W2 that stay in the cache for every image of the chunk (W2 is
+        // 1 MB at 2048 x 128: read once per chunk from memory, not once per image)
+        const int64_t kb = std::max<int64_t>(16, (64 << 10) / (int64_t(sizeof(T)) * std::max<int64_t>(1, R)));
         at::parallel_for(0, N, mlp_grain(C * R), [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) lincomb(dl.data() + n * C, 1, W2, R, C, R, dhs.data() + n * R);
+          for (int64_t k0 = 0; k0 < C; k0 += kb)
+            lincomb_rows(n0, n1, dl.data() + k0, 1, C, W2 + k0 * R, R, std::min(kb, C - k0), R, dhs.data(), R,
+                         k0 > 0);
         });
         for (int64_t q = 0; q < Q; ++q)
           for (int64_t r = 0; r < R; ++r) dh[q * R + r] = h[q * R + r] > T(0) ? dhs[(q % N) * R + r] : T(0);
@@ -4466,15 +4519,31 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
       std::vector<T> dhT(R * Q);
       for (int64_t q = 0; q < Q; ++q)
         for (int64_t r = 0; r < R; ++r) dhT[r * Q + q] = dh[q * R + r];
-      constexpr int64_t kCols = 64;
+      constexpr int64_t kCols = 2 * lanes<T>();  // lincomb_m's widest step
       const int64_t nb = (C + kCols - 1) / kCols;
       at::parallel_for(0, nb, mlp_grain(Q * R * kCols * 2), [&](int64_t b0, int64_t b1) {
+        // the block's columns of pooled and weight1 copied to contiguous rows where many rows
+        // at a long stride are read by several outputs: at a row stride of C floats (8 KB at
+        // C = 2048) every row falls into the same sets of L1, which then holds 8 of them, and
+        // each pass over the rows came from L2
+        const bool wide = C * int64_t(sizeof(T)) >= 2048;
+        const bool pack_v = ogw && wide && Q > 8, pack_w = ogp && wide && R > 8 && Q >= 4;
+        std::vector<T> vp(pack_v ? Q * kCols : 0), wp(pack_w ? R * kCols : 0);
+        const auto rows_of = [&](const T* src, int64_t n, int64_t c0, int64_t w, std::vector<T>& buf) {
+          if (buf.empty()) return std::make_pair(src + c0, C);
+          for (int64_t i = 0; i < n; ++i) std::copy(src + i * C + c0, src + i * C + c0 + w, buf.data() + i * kCols);
+          return std::make_pair(static_cast<const T*>(buf.data()), kCols);
+        };
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t c0 = b * kCols, w = std::min(kCols, C - c0);
-          if (ogw)  // gw1[r, :] = sum_q dh[q, r] v[q, :]
-            for (int64_t r = 0; r < R; ++r) lincomb(dhT.data() + r * Q, 1, v + c0, C, Q, w, ogw + r * C + c0);
-          if (ogp)  // gp[q, :] = sum_r dh[q, r] W1[r, :]
-            for (int64_t q = 0; q < Q; ++q) lincomb(dh.data() + q * R, 1, W1 + c0, C, R, w, ogp + q * C + c0);
+          if (ogw) {  // gw1[r, :] = sum_q dh[q, r] v[q, :]
+            const auto [rows, rs] = rows_of(v, Q, c0, w, vp);
+            lincomb_rows(0, R, dhT.data(), 1, Q, rows, rs, Q, w, ogw + c0, C);
+          }
+          if (ogp) {  // gp[q, :] = sum_r dh[q, r] W1[r, :]
+            const auto [rows, rs] = rows_of(W1, R, c0, w, wp);
+            lincomb_rows(0, Q, dh.data(), 1, R, rows, rs, R, w, ogp + c0, C);
+          }
         }
       });
     }
