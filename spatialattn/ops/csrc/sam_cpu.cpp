@@ -3994,7 +3994,7 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
 constexpr int64_t kMlpGrain = 1 << 15;  // multiply-adds per thread chunk, at least
 
 // The MLP's vectors: mlp_vec_t<T>, kLanes (64 bytes) of T. AVX2 builds (SAM_AVX2_HALVES) have
-// no register for a 64-byte vec_t: GCC kept lincomb's accumulators on the stack and moved
+// no register for a 64-byte vec_t: GCC kept the accumulators (then in lincomb) on the stack and moved
 // every lane through xmm and general registers (perf: channel_mlp_backward at 1.3 G
 // multiply-adds/s on one thread). There mlp_vec_t is MlpHalves, the same lanes as two 32-byte
 // vectors (lanes 0 to L/2 - 1, then the rest) that do have registers, with the same
