@@ -30,6 +30,13 @@ def make_args(p, n, c, r, two=True, bias=True, dtype=torch.float64, seed=0):
     return [pooled, w1, b1, w2, b2]
 
 
+def assert_as_close_as_reference(got, ref, exact):
+    """float32 `got` as close to the float64 `exact` as the reference's float32 `ref`, or closer."""
+    err = (got.double() - exact).abs().max().item()
+    ref_err = (ref.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-7 * exact.abs().max().item(), (err, ref_err)
+
+
 # (P, N, C, R): lane tails (37, 5, 24), the q-lane layer 2 (2 * N * P >= 16) and the
 # dot-product one (one image), CBAM-sized maps
 SHAPES = [(2, 8, 512, 32), (2, 1, 1024, 64), (1, 3, 37, 5), (3, 2, 24, 3), (2, 5, 96, 6)]
@@ -75,10 +82,8 @@ def test_backward_matches_reference_for_each_input(needs):
     reference.channel_mlp_gate(*exact).backward(gy.double())
     for a, b, e, need in zip(ours, refs, exact, needs):
         assert (a.grad is not None) == need
-        if need:  # as close to the float64 gradient as the reference's float32 one, or closer
-            err = (a.grad.double() - e.grad).abs().max().item()
-            ref_err = (b.grad.double() - e.grad).abs().max().item()
-            assert err <= 2 * ref_err + 1e-7 * e.grad.abs().max().item(), (err, ref_err)
+        if need:
+            assert_as_close_as_reference(a.grad, b.grad, e.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -106,9 +111,7 @@ def test_sums_split_into_blocks_match_reference(dtype):
     reference.channel_mlp_gate(*refs).backward(gy)
     assert (g.double() - e).abs().max().item() < 2e-6
     for a, b, x in zip(ours, refs, exact):
-        err = (a.grad.double() - x.grad).abs().max().item()
-        ref_err = (b.grad.double() - x.grad).abs().max().item()
-        assert err <= 2 * ref_err + 1e-7 * x.grad.abs().max().item(), (err, ref_err)
+        assert_as_close_as_reference(a.grad, b.grad, x.grad)
 
 
 def test_thread_count_does_not_change_results():
