@@ -38,8 +38,12 @@ def assert_as_close_as_reference(got, ref, exact):
 
 
 # (P, N, C, R): lane tails (37, 5, 24), the q-lane layer 2 (2 * N * P >= 16) and the
-# dot-product one (one image), CBAM-sized maps
-SHAPES = [(2, 8, 512, 32), (2, 1, 1024, 64), (1, 3, 37, 5), (3, 2, 24, 3), (2, 5, 96, 6)]
+# dot-product one (one image), CBAM-sized maps; the last two: AVX-512 builds' wide kernels
+# (layer 1 by pairs of weight rows, an odd row left over, pooled vectors by three with one
+# left over; layer 2 by 4, 2 and 1 blocks of q: 112 pooled vectors are 7 blocks of 16 lanes
+# in float32, 14 of 8 in float64; R % 4 rows in the tail)
+SHAPES = [(2, 8, 512, 32), (2, 1, 1024, 64), (1, 3, 37, 5), (3, 2, 24, 3), (2, 5, 96, 6), (2, 56, 37, 7),
+          (1, 40, 64, 9)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

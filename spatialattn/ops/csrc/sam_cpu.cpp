@@ -4109,6 +4109,74 @@ inline void dot_lanes_k(const T* a, const T* b, int64_t ldb, int64_t n, T* out) 
   }
 }
 
+// AVX-512 builds: 32 vector registers hold the accumulators of more outputs than the 16 of
+// AVX2 (MlpHalves: two registers a vector). The MLP's products are bound by loads there
+// (perf, 32x2048x128 on Zen 4: layer 1 stalled on its loads, 8 loads to 6 multiply-adds),
+// so the kernels below share each load between more outputs.
+#if defined(__AVX512F__)
+constexpr bool kMlpWide = true;
+#else
+constexpr bool kMlpWide = false;
+#endif
+
+// An opaque use of v in a vector register: GCC then keeps a loaded vector in its register
+// instead of loading it again at every use (which it did with the rows of dot_lanes_jk:
+// twice the loads, perf)
+template <typename V>
+inline void in_register(V& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+// dot_lanes_k for J rows a + j * lda at once: out[j * K + k] = dot_lanes(a + j * lda,
+// b + k * ldb, n), each with the order of sums of dot_lanes (the same bits); a load of a
+// row serves K products, a load of b J
+template <int J, int K, typename T>
+inline void dot_lanes_jk(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t n, T* out) {
+  using V = mlp_vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  V acc[J][K][2];
+#pragma GCC unroll 4
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) acc[j][k][0] = acc[j][k][1] = V{};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    V a0[J], a1[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      a0[j] = mlp_load(a + j * lda + i);
+      a1[j] = mlp_load(a + j * lda + i + L);
+      in_register(a0[j]);
+      in_register(a1[j]);
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      V b0 = mlp_load(b + k * ldb + i), b1 = mlp_load(b + k * ldb + i + L);
+      in_register(b0);
+      in_register(b1);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) {
+        acc[j][k][0] += a0[j] * b0;
+        acc[j][k][1] += a1[j] * b1;
+      }
+    }
+  }
+  const bool odd = i + L <= n;
+  for (int j = 0; j < J; ++j)
+    for (int k = 0; k < K; ++k) {
+      const T* aj = a + j * lda;
+      const T* bk = b + k * ldb;
+      if (odd) acc[j][k][0] += mlp_load(aj + i) * mlp_load(bk + i);
+      T s = mlp_sum<T>(acc[j][k][0] + acc[j][k][1]);
+      for (int64_t m = i + (odd ? L : 0); m < n; ++m) s += aj[m] * bk[m];
+      out[j * K + k] = s;
+    }
+}
+
 // Sixteen float32 dot products at once: lane j of the result = sum of the lanes of v[j], in
 // four levels of pairwise folds (15 folds instead of 16 separate reductions, each a chain
 // through the upper halves). Needs __builtin_shufflevector (GCC 12+, Clang).
@@ -4291,6 +4359,14 @@ struct ChannelMlp {
   // time (one load of the row for three: with four, the 16 accumulators spilled in AVX2
   // builds); the rows in blocks of about 256 KB, each block (in L2) passed by every group of
   // pooled vectors (in L1) in turn, so neither is read from memory once per row
+  // h[q + k, r] for k < k3 from the dot products a[k] (bias, then the relu with two layers)
+  void out_hidden(int64_t q, int64_t k3, int64_t r, const T* a) {
+    const T bias = B1 ? B1[r] : T(0);
+    for (int64_t k = 0; k < k3; ++k) {
+      const T z = a[k] + bias;
+      h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
+    }
+  }
   void layer1(int64_t r0, int64_t r1) {
     const int64_t rb = std::max<int64_t>(1, (256 << 10) / (int64_t(sizeof(T)) * std::max<int64_t>(1, C)));
     T a[3];
@@ -4298,17 +4374,22 @@ struct ChannelMlp {
       const int64_t re = std::min(r1, rs + rb);
       for (int64_t q = 0; q < Q; q += 3) {
         const int64_t k3 = std::min<int64_t>(3, Q - q);
-        for (int64_t r = rs; r < re; ++r) {
+        int64_t r = rs;
+        if (kMlpWide && k3 == 3) {  // two rows at a time (12 accumulators)
+          T a2[6];
+          for (; r + 2 <= re; r += 2) {
+            dot_lanes_jk<2, 3>(W1 + r * C, C, v + q * C, C, C, a2);
+            out_hidden(q, 3, r, a2);
+            out_hidden(q, 3, r + 1, a2 + 3);
+          }
+        }
+        for (; r < re; ++r) {
           switch (k3) {
             case 3: dot_lanes_k<3>(W1 + r * C, v + q * C, C, C, a); break;
             case 2: dot_lanes_k<2>(W1 + r * C, v + q * C, C, C, a); break;
             default: a[0] = dot_lanes(W1 + r * C, v + q * C, C);
           }
-          const T bias = B1 ? B1[r] : T(0);
-          for (int64_t k = 0; k < k3; ++k) {
-            const T z = a[k] + bias;
-            h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
-          }
+          out_hidden(q, k3, r, a);
         }
       }
     }
@@ -4320,6 +4401,39 @@ struct ChannelMlp {
       for (int64_t r = 0; r < R; ++r) hT[((q / L) * R + r) * L + q % L] = h[q * R + r];
   }
 
+  // by_q, layer 2 of one channel (weight2's row w) for J blocks of q from qb: each block's
+  // lanes summed over r in four accumulators (r % 4), added as ((0 + 1) + (2 + 3)) + bias,
+  // whatever J (the same bits)
+  template <int J>
+  void layer2_blocks(const T* w, int64_t qb, T bias, T* tc) {
+    using V = mlp_vec_t<T>;
+    V acc[J][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j)
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) acc[j][k] = V{};
+    const T* hb = hT.data() + qb * R * L;
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4)
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        V wk = V{} + w[r + k];  // broadcast once for the J blocks
+        in_register(wk);
+#pragma GCC unroll 4
+        for (int j = 0; j < J; ++j) acc[j][k] += wk * mlp_load(hb + j * R * L + (r + k) * L);
+      }
+    // the last R % 4 rows into acc[j][0], [1], [2] (constant indices: the accumulators stay
+    // in registers)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const T* hj = hb + j * R * L;
+      if (r < R) acc[j][0] += w[r] * mlp_load(hj + r * L);
+      if (r + 1 < R) acc[j][1] += w[r + 1] * mlp_load(hj + (r + 1) * L);
+      if (r + 2 < R) acc[j][2] += w[r + 2] * mlp_load(hj + (r + 2) * L);
+      mlp_store(tc + (qb + j) * L, ((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3])) + bias);
+    }
+  }
+
   int64_t layer2_items() const { return !two ? 0 : by_q ? C : (C + 15) / 16; }
   int64_t layer2_grain() const { return by_q ? mlp_grain(Qp * R) : mlp_grain(16 * Q * R); }
   void layer2(int64_t b0, int64_t b1) {
@@ -4327,19 +4441,18 @@ struct ChannelMlp {
       using V = mlp_vec_t<T>;
       for (int64_t c = b0; c < b1; ++c) {
         const T* w = W2 + c * R;
-        for (int64_t qb = 0; qb < Qp / L; ++qb) {
-          V acc[4] = {};
-          const T* hb = hT.data() + qb * R * L;
-          int64_t r = 0;
-          for (; r + 4 <= R; r += 4)
-            for (int k = 0; k < 4; ++k) acc[k] += w[r + k] * mlp_load(hb + (r + k) * L);
-          // the last R % 4 rows into acc[0], acc[1], acc[2] (constant indices: the
-          // accumulators stay in registers)
-          if (r < R) acc[0] += w[r] * mlp_load(hb + r * L);
-          if (r + 1 < R) acc[1] += w[r + 1] * mlp_load(hb + (r + 1) * L);
-          if (r + 2 < R) acc[2] += w[r + 2] * mlp_load(hb + (r + 2) * L);
-          mlp_store(t.data() + c * Qp + qb * L, ((acc[0] + acc[1]) + (acc[2] + acc[3])) + (B2 ? B2[c] : T(0)));
+        const T bias = B2 ? B2[c] : T(0);
+        T* tc = t.data() + c * Qp;
+        const int64_t nqb = Qp / L;
+        int64_t qb = 0;
+        if constexpr (kMlpWide) {  // four blocks of q at a time, one load of w[r] for four (16 accumulators)
+          for (; qb + 4 <= nqb; qb += 4) layer2_blocks<4>(w, qb, bias, tc);
+          if (qb + 2 <= nqb) {
+            layer2_blocks<2>(w, qb, bias, tc);
+            qb += 2;
+          }
         }
+        for (; qb < nqb; ++qb) layer2_blocks<1>(w, qb, bias, tc);
       }
       return;
     }
