@@ -4438,7 +4438,6 @@ struct ChannelMlp {
   int64_t layer2_grain() const { return by_q ? mlp_grain(Qp * R) : mlp_grain(16 * Q * R); }
   void layer2(int64_t b0, int64_t b1) {
     if (by_q) {
-      using V = mlp_vec_t<T>;
       for (int64_t c = b0; c < b1; ++c) {
         const T* w = W2 + c * R;
         const T bias = B2 ? B2[c] : T(0);
