@@ -4082,33 +4082,6 @@ inline T dot_lanes(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// dot_lanes(a, b + k * ldb, n) for k < K (one load of a for K products); the same order of
-// sums as dot_lanes
-template <int K, typename T>
-inline void dot_lanes_k(const T* a, const T* b, int64_t ldb, int64_t n, T* out) {
-  using V = mlp_vec_t<T>;
-  constexpr int64_t L = lanes<T>();
-  V acc[K][2];  // set one by one: `= {}` on the array zeroed a stack copy with rep stos
-#pragma GCC unroll 4
-  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = V{};
-  int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    const V a0 = mlp_load(a + i), a1 = mlp_load(a + i + L);
-#pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) {
-      acc[k][0] += a0 * mlp_load(b + k * ldb + i);
-      acc[k][1] += a1 * mlp_load(b + k * ldb + i + L);
-    }
-  }
-  const bool odd = i + L <= n;
-  for (int k = 0; k < K; ++k) {
-    if (odd) acc[k][0] += mlp_load(a + i) * mlp_load(b + k * ldb + i);
-    T s = mlp_sum<T>(acc[k][0] + acc[k][1]);
-    for (int64_t j = i + (odd ? L : 0); j < n; ++j) s += a[j] * b[k * ldb + j];
-    out[k] = s;
-  }
-}
-
 // AVX-512 builds: 32 vector registers hold the accumulators of more outputs than the 16 of
 // AVX2 (MlpHalves: two registers a vector). The MLP's products are bound by loads there
 // (perf, 32x2048x128 on Zen 4: layer 1 stalled on its loads, 8 loads to 6 multiply-adds),
@@ -4131,14 +4104,28 @@ inline void in_register(V& v) {
 #endif
 }
 
-// dot_lanes_k for J rows a + j * lda at once: out[j * K + k] = dot_lanes(a + j * lda,
-// b + k * ldb, n), each with the order of sums of dot_lanes (the same bits); a load of a
-// row serves K products, a load of b J
+// a scalar weight as the operand of products with vectors V: in AVX-512 builds broadcast once
+// into a register (for several products), in AVX2 builds the scalar itself (MlpHalves
+// broadcast it per half; a broadcast first was 1.06x slower there)
+template <typename V, typename T>
+inline auto mlp_weight(T w) {
+  if constexpr (kMlpWide) {
+    V v = V{} + w;
+    in_register(v);
+    return v;
+  } else {
+    return w;
+  }
+}
+
+// out[j * K + k] = dot_lanes(a + j * lda, b + k * ldb, n) for j < J, k < K, each with the
+// order of sums of dot_lanes (the same bits); a load of a row of a serves K products, a load
+// of b J
 template <int J, int K, typename T>
 inline void dot_lanes_jk(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t n, T* out) {
   using V = mlp_vec_t<T>;
   constexpr int64_t L = lanes<T>();
-  V acc[J][K][2];
+  V acc[J][K][2];  // set one by one: `= {}` on the array zeroed a stack copy with rep stos
 #pragma GCC unroll 4
   for (int j = 0; j < J; ++j)
 #pragma GCC unroll 4
@@ -4150,14 +4137,18 @@ inline void dot_lanes_jk(const T* a, int64_t lda, const T* b, int64_t ldb, int64
     for (int j = 0; j < J; ++j) {
       a0[j] = mlp_load(a + j * lda + i);
       a1[j] = mlp_load(a + j * lda + i + L);
-      in_register(a0[j]);
-      in_register(a1[j]);
+      if constexpr (J > 1) {  // (one row: pinned, 1.17x slower at 1x1024x64)
+        in_register(a0[j]);
+        in_register(a1[j]);
+      }
     }
 #pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       V b0 = mlp_load(b + k * ldb + i), b1 = mlp_load(b + k * ldb + i + L);
-      in_register(b0);
-      in_register(b1);
+      if constexpr (J > 1) {
+        in_register(b0);
+        in_register(b1);
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < J; ++j) {
         acc[j][k][0] += a0[j] * b0;
@@ -4355,10 +4346,6 @@ struct ChannelMlp {
   }
 
   int64_t layer1_grain() const { return mlp_grain(Q * C); }
-  // hidden units [r0, r1): each weight row's dot products with up to three pooled vectors at a
-  // time (one load of the row for three: with four, the 16 accumulators spilled in AVX2
-  // builds); the rows in blocks of about 256 KB, each block (in L2) passed by every group of
-  // pooled vectors (in L1) in turn, so neither is read from memory once per row
   // h[q + k, r] for k < k3 from the dot products a[k] (bias, then the relu with two layers)
   void out_hidden(int64_t q, int64_t k3, int64_t r, const T* a) {
     const T bias = B1 ? B1[r] : T(0);
@@ -4367,6 +4354,11 @@ struct ChannelMlp {
       h[(q + k) * R + r] = two ? (z > T(0) ? z : (z != z ? z : T(0))) : z;  // relu keeps NaN
     }
   }
+  // hidden units [r0, r1): each weight row's dot products with up to three pooled vectors at a
+  // time (one load of the row for three: with four, the 16 accumulators spilled in AVX2
+  // builds; AVX-512 builds take two rows against three vectors); the rows in blocks of about
+  // 256 KB, each block (in L2) passed by every group of pooled vectors (in L1) in turn, so
+  // neither is read from memory once per row
   void layer1(int64_t r0, int64_t r1) {
     const int64_t rb = std::max<int64_t>(1, (256 << 10) / (int64_t(sizeof(T)) * std::max<int64_t>(1, C)));
     T a[3];
@@ -4385,8 +4377,8 @@ struct ChannelMlp {
         }
         for (; r < re; ++r) {
           switch (k3) {
-            case 3: dot_lanes_k<3>(W1 + r * C, v + q * C, C, C, a); break;
-            case 2: dot_lanes_k<2>(W1 + r * C, v + q * C, C, C, a); break;
+            case 3: dot_lanes_jk<1, 3>(W1 + r * C, C, v + q * C, C, C, a); break;
+            case 2: dot_lanes_jk<1, 2>(W1 + r * C, C, v + q * C, C, C, a); break;
             default: a[0] = dot_lanes(W1 + r * C, v + q * C, C);
           }
           out_hidden(q, k3, r, a);
@@ -4417,15 +4409,9 @@ struct ChannelMlp {
     for (; r + 4 <= R; r += 4)
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
-        if constexpr (kMlpWide) {
-          V wk = V{} + w[r + k];  // broadcast once for the J blocks
-          in_register(wk);
+        const auto wk = mlp_weight<V>(w[r + k]);  // one operand for the J blocks
 #pragma GCC unroll 4
-          for (int j = 0; j < J; ++j) acc[j][k] += wk * mlp_load(hb + j * R * L + (r + k) * L);
-        } else {  // (AVX2 halves: the scalar operand as before, 1.06x slower broadcast first)
-#pragma GCC unroll 4
-          for (int j = 0; j < J; ++j) acc[j][k] += w[r + k] * mlp_load(hb + j * R * L + (r + k) * L);
-        }
+        for (int j = 0; j < J; ++j) acc[j][k] += wk * mlp_load(hb + j * R * L + (r + k) * L);
       }
     // the last R % 4 rows into acc[j][0], [1], [2] (constant indices: the accumulators stay
     // in registers)
