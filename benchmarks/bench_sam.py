@@ -148,7 +148,7 @@ def main() -> None:
         return _mem_child(args, torch, F, SF, ops)
     rounds = args.rounds or (3 if args.quick else 5)
     use_compile = not (args.quick or args.no_compile)
-    shapes = SHAPES + (GPU_SHAPES if dev.type == "cuda" else [])
+    shapes = (GPU_SHAPES + SHAPES) if dev.type == "cuda" else SHAPES  # the GPU's own first
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
@@ -234,6 +234,50 @@ def main() -> None:
             y = fn()
         del y
         return sum(seen.values()) / (x.numel() * x.element_size())
+
+    # ---------------------------------------------------------------- report
+    def report(final: bool) -> None:
+        """Write the tables of ``rows`` so far (after each shape and layout, so a run cut off by
+        a time limit keeps what it measured); ``final``: print them as well."""
+        header = (f"device {dev.type} ({machine_name(torch, dev)}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
+                  f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
+                  f"malloc: {malloc_setting()}")
+        impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
+                 "cbam": ["ours", "eager", "compile"], "eval": ["ours", "eager"], "cbam-eval": ["ours", "eager"],
+                 "train": ["ours", "ours-2op", "eager", "compile"],
+                 "cbam-train": ["ours", "ours-2op", "eager", "compile"]}
+        lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
+        for mode, names in impls.items():
+            present = [nm for nm in names if any(r["mode"] == mode and r["impl"] == nm for r in rows)]
+            lines += [f"## {mode}", "", "| shape | layout | clone ms | " + " | ".join(present) + (" | peak/\\|x\\| (ours, 2op, timm, ultra) | saved/\\|x\\|" if mode == "fwd+bwd" else "") + " |",
+                      "|---|---|---|" + "---|" * len(present) + ("---|---|" if mode == "fwd+bwd" else "")]
+            for shape in shapes:
+                for lname, _ in layouts:
+                    sel = {r["impl"]: r for r in rows if r["mode"] == mode and r["layout"] == lname and r["shape"] == "x".join(map(str, shape))}
+                    if not sel:
+                        continue
+                    any_r = next(iter(sel.values()))
+                    cells = [f"{sel[nm]['ratio']:.2f}" if nm in sel else "-" for nm in present]
+                    extra = ""
+                    if mode == "fwd+bwd":
+                        four = [nm for nm in ("ours", "ours-2op", "timm", "ultra") if nm in sel]
+                        extra = (" | " + ", ".join(f"{sel[nm]['peak_over_x']:.2f}" for nm in four)
+                                 + " | " + ", ".join(f"{sel[nm]['saved_over_x']:.2f}" for nm in four))
+                    lines.append(f"| {any_r['shape']} | {lname} | {any_r['clone_ms']:.3f} | " + " | ".join(cells) + extra + " |")
+            lines.append("")
+        text = "\n".join(lines)
+        if final:
+            print(text)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"sam_{dev.type}" + ("" if not half else f"_{args.dtype}")
+        (out / f"{stem}.md").write_text(text + "\n")
+        with open(out / f"{stem}.csv", "w", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            wr.writeheader()
+            wr.writerows(rows)
+        if final:
+            print(f"written {out / (stem + '.md')} and .csv", file=sys.stderr)
 
     rows = []
     layouts = [("NCHW", torch.contiguous_format), ("CL", torch.channels_last)]
@@ -428,45 +472,9 @@ def main() -> None:
                                  peak_over_x=peak.get(key[1], float("nan")) if key[0] == "fwd+bwd" else float("nan"),
                                  max_abs_diff_vs_timm=err))
             print(f"done {shape} {lname}: clone {statistics.median(clone_ms):.3f} ms", file=sys.stderr, flush=True)
+            report(final=False)
 
-    # ---------------------------------------------------------------- report
-    header = (f"device {dev.type} ({machine_name(torch, dev)}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
-              f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
-              f"malloc: {malloc_setting()}")
-    impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
-             "cbam": ["ours", "eager", "compile"], "eval": ["ours", "eager"], "cbam-eval": ["ours", "eager"],
-             "train": ["ours", "ours-2op", "eager", "compile"],
-             "cbam-train": ["ours", "ours-2op", "eager", "compile"]}
-    lines = [f"# SAM benchmark: ratio to x.clone() (median of {rounds} interleaved rounds)", "", header, ""]
-    for mode, names in impls.items():
-        present = [nm for nm in names if any(r["mode"] == mode and r["impl"] == nm for r in rows)]
-        lines += [f"## {mode}", "", "| shape | layout | clone ms | " + " | ".join(present) + (" | peak/\\|x\\| (ours, 2op, timm, ultra) | saved/\\|x\\|" if mode == "fwd+bwd" else "") + " |",
-                  "|---|---|---|" + "---|" * len(present) + ("---|---|" if mode == "fwd+bwd" else "")]
-        for shape in shapes:
-            for lname, _ in layouts:
-                sel = {r["impl"]: r for r in rows if r["mode"] == mode and r["layout"] == lname and r["shape"] == "x".join(map(str, shape))}
-                if not sel:
-                    continue
-                any_r = next(iter(sel.values()))
-                cells = [f"{sel[nm]['ratio']:.2f}" if nm in sel else "-" for nm in present]
-                extra = ""
-                if mode == "fwd+bwd":
-                    four = [nm for nm in ("ours", "ours-2op", "timm", "ultra") if nm in sel]
-                    extra = (" | " + ", ".join(f"{sel[nm]['peak_over_x']:.2f}" for nm in four)
-                             + " | " + ", ".join(f"{sel[nm]['saved_over_x']:.2f}" for nm in four))
-                lines.append(f"| {any_r['shape']} | {lname} | {any_r['clone_ms']:.3f} | " + " | ".join(cells) + extra + " |")
-        lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"sam_{dev.type}" + ("" if not half else f"_{args.dtype}")
-    (out / f"{stem}.md").write_text(text + "\n")
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
-    print(f"written {out / (stem + '.md')} and .csv", file=sys.stderr)
+    report(final=True)
 
 
 def _mem_child(args, torch, F, SF, ops):

@@ -17,7 +17,9 @@
 # $OUT (the device tool's folder) or benchmarks/results/gpu; each part has its own time limit,
 # so a slow part cannot eat the others'. About 2-4 min for tests, 3-5 for bench on an H200
 # (first compiles included), 3-4 for sweep: split them over two calls of the device tool if
-# its budget is short.
+# its budget is short. Each part's time limit (seconds) can be set as LIMIT_<part> with '-' as
+# '_' (LIMIT_tests=150 LIMIT_bench_bf16=120 ...): a short lease then gets a table per part
+# instead of one part that ran out of time.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}
@@ -35,18 +37,20 @@ status=0
 for part in $parts; do
   start=$SECONDS
   echo "== $part" | tee -a "$log"
+  var="LIMIT_${part//-/_}"
+  limit=${!var:-}
   case $part in
     tests)
       xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-      timeout 420 $py -m pytest -q -p no:cacheprovider $xdist tests/ops/test_cuda.py >>"$log" 2>&1 ;;
+      timeout ${limit:-420} $py -m pytest -q -p no:cacheprovider --durations=8 $xdist tests/ops/test_cuda.py >>"$log" 2>&1 ;;
     bench)
-      timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --out "$out" >>"$log" 2>&1 ;;
+      timeout ${limit:-420} $py benchmarks/bench_sam.py --device cuda --quick --no-compile --out "$out" >>"$log" 2>&1 ;;
     bench-bf16)
-      timeout 420 $py benchmarks/bench_sam.py --device cuda --quick --no-compile --dtype bfloat16 --out "$out" >>"$log" 2>&1 ;;
+      timeout ${limit:-420} $py benchmarks/bench_sam.py --device cuda --quick --no-compile --dtype bfloat16 --out "$out" >>"$log" 2>&1 ;;
     model)
-      timeout 300 $py benchmarks/bench_model.py --device cuda --quick --out "$out" >>"$log" 2>&1 ;;
+      timeout ${limit:-300} $py benchmarks/bench_model.py --device cuda --quick --out "$out" >>"$log" 2>&1 ;;
     sweep)
-      timeout 420 $py benchmarks/triton_report.py --sweep --out "$out" >>"$log" 2>&1 ;;
+      timeout ${limit:-420} $py benchmarks/triton_report.py --sweep --out "$out" >>"$log" 2>&1 ;;
     *)
       echo "unknown part: $part (tests, bench, bench-bf16, model, sweep)" | tee -a "$log"; false ;;
   esac
