@@ -152,6 +152,12 @@ def main() -> None:
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
+    if dev.type == "cuda":
+        # float32 convs at float32 precision in every formula (cuDNN's TF32 default would make
+        # the eager outputs differ from ours by ~1e-3 and hide a real disagreement)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
