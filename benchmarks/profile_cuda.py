@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Where the time of the fused SAM goes on a GPU: kernels, their GPU time, and host time.
+
+    python benchmarks/profile_cuda.py [--shapes 16x256x104x104,8x256x52x52] [--dtype float32]
+
+For each shape, layout and mode (``fwd``: :func:`spatialattn.ops.spatial_attention_fused`
+under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient) it prints
+
+* ``gpu us``: GPU time per call (CUDA events around a batch of queued calls);
+* ``host us``: host time per call to queue them (no synchronisation inside the batch): where
+  it exceeds ``gpu us`` the op is launch-bound;
+* ``clone us``: ``x.clone()`` timed the same way, and the ratio;
+* the kernels of one call (``torch.profiler``): name, launches, GPU microseconds per call,
+  and the bytes a kernel of that kind must move where it is one of ours.
+
+A diagnostic for a lent GPU (the device tool): short, one table per case.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="16x256x104x104,16x128x208x208,8x256x52x52")
+    p.add_argument("--layouts", default="NCHW,CL")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from spatialattn import ops
+
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+
+    def timed(fn, iters):
+        fn()
+        torch.cuda.synchronize()
+        best_gpu, best_host = float("inf"), float("inf")
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            host = (time.perf_counter() - t0) / iters
+            e.record()
+            e.synchronize()
+            best_gpu = min(best_gpu, s.elapsed_time(e) / 1e3 / iters)
+            best_host = min(best_host, host)
+        return best_gpu * 1e6, best_host * 1e6
+
+    for shape_s in args.shapes.split(","):
+        shape = tuple(int(v) for v in shape_s.split("x"))
+        for lname in args.layouts.split(","):
+            fmt = torch.channels_last if lname == "CL" else torch.contiguous_format
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+            w = (torch.randn(1, 2, 7, 7, generator=g) * 0.1).to(dev, dtype)
+            gy = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
+            xg = x.clone().requires_grad_()
+            wg = w.clone().requires_grad_()
+
+            def fwd():
+                with torch.no_grad():
+                    return ops.spatial_attention_fused(x, w, order=("mean", "max"))
+
+            def fb():
+                y = ops.spatial_attention_fused(xg, wg, order=("mean", "max"))
+                y.backward(gy)
+                xg.grad = None
+                wg.grad = None
+
+            clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+                gpu, host = timed(fn, args.iters)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        fn()
+                    torch.cuda.synchronize()
+                rows = []
+                for ev in prof.key_averages():
+                    t = getattr(ev, "self_device_time_total", None)
+                    if t is None:
+                        t = getattr(ev, "self_cuda_time_total", 0)
+                    if t > 0:
+                        rows.append((t / 5, ev.count / 5, ev.key))
+                rows.sort(reverse=True)
+                print(f"\n{shape_s} {lname} {args.dtype} {mode}: gpu {gpu:.1f} us, host {host:.1f} us, "
+                      f"clone {clone_gpu:.1f} us (host {clone_host:.1f}), ratio {gpu / clone_gpu:.2f}")
+                for t, n, key in rows[:14]:
+                    print(f"  {t:9.1f} us  x{n:4.1f}  {key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
