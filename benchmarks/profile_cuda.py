@@ -10,8 +10,12 @@ under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient)
 * ``host us``: host time per call to queue them (no synchronisation inside the batch): where
   it exceeds ``gpu us`` the op is launch-bound;
 * ``clone us``: ``x.clone()`` timed the same way, and the ratio;
-* the kernels of one call (``torch.profiler``): name, launches, GPU microseconds per call,
-  and the bytes a kernel of that kind must move where it is one of ours.
+* the kernels of one call (``torch.profiler``): name, launches and GPU microseconds per call.
+
+First, the host cost of one launch on a tiny tensor: a Triton launch of the gate-multiply
+kernel (straight through ``kernel[grid](...)``), the same through its wrapper
+(:func:`spatialattn.ops._triton.gate_forward`), and a torch ``mul``: what an overhead-bound
+call is made of.
 
 A diagnostic for a lent GPU (the device tool): short, one table per case.
 """
@@ -55,6 +59,30 @@ def main() -> None:
             best_gpu = min(best_gpu, s.elapsed_time(e) / 1e3 / iters)
             best_host = min(best_host, host)
         return best_gpu * 1e6, best_host * 1e6
+
+    from spatialattn.ops import _triton
+
+    def host_us(fn, iters=2000):
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / iters)
+            torch.cuda.synchronize()
+        return best * 1e6
+
+    tiny = torch.randn(1, 8, 4, 4, device=dev)
+    a = torch.rand(1, 1, 4, 4, device=dev)
+    y = torch.empty_like(tiny)
+    meta = _triton._meta(8, 16, False)
+    bc, bp = _triton._MUL_TILE[False]
+    launch = host_us(lambda: _triton._mul_kernel[(1, 2)](tiny, tiny, a, y, 8, 16, HAS_S=False, BC=bc, BP=bp, **meta))
+    wrapped = host_us(lambda: _triton.gate_forward(tiny, a, None))
+    mul = host_us(lambda: torch.mul(tiny, a))
+    print(f"host us per call: triton launch {launch:.1f}, gate_forward wrapper {wrapped:.1f}, torch.mul {mul:.1f}")
 
     for shape_s in args.shapes.split(","):
         shape = tuple(int(v) for v in shape_s.split("x"))

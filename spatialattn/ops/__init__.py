@@ -141,11 +141,16 @@ def channel_pool(
     if fast is not None and _scale_ok(x, channel_scale) and (
         dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)
     ):
-        if fast == "cpp":  # pooled in the kernels' compute dtype (float32 for half x)
+        if fast == "triton" and not grad:  # pooled in the requested dtype in one launch
+            from . import _triton
+
+            return _triton.pool_forward(x, channel_scale, _kinds(order), dtype)
+        if fast in ("cpp", "triton"):  # pooled in the kernels' compute dtype (float32 for half x)
+            kernels = _lib.eager_kernels(fast)
             if not grad:
-                pooled = _cpp.get().pool_forward(_lib._dense(x), channel_scale, _kinds(order))
+                pooled = kernels.pool_forward(_lib._dense(x), channel_scale, _kinds(order))
             else:
-                pooled = _lib.CppChannelPool.apply(x, channel_scale, _kinds(order))
+                pooled = _lib.EagerChannelPool.apply(x, channel_scale, _kinds(order), kernels)
             return pooled if pooled.dtype == dtype else pooled.to(dtype)
         return _lib.channel_pool_op(x, channel_scale, _kinds(order), dtype)
     if not grad:
@@ -172,10 +177,11 @@ def gate_multiply(x: Tensor, spatial_gate: Tensor, channel_gate: Optional[Tensor
         and spatial_gate.device == x.device
         and _scale_ok(x, channel_gate)
     ):
-        if fast == "cpp":
+        if fast in ("cpp", "triton"):
+            kernels = _lib.eager_kernels(fast)
             if not grad:
-                return _cpp.get().gate_forward(_lib._dense(x), spatial_gate, channel_gate, None)
-            return _lib.CppGateMultiply.apply(x, spatial_gate, channel_gate)
+                return kernels.gate_forward(_lib._dense(x), spatial_gate, channel_gate, None)
+            return _lib.EagerGateMultiply.apply(x, spatial_gate, channel_gate, kernels)
         return _lib.gate_multiply_op(x, spatial_gate, channel_gate)
     if not grad:
         return reference.gate_multiply(x, spatial_gate, channel_gate)
@@ -406,12 +412,13 @@ def spatial_attention_fused(
             y, attn = _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift)
         return (y, attn) if return_attention else y
     kinds = _kinds(order)
-    if fast == "cpp" and not grad:
-        y, attn, _, _ = _cpp.get().sam_forward(
+    if fast in ("cpp", "triton") and not grad:
+        y, attn, _, _ = _lib.eager_kernels(fast).sam_forward(
             _lib._dense(x), weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation, out
         )
-    elif fast == "cpp":
-        y, attn = _lib.CppSam.apply(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
+    elif fast in ("cpp", "triton"):
+        y, attn = _lib.EagerSam.apply(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation,
+                                      _lib.eager_kernels(fast))
     else:
         y, attn, _, _ = _lib.sam_op(x, weight, bias, channel_scale, norm_scale, norm_shift, kinds, dilation)
     return (y, attn) if return_attention else y

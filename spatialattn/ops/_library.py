@@ -319,14 +319,11 @@ def sam_op(
             _dense(x), weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None
         )
         return y, attn, logits, pooled
-    pooled = _generic_pool(x, scale, kinds, _acc(x))
     if _triton_ok(x):
-        from . import _triton
-
-        logits, attn = _triton.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
-    else:
-        logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
-    return _generic_multiply(x, attn, scale), attn, logits, pooled
+        return _TRITON_KERNELS.sam_forward(x, weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None)
+    pooled = _pool_torch(x, scale, kinds, _acc(x))
+    logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
+    return _scaled(x, scale) * attn.to(x.dtype), attn, logits, pooled
 
 
 @sam_op.register_fake
@@ -442,17 +439,74 @@ def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
 sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
 
 
-# ------------------------------------------------------------------ eager fast path (CPU C++)
-# The custom ops above are what torch.compile / torch.export see. In eager mode a
-# plain autograd.Function around the same C++ kernels costs a fraction of the
-# custom-op dispatch (which matters on small, overhead-bound maps); the numbers
-# are identical because both call the same kernels.
-class CppChannelPool(torch.autograd.Function):
+# ------------------------------------------------------------------ eager fast path (C++ on CPU, Triton on CUDA)
+# The custom ops above are what torch.compile / torch.export see. In eager mode a plain
+# autograd.Function around the same kernels costs a fraction of the custom-op dispatch (on an
+# overhead-bound GPU call, about a third of the host time of a SAM forward); the numbers are
+# identical because both call the same kernels.
+class _TritonKernels:
+    """The Triton functions behind the C++ extension's interface (same names, arguments and
+    results), so that one set of eager autograd Functions serves both backends."""
+
     @staticmethod
-    def forward(ctx, x, scale, kinds):
+    def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: List[int]) -> Tensor:
+        from . import _triton
+
+        return _triton.pool_forward(x, scale, kinds, _acc(x))
+
+    @staticmethod
+    def pool_backward(grad, x, scale, pooled, kinds, need_gs: bool):
+        from . import _triton
+
+        return _triton.pool_backward(grad, x, scale, pooled, kinds)
+
+    @staticmethod
+    def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+        from . import _triton
+
+        return _triton.gate_forward(x, attn, scale)
+
+    @staticmethod
+    def gate_backward(grad, x, attn, scale, need_x: bool, need_attn: bool, need_scale: bool):
+        from . import _triton
+
+        gx, ga, gs = _triton.gate_backward(grad, x, attn, scale)
+        return gx, ga, gs if need_scale else None
+
+    @staticmethod
+    def sam_forward(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, out):
+        """``(y, attn, logits, pooled)``: three or four launches (the pooling, the conv and
+        sigmoid on the small maps, the gate multiply)."""
+        from . import _triton
+
+        pooled = _triton.pool_forward(x, scale, kinds, _acc(x))
+        logits, attn = _triton.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
+        return _triton.gate_forward(x, attn, scale), attn, logits, pooled
+
+    @staticmethod
+    def sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds, dilation,
+                     need_gs: bool, need_gw: bool, need_gb: bool, need_norm: bool):
+        from . import _triton
+
+        return _triton.sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds,
+                                    dilation, need_gs=need_gs)
+
+
+_TRITON_KERNELS = _TritonKernels()
+
+
+def eager_kernels(backend: str):
+    """The kernels behind the eager Functions below: the C++ extension for ``"cpp"``, the
+    Triton functions for ``"triton"``."""
+    return _cpp.get() if backend == "cpp" else _TRITON_KERNELS
+
+
+class EagerChannelPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, kinds, kernels):
         x = _dense(x)
-        pooled = _cpp.get().pool_forward(x, scale, kinds)
-        ctx.kinds = kinds
+        pooled = kernels.pool_forward(x, scale, kinds)
+        ctx.kinds, ctx.kernels = kinds, kernels
         ctx.save_for_backward(x, scale, pooled)
         return pooled
 
@@ -460,42 +514,46 @@ class CppChannelPool(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, pooled = ctx.saved_tensors
         need_gs = scale is not None and ctx.needs_input_grad[1]
-        gx, gs = _cpp.get().pool_backward(grad, x, scale, pooled, ctx.kinds, need_gs)
-        return gx, (gs.to(scale.dtype) if need_gs else None), None
+        gx, gs = ctx.kernels.pool_backward(grad, x, scale, pooled, ctx.kinds, need_gs)
+        return gx, (gs.to(scale.dtype) if need_gs else None), None, None
 
 
-class CppGateMultiply(torch.autograd.Function):
+class EagerGateMultiply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, attn, scale):
+    def forward(ctx, x, attn, scale, kernels):
         x = _dense(x)
+        ctx.kernels = kernels
         ctx.save_for_backward(x, attn, scale)
-        return _cpp.get().gate_forward(x, attn, scale, None)
+        return kernels.gate_forward(x, attn, scale, None)
 
     @staticmethod
     def backward(ctx, grad):
         x, attn, scale = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx, ga, gs = _cpp.get().gate_backward(
+        gx, ga, gs = ctx.kernels.gate_backward(
             grad, x, attn, scale, need[0], need[1], scale is not None and need[2]
         )
         return (gx if need[0] else None, ga.to(attn.dtype) if need[1] else None,
-                gs.to(scale.dtype) if gs is not None else None)
+                gs.to(scale.dtype) if gs is not None else None, None)
 
 
-class CppSam(torch.autograd.Function):
+class EagerSam(torch.autograd.Function):
     """Returns ``(y, attn)``; the small pooled / logit maps stay on ``ctx`` (fewer
     autograd outputs: the engine's per-output cost is most of a small map's step)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
+    def forward(ctx, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, kernels):
         x = _dense(x)
-        y, attn, logits, pooled = _cpp.get().sam_forward(
+        y, attn, logits, pooled = kernels.sam_forward(
             x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, None
         )
-        ctx.kinds, ctx.dilation = kinds, dilation
+        ctx.kinds, ctx.dilation, ctx.kernels = kinds, dilation, kernels
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.small_maps = (logits, pooled)  # not inputs or outputs: no version tracking needed
         ctx.save_for_backward(x, scale, weight, norm_scale, attn)
+        # an unused attention arrives as None, not as a map of zeros made for the purpose (a
+        # launch and a pass over it on a GPU)
+        ctx.set_materialize_grads(False)
         return y, attn
 
     @staticmethod
@@ -505,7 +563,7 @@ class CppSam(torch.autograd.Function):
         need = ctx.needs_input_grad
         if grad_y is None:
             grad_y = torch.zeros_like(x)
-        gx, gs, gw, gb, gns, gnsh = _cpp.get().sam_backward(
+        gx, gs, gw, gb, gns, gnsh = ctx.kernels.sam_backward(
             grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, ctx.kinds,
             ctx.dilation, scale is not None and need[3], need[1], need[2], norm_scale is not None and (need[4] or need[5]),
         )
@@ -513,9 +571,10 @@ class CppSam(torch.autograd.Function):
             gx,
             gw.to(weight.dtype) if need[1] else None,
             gb.to(weight.dtype).reshape(ctx.bias_shape) if need[2] and ctx.bias_shape is not None else None,
-            gs.to(scale.dtype) if gs is not None else None,
+            gs.to(scale.dtype) if gs is not None and need[3] else None,
             gns.to(norm_scale.dtype).reshape(norm_scale.shape) if gns is not None and need[4] else None,
             gnsh.to(norm_scale.dtype).reshape(norm_scale.shape) if gnsh is not None and need[5] else None,
+            None,
             None,
             None,
         )
@@ -718,7 +777,7 @@ class CppCbam(torch.autograd.Function):
     pooling -> channel MLP -> sigmoid gate ``cg`` -> the SAM of ``x * cg`` (with a
     training-mode ``BatchNorm2d(1)`` on its logits where ``batch_norm``, else with the conv
     bias only). The kernels and arguments of the module path (:class:`GlobalPool`,
-    :class:`ChannelMlpGate`, :class:`CppSamBatchNorm` / :class:`CppSam`, the pooling's
+    :class:`ChannelMlpGate`, :class:`CppSamBatchNorm` / :class:`EagerSam`, the pooling's
     gradient added in place into the SAM's), so the same bits; one node instead of four
     (with their views and Python glue: about a fifth of a training step on small maps).
 

@@ -88,6 +88,12 @@ def _layout(x: Tensor) -> Tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code: ``triton.cdiv`` is a constexpr function in recent Triton
+    (about 3 us of argument unwrapping per call, five calls per SAM forward)."""
+    return -(-a // b)
+
+
 def _pow2_div(v: int) -> int:
     """The largest power of two dividing ``v``, at most 16 (16 for 0)."""
     return min(v & -v, 16) if v > 0 else 16
@@ -115,11 +121,11 @@ def _split(extent: int, block: int, programs: int, target: int) -> Tuple[int, in
     """``(per, chunks)``: ``extent`` cut into ``chunks`` runs of ``per`` elements (whole
     blocks), enough that ``programs * chunks`` reaches ``target`` where the blocks allow it
     (one chunk when ``programs`` alone does)."""
-    blocks = triton.cdiv(extent, block)
+    blocks = _cdiv(extent, block)
     if blocks <= 1 or programs >= target:
         return max(blocks, 1) * block, 1
-    per = max(1, blocks // triton.cdiv(target, programs)) * block
-    return per, triton.cdiv(extent, per)
+    per = max(1, blocks // _cdiv(target, programs)) * block
+    return per, _cdiv(extent, per)
 
 
 if _HAVE_TRITON:
@@ -867,14 +873,14 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     s = _flat_scale(scale, x)
     i_max = kinds.index(0) if 0 in kinds else -1
     i_mean = kinds.index(1) if 1 in kinds else -1
-    tiles = n * triton.cdiv(hw, _BP)
+    tiles = n * _cdiv(hw, _BP)
     c_per, chunks = _split(c, _BC, tiles, _target_programs(x))
     part = torch.empty((n, chunks, 2, hw), dtype=torch.float32, device=x.device) if chunks > 1 else None
     _pool_kernel[(tiles, chunks)](x, s if s is not None else x, out if part is None else part, c, hw, len(kinds),
                                   c_per, I_MAX=i_max, I_MEAN=i_mean, HAS_S=s is not None, PARTIAL=part is not None,
                                   BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if part is not None:
-        _pool_combine_kernel[(n * triton.cdiv(hw, _BP_SMALL),)](part, out, c, hw, len(kinds), chunks, I_MAX=i_max,
+        _pool_combine_kernel[(n * _cdiv(hw, _BP_SMALL),)](part, out, c, hw, len(kinds), chunks, I_MAX=i_max,
                                                               I_MEAN=i_mean, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
@@ -893,7 +899,7 @@ def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation:
     n, p, h, w = pooled.shape
     kh, kw = weight.shape[-2:]
     logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
-    programs = n * triton.cdiv(h * w, _BP_SMALL)
+    programs = n * _cdiv(h * w, _BP_SMALL)
     if programs == 0:
         return logits
     wt = weight.to(torch.float32).contiguous()
@@ -925,7 +931,7 @@ def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     dev = pooled.device
     attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     stats = torch.empty(2, dtype=torch.float64, device=dev)
-    programs = n * triton.cdiv(h * w, _BP_SMALL)
+    programs = n * _cdiv(h * w, _BP_SMALL)
     part = torch.empty((programs, 3), dtype=torch.float64, device=dev)
     logits = _conv_gate(pooled, weight, bias, dilation, part, stats=True)
     if programs == 0:
@@ -960,7 +966,7 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     a = attn.expand(n, 1, h, w).contiguous()
     hw = h * w
     bc, bp = _MUL_TILE[cl]
-    grid = (n * triton.cdiv(hw, bp), triton.cdiv(c, bc))
+    grid = (n * _cdiv(hw, bp), _cdiv(c, bc))
     _mul_kernel[grid](x, s if s is not None else x, a, y, c, hw, HAS_S=s is not None, BC=bc, BP=bp,
                       **_meta(c, hw, cl))
     return y
@@ -980,7 +986,7 @@ def _reduce_partials(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
     hw = h * w
     s = _flat_scale(scale, x)
     g = None if grad is None else _grad_like(grad, x, cl)
-    tiles = n * triton.cdiv(hw, _BP)
+    tiles = n * _cdiv(hw, _BP)
     c_per, chunks = _split(c, _BC, tiles, _target_programs(x)) if n * hw > 0 else (_BC, 1)
 
     def buf(want: bool, dtype: torch.dtype) -> Optional[Tensor]:
@@ -1038,7 +1044,7 @@ def _sum_rows(part: Tensor) -> Tensor:
     part = part.contiguous()
     m = part[0].numel()
     out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
-    _sum_rows_kernel[(triton.cdiv(m, _BP_SMALL),)](part, out, part.shape[0], m, BM=_BP_SMALL,
+    _sum_rows_kernel[(_cdiv(m, _BP_SMALL),)](part, out, part.shape[0], m, BM=_BP_SMALL,
                                                    num_warps=_NUM_WARPS)
     return out
 
@@ -1079,7 +1085,7 @@ def _gradx_run(grad: Optional[Tensor], x: Tensor, scale: Optional[Tensor], attn:
     gs = None
     use_ix = max_index is not None and mx is not None and not need_gs
     if x.numel() > 0:
-        cblocks = triton.cdiv(c, _BC)
+        cblocks = _cdiv(c, _BC)
         per_prog, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
         if need_gs:
             gs = torch.empty((chunks, n, c), dtype=torch.float32, device=x.device)
@@ -1128,7 +1134,7 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     # pass A records the max channels unless the scale gradient needs x read anyway
     ga, cntp, ixp, chunks = _reduce_partials(grad_y, x, scale, mx, max_index=not need_gs)
     dev = x.device
-    programs = n * triton.cdiv(hw, _BP_SMALL)
+    programs = n * _cdiv(hw, _BP_SMALL)
     ntaps = np_ * kh * kw
     npart = ntaps + 3
     bn = bn_stats is not None
@@ -1197,7 +1203,7 @@ def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype, cou
         return out, counts
     i_max = kinds.index(0) if 0 in kinds else -1
     i_mean = kinds.index(1) if 1 in kinds else -1
-    cblocks = triton.cdiv(c, _BC)
+    cblocks = _cdiv(c, _BC)
     p_per, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
     part = torch.empty((chunks, 3, n, c), dtype=torch.float32, device=x.device) if chunks > 1 else None
     _gpool_kernel[(n, cblocks, chunks)](x, out if part is None else part, counts if counts is not None else x,
@@ -1205,7 +1211,7 @@ def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype, cou
                                         PARTIAL=part is not None, BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if part is not None:
         nc = n * c
-        _gpool_combine_kernel[(triton.cdiv(nc, _BP_SMALL),)](part, out, counts if counts is not None else part, nc,
+        _gpool_combine_kernel[(_cdiv(nc, _BP_SMALL),)](part, out, counts if counts is not None else part, nc,
                                                              chunks, hw, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
                                                              BLOCK=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
@@ -1245,7 +1251,7 @@ def global_pool_backward(grad: Tensor, x: Tensor, out: Tensor, kinds: Sequence[i
         mx = out[kinds.index(0)].to(torch.float32).contiguous()
         if counts is None:
             counts = global_pool_forward(x, [0], torch.float32, count=True)[1]
-    cblocks = triton.cdiv(c, _BC)
+    cblocks = _cdiv(c, _BC)
     p_per, chunks = _split(hw, _BP, n * cblocks, _target_programs(x))
     dummy = gx
     _gpool_backward_kernel[(n, cblocks, chunks)](
@@ -1314,7 +1320,7 @@ def mlp_gate_backward(grad: Tensor, gate: Tensor, pooled: Tensor, w1: Tensor, w2
     _mlp_gate_backward_kernel[(n,)](grad, gate, pooled, w1, w2, hidden, dh, gv if gv is not None else dh, p, n, c,
                                     r, NEED_GV=gv is not None, BR=br, BC=bc, num_warps=_NUM_WARPS)
     if any(needs[1:]):
-        _mlp_weight_grads_kernel[(triton.cdiv(c, bc),)](
+        _mlp_weight_grads_kernel[(_cdiv(c, bc),)](
             grad, gate, pooled, hidden, dh, gw1, gb1 if gb1 is not None else gw1, gw2, gb2 if gb2 is not None else gw2,
             p, n, c, r, HAS_B1=gb1 is not None, HAS_B2=gb2 is not None, BR=br, BC=bc, num_warps=_NUM_WARPS)
     return gv, gw1 if needs[1] else None, gb1, gw2 if needs[3] else None, gb2
