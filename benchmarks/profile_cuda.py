@@ -9,6 +9,8 @@ under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient)
 * ``gpu us``: GPU time per call (CUDA events around a batch of queued calls);
 * ``host us``: host time per call to queue them (no synchronisation inside the batch): where
   it exceeds ``gpu us`` the op is launch-bound;
+* ``graph us``: GPU time per call replaying a CUDA graph of it (no host work at all: what
+  the kernels cost; the gap to ``gpu us`` is launch overhead);
 * ``clone us``: ``x.clone()`` timed the same way, and the ratio;
 * the kernels of one call (``torch.profiler``): name, launches and GPU microseconds per call.
 
@@ -74,6 +76,31 @@ def main() -> None:
             torch.cuda.synchronize()
         return best * 1e6
 
+    def graph_us(fn, iters):
+        """GPU time per call of ``fn`` replayed from a CUDA graph (``iters`` calls captured)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as capture needs
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            best = min(best, s.elapsed_time(e) / 1e3 / iters)
+        del g
+        return best * 1e6
+
     tiny = torch.randn(1, 8, 4, 4, device=dev)
     a = torch.rand(1, 1, 4, 4, device=dev)
     y = torch.empty_like(tiny)
@@ -108,6 +135,11 @@ def main() -> None:
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
             for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
                 gpu, host = timed(fn, args.iters)
+                try:
+                    graph = graph_us(fn, args.iters)
+                except Exception as e:  # a capture that fails is a finding, not the end of the run
+                    print(f"CUDA graph capture of {mode} failed: {type(e).__name__}: {e}")
+                    graph = float("nan")
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):
                         fn()
@@ -121,7 +153,8 @@ def main() -> None:
                         rows.append((t / 5, ev.count / 5, ev.key))
                 rows.sort(reverse=True)
                 print(f"\n{shape_s} {lname} {args.dtype} {mode}: gpu {gpu:.1f} us, host {host:.1f} us, "
-                      f"clone {clone_gpu:.1f} us (host {clone_host:.1f}), ratio {gpu / clone_gpu:.2f}")
+                      f"graph {graph:.1f} us, clone {clone_gpu:.1f} us (host {clone_host:.1f}), "
+                      f"ratio {gpu / clone_gpu:.2f} (graph {graph / clone_gpu:.2f})")
                 for t, n, key in rows[:14]:
                     print(f"  {t:9.1f} us  x{n:4.1f}  {key[:110]}")
 

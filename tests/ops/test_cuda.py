@@ -338,6 +338,57 @@ def test_torch_compile_fullgraph(layout):
 
 
 @cuda_only
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_graph_capture_of_a_training_step(layout):
+    """The Triton path makes no host synchronisation and no host-to-device copy, so a SAM
+    training step (forward and backward of a ``SpatialAttention`` module with its training
+    BatchNorm, and of the fused op with a channel scale) can be captured in a CUDA graph: the
+    cure for launch-bound small maps. Replayed on new data, equal to eager."""
+    torch.manual_seed(3)
+    mod = SpatialAttention(19).to(DEV).train()
+    ref = copy.deepcopy(mod)
+    w = (torch.randn(1, 2, 7, 7) * 0.3).to(DEV).requires_grad_()
+    s = pow2_scale(2, 19, torch.float32)
+    static_x = make_x((2, 19, 9, 11), layout, torch.float32).requires_grad_()
+    static_gy = torch.randn(2, 19, 9, 11, device=DEV)
+
+    def step():
+        y1 = mod(static_x)
+        y2 = ops.spatial_attention_fused(static_x, w, order=("mean", "max"), channel_scale=s)
+        torch.autograd.backward((y1, y2), (static_gy, static_gy))
+        return y1, y2
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (compiles the kernels)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad = w.grad = None
+    mod.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y1, y2 = step()
+    for seed in (5, 6):
+        x_new = make_x((2, 19, 9, 11), layout, torch.float32, seed=seed)
+        with torch.no_grad():
+            static_x.copy_(x_new)
+            static_gy.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        xr = x_new.clone().requires_grad_()
+        wr = w.detach().clone().requires_grad_()
+        r1 = ref(xr)
+        r2 = ops.spatial_attention_fused(xr, wr, order=("mean", "max"), channel_scale=s)
+        torch.autograd.backward((r1, r2), (static_gy, static_gy))
+        close(y1, r1, torch.float32, f"graph module forward {seed}")
+        close(y2, r2, torch.float32, f"graph op forward {seed}")
+        close(static_x.grad, xr.grad, torch.float32, f"graph grad x {seed}", scale_atol=True)
+        close(w.grad, wr.grad, torch.float32, f"graph grad weight {seed}", scale_atol=True)
+        ref.zero_grad(set_to_none=True)
+
+
+@cuda_only
 def test_many_pixel_tiles_and_images():
     """More than 65535 pixel tiles (CUDA caps grid axes 1 and 2 there) and many small images
     (a batch of RoI features)."""
