@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the fused kernels in one command, for a lent GPU machine:
 #
-#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [model] [sweep]    (default: tests bench)
+#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [model] [sweep] [profile]   (default: tests bench)
 #
 # tests       tests/ops/test_cuda.py: the Triton path against float64 references (pytest-xdist
 #             where installed: the first launch of each kernel variant compiles it, about a
@@ -11,6 +11,8 @@
 # model       benchmarks/bench_model.py --device cuda --quick: the attention layers inside a ResNet-50
 #             (batch 8, 224x224), in copies of their inputs (needs torchvision)
 # sweep       benchmarks/triton_report.py --sweep: each kernel under its launch settings
+# profile     benchmarks/profile_cuda.py: host time vs GPU time per call (and replayed from a CUDA
+#             graph), the kernels of each call, the host cost of one launch
 #
 # Runs from the repository root without installing the package (PYTHONPATH=.), with the
 # machine's own python3, torch and triton. Writes one log (gpu_check.log) and the tables to
@@ -51,8 +53,10 @@ for part in $parts; do
       timeout ${limit:-300} $py benchmarks/bench_model.py --device cuda --quick --out "$out" >>"$log" 2>&1 ;;
     sweep)
       timeout ${limit:-420} $py benchmarks/triton_report.py --sweep --out "$out" >>"$log" 2>&1 ;;
+    profile)
+      timeout ${limit:-240} $py benchmarks/profile_cuda.py >>"$log" 2>&1 ;;
     *)
-      echo "unknown part: $part (tests, bench, bench-bf16, model, sweep)" | tee -a "$log"; false ;;
+      echo "unknown part: $part (tests, bench, bench-bf16, model, sweep, profile)" | tee -a "$log"; false ;;
   esac
   code=$?
   [ $code -ne 0 ] && status=1

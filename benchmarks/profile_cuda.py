@@ -110,6 +110,21 @@ def main() -> None:
     wrapped = host_us(lambda: _triton.gate_forward(tiny, a, None))
     mul = host_us(lambda: torch.mul(tiny, a))
     print(f"host us per call: triton launch {launch:.1f}, gate_forward wrapper {wrapped:.1f}, torch.mul {mul:.1f}")
+    # what a launch costs without JITFunction.run's binding, specialisation and cache lookup:
+    # the compiled kernel called straight (all arguments in signature order, as the JIT passes
+    # them in Triton 3.3+); only a measurement, the library does not launch this way
+    try:
+        compiled = _triton._mul_kernel[(1, 2)](tiny, tiny, a, y, 8, 16, HAS_S=False, BC=bc, BP=bp, **meta)
+        flat = (tiny, tiny, a, y, 8, 16, False, meta["CL"], meta["C_DIV"], meta["HW_DIV"], bc, bp)
+        y.fill_(float("nan"))
+        compiled[(1, 2, 1)](*flat)
+        torch.cuda.synchronize()
+        ok = torch.equal(y, tiny * a)
+        stream = torch.cuda.current_stream().cuda_stream
+        direct = host_us(lambda: compiled[(1, 2, 1)](*flat, stream=stream))
+        print(f"host us per call: compiled kernel called straight {direct:.1f} (result {'right' if ok else 'WRONG'})")
+    except Exception as e:  # other Triton versions: another calling convention
+        print(f"compiled kernel called straight: failed ({type(e).__name__}: {e})")
 
     for shape_s in args.shapes.split(","):
         shape = tuple(int(v) for v in shape_s.split("x"))
