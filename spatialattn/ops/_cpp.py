@@ -25,6 +25,7 @@ from typing import Any, Optional
 log = logging.getLogger("spatialattn")
 
 _SRC = Path(__file__).with_name("csrc") / "sam_cpu.cpp"
+_PARTS = _SRC.with_suffix("")  # csrc/sam_cpu/*.h: the parts sam_cpu.cpp includes
 _lock = threading.Lock()
 _module: Any = None
 _tried = False
@@ -63,6 +64,19 @@ def _capability() -> str:
     return cap if cap in _ISA_FLAGS else "DEFAULT"
 
 
+def _parts_hash() -> str:
+    """A hash of the headers ``sam_cpu.cpp`` includes. ``cpp_extension.load`` decides whether to
+    rebuild from the listed sources and the build flags only: with this hash among the flags,
+    an edit of any part rebuilds the extension too."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for part in sorted(_PARTS.glob("*.h")):
+        h.update(part.name.encode())
+        h.update(part.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _build() -> Any:
     import platform
 
@@ -73,7 +87,7 @@ def _build() -> Any:
     # multiply-adds chosen per inlining site), so the float16 / bfloat16 kernels give
     # exactly the float32 results rounded once, and results do not depend on how the
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
-    flags = ["-O3", "-ffp-contract=off"]
+    flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"]
     variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])

@@ -1,0 +1,309 @@
+// Backward pass B: grad_x and the channel-scale gradient.
+//
+// Part of sam_cpu.cpp: the parts are included in order into one translation unit, each in the
+// unit's anonymous namespace, and each uses the ones before it (see sam_cpu.cpp for the overview).
+#pragma once
+
+namespace {
+
+// ---------------------------------------------------------------- backward pass B
+// gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
+// Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
+
+// NCHW: `len` pixels of one channel row (scale sc); returns sum gx' * x if S, else 0 (the
+// sum is skipped: measured ~6 % off the 1x1024x13x13 backward, within noise on the large
+// maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
+// the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
+#if SAM_AVX2_HALVES
+// gradx_segment's vectors for float32 in AVX2 builds: the same operations per element in
+// 256-bit vectors (MB: the max channels from the bits, x not read); len >= 8. Without S, the
+// whole row (its tail one vector overlapping the last full one); returns len. S (the
+// channel-scale sum): the generic code's 16-lane accumulator as two halves, 16 elements per
+// step, its lanes added to t in order; returns the first element left to gradx_segment's
+// scalar loop, as there, so the sum keeps its bits.
+template <bool G, bool GC, bool M, bool F, bool MB, bool S, typename X>
+inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, const float* an, const float* mn,
+                                  const float* fm, const float* fa, int64_t len, X* gx, bool stream, float* gp,
+                                  const uint8_t* mb, int64_t q0, float& t) {
+  const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
+  auto step = [&](int64_t k) {
+    __m256 v = _mm256_setzero_ps();
+    if constexpr (G) v = _mm256_mul_ps(GC ? vg : ld8(gr + k), _mm256_loadu_ps(an + k));
+    if constexpr (M && MB)
+      v = _mm256_add_ps(v, where_bits8(get_bits<8>(mb, q0 + k), _mm256_loadu_ps(fm + k)));
+    else if constexpr (M)
+      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(_mm256_mul_ps(ld8(xr + k), vs), _mm256_loadu_ps(mn + k),
+                                                       _CMP_EQ_OQ),
+                                         _mm256_loadu_ps(fm + k)));
+    if constexpr (F) v = _mm256_add_ps(v, _mm256_loadu_ps(fa + k));
+    if (stream || !gx) _mm256_storeu_ps(gp + k, v);
+    else st8(gx + k, _mm256_mul_ps(v, vs));
+    return v;
+  };
+  int64_t i = 0;
+  if constexpr (S) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; i + 16 <= len; i += 16) {
+      const __m256 v0 = step(i), v1 = step(i + 8);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, ld8(xr + i + 8)));
+    }
+    float l[16];
+    _mm256_storeu_ps(l, a0);
+    _mm256_storeu_ps(l + 8, a1);
+    for (int j = 0; j < 16; ++j) t += l[j];
+    return i;
+  } else {
+    for (; i + 8 <= len; i += 8) step(i);
+    if (i < len) step(len - 8);  // overlapping the last full vector: the same values again
+    return len;
+  }
+}
+#endif
+
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false>
+inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
+                       int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
+  static_assert(!(MB && S), "the channel-scale gradient reads x");
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  int64_t i = 0;
+  T t = 0;
+  bool vectors_done = false;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    if (len >= 8) {
+      i = gradx_segment_avx2<G, GC, M, F, MB, S, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
+      vectors_done = true;
+    }
+  }
+#endif
+  if (!vectors_done) {
+    V acc = {};
+    auto step = [&](int64_t k) {
+      V v = {};
+      if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
+      if constexpr (M && MB) v += where_bits<T>(get_bits<L>(mb, q0 + k), vload(fm + k));
+      else if (M) v += vsel<T>(vcmp<kEq, T>(vld(xr + k) * sc, vload(mn + k)), vload(fm + k), V{});
+      if (F) v += vload(fa + k);
+      if (stream || !gx) {
+        vstore(gp + k, v);
+      } else {
+        vst(gx + k, v * sc);  // cached stores: write directly, no second pass
+      }
+      return v;
+    };
+    for (; i + L <= len; i += L) {
+      const V v = step(i);
+      if (S) acc += v * vld(xr + i);
+    }
+    // the tail as one vector ending at len, overlapping the last full one: its elements are
+    // written again with the same values (without S, which would count them twice)
+    if (!S && i < len && len >= L) {
+      step(len - L);
+      i = len;
+    }
+    if (S)
+      for (int64_t l = 0; l < L; ++l) t += acc[l];
+  }
+  for (; i < len; ++i) {
+    T v = 0;
+    if (G) v = (GC ? gv : T(gr[i])) * an[i];
+    if (M) v += (MB ? get_bit(mb, q0 + i) : T(xr[i]) * sc == mn[i]) ? fm[i] : T(0);
+    if (F) v += fa[i];
+    if (S) t += v * T(xr[i]);
+    gp[i] = v;
+    if (gx && !stream) gx[i] = X(v * sc);
+  }
+  if (gx && stream) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
+  return t;
+}
+
+// channels_last: one pixel (its C channels); ps[c] += gx' * x (if ps, X only); buf: C scratch.
+// XM (mask from x): the max channels are those with x' == m. Without XM, `ix` (from pass A,
+// only where the tie count is 1) is the max channel (or < 0: none), patched after the
+// sweep, and x is not read at all: one input stream less (measured: the channels_last
+// backward 9-10 % faster at 8x512x26x26 and 8x256x52x52). The channel-scale gradient
+// (sum gx' * x) needs x, so callers take X with it. NCHW takes max bits instead (see
+// kMaxBits): there the index map's cost in pass A ate the gain (measured within noise).
+#if SAM_AVX2_HALVES
+// gradx_pixel's vector loop for float32 in AVX2 builds: the same operations per element in
+// 256-bit vectors; returns the first channel left to the scalar loop
+template <bool G, bool GC, bool M, bool F, bool XM, typename X>
+inline int64_t gradx_pixel_avx2(const X* xr, const X* gr, float gv, float av, const float* sr, float m, float f,
+                                float fa, int64_t C, float* ps, X* gx, bool stream, float* gp) {
+  const __m256 gav = _mm256_set1_ps(gv * av), vav = _mm256_set1_ps(av), vfa = _mm256_set1_ps(fa),
+               vm = _mm256_set1_ps(m), vf = _mm256_set1_ps(f);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    __m256 v = F ? vfa : _mm256_setzero_ps();
+    if constexpr (G) v = _mm256_add_ps(GC ? gav : _mm256_mul_ps(ld8(gr + c), vav), v);
+    if constexpr (M && XM) {
+      const __m256 xv = ld8(xr + c);
+      const __m256 xs = sr ? _mm256_mul_ps(xv, _mm256_loadu_ps(sr + c)) : xv;
+      v = _mm256_add_ps(v, _mm256_and_ps(_mm256_cmp_ps(xs, vm, _CMP_EQ_OQ), vf));
+    }
+    if (XM && ps) _mm256_storeu_ps(ps + c, _mm256_add_ps(_mm256_loadu_ps(ps + c), _mm256_mul_ps(v, ld8(xr + c))));
+    if (stream || !gx) _mm256_storeu_ps(gp + c, v);
+    else st8(gx + c, sr ? _mm256_mul_ps(v, _mm256_loadu_ps(sr + c)) : v);
+  }
+  return c;
+}
+#endif
+
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool XM>
+inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, T ix, T f, T fa, int64_t C, T* ps,
+                        X* gx, bool stream, T* gp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V gav = V{} + gv * av;
+  int64_t c = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>)
+    c = gradx_pixel_avx2<G, GC, M, F, XM, X>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
+#endif
+  for (; c + L <= C; c += L) {
+    V v = F ? V{} + fa : V{};
+    if (G) v = (GC ? gav : vld(gr + c) * av) + v;
+    if (M && XM) {
+      const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
+      v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
+    }
+    if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
+    if (stream || !gx) {
+      vstore(gp + c, v);
+    } else {
+      vst(gx + c, sr ? v * vload(sr + c) : v);
+    }
+  }
+  for (; c < C; ++c) {
+    T v = F ? fa : T(0);
+    if (G) v = (GC ? gv * av : T(gr[c]) * av) + v;
+    if (M && XM) v += ((sr ? T(xr[c]) * sr[c] : T(xr[c])) == m) ? f : T(0);
+    if (XM && ps) ps[c] += v * T(xr[c]);
+    gp[c] = v;
+    if (gx && !stream) gx[c] = X(sr ? v * sr[c] : v);
+  }
+  if (M && !XM && ix >= T(0)) {  // the one max channel
+    const int64_t k = int64_t(ix);
+    T v = F ? fa : T(0);
+    if (G) v = (GC ? gv * av : T(gr[k]) * av) + v;
+    v += f;
+    gp[k] = v;
+    if (gx && !stream) gx[k] = X(sr ? v * sr[k] : v);
+  }
+  if (gx && stream) mul_row<T>(gx, gp, sr, T(1), nullptr, T(1), C, stream);
+}
+
+// Pass B takes the max channel from pass A's index map (instead of comparing x with the
+// max) only for channels_last, with a max slot, and without a channel-scale gradient
+// (sum gx' * x reads x anyway); per pixel / band it still needs a tie count of 1.
+inline bool max_by_index(bool has_max, bool nhwc, bool need_gs) { return has_max && nhwc && !need_gs; }
+
+// true if some pixel of [0, n) has tied maxima (count > 1)
+template <typename T>
+inline bool any_ties(const T* cnt, int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    if (cnt[k] > T(1)) return true;
+  return false;
+}
+
+// ix / cnt (with M, batch stride HW; channels_last): index map and tie counts of pass A;
+// null: the max mask comes from x everywhere.
+template <typename T, typename X, bool G, bool GC, bool M, bool F>
+void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                  const T* fmean, const T* ix, const T* cnt, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx,
+                  T* gs, bool stream, const uint8_t* bits) {
+  const T gv = (G && GC) ? T(g[0]) : T(0);
+  const bool by_index = max_by_index(M, nhwc, gs != nullptr) && ix && cnt;
+  if (!nhwc) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    const MaxBitsLayout lay(N, C, HW);
+    at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(HW);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / C;
+        auto run = [&](auto s_t, auto b_t, int64_t p0, int64_t len, const uint8_t* mb) {
+          return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(
+              x + r * HW + p0, (G && !GC) ? g + r * HW + p0 : nullptr, gv, s ? s[r] : T(1),
+              G ? a + n * HW + p0 : nullptr, M ? mx + n * mbs + p0 : nullptr, M ? fmax + n * HW + p0 : nullptr,
+              F ? fmean + n * HW + p0 : nullptr, len, gx ? gx + r * HW + p0 : nullptr, stream, buf.data(), mb, 0);
+        };
+        if (gs) {
+          gs[r] = run(std::true_type{}, std::false_type{}, 0, HW, nullptr);
+        } else if (M && bits) {  // chunk by chunk, as k_reduce wrote the bits
+          for (int64_t k = 0; k < lay.nchunks; ++k)
+            run(std::false_type{}, std::true_type{}, k * lay.chunk, std::min(lay.chunk, HW - k * lay.chunk),
+                bits + lay.row(n, k, r - n * C));
+        } else {
+          run(std::false_type{}, std::false_type{}, 0, HW, nullptr);
+        }
+      }
+      stream_fence(stream);
+    });
+  } else {
+    // Pixels in blocks; every block keeps its own partial sums of gs, added up at the end.
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(HW, 4096 / std::max<int64_t>(C, 1) + 1));
+    const int64_t nblocks = (HW + block - 1) / block;
+    std::vector<T> partial(gs ? N * nblocks * C : 0, T(0));
+    at::parallel_for(0, N * nblocks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(C);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nblocks, q0 = (t % nblocks) * block;
+        const int64_t q1 = std::min(HW, q0 + block);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t p = n * HW + q;
+          auto run = [&](auto x_t) {
+            gradx_pixel<T, X, G, GC, M, F, decltype(x_t)::value>(
+                x + p * C, (G && !GC) ? g + p * C : nullptr, gv, G ? a[p] : T(0), s ? s + n * C : nullptr,
+                M ? mx[n * mbs + q] : T(0), by_index ? ix[p] : T(-1), M ? fmax[p] : T(0), F ? fmean[p] : T(0), C,
+                gs ? partial.data() + t * C : nullptr, gx ? gx + p * C : nullptr, stream, buf.data());
+          };
+          if (by_index && cnt[p] <= T(1)) run(std::false_type{}); else run(std::true_type{});
+        }
+      }
+      stream_fence(stream);
+    });
+    if (gs) {
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          T* o = gs + n * C;
+          std::fill(o, o + C, T(0));
+          for (int64_t k = 0; k < nblocks; ++k) {
+            const T* ps = partial.data() + (n * nblocks + k) * C;
+            for (int64_t c = 0; c < C; ++c) o[c] += ps[c];
+          }
+        }
+      });
+    }
+  }
+}
+
+// bits: k_reduce's max bits (NCHW; may be null): then x is not read for the max mask (not
+// with gs, whose sum reads x)
+template <typename T, typename X>
+void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
+             const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
+             const T* ix = nullptr, const T* cnt = nullptr, const uint8_t* bits = nullptr) {
+  const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
+#define SA_GRADX(g_, gc_, m_, f_)                                                                            \
+  k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream, \
+                                      bits)
+#define SA_GRADX_MF(g_, gc_)                   \
+  if (M && F) SA_GRADX(g_, gc_, true, true);   \
+  else if (M) SA_GRADX(g_, gc_, true, false);  \
+  else if (F) SA_GRADX(g_, gc_, false, true);  \
+  else SA_GRADX(g_, gc_, false, false);
+  if (G && gc) {
+    SA_GRADX_MF(true, true)
+  } else if (G) {
+    SA_GRADX_MF(true, false)
+  } else {
+    SA_GRADX_MF(false, false)
+  }
+#undef SA_GRADX_MF
+#undef SA_GRADX
+}
+
+
+}  // namespace

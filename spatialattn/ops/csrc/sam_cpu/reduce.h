@@ -1,0 +1,279 @@
+// Backward pass A: the gradient of the gate, the max-tie counts and max channels.
+//
+// Part of sam_cpu.cpp: the parts are included in order into one translation unit, each in the
+// unit's anonymous namespace, and each uses the ones before it (see sam_cpu.cpp for the overview).
+#pragma once
+
+namespace {
+
+// ---------------------------------------------------------------- backward pass A
+// ga[p] = sum_c g * x'   (if ga);   cnt[p] = #{c : x' == mx[p]}   (if cnt);
+// channels_last only: ix[p] = the last channel c with x' == mx[p], -1 if none (a T holding
+// an integer). Where cnt == 1, pass B finds the max channel from ix without reading x.
+// mx has batch stride mbs. gc: g is one value broadcast to every element (e.g. the
+// gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
+// keep the compiler from vectorising the loop.
+// mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
+#if SAM_AVX2_HALVES
+// reduce_chunk's groups of four channel rows for float32 in AVX2 builds: the same operations
+// per element in 256-bit vectors, the tail as one vector ending at len whose overlapped lanes
+// keep their sums and counts (and get their max bits again, the same); returns the first
+// channel left
+template <bool G, bool GC, bool M, typename X>
+inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float gv, const float* mp, int64_t C,
+                                 int64_t HW, int64_t len, float* ap, float* cp, uint8_t* mb, int64_t mbs,
+                                 int64_t q0) {
+  if (len < 8) return 0;
+  const __m256 one = _mm256_set1_ps(1.f), vg = _mm256_set1_ps(gv);
+  const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  const int64_t full = len / 8 * 8;
+  // the tail vector's lanes not yet swept (lane >= full - (len - 8))
+  const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(float(full - (len - 8))), _CMP_GE_OQ);
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
+    const __m256 s0 = _mm256_set1_ps(s ? s[c] : 1.f), s1 = _mm256_set1_ps(s ? s[c + 1] : 1.f),
+                 s2 = _mm256_set1_ps(s ? s[c + 2] : 1.f), s3 = _mm256_set1_ps(s ? s[c + 3] : 1.f);
+    auto sweep = [&](int64_t k, bool tail) {
+      const __m256 v0 = _mm256_mul_ps(ld8(x0 + k), s0), v1 = _mm256_mul_ps(ld8(x0 + HW + k), s1),
+                   v2 = _mm256_mul_ps(ld8(x0 + 2 * HW + k), s2), v3 = _mm256_mul_ps(ld8(x0 + 3 * HW + k), s3);
+      if constexpr (G) {
+        const __m256 a0 = _mm256_loadu_ps(ap + k);
+        __m256 a = a0;
+        if constexpr (GC) {
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v0));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v1));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v2));
+          a = _mm256_add_ps(a, _mm256_mul_ps(vg, v3));
+        } else {
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + k), v0));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + HW + k), v1));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + 2 * HW + k), v2));
+          a = _mm256_add_ps(a, _mm256_mul_ps(ld8(g0 + 3 * HW + k), v3));
+        }
+        _mm256_storeu_ps(ap + k, tail ? _mm256_blendv_ps(a0, a, keep) : a);
+      }
+      if constexpr (M) {
+        const __m256 m = _mm256_loadu_ps(mp + k), n0 = _mm256_loadu_ps(cp + k);
+        const __m256 e0 = _mm256_cmp_ps(v0, m, _CMP_EQ_OQ), e1 = _mm256_cmp_ps(v1, m, _CMP_EQ_OQ),
+                     e2 = _mm256_cmp_ps(v2, m, _CMP_EQ_OQ), e3 = _mm256_cmp_ps(v3, m, _CMP_EQ_OQ);
+        __m256 n1 = _mm256_add_ps(n0, _mm256_and_ps(e0, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e1, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e2, one));
+        n1 = _mm256_add_ps(n1, _mm256_and_ps(e3, one));
+        _mm256_storeu_ps(cp + k, tail ? _mm256_blendv_ps(n0, n1, keep) : n1);
+        if (mb) {
+          uint8_t* b0 = mb + c * mbs;
+          put_bits<8>(b0, q0 + k, uint32_t(_mm256_movemask_ps(e0)));
+          put_bits<8>(b0 + mbs, q0 + k, uint32_t(_mm256_movemask_ps(e1)));
+          put_bits<8>(b0 + 2 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e2)));
+          put_bits<8>(b0 + 3 * mbs, q0 + k, uint32_t(_mm256_movemask_ps(e3)));
+        }
+      }
+    };
+    for (int64_t k = 0; k < full; k += 8) sweep(k, false);
+    if (full < len) sweep(len - 8, true);
+  }
+  return c;
+}
+#endif
+
+template <typename T, typename X, bool G, bool GC, bool M>
+void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
+                  T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0) {
+  using V = vec_t<T>;
+  [[maybe_unused]] constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  std::fill(ap, ap + len, T(0));
+  std::fill(cp, cp + len, T(0));
+  int64_t c = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
+  }
+#endif
+  for (; c + 4 <= C; c += 4) {
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
+    // the tail through vector_sweeps: overlapped lanes keep their sums and counts
+    auto kept = [](auto tail_t, auto keep, V updated, V old) {
+      if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
+      else return updated;
+    };
+    int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+      const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
+              v3 = vld(x0 + 3 * HW + k) * s3;
+      if (G) {
+        const V a0 = vload(ap + k);
+        V a = a0;
+        if (GC) {
+          a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
+        } else {
+          a = a + vld(g0 + k) * v0 + vld(g0 + HW + k) * v1 + vld(g0 + 2 * HW + k) * v2 + vld(g0 + 3 * HW + k) * v3;
+        }
+        vstore(ap + k, kept(tail_t, keep, a, a0));
+      }
+      if (M) {
+        const V m = vload(mp + k), n0 = vload(cp + k);
+        const auto e0 = vcmp<kEq, T>(v0, m), e1 = vcmp<kEq, T>(v1, m), e2 = vcmp<kEq, T>(v2, m),
+                   e3 = vcmp<kEq, T>(v3, m);
+        const V n1 = n0 + vsel<T>(e0, one, zero) + vsel<T>(e1, one, zero) + vsel<T>(e2, one, zero) +
+                     vsel<T>(e3, one, zero);
+        vstore(cp + k, kept(tail_t, keep, n1, n0));
+        if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
+          uint8_t* b0 = mb + c * mbs;
+          put_bits<L>(b0, q0 + k, lane_bits<T>(e0));
+          put_bits<L>(b0 + mbs, q0 + k, lane_bits<T>(e1));
+          put_bits<L>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
+          put_bits<L>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+        }
+      }
+    });
+    for (; i < len; ++i) {
+      const T v0 = T(x0[i]) * s0, v1 = T(x0[HW + i]) * s1, v2 = T(x0[2 * HW + i]) * s2, v3 = T(x0[3 * HW + i]) * s3;
+      if (G)
+        ap[i] = GC ? ap[i] + gv * v0 + gv * v1 + gv * v2 + gv * v3
+                   : ap[i] + T(g0[i]) * v0 + T(g0[HW + i]) * v1 + T(g0[2 * HW + i]) * v2 + T(g0[3 * HW + i]) * v3;
+      if (M) {
+        cp[i] = cp[i] + (v0 == mp[i] ? T(1) : T(0)) + (v1 == mp[i] ? T(1) : T(0)) + (v2 == mp[i] ? T(1) : T(0)) +
+                (v3 == mp[i] ? T(1) : T(0));
+        if (mb) {
+          uint8_t* b0 = mb + c * mbs;
+          put_bit(b0, q0 + i, v0 == mp[i]);
+          put_bit(b0 + mbs, q0 + i, v1 == mp[i]);
+          put_bit(b0 + 2 * mbs, q0 + i, v2 == mp[i]);
+          put_bit(b0 + 3 * mbs, q0 + i, v3 == mp[i]);
+        }
+      }
+    }
+  }
+  for (; c < C; ++c) {
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
+    const T s0 = s ? s[c] : T(1);
+    for (int64_t i = 0; i < len; ++i) {
+      const T v0 = T(x0[i]) * s0;
+      if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;
+      if (M) {
+        cp[i] += v0 == mp[i] ? T(1) : T(0);
+        if (mb) put_bit(mb + c * mbs, q0 + i, v0 == mp[i]);
+      }
+    }
+  }
+}
+
+// one pixel, channels_last: returns sum_c g * x' and the tie count (and with I the last
+// channel equal to the max). Four accumulators, then tree reductions across the lanes, as
+// pool_pixel (the lane-by-lane scalar sums they replace were three 15-step dependency chains
+// per pixel)
+template <typename T, typename X, bool G, bool GC, bool M, bool I>
+inline void reduce_pixel(const X* x, const T* s, const X* g, T gv, T m, int64_t C, T& ga, T& cnt, T& idx) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{}, none = V{} - T(1);
+  V a[4] = {}, k[4] = {}, ix[4] = {none, none, none, none};
+  const V lane = lane_index<T>();  // channel index of each lane, from c = 0
+  auto step = [&](int j, int64_t c) {
+    V v = vld(x + c);
+    if (s) v = v * vload(s + c);
+    if (G) a[j] += (GC ? V{} + gv : vld(g + c)) * v;
+    if (M) {
+      const auto e = vcmp<kEq, T>(v, V{} + m);
+      k[j] += vsel<T>(e, one, zero);
+      if (I) ix[j] = vsel<T>(e, lane + T(c), ix[j]);
+    }
+  };
+  int64_t c = 0;
+  T sa, sc, si;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    reduce_pixel_avx2<X, G, GC, M, I>(x, s, g, gv, m, C, sa, sc, si, c);
+  } else
+#endif
+  {
+    for (; c + 4 * L <= C; c += 4 * L) {
+      step(0, c);
+      step(1, c + L);
+      step(2, c + 2 * L);
+      step(3, c + 3 * L);
+    }
+    for (; c + L <= C; c += L) step(0, c);
+    sa = G ? hreduce<T, 64>((a[0] + a[1]) + (a[2] + a[3]), false) : T(0);
+    sc = M ? hreduce<T, 64>((k[0] + k[1]) + (k[2] + k[3]), false) : T(0);
+    si = (M && I) ? hreduce<T, 64>(vmax(vmax(ix[0], ix[1]), vmax(ix[2], ix[3])), true) : T(-1);
+  }
+  for (; c < C; ++c) {
+    const T v = s ? T(x[c]) * s[c] : T(x[c]);
+    if (G) sa += (GC ? gv : T(g[c])) * v;
+    if (M && v == m) {
+      sc += T(1);
+      if (I) si = T(c);
+    }
+  }
+  ga = sa;
+  cnt = sc;
+  idx = si;
+}
+
+template <typename T, typename X, bool G, bool GC, bool M>
+void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
+                   bool nhwc, T* ga, T* cnt, T* ix, uint8_t* bits) {
+  const T gv = (G && GC) ? T(g[0]) : T(0);
+  if (!nhwc) {
+    const MaxBitsLayout lay(N, C, HW);
+    const int64_t chunk = lay.chunk, nchunks = lay.nchunks;
+    at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> acc(chunk), cn(chunk);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
+        const int64_t len = std::min(chunk, HW - p0);
+        reduce_chunk<T, X, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
+                                  (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
+                                  len, acc.data(), cn.data(), bits ? bits + lay.row(n, t % nchunks, 0) : nullptr,
+                                  lay.stride, 0);
+        if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
+        if (cnt) std::copy(cn.data(), cn.data() + len, cnt + n * HW + p0);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * HW, 64, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t n = p / HW;
+        T a, k, i;
+        if (M && ix) {
+          reduce_pixel<T, X, G, GC, M, true>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
+                                          mx[n * mbs + (p - n * HW)], C, a, k, i);
+          ix[p] = i;
+        } else {
+          reduce_pixel<T, X, G, GC, M, false>(x + p * C, s ? s + n * C : nullptr, (G && !GC) ? g + p * C : g, gv,
+                                           M ? mx[n * mbs + (p - n * HW)] : T(0), C, a, k, i);
+        }
+        if (ga) ga[p] = a;
+        if (cnt) cnt[p] = k;
+      }
+    });
+  }
+}
+
+// bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
+// MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them)
+template <typename T, typename X>
+void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
+              int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr, uint8_t* bits = nullptr) {
+  const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
+  if (!G && !M) return;
+#define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix, bits)
+  if (G && gc) {
+    if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);
+  } else if (G) {
+    if (M) SA_REDUCE(true, false, true); else SA_REDUCE(true, false, false);
+  } else {
+    SA_REDUCE(false, false, true);
+  }
+#undef SA_REDUCE
+}
+
+
+}  // namespace

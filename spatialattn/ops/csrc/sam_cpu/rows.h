@@ -1,0 +1,218 @@
+// Memory: the last-level cache size and non-temporal stores, the row product
+// d = (x * s) * a, pixel chunks of the work split, the layout of the max bits.
+//
+// Part of sam_cpu.cpp: the parts are included in order into one translation unit, each in the
+// unit's anonymous namespace, and each uses the ones before it (see sam_cpu.cpp for the overview).
+#pragma once
+
+namespace {
+
+// Non-temporal stores pay once input + output do not fit in the last-level cache
+// (PERF-NOTES: 2.7x -> 1.35x clone there) and hurt when they do (measured here: the
+// 11 MB forward became 1.5-2.5x slower with them). The threshold is the
+// last-level cache size the C library reports (32 MiB if it does not); adjustable at
+// run time (spatialattn.ops._cpp.get().set_stream_bytes, a negative value restores
+// the default) for measurements.
+int64_t kStreamBytes = -1;
+
+// Size of the last-level cache one core sees. sysconf(_SC_LEVEL3_CACHE_SIZE) is not it:
+// on AMD EPYC virtual machines it reports the whole socket (320 MiB where a core shares
+// 32 MiB), so Linux's per-instance sysfs entry comes first.
+inline int64_t llc_bytes() {
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level(dir + "level"), size(dir + "size");
+    int lv = 0;
+    std::string sz;
+    if (!(level >> lv) || !(size >> sz)) continue;
+    if (lv != 3 || sz.empty()) continue;
+    int64_t v = std::atoll(sz.c_str());
+    const char unit = sz.back();
+    if (unit == 'K') v <<= 10;
+    if (unit == 'M') v <<= 20;
+    if (v > 0) return v;
+  }
+  return int64_t(32) << 20;
+}
+
+inline int64_t stream_threshold() {
+  if (kStreamBytes >= 0) return kStreamBytes;
+  static const int64_t llc = llc_bytes();
+  return llc;
+}
+
+// input + output of `elems` elements each do not fit in the last-level cache
+template <typename T>
+inline bool use_stream(int64_t elems) {
+  return 2 * elems * int64_t(sizeof(T)) > stream_threshold();
+}
+
+inline void stream_fence(bool stream) {
+#if defined(__SSE2__)
+  if (stream) _mm_sfence();
+#else
+  (void)stream;
+#endif
+}
+
+// d[i] = (x[i] * s) * a with s = sv[i] or ss, a = av[i] or as; (x * s) is rounded first,
+// as in the reference (in T; d and x in their storage types). With `stream`, float32 /
+// float16 / bfloat16 rows use non-temporal stores.
+#if SAM_AVX2_HALVES
+// mul_row for float32 in AVX2 builds (see SAM_AVX2_HALVES), not in place, n >= 8: 256-bit
+// vectors; cached: a head vector, aligned vectors from the first 32-byte boundary of d,
+// the tail as one vector ending at n (overlapped elements written again, the same values);
+// with `stream`, non-temporal stores from that boundary (the generic code streams only in
+// AVX-512 builds).
+// (x * s) * a for 8 elements from x: the product of the AVX2 multiply loops (mul_row_avx2 and
+// mul_rows' channels_last run), in one order so that both give the same bits
+template <typename X>
+inline __m256 prod8(const X* x, __m256 s, __m256 a) {
+  return _mm256_mul_ps(_mm256_mul_ps(ld8(x), s), a);
+}
+
+template <bool HS, bool HA, typename XD, typename XS>
+inline void mul_row_avx2(XD* d, const XS* x, const float* sv, float ss, const float* av, float as, int64_t n,
+                         bool stream) {
+  const __m256 vss = _mm256_set1_ps(ss), vas = _mm256_set1_ps(as);
+  auto at = [&](int64_t k) {
+    return prod8(x + k, HS ? _mm256_loadu_ps(sv + k) : vss, HA ? _mm256_loadu_ps(av + k) : vas);
+  };
+  auto one = [&](int64_t k) { d[k] = XD((float(x[k]) * (HS ? sv[k] : ss)) * (HA ? av[k] : as)); };
+  constexpr uintptr_t vb = 8 * sizeof(XD);  // bytes of d per vector
+  int64_t i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & (vb - 1)) / sizeof(XD));
+  if (stream) {
+    for (int64_t k = 0; k < i && k < n; ++k) one(k);
+    for (; i + 8 <= n; i += 8) st8_nt(d + i, at(i));
+    for (; i < n; ++i) one(i);
+    return;
+  }
+  st8(d, at(0));
+  if (i == 0) i = 8;
+  for (; i + 8 <= n; i += 8) st8(d + i, at(i));
+  if (i < n) st8(d + n - 8, at(n - 8));
+}
+#endif
+
+template <typename T, typename XD, typename XS>
+inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, int64_t n, bool stream) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  int64_t i = 0;
+#if SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= 8 && static_cast<const void*>(d) != static_cast<const void*>(x)) {
+      if (sv && av) mul_row_avx2<true, true>(d, x, sv, ss, av, as, n, stream);
+      else if (sv) mul_row_avx2<true, false>(d, x, sv, ss, av, as, n, stream);
+      else if (av) mul_row_avx2<false, true>(d, x, sv, ss, av, as, n, stream);
+      else mul_row_avx2<false, false>(d, x, sv, ss, av, as, n, stream);
+      return;
+    }
+  }
+#endif
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (stream) {
+      constexpr uintptr_t align = uintptr_t(L) * sizeof(XD);
+      for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & (align - 1)); ++i)
+        d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
+      const V vss = V{} + ss, vas = V{} + as;
+      for (; i + L <= n; i += L) {
+        const V xs = vld(x + i) * (sv ? vload(sv + i) : vss);
+        vst_nt(d + i, xs * (av ? vload(av + i) : vas));
+      }
+    }
+  }
+#endif
+  (void)stream;
+  if constexpr (!std::is_same<XD, T>::value || !std::is_same<XS, T>::value) {
+    // a half format on either side: explicit vectors (the conversions keep the compiler
+    // from vectorising the scalar loops below)
+    const V vss = V{} + ss, vas = V{} + as;
+    auto run = [&](auto s_t, auto a_t) {  // the vector / scalar choices out of the loop
+      constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
+      for (; i + L <= n; i += L) vst(d + i, (vld(x + i) * (HS ? vload(sv + i) : vss)) * (HA ? vload(av + i) : vas));
+    };
+    using Y = std::true_type;
+    using No = std::false_type;
+    if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
+    for (; i < n; ++i) d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
+    return;
+  }
+  if constexpr (std::is_same<XD, T>::value && std::is_same<XS, T>::value) {
+    if (i == 0 && n >= L && static_cast<const void*>(d) != static_cast<const void*>(x)) {
+      // explicit vectors, the row's tail as one vector ending at n (its overlapped elements
+      // are written again with the same values; not in place, where they would be read back
+      // as outputs). Measured (with the pooling tails below): the NCHW forward 0.94-0.98x the
+      // time at 13x13 and 26x26; plain unaligned vectors had been 1.19x slower at 26x26.
+      const V vss = V{} + ss, vas = V{} + as;
+      auto run = [&](auto s_t, auto a_t) {
+        constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
+        auto at = [&](int64_t k) {
+          vstore(d + k, (vload(x + k) * (HS ? vload(sv + k) : vss)) * (HA ? vload(av + k) : vas));
+        };
+        // a head vector, then vectors from the first 64-byte boundary of d (stores that
+        // split a cache line cost), then the tail
+        at(0);
+        i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 63) / sizeof(T));
+        if (i == 0) i = L;
+        for (; i + L <= n; i += L) at(i);
+        if (i < n) at(n - L);
+      };
+      using Y = std::true_type;
+      using No = std::false_type;
+      if (sv && av) run(Y{}, Y{}); else if (sv) run(Y{}, No{}); else if (av) run(No{}, Y{}); else run(No{}, No{});
+      return;
+    }
+  }
+  if (sv && av) {
+    for (; i < n; ++i) d[i] = (x[i] * sv[i]) * av[i];
+  } else if (sv) {
+    for (; i < n; ++i) d[i] = (x[i] * sv[i]) * as;
+  } else if (av) {
+    for (; i < n; ++i) d[i] = (x[i] * ss) * av[i];
+  } else {
+    for (; i < n; ++i) d[i] = (x[i] * ss) * as;
+  }
+}
+
+// Split the HW pixels of each image into chunks: long enough for the
+// prefetchers (a band of rows), short enough for the accumulators to stay in
+// L1, and enough chunks in total to keep every thread busy.
+inline int64_t pixel_chunk(int64_t N, int64_t HW) {
+  // Long chunks: each channel row of a chunk is one sequential run in memory (a whole
+  // plane when the chunk is the image), the two accumulator rows stay in L1/L2.
+  int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nch = (HW + 4095) / 4096;
+  int64_t chunk = (HW + nch - 1) / nch;
+  int64_t want = threads;
+  if (N * nch < want) {
+    int64_t per_image = (want + N - 1) / N;
+    chunk = std::max<int64_t>(64, (HW + per_image - 1) / per_image);
+  }
+  chunk = (chunk + kLanes - 1) / kLanes * kLanes;
+  return std::max<int64_t>(1, std::min(chunk, HW));
+}
+
+// The max bits of k_reduce / k_gradx (N images of C channel rows, NCHW): by pixel chunk of
+// pixel_chunk(N, HW), each chunk's C rows of max_bits_stride(chunk) bytes together, so that the
+// threads' chunks write apart (rows [N, C] of whole images: two threads writing into every row
+// made 1x1024x13x13's backward 1.35x slower than the compare, from the lines they share).
+struct MaxBitsLayout {
+  int64_t N, C, chunk, nchunks, stride;
+  MaxBitsLayout(int64_t N_, int64_t C_, int64_t HW)
+      : N(N_), C(C_), chunk(pixel_chunk(N_, HW)), nchunks((HW + chunk - 1) / chunk), stride(max_bits_stride(chunk)) {}
+  int64_t bytes() const { return N * nchunks * C * stride; }
+  // the row of channel c of chunk k of image n
+  int64_t row(int64_t n, int64_t k, int64_t c) const { return ((n * nchunks + k) * C + c) * stride; }
+};
+
+// the max bits for the phases k_reduce / k_gradx over N images (see max_bits_wanted; x_bytes:
+// the size of their x), or an empty buffer where pass B compares
+inline std::vector<uint8_t> phase_max_bits(bool has_max, bool nhwc, bool need_gs, int64_t x_bytes, int64_t N,
+                                           int64_t C, int64_t HW) {
+  return std::vector<uint8_t>(max_bits_wanted(has_max, nhwc, need_gs, x_bytes) ? MaxBitsLayout(N, C, HW).bytes() : 0);
+}
+
+
+}  // namespace
