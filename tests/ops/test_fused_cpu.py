@@ -319,6 +319,10 @@ def test_out_argument_and_no_grad_path():
     # 1e-6 comparison between two fp32 computations passes or fails by luck (5-11 of 200 seeds)
     y64 = ref_sam(x.double(), w.double(), None, ("max", "mean"), 1, None)[0]
     torch.testing.assert_close(y.double(), y64, rtol=1e-6, atol=4e-6)
+    # an out= of other strides or dtype is refused by the kernels, naming what must match
+    for bad in (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(x, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="out= must have the shape, strides and dtype of x"):
+            ops.spatial_attention_fused(x, w, out=bad)
     with pytest.raises(ValueError, match="out="):
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 

@@ -60,14 +60,7 @@ Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>&
   Geo g = geometry(x);
   Tensor s = flat_scale(scale, x);
   Tensor a = attn.to(acc_type(x)).expand({g.N, 1, g.H, g.W}).contiguous();
-  Tensor y;
-  if (out.has_value() && out->defined()) {
-    y = *out;
-    TORCH_CHECK(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type(),
-                "spatialattn: out= must have the shape, strides and dtype of x");
-  } else {
-    y = at::empty_like(x);
-  }
+  Tensor y = output_like(x, out);
   if (x.numel() == 0) return y;
   SA_DISPATCH(x, "gate_forward", [&] {
     using X = scalar_t;

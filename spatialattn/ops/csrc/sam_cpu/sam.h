@@ -264,14 +264,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
   auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
   TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
   Tensor pooled = empty_map(g, P, x), logits = empty_map(g, 1, x), attn = empty_map(g, 1, x);
-  Tensor y;
-  if (out.has_value() && out->defined()) {
-    y = *out;
-    TORCH_CHECK(y.sizes() == x.sizes() && y.strides() == x.strides() && y.scalar_type() == x.scalar_type(),
-                "spatialattn: out= must have the shape, strides and dtype of x");
-  } else {
-    y = at::empty_like(x);
-  }
+  Tensor y = output_like(x, out);
   if (g.N * g.HW == 0) return {y, attn, logits, pooled};
   SA_DISPATCH(x, "sam_forward", [&] {
     using X = scalar_t;

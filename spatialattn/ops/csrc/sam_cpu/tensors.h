@@ -51,6 +51,14 @@ optional<Tensor> small_opt(const optional<Tensor>& t, const Tensor& like) {
   return small(*t, like);
 }
 
+// `out` where given (checked: the shape, strides and dtype of x), else a new tensor like x
+Tensor output_like(const Tensor& x, const optional<Tensor>& out) {
+  if (!(out.has_value() && out->defined())) return at::empty_like(x);
+  TORCH_CHECK(out->sizes() == x.sizes() && out->strides() == x.strides() && out->scalar_type() == x.scalar_type(),
+              "spatialattn: out= must have the shape, strides and dtype of x");
+  return *out;
+}
+
 Tensor empty_map(const Geo& g, int64_t P, const Tensor& x) {
   return at::empty({g.N, P, g.H, g.W}, acc_options(x).memory_format(at::MemoryFormat::Contiguous));
 }
