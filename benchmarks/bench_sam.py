@@ -63,7 +63,8 @@ the eager formulas compute in the half format.
 ``--device cuda``: the same table on a GPU (Triton kernels), with two larger shapes added
 (16x256x104x104, 16x128x208x208: beyond the L2 cache), each figure timed with CUDA events
 over a batch of queued calls (so that launch latency does not stand in for the copy), and
-``peak/|x|`` from the CUDA allocator.
+``peak/|x|`` from the CUDA allocator; the ``graph`` column of ``fwd`` / ``fwd+bwd`` is ``ours``
+captured in a CUDA graph and replayed (the kernels' own cost, without the host's launches).
 
 Results: printed, and written to ``benchmarks/results/sam_<device>.md`` / ``.csv``
 (``sam_<device>_<dtype>`` for half dtypes).
@@ -226,6 +227,24 @@ def main() -> None:
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
+    def graphed(fn):
+        """``fn`` (one call) captured in a CUDA graph: the graph's ``replay``, or None (with a
+        message) where the capture fails, so that the rest of the table still runs."""
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as capture needs
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            return graph.replay
+        except Exception as e:
+            print(f"CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+
     def saved_ratio(fn, x, params):
         seen = {}
         skip = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in params}
@@ -248,7 +267,8 @@ def main() -> None:
         header = (f"device {dev.type} ({machine_name(torch, dev)}), {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
                   f"backend {ops.backend(torch.empty(1, 1, 1, 1, device=dev, dtype=dtype))}, rounds {rounds}, "
                   f"malloc: {malloc_setting()}")
-        impls = {"fwd": ["ours", "ours-2op", "timm", "ultra", "compile"], "fwd+bwd": ["floor", "ours", "ours-2op", "timm", "ultra", "compile"],
+        impls = {"fwd": ["ours", "graph", "ours-2op", "timm", "ultra", "compile"],
+                 "fwd+bwd": ["floor", "ours", "graph", "ours-2op", "timm", "ultra", "compile"],
                  "cbam": ["ours", "eager", "compile"], "eval": ["ours", "eager"], "cbam-eval": ["ours", "eager"],
                  "train": ["ours", "ours-2op", "eager", "compile"],
                  "cbam-train": ["ours", "ours-2op", "eager", "compile"]}
@@ -412,6 +432,16 @@ def main() -> None:
                 cases[("fwd", "compile")] = lambda: compiled(x, w)
                 cases[("fwd+bwd", "compile")] = fb(compiled)
                 cases[("cbam", "compile")] = lambda: compiled_cbam(x, w, w1, w2)
+            if dev.type == "cuda":
+                # ours replayed from a CUDA graph (one call captured): the kernels without the
+                # host's launches, as a model captured in a graph pays them
+                with torch.no_grad():
+                    rep = graphed(lambda: ours(x, w))
+                if rep is not None:
+                    cases[("fwd", "graph")] = rep
+                rep = graphed(fb(ours))
+                if rep is not None:
+                    cases[("fwd+bwd", "graph")] = rep
             # warm-up (builds the extension / compiles once)
             with torch.no_grad():
                 for (mode, name), fn in cases.items():
