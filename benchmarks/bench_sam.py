@@ -104,6 +104,24 @@ def _parse():
     return p.parse_args()
 
 
+def capture_cuda_graph(fn, calls: int = 1):
+    """A ``torch.cuda.CUDAGraph`` of ``calls`` calls of ``fn``, after a warm-up on a side stream
+    (as capture needs: kernels compiled and memory allocated before)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def reexec_with_tunables(system_malloc: bool) -> None:
     """Re-execute this script with ``GLIBC_TUNABLES=TUNABLES`` (Linux; unless ``system_malloc``
     or already set): freed blocks are then reused instead of page-faulting fresh mmaps."""
@@ -231,16 +249,7 @@ def main() -> None:
         """``fn`` (one call) captured in a CUDA graph: the graph's ``replay``, or None (with a
         message) where the capture fails, so that the rest of the table still runs."""
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as capture needs
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            return graph.replay
+            return capture_cuda_graph(fn).replay
         except Exception as e:
             print(f"CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
             return None

@@ -39,6 +39,8 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
+    from bench_sam import capture_cuda_graph  # (this script's folder is on sys.path)
+
     from spatialattn import ops
 
     torch.backends.cudnn.allow_tf32 = False
@@ -78,16 +80,7 @@ def main() -> None:
 
     def graph_us(fn, iters):
         """GPU time per call of ``fn`` replayed from a CUDA graph (``iters`` calls captured)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as capture needs
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fn()
+        g = capture_cuda_graph(fn, iters)
         g.replay()
         torch.cuda.synchronize()
         best = float("inf")
