@@ -42,6 +42,7 @@ def main() -> None:
     from bench_sam import capture_cuda_graph  # (this script's folder is on sys.path)
 
     from spatialattn import ops
+    from spatialattn.ops import _triton
 
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
@@ -64,8 +65,6 @@ def main() -> None:
             best_host = min(best_host, host)
         return best_gpu * 1e6, best_host * 1e6
 
-    from spatialattn.ops import _triton
-
     def host_us(fn, iters=2000):
         fn()
         torch.cuda.synchronize()
@@ -80,19 +79,7 @@ def main() -> None:
 
     def graph_us(fn, iters):
         """GPU time per call of ``fn`` replayed from a CUDA graph (``iters`` calls captured)."""
-        g = capture_cuda_graph(fn, iters)
-        g.replay()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(3):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            best = min(best, s.elapsed_time(e) / 1e3 / iters)
-        del g
-        return best * 1e6
+        return timed(capture_cuda_graph(fn, iters).replay, 1)[0] / iters
 
     tiny = torch.randn(1, 8, 4, 4, device=dev)
     a = torch.rand(1, 1, 4, 4, device=dev)

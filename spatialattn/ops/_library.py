@@ -320,7 +320,8 @@ def sam_op(
         )
         return y, attn, logits, pooled
     if _triton_ok(x):
-        return _TRITON_KERNELS.sam_forward(x, weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None)
+        return eager_kernels("triton").sam_forward(x, weight, bias, scale, norm_scale, norm_shift, list(kinds),
+                                                   dilation, None)
     pooled = _pool_torch(x, scale, kinds, _acc(x))
     logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
     return _scaled(x, scale) * attn.to(x.dtype), attn, logits, pooled
@@ -446,59 +447,52 @@ sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
 # identical because both call the same kernels.
 class _TritonKernels:
     """The Triton functions behind the C++ extension's interface (same names, arguments and
-    results), so that one set of eager autograd Functions serves both backends."""
+    results), so that one set of eager autograd Functions serves both backends. Made on first
+    use (:func:`eager_kernels`): importing the kernels imports Triton."""
 
-    @staticmethod
-    def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: List[int]) -> Tensor:
+    def __init__(self):
         from . import _triton
 
-        return _triton.pool_forward(x, scale, kinds, _acc(x))
+        self._t = _triton
 
-    @staticmethod
-    def pool_backward(grad, x, scale, pooled, kinds, need_gs: bool):
-        from . import _triton
+    def pool_forward(self, x: Tensor, scale: Optional[Tensor], kinds: List[int]) -> Tensor:
+        return self._t.pool_forward(x, scale, kinds, _acc(x))
 
-        return _triton.pool_backward(grad, x, scale, pooled, kinds)
+    def pool_backward(self, grad, x, scale, pooled, kinds, need_gs: bool):
+        return self._t.pool_backward(grad, x, scale, pooled, kinds)
 
-    @staticmethod
-    def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
-        from . import _triton
+    def gate_forward(self, x: Tensor, attn: Tensor, scale: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+        return self._t.gate_forward(x, attn, scale)
 
-        return _triton.gate_forward(x, attn, scale)
-
-    @staticmethod
-    def gate_backward(grad, x, attn, scale, need_x: bool, need_attn: bool, need_scale: bool):
-        from . import _triton
-
-        gx, ga, gs = _triton.gate_backward(grad, x, attn, scale)
+    def gate_backward(self, grad, x, attn, scale, need_x: bool, need_attn: bool, need_scale: bool):
+        gx, ga, gs = self._t.gate_backward(grad, x, attn, scale)
         return gx, ga, gs if need_scale else None
 
-    @staticmethod
-    def sam_forward(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, out):
+    def sam_forward(self, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, out):
         """``(y, attn, logits, pooled)``: three or four launches (the pooling, the conv and
         sigmoid on the small maps, the gate multiply)."""
-        from . import _triton
+        pooled = self._t.pool_forward(x, scale, kinds, _acc(x))
+        logits, attn = self._t.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
+        return self._t.gate_forward(x, attn, scale), attn, logits, pooled
 
-        pooled = _triton.pool_forward(x, scale, kinds, _acc(x))
-        logits, attn = _triton.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
-        return _triton.gate_forward(x, attn, scale), attn, logits, pooled
-
-    @staticmethod
-    def sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds, dilation,
+    def sam_backward(self, grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds, dilation,
                      need_gs: bool, need_gw: bool, need_gb: bool, need_norm: bool):
-        from . import _triton
-
-        return _triton.sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds,
+        return self._t.sam_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds,
                                     dilation, need_gs=need_gs)
 
 
-_TRITON_KERNELS = _TritonKernels()
+_triton_kernels: Optional[_TritonKernels] = None
 
 
 def eager_kernels(backend: str):
     """The kernels behind the eager Functions below: the C++ extension for ``"cpp"``, the
     Triton functions for ``"triton"``."""
-    return _cpp.get() if backend == "cpp" else _TRITON_KERNELS
+    if backend == "cpp":
+        return _cpp.get()
+    global _triton_kernels
+    if _triton_kernels is None:
+        _triton_kernels = _TritonKernels()
+    return _triton_kernels
 
 
 class EagerChannelPool(torch.autograd.Function):
