@@ -338,6 +338,33 @@ def test_torch_compile_fullgraph(layout):
 
 
 @cuda_only
+def test_torch_compile_reduce_overhead_training_step():
+    """``torch.compile(mode="reduce-overhead")`` (inductor's CUDA graphs around the custom
+    ops: what modules.md recommends for launch-bound small maps on a GPU): a CBAM + SAM
+    training step, compiled and replayed on new inputs, equal to eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    cbam, sam = CBAM(24).to(DEV).train(), SpatialAttention(24).to(DEV).train()
+    ref_cbam, ref_sam = copy.deepcopy(cbam), copy.deepcopy(sam)
+
+    def step(x, gy, a, b):
+        y = b(a(x))
+        (gx,) = torch.autograd.grad(y, (x,), gy)
+        return y, gx
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for seed in range(4):  # warm-up, recording, then replays
+        x = make_x((2, 24, 13, 13), "nchw", torch.float32, seed=seed).requires_grad_()
+        gy = torch.randn(2, 24, 13, 13, device=DEV)
+        y, gx = compiled(x, gy, cbam, sam)
+        y, gx = y.clone(), gx.clone()  # outputs of a graph replay are overwritten by the next
+        ry, rgx = step(x, gy, ref_cbam, ref_sam)
+        close(y, ry, torch.float32, f"reduce-overhead forward {seed}")
+        close(gx, rgx, torch.float32, f"reduce-overhead grad x {seed}", scale_atol=True)
+    torch._dynamo.reset()
+
+
+@cuda_only
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_cuda_graph_capture_of_a_training_step(layout):
     """The Triton path makes no host synchronisation and no host-to-device copy, so a SAM
