@@ -1165,9 +1165,15 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
             KW=kw, DIL=dilation, MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BN=bn,
             HAS_G=bn and bn_weight is not None, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
-    gb, gnsh, gns = (torch.empty(1, dtype=torch.float32, device=dev) for _ in range(3))
-    _column_sums_kernel[(npart,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps, BR=_BP_SMALL,
-                                  num_warps=_NUM_WARPS)
+    gb = torch.empty(1, dtype=torch.float32, device=dev)
+    if norm_scale is not None or bn:
+        gnsh, gns = torch.empty(1, dtype=torch.float32, device=dev), torch.empty(1, dtype=torch.float32, device=dev)
+        columns = npart
+    else:  # no norm: its two columns are not summed (and gb stands in for their outputs, unwritten)
+        gnsh = gns = gb
+        columns = ntaps + 1
+    _column_sums_kernel[(columns,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps, BR=_BP_SMALL,
+                                    num_warps=_NUM_WARPS)
     gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
     if norm_scale is None and not bn:
         gns = gnsh = None
