@@ -1340,3 +1340,55 @@ def test_with_global_pool_graph_cases(pool_backward_spy):
         assert "GradTapBackward" not in node_names(y)
     xx = x.clone().requires_grad_()
     assert {"GradTapBackward", "GlobalPoolBackward"} <= node_names(m(xx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
+    # NCHW products of short whole rows (at most 100 pixels, not a multiple of 16: 7x7, 9x11,
+    # 10x10) go through mul_row in blocks of rows against the tiled attention (mul_rows_flat): the
+    # same bits as row by row (set_flat_rows_max_hw(0)), in the fused forward (whole images and
+    # bands), the gate multiply op and the training-BatchNorm forward (k_mul, several threads:
+    # ranges of rows that start and end inside images), with a channel scale (row by row
+    # anyway), streamed and cached stores; and the reference's values. Channel counts below,
+    # at and past a block (16 rows at 7x7 and 9x11, 4 at 10x10) and with leftover rows; 13x13
+    # and 8x8 take the rows anyway.
+    torch.manual_seed(5)
+    shapes = [(3, 70, 7, 7), (2, 64, 7, 7), (2, 37, 10, 10), (1, 19, 9, 11), (2, 10, 7, 7), (2, 33, 13, 13),
+              (2, 40, 8, 8)]
+    try:
+        cpp_module.set_stream_bytes(0 if stream else -1)
+        for shape in shapes:
+            x = make_x(shape, "nchw", torch.float32, seed=4).to(dtype)
+            n, c, h, w_ = shape
+            w = torch.randn(1, 2, 7, 7).to(ops._lib._acc(x))
+            attn = torch.rand(n, 1, h, w_, dtype=ops._lib._acc(x))
+            s = (torch.rand(n, c, 1, 1) + 0.5).to(dtype)
+            outs = {}
+            for name, limit in (("blocks", -1), ("rows", 0)):
+                cpp_module.set_flat_rows_max_hw(limit)
+                got = [cpp_module.gate_forward(x, attn, None, None), cpp_module.gate_forward(x, attn, s, None),
+                       *cpp_module.sam_forward(x, w, None, None, None, None, [1, 0], 1, None),
+                       cpp_module.sam_forward(x, w, None, s, None, None, [1, 0], 1, None)[0]]
+                old = torch.get_num_threads()
+                try:
+                    for threads in (1, 2, 3):
+                        torch.set_num_threads(threads)
+                        got.append(cpp_module.sam_forward_bn(x, w, None, None, torch.ones(1), torch.zeros(1), 1e-5,
+                                                             [1, 0], 1)[0])
+                finally:
+                    torch.set_num_threads(old)
+                cpp_module.set_band_rows(2)
+                try:
+                    got.append(cpp_module.sam_forward(x, w, None, None, None, None, [1, 0], 1, None)[0])
+                finally:
+                    cpp_module.set_band_rows(0)
+                outs[name] = got
+            for i, (a, b) in enumerate(zip(outs["blocks"], outs["rows"])):
+                assert torch.equal(a, b), (shape, dtype, stream, i)
+            acc = ops._lib._acc(x)
+            want = (x.to(acc) * attn).to(dtype)
+            torch.testing.assert_close(outs["blocks"][0], want, rtol=0, atol=0)
+    finally:
+        cpp_module.set_flat_rows_max_hw(-1)
+        cpp_module.set_stream_bytes(-1)
