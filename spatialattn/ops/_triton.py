@@ -881,7 +881,7 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
                                   BC=_BC, BP=_BP, **_meta(c, hw, cl))
     if part is not None:
         _pool_combine_kernel[(n * _cdiv(hw, _BP_SMALL),)](part, out, c, hw, len(kinds), chunks, I_MAX=i_max,
-                                                              I_MEAN=i_mean, BP=_BP_SMALL, num_warps=_NUM_WARPS)
+                                                          I_MEAN=i_mean, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:
@@ -1045,7 +1045,7 @@ def _sum_rows(part: Tensor) -> Tensor:
     m = part[0].numel()
     out = torch.empty(part.shape[1:], device=part.device, dtype=torch.float32)
     _sum_rows_kernel[(_cdiv(m, _BP_SMALL),)](part, out, part.shape[0], m, BM=_BP_SMALL,
-                                                   num_warps=_NUM_WARPS)
+                                             num_warps=_NUM_WARPS)
     return out
 
 
@@ -1166,18 +1166,15 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
             HAS_G=bn and bn_weight is not None, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
     gb = torch.empty(1, dtype=torch.float32, device=dev)
-    if norm_scale is not None or bn:
+    norm_grads = norm_scale is not None or bn
+    if norm_grads:
         gnsh, gns = torch.empty(1, dtype=torch.float32, device=dev), torch.empty(1, dtype=torch.float32, device=dev)
-        columns = npart
     else:  # no norm: its two columns are not summed (and gb stands in for their outputs, unwritten)
         gnsh = gns = gb
-        columns = ntaps + 1
-    _column_sums_kernel[(columns,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps, BR=_BP_SMALL,
-                                    num_warps=_NUM_WARPS)
+    _column_sums_kernel[(npart if norm_grads else ntaps + 1,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps,
+                                                               BR=_BP_SMALL, num_warps=_NUM_WARPS)
     gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
-    if norm_scale is None and not bn:
-        gns = gnsh = None
-    return gx, gs, gw, gb, gns, gnsh
+    return gx, gs, gw, gb, (gns if norm_grads else None), (gnsh if norm_grads else None)
 
 
 def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):
@@ -1218,8 +1215,8 @@ def global_pool_forward(x: Tensor, kinds: Sequence[int], dtype: torch.dtype, cou
     if part is not None:
         nc = n * c
         _gpool_combine_kernel[(_cdiv(nc, _BP_SMALL),)](part, out, counts if counts is not None else part, nc,
-                                                             chunks, hw, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
-                                                             BLOCK=_BP_SMALL, num_warps=_NUM_WARPS)
+                                                       chunks, hw, I_MAX=i_max, I_MEAN=i_mean, COUNT=count,
+                                                       BLOCK=_BP_SMALL, num_warps=_NUM_WARPS)
     for i, k in enumerate(kinds):
         src = i_max if k == 0 else i_mean
         if src != i:

@@ -85,7 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_max_bits_phase_bytes", [](int64_t b) { kMaxBitsPhaseBytes = b < 0 ? (2 << 20) : b; });
   m.def("has_max_bits", []() { return kMaxBits; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
-  m.def("set_flat_rows_max_hw", [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min<int64_t>(v, 100); });
+  m.def("set_flat_rows_max_hw",
+        [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
 }

@@ -13,7 +13,7 @@ namespace {
 // 10x10; 11x11 1.15x, 12x12 - 14x14 1.0x, 19x19 1.43x and longer blocks slower everywhere
 // (at 26x26 1.25-1.5x): a block's tiled attention is a third stream through L1, which pays
 // only where the per-row overhead is large. Settable for measurements: set_flat_rows_max_hw
-// (0: off, negative: default).
+// (0: off, negative: default; at most the default, the size of mul_rows_flat's tiled buffer).
 constexpr int64_t kFlatRowsDefault = 100;
 int64_t kFlatRowsMaxHW = kFlatRowsDefault;
 
@@ -30,7 +30,7 @@ int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, i
   int64_t rows = 16;  // 16 / gcd(HW, 16)
   for (int64_t v = HW; v % 2 == 0 && rows > 1; v /= 2) rows /= 2;
   if (c1 - c0 < rows) return c0;
-  T tiled[16 * 100];
+  T tiled[16 * kFlatRowsDefault];
   for (int64_t k = 0; k < rows; ++k) std::copy(attn, attn + HW, tiled + k * HW);
   int64_t c = c0;
   for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
