@@ -1392,3 +1392,77 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
     finally:
         cpp_module.set_flat_rows_max_hw(-1)
         cpp_module.set_stream_bytes(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
+    # The fused backward of whole NCHW images with short rows (at most 100 pixels, not a
+    # multiple of 16) and no channel scale runs both passes in blocks of 16 / gcd(HW, 16) rows
+    # against the tiled maps (reduce_rows_flat, gradx_rows_flat): the gate's gradient sums its
+    # channels in another order than row by row (set_flat_backward_max_hw(0)), so close, not
+    # equal; the max channels from the flat max bits give the same bits as the compare
+    # (set_max_bits(False)); and the reference's gradients. Channel counts at and past a block
+    # with leftover rows (70 = 4 x 16 + 6, 37 = 9 x 4 + 1), a 3x3 map, tied maxima in a block
+    # and in the leftover rows; an upstream gradient, a broadcast one (y.sum()) and one on the
+    # returned attention; one and two threads; streamed and cached stores. Fewer channels
+    # than a block, 13x13 and 8x8 take the rows (equal bits).
+    torch.manual_seed(6)
+    shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 19, 9, 11), (2, 48, 3, 3), (2, 10, 7, 7), (2, 33, 13, 13),
+              (2, 40, 8, 8)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
+        dtype, dict(rtol=2e-2, atol=2e-2))
+    old = torch.get_num_threads()
+    differs = []
+    try:
+        cpp_module.set_stream_bytes(0 if stream else -1)
+        for shape, order in zip(shapes, itertools.cycle([("max", "mean"), ("max",), ("mean", "max", "max"),
+                                                         ("mean",)])):
+            n, c, h, w_ = shape
+            x0 = make_x(shape, "nchw", torch.float32, seed=c).to(dtype)
+            x0[0, 3, 2, 1] = x0[0, c - 1, 2, 1] = x0[0, :, 2, 1].max() + 1  # tie: first block / last row
+            g = torch.Generator().manual_seed(h * w_)
+            w0 = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
+            gy = torch.randn(shape, generator=g).to(dtype)
+            ga = torch.randn(n, 1, h, w_, generator=g).to(acc)
+            x, w = x0.double().requires_grad_(), w0.double().requires_grad_()
+            y, a = ref_sam(x, w, None, order, 1, None)
+            want = [torch.autograd.grad(y, (x, w), gy.double(), retain_graph=True),
+                    torch.autograd.grad(y.sum() * 3, (x, w), retain_graph=True),
+                    torch.autograd.grad((y * gy.double()).sum() + (a * ga.double()).sum(), (x, w))]
+            runs = {}
+            for name, limit, bits in (("blocks", -1, True), ("compare", -1, False), ("rows", 0, True)):
+                cpp_module.set_flat_backward_max_hw(limit)
+                cpp_module.set_max_bits(bits)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    got = []
+                    y, a = ops.spatial_attention_fused(x, w, order=order, return_attention=True)
+                    got.append(torch.autograd.grad(y, (x, w), gy, retain_graph=True))
+                    got.append(torch.autograd.grad(y.sum() * 3, (x, w), retain_graph=True))
+                    got.append(torch.autograd.grad((y * gy).sum() + (a * ga).sum(), (x, w)))
+                    runs[name, threads] = got
+            cpp_module.set_flat_backward_max_hw(-1)
+            cpp_module.set_max_bits(True)
+            blocked = c >= 16 and h * w_ <= 100 and (h * w_) % 16 != 0
+            for threads in (1, 2):
+                for i, (gb, gc, gr, wt) in enumerate(zip(runs["blocks", threads], runs["compare", threads],
+                                                         runs["rows", threads], want)):
+                    for k in range(2):
+                        assert torch.equal(gb[k], gc[k]), (shape, threads, i, k)
+                        if blocked:
+                            torch.testing.assert_close(gb[k], gr[k], **tol)
+                            differs.append(not torch.equal(gb[k], gr[k]))
+                        else:
+                            assert torch.equal(gb[k], gr[k]), (shape, threads, i, k)
+                        scale = max(1.0, float(wt[k].abs().max()))  # the weight's sums over all pixels
+                        torch.testing.assert_close(gb[k].double(), wt[k], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_flat_backward_max_hw(-1)
+        cpp_module.set_max_bits(True)
+        cpp_module.set_stream_bytes(-1)
+    if dtype != torch.bfloat16:
+        assert any(differs)  # the blocks ran (their sums in another order)

@@ -51,6 +51,7 @@ struct Scratch {
   std::vector<T> gs, row;                 // grad of the channel scale [C]; one row of gx'
   std::vector<T> spare;                   // forward: output of an absent max / mean slot
   std::vector<uint8_t> bits;              // max bits of the image's channel rows (NCHW backward)
+  std::vector<T> flat;                    // tiled maps and block sums (NCHW backward of short rows)
 };
 
 // y rows [h0, h1) = x' * attn (one image)
@@ -180,6 +181,10 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
   if (bits) sc.bits.resize(C * mbs);
   uint8_t* mb = bits ? sc.bits.data() : nullptr;
   constexpr int64_t L = lanes<T>();
+  // NCHW images of short rows in one band, without a channel scale: both passes in blocks of
+  // rows (reduce_rows_flat, gradx_rows_flat; the max bits then flat)
+  const int64_t frows = (!nhwc && R == H && !s && !gs) ? flat_block_rows(HW, kFlatBackwardMaxHW) : 0;
+  const bool flat = frows > 0 && C >= frows;
   int64_t done = 0, reduced = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
     const int64_t r1 = std::min(H, r0 + R);
@@ -187,7 +192,9 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     const int64_t p0 = nhwc ? r0 * W : reduced;
     const int64_t len = (nhwc || r1 == H ? r1 * W : std::min(HW, (r1 * W + L - 1) / L * L)) - p0;
     reduced = p0 + len;
-    if (!nhwc) {
+    if (flat) {
+      reduce_rows_flat<T, X, GC, M>(x, g, gv, M ? mx : nullptr, C, HW, frows, dA, cnt, mb, sc.flat);
+    } else if (!nhwc) {
       if (len > 0)
         reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len,
                                      dA + p0, cnt + p0, mb, mbs, p0);
@@ -212,7 +219,13 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     dpooled_rows<T>(q, kinds, sc.dlpad.data(), cnt, C, done, d1, dmax, dmean);
     // pass B on rows [done, d1)
     const int64_t a0 = done * W, alen = (d1 - done) * W;
-    if (!nhwc) {
+    if (flat) {
+      if (bits)
+        gradx_rows_flat<T, X, GC, M, F, true>(x, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, stream, mb, sc.flat);
+      else
+        gradx_rows_flat<T, X, GC, M, F, false>(x, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, stream, mb,
+                                               sc.flat);
+    } else if (!nhwc) {
       auto pass_b = [&](auto s_t, auto b_t) {
         for (int64_t c = 0; c < C; ++c) {
           const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(

@@ -119,6 +119,31 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   return t;
 }
 
+// NCHW pass B of one whole image whose rows are short (the blocks of reduce_rows_flat, no
+// channel scale, no channel-scale gradient): each block of `rows` channel rows (and the rows
+// left after the last whole block) goes through gradx_segment as one row against the pixel
+// maps tiled to the block; MB: the flat max bits of reduce_rows_flat. The same values
+// element for element as row by row. buf: scratch (5 blocks).
+template <typename T, typename X, bool GC, bool M, bool F, bool MB>
+void gradx_rows_flat(const X* x, const X* g, T gv, const T* attn, const T* mx, const T* dmax, const T* dmean,
+                     int64_t C, int64_t HW, int64_t rows, X* gx, bool stream, const uint8_t* mb,
+                     std::vector<T>& buf) {
+  const int64_t B = rows * HW, nb = C / rows;
+  buf.resize(5 * B);
+  T *at = buf.data(), *mt = at + B, *fm = mt + B, *fa = fm + B, *row = fa + B;
+  for (int64_t j = 0; j < rows; ++j) {
+    std::copy(attn, attn + HW, at + j * HW);
+    if (M && !MB) std::copy(mx, mx + HW, mt + j * HW);
+    if (M) std::copy(dmax, dmax + HW, fm + j * HW);
+    if (F) std::copy(dmean, dmean + HW, fa + j * HW);
+  }
+  for (int64_t c = 0; c < C; c += rows) {
+    const int64_t len = std::min(rows, C - c) * HW;
+    gradx_segment<T, X, true, GC, M, F, false, MB>(x + c * HW, GC ? nullptr : g + c * HW, gv, T(1), at, mt, fm, fa,
+                                                   len, gx + c * HW, stream, row, mb, c * HW);
+  }
+}
+
 // channels_last: one pixel (its C channels); ps[c] += gx' * x (if ps, X only); buf: C scratch.
 // XM (mask from x): the max channels are those with x' == m. Without XM, `ix` (from pass A,
 // only where the tie count is 1) is the max channel (or < 0: none), patched after the

@@ -16,6 +16,9 @@ namespace {
 // (0: off, negative: default; at most the default, the size of mul_rows_flat's tiled buffer).
 constexpr int64_t kFlatRowsDefault = 100;
 int64_t kFlatRowsMaxHW = kFlatRowsDefault;
+// the same for the fused backward of whole images (reduce_rows_flat, gradx_rows_flat;
+// set_flat_backward_max_hw)
+int64_t kFlatBackwardMaxHW = kFlatRowsDefault;
 
 // Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
 // 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
@@ -24,12 +27,19 @@ int64_t kFlatRowsMaxHW = kFlatRowsDefault;
 // against the attention tiled to the block. The same products element for element. Returns
 // the first row not done (the caller multiplies the rest row by row); c0 where the rows are
 // not short.
+// The rows of one block for rows of HW pixels (16 / gcd(HW, 16): a whole number of 16-lane
+// vectors), or 0 where rows of HW pixels are not short (a multiple of 16 or above `limit`).
+inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
+  if (HW % 16 == 0 || HW > limit || HW <= 0) return 0;
+  int64_t rows = 16;
+  for (int64_t v = HW; v % 2 == 0 && rows > 1; v /= 2) rows /= 2;
+  return rows;
+}
+
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1, bool stream) {
-  if (HW % 16 == 0 || HW > kFlatRowsMaxHW) return c0;
-  int64_t rows = 16;  // 16 / gcd(HW, 16)
-  for (int64_t v = HW; v % 2 == 0 && rows > 1; v /= 2) rows /= 2;
-  if (c1 - c0 < rows) return c0;
+  const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
+  if (rows == 0 || c1 - c0 < rows) return c0;
   T tiled[16 * kFlatRowsDefault];
   for (int64_t k = 0; k < rows; ++k) std::copy(attn, attn + HW, tiled + k * HW);
   int64_t c = c0;

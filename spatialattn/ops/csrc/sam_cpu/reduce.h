@@ -87,6 +87,11 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   const V one = V{} + T(1), zero = V{};
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
+  // the tail through vector_sweeps: overlapped lanes keep their sums and counts
+  auto kept = [](auto tail_t, auto keep, V updated, V old) {
+    if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
+    else return updated;
+  };
   int64_t c = 0;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
@@ -97,11 +102,6 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
-    // the tail through vector_sweeps: overlapped lanes keep their sums and counts
-    auto kept = [](auto tail_t, auto keep, V updated, V old) {
-      if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
-      else return updated;
-    };
     int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
       const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
               v3 = vld(x0 + 3 * HW + k) * s3;
@@ -149,11 +149,25 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
       }
     }
   }
+  // the channels left one at a time: the same operations per element as the scalar loop
   for (; c < C; ++c) {
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1);
-    for (int64_t i = 0; i < len; ++i) {
+    int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+      const V v0 = vld(x0 + k) * s0;
+      if (G) {
+        const V a0 = vload(ap + k);
+        vstore(ap + k, kept(tail_t, keep, a0 + (GC ? V{} + gv : vld(g0 + k)) * v0, a0));
+      }
+      if (M) {
+        const V n0 = vload(cp + k);
+        const auto e0 = vcmp<kEq, T>(v0, vload(mp + k));
+        vstore(cp + k, kept(tail_t, keep, n0 + vsel<T>(e0, one, zero), n0));
+        if (mb) put_bits<L>(mb + c * mbs, q0 + k, lane_bits<T>(e0));
+      }
+    });
+    for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0;
       if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;
       if (M) {
@@ -161,6 +175,42 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
         if (mb) put_bit(mb + c * mbs, q0 + i, v0 == mp[i]);
       }
     }
+  }
+}
+
+// NCHW pass A of one whole image whose rows are short (rows = flat_block_rows(HW, ...) > 0,
+// C >= rows, no channel scale): the image's channel rows are one contiguous run, so each
+// block of `rows` rows (a whole number of vectors) goes through reduce_chunk as one row,
+// against the max map tiled to the block, and the block's rows are added per pixel at the
+// end: dA[p] = sum_j sum_b g * x at channel b * rows + j (b in order, then j in order, then
+// the rows left after the last whole block in order): another order than reduce_chunk's
+// channel rows, as close. The max bits are flat: element (c, p) at bit c * HW + p of mb.
+// buf: scratch (5 blocks).
+template <typename T, typename X, bool GC, bool M>
+void reduce_rows_flat(const X* x, const X* g, T gv, const T* mx, int64_t C, int64_t HW, int64_t rows, T* dA,
+                      T* cnt, uint8_t* mb, std::vector<T>& buf) {
+  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, len2 = rest * HW;
+  buf.resize(5 * B);
+  T* mt = buf.data();
+  T *acc = mt + B, *cn = acc + B, *acc2 = cn + B, *cn2 = acc2 + B;
+  if (M)
+    for (int64_t j = 0; j < rows; ++j) std::copy(mx, mx + HW, mt + j * HW);
+  reduce_chunk<T, X, true, GC, M>(x, nullptr, g, gv, M ? mt : nullptr, nb, B, B, acc, cn, mb, B / 8, 0);
+  if (rest > 0)
+    reduce_chunk<T, X, true, GC, M>(x + nb * B, nullptr, GC ? g : g + nb * B, gv, M ? mt : nullptr, 1, len2, len2,
+                                    acc2, cn2, mb, 0, nb * B);
+  for (int64_t p = 0; p < HW; ++p) {
+    T a = acc[p], k = cn[p];
+    for (int64_t j = 1; j < rows; ++j) {
+      a += acc[j * HW + p];
+      k += cn[j * HW + p];
+    }
+    for (int64_t j = 0; j < rest; ++j) {
+      a += acc2[j * HW + p];
+      k += cn2[j * HW + p];
+    }
+    dA[p] = a;
+    cnt[p] = k;
   }
 }
 
