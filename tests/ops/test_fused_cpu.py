@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -1397,19 +1398,20 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("stream", [False, True])
 def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
-    # The fused backward of whole NCHW images with short rows (at most 100 pixels, not a
-    # multiple of 16) and no channel scale runs both passes in blocks of 16 / gcd(HW, 16) rows
-    # against the tiled maps (reduce_rows_flat, gradx_rows_flat): the gate's gradient sums its
-    # channels in another order than row by row (set_flat_backward_max_hw(0)), so close, not
+    # The fused backward of whole NCHW images with short rows (HW not a multiple of 16, blocks
+    # of 16 / gcd(HW, 16) rows of at most 1600 elements) and no channel scale runs both passes
+    # in blocks against the tiled maps (reduce_rows_flat, gradx_rows_flat): the gate's gradient
+    # sums its channels in another order than row by row (set_flat_backward_max_block(0)), so close, not
     # equal; the max channels from the flat max bits give the same bits as the compare
     # (set_max_bits(False)); and the reference's gradients. Channel counts at and past a block
-    # with leftover rows (70 = 4 x 16 + 6, 37 = 9 x 4 + 1), a 3x3 map, tied maxima in a block
+    # with leftover rows (70 = 4 x 16 + 6, 37 = 9 x 4 + 1, 13 = 3 x 4 + 1 at 14x14), a 3x3 map,
+    # 9x11 (a block of 1584 elements), tied maxima in a block
     # and in the leftover rows; an upstream gradient, a broadcast one (y.sum()) and one on the
     # returned attention; one and two threads; streamed and cached stores. Fewer channels
-    # than a block, 13x13 and 8x8 take the rows (equal bits).
+    # than a block, 13x13 (blocks of 2704) and 8x8 take the rows (equal bits).
     torch.manual_seed(6)
-    shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 19, 9, 11), (2, 48, 3, 3), (2, 10, 7, 7), (2, 33, 13, 13),
-              (2, 40, 8, 8)]
+    shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 19, 9, 11), (2, 48, 3, 3), (2, 13, 14, 14), (2, 10, 7, 7),
+              (2, 33, 13, 13), (2, 40, 8, 8)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     tol = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
         dtype, dict(rtol=2e-2, atol=2e-2))
@@ -1433,7 +1435,7 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
                     torch.autograd.grad((y * gy.double()).sum() + (a * ga.double()).sum(), (x, w))]
             runs = {}
             for name, limit, bits in (("blocks", -1, True), ("compare", -1, False), ("rows", 0, True)):
-                cpp_module.set_flat_backward_max_hw(limit)
+                cpp_module.set_flat_backward_max_block(limit)
                 cpp_module.set_max_bits(bits)
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
@@ -1444,9 +1446,10 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
                     got.append(torch.autograd.grad(y.sum() * 3, (x, w), retain_graph=True))
                     got.append(torch.autograd.grad((y * gy).sum() + (a * ga).sum(), (x, w)))
                     runs[name, threads] = got
-            cpp_module.set_flat_backward_max_hw(-1)
+            cpp_module.set_flat_backward_max_block(-1)
             cpp_module.set_max_bits(True)
-            blocked = c >= 16 and h * w_ <= 100 and (h * w_) % 16 != 0
+            rows = 16 // math.gcd(h * w_, 16)
+            blocked = rows > 1 and c >= rows and rows * h * w_ <= 1600
             for threads in (1, 2):
                 for i, (gb, gc, gr, wt) in enumerate(zip(runs["blocks", threads], runs["compare", threads],
                                                          runs["rows", threads], want)):
@@ -1461,8 +1464,70 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
                         torch.testing.assert_close(gb[k].double(), wt[k], rtol=tol["rtol"], atol=tol["atol"] * scale)
     finally:
         torch.set_num_threads(old)
-        cpp_module.set_flat_backward_max_hw(-1)
+        cpp_module.set_flat_backward_max_block(-1)
         cpp_module.set_max_bits(True)
         cpp_module.set_stream_bytes(-1)
     if dtype != torch.bfloat16:
         assert any(differs)  # the blocks ran (their sums in another order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
+    # The training-BatchNorm backward (phases over the batch) of NCHW images with short rows
+    # and no channel scale runs its passes in the blocks of the test above, in fixed units of
+    # 32 blocks (k_reduce_blocks, k_gradx_blocks): the same bits for 1-3 threads, with and
+    # without the flat max bits (set_max_bits_phase_bytes(0) / set_max_bits(False)); close
+    # to row by row (set_flat_backward_max_block(0)) and to the unfused module path. 70
+    # channels at 7x7: four blocks of 16 rows and 6 rows left; 600 at 5x5: two units and 8
+    # rows left; 9 at 10x10: two blocks of 4 and 1 row left; a tie in the leftover rows.
+    from spatialattn.nn import SpatialAttention
+
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    old = torch.get_num_threads()
+    try:
+        for shape, order in (((3, 70, 7, 7), ("max", "mean")), ((2, 600, 5, 5), ("mean", "max")),
+                             ((3, 9, 10, 10), ("max",))):
+            n, c, h, w_ = shape
+            torch.manual_seed(c)
+            mod = SpatialAttention(c, order=order, norm="bn").to(dtype).train()
+            x0 = make_x(shape, "nchw", dtype, seed=c)
+            x0[1, c - 1, 3, 2] = x0[1, 0, 3, 2] = x0[1, :, 3, 2].max() + 1
+            gy = torch.randn(shape, dtype=dtype)
+
+            def grads(unfused=False):
+                m = copy.deepcopy(mod)
+                x = x0.clone().requires_grad_()
+                with _unfused() if unfused else contextlib.nullcontext():
+                    y = m(x)
+                return torch.autograd.grad(y, [x] + list(m.parameters()), gy)
+
+            runs = {}
+            for name, block, bit_bytes, bits in (("blocks", -1, 0, True), ("compare", -1, 0, False),
+                                                 ("small", -1, -1, True), ("rows", 0, 0, True)):
+                cpp_module.set_flat_backward_max_block(block)
+                cpp_module.set_max_bits_phase_bytes(bit_bytes)
+                cpp_module.set_max_bits(bits)
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    runs[name, threads] = grads()
+            cpp_module.set_flat_backward_max_block(-1)
+            cpp_module.set_max_bits_phase_bytes(-1)
+            cpp_module.set_max_bits(True)
+            want = grads(unfused=True)
+            for key, got in runs.items():
+                for i, (a, b, r) in enumerate(zip(got, runs["blocks", 1], want)):
+                    if key[0] == "rows":
+                        torch.testing.assert_close(a, b, **tol)
+                        if key[1] == 1:
+                            torch.testing.assert_close(a, r, **tol)
+                    else:
+                        assert torch.equal(a, b), (shape, key, i)
+                    scale = max(1.0, float(r.abs().max()))
+                    torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+            if dtype == torch.float32:
+                assert any(not torch.equal(a, b) for a, b in zip(runs["blocks", 1], runs["rows", 1]))
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_flat_backward_max_block(-1)
+        cpp_module.set_max_bits_phase_bytes(-1)
+        cpp_module.set_max_bits(True)

@@ -87,7 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("set_flat_rows_max_hw",
         [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
-  m.def("set_flat_backward_max_hw", [](int64_t v) { kFlatBackwardMaxHW = v < 0 ? kFlatRowsDefault : v; });
+  m.def("set_flat_backward_max_block", [](int64_t v) { kFlatBackwardMaxBlock = v < 0 ? kFlatBackwardBlockDefault : v; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("band_rows", &band_rows);  // the rule above, for tests
 }

@@ -304,6 +304,67 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   }
 }
 
+// Pass B over N whole NCHW images whose rows are short, without a channel scale or its
+// gradient (after k_reduce_blocks): the units of k_reduce_blocks in parallel, each block
+// through gradx_segment against the image's maps tiled to the block; bits: the flat max bits
+// of k_reduce_blocks (may be null: the max channels from x).
+template <typename T, typename X, bool GC, bool M, bool F, bool MB>
+void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                         const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, bool stream,
+                         const uint8_t* bits) {
+  const T gv = GC ? T(g[0]) : T(0);
+  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, CHW = C * HW;
+  const int64_t nu = (nb + kUnitBlocks - 1) / kUnitBlocks + (rest > 0 ? 1 : 0), fb = flat_bits_image(C, HW);
+  at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> buf(5 * B);
+    T *at = buf.data(), *mt = at + B, *fm = mt + B, *fa = fm + B, *row = fa + B;
+    int64_t tiled = -1;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / nu, b0 = (t % nu) * kUnitBlocks;  // the last unit: the rows left, if any
+      const int64_t c0 = std::min(b0, nb) * rows, c1 = b0 < nb ? std::min(nb, b0 + kUnitBlocks) * rows : C;
+      if (tiled != n) {
+        for (int64_t j = 0; j < rows; ++j) {
+          std::copy(a + n * HW, a + (n + 1) * HW, at + j * HW);
+          if (M && !MB) std::copy(mx + n * mbs, mx + n * mbs + HW, mt + j * HW);
+          if (M) std::copy(fmax + n * HW, fmax + (n + 1) * HW, fm + j * HW);
+          if (F) std::copy(fmean + n * HW, fmean + (n + 1) * HW, fa + j * HW);
+        }
+        tiled = n;
+      }
+      const uint8_t* mb = MB ? bits + n * fb : nullptr;
+      for (int64_t c = c0; c < c1; c += rows) {
+        const int64_t len = std::min(rows, c1 - c) * HW, o = n * CHW + c * HW;
+        gradx_segment<T, X, true, GC, M, F, false, MB>(x + o, GC ? nullptr : g + o, gv, T(1), at, mt, fm, fa, len,
+                                                       gx + o, stream, row, mb, c * HW);
+      }
+    }
+    stream_fence(stream);
+  });
+}
+
+template <typename T, typename X>
+void k_gradx_blocks(const X* x, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                    const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, bool stream,
+                    const uint8_t* bits) {
+  const bool M = mx != nullptr, F = fmean != nullptr, MB = M && bits != nullptr;
+#define SA_GRADX_BLOCKS(gc_, m_, f_, mb_)                                                                  \
+  k_gradx_blocks_impl<T, X, gc_, m_, f_, mb_>(x, g, a, mx, mbs, fmax, fmean, N, C, HW, rows, gx, stream, bits)
+#define SA_GRADX_BLOCKS_MF(gc_)                                          \
+  if (MB && F) SA_GRADX_BLOCKS(gc_, true, true, true);                  \
+  else if (MB) SA_GRADX_BLOCKS(gc_, true, false, true);                 \
+  else if (M && F) SA_GRADX_BLOCKS(gc_, true, true, false);             \
+  else if (M) SA_GRADX_BLOCKS(gc_, true, false, false);                 \
+  else if (F) SA_GRADX_BLOCKS(gc_, false, true, false);                 \
+  else SA_GRADX_BLOCKS(gc_, false, false, false);
+  if (gc) {
+    SA_GRADX_BLOCKS_MF(true)
+  } else {
+    SA_GRADX_BLOCKS_MF(false)
+  }
+#undef SA_GRADX_BLOCKS_MF
+#undef SA_GRADX_BLOCKS
+}
+
 // bits: k_reduce's max bits (NCHW; may be null): then x is not read for the max mask (not
 // with gs, whose sum reads x)
 template <typename T, typename X>

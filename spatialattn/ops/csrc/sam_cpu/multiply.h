@@ -16,9 +16,15 @@ namespace {
 // (0: off, negative: default; at most the default, the size of mul_rows_flat's tiled buffer).
 constexpr int64_t kFlatRowsDefault = 100;
 int64_t kFlatRowsMaxHW = kFlatRowsDefault;
-// the same for the fused backward of whole images (reduce_rows_flat, gradx_rows_flat;
-// set_flat_backward_max_hw)
-int64_t kFlatBackwardMaxHW = kFlatRowsDefault;
+// The fused backward of whole images (reduce_rows_flat, gradx_rows_flat) takes blocks of at
+// most this many elements (rows * HW). Measured (raw backward, 2 threads, batch 8, float32,
+// blocks vs rows, paired): 3x3 0.11x (a 9-pixel row is a scalar loop), 5x5 0.57x, 6x6
+// 0.77x, 7x7 0.62x, 9x9 0.80x, 10x10 0.83x, 14x14 0.82-0.89x (blocks of 4 rows), 18x18 1.0x;
+// blocks of 1936 - 3600 elements 0.94-1.2x (11x11, 13x13, 15x15, 17x17, 19x19, 22x22, 26x26:
+// five block-sized maps no longer fit L1). Settable: set_flat_backward_max_block (0: off,
+// negative: default).
+constexpr int64_t kFlatBackwardBlockDefault = 1600;
+int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
 
 // Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
 // 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
@@ -34,6 +40,13 @@ inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
   int64_t rows = 16;
   for (int64_t v = HW; v % 2 == 0 && rows > 1; v /= 2) rows /= 2;
   return rows;
+}
+
+// the rows of the fused backward's blocks (flat_block_rows), 0 where a block would exceed
+// kFlatBackwardMaxBlock elements
+inline int64_t flat_backward_rows(int64_t HW) {
+  const int64_t rows = flat_block_rows(HW, kFlatBackwardMaxBlock);
+  return rows * HW <= kFlatBackwardMaxBlock ? rows : 0;
 }
 
 template <typename T, typename X>

@@ -307,6 +307,75 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
   }
 }
 
+// Pass A over N whole NCHW images whose rows are short, without a channel scale (the phases
+// of the training-BatchNorm backward): the blocks of reduce_rows_flat in units of
+// kUnitBlocks blocks (the rows left after the last whole block: one unit more), the units of
+// all images in parallel, each unit's block sums folded per pixel in unit and row order (the
+// units do not depend on the thread count, nor the sums). bits (may be null): flat per
+// image, image n from byte n * bits_image (flat_bits_image).
+constexpr int64_t kUnitBlocks = 32;
+inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
+
+template <typename T, typename X, bool GC, bool M>
+void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
+                          int64_t rows, T* ga, T* cnt, uint8_t* bits) {
+  const T gv = GC ? T(g[0]) : T(0);
+  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, CHW = C * HW;
+  const int64_t nu = (nb + kUnitBlocks - 1) / kUnitBlocks + (rest > 0 ? 1 : 0), fb = flat_bits_image(C, HW);
+  std::vector<T> part(N * nu * 2 * B);
+  at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> mt(M ? B : 0);
+    int64_t tiled = -1;
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / nu, b0 = (t % nu) * kUnitBlocks;
+      if (M && tiled != n) {
+        for (int64_t j = 0; j < rows; ++j) std::copy(mx + n * mbs, mx + n * mbs + HW, mt.data() + j * HW);
+        tiled = n;
+      }
+      T* acc = part.data() + t * 2 * B;
+      uint8_t* mb = bits ? bits + n * fb : nullptr;
+      const X* gn = GC ? g : g + n * CHW;
+      if (b0 < nb) {
+        reduce_chunk<T, X, true, GC, M>(x + n * CHW + b0 * B, nullptr, GC ? g : gn + b0 * B, gv,
+                                        M ? mt.data() : nullptr, std::min(kUnitBlocks, nb - b0), B, B, acc,
+                                        acc + B, mb ? mb + b0 * B / 8 : nullptr, B / 8, 0);
+      } else {
+        reduce_chunk<T, X, true, GC, M>(x + n * CHW + nb * B, nullptr, GC ? g : gn + nb * B, gv,
+                                        M ? mt.data() : nullptr, 1, rest * HW, rest * HW, acc, acc + B, mb, 0,
+                                        nb * B);
+      }
+    }
+  });
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t p = 0; p < HW; ++p) {
+        T a = T(0), k = T(0);
+        for (int64_t u = 0; u < nu; ++u) {
+          const T* acc = part.data() + (n * nu + u) * 2 * B;
+          const int64_t nr = u * kUnitBlocks < nb ? rows : rest;
+          for (int64_t j = 0; j < nr; ++j) {
+            a = (u == 0 && j == 0) ? acc[p] : a + acc[j * HW + p];
+            k = (u == 0 && j == 0) ? acc[B + p] : k + acc[B + j * HW + p];
+          }
+        }
+        ga[n * HW + p] = a;
+        if (M) cnt[n * HW + p] = k;
+      }
+  });
+}
+
+template <typename T, typename X>
+void k_reduce_blocks(const X* x, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
+                     int64_t rows, T* ga, T* cnt, uint8_t* bits) {
+  if (gc) {
+    if (mx) k_reduce_blocks_impl<T, X, true, true>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
+    else k_reduce_blocks_impl<T, X, true, false>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
+  } else {
+    if (mx) k_reduce_blocks_impl<T, X, false, true>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
+    else k_reduce_blocks_impl<T, X, false, false>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
+  }
+}
+
 // bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
 // MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them)
 template <typename T, typename X>
