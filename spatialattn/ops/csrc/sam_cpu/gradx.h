@@ -119,29 +119,45 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   return t;
 }
 
-// NCHW pass B of one whole image whose rows are short (the blocks of reduce_rows_flat, no
-// channel scale, no channel-scale gradient): each block of `rows` channel rows (and the rows
-// left after the last whole block) goes through gradx_segment as one row against the pixel
-// maps tiled to the block; MB: the flat max bits of reduce_rows_flat. The same values
-// element for element as row by row. buf: scratch (5 blocks).
+// NCHW pass B of whole images whose rows are short (the blocks of reduce_rows_flat), without a
+// channel scale or its gradient: each block of `rows` channel rows (and the rows left after
+// the last whole block) goes through gradx_segment as one row against the pixel maps tiled to
+// the block (tile_block_maps); MB: the flat max bits. The same values element for element
+// as row by row.
+
+// buf (5 blocks) <- attn, mx (without MB), dmax, dmean, each tiled to a block; a block of
+// gx' after them
+template <typename T, bool M, bool F, bool MB>
+void tile_block_maps(const T* attn, const T* mx, const T* dmax, const T* dmean, int64_t HW, int64_t rows, T* buf) {
+  const int64_t B = rows * HW;
+  for (int64_t j = 0; j < rows; ++j) {
+    std::copy(attn, attn + HW, buf + j * HW);
+    if (M && !MB) std::copy(mx, mx + HW, buf + B + j * HW);
+    if (M) std::copy(dmax, dmax + HW, buf + 2 * B + j * HW);
+    if (F) std::copy(dmean, dmean + HW, buf + 3 * B + j * HW);
+  }
+}
+
+// channel rows [c0, c1) of one image (c0 at a block); buf: tile_block_maps'
+template <typename T, typename X, bool GC, bool M, bool F, bool MB>
+void gradx_block_rows(const X* x, const X* g, T gv, const T* buf, int64_t c0, int64_t c1, int64_t HW, int64_t rows,
+                      X* gx, bool stream, T* row, const uint8_t* mb) {
+  const int64_t B = rows * HW;
+  for (int64_t c = c0; c < c1; c += rows)
+    gradx_segment<T, X, true, GC, M, F, false, MB>(x + c * HW, GC ? nullptr : g + c * HW, gv, T(1), buf, buf + B,
+                                                   buf + 2 * B, buf + 3 * B, std::min(rows, c1 - c) * HW,
+                                                   gx + c * HW, stream, row, mb, c * HW);
+}
+
+// one image (the fused backward of whole images)
 template <typename T, typename X, bool GC, bool M, bool F, bool MB>
 void gradx_rows_flat(const X* x, const X* g, T gv, const T* attn, const T* mx, const T* dmax, const T* dmean,
                      int64_t C, int64_t HW, int64_t rows, X* gx, bool stream, const uint8_t* mb,
                      std::vector<T>& buf) {
-  const int64_t B = rows * HW, nb = C / rows;
+  const int64_t B = rows * HW;
   buf.resize(5 * B);
-  T *at = buf.data(), *mt = at + B, *fm = mt + B, *fa = fm + B, *row = fa + B;
-  for (int64_t j = 0; j < rows; ++j) {
-    std::copy(attn, attn + HW, at + j * HW);
-    if (M && !MB) std::copy(mx, mx + HW, mt + j * HW);
-    if (M) std::copy(dmax, dmax + HW, fm + j * HW);
-    if (F) std::copy(dmean, dmean + HW, fa + j * HW);
-  }
-  for (int64_t c = 0; c < C; c += rows) {
-    const int64_t len = std::min(rows, C - c) * HW;
-    gradx_segment<T, X, true, GC, M, F, false, MB>(x + c * HW, GC ? nullptr : g + c * HW, gv, T(1), at, mt, fm, fa,
-                                                   len, gx + c * HW, stream, row, mb, c * HW);
-  }
+  tile_block_maps<T, M, F, MB>(attn, mx, dmax, dmean, HW, rows, buf.data());
+  gradx_block_rows<T, X, GC, M, F, MB>(x, g, gv, buf.data(), 0, C, HW, rows, gx, stream, buf.data() + 4 * B, mb);
 }
 
 // channels_last: one pixel (its C channels); ps[c] += gx' * x (if ps, X only); buf: C scratch.
@@ -304,39 +320,28 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   }
 }
 
-// Pass B over N whole NCHW images whose rows are short, without a channel scale or its
-// gradient (after k_reduce_blocks): the units of k_reduce_blocks in parallel, each block
-// through gradx_segment against the image's maps tiled to the block; bits: the flat max bits
-// of k_reduce_blocks (may be null: the max channels from x).
+// the same over N images (after k_reduce_blocks): the units of k_reduce_blocks in parallel;
+// bits: its flat max bits (may be null: the max channels from x)
 template <typename T, typename X, bool GC, bool M, bool F, bool MB>
 void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
                          const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, bool stream,
                          const uint8_t* bits) {
   const T gv = GC ? T(g[0]) : T(0);
-  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, CHW = C * HW;
-  const int64_t nu = (nb + kUnitBlocks - 1) / kUnitBlocks + (rest > 0 ? 1 : 0), fb = flat_bits_image(C, HW);
+  const int64_t B = rows * HW, nb = C / rows, CHW = C * HW, ub = phase_unit_blocks(N, C, rows);
+  const int64_t nu = block_units(C, rows, ub), fb = flat_bits_image(C, HW);
   at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
     std::vector<T> buf(5 * B);
-    T *at = buf.data(), *mt = at + B, *fm = mt + B, *fa = fm + B, *row = fa + B;
     int64_t tiled = -1;
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / nu, b0 = (t % nu) * kUnitBlocks;  // the last unit: the rows left, if any
-      const int64_t c0 = std::min(b0, nb) * rows, c1 = b0 < nb ? std::min(nb, b0 + kUnitBlocks) * rows : C;
+      const int64_t n = t / nu, b0 = (t % nu) * ub;  // the last unit: the rows left, if any
       if (tiled != n) {
-        for (int64_t j = 0; j < rows; ++j) {
-          std::copy(a + n * HW, a + (n + 1) * HW, at + j * HW);
-          if (M && !MB) std::copy(mx + n * mbs, mx + n * mbs + HW, mt + j * HW);
-          if (M) std::copy(fmax + n * HW, fmax + (n + 1) * HW, fm + j * HW);
-          if (F) std::copy(fmean + n * HW, fmean + (n + 1) * HW, fa + j * HW);
-        }
+        tile_block_maps<T, M, F, MB>(a + n * HW, M ? mx + n * mbs : nullptr, M ? fmax + n * HW : nullptr,
+                                     F ? fmean + n * HW : nullptr, HW, rows, buf.data());
         tiled = n;
       }
-      const uint8_t* mb = MB ? bits + n * fb : nullptr;
-      for (int64_t c = c0; c < c1; c += rows) {
-        const int64_t len = std::min(rows, c1 - c) * HW, o = n * CHW + c * HW;
-        gradx_segment<T, X, true, GC, M, F, false, MB>(x + o, GC ? nullptr : g + o, gv, T(1), at, mt, fm, fa, len,
-                                                       gx + o, stream, row, mb, c * HW);
-      }
+      gradx_block_rows<T, X, GC, M, F, MB>(x + n * CHW, GC ? g : g + n * CHW, gv, buf.data(), std::min(b0, nb) * rows,
+                                           b0 < nb ? std::min(nb, b0 + ub) * rows : C, HW, rows,
+                                           gx + n * CHW, stream, buf.data() + 4 * B, MB ? bits + n * fb : nullptr);
     }
     stream_fence(stream);
   });

@@ -26,13 +26,6 @@ int64_t kFlatRowsMaxHW = kFlatRowsDefault;
 constexpr int64_t kFlatBackwardBlockDefault = 1600;
 int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
 
-// Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
-// 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
-// row: at 49 pixels 64 lanes of work for 49), but an image's rows are one contiguous run, so
-// blocks of 16 / gcd(HW, 16) rows (a whole number of vectors) go through one mul_row call
-// against the attention tiled to the block. The same products element for element. Returns
-// the first row not done (the caller multiplies the rest row by row); c0 where the rows are
-// not short.
 // The rows of one block for rows of HW pixels (16 / gcd(HW, 16): a whole number of 16-lane
 // vectors), or 0 where rows of HW pixels are not short (a multiple of 16 or above `limit`).
 inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
@@ -49,6 +42,13 @@ inline int64_t flat_backward_rows(int64_t HW) {
   return rows * HW <= kFlatBackwardMaxBlock ? rows : 0;
 }
 
+// Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
+// 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
+// row: at 49 pixels 64 lanes of work for 49), but an image's rows are one contiguous run, so
+// blocks of 16 / gcd(HW, 16) rows (a whole number of vectors) go through one mul_row call
+// against the attention tiled to the block. The same products element for element. Returns
+// the first row not done (the caller multiplies the rest row by row); c0 where the rows are
+// not short.
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1, bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);

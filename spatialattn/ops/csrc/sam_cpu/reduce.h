@@ -178,40 +178,72 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   }
 }
 
-// NCHW pass A of one whole image whose rows are short (rows = flat_block_rows(HW, ...) > 0,
-// C >= rows, no channel scale): the image's channel rows are one contiguous run, so each
+// NCHW pass A of whole images whose rows are short (rows = flat_backward_rows(HW) > 0, C >=
+// rows), without a channel scale. An image's channel rows are one contiguous run, so each
 // block of `rows` rows (a whole number of vectors) goes through reduce_chunk as one row,
-// against the max map tiled to the block, and the block's rows are added per pixel at the
-// end: dA[p] = sum_j sum_b g * x at channel b * rows + j (b in order, then j in order, then
-// the rows left after the last whole block in order): another order than reduce_chunk's
-// channel rows, as close. The max bits are flat: element (c, p) at bit c * HW + p of mb.
-// buf: scratch (5 blocks).
+// against the max map tiled to the block (four blocks per sweep, as four channel rows),
+// accumulating sum g * x and the tie counts per element of the block. The blocks go in units
+// of `ub` blocks (the rows left after the last whole block: one unit more), each unit's sums
+// from zero; then the units' rows are added per pixel in unit and row order. The gate's
+// gradient thus sums its channels in another order than reduce_chunk's rows (as close). The
+// max bits are flat: element (c, p) at bit c * HW + p of the image's bits. Units cost: each
+// starts from zeroed sums and adds a block of sums to the fold (measured, raw backward at
+// 8x2048x7x7: units of 8 blocks as slow as the rows, of 32 blocks 0.76x the rows' time, one
+// unit 0.65x), so the whole-image backward takes one unit and the phases (k_reduce_blocks)
+// only as many as the batch needs.
+inline int64_t block_units(int64_t C, int64_t rows, int64_t ub) {
+  return (C / rows + ub - 1) / ub + (C % rows > 0 ? 1 : 0);
+}
+// bytes of one image's flat max bits (room for get_bits' 4-byte reads)
+inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
+
+// unit u of one image (x, g: the image's; mt: its max map tiled to a block; mb: its bits or
+// null) -> part: the unit's sums [B] then counts [B] (B = rows * HW)
+template <typename T, typename X, bool GC, bool M>
+void reduce_block_unit(const X* x, const X* g, T gv, const T* mt, int64_t C, int64_t HW, int64_t rows, int64_t ub,
+                       int64_t u, T* part, uint8_t* mb) {
+  const int64_t B = rows * HW, nb = C / rows, b0 = u * ub;
+  if (b0 < nb) {
+    reduce_chunk<T, X, true, GC, M>(x + b0 * B, nullptr, GC ? g : g + b0 * B, gv, mt, std::min(ub, nb - b0), B, B,
+                                    part, part + B, mb ? mb + b0 * B / 8 : nullptr, B / 8, 0);
+  } else {
+    const int64_t len = (C - nb * rows) * HW;
+    reduce_chunk<T, X, true, GC, M>(x + nb * B, nullptr, GC ? g : g + nb * B, gv, mt, 1, len, len, part, part + B,
+                                    mb, 0, nb * B);
+  }
+}
+
+// one image's units (part: block_units of them, 2 * B each) -> ga [HW], cnt [HW] (with M)
+template <typename T, bool M>
+void fold_block_units(const T* part, int64_t C, int64_t HW, int64_t rows, int64_t ub, T* ga, T* cnt) {
+  const int64_t B = rows * HW, nb = C / rows, nu = block_units(C, rows, ub);
+  for (int64_t p = 0; p < HW; ++p) {
+    T a = part[p], k = part[B + p];
+    for (int64_t u = 0; u < nu; ++u) {
+      const T* acc = part + u * 2 * B;
+      const int64_t nr = u * ub < nb ? rows : C - nb * rows;
+      for (int64_t j = u == 0 ? 1 : 0; j < nr; ++j) {
+        a += acc[j * HW + p];
+        k += acc[B + j * HW + p];
+      }
+    }
+    ga[p] = a;
+    if (M) cnt[p] = k;
+  }
+}
+
+// one image (the fused backward of whole images); buf: scratch
 template <typename T, typename X, bool GC, bool M>
 void reduce_rows_flat(const X* x, const X* g, T gv, const T* mx, int64_t C, int64_t HW, int64_t rows, T* dA,
                       T* cnt, uint8_t* mb, std::vector<T>& buf) {
-  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, len2 = rest * HW;
-  buf.resize(5 * B);
-  T* mt = buf.data();
-  T *acc = mt + B, *cn = acc + B, *acc2 = cn + B, *cn2 = acc2 + B;
+  const int64_t B = rows * HW, ub = C / rows, nu = block_units(C, rows, ub);
+  buf.resize((1 + 2 * nu) * B);
+  T *mt = buf.data(), *part = mt + B;
   if (M)
     for (int64_t j = 0; j < rows; ++j) std::copy(mx, mx + HW, mt + j * HW);
-  reduce_chunk<T, X, true, GC, M>(x, nullptr, g, gv, M ? mt : nullptr, nb, B, B, acc, cn, mb, B / 8, 0);
-  if (rest > 0)
-    reduce_chunk<T, X, true, GC, M>(x + nb * B, nullptr, GC ? g : g + nb * B, gv, M ? mt : nullptr, 1, len2, len2,
-                                    acc2, cn2, mb, 0, nb * B);
-  for (int64_t p = 0; p < HW; ++p) {
-    T a = acc[p], k = cn[p];
-    for (int64_t j = 1; j < rows; ++j) {
-      a += acc[j * HW + p];
-      k += cn[j * HW + p];
-    }
-    for (int64_t j = 0; j < rest; ++j) {
-      a += acc2[j * HW + p];
-      k += cn2[j * HW + p];
-    }
-    dA[p] = a;
-    cnt[p] = k;
-  }
+  for (int64_t u = 0; u < nu; ++u)
+    reduce_block_unit<T, X, GC, M>(x, g, gv, M ? mt : nullptr, C, HW, rows, ub, u, part + u * 2 * B, mb);
+  fold_block_units<T, M>(part, C, HW, rows, ub, dA, cnt);
 }
 
 // one pixel, channels_last: returns sum_c g * x' and the tie count (and with I the last
@@ -307,60 +339,40 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
   }
 }
 
-// Pass A over N whole NCHW images whose rows are short, without a channel scale (the phases
-// of the training-BatchNorm backward): the blocks of reduce_rows_flat in units of
-// kUnitBlocks blocks (the rows left after the last whole block: one unit more), the units of
-// all images in parallel, each unit's block sums folded per pixel in unit and row order (the
-// units do not depend on the thread count, nor the sums). bits (may be null): flat per
-// image, image n from byte n * bits_image (flat_bits_image).
-constexpr int64_t kUnitBlocks = 32;
-inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
+// the same over N images (the phases of the training-BatchNorm backward): the units of all
+// images in parallel, then each image's fold; bits (may be null): image n's flat bits from
+// byte n * flat_bits_image(C, HW). Units: about kPhaseUnits in all (one per image from that
+// batch on), a number that depends on the batch and the shape only, so that the sums do not
+// depend on the thread count.
+constexpr int64_t kPhaseUnits = 8;
+inline int64_t phase_unit_blocks(int64_t N, int64_t C, int64_t rows) {
+  const int64_t per_image = (kPhaseUnits + N - 1) / N, nb = C / rows;
+  return std::max<int64_t>(1, (nb + per_image - 1) / per_image);
+}
 
 template <typename T, typename X, bool GC, bool M>
 void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
                           int64_t rows, T* ga, T* cnt, uint8_t* bits) {
   const T gv = GC ? T(g[0]) : T(0);
-  const int64_t B = rows * HW, nb = C / rows, rest = C - nb * rows, CHW = C * HW;
-  const int64_t nu = (nb + kUnitBlocks - 1) / kUnitBlocks + (rest > 0 ? 1 : 0), fb = flat_bits_image(C, HW);
+  const int64_t B = rows * HW, CHW = C * HW, ub = phase_unit_blocks(N, C, rows), nu = block_units(C, rows, ub);
+  const int64_t fb = flat_bits_image(C, HW);
   std::vector<T> part(N * nu * 2 * B);
   at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
     std::vector<T> mt(M ? B : 0);
     int64_t tiled = -1;
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / nu, b0 = (t % nu) * kUnitBlocks;
+      const int64_t n = t / nu;
       if (M && tiled != n) {
         for (int64_t j = 0; j < rows; ++j) std::copy(mx + n * mbs, mx + n * mbs + HW, mt.data() + j * HW);
         tiled = n;
       }
-      T* acc = part.data() + t * 2 * B;
-      uint8_t* mb = bits ? bits + n * fb : nullptr;
-      const X* gn = GC ? g : g + n * CHW;
-      if (b0 < nb) {
-        reduce_chunk<T, X, true, GC, M>(x + n * CHW + b0 * B, nullptr, GC ? g : gn + b0 * B, gv,
-                                        M ? mt.data() : nullptr, std::min(kUnitBlocks, nb - b0), B, B, acc,
-                                        acc + B, mb ? mb + b0 * B / 8 : nullptr, B / 8, 0);
-      } else {
-        reduce_chunk<T, X, true, GC, M>(x + n * CHW + nb * B, nullptr, GC ? g : gn + nb * B, gv,
-                                        M ? mt.data() : nullptr, 1, rest * HW, rest * HW, acc, acc + B, mb, 0,
-                                        nb * B);
-      }
+      reduce_block_unit<T, X, GC, M>(x + n * CHW, GC ? g : g + n * CHW, gv, M ? mt.data() : nullptr, C, HW, rows, ub,
+                                     t % nu, part.data() + t * 2 * B, bits ? bits + n * fb : nullptr);
     }
   });
   at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n)
-      for (int64_t p = 0; p < HW; ++p) {
-        T a = T(0), k = T(0);
-        for (int64_t u = 0; u < nu; ++u) {
-          const T* acc = part.data() + (n * nu + u) * 2 * B;
-          const int64_t nr = u * kUnitBlocks < nb ? rows : rest;
-          for (int64_t j = 0; j < nr; ++j) {
-            a = (u == 0 && j == 0) ? acc[p] : a + acc[j * HW + p];
-            k = (u == 0 && j == 0) ? acc[B + p] : k + acc[B + j * HW + p];
-          }
-        }
-        ga[n * HW + p] = a;
-        if (M) cnt[n * HW + p] = k;
-      }
+      fold_block_units<T, M>(part.data() + n * nu * 2 * B, C, HW, rows, ub, ga + n * HW, M ? cnt + n * HW : nullptr);
   });
 }
 
