@@ -1407,8 +1407,11 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
     # with leftover rows (70 = 4 x 16 + 6, 37 = 9 x 4 + 1, 13 = 3 x 4 + 1 at 14x14), a 3x3 map,
     # 9x11 (a block of 1584 elements), tied maxima in a block
     # and in the leftover rows; an upstream gradient, a broadcast one (y.sum()) and one on the
-    # returned attention; one and two threads; streamed and cached stores. Fewer channels
-    # than a block, 13x13 (blocks of 2704) and 8x8 take the rows (equal bits).
+    # returned attention; one and two threads (whole images per thread) and four and five
+    # (more threads than images: the leftover images' phases, k_reduce_blocks /
+    # k_gradx_blocks, whose units do not depend on the thread count: equal bits); streamed
+    # and cached stores. Fewer channels than a block, 13x13 (blocks of 2704) and 8x8 take the
+    # rows (equal bits).
     torch.manual_seed(6)
     shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 19, 9, 11), (2, 48, 3, 3), (2, 13, 14, 14), (2, 10, 7, 7),
               (2, 33, 13, 13), (2, 40, 8, 8)]
@@ -1437,7 +1440,7 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
             for name, limit, bits in (("blocks", -1, True), ("compare", -1, False), ("rows", 0, True)):
                 cpp_module.set_flat_backward_max_block(limit)
                 cpp_module.set_max_bits(bits)
-                for threads in (1, 2):
+                for threads in (1, 2, 4, 5):
                     torch.set_num_threads(threads)
                     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
                     got = []
@@ -1450,7 +1453,10 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
             cpp_module.set_max_bits(True)
             rows = 16 // math.gcd(h * w_, 16)
             blocked = rows > 1 and c >= rows and rows * h * w_ <= 1600
-            for threads in (1, 2):
+            for a, b in zip(runs["blocks", 4], runs["blocks", 5]):
+                for k in range(2):
+                    assert torch.equal(a[k], b[k]), shape
+            for threads in (1, 2, 4):
                 for i, (gb, gc, gr, wt) in enumerate(zip(runs["blocks", threads], runs["compare", threads],
                                                          runs["rows", threads], want)):
                     for k in range(2):

@@ -183,8 +183,8 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
   constexpr int64_t L = lanes<T>();
   // NCHW images of short rows in one band, without a channel scale: both passes in blocks of
   // rows (reduce_rows_flat, gradx_rows_flat; the max bits then flat)
-  const int64_t frows = (!nhwc && R == H && !s && !gs) ? flat_backward_rows(HW) : 0;
-  const bool flat = frows > 0 && C >= frows;
+  const int64_t frows = R == H ? backward_block_rows(nhwc, s || gs, C, HW) : 0;
+  const bool flat = frows > 0;
   int64_t done = 0, reduced = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
     const int64_t r1 = std::min(H, r0 + R);

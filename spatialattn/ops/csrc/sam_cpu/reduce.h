@@ -194,6 +194,12 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
 inline int64_t block_units(int64_t C, int64_t rows, int64_t ub) {
   return (C / rows + ub - 1) / ub + (C % rows > 0 ? 1 : 0);
 }
+// the rows of a block where NCHW images of C channels and HW pixels, without a channel scale,
+// take the blocks; 0 where they keep the rows
+inline int64_t backward_block_rows(bool nhwc, bool scaled, int64_t C, int64_t HW) {
+  const int64_t rows = (!nhwc && !scaled) ? flat_backward_rows(HW) : 0;
+  return C >= rows ? rows : 0;
+}
 // bytes of one image's flat max bits (room for get_bits' 4-byte reads)
 inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
 

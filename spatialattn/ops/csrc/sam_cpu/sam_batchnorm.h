@@ -137,8 +137,8 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     std::vector<uint8_t> bits = phase_max_bits(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()), g.N, g.C, HW);
     // NCHW images of short rows without a channel scale: both passes in blocks of rows (the
     // max bits then flat per image)
-    const int64_t frows = (!g.nhwc && !sp && !gs.defined()) ? flat_backward_rows(HW) : 0;
-    const bool blocks = frows > 0 && g.C >= frows;
+    const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gs.defined(), g.C, HW);
+    const bool blocks = frows > 0;
     if (blocks && !bits.empty()) bits.resize(std::max<size_t>(bits.size(), g.N * flat_bits_image(g.C, HW)));
     uint8_t* bp = bits.empty() ? nullptr : bits.data();
     if (blocks)
