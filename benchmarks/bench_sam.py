@@ -154,18 +154,6 @@ def machine_name(torch, dev) -> str:
     return platform.processor() or platform.machine()
 
 
-def llc_bytes() -> int:
-    """Size of the largest CPU cache (Linux sysfs; 32 MiB where it cannot be read)."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        try:
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]])
-        except (KeyError, ValueError):
-            continue
-    return max(sizes, default=32 << 20)
-
-
 def main() -> None:
     args = _parse()
     reexec_with_tunables(args.system_malloc)
@@ -177,6 +165,7 @@ def main() -> None:
     from spatialattn import ops
     from spatialattn.nn import CBAM, SpatialAttention
     from spatialattn.nn import _fast_train
+    from spatialattn.ops import _cpp
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -237,7 +226,10 @@ def main() -> None:
     compiled = torch.compile(timm_sam) if use_compile else None
     compiled_cbam = torch.compile(cbam_eager) if use_compile else None
 
-    evict = torch.zeros(2 * llc_bytes(), dtype=torch.uint8) if args.cold and dev.type == "cpu" else None
+    evict = None
+    if args.cold and dev.type == "cpu":  # twice the last-level cache, as the C++ kernels read its size
+        ext = _cpp.get()
+        evict = torch.zeros(2 * (ext.llc_bytes() if ext is not None else 32 << 20), dtype=torch.uint8)
 
     def timeit(fn, iters):
         if dev.type == "cuda":

@@ -1408,8 +1408,8 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
     # 9x11 (a block of 1584 elements), tied maxima in a block
     # and in the leftover rows; an upstream gradient, a broadcast one (y.sum()) and one on the
     # returned attention; one and two threads (whole images per thread) and four and five
-    # (more threads than images: the leftover images' phases, k_reduce_blocks /
-    # k_gradx_blocks, whose units do not depend on the thread count: equal bits); streamed
+    # (more threads than images: the leftover images' phases, k_reduce_blocks_impl /
+    # k_gradx_blocks_impl, whose units do not depend on the thread count: equal bits); streamed
     # and cached stores. Fewer channels than a block, 13x13 (blocks of 2704) and 8x8 take the
     # rows (equal bits).
     torch.manual_seed(6)
@@ -1481,7 +1481,7 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
 def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
     # The training-BatchNorm backward (phases over the batch) of NCHW images with short rows
     # and no channel scale runs its passes in the blocks of the test above, in units set by
-    # the batch and the shape (k_reduce_blocks, k_gradx_blocks; about 8 units in all): the
+    # the batch and the shape (k_reduce_blocks_impl, k_gradx_blocks_impl; about 8 units in all): the
     # same bits for 1-3 threads, with and without the flat max bits
     # (set_max_bits_phase_bytes(0) / set_max_bits(False)); close to row by row
     # (set_flat_backward_max_block(0)) and to the unfused module path. 70 channels at 7x7,

@@ -130,12 +130,10 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 template <typename T, bool M, bool F, bool MB>
 void tile_block_maps(const T* attn, const T* mx, const T* dmax, const T* dmean, int64_t HW, int64_t rows, T* buf) {
   const int64_t B = rows * HW;
-  for (int64_t j = 0; j < rows; ++j) {
-    std::copy(attn, attn + HW, buf + j * HW);
-    if (M && !MB) std::copy(mx, mx + HW, buf + B + j * HW);
-    if (M) std::copy(dmax, dmax + HW, buf + 2 * B + j * HW);
-    if (F) std::copy(dmean, dmean + HW, buf + 3 * B + j * HW);
-  }
+  tile_rows(attn, HW, rows, buf);
+  if (M && !MB) tile_rows(mx, HW, rows, buf + B);
+  if (M) tile_rows(dmax, HW, rows, buf + 2 * B);
+  if (F) tile_rows(dmean, HW, rows, buf + 3 * B);
 }
 
 // channel rows [c0, c1) of one image (c0 at a block); buf: tile_block_maps'
@@ -320,7 +318,7 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   }
 }
 
-// the same over N images (after k_reduce_blocks): the units of k_reduce_blocks in parallel;
+// the same over N images (after k_reduce_blocks_impl): its units in parallel;
 // bits: its flat max bits (may be null: the max channels from x)
 template <typename T, typename X, bool GC, bool M, bool F, bool MB>
 void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
@@ -347,36 +345,35 @@ void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_
   });
 }
 
-template <typename T, typename X>
-void k_gradx_blocks(const X* x, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
-                    const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, bool stream,
-                    const uint8_t* bits) {
-  const bool M = mx != nullptr, F = fmean != nullptr, MB = M && bits != nullptr;
-#define SA_GRADX_BLOCKS(gc_, m_, f_, mb_)                                                                  \
-  k_gradx_blocks_impl<T, X, gc_, m_, f_, mb_>(x, g, a, mx, mbs, fmax, fmean, N, C, HW, rows, gx, stream, bits)
-#define SA_GRADX_BLOCKS_MF(gc_)                                          \
-  if (MB && F) SA_GRADX_BLOCKS(gc_, true, true, true);                  \
-  else if (MB) SA_GRADX_BLOCKS(gc_, true, false, true);                 \
-  else if (M && F) SA_GRADX_BLOCKS(gc_, true, true, false);             \
-  else if (M) SA_GRADX_BLOCKS(gc_, true, false, false);                 \
-  else if (F) SA_GRADX_BLOCKS(gc_, false, true, false);                 \
-  else SA_GRADX_BLOCKS(gc_, false, false, false);
-  if (gc) {
-    SA_GRADX_BLOCKS_MF(true)
-  } else {
-    SA_GRADX_BLOCKS_MF(false)
-  }
-#undef SA_GRADX_BLOCKS_MF
-#undef SA_GRADX_BLOCKS
-}
-
 // bits: k_reduce's max bits (NCHW; may be null): then x is not read for the max mask (not
-// with gs, whose sum reads x)
+// with gs, whose sum reads x). block_rows: k_reduce's (> 0: in blocks of rows,
+// k_gradx_blocks_impl; no channel scale, no gs)
 template <typename T, typename X>
 void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
              const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
-             const T* ix = nullptr, const T* cnt = nullptr, const uint8_t* bits = nullptr) {
+             const T* ix = nullptr, const T* cnt = nullptr, const uint8_t* bits = nullptr,
+             int64_t block_rows = 0) {
   const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
+  if (block_rows > 0 && G) {
+    const bool MB = M && bits != nullptr;
+#define SA_GRADX_BLOCKS(gc_, m_, f_, mb_) \
+  k_gradx_blocks_impl<T, X, gc_, m_, f_, mb_>(x, g, a, mx, mbs, fmax, fmean, N, C, HW, block_rows, gx, stream, bits)
+#define SA_GRADX_BLOCKS_MF(gc_)                              \
+  if (MB && F) SA_GRADX_BLOCKS(gc_, true, true, true);      \
+  else if (MB) SA_GRADX_BLOCKS(gc_, true, false, true);     \
+  else if (M && F) SA_GRADX_BLOCKS(gc_, true, true, false); \
+  else if (M) SA_GRADX_BLOCKS(gc_, true, false, false);     \
+  else if (F) SA_GRADX_BLOCKS(gc_, false, true, false);     \
+  else SA_GRADX_BLOCKS(gc_, false, false, false);
+    if (gc) {
+      SA_GRADX_BLOCKS_MF(true)
+    } else {
+      SA_GRADX_BLOCKS_MF(false)
+    }
+#undef SA_GRADX_BLOCKS_MF
+#undef SA_GRADX_BLOCKS
+    return;
+  }
 #define SA_GRADX(g_, gc_, m_, f_)                                                                            \
   k_gradx_impl<T, X, g_, gc_, m_, f_>(x, s, g, a, mx, mbs, fmax, fmean, ix, cnt, N, C, HW, nhwc, gx, gs, stream, \
                                       bits)

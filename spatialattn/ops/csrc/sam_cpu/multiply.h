@@ -16,15 +16,7 @@ namespace {
 // (0: off, negative: default; at most the default, the size of mul_rows_flat's tiled buffer).
 constexpr int64_t kFlatRowsDefault = 100;
 int64_t kFlatRowsMaxHW = kFlatRowsDefault;
-// The fused backward of whole images (reduce_rows_flat, gradx_rows_flat) takes blocks of at
-// most this many elements (rows * HW). Measured (raw backward, 2 threads, batch 8, float32,
-// blocks vs rows, paired): 3x3 0.11x (a 9-pixel row is a scalar loop), 5x5 0.57x, 6x6
-// 0.77x, 7x7 0.62x, 9x9 0.80x, 10x10 0.83x, 14x14 0.82-0.89x (blocks of 4 rows), 18x18 1.0x;
-// blocks of 1936 - 3600 elements 0.94-1.2x (11x11, 13x13, 15x15, 17x17, 19x19, 22x22, 26x26:
-// five block-sized maps no longer fit L1). Settable: set_flat_backward_max_block (0: off,
-// negative: default).
-constexpr int64_t kFlatBackwardBlockDefault = 1600;
-int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
+
 
 // The rows of one block for rows of HW pixels (16 / gcd(HW, 16): a whole number of 16-lane
 // vectors), or 0 where rows of HW pixels are not short (a multiple of 16 or above `limit`).
@@ -35,13 +27,6 @@ inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
   return rows;
 }
 
-// the rows of the fused backward's blocks (flat_block_rows), 0 where a block would exceed
-// kFlatBackwardMaxBlock elements
-inline int64_t flat_backward_rows(int64_t HW) {
-  const int64_t rows = flat_block_rows(HW, kFlatBackwardMaxBlock);
-  return rows * HW <= kFlatBackwardMaxBlock ? rows : 0;
-}
-
 // Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
 // 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
 // row: at 49 pixels 64 lanes of work for 49), but an image's rows are one contiguous run, so
@@ -49,12 +34,18 @@ inline int64_t flat_backward_rows(int64_t HW) {
 // against the attention tiled to the block. The same products element for element. Returns
 // the first row not done (the caller multiplies the rest row by row); c0 where the rows are
 // not short.
+// out [rows * HW] <- `rows` copies of the map [HW] (a pixel map tiled to a block of rows)
+template <typename T>
+inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
+  for (int64_t j = 0; j < rows; ++j) std::copy(map, map + HW, out + j * HW);
+}
+
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1, bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
   if (rows == 0 || c1 - c0 < rows) return c0;
   T tiled[16 * kFlatRowsDefault];
-  for (int64_t k = 0; k < rows; ++k) std::copy(attn, attn + HW, tiled + k * HW);
+  tile_rows(attn, HW, rows, tiled);
   int64_t c = c0;
   for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
   return c;

@@ -178,8 +178,18 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   }
 }
 
-// NCHW pass A of whole images whose rows are short (rows = flat_backward_rows(HW) > 0, C >=
-// rows), without a channel scale. An image's channel rows are one contiguous run, so each
+// The backward's blocks of short NCHW rows (below) have at most this many elements (rows *
+// HW). Measured (raw backward, 2 threads, batch 8, float32,
+// blocks vs rows, paired): 3x3 0.11x (a 9-pixel row is a scalar loop), 5x5 0.57x, 6x6
+// 0.77x, 7x7 0.62x, 9x9 0.80x, 10x10 0.83x, 14x14 0.82-0.89x (blocks of 4 rows), 18x18 1.0x;
+// blocks of 1936 - 3600 elements 0.94-1.2x (11x11, 13x13, 15x15, 17x17, 19x19, 22x22, 26x26:
+// five block-sized maps no longer fit L1). Settable: set_flat_backward_max_block (0: off,
+// negative: default).
+constexpr int64_t kFlatBackwardBlockDefault = 1600;
+int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
+
+// NCHW pass A of whole images whose rows are short (rows = backward_block_rows(...) > 0),
+// without a channel scale. An image's channel rows are one contiguous run, so each
 // block of `rows` rows (a whole number of vectors) goes through reduce_chunk as one row,
 // against the max map tiled to the block (four blocks per sweep, as four channel rows),
 // accumulating sum g * x and the tie counts per element of the block. The blocks go in units
@@ -189,18 +199,21 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
 // max bits are flat: element (c, p) at bit c * HW + p of the image's bits. Units cost: each
 // starts from zeroed sums and adds a block of sums to the fold (measured, raw backward at
 // 8x2048x7x7: units of 8 blocks as slow as the rows, of 32 blocks 0.76x the rows' time, one
-// unit 0.65x), so the whole-image backward takes one unit and the phases (k_reduce_blocks)
+// unit 0.65x), so the whole-image backward takes one unit and the phases (k_reduce_blocks_impl)
 // only as many as the batch needs.
 inline int64_t block_units(int64_t C, int64_t rows, int64_t ub) {
   return (C / rows + ub - 1) / ub + (C % rows > 0 ? 1 : 0);
 }
-// the rows of a block where NCHW images of C channels and HW pixels, without a channel scale,
-// take the blocks; 0 where they keep the rows
+// the rows of a block (flat_block_rows) where NCHW images of C channels and HW pixels,
+// without a channel scale, take the blocks; 0 where they keep the rows (a block would exceed
+// kFlatBackwardMaxBlock elements, or C is below a block)
 inline int64_t backward_block_rows(bool nhwc, bool scaled, int64_t C, int64_t HW) {
-  const int64_t rows = (!nhwc && !scaled) ? flat_backward_rows(HW) : 0;
-  return C >= rows ? rows : 0;
+  const int64_t rows = (!nhwc && !scaled) ? flat_block_rows(HW, kFlatBackwardMaxBlock) : 0;
+  return rows * HW <= kFlatBackwardMaxBlock && C >= rows ? rows : 0;
 }
-// bytes of one image's flat max bits (room for get_bits' 4-byte reads)
+// bytes of one image's flat max bits (room for get_bits' 4-byte reads); at most the bytes
+// of MaxBitsLayout(N, C, HW) per image (C rows of at least ceil(HW / 8) + 8 bytes), so the
+// phases' max-bit buffers (phase_max_bits) hold them as they are
 inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
 
 // unit u of one image (x, g: the image's; mt: its max map tiled to a block; mb: its bits or
@@ -245,8 +258,7 @@ void reduce_rows_flat(const X* x, const X* g, T gv, const T* mx, int64_t C, int6
   const int64_t B = rows * HW, ub = C / rows, nu = block_units(C, rows, ub);
   buf.resize((1 + 2 * nu) * B);
   T *mt = buf.data(), *part = mt + B;
-  if (M)
-    for (int64_t j = 0; j < rows; ++j) std::copy(mx, mx + HW, mt + j * HW);
+  if (M) tile_rows(mx, HW, rows, mt);
   for (int64_t u = 0; u < nu; ++u)
     reduce_block_unit<T, X, GC, M>(x, g, gv, M ? mt : nullptr, C, HW, rows, ub, u, part + u * 2 * B, mb);
   fold_block_units<T, M>(part, C, HW, rows, ub, dA, cnt);
@@ -369,7 +381,7 @@ void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int6
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nu;
       if (M && tiled != n) {
-        for (int64_t j = 0; j < rows; ++j) std::copy(mx + n * mbs, mx + n * mbs + HW, mt.data() + j * HW);
+        tile_rows(mx + n * mbs, HW, rows, mt.data());
         tiled = n;
       }
       reduce_block_unit<T, X, GC, M>(x + n * CHW, GC ? g : g + n * CHW, gv, M ? mt.data() : nullptr, C, HW, rows, ub,
@@ -382,25 +394,27 @@ void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int6
   });
 }
 
-template <typename T, typename X>
-void k_reduce_blocks(const X* x, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
-                     int64_t rows, T* ga, T* cnt, uint8_t* bits) {
-  if (gc) {
-    if (mx) k_reduce_blocks_impl<T, X, true, true>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
-    else k_reduce_blocks_impl<T, X, true, false>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
-  } else {
-    if (mx) k_reduce_blocks_impl<T, X, false, true>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
-    else k_reduce_blocks_impl<T, X, false, false>(x, g, mx, mbs, N, C, HW, rows, ga, cnt, bits);
-  }
-}
-
 // bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
-// MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them)
+// MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them). block_rows > 0 (the
+// backward_block_rows of NCHW images without a channel scale; with g): in blocks of rows
+// (k_reduce_blocks_impl), the bits then flat per image; k_gradx must get the same block_rows.
 template <typename T, typename X>
 void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
-              int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr, uint8_t* bits = nullptr) {
+              int64_t HW, bool nhwc, T* ga, T* cnt, T* ix = nullptr, uint8_t* bits = nullptr,
+              int64_t block_rows = 0) {
   const bool G = g != nullptr && ga != nullptr, M = mx != nullptr && cnt != nullptr;
   if (!G && !M) return;
+  if (block_rows > 0 && G) {
+#define SA_REDUCE_BLOCKS(gc_, m_) \
+  k_reduce_blocks_impl<T, X, gc_, m_>(x, g, mx, mbs, N, C, HW, block_rows, ga, cnt, bits)
+    if (gc) {
+      if (M) SA_REDUCE_BLOCKS(true, true); else SA_REDUCE_BLOCKS(true, false);
+    } else {
+      if (M) SA_REDUCE_BLOCKS(false, true); else SA_REDUCE_BLOCKS(false, false);
+    }
+#undef SA_REDUCE_BLOCKS
+    return;
+  }
 #define SA_REDUCE(g_, gc_, m_) k_reduce_impl<T, X, g_, gc_, m_>(x, s, g, mx, mbs, N, C, HW, nhwc, ga, cnt, ix, bits)
   if (G && gc) {
     if (M) SA_REDUCE(true, true, true); else SA_REDUCE(true, true, false);

@@ -135,17 +135,11 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     const bool by_index = max_by_index(mx != nullptr, g.nhwc, gs.defined());
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
     std::vector<uint8_t> bits = phase_max_bits(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()), g.N, g.C, HW);
-    // NCHW images of short rows without a channel scale: both passes in blocks of rows (the
-    // max bits then flat per image)
-    const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gs.defined(), g.C, HW);
-    const bool blocks = frows > 0;
-    if (blocks && !bits.empty()) bits.resize(std::max<size_t>(bits.size(), g.N * flat_bits_image(g.C, HW)));
     uint8_t* bp = bits.empty() ? nullptr : bits.data();
-    if (blocks)
-      k_reduce_blocks<T, X>(xp, gyp, gc, mx, PHW, g.N, g.C, HW, frows, dA.data(), mx ? cnt.data() : nullptr, bp);
-    else
-      k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                     by_index ? ix.data() : nullptr, bp);
+    // NCHW images of short rows without a channel scale: both passes in blocks of rows
+    const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gs.defined(), g.C, HW);
+    k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
+                   by_index ? ix.data() : nullptr, bp, frows);
     if (ge)
       for (int64_t k = 0; k < M; ++k) dA[k] += ge[k];
     // BatchNorm backward on the logits (batch statistics)
@@ -185,13 +179,9 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
       T* o = gw.data_ptr<T>();
       for (int64_t k = 0; k < P * KK; ++k) o[k] = T(image_total(par, g.N, NP, k));
     }
-    if (blocks)
-      k_gradx_blocks<T, X>(xp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
-                           g.N, g.C, HW, frows, gx.data_ptr<X>(), use_stream<X>(x.numel()), bp);
-    else
-      k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
-                    g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
-                    by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bp);
+    k_gradx<T, X>(xp, sp, gyp, gc, ap, mx, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
+                  g.N, g.C, HW, g.nhwc, gx.data_ptr<X>(), dptr<T>(gs), use_stream<X>(x.numel()),
+                  by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bp, frows);
   });
   return r.pack(g);
 }

@@ -300,22 +300,16 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
           dmean(imean >= 0 ? Nr * HW : 0);
       std::vector<uint8_t> bits =
           phase_max_bits(mx != nullptr, g.nhwc, gsp != nullptr, int64_t(sizeof(X)) * Nr * CHW, Nr, g.C, HW);
+      uint8_t* bp = bits.empty() ? nullptr : bits.data();
       // NCHW images of short rows without a channel scale: both passes in blocks of rows, in
       // units over the threads (a batch-1 image's pixels are one chunk of k_reduce, one
       // thread; the streamed units above keep the rows)
       const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gsp != nullptr, g.C, HW);
-      const bool blocks = frows > 0;
-      if (blocks && !bits.empty()) bits.resize(std::max<size_t>(bits.size(), Nr * flat_bits_image(g.C, HW)));
-      uint8_t* bp = bits.empty() ? nullptr : bits.data();
       // pass A: d attn = sum_c g * x' (+ the gradient of the returned attention), tie counts and index of the max
       // (channels_last) or the max bits (NCHW)
-      if (blocks)
-        k_reduce_blocks<T, X>(xp + Nf * CHW, gc ? gyp : gyp + Nf * CHW, gc, mx ? mx + Nf * PHW : nullptr, PHW, Nr,
-                              g.C, HW, frows, dA.data(), mx ? cnt.data() : nullptr, bp);
-      else
-        k_reduce<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
-                       mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
-                       by_index ? ix.data() : nullptr, bp);
+      k_reduce<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc,
+                     mx ? mx + Nf * PHW : nullptr, PHW, Nr, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
+                     by_index ? ix.data() : nullptr, bp, frows);
       if (ge)
         for (int64_t k = 0; k < Nr * HW; ++k) dA[k] += ge[Nf * HW + k];
       // small maps: sigmoid', norm, transposed conv, parameter grads
@@ -326,16 +320,10 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
           },
           par.data() + Nf * NP, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr);
       // pass B: grad_x and grad_scale
-      if (blocks)
-        k_gradx_blocks<T, X>(xp + Nf * CHW, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW, mx ? mx + Nf * PHW : nullptr,
-                             PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr, Nr, g.C, HW, frows,
-                             gxp + Nf * CHW, stream, bp);
-      else
-        k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
-                      mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr,
-                      imean >= 0 ? dmean.data() : nullptr, Nr, g.C, HW, g.nhwc, gxp + Nf * CHW,
-                      gsp ? gsp + Nf * g.C : nullptr, stream, by_index ? ix.data() : nullptr,
-                      mx ? cnt.data() : nullptr, bp);
+      k_gradx<T, X>(xp + Nf * CHW, sp ? sp + Nf * g.C : nullptr, gc ? gyp : gyp + Nf * CHW, gc, ap + Nf * HW,
+                    mx ? mx + Nf * PHW : nullptr, PHW, mx ? dmax.data() : nullptr, imean >= 0 ? dmean.data() : nullptr,
+                    Nr, g.C, HW, g.nhwc, gxp + Nf * CHW, gsp ? gsp + Nf * g.C : nullptr, stream,
+                    by_index ? ix.data() : nullptr, mx ? cnt.data() : nullptr, bp, frows);
     }
     // parameter grads: image shares added in image order (independent of the thread count)
     auto total = [&](int64_t k) { return T(image_total(par, g.N, NP, k)); };
