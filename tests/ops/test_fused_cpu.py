@@ -1070,6 +1070,64 @@ def test_global_pool_backward_matches_reference(layout, shape, threads, from_mem
         _cpp.get().set_stream_bytes(-1)
 
 
+def _short_rows_x(shape, dtype, seed):
+    # values with many ties, signed zeros at the max and a NaN row: what the order of a max
+    # or of a count could change
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 1, shape, generator=g).to(dtype)  # maxima 0, often tied
+    flat = x.view(-1)
+    flat[1::5] = -0.0
+    flat[2::9] = 0.5 * torch.randn(flat[2::9].shape, generator=g).to(dtype)
+    x[0, 1, 0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.skipif(_cpp.get() is None, reason="C++ extension not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("hw", [(3, 3), (4, 4), (5, 5), (7, 7), (9, 11), (10, 10), (11, 11), (26, 26)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_global_pool_nchw_rows_grouped_and_counted(dtype, hw, threads):
+    # the forward's NCHW rows of at most 100 pixels have their lane reductions done sixteen
+    # rows at a time: the same bits as one row at a time (each channel alone: fewer than 16
+    # rows); the backward counts the ties of a block of rows first (bits of the compare
+    # masks), then writes their gradient: against a float64 reference, and added in place with
+    # and without non-temporal stores (the same bits)
+    ext = _cpp.get()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _short_rows_x((3, 45, *hw), dtype, seed=hw[0])
+        for kinds in ([1, 0], [0], [0, 1, 0]):
+            got = ext.global_pool(x, kinds)
+            alone = torch.cat([ext.global_pool(x[:, c : c + 1].contiguous(), kinds) for c in range(x.shape[1])], dim=2)
+            ints = {torch.float32: torch.int32, torch.float64: torch.int64}[got.dtype]
+            assert torch.equal(got.view(ints), alone.view(ints))  # bits: NaN, and the -0 / +0 of a max
+            xd = x.double()
+            want = torch.stack([xd.amax(dim=(2, 3)) if k == 0 else xd.mean(dim=(2, 3)) for k in kinds])
+            torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6, equal_nan=True)
+        x = _short_rows_x((3, 45, *hw), dtype, seed=1)
+        x[0, 1, 0, 0] = 0.0  # no NaN: its gradient is not amax's
+        kinds = [1, 0]
+        pooled = ext.global_pool(x, kinds)
+        g = torch.randn(2, 3, 45, generator=torch.Generator().manual_seed(3), dtype=pooled.dtype)
+        xd = x.double().requires_grad_()
+        ref = torch.stack([xd.mean(dim=(2, 3)), xd.amax(dim=(2, 3))])
+        want = torch.autograd.grad(ref, xd, g.double())[0]
+        got = ext.global_pool_backward(g, x, pooled, kinds, None, None)
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got.double(), want, **tol)
+        base = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+        into = []
+        for stream_bytes in (-1, 0):
+            ext.set_stream_bytes(stream_bytes)
+            into.append(ext.global_pool_backward(g, x, pooled, kinds, base.clone(), None))
+        assert torch.equal(into[0], into[1])
+        torch.testing.assert_close(into[0].double(), base.double() + want, **tol)
+    finally:
+        ext.set_stream_bytes(-1)
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype,channels", [(torch.float32, 213), (torch.float32, 1100), (torch.float64, 37),
                                             (torch.bfloat16, 150)])
 @pytest.mark.parametrize("threads", [1, 3])

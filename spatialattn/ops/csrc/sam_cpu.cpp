@@ -88,6 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_flat_rows_max_hw",
         [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
   m.def("set_flat_backward_max_block", [](int64_t v) { kFlatBackwardMaxBlock = v < 0 ? kFlatBackwardBlockDefault : v; });
+  m.def("set_gp_backward_block_bytes",
+        [](int64_t b) { kGpBackwardBlockBytes = b < 0 ? kGpBackwardBlockDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("llc_bytes", &llc_bytes);  // the last-level cache the kernels size their work by
   m.def("band_rows", &band_rows);  // the rule above, for tests

@@ -21,53 +21,27 @@ constexpr int64_t kMlpGrain = 1 << 15;  // multiply-adds per thread chunk, at le
 // The MLP's vectors: mlp_vec_t<T>, kLanes (64 bytes) of T. AVX2 builds (SAM_AVX2_HALVES) have
 // no register for a 64-byte vec_t: GCC kept the accumulators (then in lincomb) on the stack and moved
 // every lane through xmm and general registers (perf: channel_mlp_backward at 1.3 G
-// multiply-adds/s on one thread). There mlp_vec_t is MlpHalves, the same lanes as two 32-byte
+// multiply-adds/s on one thread). There mlp_vec_t is VecHalves, the same lanes as two 32-byte
 // vectors (lanes 0 to L/2 - 1, then the rest) that do have registers, with the same
 // operations per lane; a lane sum starts with lo + hi as hreduce does, and reduce16 folds
 // the halves in its order, so the bits are those of vec_t. The memory layout is vec_t's (64
 // bytes, lanes in order).
 #if SAM_AVX2_HALVES
 template <typename T>
-struct MlpHalves {
-  typedef T H __attribute__((vector_size(32)));
-  H lo, hi;
-  MlpHalves& operator+=(const MlpHalves& o) {
-    lo += o.lo;
-    hi += o.hi;
-    return *this;
-  }
-};
+using mlp_vec_t = VecHalves<T>;
 template <typename T>
-inline MlpHalves<T> operator+(MlpHalves<T> a, MlpHalves<T> b) {
-  return {a.lo + b.lo, a.hi + b.hi};
-}
-template <typename T>
-inline MlpHalves<T> operator*(MlpHalves<T> a, MlpHalves<T> b) {
-  return {a.lo * b.lo, a.hi * b.hi};
-}
-template <typename T>
-inline MlpHalves<T> operator*(T s, MlpHalves<T> b) {
-  return {s * b.lo, s * b.hi};
-}
-template <typename T>
-inline MlpHalves<T> operator+(MlpHalves<T> a, T s) {
-  return {a.lo + s, a.hi + s};
-}
-template <typename T>
-using mlp_vec_t = MlpHalves<T>;
-template <typename T>
-inline T mlp_sum(MlpHalves<T> v) {
+inline T mlp_sum(VecHalves<T> v) {
   return hreduce<T, 32>(v.lo + v.hi, false);
 }
 template <typename T>
-inline MlpHalves<T> mlp_load(const T* p) {  // a half at a time (one 64-byte memcpy went
-  MlpHalves<T> v;                           // through the stack in 16-byte pieces)
+inline VecHalves<T> mlp_load(const T* p) {  // a half at a time (one 64-byte memcpy went
+  VecHalves<T> v;                           // through the stack in 16-byte pieces)
   std::memcpy(&v.lo, p, 32);
   std::memcpy(&v.hi, p + 32 / sizeof(T), 32);
   return v;
 }
 template <typename T>
-inline void mlp_store(T* p, const MlpHalves<T>& v) {
+inline void mlp_store(T* p, const VecHalves<T>& v) {
   std::memcpy(p, &v.lo, 32);
   std::memcpy(p + 32 / sizeof(T), &v.hi, 32);
 }
@@ -108,7 +82,7 @@ inline T dot_lanes(const T* a, const T* b, int64_t n) {
 }
 
 // AVX-512 builds: 32 vector registers hold the accumulators of more outputs than the 16 of
-// AVX2 (MlpHalves: two registers a vector). The MLP's products are bound by loads there
+// AVX2 (VecHalves: two registers a vector). The MLP's products are bound by loads there
 // (perf, 32x2048x128 on Zen 4: layer 1 stalled on its loads, 8 loads to 6 multiply-adds),
 // so the kernels below share each load between more outputs.
 #if defined(__AVX512F__)
@@ -130,7 +104,7 @@ inline void in_register(V& v) {
 }
 
 // a scalar weight as the operand of products with vectors V: in AVX-512 builds broadcast once
-// into a register (for several products), in AVX2 builds the scalar itself (MlpHalves
+// into a register (for several products), in AVX2 builds the scalar itself (VecHalves
 // broadcast it per half; a broadcast first was 1.06x slower there)
 template <typename V, typename T>
 inline auto mlp_weight(T w) {
@@ -193,58 +167,6 @@ inline void dot_lanes_jk(const T* a, int64_t lda, const T* b, int64_t ldb, int64
     }
 }
 
-// Sixteen float32 dot products at once: lane j of the result = sum of the lanes of v[j], in
-// four levels of pairwise folds (15 folds instead of 16 separate reductions, each a chain
-// through the upper halves). Needs __builtin_shufflevector (GCC 12+, Clang).
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define SA_HAVE_REDUCE16 1
-inline vec_t<float> reduce16(const vec_t<float>* v) {
-  using V = vec_t<float>;
-  V a[8], b[4], c[2];
-  for (int k = 0; k < 8; ++k)  // lanes 0-7: v[2k] folded once, 8-15: v[2k + 1]
-    a[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
-  for (int k = 0; k < 4; ++k)  // four lanes each of v[4k .. 4k + 3]
-    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int k = 0; k < 2; ++k)  // two lanes each of v[8k .. 8k + 7]
-    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-#if SAM_AVX2_HALVES
-// reduce16 on MlpHalves: each of its shuffles takes the first 8 lanes of the result from its
-// first operand and the last 8 from its second, with the same pattern (mod 16) for both, so
-// it is that 8-lane shuffle of the first operand's halves, then of the second's; the adds
-// pair the same lanes in the same order.
-inline MlpHalves<float> reduce16(const MlpHalves<float>* v) {
-  using M = MlpHalves<float>;
-  const auto f1 = [](M p) { return p.lo + p.hi; };
-  const auto f2 = [](M p) {
-    return __builtin_shufflevector(p.lo, p.hi, 0, 1, 2, 3, 8, 9, 10, 11) +
-           __builtin_shufflevector(p.lo, p.hi, 4, 5, 6, 7, 12, 13, 14, 15);
-  };
-  const auto f3 = [](M p) {
-    return __builtin_shufflevector(p.lo, p.hi, 0, 1, 4, 5, 8, 9, 12, 13) +
-           __builtin_shufflevector(p.lo, p.hi, 2, 3, 6, 7, 10, 11, 14, 15);
-  };
-  const auto f4 = [](M p) {
-    return __builtin_shufflevector(p.lo, p.hi, 0, 2, 4, 6, 8, 10, 12, 14) +
-           __builtin_shufflevector(p.lo, p.hi, 1, 3, 5, 7, 9, 11, 13, 15);
-  };
-  M a[8], b[4], c[2];
-  for (int k = 0; k < 8; ++k) a[k] = {f1(v[2 * k]), f1(v[2 * k + 1])};
-  for (int k = 0; k < 4; ++k) b[k] = {f2(a[2 * k]), f2(a[2 * k + 1])};
-  for (int k = 0; k < 2; ++k) c[k] = {f3(b[2 * k]), f3(b[2 * k + 1])};
-  return {f4(c[0]), f4(c[1])};
-}
-#endif
-#endif
-#endif
-
 // t[(c0 + j) * ld + q] = dot(W[c0 + j, :R], h[q, :R]) + bias[c0 + j] for j < 16 (float32,
 // R a multiple of 16): the sixteen dot products reduced together
 template <typename T>
@@ -265,7 +187,7 @@ inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0
       acc[j] = s0 + s1;
     }
     float out[16];
-    mlp_store(out, reduce16(acc));
+    mlp_store(out, reduce16(acc, LaneSum{}));
     for (int j = 0; j < 16; ++j) t[(c0 + j) * ld + q] = out[j] + (bias ? bias[c0 + j] : 0.f);
     return true;
   }

@@ -16,6 +16,18 @@ namespace {
 // run(b, e) reads x (NCHW: items are the N * C rows; channels_last: N * nb pixel blocks into
 // partial accumulators), then, channels_last only, combine(b, e) sums the partials of the
 // N * C outputs. The bits depend on nb (set from the thread count), not on the split.
+// NCHW rows of at most this many pixels have their lane reductions done sixteen rows at a
+// time (GlobalPool::rows16). Measured (global pooling alone, 8 images, 2 threads, float32,
+// paired): 0.88-0.91x the time at 7x7, 0.92x at 5x5, 0.96-0.97x at 9x9 / 10x10; longer rows
+// lost (11x11 1.04x, 13x13 1.10x, 26x26 1.07x), where the reductions weigh less than the
+// sixteen rows' lanes spilled to the stack and read back.
+constexpr int64_t kRows16MaxHW = 100;
+
+// NCHW backward of the global pooling: rows in blocks of about this many bytes of x (see
+// k_global_pool_backward); settable for measurements (set_gp_backward_block_bytes)
+constexpr int64_t kGpBackwardBlockDefault = 16384;
+int64_t kGpBackwardBlockBytes = kGpBackwardBlockDefault;
+
 template <typename T, typename X>
 struct GlobalPool {
   using V = vec_t<T>;
@@ -52,62 +64,70 @@ struct GlobalPool {
 
   void run(int64_t b, int64_t e) {
     if (!nhwc) {
-      for (int64_t r = b; r < e; ++r) row(r);
+      int64_t r = b;
+      if (std::is_same_v<T, float> && HW >= L && HW <= kRows16MaxHW)
+        for (; r + 16 <= e; r += 16) rows16(r);
+      for (; r < e; ++r) row(r);
     } else {
       for (int64_t t = b; t < e; ++t) pixel_block(t);
     }
   }
 
-  // NCHW: max and mean of row r
-  void row(int64_t r) {
+#if SAM_AVX2_HALVES
+  // a row's lane maxima / lane sums before their reduction: in AVX2 builds two 256-bit halves
+  using RowLanes = std::conditional_t<std::is_same_v<T, float>, VecHalves<float>, V>;
+#else
+  using RowLanes = V;
+#endif
+
+  // NCHW row r with HW >= L: its lane maxima lm and lane sums ls. Two vector accumulator
+  // pairs, the row's last HW % L elements as one vector ending at HW (for the sum, its lanes
+  // already counted masked to +0, which adds exactly: no lane of a sum started at +0 is ever
+  // -0); the lanes are reduced by the caller, in hreduce's tree (one row: row(); sixteen
+  // together: rows16()). The lane-by-lane reduction and scalar tail they replace were about
+  // 100 dependent steps per row: 0.45x the time at 2x2048x7x7, 0.71x at 13x13, 0.86x at 26x26.
+  void row_lanes(int64_t r, RowLanes& lm, RowLanes& ls) const {
     const X* row = x + r * HW;
-    T m = T(row[0]), sum = 0;
     int64_t i = 0;
 #if SAM_AVX2_HALVES
-    if constexpr (std::is_same_v<T, float>) {
-      if (HW >= L) {  // the vector part below, each 64-byte vector as two 256-bit halves
-        __m256 m0l = ld8(row), m0h = ld8(row + 8), m1l = m0l, m1h = m0h;
-        __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l;
-        for (; i + 2 * L <= HW; i += 2 * L) {
-          const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8), v1l = ld8(row + i + L), v1h = ld8(row + i + L + 8);
-          m0l = vmax8(m0l, v0l);
-          m0h = vmax8(m0h, v0h);
-          m1l = vmax8(m1l, v1l);
-          m1h = vmax8(m1h, v1h);
-          a0l = _mm256_add_ps(a0l, v0l);
-          a0h = _mm256_add_ps(a0h, v0h);
-          a1l = _mm256_add_ps(a1l, v1l);
-          a1h = _mm256_add_ps(a1h, v1h);
-        }
-        if (i + L <= HW) {
-          const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8);
-          m0l = vmax8(m0l, v0l);
-          m0h = vmax8(m0h, v0h);
-          a0l = _mm256_add_ps(a0l, v0l);
-          a0h = _mm256_add_ps(a0h, v0h);
-          i += L;
-        }
-        if (i < HW) {
-          const __m256 v1l = ld8(row + HW - L), v1h = ld8(row + HW - L + 8);
-          const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
-          const __m256 d = _mm256_set1_ps(float(i - (HW - L)));
-          m1l = vmax8(m1l, v1l);
-          m1h = vmax8(m1h, v1h);
-          a1l = _mm256_add_ps(a1l, _mm256_and_ps(_mm256_cmp_ps(lane, d, _CMP_GE_OQ), v1l));
-          a1h = _mm256_add_ps(a1h, _mm256_and_ps(_mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), d, _CMP_GE_OQ), v1h));
-          i = HW;
-        }
-        m = hreduce8(vmax8(m0l, m1l), vmax8(m0h, m1h), true);
-        sum = hreduce8(_mm256_add_ps(a0l, a1l), _mm256_add_ps(a0h, a1h), false);
+    if constexpr (std::is_same_v<T, float>) {  // each 64-byte vector as two 256-bit halves
+      __m256 m0l = ld8(row), m0h = ld8(row + 8), m1l = m0l, m1h = m0h;
+      __m256 a0l = _mm256_setzero_ps(), a0h = a0l, a1l = a0l, a1h = a0l;
+      for (; i + 2 * L <= HW; i += 2 * L) {
+        const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8), v1l = ld8(row + i + L), v1h = ld8(row + i + L + 8);
+        m0l = vmax8(m0l, v0l);
+        m0h = vmax8(m0h, v0h);
+        m1l = vmax8(m1l, v1l);
+        m1h = vmax8(m1h, v1h);
+        a0l = _mm256_add_ps(a0l, v0l);
+        a0h = _mm256_add_ps(a0h, v0h);
+        a1l = _mm256_add_ps(a1l, v1l);
+        a1h = _mm256_add_ps(a1h, v1h);
       }
+      if (i + L <= HW) {
+        const __m256 v0l = ld8(row + i), v0h = ld8(row + i + 8);
+        m0l = vmax8(m0l, v0l);
+        m0h = vmax8(m0h, v0h);
+        a0l = _mm256_add_ps(a0l, v0l);
+        a0h = _mm256_add_ps(a0h, v0h);
+        i += L;
+      }
+      if (i < HW) {
+        const __m256 v1l = ld8(row + HW - L), v1h = ld8(row + HW - L + 8);
+        const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+        const __m256 d = _mm256_set1_ps(float(i - (HW - L)));
+        m1l = vmax8(m1l, v1l);
+        m1h = vmax8(m1h, v1h);
+        a1l = _mm256_add_ps(a1l, _mm256_and_ps(_mm256_cmp_ps(lane, d, _CMP_GE_OQ), v1l));
+        a1h = _mm256_add_ps(a1h, _mm256_and_ps(_mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.f)), d, _CMP_GE_OQ), v1h));
+      }
+      using H = typename VecHalves<float>::H;
+      lm = {H(vmax8(m0l, m1l)), H(vmax8(m0h, m1h))};
+      ls = {H(_mm256_add_ps(a0l, a1l)), H(_mm256_add_ps(a0h, a1h))};
+      return;
     } else
 #endif
-    if (HW >= L) {
-      // two vector accumulator pairs, the row's last HW % L elements as one vector
-      // ending at HW (for the sum, its lanes already counted masked to +0, which adds
-      // exactly: no lane of a sum started at +0 is ever -0), tree reductions at the end.
-      // The lane-by-lane reduction and scalar tail they replace were about 100 dependent
-      // steps per row: 0.45x the time at 2x2048x7x7, 0.71x at 13x13, 0.86x at 26x26.
+    {
       V m0 = vld(row), m1 = m0, a0 = {}, a1 = {};
       for (; i + 2 * L <= HW; i += 2 * L) {
         const V v0 = vld(row + i), v1 = vld(row + i + L);
@@ -126,18 +146,61 @@ struct GlobalPool {
         const V v1 = vld(row + HW - L);
         m1 = vmax(m1, v1);
         a1 += vsel<T>(vcmp<kGe, T>(lane_index<T>(), V{} + T(i - (HW - L))), v1, V{});
-        i = HW;
       }
-      m = hreduce<T, 64>(vmax(m0, m1), true);
-      sum = hreduce<T, 64>(a0 + a1, false);
+      lm = vmax(m0, m1);
+      ls = a0 + a1;
     }
-    for (; i < HW; ++i) {
+  }
+
+  // row r's outputs from its max and sum (NaN restored: the lane maxima drop it)
+  void finish_row(int64_t r, T m, T sum) {
+    if (sum != sum && any_nan<X, T>(x + r * HW, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
+    if (mx) mx[r] = m;
+    if (mean) mean[r] = sum / T(HW);
+  }
+
+  // NCHW: max and mean of row r
+  void row(int64_t r) {
+    if (HW >= L) {
+      RowLanes lm, ls;
+      row_lanes(r, lm, ls);
+#if SAM_AVX2_HALVES
+      if constexpr (std::is_same_v<T, float>) {
+        finish_row(r, hreduce8(__m256(lm.lo), __m256(lm.hi), true), hreduce8(__m256(ls.lo), __m256(ls.hi), false));
+        return;
+      } else
+#endif
+      {
+        finish_row(r, hreduce<T, 64>(lm, true), hreduce<T, 64>(ls, false));
+        return;
+      }
+    }
+    const X* row = x + r * HW;
+    T m = T(row[0]), sum = 0;
+    for (int64_t i = 0; i < HW; ++i) {
       m = vmax(m, T(row[i]));
       sum += T(row[i]);
     }
-    if (sum != sum && any_nan<X, T>(row, nullptr, HW, 1)) m = std::numeric_limits<T>::quiet_NaN();
-    if (mx) mx[r] = m;
-    if (mean) mean[r] = sum / T(HW);
+    finish_row(r, m, sum);
+  }
+
+  // NCHW float32 rows r .. r + 15 with HW >= L: row() for each, their lane reductions done
+  // together (reduce16: the same tree, so the same bits). Short rows are a few vectors each,
+  // and two reductions of four dependent levels per row cost as much as the loads (2x2048x7x7:
+  // 49-pixel rows).
+  void rows16(int64_t r) {
+#ifdef SA_HAVE_REDUCE16
+    if constexpr (std::is_same_v<T, float>) {
+      RowLanes lm[16], ls[16];
+      for (int j = 0; j < 16; ++j) row_lanes(r + j, lm[j], ls[j]);
+      float m[16], s[16];
+      vstore(m, reduce16(lm, LaneMax{}));
+      vstore(s, reduce16(ls, LaneSum{}));
+      for (int j = 0; j < 16; ++j) finish_row(r + j, m[j], s[j]);
+      return;
+    }
+#endif
+    for (int j = 0; j < 16; ++j) row(r + j);
   }
 
   // channels_last: block t (image t / nb, pixels of its share t % nb) into partials t
@@ -362,58 +425,60 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
 // gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
 // write of gx instead of a new tensor that autograd would then add: CBAM's fused backward).
 // counts (channels_last, from the forward): [N, C] tie counts, no counting pass; may be null.
+// `stream` (non-temporal stores beyond the LLC) applies to a new gx only: with `acc` each line
+// of gx has just been read into the cache, and streaming it out from there cost 1.6-1.9x the
+// time of plain stores (8x256x52x52 and 8x128x104x104, float32, 2 threads: 2.31 -> 1.19 and
+// 1.88 -> 1.16 clones).
 template <typename T, typename X>
 void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
                             bool nhwc, X* gx, bool stream, bool acc, const T* counts = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
+  stream = stream && !acc;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
+    // rows in blocks of about 16 KB of x: the tie counts (and so the max's share) of a block
+    // first, then its gradient, reading the block's x again from L1 / L2. Row by row, each
+    // row's gradient waited for the division behind its count, which waited for the row's
+    // loads: short rows streamed x and the gradient at a fraction of the cache's bandwidth.
+    const int64_t block = std::max<int64_t>(1, kGpBackwardBlockBytes / std::max<int64_t>(1, HW * int64_t(sizeof(X))));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-      std::vector<T> buf(HW);
-      for (int64_t r = b; r < e; ++r) {
-        const X* row = x + r * HW;
-        T fm = 0;
-        const T m = mx ? mx[r] : T(0);
+      std::vector<T> buf(HW), fmb(mx ? std::min(block, e - b) : 0);
+      for (int64_t r0 = b; r0 < e; r0 += block) {
+        const int64_t r1 = std::min(e, r0 + block);
         if (mx) {
-          // (the count is a sum of ones: exact in any order)
-          T cnt = 0;
-          int64_t i = 0;
-#if SAM_AVX2_HALVES
-          if constexpr (std::is_same_v<T, float>) {
-            const __m256 vm = _mm256_set1_ps(m), o = _mm256_set1_ps(1.f);
-            __m256 k0 = _mm256_setzero_ps(), k1 = _mm256_setzero_ps();
-            for (; i + 16 <= HW; i += 16) {
-              k0 = _mm256_add_ps(k0, _mm256_and_ps(_mm256_cmp_ps(ld8(row + i), vm, _CMP_EQ_OQ), o));
-              k1 = _mm256_add_ps(k1, _mm256_and_ps(_mm256_cmp_ps(ld8(row + i + 8), vm, _CMP_EQ_OQ), o));
+          for (int64_t r = r0; r < r1; ++r) {
+            // the number of elements equal to the max, from the bits of the compare masks (an
+            // integer: the count of any order; as ones summed per lane and then lane by lane, it
+            // was a chain of dependent adds in front of the division)
+            const X* row = x + r * HW;
+            const T m = mx[r];
+            int64_t cnt = 0, i = 0;
+            for (; i + L <= HW; i += L) cnt += __builtin_popcount(eq_bits<T>(row + i, m));
+            if (i < HW && HW >= L) {  // the last HW % L elements: the vector ending at HW, its first lanes dropped
+              cnt += __builtin_popcount(eq_bits<T>(row + HW - L, m) >> (i - (HW - L)));
+            } else {
+              for (; i < HW; ++i) cnt += T(row[i]) == m ? 1 : 0;
             }
-            float l[8];
-            _mm256_storeu_ps(l, _mm256_add_ps(k0, k1));
-            for (int j = 0; j < 8; ++j) cnt += l[j];
-          } else
-#endif
-          {
-            V k = {};
-            for (; i + L <= HW; i += L) k += vsel<T>(vcmp<kEq, T>(vld(row + i), V{} + m), one, zero);
-            for (int64_t l = 0; l < L; ++l) cnt += k[l];
+            fmb[r - r0] = gmax[r] / T(cnt);
           }
-          for (; i < HW; ++i) cnt += T(row[i]) == m ? T(1) : T(0);
-          fm = gmax[r] / cnt;
         }
-        const T fa = fmean ? fmean[r] : T(0);
-        global_pool_grad_run<T>(row, HW, mx != nullptr, acc, gx + r * HW, buf.data(), stream,
-                                [&](int64_t, auto& f, auto& g, auto& mm) {
-                                  if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
-                                    f = fa, g = fm, mm = m;
+        for (int64_t r = r0; r < r1; ++r) {
+          const T fm = mx ? fmb[r - r0] : T(0), m = mx ? mx[r] : T(0), fa = fmean ? fmean[r] : T(0);
+          global_pool_grad_run<T>(x + r * HW, HW, mx != nullptr, acc, gx + r * HW, buf.data(), stream,
+                                  [&](int64_t, auto& f, auto& g, auto& mm) {
+                                    if constexpr (std::is_same_v<std::decay_t<decltype(f)>, T>) {
+                                      f = fa, g = fm, mm = m;
 #if SAM_AVX2_HALVES
-                                  } else if constexpr (std::is_same_v<std::decay_t<decltype(f)>, __m256>) {
-                                    f = _mm256_set1_ps(fa), g = _mm256_set1_ps(fm), mm = _mm256_set1_ps(m);
+                                    } else if constexpr (std::is_same_v<std::decay_t<decltype(f)>, __m256>) {
+                                      f = _mm256_set1_ps(fa), g = _mm256_set1_ps(fm), mm = _mm256_set1_ps(m);
 #endif
-                                  } else {
-                                    f = V{} + fa, g = V{} + fm, mm = V{} + m;
-                                  }
-                                });
+                                    } else {
+                                      f = V{} + fa, g = V{} + fm, mm = V{} + m;
+                                    }
+                                  });
+        }
       }
       stream_fence(stream);
     });

@@ -499,4 +499,132 @@ bool any_nan(const X* x, const T* s, int64_t C, int64_t cstride) {
 }
 
 
+// lane_bits of the lanes<T>() elements from p (as T) that equal m; in AVX-512 builds straight
+// from the compare's mask register (lane_bits of a vector compare takes the mask through a
+// vector and back: twice the instructions)
+template <typename T, typename X>
+inline uint32_t eq_bits(const X* p, T m) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 v;
+    const vec_t<float> w = vld(p);
+    std::memcpy(&v, &w, sizeof(v));
+    return _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_EQ_OQ);
+  }
+#endif
+  return lane_bits<T>(vcmp<kEq, T>(vld(p), vec_t<T>{} + m));
+}
+
+// ---------------------------------------------------------------- lane reductions of 16 vectors
+#if SAM_AVX2_HALVES
+// AVX2 builds: the lanes of a 64-byte vector as two 32-byte vectors (lanes 0 to L/2 - 1, then
+// the rest), each of which has a register (a 64-byte vec_t has none there: GCC keeps it on the
+// stack); the same operations per lane. Used by the channel MLP (mlp_vec_t) and the lane
+// reductions below.
+template <typename T>
+struct VecHalves {
+  typedef T H __attribute__((vector_size(32)));
+  H lo, hi;
+  VecHalves& operator+=(const VecHalves& o) {
+    lo += o.lo;
+    hi += o.hi;
+    return *this;
+  }
+};
+template <typename T>
+inline VecHalves<T> operator+(VecHalves<T> a, VecHalves<T> b) {
+  return {a.lo + b.lo, a.hi + b.hi};
+}
+template <typename T>
+inline VecHalves<T> operator*(VecHalves<T> a, VecHalves<T> b) {
+  return {a.lo * b.lo, a.hi * b.hi};
+}
+template <typename T>
+inline VecHalves<T> operator*(T s, VecHalves<T> b) {
+  return {s * b.lo, s * b.hi};
+}
+template <typename T>
+inline VecHalves<T> operator+(VecHalves<T> a, T s) {
+  return {a.lo + s, a.hi + s};
+}
+template <typename T>
+inline void vstore(T* p, const VecHalves<T>& v) {
+  std::memcpy(p, &v.lo, 32);
+  std::memcpy(p + 32 / sizeof(T), &v.hi, 32);
+}
+#endif
+
+// reduce16(v, op): lane j of the result = the lanes of v[j] (16 float32 vectors) reduced by op
+// in hreduce's tree (lanes l and l + 8 first, then l and l + 4, ...; op(lower lanes, upper
+// lanes) at every level), so each lane has the bits of hreduce<float, 64>(v[j]) with that
+// operation: 15 folds of two vectors instead of 16 separate reductions (each a chain through
+// the upper halves). op(a, b) is applied to vectors of 16 lanes (vec_t<float>) and, in AVX2
+// builds, of 8 (VecHalves' halves): a sum (a + b) or vmax(a, b). Needs __builtin_shufflevector
+// (GCC 12+, Clang).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SA_HAVE_REDUCE16 1
+template <typename Op>
+inline vec_t<float> reduce16(const vec_t<float>* v, Op op) {
+  using V = vec_t<float>;
+  V a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // lanes 0-7: v[2k] folded once, 8-15: v[2k + 1]
+    a[k] = op(__builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+              __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                      30, 31));
+  for (int k = 0; k < 4; ++k)  // four lanes each of v[4k .. 4k + 3]
+    b[k] = op(__builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+              __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                      31));
+  for (int k = 0; k < 2; ++k)  // two lanes each of v[8k .. 8k + 7]
+    c[k] = op(__builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+              __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                      31));
+  return op(__builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+            __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+#if SAM_AVX2_HALVES
+// reduce16 on VecHalves: each of its shuffles takes the first 8 lanes of the result from its
+// first operand and the last 8 from its second, with the same pattern (mod 16) for both, so
+// it is that 8-lane shuffle of the first operand's halves, then of the second's; op pairs the
+// same lanes in the same order.
+template <typename Op>
+inline VecHalves<float> reduce16(const VecHalves<float>* v, Op op) {
+  using M = VecHalves<float>;
+  const auto f1 = [&](M p) { return op(p.lo, p.hi); };
+  const auto f2 = [&](M p) {
+    return op(__builtin_shufflevector(p.lo, p.hi, 0, 1, 2, 3, 8, 9, 10, 11),
+              __builtin_shufflevector(p.lo, p.hi, 4, 5, 6, 7, 12, 13, 14, 15));
+  };
+  const auto f3 = [&](M p) {
+    return op(__builtin_shufflevector(p.lo, p.hi, 0, 1, 4, 5, 8, 9, 12, 13),
+              __builtin_shufflevector(p.lo, p.hi, 2, 3, 6, 7, 10, 11, 14, 15));
+  };
+  const auto f4 = [&](M p) {
+    return op(__builtin_shufflevector(p.lo, p.hi, 0, 2, 4, 6, 8, 10, 12, 14),
+              __builtin_shufflevector(p.lo, p.hi, 1, 3, 5, 7, 9, 11, 13, 15));
+  };
+  M a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) a[k] = {f1(v[2 * k]), f1(v[2 * k + 1])};
+  for (int k = 0; k < 4; ++k) b[k] = {f2(a[2 * k]), f2(a[2 * k + 1])};
+  for (int k = 0; k < 2; ++k) c[k] = {f3(b[2 * k]), f3(b[2 * k + 1])};
+  return {f4(c[0]), f4(c[1])};
+}
+#endif
+#endif
+#endif
+// the operations for reduce16
+struct LaneSum {
+  template <typename V>
+  V operator()(V a, V b) const {
+    return a + b;
+  }
+};
+struct LaneMax {
+  template <typename V>
+  V operator()(V a, V b) const {
+    return vmax(a, b);
+  }
+};
+
 }  // namespace
