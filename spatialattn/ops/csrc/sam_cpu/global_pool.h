@@ -19,8 +19,8 @@ namespace {
 // NCHW rows of at most this many pixels have their lane reductions done sixteen rows at a
 // time (GlobalPool::rows16). Measured (global pooling alone, 8 images, 2 threads, float32,
 // paired): 0.88-0.91x the time at 7x7, 0.92x at 5x5, 0.96-0.97x at 9x9 / 10x10; longer rows
-// lost (11x11 1.04x, 13x13 1.10x, 26x26 1.07x), where the reductions weigh less than the
-// sixteen rows' lanes spilled to the stack and read back.
+// lost (11x11 1.04x, 13x13 1.10x, 26x26 1.07x): there the reductions weigh little beside the
+// rest of a row, and the sixteen rows' lanes wait on the stack.
 constexpr int64_t kRows16MaxHW = 100;
 
 // NCHW backward of the global pooling: rows in blocks of about this many bytes of x (see
