@@ -7,15 +7,6 @@
 namespace {
 
 // ---------------------------------------------------------------- global (spatial) pooling
-// For CBAM's channel gate: max and mean over H*W of each (n, c) in one read of x.
-// mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
-// number of elements equal to the max, counted in the same read (the backward then needs no
-// counting pass over x; NCHW counts each row while it is in L1 anyway).
-// Two phases, each a range of independent items that any thread may take (k_global_pool runs
-// them through at::parallel_for; cbam_forward's one parallel region splits them by hand):
-// run(b, e) reads x (NCHW: items are the N * C rows; channels_last: N * nb pixel blocks into
-// partial accumulators), then, channels_last only, combine(b, e) sums the partials of the
-// N * C outputs. The bits depend on nb (set from the thread count), not on the split.
 // NCHW rows of at most this many pixels have their lane reductions done sixteen rows at a
 // time (GlobalPool::rows16). Measured (global pooling alone, 8 images, 2 threads, float32,
 // paired): 0.88-0.91x the time at 7x7, 0.92x at 5x5, 0.96-0.97x at 9x9 / 10x10; longer rows
@@ -28,6 +19,15 @@ constexpr int64_t kRows16MaxHW = 100;
 constexpr int64_t kGpBackwardBlockDefault = 16384;
 int64_t kGpBackwardBlockBytes = kGpBackwardBlockDefault;
 
+// GlobalPool: for CBAM's channel gate: max and mean over H*W of each (n, c) in one read of x.
+// mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
+// number of elements equal to the max, counted in the same read (the backward then needs no
+// counting pass over x; NCHW counts each row while it is in L1 anyway).
+// Two phases, each a range of independent items that any thread may take (k_global_pool runs
+// them through at::parallel_for; cbam_forward's one parallel region splits them by hand):
+// run(b, e) reads x (NCHW: items are the N * C rows; channels_last: N * nb pixel blocks into
+// partial accumulators), then, channels_last only, combine(b, e) sums the partials of the
+// N * C outputs. The bits depend on nb (set from the thread count), not on the split.
 template <typename T, typename X>
 struct GlobalPool {
   using V = vec_t<T>;
