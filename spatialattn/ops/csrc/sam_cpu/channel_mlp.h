@@ -40,11 +40,6 @@ inline VecHalves<T> mlp_load(const T* p) {  // a half at a time (one 64-byte mem
   std::memcpy(&v.hi, p + 32 / sizeof(T), 32);
   return v;
 }
-template <typename T>
-inline void mlp_store(T* p, const VecHalves<T>& v) {
-  std::memcpy(p, &v.lo, 32);
-  std::memcpy(p + 32 / sizeof(T), &v.hi, 32);
-}
 #else
 template <typename T>
 using mlp_vec_t = vec_t<T>;
@@ -55,10 +50,6 @@ inline T mlp_sum(vec_t<T> v) {
 template <typename T>
 inline vec_t<T> mlp_load(const T* p) {
   return vload(p);
-}
-template <typename T>
-inline void mlp_store(T* p, const vec_t<T>& v) {
-  vstore(p, v);
 }
 #endif
 
@@ -187,7 +178,7 @@ inline bool dots16(const T* W, const T* hq, int64_t R, const T* bias, int64_t c0
       acc[j] = s0 + s1;
     }
     float out[16];
-    mlp_store(out, reduce16(acc, LaneSum{}));
+    vstore(out, reduce16(acc, LaneSum{}));
     for (int j = 0; j < 16; ++j) t[(c0 + j) * ld + q] = out[j] + (bias ? bias[c0 + j] : 0.f);
     return true;
   }
@@ -226,8 +217,8 @@ inline void lincomb_m(const T* coef, int64_t cs, int64_t cm, const T* rows, int6
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      mlp_store(out + m * os + j, acc[m][0]);
-      mlp_store(out + m * os + j + L, acc[m][1]);
+      vstore(out + m * os + j, acc[m][0]);
+      vstore(out + m * os + j + L, acc[m][1]);
     }
   }
   if (j + L <= width) {
@@ -242,7 +233,7 @@ inline void lincomb_m(const T* coef, int64_t cs, int64_t cm, const T* rows, int6
       for (int m = 0; m < M; ++m) acc[m] += c[m * cm] * r0;
     }
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) mlp_store(out + m * os + j, acc[m]);
+    for (int m = 0; m < M; ++m) vstore(out + m * os + j, acc[m]);
     j += L;
   }
   for (; j < width; ++j)
@@ -368,7 +359,7 @@ struct ChannelMlp {
       if (r < R) acc[j][0] += w[r] * mlp_load(hj + r * L);
       if (r + 1 < R) acc[j][1] += w[r + 1] * mlp_load(hj + (r + 1) * L);
       if (r + 2 < R) acc[j][2] += w[r + 2] * mlp_load(hj + (r + 2) * L);
-      mlp_store(tc + (qb + j) * L, ((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3])) + bias);
+      vstore(tc + (qb + j) * L, ((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3])) + bias);
     }
   }
 
