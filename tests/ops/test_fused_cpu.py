@@ -352,6 +352,55 @@ def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_sc
     torch.testing.assert_close(outs[0].double(), y64, rtol=1e-6, atol=4e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [32, 48, 40])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_channels_last_backward_streamed_equals_cached(cpp_module, dtype, channels, threads):
+    # streamed (beyond the LLC; forced here) the channels_last gradient pass writes whole
+    # aligned rows of channels (C a multiple of 16) with non-temporal stores straight from its
+    # sweep, the one max channel of a pixel without ties added in its lane; other rows go
+    # through a buffer. Either way the bits of the cached stores: with and without a channel
+    # scale and its gradient, ties, the training BatchNorm; against float64 as well.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    shape = (3, channels, 9, 7)
+    try:
+        for ties, scaled in itertools.product((False, True), (False, True)):
+            g = torch.Generator().manual_seed(channels + 7 * ties + 3 * scaled)
+            x0 = torch.randn(shape, generator=g)
+            if ties:
+                x0 = x0.round()
+            x = x0.to(dtype).contiguous(memory_format=torch.channels_last)
+            gy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            wt = torch.randn(1, 2, 7, 7, generator=g) * 0.2
+            s = torch.rand(shape[0], channels, 1, 1, generator=g) + 0.5 if scaled else None
+            bnw, bnb = torch.ones(1) * 1.5, torch.zeros(1) + 0.1
+            outs = []
+            for stream_bytes in (-1, 0):
+                cpp_module.set_stream_bytes(stream_bytes)
+                y, attn, logits, pooled = cpp_module.sam_forward(x, wt, None, s, None, None, [0, 1], 1, None)
+                grads = cpp_module.sam_backward(gy, None, x, s, wt, None, attn, logits, pooled, [0, 1], 1, scaled,
+                                                True, False, False)
+                f = cpp_module.sam_forward_bn(x, wt, None, s, bnw, bnb, 1e-5, [0, 1], 1)
+                grads_bn = cpp_module.sam_backward_bn(gy, None, x, s, wt, bnw, f[1], f[2], f[3], f[4], 1e-5, [0, 1],
+                                                      1, scaled, True, False, True)
+                outs.append([t for t in list(grads) + list(grads_bn) if t is not None])
+            for a, b in zip(*outs):
+                assert torch.equal(a, b)
+            xd = x.double().requires_grad_()
+            sd = s.double().requires_grad_() if scaled else None
+            wd = wt.double().requires_grad_()
+            y_ref = ref_sam(xd, wd, None, ("max", "mean"), 1, sd)[0]
+            want = torch.autograd.grad(y_ref, [t for t in (xd, sd, wd) if t is not None], gy.double())
+            got = outs[0][:len(want)]
+            if not ties:  # (with ties the max's share may go to a tied channel x rounds differently to)
+                tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+                torch.testing.assert_close(got[0].double(), want[0], **tol)
+    finally:
+        cpp_module.set_stream_bytes(-1)
+        torch.set_num_threads(old)
+
+
 def test_saves_no_scaled_copy_for_backward():
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     s = torch.rand(2, 16, 1, 1, requires_grad=True)

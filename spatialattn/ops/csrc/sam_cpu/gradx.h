@@ -197,6 +197,29 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
   constexpr int64_t L = lanes<T>();
   const V gav = V{} + gv * av;
   int64_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && gx && C % L == 0 && reinterpret_cast<uintptr_t>(gx) % (L * sizeof(X)) == 0) {
+      // streamed, whole aligned vectors: non-temporal stores straight from the sweep, the one
+      // max channel's share added in its lane (the same sums as the patch below), instead of
+      // the row through gp and mul_row's streaming copy (a sixth of pass B's time at
+      // 8x256x52x52)
+      const int64_t k = (M && !XM && ix >= T(0)) ? int64_t(ix) : int64_t(-1);
+      for (; c < C; c += L) {
+        V v = F ? V{} + fa : V{};
+        if (G) v = (GC ? gav : vld(gr + c) * av) + v;
+        if (M && XM) {
+          const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
+          v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
+        }
+        if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
+        if (M && !XM && k >= c && k < c + L) v = vsel<T>(vcmp<kEq, T>(lane_index<T>(), V{} + T(k - c)), v + f, v);
+        vst_nt(gx + c, sr ? v * vload(sr + c) : v);
+      }
+      return;
+    }
+  }
+#endif
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>)
     c = gradx_pixel_avx2<G, GC, M, F, XM, X>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
