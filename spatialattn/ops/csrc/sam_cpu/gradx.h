@@ -196,6 +196,18 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V gav = V{} + gv * av;
+  // the gradient of channels c .. c + L - 1 before the channel scale (the max term from x with
+  // XM; ps accumulated)
+  auto lanes_at = [&](int64_t c) {
+    V v = F ? V{} + fa : V{};
+    if (G) v = (GC ? gav : vld(gr + c) * av) + v;
+    if (M && XM) {
+      const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
+      v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
+    }
+    if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
+    return v;
+  };
   int64_t c = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
@@ -206,13 +218,7 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
       // 8x256x52x52)
       const int64_t k = (M && !XM && ix >= T(0)) ? int64_t(ix) : int64_t(-1);
       for (; c < C; c += L) {
-        V v = F ? V{} + fa : V{};
-        if (G) v = (GC ? gav : vld(gr + c) * av) + v;
-        if (M && XM) {
-          const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
-          v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
-        }
-        if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
+        V v = lanes_at(c);
         if (M && !XM && k >= c && k < c + L) v = vsel<T>(vcmp<kEq, T>(lane_index<T>(), V{} + T(k - c)), v + f, v);
         vst_nt(gx + c, sr ? v * vload(sr + c) : v);
       }
@@ -225,13 +231,7 @@ inline void gradx_pixel(const X* xr, const X* gr, T gv, T av, const T* sr, T m, 
     c = gradx_pixel_avx2<G, GC, M, F, XM, X>(xr, gr, gv, av, sr, m, f, fa, C, ps, gx, stream, gp);
 #endif
   for (; c + L <= C; c += L) {
-    V v = F ? V{} + fa : V{};
-    if (G) v = (GC ? gav : vld(gr + c) * av) + v;
-    if (M && XM) {
-      const V xs = sr ? vld(xr + c) * vload(sr + c) : vld(xr + c);
-      v += vsel<T>(vcmp<kEq, T>(xs, V{} + m), V{} + f, V{});
-    }
-    if (XM && ps) vstore(ps + c, vload(ps + c) + v * vld(xr + c));
+    const V v = lanes_at(c);
     if (stream || !gx) {
       vstore(gp + c, v);
     } else {
