@@ -159,21 +159,22 @@ struct GlobalPool {
     if (mean) mean[r] = sum / T(HW);
   }
 
+  // hreduce of one row's lanes
+  static T lanes_reduced(const RowLanes& v, bool is_max) {
+#if SAM_AVX2_HALVES
+    if constexpr (std::is_same_v<T, float>) return hreduce8(__m256(v.lo), __m256(v.hi), is_max);
+    else
+#endif
+      return hreduce<T, 64>(v, is_max);
+  }
+
   // NCHW: max and mean of row r
   void row(int64_t r) {
     if (HW >= L) {
       RowLanes lm, ls;
       row_lanes(r, lm, ls);
-#if SAM_AVX2_HALVES
-      if constexpr (std::is_same_v<T, float>) {
-        finish_row(r, hreduce8(__m256(lm.lo), __m256(lm.hi), true), hreduce8(__m256(ls.lo), __m256(ls.hi), false));
-        return;
-      } else
-#endif
-      {
-        finish_row(r, hreduce<T, 64>(lm, true), hreduce<T, 64>(ls, false));
-        return;
-      }
+      finish_row(r, lanes_reduced(lm, true), lanes_reduced(ls, false));
+      return;
     }
     const X* row = x + r * HW;
     T m = T(row[0]), sum = 0;
@@ -425,17 +426,13 @@ inline void global_pool_grad_run(const X* row, int64_t n, bool has_max, bool acc
 // gmax (with mx) / fmean may be null. With `acc`, added to what gx holds (one read-modify-
 // write of gx instead of a new tensor that autograd would then add: CBAM's fused backward).
 // counts (channels_last, from the forward): [N, C] tie counts, no counting pass; may be null.
-// `stream` (non-temporal stores beyond the LLC) applies to a new gx only: with `acc` each line
-// of gx has just been read into the cache, and streaming it out from there cost 1.6-1.9x the
-// time of plain stores (8x256x52x52 and 8x128x104x104, float32, 2 threads: 2.31 -> 1.19 and
-// 1.88 -> 1.16 clones).
+// stream: use_stream's answer for gx (with `acc` gx is read first: see use_stream).
 template <typename T, typename X>
 void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fmean, int64_t N, int64_t C, int64_t HW,
                             bool nhwc, X* gx, bool stream, bool acc, const T* counts = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
-  stream = stream && !acc;
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     // rows in blocks of about 16 KB of x: the tie counts (and so the max's share) of a block

@@ -17,7 +17,6 @@ namespace {
 constexpr int64_t kFlatRowsDefault = 100;
 int64_t kFlatRowsMaxHW = kFlatRowsDefault;
 
-
 // The rows of one block for rows of HW pixels (16 / gcd(HW, 16): a whole number of 16-lane
 // vectors), or 0 where rows of HW pixels are not short (a multiple of 16 or above `limit`).
 inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
@@ -27,6 +26,12 @@ inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
   return rows;
 }
 
+// out [rows * HW] <- `rows` copies of the map [HW] (a pixel map tiled to a block of rows)
+template <typename T>
+inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
+  for (int64_t j = 0; j < rows; ++j) std::copy(map, map + HW, out + j * HW);
+}
+
 // Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
 // 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
 // row: at 49 pixels 64 lanes of work for 49), but an image's rows are one contiguous run, so
@@ -34,12 +39,6 @@ inline int64_t flat_block_rows(int64_t HW, int64_t limit) {
 // against the attention tiled to the block. The same products element for element. Returns
 // the first row not done (the caller multiplies the rest row by row); c0 where the rows are
 // not short.
-// out [rows * HW] <- `rows` copies of the map [HW] (a pixel map tiled to a block of rows)
-template <typename T>
-inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
-  for (int64_t j = 0; j < rows; ++j) std::copy(map, map + HW, out + j * HW);
-}
-
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1, bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);

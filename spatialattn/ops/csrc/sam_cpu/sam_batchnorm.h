@@ -247,7 +247,7 @@ Tensor global_pool_backward(const Tensor& grad, const Tensor& x, const Tensor& o
     if (fmean.defined()) fmean = (fmean / double(g.HW)).contiguous();
     if (gmax.defined()) gmax = gmax.contiguous();
     k_global_pool_backward<T, X>(x.data_ptr<X>(), dptr<T>(mx), dptr<T>(gmax), dptr<T>(fmean), g.N, g.C, g.HW,
-                                 g.nhwc, gx.data_ptr<X>(), use_stream<X>(x.numel()), acc,
+                                 g.nhwc, gx.data_ptr<X>(), use_stream<X>(x.numel(), acc), acc,
                               g.nhwc ? ptr_or_null<T>(counts) : nullptr);
   });
   return gx;
