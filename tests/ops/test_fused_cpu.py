@@ -328,6 +328,33 @@ def test_out_argument_and_no_grad_path():
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 32, 9, 7), (1, 40, 13, 13)])
+def test_in_place_output(cpp_module, layout, shape):
+    # out=x: each line of the output is read before it is written, so the kernels never
+    # stream it (non-temporal stores of lines just read cost 1.6-5x there); the products are
+    # the same bits as into a fresh tensor, with streaming allowed or not, for the fused SAM
+    # (whole images and the shared rows of a batch below the thread count) and the gate
+    x0 = make_x(shape, layout, seed=5)
+    w = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(6))
+    attn = torch.rand(shape[0], 1, shape[2], shape[3], generator=torch.Generator().manual_seed(7))
+    s = torch.rand(shape[0], shape[1], 1, 1, generator=torch.Generator().manual_seed(8)) + 0.5
+    want = ops.spatial_attention_fused(x0, w, channel_scale=s)
+    want_gate = cpp_module.gate_forward(x0, attn, None, None)
+    try:
+        for stream_bytes in (-1, 0):
+            cpp_module.set_stream_bytes(stream_bytes)
+            x = x0.clone()
+            y = ops.spatial_attention_fused(x, w, channel_scale=s, out=x)
+            assert y.data_ptr() == x.data_ptr() and torch.equal(x, want)
+            x = x0.clone()
+            assert cpp_module.gate_forward(x, attn, None, x).data_ptr() == x.data_ptr()
+            assert torch.equal(x, want_gate)
+    finally:
+        cpp_module.set_stream_bytes(-1)
+    torch.testing.assert_close(want_gate, x0 * attn)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (2, 40, 6, 5), (1, 40, 9, 4)])
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_scale):

@@ -66,7 +66,7 @@ Tensor gate_forward(const Tensor& x, const Tensor& attn, const optional<Tensor>&
     using X = scalar_t;
     using T = acc_t<X>;
     k_mul<T, X>(x.data_ptr<X>(), dptr<T>(s), a.data_ptr<T>(), y.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc,
-                use_stream<X>(x.numel()));
+                use_stream<X>(x.numel(), in_place(x, y)));
   });
   return y;
 }

@@ -280,7 +280,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation),
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
-    const bool stream = use_stream<X>(x.numel());
+    const bool stream = use_stream<X>(x.numel(), in_place(x, y));
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {
       at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {

@@ -59,6 +59,9 @@ Tensor output_like(const Tensor& x, const optional<Tensor>& out) {
   return *out;
 }
 
+// y is x (out=x): the kernel reads each line of its output first (see use_stream's output_read)
+inline bool in_place(const Tensor& x, const Tensor& y) { return x.data_ptr() == y.data_ptr(); }
+
 Tensor empty_map(const Geo& g, int64_t P, const Tensor& x) {
   return at::empty({g.N, P, g.H, g.W}, acc_options(x).memory_format(at::MemoryFormat::Contiguous));
 }
