@@ -391,7 +391,8 @@ def spatial_attention_fused(
             (an eval-mode BatchNorm2d(1): see :func:`batchnorm_affine`).
         return_attention: also return the ``Tensor[N, 1, H, W]`` gate (float32 for half x).
         out: optional output tensor (shape / strides / dtype of ``x``) for inference
-            without autograd on the C++ path (avoids a fresh allocation per call).
+            without autograd on the C++ path (avoids a fresh allocation per call); ``out=x``
+            computes in place.
 
     Saved for backward: ``x``, the small maps (pooled, logits, gate) and parameters.
     """
