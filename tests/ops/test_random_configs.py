@@ -9,7 +9,8 @@ compares values and every gradient with a float64 reference. Seeds are fixed: a 
 its case, and ``one_case(case)`` replays it.
 
 float32 cases compare the output, the gate and the gradient w.r.t. ``x`` (per element, within
-a few ulps of the largest value); parameter gradients are sums over every pixel whose float32
+a few ulps of the largest value; float16 / bfloat16 inputs, computed in float32 and rounded
+once, within a few of their ulps); parameter gradients are sums over every pixel whose float32
 rounding can cancel (torch's own float32 path is as far from float64 there), so they are
 compared in the float64 cases, which run the same kernels (templates) at 1e-10.
 """
@@ -46,6 +47,7 @@ KNOBS = {
     "set_gp_backward_block_bytes": (-1, [0, 64, 4096, 1 << 30]),
 }
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
+HALF = (torch.float16, torch.bfloat16)
 CASES_PER_BLOCK = 40
 
 
@@ -115,8 +117,9 @@ def fused_case(case: int, mod) -> Optional[dict]:
     """One random fused-SAM call (forward, backward or ``out=``); the errors above tolerance."""
     rng = random.Random(case)
     g = torch.Generator().manual_seed(case)
-    dtype = rng.choice([torch.float32, torch.float64])
+    dtype = rng.choice([torch.float32, torch.float64, torch.float32, torch.float64, torch.float16, torch.bfloat16])
     ties = dtype == torch.float64 and rng.random() < 0.4
+    pdtype = torch.float32 if dtype in HALF else dtype  # parameters and norm (the gate's compute type)
     shape = (rng.choice([0, 1, 1, 2, 3, 5, 8]), rng.choice([1, 2, 7, 16, 17, 33, 64, 100]),
              rng.choice([1, 2, 3, 5, 7, 9, 13, 16, 26, 31]), rng.choice([1, 2, 3, 5, 8, 13, 17, 31, 40, 57]))
     kh = rng.choice([1, 3, 5, 7, 7, 7])
@@ -126,16 +129,16 @@ def fused_case(case: int, mod) -> Optional[dict]:
     layout = rng.choice(["contiguous", "channels_last", "channels_last", "noncontig"])
     x = _input(g, shape, layout, dtype, ties)
     n, c = shape[:2]
-    w = (torch.randn(1, len(order), kh, kw, generator=g, dtype=torch.float64) * 0.3).to(dtype)
-    b = torch.randn(1, generator=g, dtype=torch.float64).to(dtype) if rng.random() < 0.7 else None
+    w = (torch.randn(1, len(order), kh, kw, generator=g, dtype=torch.float64) * 0.3).to(pdtype)
+    b = torch.randn(1, generator=g, dtype=torch.float64).to(pdtype) if rng.random() < 0.7 else None
     s = None
     if rng.random() < 0.4:
         s = torch.rand(n, c, 1, 1, generator=g, dtype=torch.float64) + 0.25
         s = (torch.round(s * 4) / 4 if ties else s).to(dtype)
     ns = nsh = None
     if rng.random() < 0.3:
-        ns = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-        nsh = torch.randn(1, generator=g, dtype=torch.float64).to(dtype)
+        ns = (torch.rand(1, generator=g, dtype=torch.float64) + 0.5).to(pdtype)
+        nsh = torch.randn(1, generator=g, dtype=torch.float64).to(pdtype)
     gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
     mode = rng.choice(["grad", "grad", "grad", "plain", "out", "in_place"])
     knobs = _draw_knobs(rng, mod)
@@ -168,7 +171,7 @@ def fused_case(case: int, mod) -> Optional[dict]:
         for name, got, want in zip(names, grads, rgrads):
             if dtype == torch.float64 or name == "x":
                 errors["grad_" + name] = _rel(got, want)
-    tol = 1e-10 if dtype == torch.float64 else 5e-6
+    tol = {torch.float64: 1e-10, torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     bad = {k: v for k, v in errors.items() if not v <= tol}
     if bad:
         return dict(case=case, errors=bad, dtype=dtype, shape=shape, kernel=(kh, kw), dilation=dilation,
@@ -346,15 +349,15 @@ def test_modules_random_configs(cpp_module, block, monkeypatch):
 
 
 def test_a_wrong_output_is_caught(cpp_module, monkeypatch):
-    """The comparison can fail: a fused op whose first output element is off by a thousandth
-    of the output's largest value is reported, for every non-empty case."""
+    """The comparison can fail: a fused op whose first output element is off by 5 % of the
+    output's largest value is reported, for every non-empty case."""
     real = ops.spatial_attention_fused
 
     def off(*args, **kwargs):
         y, attn = real(*args, **kwargs)
         if y.numel():
             with torch.no_grad():
-                y[0, 0, 0, 0] += 1e-3 * (y.abs().max() + 1)
+                y[0, 0, 0, 0] += 0.05 * (y.abs().max() + 1)
         return y, attn
 
     monkeypatch.setattr(ops, "spatial_attention_fused", off)
