@@ -21,6 +21,8 @@ Example::
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -205,7 +207,7 @@ def spatial_attention_map(
     Arguments as in :func:`spatial_attention`. Returns ``Tensor[N, 1, H, W]``
     (float32 for float16 / bfloat16 inputs).
     """
-    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
+    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale, bias, dilation)
     k_h, k_w = weight.shape[-2:]
     acc = accumulate_dtype(x)
     pooled = ops.channel_pool(x, order, channel_scale=channel_scale, dtype=acc)
@@ -222,7 +224,12 @@ def spatial_attention_map(
 
 
 def _check_sam_inputs(
-    x: Tensor, weight: Tensor, order: Union[str, Sequence[str]], channel_scale: Optional[Tensor]
+    x: Tensor,
+    weight: Tensor,
+    order: Union[str, Sequence[str]],
+    channel_scale: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    dilation: int = 1,
 ) -> Tuple[Tuple[str, ...], Optional[Tensor]]:
     """Validate the spatial-attention arguments; returns the normalised order and the scale in x.dtype."""
     check_input(x)
@@ -232,6 +239,10 @@ def _check_sam_inputs(
     k_h, k_w = weight.shape[-2:]
     if k_h % 2 == 0 or k_w % 2 == 0:
         raise ValueError(f"weight: kernel size must be odd to keep the map size, got {k_h}x{k_w}")
+    if bias is not None and tuple(bias.shape) != (1,):
+        raise ValueError(f"bias: expected shape (1,), got {tuple(bias.shape)}")
+    if not hasattr(dilation, "__index__") or operator.index(dilation) < 1:
+        raise ValueError(f"dilation: expected a positive int, got {dilation!r}")
     if channel_scale is not None:
         if tuple(channel_scale.shape) != (x.shape[0], x.shape[1], 1, 1):
             raise ValueError(
@@ -277,7 +288,7 @@ def spatial_attention(
     fused = _fused_sam_args(x, weight, bias, norm, gate)
     if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
         # training-mode BatchNorm on the logits: one fused op with the batch statistics
-        order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
+        order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale, bias, dilation)
         with autocast_off(device_type(x)):
             return ops.spatial_attention_fused_batchnorm(
                 x, weight, bias, norm, order=order, dilation=dilation, channel_scale=channel_scale,
@@ -292,7 +303,7 @@ def spatial_attention(
         y = ops.gate_multiply(x, attn, channel_scale)
         return (y, attn) if return_attention else y
     # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply)
-    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale)
+    order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale, bias, dilation)
     norm_scale, norm_shift = fused
     with autocast_off(device_type(x)):
         return ops.spatial_attention_fused(

@@ -131,6 +131,14 @@ def test_input_checks_name_expected_and_found():
         SF.spatial_attention(torch.randn(1, 4, 5, 5), torch.randn(1, 2, 3, 3), channel_scale=torch.rand(1, 3, 1, 1))
     with pytest.raises(ValueError, match="unknown gate"):
         SF.get_gate("softsign")
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(1, 2, 3, 3)
+    for kwargs in ({}, {"norm": torch.nn.BatchNorm2d(1).eval()}, {"norm": torch.nn.BatchNorm2d(1)}, {"gate": "hard_sigmoid"}):
+        # every route (fused, fused with the training BatchNorm, unfused) checks the same way
+        with pytest.raises(ValueError, match=r"bias: expected shape \(1,\), got \(2,\)"):
+            SF.spatial_attention(x, w, torch.randn(2), **kwargs)
+        for dilation in (0, -1, 1.5):
+            with pytest.raises(ValueError, match=f"dilation: expected a positive int, got {dilation}"):
+                SF.spatial_attention(x, w, dilation=dilation, **kwargs)
 
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])

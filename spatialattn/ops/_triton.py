@@ -889,6 +889,19 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     return out
 
 
+def _gate_args_error(weight: Tensor, p: int, bias: Optional[Tensor], dilation: int) -> None:
+    """Raise the error for small-map arguments the gate kernel cannot take (as the C++ kernels
+    say it)."""
+    if weight.dim() != 4 or weight.shape[:2] != (1, p):
+        raise ValueError(f"spatialattn: weight must be (1, {p}, kh, kw), got {tuple(weight.shape)}")
+    if not (weight.shape[2] % 2 and weight.shape[3] % 2):
+        raise ValueError("spatialattn: weight: kernel size must be odd to keep the map size, got "
+                         f"{weight.shape[2]}x{weight.shape[3]}")
+    if dilation < 1:
+        raise ValueError(f"spatialattn: dilation must be >= 1, got {dilation}")
+    raise ValueError(f"spatialattn: bias must have shape (1,), got {tuple(bias.shape)}")
+
+
 def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, out: Tensor,
                norm_scale: Optional[Tensor] = None, norm_shift: Optional[Tensor] = None, stats: bool = False
                ) -> Tensor:
@@ -898,6 +911,9 @@ def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation:
     the logits (float64 ``[programs, 3]``)."""
     n, p, h, w = pooled.shape
     kh, kw = weight.shape[-2:]
+    if weight.dim() != 4 or weight.shape[:2] != (1, p) or not kh % 2 or not kw % 2 or dilation < 1 or (
+            bias is not None and bias.shape != (1,)):
+        _gate_args_error(weight, p, bias, dilation)
     logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
     programs = n * _cdiv(h * w, _BP_SMALL)
     if programs == 0:

@@ -229,6 +229,25 @@ def test_empty_batch(dtype):
     assert ops.global_pool(x, ("mean", "max"), dtype=torch.float32).shape == (2, 0, 8)
 
 
+@pytest.mark.parametrize("args, message", [
+    (dict(weight=(1, 2, 4, 4)), r"kernel size must be odd to keep the map size, got 4x4"),
+    (dict(weight=(1, 3, 7, 7)), r"weight must be \(1, 2, kh, kw\), got \(1, 3, 7, 7\)"),
+    (dict(bias=(2,)), r"bias must have shape \(1,\), got \(2,\)"),
+    (dict(dilation=0), r"dilation must be >= 1, got 0"),
+])
+def test_bad_small_map_arguments_are_refused(args, message):
+    # as the C++ kernels: checked on the host before the gate's launch, in both fused ops
+    x = make_x((2, 8, 5, 5), "nchw", torch.float32).requires_grad_()
+    w = torch.randn(args.get("weight", (1, 2, 7, 7)), device=DEV)
+    b = torch.randn(args["bias"], device=DEV) if "bias" in args else None
+    dilation = args.get("dilation", 1)
+    with pytest.raises(ValueError, match=message):
+        ops.spatial_attention_fused(x, w, b, dilation=dilation)
+    norm = torch.nn.BatchNorm2d(1).to(DEV)
+    with pytest.raises(ValueError, match=message):
+        ops.spatial_attention_fused_batchnorm(x, w, b, norm, dilation=dilation)
+
+
 def test_max_ties_and_nan():
     """Tied maxima share the max-pool gradient evenly (``amax``); NaN propagates through the max."""
     x = torch.randint(-2, 3, (2, 19, 6, 7)).float().to(DEV).requires_grad_()  # many ties

@@ -328,6 +328,46 @@ def test_out_argument_and_no_grad_path():
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 
 
+def test_out_partly_overlapping_x_is_refused():
+    # an out= sharing some of x's memory would be written before x is read: refused (out=x,
+    # the whole of it, is the in-place call)
+    base = torch.randn(2 * 8 * 5 * 5 + 25)
+    x, out = base[:400].view(2, 8, 5, 5), base[25:].view(2, 8, 5, 5)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        ops.spatial_attention_fused(x, torch.randn(1, 2, 7, 7), out=out)
+    assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("args, message", [
+    (dict(weight=(1, 2, 4, 4)), r"kernel size must be odd to keep the map size, got 4x4"),
+    (dict(weight=(1, 2, 7, 2)), r"kernel size must be odd to keep the map size, got 7x2"),
+    (dict(weight=(2, 2, 7, 7)), r"weight must be \(1, 2, kh, kw\), got \[2, 2, 7, 7\]"),
+    (dict(bias=(2,)), r"bias must have shape \(1,\), got \[2\]"),
+    (dict(bias=()), r"bias must have shape \(1,\), got \[\]"),
+    (dict(norm=(2,)), r"norm_scale must have shape \(1,\), got \[2\]"),
+    (dict(dilation=0), r"dilation must be >= 1, got 0"),
+    (dict(dilation=-2), r"dilation must be >= 1, got -2"),
+])
+def test_bad_small_map_arguments_are_refused(cpp_module, args, message, grad):
+    # the kernels' own checks (ops is public too): an even kernel, a bias or norm of more than
+    # one value, a dilation below 1 were taken before and gave a wrong map or a crash
+    x = torch.randn(2, 8, 5, 5, requires_grad=grad)
+    w = torch.randn(args.get("weight", (1, 2, 7, 7)))
+    b = torch.randn(args["bias"]) if "bias" in args else None
+    ns = torch.ones(args["norm"]) if "norm" in args else None
+    nsh = torch.zeros(args["norm"]) if "norm" in args else None
+    with pytest.raises(RuntimeError, match=message):
+        ops.spatial_attention_fused(x, w, b, norm_scale=ns, norm_shift=nsh, dilation=args.get("dilation", 1))
+    if ns is None:  # the training-BatchNorm op and CBAM inference in one call check the same
+        with pytest.raises(RuntimeError, match=message):
+            ops.spatial_attention_fused_batchnorm(x, w, b, torch.nn.BatchNorm2d(1), dilation=args.get("dilation", 1))
+        with pytest.raises(RuntimeError, match=message):
+            cpp_module.cbam_forward(x.detach(), [1, 0], torch.randn(2, 8), None, torch.randn(8, 2), None, w, b,
+                                    None, None, [0, 1], args.get("dilation", 1))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [(3, 32, 9, 7), (1, 40, 13, 13)])
 def test_in_place_output(cpp_module, layout, shape):

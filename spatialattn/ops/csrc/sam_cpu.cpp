@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

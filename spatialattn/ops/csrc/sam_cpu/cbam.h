@@ -31,12 +31,10 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
     return {r[0], r[1], gate.view({g.N, g.C, 1, 1})};
   }
   const int64_t Pc = ch_kinds.size(), P = kinds.size(), NC = g.N * g.C;
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
-              "spatialattn: weight must be (1, P, kh, kw)");
+  check_gate_args(weight, P, bias, norm_scale, norm_shift, dilation);
   const MlpParams mp = mlp_params(acc_type(x), g.C, w1, b1, w2, b2);
   const Tensor w = small(weight, x);
   const auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
-  TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
   const auto opts = acc_options(x).memory_format(at::MemoryFormat::Contiguous);
   Tensor gate = at::empty({g.N, g.C, 1, 1}, opts), attn = empty_map(g, 1, x), y = at::empty_like(x);
   SA_DISPATCH(x, "cbam_forward", [&] {

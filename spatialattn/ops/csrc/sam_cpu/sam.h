@@ -257,12 +257,10 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
   Geo g = geometry(x);
   TORCH_CHECK(g.C > 0, "spatialattn: channel pooling over zero channels");
   const int64_t P = kinds.size();
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
-              "spatialattn: weight must be (1, P, kh, kw)");
+  check_gate_args(weight, P, bias, norm_scale, norm_shift, dilation);
   Tensor s = flat_scale(scale, x);
   Tensor w = small(weight, x);
   auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
-  TORCH_CHECK(ns.has_value() == nsh.has_value(), "spatialattn: norm_scale and norm_shift go together");
   Tensor pooled = empty_map(g, P, x), logits = empty_map(g, 1, x), attn = empty_map(g, 1, x);
   Tensor y = output_like(x, out);
   if (g.N * g.HW == 0) return {y, attn, logits, pooled};

@@ -19,8 +19,7 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
   Geo g = geometry(x);
   TORCH_CHECK(g.C > 0, "spatialattn: channel pooling over zero channels");
   const int64_t P = kinds.size(), M = g.N * g.HW;
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
-              "spatialattn: weight must be (1, P, kh, kw)");
+  check_gate_args(weight, P, bias, std::nullopt, std::nullopt, dilation);
   TORCH_CHECK(M > 1, "spatialattn: Expected more than 1 value per channel when training, got input size ",
               x.sizes());
   Tensor s = flat_scale(scale, x);

@@ -51,12 +51,37 @@ optional<Tensor> small_opt(const optional<Tensor>& t, const Tensor& like) {
   return small(*t, like);
 }
 
-// `out` where given (checked: the shape, strides and dtype of x), else a new tensor like x
+// `out` where given (checked: the shape, strides and dtype of x, and either x itself or memory
+// apart from it: a partly overlapping out would overwrite x before it is read), else a new
+// tensor like x
 Tensor output_like(const Tensor& x, const optional<Tensor>& out) {
   if (!(out.has_value() && out->defined())) return at::empty_like(x);
   TORCH_CHECK(out->sizes() == x.sizes() && out->strides() == x.strides() && out->scalar_type() == x.scalar_type(),
               "spatialattn: out= must have the shape, strides and dtype of x");
+  at::assert_no_partial_overlap(*out, x);
   return *out;
+}
+
+// The small-map arguments of the fused SAM: weight [1, P, kh, kw] with odd kh, kw (the map
+// keeps its size), one value each for the bias and the norm's scale and shift (given together),
+// dilation >= 1.
+void check_gate_args(const Tensor& weight, int64_t P, const optional<Tensor>& bias,
+                     const optional<Tensor>& norm_scale, const optional<Tensor>& norm_shift, int64_t dilation) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
+              "spatialattn: weight must be (1, ", P, ", kh, kw), got ", weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1,
+              "spatialattn: weight: kernel size must be odd to keep the map size, got ", weight.size(2), "x",
+              weight.size(3));
+  TORCH_CHECK(dilation >= 1, "spatialattn: dilation must be >= 1, got ", dilation);
+  const auto one = [](const optional<Tensor>& t, const char* name) {
+    TORCH_CHECK(!t.has_value() || !t->defined() || (t->dim() == 1 && t->numel() == 1), "spatialattn: ", name,
+                " must have shape (1,), got ", t->sizes());
+  };
+  one(bias, "bias");
+  one(norm_scale, "norm_scale");
+  one(norm_shift, "norm_shift");
+  TORCH_CHECK((norm_scale.has_value() && norm_scale->defined()) == (norm_shift.has_value() && norm_shift->defined()),
+              "spatialattn: norm_scale and norm_shift go together");
 }
 
 // y is x (out=x): the kernel reads each line of its output first (see use_stream's output_read)
