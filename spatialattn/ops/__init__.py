@@ -90,6 +90,10 @@ def _kinds(order: Sequence[str]) -> list:
     key = tuple(order)
     kinds = _KINDS.get(key)
     if kinds is None:
+        unknown = [k for k in key if k not in _lib.KIND]
+        if unknown or not key:
+            raise ValueError(f"pooling order {key!r}: expected one or more of 'max', 'mean' (normalised; "
+                             "spatialattn.functional.normalize_pool_order maps 'avg' and the like)")
         kinds = _KINDS[key] = [_lib.KIND[k] for k in key]
     return kinds
 

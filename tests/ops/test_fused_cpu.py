@@ -328,6 +328,15 @@ def test_out_argument_and_no_grad_path():
         ops.spatial_attention_fused(x.requires_grad_(), w, out=out)
 
 
+def test_unnormalised_pooling_order_is_refused():
+    x = torch.randn(2, 8, 5, 5)
+    for order in (("max", "avg"), ()):
+        with pytest.raises(ValueError, match="expected one or more of 'max', 'mean'"):
+            ops.spatial_attention_fused(x, torch.randn(1, max(1, len(order)), 7, 7), order=order)
+        with pytest.raises(ValueError, match="expected one or more of 'max', 'mean'"):
+            ops.channel_pool(x, order)
+
+
 def test_out_partly_overlapping_x_is_refused():
     # an out= sharing some of x's memory would be written before x is read: refused (out=x,
     # the whole of it, is the in-place call)
