@@ -51,14 +51,6 @@ HALF = (torch.float16, torch.bfloat16)
 CASES_PER_BLOCK = 40
 
 
-@pytest.fixture(scope="module")
-def cpp_module():
-    mod = _cpp.get()
-    if mod is None:
-        pytest.skip("C++ extension could not be built here (no compiler?)")
-    return mod
-
-
 @pytest.fixture(autouse=True)
 def restore(cpp_module):
     threads = torch.get_num_threads()
