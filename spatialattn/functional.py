@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import operator
-
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch

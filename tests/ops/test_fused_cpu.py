@@ -364,12 +364,12 @@ def test_bad_small_map_arguments_are_refused(cpp_module, args, message, grad):
     b = torch.randn(args["bias"]) if "bias" in args else None
     ns = torch.ones(args["norm"]) if "norm" in args else None
     nsh = torch.zeros(args["norm"]) if "norm" in args else None
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         ops.spatial_attention_fused(x, w, b, norm_scale=ns, norm_shift=nsh, dilation=args.get("dilation", 1))
     if ns is None:  # the training-BatchNorm op and CBAM inference in one call check the same
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(ValueError, match=message):
             ops.spatial_attention_fused_batchnorm(x, w, b, torch.nn.BatchNorm2d(1), dilation=args.get("dilation", 1))
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(ValueError, match=message):
             cpp_module.cbam_forward(x.detach(), [1, 0], torch.randn(2, 8), None, torch.randn(8, 2), None, w, b,
                                     None, None, [0, 1], args.get("dilation", 1))
 

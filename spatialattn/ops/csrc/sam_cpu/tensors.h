@@ -64,24 +64,25 @@ Tensor output_like(const Tensor& x, const optional<Tensor>& out) {
 
 // The small-map arguments of the fused SAM: weight [1, P, kh, kw] with odd kh, kw (the map
 // keeps its size), one value each for the bias and the norm's scale and shift (given together),
-// dilation >= 1.
+// dilation >= 1 (a ValueError in Python, as the Triton path and spatialattn.functional raise).
 void check_gate_args(const Tensor& weight, int64_t P, const optional<Tensor>& bias,
                      const optional<Tensor>& norm_scale, const optional<Tensor>& norm_shift, int64_t dilation) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
-              "spatialattn: weight must be (1, ", P, ", kh, kw), got ", weight.sizes());
-  TORCH_CHECK(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1,
-              "spatialattn: weight: kernel size must be odd to keep the map size, got ", weight.size(2), "x",
-              weight.size(3));
-  TORCH_CHECK(dilation >= 1, "spatialattn: dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == P,
+                    "spatialattn: weight must be (1, ", P, ", kh, kw), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(2) % 2 == 1 && weight.size(3) % 2 == 1,
+                    "spatialattn: weight: kernel size must be odd to keep the map size, got ", weight.size(2), "x",
+                    weight.size(3));
+  TORCH_CHECK_VALUE(dilation >= 1, "spatialattn: dilation must be >= 1, got ", dilation);
   const auto one = [](const optional<Tensor>& t, const char* name) {
-    TORCH_CHECK(!t.has_value() || !t->defined() || (t->dim() == 1 && t->numel() == 1), "spatialattn: ", name,
-                " must have shape (1,), got ", t->sizes());
+    TORCH_CHECK_VALUE(!t.has_value() || !t->defined() || (t->dim() == 1 && t->numel() == 1), "spatialattn: ",
+                      name, " must have shape (1,), got ", t->sizes());
   };
   one(bias, "bias");
   one(norm_scale, "norm_scale");
   one(norm_shift, "norm_shift");
-  TORCH_CHECK((norm_scale.has_value() && norm_scale->defined()) == (norm_shift.has_value() && norm_shift->defined()),
-              "spatialattn: norm_scale and norm_shift go together");
+  const bool has_scale = norm_scale.has_value() && norm_scale->defined();
+  const bool has_shift = norm_shift.has_value() && norm_shift->defined();
+  TORCH_CHECK_VALUE(has_scale == has_shift, "spatialattn: norm_scale and norm_shift go together");
 }
 
 // y is x (out=x): the kernel reads each line of its output first (see use_stream's output_read)
