@@ -303,9 +303,11 @@ def _random_sam_case(case: int) -> dict:
     return {k: e for k, (e, t) in errors.items() if not e <= t}
 
 
-@pytest.mark.parametrize("block", range(3))
+@pytest.mark.parametrize("block", range(1 if MODE == "cuda" else 3))
 def test_random_configurations(block):
-    """Ten random configurations per block (see ``_random_sam_case``), fixed seeds."""
+    """Ten random configurations per block (see ``_random_sam_case``), fixed seeds. On a GPU one
+    block: each new kernel size, dilation and dtype compiles Triton variants (about a second
+    each), and a lent GPU's time is short."""
     failures = {case: bad for case in range(block * 10, block * 10 + 10) if (bad := _random_sam_case(case))}
     assert not failures, failures
 
