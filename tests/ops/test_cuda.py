@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from spatialattn.nn import CBAM, SpatialAttention
 from spatialattn.ops import reference
 
 from ._autograd_graph import node_names
-from ._sam_reference import ref_sam
+from ._sam_reference import max_rel_error, ref_sam
 
 pytest.importorskip("triton")
 
@@ -234,10 +235,6 @@ def _random_sam_case(case: int) -> dict:
     square or not, dilation, bias, a power-of-two channel scale, an affine norm or a training
     BatchNorm, with or without autograd) against float64 autograd; returns the relative
     errors above tolerance (empty: pass)."""
-    import random
-
-    import torch.nn.functional as F
-
     rng = random.Random(case)
     g = torch.Generator().manual_seed(case)
     dtype = rng.choice(DTYPES)
@@ -267,25 +264,12 @@ def _random_sam_case(case: int) -> dict:
                                               norm_scale=ns, norm_shift=nsh, return_attention=True)
     leaves = [t for t in (x, weight, bias, scale) if t is not None]
     refs = [f64(t) for t in leaves]
-    x64, w64 = refs[0], refs[1]
-    b64 = refs[2] if bias is not None else None
-    s64 = refs[-1] if scale is not None else None
-    pooled = reference.channel_pool(x64, order, s64, torch.float64)
-    logits = F.conv2d(pooled, w64, b64, padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-    if ns is not None:
-        logits = logits * f64(ns) + f64(nsh)
-    if mode == "batchnorm":
-        mean, var = logits.mean(dim=(0, 2, 3), keepdim=True), logits.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
-        logits = (logits - mean) / torch.sqrt(var + 1e-5)
-    attn64 = torch.sigmoid(logits)
-    y64 = reference.gate_multiply(x64, attn64, s64)
-
-    def rel(got, want):
-        got, want = got.detach().cpu().double(), want.detach()
-        return 0.0 if want.numel() == 0 else float((got - want).abs().max() / (want.abs().max() + 1e-30))
-
+    one = torch.ones(1, dtype=torch.float64)
+    y64, attn64 = ref_sam(refs[0], refs[1], refs[2] if bias is not None else None, order, dilation,
+                          refs[-1] if scale is not None else None, f64(ns), f64(nsh),
+                          bn=(one, 0 * one) if mode == "batchnorm" else None)
     tol = TOL[dtype]
-    errors = {"y": (rel(y, y64), tol), "attn": (rel(attn, attn64), tol)}
+    errors = {"y": (max_rel_error(y, y64), tol), "attn": (max_rel_error(attn, attn64), tol)}
     if grad and y.numel():
         gy = torch.randn(y.shape, generator=g).to(dtype).to(DEV)
         got = torch.autograd.grad(y, leaves, gy)
@@ -299,7 +283,7 @@ def _random_sam_case(case: int) -> dict:
             if name == "bias" and mode == "batchnorm":  # 0 in exact arithmetic: against the weight's scale
                 errors[name] = (float((a.cpu().double() - b).abs().max() / (want[1].abs().max() + 1e-30)), ptol)
             else:
-                errors[name] = (rel(a, b), tol if name == "x" else ptol)
+                errors[name] = (max_rel_error(a, b), tol if name == "x" else ptol)
     return {k: e for k, (e, t) in errors.items() if not e <= t}
 
 

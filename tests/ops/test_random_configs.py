@@ -6,7 +6,7 @@ count; the other tests pin those one at a time. Here each case draws a shape, la
 pooling order, kernel (square or not), dilation, optional parts (bias, channel scale, affine
 norm, training BatchNorm, ``out=``), a thread count and a random subset of the knobs, and
 compares values and every gradient with a float64 reference. Seeds are fixed: a failure names
-its case, and ``one_case(case)`` replays it.
+its case, and ``fused_case`` / ``cbam_case`` / ``module_case(case, ...)`` replays it.
 
 float32 cases compare the output, the gate and the gradient w.r.t. ``x`` (per element, within
 a few ulps of the largest value; float16 / bfloat16 inputs, computed in float32 and rounded
@@ -22,12 +22,12 @@ from typing import Dict, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from spatialattn import ops
 from spatialattn.nn import CBAM, SpatialAttention
 from spatialattn.ops import _cpp, reference
+
+from ._sam_reference import max_rel_error, ref_sam
 
 # knob -> (default, values drawn); defaults as in sam_cpu.cpp (-1: the built-in rule)
 KNOBS = {
@@ -73,28 +73,6 @@ def _draw_knobs(rng: random.Random, mod) -> Dict[str, int]:
     return chosen
 
 
-def _rel(got: Tensor, want: Tensor) -> float:
-    """max |got - want| over max |want|."""
-    if want.numel() == 0:
-        return 0.0
-    return (got.double() - want).abs().max().item() / (want.abs().max().item() + 1e-300)
-
-
-def _ref_sam(x, w, b, order, dilation, scale, norm_scale, norm_shift, bn=None, eps=1e-5):
-    """The SAM in float64 torch ops; ``bn = (gamma, beta)``: a training-mode BatchNorm2d(1)."""
-    pooled = reference.channel_pool(x, order, scale, x.dtype)
-    kh, kw = w.shape[-2:]
-    logits = F.conv2d(pooled, w, b, padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-    if norm_scale is not None:
-        logits = logits * norm_scale + norm_shift
-    if bn is not None:
-        mean = logits.mean(dim=(0, 2, 3), keepdim=True)
-        var = logits.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
-        logits = (logits - mean) / torch.sqrt(var + eps) * bn[0] + bn[1]
-    attn = torch.sigmoid(logits)
-    return reference.gate_multiply(x, attn, scale), attn
-
-
 def _input(g, shape, layout, dtype, ties=False):
     n, c, h, w = shape
     x = torch.randn(n, c, h, w + 3, generator=g, dtype=torch.float64)
@@ -103,6 +81,13 @@ def _input(g, shape, layout, dtype, ties=False):
     x = x[..., 1:1 + w] if layout == "noncontig" else x[..., :w].contiguous()
     x = x.to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _given(tensors, bias, scale):
+    """``(x, weight, bias, scale)`` from the list of those of them that are not None (``bias`` /
+    ``scale``: whether they were)."""
+    it = iter(tensors)
+    return next(it), next(it), None if bias is None else next(it), None if scale is None else next(it)
 
 
 def fused_case(case: int, mod) -> Optional[dict]:
@@ -140,7 +125,7 @@ def fused_case(case: int, mod) -> Optional[dict]:
     leaves = [t for t in (x, w, b, s) if t is not None]
     if mode == "grad":
         leaves = [t.detach().requires_grad_() for t in leaves]
-        xg, wg, bg, sg = leaves[0], leaves[1], b if b is None else leaves[2], s if s is None else leaves[-1]
+        xg, wg, bg, sg = _given(leaves, b, s)
         y, attn = ops.spatial_attention_fused(xg, wg, bg, channel_scale=sg, **kwargs)
         grads = torch.autograd.grad(y, leaves, gy) if y.numel() else [torch.zeros_like(t) for t in leaves]
     else:
@@ -151,18 +136,16 @@ def fused_case(case: int, mod) -> Optional[dict]:
             if out is not None and y.numel():
                 assert y.data_ptr() == out.data_ptr()
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, s) if t is not None]
-    xr, wr = ref_leaves[:2]
-    br = None if b is None else ref_leaves[2]
-    sr = None if s is None else ref_leaves[-1]
-    yr, attn_r = _ref_sam(xr, wr, br, order, dilation, sr, None if ns is None else ns.double(),
-                          None if nsh is None else nsh.double())
-    errors = {"y": _rel(y, yr), "attn": _rel(attn, attn_r)}
+    xr, wr, br, sr = _given(ref_leaves, b, s)
+    yr, attn_r = ref_sam(xr, wr, br, order, dilation, sr, None if ns is None else ns.double(),
+                         None if nsh is None else nsh.double())
+    errors = {"y": max_rel_error(y, yr), "attn": max_rel_error(attn, attn_r)}
     if mode == "grad" and yr.numel():
         rgrads = torch.autograd.grad(yr, ref_leaves, gy.double())
         names = ["x", "weight"] + (["bias"] if b is not None else []) + (["scale"] if s is not None else [])
         for name, got, want in zip(names, grads, rgrads):
             if dtype == torch.float64 or name == "x":
-                errors["grad_" + name] = _rel(got, want)
+                errors["grad_" + name] = max_rel_error(got, want)
     tol = {torch.float64: 1e-10, torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     bad = {k: v for k, v in errors.items() if not v <= tol}
     if bad:
@@ -219,7 +202,7 @@ def cbam_case(case: int, mod) -> Optional[dict]:
     def plain(x, w1, b1, w2, b2, w, b, gm, bt):
         pooled = torch.stack([x.amax(dim=(2, 3)) if kind == "max" else x.mean(dim=(2, 3)) for kind in gorder])
         scale = reference.channel_mlp_gate(pooled, w1, b1, w2, b2).view(n, c, 1, 1)
-        return _ref_sam(x, w, b, order, dilation, scale, None, None, (gm, bt) if use_bn else None)[0]
+        return ref_sam(x, w, b, order, dilation, scale, bn=(gm, bt) if use_bn else None)[0]
 
     leaves = [x.detach().requires_grad_()] + [p if p is None else p.clone().requires_grad_() for p in params]
     outs = fused(*leaves)
@@ -230,13 +213,13 @@ def cbam_case(case: int, mod) -> Optional[dict]:
     yr = plain(*ref, gm, bt)
     ref_leaves = [t for t in ref if t is not None] + ([gm, bt] if use_bn else [])
     rgrads = torch.autograd.grad(yr, ref_leaves, gy)
-    errors = {"y": _rel(outs[0], yr)}
+    errors = {"y": max_rel_error(outs[0], yr)}
     wscale = rgrads[-4 if use_bn else -2].abs().max().item()  # the conv weight's gradient
     for i, (got, want) in enumerate(zip(grads, rgrads)):
         if use_bn and i == len(grads) - 3:  # conv bias before a batch norm: 0 in exact arithmetic
             errors[f"grad{i}"] = (got - want).abs().max().item() / wscale
         else:
-            errors[f"grad{i}"] = _rel(got, want)
+            errors[f"grad{i}"] = max_rel_error(got, want)
     bad = {k: v for k, v in errors.items() if not v <= 1e-9}
     if bad:
         return dict(case=case, errors=bad, shape=shape, k=k, dilation=dilation, order=order, gorder=gorder,
@@ -298,17 +281,17 @@ def module_case(case: int, mod, monkeypatch) -> Optional[dict]:
     y = module(xg)
     y.backward(gy)
     yr, gxr, gpr = _plain_module_run(plain, x, gy, monkeypatch)
-    errors = {"y": _rel(y.detach(), yr), "grad_x": _rel(xg.grad, gxr)}
+    errors = {"y": max_rel_error(y.detach(), yr), "grad_x": max_rel_error(xg.grad, gxr)}
     scale = max(t.abs().max().item() for t in gpr.values())
     for name, p in module.named_parameters():  # (a conv bias before a batch norm has gradient ~0)
         errors["grad_" + name] = (p.grad - gpr[name]).abs().max().item() / max(gpr[name].abs().max().item(), 1e-3 * scale)
     for (name, buf), (_, want) in zip(module.named_buffers(), plain.named_buffers()):
-        errors["buffer_" + name] = _rel(buf, want) if buf.is_floating_point() else float(not torch.equal(buf, want))
+        errors["buffer_" + name] = max_rel_error(buf, want) if buf.is_floating_point() else float(not torch.equal(buf, want))
     for call in range(2):
         with torch.no_grad():
             got = module(x)
         plain.load_state_dict(module.state_dict())
-        errors[f"no_grad_{call}"] = _rel(got, _plain_module_run(plain, x, None, monkeypatch)[0])
+        errors[f"no_grad_{call}"] = max_rel_error(got, _plain_module_run(plain, x, None, monkeypatch)[0])
         with torch.no_grad():
             for p in module.parameters():
                 p.mul_(0.7)
