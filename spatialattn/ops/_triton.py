@@ -889,9 +889,9 @@ def pool_forward(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype
     return out
 
 
-def _gate_args_error(weight: Tensor, p: int, bias: Optional[Tensor], dilation: int) -> None:
-    """Raise the error for small-map arguments the gate kernel cannot take (as the C++ kernels
-    say it)."""
+def _check_gate_args(weight: Tensor, p: int, bias: Optional[Tensor], dilation: int) -> None:
+    """Refuse small-map arguments the gate kernel cannot take, as the C++ kernels do
+    (``check_gate_args``)."""
     if weight.dim() != 4 or weight.shape[:2] != (1, p):
         raise ValueError(f"spatialattn: weight must be (1, {p}, kh, kw), got {tuple(weight.shape)}")
     if not (weight.shape[2] % 2 and weight.shape[3] % 2):
@@ -899,7 +899,8 @@ def _gate_args_error(weight: Tensor, p: int, bias: Optional[Tensor], dilation: i
                          f"{weight.shape[2]}x{weight.shape[3]}")
     if dilation < 1:
         raise ValueError(f"spatialattn: dilation must be >= 1, got {dilation}")
-    raise ValueError(f"spatialattn: bias must have shape (1,), got {tuple(bias.shape)}")
+    if bias is not None and bias.shape != (1,):
+        raise ValueError(f"spatialattn: bias must have shape (1,), got {tuple(bias.shape)}")
 
 
 def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation: int, out: Tensor,
@@ -910,10 +911,8 @@ def _conv_gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], dilation:
     norm_shift)``, ``[N, 1, H, W]``) or with ``stats`` each program's partial statistics of
     the logits (float64 ``[programs, 3]``)."""
     n, p, h, w = pooled.shape
+    _check_gate_args(weight, p, bias, dilation)
     kh, kw = weight.shape[-2:]
-    if weight.dim() != 4 or weight.shape[:2] != (1, p) or not kh % 2 or not kw % 2 or dilation < 1 or (
-            bias is not None and bias.shape != (1,)):
-        _gate_args_error(weight, p, bias, dilation)
     logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=pooled.device)
     programs = n * _cdiv(h * w, _BP_SMALL)
     if programs == 0:

@@ -20,9 +20,7 @@ from ._sam_reference import ref_sam
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_cpp(cpp_module):  # (cpp_module: tests/ops/conftest.py)
-    return cpp_module
+pytestmark = pytest.mark.usefixtures("cpp_module")  # (tests/ops/conftest.py: skipped without the extension)
 
 
 def make_x(shape, layout, dtype=torch.float32, seed=0):
@@ -369,9 +367,10 @@ def test_bad_small_map_arguments_are_refused(cpp_module, args, message, grad):
     if ns is None:  # the training-BatchNorm op and CBAM inference in one call check the same
         with pytest.raises(ValueError, match=message):
             ops.spatial_attention_fused_batchnorm(x, w, b, torch.nn.BatchNorm2d(1), dilation=args.get("dilation", 1))
-        with pytest.raises(ValueError, match=message):
-            cpp_module.cbam_forward(x.detach(), [1, 0], torch.randn(2, 8), None, torch.randn(8, 2), None, w, b,
-                                    None, None, [0, 1], args.get("dilation", 1))
+        for images in (x.detach(), x.detach()[:1]):  # whole images, and the one-region path of batch 1
+            with pytest.raises(ValueError, match=message):
+                cpp_module.cbam_forward(images, [1, 0], torch.randn(2, 8), None, torch.randn(8, 2), None, w, b,
+                                        None, None, [0, 1], args.get("dilation", 1))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

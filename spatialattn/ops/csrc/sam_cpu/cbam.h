@@ -24,6 +24,7 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
   const Geo g = geometry(x);
   TORCH_CHECK(g.C > 0 && g.HW > 0, "spatialattn: cbam_forward: x must have channels and pixels, got ", x.sizes());
   TORCH_CHECK(!ch_kinds.empty() && !kinds.empty(), "spatialattn: cbam_forward: empty pooling order");
+  check_gate_args(weight, kinds.size(), bias, norm_scale, norm_shift, dilation);  // before any work, either path
   if (g.N == 0 || whole_images(g.N) > 0) {
     const Tensor gate = channel_mlp_forward(global_pool(x, ch_kinds), w1, b1, w2, b2, false)[0];
     const Tensor s = gate.to(x.scalar_type()).view({g.N, g.C, 1, 1});
@@ -31,7 +32,6 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
     return {r[0], r[1], gate.view({g.N, g.C, 1, 1})};
   }
   const int64_t Pc = ch_kinds.size(), P = kinds.size(), NC = g.N * g.C;
-  check_gate_args(weight, P, bias, norm_scale, norm_shift, dilation);
   const MlpParams mp = mlp_params(acc_type(x), g.C, w1, b1, w2, b2);
   const Tensor w = small(weight, x);
   const auto b = small_opt(bias, x), ns = small_opt(norm_scale, x), nsh = small_opt(norm_shift, x);
