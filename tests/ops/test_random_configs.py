@@ -65,6 +65,9 @@ def _reset(mod) -> None:
 
 
 def _draw_knobs(rng: random.Random, mod) -> Dict[str, int]:
+    """A random subset of the knobs set to random values, the others to their defaults (so a
+    case does not inherit the previous case's knobs and replays alone)."""
+    _reset(mod)
     chosen = {}
     for name, (_, values) in KNOBS.items():
         if rng.random() < 0.3:
