@@ -38,10 +38,24 @@ def _cpp_ok(x: Tensor) -> bool:
 
 
 def _dense(x: Tensor) -> Tensor:
-    """``x`` if NCHW- or channels_last-contiguous, else an NCHW-contiguous copy."""
+    """``x`` if NCHW- or channels_last-contiguous, else an NCHW-contiguous copy.
+
+    Every backend (C++, Triton, plain PyTorch) computes on ``_dense(x)`` and returns its
+    full-size results in that layout, and the fake implementations below say so: a compiled
+    graph (Inductor checks the strides of a custom op's outputs) then gets what it was told,
+    also for a dense ``x`` in neither layout (say ``x.transpose(2, 3)``)."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
+
+
+def _in_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (shaped like ``like``) with ``like``'s strides: ``t`` itself where they already
+    match, else a copy. For the plain-PyTorch branches, whose elementwise results follow the
+    layouts of all their operands (an upstream gradient in the other layout, a broadcast)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def _triton_ok(x: Tensor) -> bool:
@@ -164,13 +178,14 @@ def _conv_backward(dl: Tensor, pooled: Tensor, weight: Tensor, dilation: int) ->
 @torch.library.custom_op("spatialattn::channel_pool", mutates_args=())
 def channel_pool_op(x: Tensor, scale: Optional[Tensor], kinds: List[int], dtype: torch.dtype) -> Tensor:
     """``Tensor[N, C, H, W] -> Tensor[N, len(kinds), H, W]`` (dtype ``dtype``): max / mean of ``x * scale``."""
+    x = _dense(x)
     if _cpp_ok(x) and dtype == _acc(x):
-        return _cpp.get().pool_forward(_dense(x), scale, list(kinds))
+        return _cpp.get().pool_forward(x, scale, list(kinds))
     if _triton_ok(x):
         from . import _triton
 
         return _triton.pool_forward(x, scale, kinds, dtype)
-    return _pool_torch(x, scale, kinds, dtype)
+    return _pool_torch(x, scale, kinds, dtype).contiguous()
 
 
 @channel_pool_op.register_fake
@@ -183,15 +198,16 @@ def channel_pool_backward_op(
     grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: List[int]
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(grad_x, grad_scale)``; ``grad_scale`` is an empty ``[0]`` tensor without a scale."""
+    x = _dense(x)
     if _cpp_ok(x):
-        gx, gs = _cpp.get().pool_backward(grad, _dense(x), scale, pooled, list(kinds), scale is not None)
+        gx, gs = _cpp.get().pool_backward(grad, x, scale, pooled, list(kinds), scale is not None)
     elif _triton_ok(x):
         from . import _triton
 
         gx, gs = _triton.pool_backward(grad, x, scale, pooled, kinds)
     else:
         gxs = _pool_grad_xs_torch(grad, _scaled(x, scale), pooled, kinds)
-        gx = gxs if scale is None else gxs * scale.to(x.dtype)
+        gx = _in_layout(gxs if scale is None else gxs * scale.to(x.dtype), x)
         gs = None if scale is None else _sum_nc(gxs * x, scale)
     if gs is None:
         gs = x.new_empty(_EMPTY_SHAPE)
@@ -203,7 +219,7 @@ def channel_pool_backward_op(
 @channel_pool_backward_op.register_fake
 def _(grad, x, scale, pooled, kinds):
     gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
-    return torch.empty_like(x), gs
+    return torch.empty_like(_dense(x)), gs
 
 
 def _pool_setup(ctx, inputs, output):
@@ -225,18 +241,19 @@ channel_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup)
 @torch.library.custom_op("spatialattn::gate_multiply", mutates_args=())
 def gate_multiply_op(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     """``(x * scale) * attn`` with ``attn`` ``[N, 1, H, W]`` and ``scale`` ``[N, C, 1, 1]`` cast to ``x.dtype``."""
+    x = _dense(x)
     if _cpp_ok(x):
-        return _cpp.get().gate_forward(_dense(x), attn, scale, None)
+        return _cpp.get().gate_forward(x, attn, scale, None)
     if _triton_ok(x):
         from . import _triton
 
         return _triton.gate_forward(x, attn, scale)
-    return _scaled(x, scale) * attn.to(x.dtype)
+    return _in_layout(_scaled(x, scale) * attn.to(x.dtype), x)
 
 
 @gate_multiply_op.register_fake
 def _(x, attn, scale):
-    return torch.empty_like(x)
+    return torch.empty_like(_dense(x))
 
 
 @torch.library.custom_op("spatialattn::gate_multiply_backward", mutates_args=())
@@ -244,8 +261,9 @@ def gate_multiply_backward_op(
     grad: Tensor, x: Tensor, attn: Tensor, scale: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(grad_x, grad_attn, grad_scale)`` (``grad_scale`` empty ``[0]`` without a scale)."""
+    x = _dense(x)
     if _cpp_ok(x):
-        gx, ga, gs = _cpp.get().gate_backward(grad, _dense(x), attn, scale, True, True, scale is not None)
+        gx, ga, gs = _cpp.get().gate_backward(grad, x, attn, scale, True, True, scale is not None)
     elif _triton_ok(x):
         from . import _triton
 
@@ -253,7 +271,7 @@ def gate_multiply_backward_op(
     else:
         a = attn.to(x.dtype)
         gxs = grad * a
-        gx = gxs if scale is None else gxs * scale.to(x.dtype)
+        gx = _in_layout(gxs if scale is None else gxs * scale.to(x.dtype), x)
         ga = (grad * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=attn.dtype)
         gs = None if scale is None else _sum_nc(gxs * x, scale)
     ga = ga.to(attn.dtype)
@@ -264,7 +282,7 @@ def gate_multiply_backward_op(
 @gate_multiply_backward_op.register_fake
 def _(grad, x, attn, scale):
     gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
-    return torch.empty_like(x), torch.empty_like(attn), gs
+    return torch.empty_like(_dense(x)), torch.empty_like(attn), gs
 
 
 def _gate_setup(ctx, inputs, output):
@@ -314,17 +332,18 @@ def sam_op(
     inputs (``x.dtype`` otherwise); ``logits`` is the conv output before the
     affine norm.
     """
+    x = _dense(x)
     if _cpp_ok(x):
         y, attn, logits, pooled = _cpp.get().sam_forward(
-            _dense(x), weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None
+            x, weight, bias, scale, norm_scale, norm_shift, list(kinds), dilation, None
         )
         return y, attn, logits, pooled
     if _triton_ok(x):
         return eager_kernels("triton").sam_forward(x, weight, bias, scale, norm_scale, norm_shift, list(kinds),
                                                    dilation, None)
-    pooled = _pool_torch(x, scale, kinds, _acc(x))
+    pooled = _pool_torch(x, scale, kinds, _acc(x)).contiguous()
     logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
-    return _scaled(x, scale) * attn.to(x.dtype), attn, logits, pooled
+    return _in_layout(_scaled(x, scale) * attn.to(x.dtype), x), attn, logits, pooled
 
 
 @sam_op.register_fake
@@ -332,7 +351,8 @@ def _(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
     acc = _acc(x)
     n, _, h, w = x.shape
     small = x.new_empty((n, 1, h, w), dtype=acc)
-    return torch.empty_like(x), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc)
+    return (torch.empty_like(_dense(x)), small, torch.empty_like(small),
+            x.new_empty((n, len(kinds), h, w), dtype=acc))
 
 
 def _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation):
@@ -371,9 +391,10 @@ def sam_backward_op(
     def empty():  # a fresh one each time: outputs must not alias each other
         return x.new_empty(_EMPTY_SHAPE)
 
+    x = _dense(x)
     if _cpp_ok(x):
         gx, gs, gw, gb, gns, gnsh = _cpp.get().sam_backward(
-            grad_y, grad_attn, _dense(x), scale, weight, norm_scale, attn, logits, pooled, list(kinds),
+            grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, list(kinds),
             dilation, scale is not None, True, True, norm_scale is not None,
         )
     elif _triton_ok(x):
@@ -388,6 +409,7 @@ def sam_backward_op(
             dA = dA + grad_attn.to(acc)
         gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
         gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, True)
+        gx = _in_layout(gx, x)
     gs = empty() if gs is None else gs.to(scale.dtype)
     gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
     gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
@@ -402,7 +424,7 @@ def _(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kin
     gs = empty() if scale is None else torch.empty_like(scale)
     gns = empty() if norm_scale is None else torch.empty_like(norm_scale)
     gnsh = empty() if norm_scale is None else torch.empty_like(norm_scale)
-    return torch.empty_like(x), gs, torch.empty_like(weight), weight.new_empty((1,)), gns, gnsh
+    return torch.empty_like(_dense(x)), gs, torch.empty_like(weight), weight.new_empty((1,)), gns, gnsh
 
 
 def _sam_setup(ctx, inputs, output):
