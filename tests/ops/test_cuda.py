@@ -28,6 +28,8 @@ from spatialattn.nn import CBAM, SpatialAttention
 from spatialattn.ops import reference
 
 from ._autograd_graph import node_names
+from ._fake_layouts import LAYOUTS as FAKE_LAYOUTS
+from ._fake_layouts import check_custom_op_layouts
 from ._sam_reference import max_rel_error, ref_sam
 
 pytest.importorskip("triton")
@@ -400,6 +402,12 @@ def test_cbam_bfloat16_on_triton_against_float64():
     close(x.grad, x64.grad, torch.bfloat16, "CBAM grad x", scale_atol=True)
     for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
         close(p.grad, p64.grad, torch.bfloat16, f"CBAM grad {name}", scale_atol=True)
+
+
+@pytest.mark.parametrize("layout", FAKE_LAYOUTS)
+def test_custom_ops_outputs_match_their_fakes(layout):
+    """The Triton path returns what the fakes say, in every layout of x and its gradient."""
+    check_custom_op_layouts(layout, torch.float32, DEV)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

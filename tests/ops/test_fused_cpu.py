@@ -15,6 +15,7 @@ from spatialattn.ops import _cpp, reference
 from spatialattn.ops import _library as lib
 
 from ._autograd_graph import node_names
+from ._fake_layouts import LAYOUTS, check_custom_op_layouts
 from ._sam_reference import ref_sam
 
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
@@ -514,61 +515,12 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(lib.sam_op, (x, w, b, s, None, None, [1, 0], 1))
 
 
-def _layout_of(t, layout):
-    """``t`` (NCHW-contiguous) in ``layout``: the two formats, a dense ``x`` in neither (the
-    last two dims swapped in memory, as ``x.transpose(2, 3)`` gives) or a strided one."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "hw_swapped":
-        return t.transpose(2, 3).contiguous().transpose(2, 3)
-    if layout == "strided":
-        return torch.cat([t, t], dim=3)[..., : t.shape[3]]
-    return t
-
-
-LAYOUTS = ["nchw", "channels_last", "hw_swapped", "strided"]
-
-
-def _assert_fake_matches(op, args):
-    """The op's fake implementation gives each output the shape, dtype and (significant) strides
-    of the real one (Inductor asserts the strides of a custom op's outputs at run time)."""
-    from torch._prims_common import check_significant_strides
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    real = op(*args)
-    with FakeTensorMode() as mode:
-        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
-    for i, (r, f) in enumerate(zip(real, fake)):
-        assert (r.shape, r.dtype) == (f.shape, f.dtype), (op, i)
-        assert check_significant_strides(r, f, only_cuda=False)[0], (op, i, r.stride(), f.stride())
-
-
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_custom_ops_outputs_match_their_fakes(monkeypatch, backend, layout):
     if backend == "torch":
         monkeypatch.setattr(_cpp, "get", lambda: None)
-    g = torch.Generator().manual_seed(1)
-    x = _layout_of(torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=g), layout).requires_grad_()
-    s = torch.rand(2, 5, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
-    a = torch.rand(2, 1, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    # the whole opcheck (schema, autograd registration, fake tensors, AOT dispatch) per layout
-    for op, args in ((lib.channel_pool_op, (x, s, [0, 1], torch.float64)), (lib.gate_multiply_op, (x, a, s)),
-                     (lib.sam_op, (x, w, None, s, None, None, [1, 0], 1))):
-        torch.library.opcheck(op, args)
-    # the backward ops with upstream gradients in every layout (grad_x follows x, not them)
-    with torch.no_grad():
-        _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, [0, 1], 1)
-        for g_layout in LAYOUTS:
-            gy = _layout_of(torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=g), g_layout)
-            _assert_fake_matches(lib.sam_backward_op, (gy, None, x, s, w, None, attn, logits, pooled, [0, 1], 1))
-            _assert_fake_matches(lib.gate_multiply_backward_op, (gy, x, a, s))
-        for kinds in ([0, 1], [1], [0]):
-            gp = torch.randn(2, len(kinds), 4, 3, dtype=torch.float64, generator=g)
-            p = lib.channel_pool_op(x, None, kinds, torch.float64)
-            _assert_fake_matches(lib.channel_pool_backward_op, (gp, x, None, p, kinds))
+    check_custom_op_layouts(layout, torch.float64, torch.device("cpu"))
 
 
 def test_inductor_takes_a_transposed_input():

@@ -1,0 +1,66 @@
+"""The custom ops' fake implementations against their real outputs, in every input layout.
+
+Inductor asserts at run time that a custom op's outputs have the strides its fake gave, so a
+fake that is right about shapes and dtypes but not about the layout breaks compiled graphs.
+Shared by the CPU tests (C++ and plain-PyTorch backends) and the Triton tests.
+"""
+from __future__ import annotations
+
+import torch
+from torch._prims_common import check_significant_strides
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from spatialattn.ops import _library as lib
+
+# the two formats, a dense x in neither (H and W swapped in memory, as x.transpose(2, 3)
+# gives) and a strided one (every other element of a wider tensor)
+LAYOUTS = ["nchw", "channels_last", "hw_swapped", "strided"]
+
+
+def layout_of(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (NCHW-contiguous) with the same values in ``layout`` (one of :data:`LAYOUTS`)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "hw_swapped":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "strided":
+        return torch.cat([t, t], dim=3)[..., : t.shape[3]]
+    return t
+
+
+def assert_fake_matches(op, args) -> None:
+    """Each output of ``op(*args)`` has the shape, dtype and significant strides its fake gives."""
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r.shape, r.dtype) == (f.shape, f.dtype), (op, i)
+        assert check_significant_strides(r, f, only_cuda=False)[0], (op, i, r.stride(), f.stride())
+
+
+def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.device) -> None:
+    """``torch.library.opcheck`` (schema, autograd registration, fake tensors, AOT dispatch) on
+    the three forward ops with ``x`` in ``layout``, and the backward ops' fakes against their
+    outputs for upstream gradients in every layout (``grad_x`` follows ``x``, not them)."""
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype).to(device)
+
+    x = layout_of(randn(2, 5, 4, 3), layout).requires_grad_()
+    s = (randn(2, 5, 1, 1).abs() + 0.5).requires_grad_()
+    a = randn(2, 1, 4, 3).sigmoid().requires_grad_()
+    w = randn(1, 2, 3, 3).requires_grad_()
+    for op, args in ((lib.channel_pool_op, (x, s, [0, 1], lib._acc(x))), (lib.gate_multiply_op, (x, a, s)),
+                     (lib.sam_op, (x, w, None, s, None, None, [1, 0], 1))):
+        torch.library.opcheck(op, args)
+    with torch.no_grad():
+        _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, [0, 1], 1)
+        for g_layout in LAYOUTS:
+            gy = layout_of(randn(2, 5, 4, 3), g_layout)
+            assert_fake_matches(lib.sam_backward_op, (gy, None, x, s, w, None, attn, logits, pooled, [0, 1], 1))
+            assert_fake_matches(lib.gate_multiply_backward_op, (gy, x, a, s))
+        for kinds in ([0, 1], [1], [0]):
+            p = lib.channel_pool_op(x, None, kinds, lib._acc(x))
+            assert_fake_matches(lib.channel_pool_backward_op, (torch.randn_like(p), x, None, p, kinds))
