@@ -1743,3 +1743,62 @@ def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
         cpp_module.set_flat_backward_max_block(-1)
         cpp_module.set_max_bits_phase_bytes(-1)
         cpp_module.set_max_bits(True)
+
+
+def test_kernels_release_the_gil(cpp_module):
+    """Another Python thread runs while a kernel runs (the bindings release the GIL, as torch's
+    operators do). Thread B waits for an event set just before a ~20 ms call; holding the GIL,
+    the call would keep B from time-stamping before it returns."""
+    import threading
+    import time
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core for the kernel, one for thread B
+    x = torch.randn(2, 256, 128, 128)
+    w = torch.randn(1, 2, 7, 7)
+    try:
+        cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)  # warm: pages, code
+        early = []
+        for _ in range(3):  # a held GIL never lets B in early; an unlucky schedule might, once
+            go, stamps = threading.Event(), []
+            thread = threading.Thread(target=lambda: (go.wait(), stamps.append(time.perf_counter())))
+            thread.start()
+            t0 = time.perf_counter()
+            go.set()
+            cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)
+            t1 = time.perf_counter()
+            thread.join()
+            early.append(stamps[0] < t0 + 0.5 * (t1 - t0))
+            if early[-1]:
+                break
+        assert any(early), "thread B only ran after the kernel returned: the GIL was held"
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_concurrent_calls_from_threads_give_the_same_bits():
+    """Two Python threads calling the kernels at once (each its own OpenMP team) get the
+    results of the same calls made one after the other: no shared scratch state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 40, 19, 17, generator=g)
+        if seed % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        w = torch.randn(1, 2, 7, 7, generator=g, requires_grad=True)
+        s = torch.rand(3, 40, 1, 1, generator=g, requires_grad=True)
+        y = ops.spatial_attention_fused(x, w, channel_scale=s)
+        grads = torch.autograd.grad(y, (x, w, s), torch.randn(y.shape, generator=g))
+        with torch.no_grad():
+            pooled = ops.global_pool(x)
+        return [y.detach(), pooled, *grads]
+
+    seeds = list(range(8))
+    want = [work(seed) for seed in seeds]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        got = list(pool.map(work, seeds * 4))
+    for i, results in enumerate(got):
+        for a, b in zip(results, want[i % len(seeds)]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -58,22 +58,27 @@
 #include "sam_cpu/cbam.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pool_forward", &pool_forward);
-  m.def("pool_backward", &pool_backward);
-  m.def("gate_forward", &gate_forward);
-  m.def("gate_backward", &gate_backward);
-  m.def("sam_forward", &sam_forward);
-  m.def("sam_backward", &sam_backward);
-  m.def("sam_forward_bn", &sam_forward_bn);
-  m.def("sam_backward_bn", &sam_backward_bn);
-  m.def("bn_update_running", &bn_update_running);
-  m.def("global_pool", &global_pool);
-  m.def("channel_mlp_forward", &channel_mlp_forward);
-  m.def("channel_mlp_backward", &channel_mlp_backward);
-  m.def("cbam_forward", &cbam_forward);
-  m.def("global_pool_counted", &global_pool_counted);
+  // The kernels run without the GIL, as torch's own operators do: other Python threads (a
+  // data-loading thread, a second model in a threaded server) go on while a kernel runs. The
+  // arguments are converted before the release and the results after the GIL is taken back;
+  // nothing in between touches Python. (The knobs below are for tests, set between calls.)
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("pool_forward", &pool_forward, nogil);
+  m.def("pool_backward", &pool_backward, nogil);
+  m.def("gate_forward", &gate_forward, nogil);
+  m.def("gate_backward", &gate_backward, nogil);
+  m.def("sam_forward", &sam_forward, nogil);
+  m.def("sam_backward", &sam_backward, nogil);
+  m.def("sam_forward_bn", &sam_forward_bn, nogil);
+  m.def("sam_backward_bn", &sam_backward_bn, nogil);
+  m.def("bn_update_running", &bn_update_running);  // a few scalars: kept with the GIL
+  m.def("global_pool", &global_pool, nogil);
+  m.def("channel_mlp_forward", &channel_mlp_forward, nogil);
+  m.def("channel_mlp_backward", &channel_mlp_backward, nogil);
+  m.def("cbam_forward", &cbam_forward, nogil);
+  m.def("global_pool_counted", &global_pool_counted, nogil);
   m.def("global_pool_backward", &global_pool_backward, py::arg("grad"), py::arg("x"), py::arg("out"),
-        py::arg("kinds"), py::arg("into") = py::none(), py::arg("counts") = py::none());
+        py::arg("kinds"), py::arg("into") = py::none(), py::arg("counts") = py::none(), nogil);
   m.def("set_stream_bytes", [](int64_t b) { kStreamBytes = b; });
   m.def("set_band_bytes", [](int64_t b) { kBandBytes = b; });
   m.def("set_band_bytes_nchw", [](int64_t b) { kBandBytesNchw = b; });
