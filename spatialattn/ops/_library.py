@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import _cpp
 
@@ -75,7 +76,10 @@ def device_type(t: Tensor) -> str:
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a no-op context
     (entering and leaving a disabled autocast context costs about 3.5 us, the check 0.6 us:
-    a visible share of an attention layer on small maps)."""
+    a visible share of an attention layer on small maps). Devices without autocast (``meta``:
+    shape inference, deferred initialisation) get the no-op context: asking them raises."""
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
@@ -460,6 +464,20 @@ def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
 
 
 sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
+
+
+# FlopCounterMode counts convolutions and matrix products; the SAM's is its k x k conv on the
+# pooled maps (the plain decomposition's count: the same figures with and without the op)
+@register_flop_formula(torch.ops.spatialattn.sam)
+def _sam_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    n, _, h, w = x_shape
+    return conv_flop_count([n, w_shape[1], h, w], list(w_shape), [n, 1, h, w])
+
+
+@register_flop_formula(torch.ops.spatialattn.sam_backward)
+def _sam_backward_flop(grad_y_shape, grad_attn_shape, x_shape, scale_shape, w_shape, *args, out_shape=None,
+                       **kwargs) -> int:
+    return 2 * _sam_flop(x_shape, w_shape)  # the conv's input and weight gradients
 
 
 # ------------------------------------------------------------------ eager fast path (C++ on CPU, Triton on CUDA)
