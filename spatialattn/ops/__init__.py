@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _cpp, lean, reference
@@ -73,11 +74,12 @@ _functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda
 
 def _torch_ops_only() -> bool:
     """True where only torch operators may run: while a graph is traced for export (see
-    :func:`is_exporting`), and under a ``torch.func`` transform (``grad``, ``vmap``,
+    :func:`is_exporting`), under a ``torch.func`` transform (``grad``, ``vmap``,
     ``jacrev``, ``functional_call`` inside them...), which cannot see into our autograd
-    Functions or custom ops (they have no functorch rules); then the plain reference
-    decomposition runs (0.04 us to ask)."""
-    if is_exporting():
+    Functions or custom ops (they have no functorch rules), and inside a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``; the Functions have no ``jvp``); then the
+    plain reference decomposition runs (0.05 us to ask)."""
+    if is_exporting() or _forward_ad._current_level >= 0:
         return True
     return not torch.compiler.is_compiling() and _functorch_level() is not None
 
