@@ -14,8 +14,9 @@ context (export, autograd, device, dtype, layout) and a plain PyTorch reference
 
 Implementations, in order of preference:
 
-1. ONNX / ``torch.export`` tracing: the plain reference decomposition (standard
-   operators only; no ArgMax).
+1. ONNX / ``torch.export`` tracing, ``torch.func`` transforms, forward-mode AD and
+   :func:`decomposed` blocks (double backward): the plain reference decomposition
+   (standard operators only; no ArgMax).
 2. CPU float32 / float64 / float16 / bfloat16: C++ kernels (:mod:`._cpp`, built
    on first use) through the ``spatialattn::*`` custom ops of :mod:`._library`
    (eager calls without autograd skip the custom-op layer and call the kernels
@@ -29,7 +30,8 @@ Implementations, in order of preference:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -50,6 +52,7 @@ __all__ = [
     "batchnorm_affine",
     "is_exporting",
     "backend",
+    "decomposed",
 ]
 
 _KINDS: dict = {}
@@ -79,9 +82,40 @@ def _torch_ops_only() -> bool:
     Functions or custom ops (they have no functorch rules), and inside a forward-mode AD
     level (``torch.autograd.forward_ad.dual_level``; the Functions have no ``jvp``); then the
     plain reference decomposition runs (0.05 us to ask)."""
-    if is_exporting() or _forward_ad._current_level >= 0:
+    if is_exporting() or _forward_ad._current_level >= 0 or _decomposed_depth:
         return True
     return not torch.compiler.is_compiling() and _functorch_level() is not None
+
+
+_decomposed_depth = 0
+
+
+@contextlib.contextmanager
+def decomposed() -> Iterator[None]:
+    """Within this block every op (and so every module) runs the plain PyTorch decomposition
+    (:mod:`spatialattn.ops.reference`: ``amax`` / ``mean``, ``conv2d``, ``sigmoid``, products)
+    instead of the fused kernels: same values to rounding, the memory and speed of eager
+    PyTorch, and graphs that torch can differentiate any number of times.
+
+    For double backward through the attention layers (``create_graph=True``: gradient
+    penalties, Hessian-vector products), which the fused kernels do not support: their
+    backward raises :data:`spatialattn.ops._library.DOUBLE_BACKWARD_ERROR` when differentiated
+    a second time. Run the forward in the block; the backward may run anywhere. Process-wide
+    (all threads) while any such block is open.
+
+    Example::
+
+        with spatialattn.ops.decomposed():
+            loss = model(x).square().sum()
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        g.square().sum().backward()  # second order through the attention layers
+    """
+    global _decomposed_depth
+    _decomposed_depth += 1
+    try:
+        yield
+    finally:
+        _decomposed_depth -= 1
 
 
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:

@@ -16,6 +16,7 @@ Pooling kinds are passed as ints: 0 = max, 1 = mean.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -535,6 +536,44 @@ def eager_kernels(backend: str):
     return _triton_kernels
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "spatialattn: the fused kernels' backward is first order only, and this graph differentiates "
+    "through it a second time (create_graph=True: a gradient penalty, a Hessian-vector product). "
+    "Run the forward under spatialattn.ops.decomposed() to use the plain PyTorch ops, which "
+    "differentiate any number of times."
+)
+
+
+def first_order_only(backward):
+    """``backward`` of an eager kernel Function, run without grad; under ``create_graph=True``
+    its results get a node that raises :data:`DOUBLE_BACKWARD_ERROR` when differentiated.
+
+    Like ``torch.autograd.function.once_differentiable``, but always: that decorator attaches
+    its error node only where an upstream gradient requires grad, and returns constants
+    otherwise (``grad(y.sum(), x, create_graph=True)``), whose missing second-order terms
+    then vanish without a word; and its message does not say what to do."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():  # create_graph=False (the rule): nothing to add
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        single = not isinstance(outputs, tuple)
+        outs = (outputs,) if single else outputs
+        # the error node also takes the saved inputs and the upstream gradients that require
+        # grad, so that it lies on the path from the results to them: differentiating the
+        # results then reaches it and raises, instead of "not used in the graph"
+        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR.encode(), len(anchors) + len(outs))
+        marked = err(*anchors, *[None if t is None else t.detach().requires_grad_() for t in outs])
+        marked = (marked,) if isinstance(marked, torch.Tensor) else tuple(marked)
+        marked = tuple(None if t is None else m for t, m in zip(outs, marked[len(anchors):]))
+        return marked[0] if single else marked
+
+    return wrapper
+
+
 class EagerChannelPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, kinds, kernels):
@@ -545,6 +584,7 @@ class EagerChannelPool(torch.autograd.Function):
         return pooled
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         x, scale, pooled = ctx.saved_tensors
         need_gs = scale is not None and ctx.needs_input_grad[1]
@@ -561,6 +601,7 @@ class EagerGateMultiply(torch.autograd.Function):
         return kernels.gate_forward(x, attn, scale, None)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         x, attn, scale = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -591,6 +632,7 @@ class EagerSam(torch.autograd.Function):
         return y, attn
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_y, grad_attn):
         x, scale, weight, norm_scale, attn = ctx.saved_tensors
         logits, pooled = ctx.small_maps
@@ -662,6 +704,7 @@ class CppSamBatchNorm(torch.autograd.Function):
         return y, attn, stats
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_y, grad_attn, _gstats):
         grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need = ctx.needs_input_grad
@@ -706,6 +749,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
         return y, attn, stats
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_y, grad_attn, _gstats):
         grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need_gs = scale is not None and ctx.needs_input_grad[3]
@@ -774,7 +818,7 @@ class GlobalPool(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         x, out = ctx.saved_tensors
         into = None
@@ -851,7 +895,7 @@ class CppCbam(torch.autograd.Function):
         return y, attn, cg, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_y, grad_attn, grad_cg, _gstats):
         x, w1, w2, weight, bn_weight, attn, cg = ctx.saved_tensors
         pooled_ch, counts, hidden, logits, pooled, stats = ctx.small
@@ -926,7 +970,7 @@ class GradTap(torch.autograd.Function):
         return x.view_as(x), pooled.view_as(pooled)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_x, grad_pooled):
         ctx.slot.grad = grad_x
         if grad_pooled is None:
@@ -955,7 +999,7 @@ class ChannelMlpGate(torch.autograd.Function):
         return gate
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         pooled, weight1, weight2, gate, hidden = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
