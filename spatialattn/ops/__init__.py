@@ -485,11 +485,11 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
         return False
     if not (norm.training or norm.running_mean is None):
         return False
-    if _torch_ops_only() or torch.compiler.is_compiling():
+    if _torch_ops_only():
         return False
     if x.dim() != 4 or x.shape[1] == 0 or x.shape[0] * x.shape[2] * x.shape[3] < 2:
         return False
-    if _fast_device(x) not in ("cpp", "triton"):
+    if _fast_device(x) is None:
         return False
     p = norm.weight if norm.weight is not None else norm.running_mean
     return p is None or p.dtype == _lib._acc(x)
@@ -520,11 +520,16 @@ def spatial_attention_fused_batchnorm(
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
     """
-    cpp = _fast_device(x) == "cpp"
-    fn = _lib.CppSamBatchNorm if cpp else _lib.GenericSamBatchNorm
-    y, attn, stats = fn.apply(
-        x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
-    )
+    fast = _fast_device(x)
+    if fast == "op":  # torch.compile (or a dispatch mode): the custom op
+        y, attn, _, _, stats = _lib.sam_batchnorm_op(
+            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
+        )
+    else:
+        fn = _lib.CppSamBatchNorm if fast == "cpp" else _lib.GenericSamBatchNorm
+        y, attn, stats = fn.apply(
+            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
+        )
     _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
     return (y, attn) if return_attention else y
 
@@ -536,24 +541,26 @@ def _update_running_stats(norm: "torch.nn.BatchNorm2d", stats: Tensor, count: in
     whose device picks the C++ / Triton / torch update."""
     if not (norm.training and norm.track_running_stats):
         return
-    if _fast_device(x) == "cpp":
+    fast = _fast_device(x)
+    if fast == "cpp":
         # one C++ call: ATen's update, momentum * stat + (1 - momentum) * running in double,
         # rounded once (bumps the version counters)
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
-    elif _lib._triton_ok(x):
+    elif fast == "triton" and _lib._triton_ok(x):
         from . import _triton  # the same formula in one kernel (factor read on the device)
 
         with torch.no_grad():
             _triton.bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats, count,
                                       norm.momentum)
-    else:
+    else:  # also under torch.compile: traceable, no host synchronisation
         with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:
                 norm.num_batches_tracked.add_(1)
-                factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+                if norm.momentum is None:
+                    factor = 1.0 / norm.num_batches_tracked.double()  # a tensor: no float() of it
             unbiased = stats[1] * count / (count - 1)
             norm.running_mean.copy_(factor * stats[0] + (1.0 - factor) * norm.running_mean.double())
             norm.running_var.copy_(factor * unbiased + (1.0 - factor) * norm.running_var.double())

@@ -467,18 +467,6 @@ def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
 sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
 
 
-# FlopCounterMode counts convolutions and matrix products; the SAM's is its k x k conv on the
-# pooled maps (the plain decomposition's count: the same figures with and without the op)
-@register_flop_formula(torch.ops.spatialattn.sam)
-def _sam_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    n, _, h, w = x_shape
-    return conv_flop_count([n, w_shape[1], h, w], list(w_shape), [n, 1, h, w])
-
-
-@register_flop_formula(torch.ops.spatialattn.sam_backward)
-def _sam_backward_flop(grad_y_shape, grad_attn_shape, x_shape, scale_shape, w_shape, *args, out_shape=None,
-                       **kwargs) -> int:
-    return 2 * _sam_flop(x_shape, w_shape)  # the conv's input and weight gradients
 
 
 # ------------------------------------------------------------------ eager fast path (C++ on CPU, Triton on CUDA)
@@ -715,6 +703,57 @@ class CppSamBatchNorm(torch.autograd.Function):
         return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
 
 
+def _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+    """``(y, attn, logits, pooled, stats)`` of the training-BatchNorm SAM off the C++ path
+    (Triton on CUDA, plain PyTorch elsewhere) for a dense ``x``."""
+    acc = _acc(x)
+    pooled = _generic_pool(x, scale, kinds, acc)
+    if _triton_ok(x):
+        from . import _triton
+
+        logits, attn, stats = _triton.gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
+    else:
+        kh, kw = weight.shape[-2:]
+        with autocast_off(device_type(x)):
+            logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
+                              padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+            l64 = logits.double()
+            mean = l64.mean()
+            var = (l64 - mean).square().mean()
+            k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
+            shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
+            attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
+        stats = torch.stack([mean, var])
+    y = _generic_multiply(x, attn, scale)
+    return y, attn, logits, pooled, stats
+
+
+def _generic_bn_backward(grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, eps, kinds,
+                         dilation, need_gs):
+    """``(grad_x, grad_scale or None, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)`` of
+    :func:`_generic_bn_forward` (dtypes and shapes as the kernels give them)."""
+    if _triton_ok(x):
+        from . import _triton
+
+        return _triton.sam_backward(grad_y, grad_attn, x, scale, weight, None, attn, logits, pooled, kinds,
+                                    dilation, need_gs, bn_stats=stats, bn_weight=bn_weight, bn_eps=eps)
+    acc = attn.dtype
+    dA = _reduce_torch(grad_y, x, scale, acc)
+    if grad_attn is not None:
+        dA = dA + grad_attn.to(acc)
+    # BatchNorm backward with the batch statistics, in float64 (as the C++ op)
+    invstd = torch.rsqrt(stats[1] + eps)
+    dz = (dA * ((1 - attn) * attn)).double()
+    xhat = (logits.double() - stats[0]) * invstd
+    m = dz.numel()
+    s_dz, s_dzx = dz.sum(), (dz * xhat).sum()
+    gm = 1.0 if bn_weight is None else bn_weight.double().reshape(())
+    dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
+    gp, gw = _conv_backward(dl.to(acc), pooled, weight, dilation)
+    gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, need_gs)
+    return _in_layout(gx, x), gs, gw, dl.sum(), s_dzx, s_dz
+
+
 class GenericSamBatchNorm(torch.autograd.Function):
     """:class:`CppSamBatchNorm` off the C++ path: Triton on CUDA (the full-size passes and the
     small maps, :func:`_triton.gate_batchnorm` / :func:`_triton.sam_backward`), plain PyTorch
@@ -726,25 +765,8 @@ class GenericSamBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
         x = _dense(x)  # one dense copy of a strided x, made here and saved, not in every pass
-        acc = _acc(x)
-        pooled = _generic_pool(x, scale, kinds, acc)
-        if _triton_ok(x):
-            from . import _triton
-
-            logits, attn, stats = _triton.gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
-        else:
-            kh, kw = weight.shape[-2:]
-            with autocast_off(device_type(x)):
-                logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
-                                  padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-                l64 = logits.double()
-                mean = l64.mean()
-                var = (l64 - mean).square().mean()
-                k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
-                shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
-                attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
-            stats = torch.stack([mean, var])
-        y = _generic_multiply(x, attn, scale)
+        y, attn, logits, pooled, stats = _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds,
+                                                             dilation)
         _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats)
         return y, attn, stats
 
@@ -753,28 +775,135 @@ class GenericSamBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_y, grad_attn, _gstats):
         grad_y, x, scale, weight, bn_weight, attn, logits, pooled, stats = _bn_saved(ctx, grad_y)
         need_gs = scale is not None and ctx.needs_input_grad[3]
-        if _triton_ok(x):
-            from . import _triton
+        gx, gs, gw, gb, ggamma, gbeta = _generic_bn_backward(grad_y, grad_attn, x, scale, weight, bn_weight, attn,
+                                                             logits, pooled, stats, ctx.eps, ctx.kinds, ctx.dilation,
+                                                             need_gs)
+        return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
 
-            gx, gs, gw, gb, ggamma, gbeta = _triton.sam_backward(
-                grad_y, grad_attn, x, scale, weight, None, attn, logits, pooled, ctx.kinds, ctx.dilation, need_gs,
-                bn_stats=stats, bn_weight=bn_weight, bn_eps=ctx.eps)
-            return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
-        acc = attn.dtype
-        dA = _reduce_torch(grad_y, x, scale, acc)
-        if grad_attn is not None:
-            dA = dA + grad_attn.to(acc)
-        # BatchNorm backward with the batch statistics, in float64 (as the C++ op)
-        invstd = torch.rsqrt(stats[1] + ctx.eps)
-        dz = (dA * ((1 - attn) * attn)).double()
-        xhat = (logits.double() - stats[0]) * invstd
-        m = dz.numel()
-        s_dz, s_dzx = dz.sum(), (dz * xhat).sum()
-        gm = 1.0 if bn_weight is None else bn_weight.double().reshape(())
-        dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
-        gp, gw = _conv_backward(dl.to(acc), pooled, weight, ctx.dilation)
-        gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, ctx.kinds, need_gs)
-        return _bn_grads(ctx, gx, gw, dl.sum(), gs, s_dzx, s_dz, weight, scale, bn_weight)
+
+# ------------------------------------------------------------------ the same as custom ops (torch.compile)
+# What torch.compile sees of spatial_attention_fused_batchnorm: one node forward and one
+# backward, like spatialattn::sam (eager calls keep the Functions above: their dispatch costs
+# less). Before these, a compiled training step took the unfused ops (channel_pool and
+# gate_multiply custom ops, torch conv and BatchNorm), which cost four times the eager step.
+@torch.library.custom_op("spatialattn::sam_batchnorm", mutates_args=())
+def sam_batchnorm_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    kinds: List[int],
+    dilation: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused CBAM SAM with a training-mode ``BatchNorm2d(1)`` on the logits (batch statistics).
+    Returns ``(y, attn, logits, pooled, stats)``, ``stats = [mean, biased var]`` of the logits
+    in float64 (for the running statistics, updated by the caller); small maps as in
+    :func:`sam_op`."""
+    x = _dense(x)
+    if _cpp_ok(x):
+        y, attn, logits, pooled, stats = _cpp.get().sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps,
+                                                                    list(kinds), dilation)
+        return y, attn, logits, pooled, stats
+    y, attn, logits, pooled, stats = _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, list(kinds),
+                                                         dilation)
+    return _in_layout(y, x), attn, logits, pooled.contiguous(), stats
+
+
+@sam_batchnorm_op.register_fake
+def _(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+    acc = _acc(x)
+    n, _, h, w = x.shape
+    small = x.new_empty((n, 1, h, w), dtype=acc)
+    return (torch.empty_like(_dense(x)), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc),
+            x.new_empty((2,), dtype=torch.float64))
+
+
+@torch.library.custom_op("spatialattn::sam_batchnorm_backward", mutates_args=())
+def sam_batchnorm_backward_op(
+    grad_y: Tensor,
+    grad_attn: Optional[Tensor],
+    x: Tensor,
+    scale: Optional[Tensor],
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    attn: Tensor,
+    logits: Tensor,
+    pooled: Tensor,
+    stats: Tensor,
+    eps: float,
+    kinds: List[int],
+    dilation: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(grad_x, grad_scale, grad_weight, grad_bias [1], grad_bn_weight, grad_bn_bias)``
+    in the dtypes and shapes of those inputs (``grad_bias`` in ``weight``'s dtype); absent
+    optional inputs get empty ``[0]`` gradients."""
+    x = _dense(x)
+    if _cpp_ok(x):
+        gx, gs, gw, gb, ggamma, gbeta = _cpp.get().sam_backward_bn(
+            grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, eps, list(kinds), dilation,
+            scale is not None, True, True, True)
+    else:
+        gx, gs, gw, gb, ggamma, gbeta = _generic_bn_backward(grad_y, grad_attn, x, scale, weight, bn_weight, attn,
+                                                             logits, pooled, stats, eps, list(kinds), dilation,
+                                                             scale is not None)
+
+    def like(g, t):  # a fresh empty one each time: outputs must not alias each other
+        return x.new_empty(_EMPTY_SHAPE) if t is None else g.to(t.dtype).reshape(t.shape)
+
+    return (gx, like(gs, scale), gw.to(weight.dtype), gb.to(weight.dtype).reshape(1), like(ggamma, bn_weight),
+            like(gbeta, bn_bias))
+
+
+@sam_batchnorm_backward_op.register_fake
+def _(grad_y, grad_attn, x, scale, weight, bn_weight, bn_bias, attn, logits, pooled, stats, eps, kinds, dilation):
+    def like(t):
+        return x.new_empty(_EMPTY_SHAPE) if t is None else torch.empty_like(t)
+
+    return (torch.empty_like(_dense(x)), like(scale), torch.empty_like(weight), weight.new_empty((1,)),
+            like(bn_weight), like(bn_bias))
+
+
+def _sam_bn_setup(ctx, inputs, output):
+    x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation = inputs
+    _, attn, logits, pooled, stats = output
+    ctx.eps, ctx.kinds, ctx.dilation = eps, list(kinds), dilation
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.save_for_backward(x, scale, weight, bn_weight, bn_bias, attn, logits, pooled, stats)
+    ctx.set_materialize_grads(False)
+
+
+def _sam_bn_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled, grad_stats):
+    x, scale, weight, bn_weight, bn_bias, attn, logits, pooled, stats = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    gx, gs, gw, gb, ggamma, gbeta = sam_batchnorm_backward_op(
+        grad_y, grad_attn, x, scale, weight, bn_weight, bn_bias, attn, logits, pooled, stats, ctx.eps, ctx.kinds,
+        ctx.dilation)
+    return (gx, gw, gb.reshape(ctx.bias_shape) if ctx.bias_shape is not None else None,
+            gs if scale is not None else None, ggamma if bn_weight is not None else None,
+            gbeta if bn_bias is not None else None, None, None, None)
+
+
+sam_batchnorm_op.register_autograd(_sam_bn_backward, setup_context=_sam_bn_setup)
+
+
+# FlopCounterMode counts convolutions and matrix products; the SAM's is its k x k conv on the
+# pooled maps (the plain decomposition's count: the same figures with and without the ops;
+# the BatchNorm's arithmetic, like the pooling's, is not counted by torch either)
+@register_flop_formula([torch.ops.spatialattn.sam, torch.ops.spatialattn.sam_batchnorm])
+def _sam_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    n, _, h, w = x_shape
+    return conv_flop_count([n, w_shape[1], h, w], list(w_shape), [n, 1, h, w])
+
+
+@register_flop_formula([torch.ops.spatialattn.sam_backward, torch.ops.spatialattn.sam_batchnorm_backward])
+def _sam_backward_flop(grad_y_shape, grad_attn_shape, x_shape, scale_shape, w_shape, *args, out_shape=None,
+                       **kwargs) -> int:
+    return 2 * _sam_flop(x_shape, w_shape)  # the conv's input and weight gradients
 
 
 def _global_pool_forward(x: Tensor, kinds: List[int], dtype: torch.dtype, backend: str, count: bool

@@ -41,7 +41,7 @@ def assert_fake_matches(op, args) -> None:
 
 def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.device) -> None:
     """``torch.library.opcheck`` (schema, autograd registration, fake tensors, AOT dispatch) on
-    the three forward ops with ``x`` in ``layout``, and the backward ops' fakes against their
+    the four forward ops with ``x`` in ``layout``, and the backward ops' fakes against their
     outputs for upstream gradients in every layout (``grad_x`` follows ``x``, not them)."""
     g = torch.Generator().manual_seed(1)
 
@@ -52,14 +52,22 @@ def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.devic
     s = (randn(2, 5, 1, 1).abs() + 0.5).requires_grad_()
     a = randn(2, 1, 4, 3).sigmoid().requires_grad_()
     w = randn(1, 2, 3, 3).requires_grad_()
-    for op, args in ((lib.channel_pool_op, (x, s, [0, 1], lib._acc(x))), (lib.gate_multiply_op, (x, a, s)),
-                     (lib.sam_op, (x, w, None, s, None, None, [1, 0], 1))):
+    acc = lib._acc(x)
+    gamma = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).to(acc).to(device).requires_grad_()
+    beta = torch.randn(1, dtype=torch.float64, generator=g).to(acc).to(device).requires_grad_()
+    b = torch.randn(1, dtype=torch.float64, generator=g).to(w.dtype).to(device).requires_grad_()
+    for op, args in ((lib.channel_pool_op, (x, s, [0, 1], acc)), (lib.gate_multiply_op, (x, a, s)),
+                     (lib.sam_op, (x, w, None, s, None, None, [1, 0], 1)),
+                     (lib.sam_batchnorm_op, (x, w, b, s, gamma, beta, 1e-5, [1, 0], 1))):
         torch.library.opcheck(op, args)
     with torch.no_grad():
         _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, [0, 1], 1)
+        _, bn_attn, bn_logits, bn_pooled, stats = lib.sam_batchnorm_op(x, w, b, s, gamma, beta, 1e-5, [0, 1], 1)
         for g_layout in LAYOUTS:
             gy = layout_of(randn(2, 5, 4, 3), g_layout)
             assert_fake_matches(lib.sam_backward_op, (gy, None, x, s, w, None, attn, logits, pooled, [0, 1], 1))
+            assert_fake_matches(lib.sam_batchnorm_backward_op, (gy, None, x, s, w, gamma, beta, bn_attn, bn_logits,
+                                                                bn_pooled, stats, 1e-5, [0, 1], 1))
             assert_fake_matches(lib.gate_multiply_backward_op, (gy, x, a, s))
         for kinds in ([0, 1], [1], [0]):
             p = lib.channel_pool_op(x, None, kinds, lib._acc(x))
