@@ -480,7 +480,8 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     statistics) with parameters in the accumulation dtype (float32 for half inputs),
     CPU with the C++ kernels or CUDA with Triton (float32 / float64 / float16 / bfloat16; CUDA
     float64 excepted),
-    eager mode, and more than one logit per batch."""
+    eager mode or ``torch.compile`` (the custom op ``spatialattn::sam_batchnorm``), and more
+    than one logit per batch."""
     if not isinstance(norm, torch.nn.BatchNorm2d) or norm.num_features != 1:
         return False
     if not (norm.training or norm.running_mean is None):
