@@ -891,6 +891,16 @@ def _sam_bn_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled, grad_stat
 sam_batchnorm_op.register_autograd(_sam_bn_backward, setup_context=_sam_bn_setup)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# the backward ops' own "backward": differentiating their results (a double backward through
+# the custom ops, as under a dispatch mode) raises the message that names decomposed()
+for _op in (channel_pool_backward_op, gate_multiply_backward_op, sam_backward_op, sam_batchnorm_backward_op):
+    _op.register_autograd(_no_double_backward)
+
+
 # FlopCounterMode counts convolutions and matrix products; the SAM's is its k x k conv on the
 # pooled maps (the plain decomposition's count: the same figures with and without the ops;
 # the BatchNorm's arithmetic, like the pooling's, is not counted by torch either)

@@ -76,3 +76,15 @@ def test_decomposed_matches_the_kernels_to_first_order():
     g2 = torch.autograd.grad(y2.square().sum(), x)[0]
     torch.testing.assert_close(y2, y)
     torch.testing.assert_close(g2, g)
+
+
+@pytest.mark.parametrize("kind", ["sam", "cbam"])
+def test_second_differentiation_through_the_custom_ops_raises(monkeypatch, kind):
+    """The same message where the custom ops run in eager mode (under a dispatch mode, say):
+    their backward ops had no autograd formula, and torch's error did not say what to do."""
+    monkeypatch.setattr(ops, "_fast_device", lambda x: "op")
+    m = _module(kind, True)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"first order only.*decomposed\(\)"):
+        torch.autograd.grad(gx.square().sum(), x)
