@@ -96,10 +96,11 @@ def _scaled(x: Tensor, scale: Optional[Tensor]) -> Tensor:
 
 
 def _pool_torch(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The pooled maps ``[N, P, H, W]``, NCHW-contiguous as the kernels return them."""
     xs = _scaled(x, scale)
     maps = [xs.amax(dim=1, keepdim=True).to(dtype) if k == 0 else xs.mean(dim=1, keepdim=True, dtype=dtype)
             for k in kinds]
-    return torch.cat(maps, dim=1)
+    return torch.cat(maps, dim=1).contiguous()
 
 
 def _kind_sum(gpooled: Tensor, kinds: Sequence[int], kind: int) -> Optional[Tensor]:
@@ -146,11 +147,12 @@ def _generic_pool(x: Tensor, scale: Optional[Tensor], kinds: Sequence[int], acc:
 
 
 def _generic_multiply(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """``(x * scale) * attn`` for a dense ``x``, in ``x``'s layout."""
     if _triton_ok(x):
         from . import _triton
 
         return _triton.gate_forward(x, attn, scale)
-    return _scaled(x, scale) * attn.to(x.dtype)
+    return _in_layout(_scaled(x, scale) * attn.to(x.dtype), x)
 
 
 def _reduce_torch(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], acc: torch.dtype) -> Tensor:
@@ -161,12 +163,13 @@ def _reduce_torch(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], acc: torch
 
 def _gradx_torch(grad_y: Tensor, x: Tensor, scale: Optional[Tensor], attn: Tensor, pooled: Tensor, gp: Tensor,
                  kinds: Sequence[int], need_gs: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps (plain PyTorch)."""
+    """``(grad_x, grad_scale or None)`` given the gradient ``gp`` of the pooled maps (plain
+    PyTorch; ``grad_x`` in the layout of the dense ``x``)."""
     xs = _scaled(x, scale)
     gxs = (grad_y * attn.to(x.dtype)).to(x.dtype) + _pool_grad_xs_torch(gp, xs, pooled, kinds)
     gx = gxs if scale is None else gxs * scale.to(x.dtype)
     gs = _sum_nc(gxs * x, scale) if scale is not None and need_gs else None
-    return gx, gs
+    return _in_layout(gx, x), gs
 
 
 def _conv_backward(dl: Tensor, pooled: Tensor, weight: Tensor, dilation: int) -> Tuple[Tensor, Tensor]:
@@ -186,11 +189,7 @@ def channel_pool_op(x: Tensor, scale: Optional[Tensor], kinds: List[int], dtype:
     x = _dense(x)
     if _cpp_ok(x) and dtype == _acc(x):
         return _cpp.get().pool_forward(x, scale, list(kinds))
-    if _triton_ok(x):
-        from . import _triton
-
-        return _triton.pool_forward(x, scale, kinds, dtype)
-    return _pool_torch(x, scale, kinds, dtype).contiguous()
+    return _generic_pool(x, scale, kinds, dtype)
 
 
 @channel_pool_op.register_fake
@@ -249,11 +248,7 @@ def gate_multiply_op(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor
     x = _dense(x)
     if _cpp_ok(x):
         return _cpp.get().gate_forward(x, attn, scale, None)
-    if _triton_ok(x):
-        from . import _triton
-
-        return _triton.gate_forward(x, attn, scale)
-    return _in_layout(_scaled(x, scale) * attn.to(x.dtype), x)
+    return _generic_multiply(x, attn, scale)
 
 
 @gate_multiply_op.register_fake
@@ -346,18 +341,22 @@ def sam_op(
     if _triton_ok(x):
         return eager_kernels("triton").sam_forward(x, weight, bias, scale, norm_scale, norm_shift, list(kinds),
                                                    dilation, None)
-    pooled = _pool_torch(x, scale, kinds, _acc(x)).contiguous()
+    pooled = _pool_torch(x, scale, kinds, _acc(x))
     logits, attn = _sam_small_torch(pooled, weight, bias, norm_scale, norm_shift, dilation)
-    return _in_layout(_scaled(x, scale) * attn.to(x.dtype), x), attn, logits, pooled
+    return _generic_multiply(x, attn, scale), attn, logits, pooled
+
+
+def _fake_sam_maps(x: Tensor, kinds: Sequence[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, attn, logits, pooled)`` as the fused SAM ops return them (fake implementations)."""
+    acc = _acc(x)
+    n, _, h, w = x.shape
+    small = x.new_empty((n, 1, h, w), dtype=acc)
+    return torch.empty_like(_dense(x)), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc)
 
 
 @sam_op.register_fake
 def _(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation):
-    acc = _acc(x)
-    n, _, h, w = x.shape
-    small = x.new_empty((n, 1, h, w), dtype=acc)
-    return (torch.empty_like(_dense(x)), small, torch.empty_like(small),
-            x.new_empty((n, len(kinds), h, w), dtype=acc))
+    return _fake_sam_maps(x, kinds)
 
 
 def _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation):
@@ -414,7 +413,6 @@ def sam_backward_op(
             dA = dA + grad_attn.to(acc)
         gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
         gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, True)
-        gx = _in_layout(gx, x)
     gs = empty() if gs is None else gs.to(scale.dtype)
     gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
     gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
@@ -465,8 +463,6 @@ def _sam_backward(ctx, grad_y, grad_attn, grad_logits, grad_pooled):
 
 
 sam_op.register_autograd(_sam_backward, setup_context=_sam_setup)
-
-
 
 
 # ------------------------------------------------------------------ eager fast path (C++ on CPU, Triton on CUDA)
@@ -751,7 +747,7 @@ def _generic_bn_backward(grad_y, grad_attn, x, scale, weight, bn_weight, attn, l
     dl = gm * invstd * (dz - s_dz / m - xhat * (s_dzx / m))
     gp, gw = _conv_backward(dl.to(acc), pooled, weight, dilation)
     gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, need_gs)
-    return _in_layout(gx, x), gs, gw, dl.sum(), s_dzx, s_dz
+    return gx, gs, gw, dl.sum(), s_dzx, s_dz
 
 
 class GenericSamBatchNorm(torch.autograd.Function):
@@ -807,18 +803,12 @@ def sam_batchnorm_op(
         y, attn, logits, pooled, stats = _cpp.get().sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps,
                                                                     list(kinds), dilation)
         return y, attn, logits, pooled, stats
-    y, attn, logits, pooled, stats = _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, list(kinds),
-                                                         dilation)
-    return _in_layout(y, x), attn, logits, pooled.contiguous(), stats
+    return _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, list(kinds), dilation)
 
 
 @sam_batchnorm_op.register_fake
 def _(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
-    acc = _acc(x)
-    n, _, h, w = x.shape
-    small = x.new_empty((n, 1, h, w), dtype=acc)
-    return (torch.empty_like(_dense(x)), small, torch.empty_like(small), x.new_empty((n, len(kinds), h, w), dtype=acc),
-            x.new_empty((2,), dtype=torch.float64))
+    return (*_fake_sam_maps(x, kinds), x.new_empty((2,), dtype=torch.float64))
 
 
 @torch.library.custom_op("spatialattn::sam_batchnorm_backward", mutates_args=())

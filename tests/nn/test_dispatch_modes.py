@@ -13,17 +13,14 @@ from spatialattn import ops
 from spatialattn.nn import CBAM, PointwiseSpatialAttention, SpatialAttention
 
 
-def _modules():
-    return {
-        "sam": lambda: SpatialAttention(16),
-        "sam-3x3-no-norm": lambda: SpatialAttention(16, kernel_size=3, norm=None, bias=True),
-        "cbam": lambda: CBAM(16, reduction=4),
-        "cbam-timm-parallel": lambda: CBAM(16, reduction=4, preset="timm", arrangement="parallel"),
-        "pointwise": lambda: PointwiseSpatialAttention(16),
-    }
-
-
-MODULES = sorted(_modules())
+BUILD = {  # a fresh module of each kind per test
+    "sam": lambda: SpatialAttention(16),
+    "sam-3x3-no-norm": lambda: SpatialAttention(16, kernel_size=3, norm=None, bias=True),
+    "cbam": lambda: CBAM(16, reduction=4),
+    "cbam-timm-parallel": lambda: CBAM(16, reduction=4, preset="timm", arrangement="parallel"),
+    "pointwise": lambda: PointwiseSpatialAttention(16),
+}
+MODULES = sorted(BUILD)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -34,7 +31,7 @@ def test_fake_tensor_shape_inference(name, training, channels_last):
     dtype and strides, and reads no data (the C++ kernels had been handed the fake tensors:
     "data is not allocated yet")."""
     torch.manual_seed(0)
-    m = _modules()[name]().train(training)
+    m = BUILD[name]().train(training)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 16, 9, 7).contiguous(memory_format=fmt)
     want = m(x.clone().requires_grad_(training))
@@ -53,7 +50,7 @@ def test_fake_tensor_shape_inference(name, training, channels_last):
 def test_meta_device(name):
     """Built and run on the meta device (deferred initialisation, shape checks): asking
     whether autocast is on for "meta" had raised in every module."""
-    m = _modules()[name]().to("meta")
+    m = BUILD[name]().to("meta")
     for training in (False, True):
         y = m.train(training)(torch.empty(2, 16, 9, 7, device="meta"))
         assert y.device.type == "meta" and y.shape == (2, 16, 9, 7)
@@ -65,7 +62,7 @@ def test_flop_counter_counts_as_the_plain_decomposition(monkeypatch, name, train
     """FlopCounterMode sees the custom ops (not the unseen direct kernel calls, which counted
     nothing) and counts them as the plain-PyTorch decomposition's convolutions."""
     torch.manual_seed(0)
-    m = _modules()[name]().train(training)
+    m = BUILD[name]().train(training)
     x = torch.randn(2, 16, 9, 7)
 
     def count():

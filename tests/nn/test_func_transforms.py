@@ -12,6 +12,8 @@ from torch.func import functional_call, grad, vmap
 import spatialattn as sa
 from spatialattn import ops
 
+from ._pure import as_function
+
 
 def _module(kind: str, mode: str) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -63,14 +65,7 @@ def test_forward_mode_ad(kind, mode):
     transform): the eager Functions have no ``jvp`` and had raised NotImplementedError; inside
     a dual level the decomposition runs. Checked against finite differences by gradcheck
     (float64, forward and reverse mode), input and parameters."""
-    m = _module(kind, mode).double()
-    names = [k for k, _ in m.named_parameters()]
-    buffers = {k: v.clone() for k, v in m.named_buffers()}
-
-    def f(x, *params):  # buffers copied per call: the training BatchNorm updates them
-        return functional_call(m, ({**dict(zip(names, params))}, {k: v.clone() for k, v in buffers.items()}), (x,))
-
+    f, params = as_function(_module(kind, mode).double())
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
-    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
     assert torch.autograd.gradcheck(f, (x, *params), check_forward_ad=True, check_backward_ad=True,
                                     check_batched_grad=False)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import spatialattn as sa
 from spatialattn import ops
+
+from ..nn._pure import as_function
 
 
 def _module(kind: str, training: bool) -> torch.nn.Module:
@@ -48,15 +49,8 @@ def test_create_graph_alone_gives_the_first_order_gradients(kind):
 @pytest.mark.parametrize("kind", ["sam", "cbam"])
 @pytest.mark.parametrize("training", [False, True])
 def test_decomposed_gives_exact_second_order_gradients(kind, training):
-    m = _module(kind, training)
-    names = [k for k, _ in m.named_parameters()]
-    buffers = {k: v.clone() for k, v in m.named_buffers()}
-
-    def f(x, *params):  # buffers copied per call: the training BatchNorm updates them
-        return functional_call(m, (dict(zip(names, params)), {k: v.clone() for k, v in buffers.items()}), (x,))
-
+    f, params = as_function(_module(kind, training))
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
-    params = tuple(p.detach().clone().requires_grad_() for p in m.parameters())
     with ops.decomposed():
         assert ops._torch_ops_only()
         assert torch.autograd.gradgradcheck(f, (x, *params))
