@@ -1036,6 +1036,98 @@ def test_nchw_max_bits_match_the_compare(cpp_module, dtype):
         m.set_max_bits_phase_bytes(-1)
 
 
+def test_one_stream_reduce_rule(cpp_module):
+    # Pass A reads one channel row per sweep (instead of four) where its rows are one
+    # contiguous run (len == HW), short (at most 4 KiB) and the image's x exceeds the L2, in
+    # AVX-512 builds (reduce.h, one_stream_reduce); set_one_stream_reduce forces it either way.
+    m = cpp_module
+    l2 = m.l2_bytes()
+    assert 64 << 10 <= l2 <= 1 << 30
+    c_big = l2 // (676 * 4) + 1  # 26x26 rows, an image just past the L2
+    try:
+        m.set_one_stream_reduce(1)
+        assert m.one_stream_reduce(2, 9, 9, 4) and not m.one_stream_reduce(2, 9, 3, 4)
+        m.set_one_stream_reduce(-1)
+        if _cpp._capability() != "AVX512":  # measured faster only in the AVX-512 build
+            assert not m.one_stream_reduce(c_big, 676, 676, 4)
+            return
+        assert m.one_stream_reduce(c_big, 676, 676, 4)
+        assert not m.one_stream_reduce(c_big - 1, 676, 676, 4)  # fits the L2
+        assert not m.one_stream_reduce(c_big, 676, 338, 4)  # a band of rows: not one run
+        assert not m.one_stream_reduce(c_big, 2704, 2704, 4)  # 52x52 rows: longer than 4 KiB
+        assert m.one_stream_reduce(2 * c_big, 1024, 1024, 2)  # half rows of 2 KiB
+        assert m.one_stream_reduce(4 * c_big, 1024, 1024, 4)  # rows of exactly 4 KiB
+        assert not m.one_stream_reduce(4 * c_big, 1025, 1025, 4)
+        m.set_one_stream_reduce(0)
+        assert not m.one_stream_reduce(c_big, 676, 676, 4)
+    finally:
+        m.set_one_stream_reduce(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_stream_reduce_gives_the_same_bits(cpp_module, dtype):
+    # Pass A one channel row per sweep (set_one_stream_reduce(1), wherever a run is a whole
+    # image) against four rows per sweep (0): the same operations in the same order, so the same
+    # bits of every gradient. Through the fused op (orders with one or two maps, a repeated
+    # slot, a channel scale and its gradient, dense, broadcast and returned-attention
+    # gradients), the two-op path (channel pooling, gate multiply), the training-BatchNorm SAM
+    # and CBAM; channel counts with 1-3 rows past the last four, NCHW whole images (one and two
+    # threads) and the leftover images' phases (three threads), the flat blocks of short rows
+    # (40x7x7), integer inputs (tied maxima) and a NaN.
+    from spatialattn.nn import CBAM, SpatialAttention
+
+    m = cpp_module
+    old = torch.get_num_threads()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [((2, 13, 9, 7), ("max", "mean"), False), ((2, 6, 10, 10), ("mean", "max", "max"), True),
+             ((2, 40, 7, 7), ("max",), False), ((3, 11, 5, 16), ("mean",), True), ((2, 9, 6, 6), ("max", "mean"), True)]
+
+    def run(shape, order, nan):
+        g = torch.Generator().manual_seed(shape[1])
+        x0 = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: tied maxima
+        if nan:
+            x0[0, 1, 1, 2] = float("nan")
+        w0 = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
+        s0 = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
+        gy = torch.randn(shape, generator=g).to(dtype)
+        ga = torch.randn(shape[0], 1, shape[2], shape[3], generator=g).to(acc)
+        out = []
+        for scaled in (False, True):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            s = s0.clone().requires_grad_() if scaled else None
+            y, a = ops.spatial_attention_fused(x, w, order=order, channel_scale=s, return_attention=True)
+            ins = (x, w) + ((s,) if scaled else ())
+            out += torch.autograd.grad(y, ins, gy, retain_graph=True)
+            out += torch.autograd.grad(y.sum() * 3, ins, retain_graph=True)
+            out += torch.autograd.grad((y * gy).sum() + (a * ga).sum(), ins)
+        x = x0.clone().requires_grad_()
+        gate = torch.sigmoid(ga).to(dtype).requires_grad_()
+        pooled = ops.channel_pool(x, order, dtype=acc)
+        out += torch.autograd.grad(pooled, x, torch.randn(pooled.shape, generator=g).to(pooled.dtype))
+        out += torch.autograd.grad(ops.gate_multiply(x, gate), (x, gate), gy)
+        if dtype != torch.bfloat16:
+            for mod in (SpatialAttention(shape[1], norm="bn"), CBAM(shape[1], reduction=2)):
+                mod = mod.train().to(dtype)
+                x = x0.clone().requires_grad_()
+                out += torch.autograd.grad(mod(x), [x] + list(mod.parameters()), gy)
+        return out
+
+    try:
+        for (shape, order, nan), threads in itertools.product(cases, (1, 2, 3)):
+            torch.set_num_threads(threads)
+            runs = []
+            for mode in (0, 1):
+                m.set_one_stream_reduce(mode)
+                torch.manual_seed(0)
+                runs.append(run(shape, order, nan))
+            assert len(runs[0]) == len(runs[1])
+            for a, b in zip(*runs):
+                _same(a, b)
+    finally:
+        torch.set_num_threads(old)
+        m.set_one_stream_reduce(-1)
+
+
 @contextlib.contextmanager
 def _unfused():
     """functional.spatial_attention without the fused training-BatchNorm op (the module path)."""

@@ -14,6 +14,38 @@ namespace {
 // gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
 // keep the compiler from vectorising the loop.
 // mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
+// reduce_chunk reads four channel rows per sweep (one pass over the accumulators for four
+// rows), except where its rows are one contiguous run (len == HW: a whole NCHW image, or the
+// flat blocks below), short (at most kOneStreamRowBytes) and the image's x exceeds the L2:
+// then one row per sweep, so that x and g are each read as one stream from start to end
+// instead of four short runs restarting every row. The same operations in the same order
+// either way (sums and counts add channels in sequence), so the same bits. Measured (raw
+// NCHW backward, 2 threads, batch 8, float32, paired in one process, the order alternated
+// per round; Zen 4 VM): 0.84x the time at 512x26x26 (1.4 MB image, 2.7 KB rows), 0.71-0.78x
+// at 1024x20x20, 0.76-0.81x at 2048x13x13, 0.88x at 512x32x32, 0.79x at 768x24x24, 0.86-0.92x
+// at 384x26x26, 0.88x at 1024x16x16 (1 thread alike: 0.81x, 0.72x, 0.86x); where the image fits
+// the L2 four rows stay ahead (1.02-1.10x at 256x26x26, 1024x13x13, 128x28x28), and so they do
+// for longer rows (1.07x at 256x38x38, 1.13-1.26x at 52x52, 1.12-1.22x at 104x104). Two rows
+// per sweep were slower than four everywhere. bfloat16 (same build): 0.82x at 2048x20x20,
+// 0.98x at 1024x26x26, 1.02x at 4096x13x13. The forward's pooling (one input) keeps its
+// groups: one row per sweep there was 1.2x slower at 512x26x26. AVX-512 builds only: in the
+// AVX2 build (reduce_chunk_avx2's groups against the generic one-row loop) one row per sweep
+// was 1.2-1.5x slower at the same shapes.
+// Settable (set_one_stream_reduce): -1 the rule, 0 never, 1 wherever len == HW (tests).
+constexpr int64_t kOneStreamRowBytes = 4096;
+int kOneStreamReduce = -1;
+inline bool one_stream_reduce(int64_t C, int64_t HW, int64_t len, int64_t elem_bytes) {
+  if (kOneStreamReduce == 0 || len != HW) return false;
+  if (kOneStreamReduce > 0) return true;
+#if defined(__AVX512F__)
+  return HW * elem_bytes <= kOneStreamRowBytes && C * HW * elem_bytes > l2_bytes();
+#else
+  (void)C;
+  (void)elem_bytes;
+  return false;
+#endif
+}
+
 #if SAM_AVX2_HALVES
 // reduce_chunk's groups of four channel rows for float32 in AVX2 builds: the same operations
 // per element in 256-bit vectors, the tail as one vector ending at len whose overlapped lanes
@@ -92,13 +124,15 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
     else return updated;
   };
+  // one_stream_reduce: the groups of four are skipped (c starts at their end)
+  const int64_t c4 = one_stream_reduce(C, HW, len, int64_t(sizeof(X))) ? 0 : C;
   int64_t c = 0;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
-    c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
+    if (c4 > 0) c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
   }
 #endif
-  for (; c + 4 <= C; c += 4) {
+  for (; c + 4 <= c4; c += 4) {
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);

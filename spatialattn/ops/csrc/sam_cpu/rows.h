@@ -15,24 +15,29 @@ namespace {
 // the default) for measurements.
 int64_t kStreamBytes = -1;
 
-// Size of the last-level cache one core sees. sysconf(_SC_LEVEL3_CACHE_SIZE) is not it:
-// on AMD EPYC virtual machines it reports the whole socket (320 MiB where a core shares
-// 32 MiB), so Linux's per-instance sysfs entry comes first.
-inline int64_t llc_bytes() {
+// Size of the level-`level` cache one core sees (`fallback` if the system does not say).
+// sysconf(_SC_LEVEL3_CACHE_SIZE) is not it: on AMD EPYC virtual machines it reports the whole
+// socket (320 MiB where a core shares 32 MiB), so Linux's per-instance sysfs entry comes first.
+inline int64_t cache_bytes(int level, int64_t fallback) {
   for (int i = 0; i < 8; ++i) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-    std::ifstream level(dir + "level"), size(dir + "size");
+    std::ifstream lvf(dir + "level"), size(dir + "size");
     int lv = 0;
     std::string sz;
-    if (!(level >> lv) || !(size >> sz)) continue;
-    if (lv != 3 || sz.empty()) continue;
+    if (!(lvf >> lv) || !(size >> sz)) continue;
+    if (lv != level || sz.empty()) continue;
     int64_t v = std::atoll(sz.c_str());
     const char unit = sz.back();
     if (unit == 'K') v <<= 10;
     if (unit == 'M') v <<= 20;
     if (v > 0) return v;
   }
-  return int64_t(32) << 20;
+  return fallback;
+}
+inline int64_t llc_bytes() { return cache_bytes(3, int64_t(32) << 20); }
+inline int64_t l2_bytes() {
+  static const int64_t l2 = cache_bytes(2, int64_t(1) << 20);
+  return l2;
 }
 
 inline int64_t stream_threshold() {
