@@ -767,7 +767,8 @@ def test_channels_last_pooling_shares_cross_images(cpp_module, threads, channels
 
 def test_row_band_rule(cpp_module):
     # channels_last: bands of ~384 KiB whatever the image size; NCHW: whole images while an
-    # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag.
+    # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag,
+    # and at least 4 KiB of each channel row.
     m = cpp_module
     limit = m.whole_image_bytes()
     assert limit > 0
@@ -789,6 +790,22 @@ def test_row_band_rule(cpp_module):
         assert m.band_rows(2 * row, 3, 104, False) == 5 and m.band_rows(row, 3, 104, True) == 5
     finally:
         m.set_band_rows(0)
+    # NCHW bands hold at least 4 KiB of each channel row (runs per channel), beyond the budget
+    # if need be; a band of the whole image where that takes every row
+    budget_rows = (2 << 20) // (2 * row) - 3  # 16 rows of 104 float32 pixels: 6.6 KB runs
+    assert m.band_rows(2 * row, 3, h_big, False, 104 * 4) == budget_rows
+    row_many = 1024 * 52 * 4  # 1024 channels x 52 pixels: the budget gives 1 row, 208 B runs
+    assert (2 << 20) // (2 * row_many) - 3 == 1
+    assert m.band_rows(2 * row_many, 3, 52, False, 52 * 4) == 20  # ceil(4096 / 208)
+    assert m.band_rows(2 * row_many, 3, 52, True, 52 * 4) == 52  # channels_last: no runs per channel
+    row_26 = 2048 * 26 * 4
+    assert m.band_rows(2 * row_26, 3, 26, False, 26 * 4) == 26  # 40 rows wanted: whole image
+    assert m.band_rows(2 * row_26, 3, 26, False) == 1  # without the channel row's size: the budget
+    m.set_min_run_bytes(0)
+    try:
+        assert m.band_rows(2 * row_many, 3, 52, False, 52 * 4) == 1
+    finally:
+        m.set_min_run_bytes(-1)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -802,8 +819,9 @@ def test_automatic_nchw_bands_match_reference(cpp_module, layout, threads):
     torch.set_num_threads(threads)
     m.set_whole_image_bytes(1 << 10)
     m.set_band_bytes_nchw(8 * 20 * 8 * 2 * 5)  # 5 rows of x + gradient (float64): bands of 2 rows + lag 3
+    m.set_min_run_bytes(320)  # 2 rows of 20 float64 pixels
     try:
-        assert m.band_rows(8 * 20 * 8 * 2, 3, 17, False) == 2
+        assert m.band_rows(8 * 20 * 8 * 2, 3, 17, False, 20 * 8) == 2
         x = make_x((3, 8, 17, 20), layout, torch.float64, seed=3).requires_grad_()
         g = torch.Generator().manual_seed(1)
         wt = torch.randn(1, 2, 7, 7, dtype=torch.float64, generator=g).requires_grad_()
@@ -819,6 +837,7 @@ def test_automatic_nchw_bands_match_reference(cpp_module, layout, threads):
         torch.set_num_threads(old)
         m.set_whole_image_bytes(-1)
         m.set_band_bytes_nchw(2 << 20)
+        m.set_min_run_bytes(-1)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -95,6 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return one_stream_reduce(C, HW, len, elem_bytes);
   });  // the rule above, for tests
   m.def("l2_bytes", &l2_bytes);
+  m.def("set_min_run_bytes", [](int64_t b) { kMinRunBytes = b < 0 ? kMinRunDefault : b; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("set_flat_rows_max_hw",
         [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
@@ -103,5 +104,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](int64_t b) { kGpBackwardBlockBytes = b < 0 ? kGpBackwardBlockDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("llc_bytes", &llc_bytes);  // the last-level cache the kernels size their work by
-  m.def("band_rows", &band_rows);  // the rule above, for tests
+  m.def("band_rows", &band_rows, py::arg("row_bytes"), py::arg("lag"), py::arg("H"), py::arg("nhwc"),
+        py::arg("channel_row_bytes") = 0);  // the rule above, for tests
 }

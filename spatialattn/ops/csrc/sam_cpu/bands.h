@@ -27,6 +27,19 @@ int64_t kBandBytes = 384 << 10;
 int64_t kBandBytesNchw = 2 << 20;
 int64_t kWholeImageBytes = -1;  // NCHW whole-image limit; < 0: 1/8 of the LLC
 int64_t kBandRows = 0;          // > 0: fixed band height (tests)
+// NCHW bands are at least this many bytes of one channel's rows (channel_row_bytes: W pixels
+// of one tensor), whatever the budget: a band is one run per channel row, and the budget
+// alone gave many-channel images bands of one or two rows (8x2048x26x26: runs of 104 bytes of
+// x and of the gradient per channel, backward 9.9 clones; 8x1024x52x52: 208 bytes). Measured
+// (raw kernels, 2 threads, float32, paired, the band height forced; 32nd session): backward at
+// 8x2048x26x26 0.53x the time with bands of 6 rows, 0.43x with 13, 0.27x with whole images
+// (26 rows, where pass A then reads one row per sweep, reduce.h); 8x1024x52x52 0.76x with 20
+// rows (4 KiB runs), 0.71x whole; 8x256x104x104 0.81x with 10 rows instead of the budget's 6;
+// forward at 8x2048x26x26 0.56x whole, 8x1024x52x52 0.93x. Bands of runs of 4-15 KB (104x104
+// with 64-128 channels, 208x208) beat whole images there (1.05-1.2x) and are unchanged.
+// set_min_run_bytes: 0 = off (tests), negative = default.
+constexpr int64_t kMinRunDefault = 4096;
+int64_t kMinRunBytes = kMinRunDefault;
 
 inline int64_t whole_image_bytes() {
   if (kWholeImageBytes >= 0) return kWholeImageBytes;
@@ -34,13 +47,20 @@ inline int64_t whole_image_bytes() {
   return llc / 8;
 }
 
-inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc) {
+// rows of one band of an image of H rows, `row_bytes` of the streamed tensors per image row
+// (x, or x and the gradient), `lag` rows behind the band for the gate; NCHW: at least
+// kMinRunBytes of each channel row (channel_row_bytes of one tensor per image row; 0: no
+// minimum)
+inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc, int64_t channel_row_bytes = 0) {
   if (kBandRows > 0) return std::min(kBandRows, H);
   const int64_t budget = nhwc ? kBandBytes : kBandBytesNchw;
   if (budget <= 0) return H;
   if (!nhwc && row_bytes * H <= whole_image_bytes()) return H;
-  const int64_t r = budget / std::max<int64_t>(1, row_bytes) - lag;
-  return r < 1 ? H : std::min(H, r);
+  int64_t r = budget / std::max<int64_t>(1, row_bytes) - lag;
+  if (r < 1) return H;
+  if (!nhwc && kMinRunBytes > 0 && channel_row_bytes > 0)
+    r = std::max(r, (kMinRunBytes + channel_row_bytes - 1) / channel_row_bytes);
+  return std::min(H, r);
 }
 
 // scratch of one thread for the per-image passes
@@ -116,7 +136,7 @@ void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, 
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
                        T* attn, X* y, bool stream, Scratch<T>& sc) {
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc, W * int64_t(sizeof(X)));
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
   sc.spare.resize(R * W);
   int64_t done = 0;
@@ -153,7 +173,7 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
                         const T* logits, const T* attn, const T* gextra, X* gx, T* gs, double* par, bool stream,
                         Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc);
+  const int64_t R = band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc, W * int64_t(sizeof(X)));
   const T gv = GC ? T(g[0]) : T(0);
   sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
   pad_maps<T>(pooled, q.P, q.g, sc.pad.data());
