@@ -14,6 +14,7 @@ namespace {
 // gradient of y.sum()). Explicit vectors: the tie count (a compare) would otherwise
 // keep the compiler from vectorising the loop.
 // mb (with M; may be null): max bits, channel rows of mbs bytes, written at pixels q0 + [0, len).
+//
 // reduce_chunk reads four channel rows per sweep (one pass over the accumulators for four
 // rows), except where its rows are one contiguous run (len == HW: a whole NCHW image, or the
 // flat blocks below), short (at most kOneStreamRowBytes) and the image's x exceeds the L2:
@@ -124,7 +125,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     if constexpr (decltype(tail_t)::value) return vsel<T>(keep, updated, old);
     else return updated;
   };
-  // one_stream_reduce: the groups of four are skipped (c starts at their end)
+  // the groups of four channel rows run up to c4: none where one_stream_reduce
   const int64_t c4 = one_stream_reduce(C, HW, len, int64_t(sizeof(X))) ? 0 : C;
   int64_t c = 0;
 #if SAM_AVX2_HALVES
