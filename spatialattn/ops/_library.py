@@ -800,9 +800,7 @@ def sam_batchnorm_op(
     :func:`sam_op`."""
     x = _dense(x)
     if _cpp_ok(x):
-        y, attn, logits, pooled, stats = _cpp.get().sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps,
-                                                                    list(kinds), dilation)
-        return y, attn, logits, pooled, stats
+        return tuple(_cpp.get().sam_forward_bn(x, weight, bias, scale, bn_weight, bn_bias, eps, list(kinds), dilation))
     return _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, list(kinds), dilation)
 
 

@@ -91,9 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_max_bits_phase_bytes", [](int64_t b) { kMaxBitsPhaseBytes = b < 0 ? (2 << 20) : b; });
   m.def("has_max_bits", []() { return kMaxBits; });
   m.def("set_one_stream_reduce", [](int v) { kOneStreamReduce = v; });
-  m.def("one_stream_reduce", [](int64_t C, int64_t HW, int64_t len, int64_t elem_bytes) {
-    return one_stream_reduce(C, HW, len, elem_bytes);
-  });  // the rule above, for tests
+  m.def("one_stream_reduce", &one_stream_reduce);  // the rule in reduce.h, for tests
   m.def("l2_bytes", &l2_bytes);
   m.def("set_min_run_bytes", [](int64_t b) { kMinRunBytes = b < 0 ? kMinRunDefault : b; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
