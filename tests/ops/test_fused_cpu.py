@@ -1150,6 +1150,100 @@ def test_one_stream_reduce_gives_the_same_bits(cpp_module, dtype):
         m.set_one_stream_reduce(-1)
 
 
+def test_row_prefetch_rule(cpp_module):
+    # The NCHW pooling and pass A prefetch the channel rows of a later group where x exceeds a
+    # quarter of the last-level cache (rows.h, row_prefetch_bytes: the bytes of work ahead, 0
+    # for none); set_row_prefetch forces it either way (pass B follows the stream stores).
+    m = cpp_module
+    quarter = m.llc_bytes() // 4 // 4  # float32 elements in a quarter of the LLC
+    try:
+        assert m.row_prefetch_bytes(quarter) == 0
+        ahead = m.row_prefetch_bytes(quarter + 1)
+        assert 4096 <= ahead <= 1 << 16
+        m.set_row_prefetch(1)
+        assert m.row_prefetch_bytes(1) == ahead
+        m.set_row_prefetch(0)
+        assert m.row_prefetch_bytes(1 << 40) == 0
+    finally:
+        m.set_row_prefetch(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
+    # The prefetches change no arithmetic, but the loops they sit in were split into a
+    # prefetching and a plain version (the channel groups of the pooling and pass A, the rows
+    # of pass B): every output and gradient, prefetch forced on against off, bit for bit, and
+    # against the reference. Enough channels that groups with and without a group ahead both
+    # occur (short rows look many rows ahead), four-row and eight-row pooling, pass A's groups
+    # (one-stream and flat blocks off), bands of rows and whole images, one to three threads.
+    from spatialattn.nn import SpatialAttention
+
+    m = cpp_module
+    old = torch.get_num_threads()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [(2, 97, 9, 7), (1, 70, 12, 11), (3, 45, 5, 6), (2, 130, 4, 4)]
+
+    def run(shape):
+        g = torch.Generator().manual_seed(shape[1])
+        x0 = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: tied maxima
+        w0 = torch.randn(1, 2, 7, 7, generator=g).to(acc)
+        s0 = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
+        gy = torch.randn(shape, generator=g).to(dtype)
+        out = []
+        for scaled in (False, True):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            s = s0.clone().requires_grad_() if scaled else None
+            y = ops.spatial_attention_fused(x, w, channel_scale=s)
+            out += [y] + list(torch.autograd.grad(y, (x, w) + ((s,) if scaled else ()), gy))
+        x = x0.clone().requires_grad_()
+        pooled = ops.channel_pool(x, ("max", "mean"), dtype=acc)
+        out += [pooled] + list(torch.autograd.grad(pooled, x, torch.randn(pooled.shape, generator=g).to(acc)))
+        if dtype != torch.bfloat16:
+            mod = SpatialAttention(shape[1], norm="bn").train().to(dtype)
+            x = x0.clone().requires_grad_()
+            y = mod(x)
+            out += [y] + list(torch.autograd.grad(y, [x] + list(mod.parameters()), gy))
+        return out, x0, w0, gy
+
+    try:
+        m.set_one_stream_reduce(0)
+        m.set_flat_backward_max_block(0)
+        m.set_stream_bytes(0)  # pass B's prefetch follows the stream stores
+        for shape, threads, wide, band in itertools.product(cases, (1, 2, 3), (False, True), (0, 2)):
+            torch.set_num_threads(threads)
+            m.set_pool_wide_bytes(0 if wide else -1)
+            m.set_band_rows(band)
+            runs = []
+            for mode in (0, 1):
+                m.set_row_prefetch(mode)
+                torch.manual_seed(0)  # the module's initial weights
+                runs.append(run(shape))
+            assert len(runs[0][0]) == len(runs[1][0])
+            for a, b in zip(runs[0][0], runs[1][0]):
+                _same(a, b)
+        # and the prefetching build against the reference (one case per dtype)
+        torch.set_num_threads(2)
+        m.set_row_prefetch(1)
+        x = (torch.randn(2, 97, 9, 7) * 2).to(dtype).requires_grad_()
+        w = torch.randn(1, 2, 7, 7).to(acc)
+        want_x = x.detach().to(acc).requires_grad_()
+        y = ops.spatial_attention_fused(x, w)
+        want, _ = ref_sam(want_x, w, None, ("max", "mean"), 1, None)
+        tol = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=1e-4, atol=1e-4),
+               torch.float64: dict(rtol=1e-10, atol=1e-10)}[dtype]
+        torch.testing.assert_close(y.to(acc), want, **tol)
+        gy = torch.randn(y.shape).to(dtype)
+        (gx,) = torch.autograd.grad(y, x, gy)
+        (want_gx,) = torch.autograd.grad(want, want_x, gy.to(acc))
+        torch.testing.assert_close(gx.to(acc), want_gx, **tol)
+    finally:
+        torch.set_num_threads(old)
+        for knob in ("set_row_prefetch", "set_one_stream_reduce", "set_flat_backward_max_block", "set_stream_bytes",
+                     "set_pool_wide_bytes"):
+            getattr(m, knob)(-1)
+        m.set_band_rows(0)
+
+
 @contextlib.contextmanager
 def _unfused():
     """functional.spatial_attention without the fused training-BatchNorm op (the module path)."""

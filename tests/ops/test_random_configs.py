@@ -47,6 +47,7 @@ KNOBS = {
     "set_gp_backward_block_bytes": (-1, [0, 64, 4096, 1 << 30]),
     "set_min_run_bytes": (-1, [0, 64, 1 << 12]),
     "set_one_stream_reduce": (-1, [0, 1]),
+    "set_row_prefetch": (-1, [0, 1]),
 }
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
 HALF = (torch.float16, torch.bfloat16)

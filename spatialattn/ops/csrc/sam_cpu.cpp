@@ -95,6 +95,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("l2_bytes", &l2_bytes);
   m.def("set_min_run_bytes", [](int64_t b) { kMinRunBytes = b < 0 ? kMinRunDefault : b; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
+  m.def("set_row_prefetch", [](int v) { kRowPrefetch = v; });
+  // the bytes of work the NCHW pooling and pass A prefetch ahead for x of `elems` float32 elements (0: none)
+  m.def("row_prefetch_bytes", [](int64_t elems) { return row_prefetch_bytes<float>(elems); });
   m.def("set_flat_rows_max_hw",
         [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
   m.def("set_flat_backward_max_block", [](int64_t v) { kFlatBackwardMaxBlock = v < 0 ? kFlatBackwardBlockDefault : v; });

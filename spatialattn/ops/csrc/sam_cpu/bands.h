@@ -134,7 +134,7 @@ void copy_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t i
 template <typename T, typename X>
 void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
-                       T* attn, X* y, bool stream, Scratch<T>& sc) {
+                       T* attn, X* y, bool stream, int64_t prefetch, Scratch<T>& sc) {
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
   const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc, W * int64_t(sizeof(X)));
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
@@ -145,7 +145,7 @@ void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, 
     T* mx = imax >= 0 ? pooled + imax * HW + p0 : sc.spare.data();
     T* mean = imean >= 0 ? pooled + imean * HW + p0 : sc.spare.data();
     if (!nhwc) {
-      pool_chunk<T, X>(x + p0, s, C, HW, len, mx, mean);
+      pool_chunk<T, X>(x + p0, s, C, HW, len, mx, mean, prefetch);
     } else {
       pool_pixels<T, X>(x + p0 * C, s, C, len, mx, mean);
     }
@@ -171,7 +171,7 @@ template <typename T, typename X, bool GC, bool M, bool F>
 void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H, int64_t W, bool nhwc,
                         const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* mx,
                         const T* logits, const T* attn, const T* gextra, X* gx, T* gs, double* par, bool stream,
-                        Scratch<T>& sc) {
+                        int64_t prefetch, Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
   const int64_t R = band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc, W * int64_t(sizeof(X)));
   const T gv = GC ? T(g[0]) : T(0);
@@ -217,7 +217,7 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     } else if (!nhwc) {
       if (len > 0)
         reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len,
-                                     dA + p0, cnt + p0, mb, mbs, p0);
+                                     dA + p0, cnt + p0, mb, mbs, p0, prefetch);
     } else {
       for (int64_t p = p0; p < p0 + len; ++p) {
         T i;
@@ -246,14 +246,23 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
         gradx_rows_flat<T, X, GC, M, F, false>(x, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, stream, mb,
                                                sc.flat);
     } else if (!nhwc) {
+      // the channel rows kPrefetchAhead bytes of work further on prefetched (rows.h)
+      const int64_t ahead =
+          pass_b_prefetch(stream) ? prefetch_rows_ahead(kPrefetchAhead, 1, alen, int64_t(sizeof(X))) : 0;
       auto pass_b = [&](auto s_t, auto b_t) {
-        for (int64_t c = 0; c < C; ++c) {
-          const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(
-              x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0,
-              M ? mx + a0 : nullptr, M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0,
-              stream, sc.row.data(), mb ? mb + c * mbs : nullptr, a0);
-          if (gs) sc.gs[c] += t;
-        }
+        auto rows = [&](auto pf_t, int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, decltype(b_t)::value,
+                                      decltype(pf_t)::value>(
+                x + c * HW + a0, GC ? nullptr : g + c * HW + a0, gv, s ? s[c] : T(1), attn + a0,
+                M ? mx + a0 : nullptr, M ? dmax + a0 : nullptr, F ? dmean + a0 : nullptr, alen, gx + c * HW + a0,
+                stream, sc.row.data(), mb ? mb + c * mbs : nullptr, a0, ahead * HW);
+            if (gs) sc.gs[c] += t;
+          }
+        };
+        const int64_t cp = ahead > 0 ? std::max<int64_t>(0, C - ahead) : 0;  // rows with a row `ahead` on
+        rows(std::true_type{}, 0, cp);
+        rows(std::false_type{}, cp, C);
       };
       if (gs) pass_b(std::true_type{}, std::false_type{});
       else if (bits) pass_b(std::false_type{}, std::true_type{});

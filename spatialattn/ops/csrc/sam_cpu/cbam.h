@@ -62,6 +62,7 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
     const Gate<T> q{w.data_ptr<T>(), P, make_pad<T>(g.H, g.W, w.size(2), w.size(3), dilation), ptr_or_null<T>(b),
                     ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const bool stream = use_stream<X>(x.numel());
+    const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     const int64_t nt = shared_threads(NC * g.HW * int64_t(sizeof(X)), g.N * g.H);
     in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
       int64_t i0, i1;  // this thread's share of a phase's items
@@ -102,7 +103,7 @@ std::vector<Tensor> cbam_forward(const Tensor& x, std::vector<int64_t> ch_kinds,
       barrier();
       sam_forward_share<T, X>(t, nth, barrier, xp, sp, 0, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, imax, imean,
                               pooled, logits, attn.data_ptr<T>(), y.data_ptr<X>(),
-                              stream);
+                              stream, prefetch);
     });
   });
   return {y, attn, gate};

@@ -10,10 +10,19 @@ namespace {
 // gx' = g * a + [x' == mx] * fmax + fmean ;  gx = gx' * s ;  gs[n, c] = sum_p gx' * x.
 // Any of g (with a), mx (with fmax), fmean may be null; gx / gs may be null.
 
+// gradx_segment's inputs `next` elements further on (a later channel row), prefetched into
+// L2: the gradient's row, and x's where the pass reads it (see rows.h)
+template <bool G, bool GC, bool M, bool MB, bool S, typename X>
+inline void prefetch_next_rows(const X* xr, const X* gr, int64_t next, int64_t k) {
+  if constexpr (G && !GC) __builtin_prefetch(gr + next + k, 0, 2);
+  if constexpr ((M && !MB) || S) __builtin_prefetch(xr + next + k, 0, 2);
+}
+
 // NCHW: `len` pixels of one channel row (scale sc); returns sum gx' * x if S, else 0 (the
 // sum is skipped: measured ~6 % off the 1x1024x13x13 backward, within noise on the large
 // maps, which wait on memory); buf: len scratch. MB (not with S): the max channels from
-// the row of max bits `mb` (pixel q0 + k at bit k), and x is not read.
+// the row of max bits `mb` (pixel q0 + k at bit k), and x is not read. PF: the rows `next`
+// elements further on prefetched (a template argument: a test in the loop cost 5-10 %).
 #if SAM_AVX2_HALVES
 // gradx_segment's vectors for float32 in AVX2 builds: the same operations per element in
 // 256-bit vectors (MB: the max channels from the bits, x not read); len >= 8. Without S, the
@@ -21,12 +30,13 @@ namespace {
 // channel-scale sum): the generic code's 16-lane accumulator as two halves, 16 elements per
 // step, its lanes added to t in order; returns the first element left to gradx_segment's
 // scalar loop, as there, so the sum keeps its bits.
-template <bool G, bool GC, bool M, bool F, bool MB, bool S, typename X>
+template <bool G, bool GC, bool M, bool F, bool MB, bool S, bool PF, typename X>
 inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, const float* an, const float* mn,
                                   const float* fm, const float* fa, int64_t len, X* gx, bool stream, float* gp,
-                                  const uint8_t* mb, int64_t q0, float& t) {
+                                  const uint8_t* mb, int64_t q0, float& t, int64_t next) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto step = [&](int64_t k) {
+    if constexpr (PF) prefetch_next_rows<G, GC, M, MB, S>(xr, gr, next, k);
     __m256 v = _mm256_setzero_ps();
     if constexpr (G) v = _mm256_mul_ps(GC ? vg : ld8(gr + k), _mm256_loadu_ps(an + k));
     if constexpr (M && MB)
@@ -61,9 +71,10 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
 }
 #endif
 
-template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false>
+template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false, bool PF = false>
 inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
-                       int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0) {
+                       int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0,
+                       int64_t next = 0) {
   static_assert(!(MB && S), "the channel-scale gradient reads x");
   using V = vec_t<T>;
   constexpr int64_t L = lanes<T>();
@@ -73,7 +84,8 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
-      i = gradx_segment_avx2<G, GC, M, F, MB, S, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0, t);
+      i = gradx_segment_avx2<G, GC, M, F, MB, S, PF, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0,
+                                                        t, next);
       vectors_done = true;
     }
   }
@@ -81,6 +93,7 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   if (!vectors_done) {
     V acc = {};
     auto step = [&](int64_t k) {
+      if constexpr (PF) prefetch_next_rows<G, GC, M, MB, S>(xr, gr, next, k);
       V v = {};
       if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
       if constexpr (M && MB) v += where_bits<T>(get_bits<L>(mb, q0 + k), vload(fm + k));

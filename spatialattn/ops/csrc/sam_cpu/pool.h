@@ -11,14 +11,16 @@ namespace {
 // adjustable for tests through set_pool_wide_bytes, a negative value restores the default)
 constexpr int64_t kPoolWideDefault = 16384;
 int64_t kPoolWideBytes = kPoolWideDefault;
+
 constexpr int64_t kGpTileDefault = 65536;
 int64_t kGpTileBytes = kGpTileDefault;  // channels_last global pooling: bytes of x per tile
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
 // `len` consecutive pixels starting at x. Four (or eight) channels per sweep over the
 // accumulators; the sum keeps the sequential channel order (((s + v0) + v1) + v2) + v3.
-// mp / sp: max and mean out (the mean divides like torch: sum / C).
+// mp / sp: max and mean out (the mean divides like torch: sum / C). prefetch: bytes of work
+// to prefetch ahead (row_prefetch_bytes; 0: none).
 template <typename T, typename X>
-void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
+void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
   {
@@ -67,21 +69,30 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
         _mm256_storeu_ps(mp + k, tail ? _mm256_blendv_ps(m0, m, keep) : m);
         _mm256_storeu_ps(sp + k, tail ? _mm256_blendv_ps(a0, a, keep) : a);
       };
-      auto rows = [&](int64_t nc, auto steps) {  // every vector of the chunk, then the tail
+      auto rows = [&](auto nc_t, auto steps) {  // every vector of the chunk, then the tail
+        constexpr int nc = decltype(nc_t)::value;
+        const int64_t ahead = prefetch_rows_ahead(prefetch, nc, len, int64_t(sizeof(X)));
         for (; c + nc <= C; c += nc) {
-          for (int64_t k = 0; k < full; k += 8) run(k, false, steps);
+          if (ahead > 0 && c + ahead + nc <= C) {
+            for (int64_t k = 0; k < full; k += 8) {
+              prefetch_group<nc>(x, c, HW, ahead, k);
+              run(k, false, steps);
+            }
+          } else {
+            for (int64_t k = 0; k < full; k += 8) run(k, false, steps);
+          }
           if (full < len) run(len - 8, true, steps);
         }
       };
       if (wide)
-        rows(8, [&](int64_t k, __m256& m, __m256& a) {
+        rows(std::integral_constant<int, 8>{}, [&](int64_t k, __m256& m, __m256& a) {
           const X* r = x + c * HW + k;
           __m256 v[8];
           for (int j = 0; j < 8; ++j) v[j] = _mm256_mul_ps(ld8(r + j * HW), _mm256_set1_ps(s ? s[c + j] : 1.f));
           step8(m, a, v[0], v[1], v[2], v[3]);
           step8(m, a, v[4], v[5], v[6], v[7]);
         });
-      rows(4, [&](int64_t k, __m256& m, __m256& a) {
+      rows(std::integral_constant<int, 4>{}, [&](int64_t k, __m256& m, __m256& a) {
         const X* r = x + c * HW + k;
         auto sv = [&](int j) { return _mm256_set1_ps(s ? s[c + j] : 1.f); };
         step8(m, a, _mm256_mul_ps(ld8(r), sv(0)), _mm256_mul_ps(ld8(r + HW), sv(1)),
@@ -94,18 +105,23 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     // Eight channels per sweep where the two accumulator rows exceed half of a 32 KiB L1:
     // they then travel to L2 and back every sweep, and eight channels halve that. Each
     // half of the sweep is the four-channel step below, so the results are the same bits.
+    const int64_t ahead = prefetch_rows_ahead(prefetch, 8, len, int64_t(sizeof(X)));
     for (; c + 8 <= C; c += 8) {
       const X* r = x + c * HW;
       T sc[8];
       for (int j = 0; j < 8; ++j) sc[j] = s ? s[c + j] : T(1);
-      int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
-        update(k, tail_t, keep, [&](V& m, V& a) {
-          V v[8];
-          for (int j = 0; j < 8; ++j) v[j] = vld(r + j * HW + k) * sc[j];
-          step4(m, a, v[0], v[1], v[2], v[3]);
-          step4(m, a, v[4], v[5], v[6], v[7]);
+      auto sweep = [&](auto pf_t) {
+        return vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+          if constexpr (decltype(pf_t)::value) prefetch_group<8>(x, c, HW, ahead, k);
+          update(k, tail_t, keep, [&](V& m, V& a) {
+            V v[8];
+            for (int j = 0; j < 8; ++j) v[j] = vld(r + j * HW + k) * sc[j];
+            step4(m, a, v[0], v[1], v[2], v[3]);
+            step4(m, a, v[4], v[5], v[6], v[7]);
+          });
         });
-      });
+      };
+      int64_t i = ahead > 0 && c + ahead + 8 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
       for (; i < len; ++i) {
         T v[8];
         for (int j = 0; j < 8; ++j) v[j] = T(r[j * HW + i]) * sc[j];
@@ -114,17 +130,22 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       }
     }
   }
+  const int64_t ahead4 = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)));
   for (; c + 4 <= C; c += 4) {
     const X* r0 = x + c * HW;
     const X* r1 = r0 + HW;
     const X* r2 = r1 + HW;
     const X* r3 = r2 + HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
-    int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
-      update(k, tail_t, keep, [&](V& m, V& a) {
-        step4(m, a, vld(r0 + k) * s0, vld(r1 + k) * s1, vld(r2 + k) * s2, vld(r3 + k) * s3);
+    auto sweep = [&](auto pf_t) {
+      return vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+        if constexpr (decltype(pf_t)::value) prefetch_group<4>(x, c, HW, ahead4, k);
+        update(k, tail_t, keep, [&](V& m, V& a) {
+          step4(m, a, vld(r0 + k) * s0, vld(r1 + k) * s1, vld(r2 + k) * s2, vld(r3 + k) * s3);
+        });
       });
-    });
+    };
+    int64_t i = ahead4 > 0 && c + ahead4 + 4 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
     for (; i < len; ++i) step4(mp[i], sp[i], T(r0[i]) * s0, T(r1[i]) * s1, T(r2[i]) * s2, T(r3[i]) * s3);
   }
   for (; c < C; ++c) {
@@ -380,12 +401,13 @@ void k_pool(const X* x, const T* s, int64_t N, int64_t C, int64_t HW, bool nhwc,
   if (!nhwc) {
     const int64_t chunk = pixel_chunk(N, HW);
     const int64_t nchunks = (HW + chunk - 1) / chunk;
+    const int64_t prefetch = row_prefetch_bytes<X>(N * C * HW);
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
       std::vector<T> m(chunk), sm(chunk);
       for (int64_t t = b; t < e; ++t) {
         const int64_t n = t / nchunks, p0 = (t % nchunks) * chunk;
         const int64_t len = std::min(chunk, HW - p0);
-        pool_chunk<T, X>(x + n * C * HW + p0, s ? s + n * C : nullptr, C, HW, len, m.data(), sm.data());
+        pool_chunk<T, X>(x + n * C * HW + p0, s ? s + n * C : nullptr, C, HW, len, m.data(), sm.data(), prefetch);
         if (mx) std::copy(m.data(), m.data() + len, mx + n * obs + p0);
         if (mean) std::copy(sm.data(), sm.data() + len, mean + n * obs + p0);
       }

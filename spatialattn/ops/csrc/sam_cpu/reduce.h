@@ -55,8 +55,9 @@ inline bool one_stream_reduce(int64_t C, int64_t HW, int64_t len, int64_t elem_b
 template <bool G, bool GC, bool M, typename X>
 inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float gv, const float* mp, int64_t C,
                                  int64_t HW, int64_t len, float* ap, float* cp, uint8_t* mb, int64_t mbs,
-                                 int64_t q0) {
+                                 int64_t q0, int64_t prefetch) {
   if (len < 8) return 0;
+  const int64_t ahead = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)) * (G && !GC ? 2 : 1));
   const __m256 one = _mm256_set1_ps(1.f), vg = _mm256_set1_ps(gv);
   const __m256 lane = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
   const int64_t full = len / 8 * 8;
@@ -105,7 +106,15 @@ inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float g
         }
       }
     };
-    for (int64_t k = 0; k < full; k += 8) sweep(k, false);
+    if (ahead > 0 && c + ahead + 4 <= C) {
+      for (int64_t k = 0; k < full; k += 8) {
+        prefetch_group<4>(x, c, HW, ahead, k);
+        if constexpr (G && !GC) prefetch_group<4>(g, c, HW, ahead, k);
+        sweep(k, false);
+      }
+    } else {
+      for (int64_t k = 0; k < full; k += 8) sweep(k, false);
+    }
     if (full < len) sweep(len - 8, true);
   }
   return c;
@@ -114,7 +123,7 @@ inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float g
 
 template <typename T, typename X, bool G, bool GC, bool M>
 void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
-                  T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0) {
+                  T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0, int64_t prefetch = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
@@ -130,42 +139,51 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   int64_t c = 0;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
-    if (c4 > 0) c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0);
+    if (c4 > 0) c = reduce_chunk_avx2<G, GC, M, X>(x, s, g, gv, mp, C, HW, len, ap, cp, mb, mbs, q0, prefetch);
   }
 #endif
+  // the rows `ahead` further on prefetched (prefetch: bytes of work ahead, 0 none; see rows.h)
+  const int64_t ahead = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)) * (G && !GC ? 2 : 1));
   for (; c + 4 <= c4; c += 4) {
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
-    int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
-      const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
-              v3 = vld(x0 + 3 * HW + k) * s3;
-      if (G) {
-        const V a0 = vload(ap + k);
-        V a = a0;
-        if (GC) {
-          a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
-        } else {
-          a = a + vld(g0 + k) * v0 + vld(g0 + HW + k) * v1 + vld(g0 + 2 * HW + k) * v2 + vld(g0 + 3 * HW + k) * v3;
+    auto sweep = [&](auto pf_t) {
+      return vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+        if constexpr (decltype(pf_t)::value) {
+          prefetch_group<4>(x, c, HW, ahead, k);
+          if constexpr (G && !GC) prefetch_group<4>(g, c, HW, ahead, k);
         }
-        vstore(ap + k, kept(tail_t, keep, a, a0));
-      }
-      if (M) {
-        const V m = vload(mp + k), n0 = vload(cp + k);
-        const auto e0 = vcmp<kEq, T>(v0, m), e1 = vcmp<kEq, T>(v1, m), e2 = vcmp<kEq, T>(v2, m),
-                   e3 = vcmp<kEq, T>(v3, m);
-        const V n1 = n0 + vsel<T>(e0, one, zero) + vsel<T>(e1, one, zero) + vsel<T>(e2, one, zero) +
-                     vsel<T>(e3, one, zero);
-        vstore(cp + k, kept(tail_t, keep, n1, n0));
-        if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
-          uint8_t* b0 = mb + c * mbs;
-          put_bits<L>(b0, q0 + k, lane_bits<T>(e0));
-          put_bits<L>(b0 + mbs, q0 + k, lane_bits<T>(e1));
-          put_bits<L>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
-          put_bits<L>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+        const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
+                v3 = vld(x0 + 3 * HW + k) * s3;
+        if (G) {
+          const V a0 = vload(ap + k);
+          V a = a0;
+          if (GC) {
+            a = a + gv * v0 + gv * v1 + gv * v2 + gv * v3;
+          } else {
+            a = a + vld(g0 + k) * v0 + vld(g0 + HW + k) * v1 + vld(g0 + 2 * HW + k) * v2 + vld(g0 + 3 * HW + k) * v3;
+          }
+          vstore(ap + k, kept(tail_t, keep, a, a0));
         }
-      }
-    });
+        if (M) {
+          const V m = vload(mp + k), n0 = vload(cp + k);
+          const auto e0 = vcmp<kEq, T>(v0, m), e1 = vcmp<kEq, T>(v1, m), e2 = vcmp<kEq, T>(v2, m),
+                     e3 = vcmp<kEq, T>(v3, m);
+          const V n1 = n0 + vsel<T>(e0, one, zero) + vsel<T>(e1, one, zero) + vsel<T>(e2, one, zero) +
+                       vsel<T>(e3, one, zero);
+          vstore(cp + k, kept(tail_t, keep, n1, n0));
+          if (mb) {  // (the tail's overlapped lanes get their bits again, the same)
+            uint8_t* b0 = mb + c * mbs;
+            put_bits<L>(b0, q0 + k, lane_bits<T>(e0));
+            put_bits<L>(b0 + mbs, q0 + k, lane_bits<T>(e1));
+            put_bits<L>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
+            put_bits<L>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+          }
+        }
+      });
+    };
+    int64_t i = ahead > 0 && c + ahead + 4 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
     for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0, v1 = T(x0[HW + i]) * s1, v2 = T(x0[2 * HW + i]) * s2, v3 = T(x0[3 * HW + i]) * s3;
       if (G)
@@ -359,6 +377,7 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
   if (!nhwc) {
     const MaxBitsLayout lay(N, C, HW);
     const int64_t chunk = lay.chunk, nchunks = lay.nchunks;
+    const int64_t prefetch = row_prefetch_bytes<X>(N * C * HW);
     at::parallel_for(0, N * nchunks, 1, [&](int64_t b, int64_t e) {
       std::vector<T> acc(chunk), cn(chunk);
       for (int64_t t = b; t < e; ++t) {
@@ -367,7 +386,7 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
         reduce_chunk<T, X, G, GC, M>(x + n * C * HW + p0, s ? s + n * C : nullptr,
                                   (G && !GC) ? g + n * C * HW + p0 : g, gv, M ? mx + n * mbs + p0 : nullptr, C, HW,
                                   len, acc.data(), cn.data(), bits ? bits + lay.row(n, t % nchunks, 0) : nullptr,
-                                  lay.stride, 0);
+                                  lay.stride, 0, prefetch);
         if (ga) std::copy(acc.data(), acc.data() + len, ga + n * HW + p0);
         if (cnt) std::copy(cn.data(), cn.data() + len, cnt + n * HW + p0);
       }

@@ -64,6 +64,45 @@ inline void stream_fence(bool stream) {
 #endif
 }
 
+// Software prefetch of NCHW channel rows. The pooling (pool_chunk) and the backward's pass A
+// (reduce_chunk) sweep groups of four or eight channel rows at a time, each a run as long as
+// the pixels of the chunk or band, a channel stride apart; pass B (gradx_segment) goes
+// through the channel rows of a band one after the other. Every short run restarts the
+// hardware prefetchers, whose first lines of each run then come late. Where x (and the
+// gradient) come from memory or a far L3, these loops ask for the rows of a group (a row)
+// kPrefetchAhead bytes of work ahead into L2 as they sweep the current one. Measured (2
+// threads, float32, NCHW, the rule forced on and off in one build, alternated; Zen 4 VM,
+// L2 1 MiB, L3 32 MiB): see docs/performance.md ("Software prefetch of the channel rows").
+// The pooling and pass A take it where x exceeds a quarter of the LLC; pass B where the
+// gradient is written with stream stores (x and the gradient exceed the LLC): at 8x512x26x26
+// and 8x768x26x26 (11-17 MB, L3) it made pass B 1.07-1.10x slower. Settable
+// (set_row_prefetch): -1 the rule, 0 never, 1 always (tests).
+constexpr int64_t kPrefetchAhead = 12288;
+int kRowPrefetch = -1;
+template <typename X>
+inline int64_t row_prefetch_bytes(int64_t elems) {
+  static const int64_t llc = llc_bytes();
+  if (kRowPrefetch == 0 || (kRowPrefetch < 0 && 4 * elems * int64_t(sizeof(X)) <= llc)) return 0;
+  return kPrefetchAhead;
+}
+// pass B's prefetch: where the gradient is streamed (the rule), or always / never when set
+inline bool pass_b_prefetch(bool stream) { return kRowPrefetch < 0 ? stream : kRowPrefetch > 0; }
+// The rows [c, c + nc) a channel stride HW apart at element k, prefetched into L2 `ahead`
+// rows further on. At every vector step, also where a step covers half a line (bfloat16,
+// AVX2): a test of k before the prefetches made GCC 12 drop them from the loop altogether.
+template <int nc, typename X>
+inline void prefetch_group(const X* x, int64_t c, int64_t HW, int64_t ahead, int64_t k) {
+  const X* r = x + (c + ahead) * HW + k;
+  for (int j = 0; j < nc; ++j) __builtin_prefetch(r + j * HW, 0, 2);
+}
+// how many rows ahead (whole groups of nc, at least one) make `prefetch` bytes of work when a
+// group reads nc runs of `len` elements of `elem_bytes` (0: none)
+inline int64_t prefetch_rows_ahead(int64_t prefetch, int nc, int64_t len, int64_t elem_bytes) {
+  if (prefetch <= 0 || len <= 0) return 0;
+  const int64_t group = nc * len * elem_bytes;
+  return nc * std::max<int64_t>(1, (prefetch + group - 1) / group);
+}
+
 // d[i] = (x[i] * s) * a with s = sv[i] or ss, a = av[i] or as; (x * s) is rounded first,
 // as in the reference (in T; d and x in their storage types). With `stream`, float32 /
 // float16 / bfloat16 rows use non-temporal stores.

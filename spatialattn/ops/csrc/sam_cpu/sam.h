@@ -163,7 +163,7 @@ template <typename T, typename X, typename B>
 void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T* s, int64_t n0, int64_t n1,
                        int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
-                       T* attn, X* y, bool stream) {
+                       T* attn, X* y, bool stream, int64_t prefetch) {
   const int64_t HW = H * W, P = q.P, CHW = C * HW, rows = (n1 - n0) * H;
   // calls f(n, h0, h1) for the image rows of share t of nth (a share may span two images)
   auto segments = [&](auto&& f) {
@@ -189,7 +189,7 @@ void sam_forward_share(int64_t t, int64_t nth, B&& barrier, const X* x, const T*
       as.resize(am.size());
       for (int64_t k = 0; k < len; k += kChunk) {
         const int64_t m = std::min(kChunk, len - k);
-        pool_chunk<T, X>(xn + p0 + k, sn, C, HW, m, am.data(), as.data());
+        pool_chunk<T, X>(xn + p0 + k, sn, C, HW, m, am.data(), as.data(), prefetch);
         if (imax >= 0) std::copy(am.data(), am.data() + m, pn + imax * HW + p0 + k);
         if (imean >= 0) std::copy(as.data(), as.data() + m, pn + imean * HW + p0 + k);
       }
@@ -240,11 +240,11 @@ void in_one_region(int64_t nt, F&& f) {
 template <typename T, typename X>
 void sam_forward_shared(const X* x, const T* s, int64_t n0, int64_t n1, int64_t C, int64_t H, int64_t W,
                         bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds, int64_t imax,
-                        int64_t imean, T* pooled, T* logits, T* attn, X* y, bool stream) {
+                        int64_t imean, T* pooled, T* logits, T* attn, X* y, bool stream, int64_t prefetch) {
   const int64_t nt = shared_threads((n1 - n0) * C * H * W * int64_t(sizeof(X)), (n1 - n0) * H);
   in_one_region(nt, [&](int64_t t, int64_t nth, auto&& barrier) {
     sam_forward_share<T, X>(t, nth, barrier, x, s, n0, n1, C, H, W, nhwc, q, kinds, imax, imean, pooled, logits,
-                            attn, y, stream);
+                            attn, y, stream, prefetch);
   });
 }
 
@@ -279,17 +279,18 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
     const bool stream = use_stream<X>(x.numel(), in_place(x, y));
+    const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {
       at::parallel_for(0, Nf, 1, [&](int64_t b0, int64_t e0) {
         Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n)
           sam_forward_image<T, X>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
-                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, sc);
+                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, prefetch, sc);
       });
     }
     if (Nf < g.N)
-      sam_forward_shared<T, X>(xp, sp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, imax, imean, pp, lp, ap, yp, stream);
+      sam_forward_shared<T, X>(xp, sp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, imax, imean, pp, lp, ap, yp, stream, prefetch);
   });
   return {y, attn, logits, pooled};
 }
