@@ -1175,7 +1175,8 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
     # of pass B): every output and gradient, prefetch forced on against off, bit for bit, and
     # against the reference. Enough channels that groups with and without a group ahead both
     # occur (short rows look many rows ahead), four-row and eight-row pooling, pass A's groups
-    # (one-stream and flat blocks off), bands of rows and whole images, one to three threads.
+    # (one-stream and flat blocks off), bands of rows and whole images, the leftover images'
+    # streamed backward (batch 1 and 2 with three threads), one to three threads.
     from spatialattn.nn import SpatialAttention
 
     m = cpp_module
@@ -1209,10 +1210,12 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
         m.set_one_stream_reduce(0)
         m.set_flat_backward_max_block(0)
         m.set_stream_bytes(0)  # pass B's prefetch follows the stream stores
-        for shape, threads, wide, band in itertools.product(cases, (1, 2, 3), (False, True), (0, 2)):
+        for shape, threads, wide, band, shared in itertools.product(cases, (1, 2, 3), (False, True), (0, 2),
+                                                                    (False, True)):
             torch.set_num_threads(threads)
             m.set_pool_wide_bytes(0 if wide else -1)
             m.set_band_rows(band)
+            m.set_shared_backward_bytes(0 if shared else -1)  # the leftover images streamed in units
             runs = []
             for mode in (0, 1):
                 m.set_row_prefetch(mode)
@@ -1239,7 +1242,7 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
     finally:
         torch.set_num_threads(old)
         for knob in ("set_row_prefetch", "set_one_stream_reduce", "set_flat_backward_max_block", "set_stream_bytes",
-                     "set_pool_wide_bytes"):
+                     "set_pool_wide_bytes", "set_shared_backward_bytes"):
             getattr(m, knob)(-1)
         m.set_band_rows(0)
 

@@ -36,7 +36,7 @@ template <typename T, typename X, bool GC, bool M, bool F>
 void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t n1, int64_t C, int64_t H,
                          int64_t W, bool nhwc, const Gate<T>& q, const std::vector<int64_t>& kinds,
                          const T* pooled, const T* logits, const T* attn, const T* gextra, X* gx, T* gs,
-                         double* par, bool stream) {
+                         double* par, bool stream, int64_t prefetch) {
   constexpr int64_t U = kBwdRows;
   const int64_t HW = H * W, CHW = C * HW, P = q.P, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
   const int64_t lag = q.g.ph, Nr = n1 - n0, nb = (H + U - 1) / U, NU = Nr * nb;
@@ -92,7 +92,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
         for (int64_t p0 = h0 * W; p0 < h1 * W; p0 += kChunk) {
           const int64_t len = std::min(kChunk, h1 * W - p0);
           reduce_chunk<T, X, true, GC, M>(xk + p0, sk, GC ? gk : gk + p0, gv, M ? mk + p0 : nullptr, C, HW, len,
-                                       dAk + p0, ck + p0);
+                                       dAk + p0, ck + p0, nullptr, 0, 0, prefetch);
         }
       } else {
         for (int64_t p = h0 * W; p < h1 * W; ++p) {
@@ -129,18 +129,26 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
       X* gxk = gx + n * CHW;
       dpooled_rows<T>(q, kinds, dlpads.get() + k * dlsz, ck, C, h0, h1, fm, fa);
       if (!nhwc) {
-        auto sweep = [&](auto s_t) {
-          for (int64_t c = 0; c < C; ++c)
+        // the channel rows kPrefetchAhead bytes of work further on prefetched (rows.h)
+        const int64_t ahead = pass_b_prefetch(stream)
+                                  ? prefetch_rows_ahead(kPrefetchAhead, 1, (h1 - h0) * W, int64_t(sizeof(X))) : 0;
+        const int64_t cp = ahead > 0 ? std::max<int64_t>(0, C - ahead) : 0;  // rows with a row `ahead` on
+        auto sweep = [&](auto s_t, auto pf_t, int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c)
             for (int64_t u = u0; u < u1; ++u) {
               const int64_t a0 = row0(u) * W, len = (row1(u) - row0(u)) * W;
-              const T sum = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value>(
+              const T sum = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, false, decltype(pf_t)::value>(
                   xk + c * HW + a0, GC ? nullptr : gk + c * HW + a0, gv, sk ? sk[c] : T(1), ak + a0,
                   M ? mk + a0 : nullptr, M ? fm + a0 : nullptr, F ? fa + a0 : nullptr, len, gxk + c * HW + a0,
-                  stream, gp.data());
+                  stream, gp.data(), nullptr, 0, ahead * HW);
               if (gs) ugs[u * C + c] = sum;
             }
         };
-        if (gs) sweep(std::true_type{}); else sweep(std::false_type{});
+        auto rows = [&](auto s_t) {
+          sweep(s_t, std::true_type{}, 0, cp);
+          sweep(s_t, std::false_type{}, cp, C);
+        };
+        if (gs) rows(std::true_type{}); else rows(std::false_type{});
       } else {
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t a0 = row0(u) * W, a1 = row1(u) * W;
@@ -290,7 +298,8 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       // x and the gradient of the leftover images exceed the LLC: streamed in units of rows
       auto run = [&](auto gc_t, auto m_t, auto f_t) {
         sam_backward_shared<T, X, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
-            xp, sp, gyp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, pp, lp, ap, ge, gxp, gsp, par.data(), stream);
+            xp, sp, gyp, Nf, g.N, g.C, g.H, g.W, g.nhwc, q, kinds, pp, lp, ap, ge, gxp, gsp, par.data(), stream,
+            prefetch);
       };
       with_backward_flags(gc, mx != nullptr, imean >= 0, run);
     } else if (Nf < g.N) {
