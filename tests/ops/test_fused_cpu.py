@@ -1175,7 +1175,7 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
     # of pass B): every output and gradient, prefetch forced on against off, bit for bit, and
     # against the reference. Enough channels that groups with and without a group ahead both
     # occur (short rows look many rows ahead), four-row and eight-row pooling, pass A's groups
-    # (one-stream and flat blocks off), bands of rows and whole images, the leftover images'
+    # and its one-row sweeps (flat blocks off), bands of rows and whole images, the leftover images'
     # streamed backward (batch 1 and 2 with three threads), one to three threads.
     from spatialattn.nn import SpatialAttention
 
@@ -1207,12 +1207,12 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
         return out, x0, w0, gy
 
     try:
-        m.set_one_stream_reduce(0)
         m.set_flat_backward_max_block(0)
         m.set_stream_bytes(0)  # pass B's prefetch follows the stream stores
-        for shape, threads, wide, band, shared in itertools.product(cases, (1, 2, 3), (False, True), (0, 2),
-                                                                    (False, True)):
+        for shape, threads, wide, band, shared, one_stream in itertools.product(
+                cases, (1, 2, 3), (False, True), (0, 2), (False, True), (0, 1)):
             torch.set_num_threads(threads)
+            m.set_one_stream_reduce(one_stream)  # pass A one row per sweep (whole images)
             m.set_pool_wide_bytes(0 if wide else -1)
             m.set_band_rows(band)
             m.set_shared_backward_bytes(0 if shared else -1)  # the leftover images streamed in units

@@ -202,24 +202,36 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
       }
     }
   }
-  // the channels left one at a time: the same operations per element as the scalar loop
+  // the channels left one at a time: the same operations per element as the scalar loop. Where
+  // this is the one-stream path (whole images of short rows), the rows `ahead1` further on are
+  // prefetched: the hardware's stream prefetchers stop at every 4 KiB page, which the software
+  // prefetch crosses (raw backward 0.85x the time at 8x512x26x26, 0.92-0.96x at 8x2048x26x26,
+  // 32x2048x13x13, 16x1024x20x20)
+  const int64_t ahead1 = prefetch_rows_ahead(prefetch, 1, len, int64_t(sizeof(X)) * (G && !GC ? 2 : 1));
   for (; c < C; ++c) {
     const X* x0 = x + c * HW;
     const X* g0 = g + c * HW;
     const T s0 = s ? s[c] : T(1);
-    int64_t i = vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
-      const V v0 = vld(x0 + k) * s0;
-      if (G) {
-        const V a0 = vload(ap + k);
-        vstore(ap + k, kept(tail_t, keep, a0 + (GC ? V{} + gv : vld(g0 + k)) * v0, a0));
-      }
-      if (M) {
-        const V n0 = vload(cp + k);
-        const auto e0 = vcmp<kEq, T>(v0, vload(mp + k));
-        vstore(cp + k, kept(tail_t, keep, n0 + vsel<T>(e0, one, zero), n0));
-        if (mb) put_bits<L>(mb + c * mbs, q0 + k, lane_bits<T>(e0));
-      }
-    });
+    auto sweep = [&](auto pf_t) {
+      return vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
+        if constexpr (decltype(pf_t)::value) {
+          __builtin_prefetch(x0 + ahead1 * HW + k, 0, 2);
+          if constexpr (G && !GC) __builtin_prefetch(g0 + ahead1 * HW + k, 0, 2);
+        }
+        const V v0 = vld(x0 + k) * s0;
+        if (G) {
+          const V a0 = vload(ap + k);
+          vstore(ap + k, kept(tail_t, keep, a0 + (GC ? V{} + gv : vld(g0 + k)) * v0, a0));
+        }
+        if (M) {
+          const V n0 = vload(cp + k);
+          const auto e0 = vcmp<kEq, T>(v0, vload(mp + k));
+          vstore(cp + k, kept(tail_t, keep, n0 + vsel<T>(e0, one, zero), n0));
+          if (mb) put_bits<L>(mb + c * mbs, q0 + k, lane_bits<T>(e0));
+        }
+      });
+    };
+    int64_t i = ahead1 > 0 && c + ahead1 < C ? sweep(std::true_type{}) : sweep(std::false_type{});
     for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0;
       if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;
