@@ -247,10 +247,9 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
                                                sc.flat);
     } else if (!nhwc) {
       // the channel rows kPrefetchAhead bytes of work further on prefetched (rows.h)
-      const int64_t ahead =
-          pass_b_prefetch(stream) ? prefetch_rows_ahead(kPrefetchAhead, 1, alen, int64_t(sizeof(X))) : 0;
+      const int64_t ahead = pass_b_rows_ahead(stream, alen, int64_t(sizeof(X)));
       auto pass_b = [&](auto s_t, auto b_t) {
-        auto rows = [&](auto pf_t, int64_t c0, int64_t c1) {
+        rows_with_row_ahead(C, ahead, [&](auto pf_t, int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
             const T t = gradx_segment<T, X, true, GC, M, F, decltype(s_t)::value, decltype(b_t)::value,
                                       decltype(pf_t)::value>(
@@ -259,10 +258,7 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
                 stream, sc.row.data(), mb ? mb + c * mbs : nullptr, a0, ahead * HW);
             if (gs) sc.gs[c] += t;
           }
-        };
-        const int64_t cp = ahead > 0 ? std::max<int64_t>(0, C - ahead) : 0;  // rows with a row `ahead` on
-        rows(std::true_type{}, 0, cp);
-        rows(std::false_type{}, cp, C);
+        });
       };
       if (gs) pass_b(std::true_type{}, std::false_type{});
       else if (bits) pass_b(std::false_type{}, std::true_type{});

@@ -73,14 +73,12 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
         constexpr int nc = decltype(nc_t)::value;
         const int64_t ahead = prefetch_rows_ahead(prefetch, nc, len, int64_t(sizeof(X)));
         for (; c + nc <= C; c += nc) {
-          if (ahead > 0 && c + ahead + nc <= C) {
+          with_prefetch(has_group_ahead(c, nc, ahead, C), [&](auto pf_t) {
             for (int64_t k = 0; k < full; k += 8) {
-              prefetch_group<nc>(x, c, HW, ahead, k);
+              if constexpr (decltype(pf_t)::value) prefetch_group<nc>(x, c, HW, ahead, k);
               run(k, false, steps);
             }
-          } else {
-            for (int64_t k = 0; k < full; k += 8) run(k, false, steps);
-          }
+          });
           if (full < len) run(len - 8, true, steps);
         }
       };
@@ -121,7 +119,7 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
           });
         });
       };
-      int64_t i = ahead > 0 && c + ahead + 8 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
+      int64_t i = with_prefetch(has_group_ahead(c, 8, ahead, C), sweep);
       for (; i < len; ++i) {
         T v[8];
         for (int j = 0; j < 8; ++j) v[j] = T(r[j * HW + i]) * sc[j];
@@ -145,7 +143,7 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
         });
       });
     };
-    int64_t i = ahead4 > 0 && c + ahead4 + 4 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
+    int64_t i = with_prefetch(has_group_ahead(c, 4, ahead4, C), sweep);
     for (; i < len; ++i) step4(mp[i], sp[i], T(r0[i]) * s0, T(r1[i]) * s1, T(r2[i]) * s2, T(r3[i]) * s3);
   }
   for (; c < C; ++c) {

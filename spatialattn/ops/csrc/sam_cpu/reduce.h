@@ -106,15 +106,15 @@ inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float g
         }
       }
     };
-    if (ahead > 0 && c + ahead + 4 <= C) {
+    with_prefetch(has_group_ahead(c, 4, ahead, C), [&](auto pf_t) {
       for (int64_t k = 0; k < full; k += 8) {
-        prefetch_group<4>(x, c, HW, ahead, k);
-        if constexpr (G && !GC) prefetch_group<4>(g, c, HW, ahead, k);
+        if constexpr (decltype(pf_t)::value) {
+          prefetch_group<4>(x, c, HW, ahead, k);
+          if constexpr (G && !GC) prefetch_group<4>(g, c, HW, ahead, k);
+        }
         sweep(k, false);
       }
-    } else {
-      for (int64_t k = 0; k < full; k += 8) sweep(k, false);
-    }
+    });
     if (full < len) sweep(len - 8, true);
   }
   return c;
@@ -183,7 +183,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
         }
       });
     };
-    int64_t i = ahead > 0 && c + ahead + 4 <= C ? sweep(std::true_type{}) : sweep(std::false_type{});
+    int64_t i = with_prefetch(has_group_ahead(c, 4, ahead, C), sweep);
     for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0, v1 = T(x0[HW + i]) * s1, v2 = T(x0[2 * HW + i]) * s2, v3 = T(x0[3 * HW + i]) * s3;
       if (G)
@@ -215,8 +215,8 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
     auto sweep = [&](auto pf_t) {
       return vector_sweeps<T>(len, [&](int64_t k, auto tail_t, auto keep) {
         if constexpr (decltype(pf_t)::value) {
-          __builtin_prefetch(x0 + ahead1 * HW + k, 0, 2);
-          if constexpr (G && !GC) __builtin_prefetch(g0 + ahead1 * HW + k, 0, 2);
+          prefetch_group<1>(x, c, HW, ahead1, k);
+          if constexpr (G && !GC) prefetch_group<1>(g, c, HW, ahead1, k);
         }
         const V v0 = vld(x0 + k) * s0;
         if (G) {
@@ -231,7 +231,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
         }
       });
     };
-    int64_t i = ahead1 > 0 && c + ahead1 < C ? sweep(std::true_type{}) : sweep(std::false_type{});
+    int64_t i = with_prefetch(has_group_ahead(c, 1, ahead1, C), sweep);
     for (; i < len; ++i) {
       const T v0 = T(x0[i]) * s0;
       if (G) ap[i] += (GC ? gv : T(g0[i])) * v0;

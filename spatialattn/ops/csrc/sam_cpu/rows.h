@@ -85,8 +85,6 @@ inline int64_t row_prefetch_bytes(int64_t elems) {
   if (kRowPrefetch == 0 || (kRowPrefetch < 0 && 4 * elems * int64_t(sizeof(X)) <= llc)) return 0;
   return kPrefetchAhead;
 }
-// pass B's prefetch: where the gradient is streamed (the rule), or always / never when set
-inline bool pass_b_prefetch(bool stream) { return kRowPrefetch < 0 ? stream : kRowPrefetch > 0; }
 // The rows [c, c + nc) a channel stride HW apart at element k, prefetched into L2 `ahead`
 // rows further on. At every vector step, also where a step covers half a line (bfloat16,
 // AVX2): a test of k before the prefetches made GCC 12 drop them from the loop altogether.
@@ -101,6 +99,30 @@ inline int64_t prefetch_rows_ahead(int64_t prefetch, int nc, int64_t len, int64_
   if (prefetch <= 0 || len <= 0) return 0;
   const int64_t group = nc * len * elem_bytes;
   return nc * std::max<int64_t>(1, (prefetch + group - 1) / group);
+}
+// the group of nc rows at channel c has a group `ahead` rows on among the C channels
+inline bool has_group_ahead(int64_t c, int64_t nc, int64_t ahead, int64_t C) {
+  return ahead > 0 && c + ahead + nc <= C;
+}
+// f(std::true_type{}) where `on`, else f(std::false_type{}): a loop's prefetching and plain
+// variants, chosen once outside it (a test inside cost 5-10 %, see above)
+template <typename F>
+inline decltype(auto) with_prefetch(bool on, F&& f) {
+  return on ? f(std::true_type{}) : f(std::false_type{});
+}
+// pass B's rows ahead (one row of `len` elements at a time): where the gradient is streamed (the
+// rule), or always / never when set; 0: none
+inline int64_t pass_b_rows_ahead(bool stream, int64_t len, int64_t elem_bytes) {
+  const bool on = kRowPrefetch < 0 ? stream : kRowPrefetch > 0;
+  return on ? prefetch_rows_ahead(kPrefetchAhead, 1, len, elem_bytes) : 0;
+}
+// channel rows [0, C) one after the other, as f(pf, c0, c1): with the row `ahead` on prefetched
+// (pf = std::true_type) while there is one, the rest plain
+template <typename F>
+inline void rows_with_row_ahead(int64_t C, int64_t ahead, F&& f) {
+  const int64_t cp = ahead > 0 ? std::max<int64_t>(0, C - ahead) : 0;
+  f(std::true_type{}, int64_t(0), cp);
+  f(std::false_type{}, cp, C);
 }
 
 // d[i] = (x[i] * s) * a with s = sv[i] or ss, a = av[i] or as; (x * s) is rounded first,

@@ -130,9 +130,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
       dpooled_rows<T>(q, kinds, dlpads.get() + k * dlsz, ck, C, h0, h1, fm, fa);
       if (!nhwc) {
         // the channel rows kPrefetchAhead bytes of work further on prefetched (rows.h)
-        const int64_t ahead = pass_b_prefetch(stream)
-                                  ? prefetch_rows_ahead(kPrefetchAhead, 1, (h1 - h0) * W, int64_t(sizeof(X))) : 0;
-        const int64_t cp = ahead > 0 ? std::max<int64_t>(0, C - ahead) : 0;  // rows with a row `ahead` on
+        const int64_t ahead = pass_b_rows_ahead(stream, (h1 - h0) * W, int64_t(sizeof(X)));
         auto sweep = [&](auto s_t, auto pf_t, int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c)
             for (int64_t u = u0; u < u1; ++u) {
@@ -145,8 +143,7 @@ void sam_backward_shared(const X* x, const T* s, const X* g, int64_t n0, int64_t
             }
         };
         auto rows = [&](auto s_t) {
-          sweep(s_t, std::true_type{}, 0, cp);
-          sweep(s_t, std::false_type{}, cp, C);
+          rows_with_row_ahead(C, ahead, [&](auto pf_t, int64_t c0, int64_t c1) { sweep(s_t, pf_t, c0, c1); });
         };
         if (gs) rows(std::true_type{}); else rows(std::false_type{});
       } else {
