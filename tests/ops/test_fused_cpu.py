@@ -1176,7 +1176,8 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
     # against the reference. Enough channels that groups with and without a group ahead both
     # occur (short rows look many rows ahead), four-row and eight-row pooling, pass A's groups
     # and its one-row sweeps (flat blocks off), bands of rows and whole images, the leftover images'
-    # streamed backward (batch 1 and 2 with three threads), one to three threads.
+    # streamed backward (batch 1 and 2 with three threads), the phases' pass B by channel rows
+    # (the gate multiply's and the training BatchNorm's backward), one to three threads.
     from spatialattn.nn import SpatialAttention
 
     m = cpp_module
@@ -1199,11 +1200,16 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
         x = x0.clone().requires_grad_()
         pooled = ops.channel_pool(x, ("max", "mean"), dtype=acc)
         out += [pooled] + list(torch.autograd.grad(pooled, x, torch.randn(pooled.shape, generator=g).to(acc)))
-        if dtype != torch.bfloat16:
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        a = torch.rand(shape[0], 1, *shape[2:], generator=g).to(dtype).requires_grad_()
+        y = ops.gate_multiply(x, a, s)  # its backward: the phases' pass B (k_gradx) rows
+        out += [y] + list(torch.autograd.grad(y, (x, a, s), gy))
+        if dtype != torch.bfloat16:  # the training BatchNorm's fused op: pass B by rows too
             mod = SpatialAttention(shape[1], norm="bn").train().to(dtype)
-            x = x0.clone().requires_grad_()
-            y = mod(x)
-            out += [y] + list(torch.autograd.grad(y, [x] + list(mod.parameters()), gy))
+            for scaled in (False, True):
+                x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+                y, _ = mod.attend(x, s if scaled else None)
+                out += [y] + list(torch.autograd.grad(y, [x] + list(mod.parameters()) + ([s] if scaled else []), gy))
         return out, x0, w0, gy
 
     try:
@@ -1970,7 +1976,7 @@ def test_kernels_release_the_gil(cpp_module):
     try:
         cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)  # warm: pages, code
         early = []
-        for _ in range(3):  # a held GIL never lets B in early; an unlucky schedule might, once
+        for _ in range(10):  # a held GIL never lets B in early; a busy or unlucky schedule might not
             go, stamps = threading.Event(), []
             thread = threading.Thread(target=lambda: (go.wait(), stamps.append(time.perf_counter())))
             thread.start()

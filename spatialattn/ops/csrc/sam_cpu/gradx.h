@@ -294,26 +294,33 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
   if (!nhwc) {
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1));
     const MaxBitsLayout lay(N, C, HW);
+    // the channel rows (contiguous over the images) `ahead` rows on prefetched where the
+    // gradient is streamed (rows.h), as pass B of the bands does
+    const int64_t ahead = pass_b_rows_ahead(stream, HW, int64_t(sizeof(X)));
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW);
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t n = r / C;
-        auto run = [&](auto s_t, auto b_t, int64_t p0, int64_t len, const uint8_t* mb) {
-          return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value, decltype(b_t)::value>(
-              x + r * HW + p0, (G && !GC) ? g + r * HW + p0 : nullptr, gv, s ? s[r] : T(1),
-              G ? a + n * HW + p0 : nullptr, M ? mx + n * mbs + p0 : nullptr, M ? fmax + n * HW + p0 : nullptr,
-              F ? fmean + n * HW + p0 : nullptr, len, gx ? gx + r * HW + p0 : nullptr, stream, buf.data(), mb, 0);
-        };
-        if (gs) {
-          gs[r] = run(std::true_type{}, std::false_type{}, 0, HW, nullptr);
-        } else if (M && bits) {  // chunk by chunk, as k_reduce wrote the bits
-          for (int64_t k = 0; k < lay.nchunks; ++k)
-            run(std::false_type{}, std::true_type{}, k * lay.chunk, std::min(lay.chunk, HW - k * lay.chunk),
-                bits + lay.row(n, k, r - n * C));
-        } else {
-          run(std::false_type{}, std::false_type{}, 0, HW, nullptr);
+      rows_with_row_ahead(e - b, ahead, [&](auto pf_t, int64_t i0, int64_t i1) {
+        for (int64_t r = b + i0; r < b + i1; ++r) {
+          const int64_t n = r / C;
+          auto run = [&](auto s_t, auto b_t, int64_t p0, int64_t len, const uint8_t* mb) {
+            return gradx_segment<T, X, G, GC, M, F, decltype(s_t)::value, decltype(b_t)::value,
+                                 decltype(pf_t)::value>(
+                x + r * HW + p0, (G && !GC) ? g + r * HW + p0 : nullptr, gv, s ? s[r] : T(1),
+                G ? a + n * HW + p0 : nullptr, M ? mx + n * mbs + p0 : nullptr, M ? fmax + n * HW + p0 : nullptr,
+                F ? fmean + n * HW + p0 : nullptr, len, gx ? gx + r * HW + p0 : nullptr, stream, buf.data(), mb, 0,
+                ahead * HW);
+          };
+          if (gs) {
+            gs[r] = run(std::true_type{}, std::false_type{}, 0, HW, nullptr);
+          } else if (M && bits) {  // chunk by chunk, as k_reduce wrote the bits
+            for (int64_t k = 0; k < lay.nchunks; ++k)
+              run(std::false_type{}, std::true_type{}, k * lay.chunk, std::min(lay.chunk, HW - k * lay.chunk),
+                  bits + lay.row(n, k, r - n * C));
+          } else {
+            run(std::false_type{}, std::false_type{}, 0, HW, nullptr);
+          }
         }
-      }
+      });
       stream_fence(stream);
     });
   } else {
