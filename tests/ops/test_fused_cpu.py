@@ -422,6 +422,69 @@ def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_sc
     torch.testing.assert_close(outs[0].double(), y64, rtol=1e-6, atol=4e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
+    # streamed (forced here), the NCHW gradient pass writes float32 rows with non-temporal
+    # stores straight from its sweep from the first 64-byte boundary of each row (plain stores
+    # before it and after the last whole vector); other dtypes and the channel-scale gradient
+    # go through a buffer. The bits of the cached stores either way: the fused backward (bands
+    # of rows and whole images, the leftover images of batch 1 and 2 with three threads), the
+    # training BatchNorm, the gate multiply's and the pooling's backward (the phases' rows and
+    # flat blocks); rows of 15 to 660 pixels at every alignment; the prefetch on (ahead rows).
+    from spatialattn.nn import SpatialAttention
+
+    m = cpp_module
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cases = [(2, 24, 9, 7), (3, 20, 13, 11), (2, 18, 20, 20), (1, 40, 33, 20), (2, 16, 3, 5)]
+
+    def run(shape):
+        g = torch.Generator().manual_seed(shape[1] + shape[2])
+        x0 = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: tied maxima
+        w = torch.randn(1, 2, 7, 7, generator=g).to(acc)
+        s = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
+        gy = torch.randn(shape, generator=g).to(dtype)
+        out = []
+        for scale in (None, s):
+            y, attn, logits, pooled = m.sam_forward(x0, w, None, scale, None, None, [0, 1], 1, None)
+            out += [t for t in m.sam_backward(gy, None, x0, scale, w, None, attn, logits, pooled, [0, 1], 1,
+                                              scale is not None, True, False, False) if t is not None]
+        x, a, sg = (x0.clone().requires_grad_(), torch.rand(shape[0], 1, *shape[2:], generator=g).to(dtype)
+                    .requires_grad_(), s.clone().requires_grad_())
+        out += list(torch.autograd.grad(ops.gate_multiply(x, a, sg), (x, a, sg), gy))
+        x = x0.clone().requires_grad_()
+        pooled = ops.channel_pool(x, ("max", "mean"), dtype=acc)
+        out += list(torch.autograd.grad(pooled, x, torch.randn(pooled.shape, generator=g).to(acc)))
+        if dtype != torch.bfloat16:
+            torch.manual_seed(0)  # the module's initial weights
+            mod = SpatialAttention(shape[1], norm="bn").train().to(dtype)
+            for scale in (None, s):
+                x = x0.clone().requires_grad_()
+                y, _ = mod.attend(x, scale)
+                out += [y] + list(torch.autograd.grad(y, [x] + list(mod.parameters()), gy))
+        return out
+
+    try:
+        m.set_row_prefetch(1)
+        for shape, band, shared in itertools.product(cases, (0, 2), (False, True)):
+            m.set_band_rows(band)
+            m.set_shared_backward_bytes(0 if shared else -1)  # the leftover images streamed in units
+            runs = []
+            for stream_bytes in (-1, 0):
+                m.set_stream_bytes(stream_bytes)
+                runs.append(run(shape))
+            assert len(runs[0]) == len(runs[1])
+            for a, b in zip(*runs):
+                _same(a, b)
+    finally:
+        torch.set_num_threads(old)
+        for knob in ("set_row_prefetch", "set_stream_bytes", "set_shared_backward_bytes"):
+            getattr(m, knob)(-1)
+        m.set_band_rows(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels", [32, 48, 40])
 @pytest.mark.parametrize("threads", [1, 3])

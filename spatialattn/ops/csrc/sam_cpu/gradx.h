@@ -92,13 +92,17 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
 #endif
   if (!vectors_done) {
     V acc = {};
-    auto step = [&](int64_t k) {
+    auto value = [&](int64_t k) {  // gx' at k .. k + L - 1
       if constexpr (PF) prefetch_next_rows<G, GC, M, MB, S>(xr, gr, next, k);
       V v = {};
       if (G) v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
       if constexpr (M && MB) v += where_bits<T>(get_bits<L>(mb, q0 + k), vload(fm + k));
       else if (M) v += vsel<T>(vcmp<kEq, T>(vld(xr + k) * sc, vload(mn + k)), vload(fm + k), V{});
       if (F) v += vload(fa + k);
+      return v;
+    };
+    auto step = [&](int64_t k) {
+      const V v = value(k);
       if (stream || !gx) {
         vstore(gp + k, v);
       } else {
@@ -106,6 +110,26 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
       }
       return v;
     };
+#if defined(__AVX512F__)
+    if constexpr (!S && std::is_same_v<T, float> && std::is_same_v<X, float>) {
+      if (stream && gx && len >= L) {
+        // streamed float32 rows: non-temporal stores straight from the sweep, from the first
+        // 64-byte boundary of gx (the elements before it and after the last whole vector
+        // with plain stores), instead of the row through gp and mul_row's streaming copy;
+        // the same values (mul_row's (gx' * sc) * 1)
+        auto plain = [&](int64_t k, int64_t j0, int64_t j1) {  // elements k + [j0, j1)
+          T tmp[L];
+          vstore(tmp, value(k) * sc);
+          for (int64_t j = j0; j < j1; ++j) gx[k + j] = tmp[j];
+        };
+        const int64_t h = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & 63) / sizeof(X));
+        if (h > 0) plain(0, 0, h);
+        for (i = h; i + L <= len; i += L) vst_nt(gx + i, value(i) * sc);
+        if (i < len) plain(len - L, i - (len - L), L);
+        return t;
+      }
+    }
+#endif
     for (; i + L <= len; i += L) {
       const V v = step(i);
       if (S) acc += v * vld(xr + i);
