@@ -422,13 +422,13 @@ def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_sc
     torch.testing.assert_close(outs[0].double(), y64, rtol=1e-6, atol=4e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
-    # streamed (forced here), the NCHW gradient pass writes float32 rows with non-temporal
-    # stores straight from its sweep from the first 64-byte boundary of each row (plain stores
-    # before it and after the last whole vector); other dtypes and the channel-scale gradient
-    # go through a buffer. The bits of the cached stores either way: the fused backward (bands
+    # streamed (forced here), the NCHW gradient pass writes float32 / float16 / bfloat16 rows
+    # with non-temporal stores straight from its sweep from the first vector-size boundary of
+    # each row (plain stores before it and after the last whole vector); float64 and the
+    # channel-scale gradient go through a buffer. The bits of the cached stores either way: the fused backward (bands
     # of rows and whole images, the leftover images of batch 1 and 2 with three threads), the
     # training BatchNorm, the gate multiply's and the pooling's backward (the phases' rows and
     # flat blocks); rows of 15 to 660 pixels at every alignment; the prefetch on (ahead rows).
@@ -457,7 +457,7 @@ def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
         x = x0.clone().requires_grad_()
         pooled = ops.channel_pool(x, ("max", "mean"), dtype=acc)
         out += list(torch.autograd.grad(pooled, x, torch.randn(pooled.shape, generator=g).to(acc)))
-        if dtype != torch.bfloat16:
+        if dtype in (torch.float32, torch.float64):
             torch.manual_seed(0)  # the module's initial weights
             mod = SpatialAttention(shape[1], norm="bn").train().to(dtype)
             for scale in (None, s):

@@ -111,18 +111,20 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
       return v;
     };
 #if defined(__AVX512F__)
-    if constexpr (!S && std::is_same_v<T, float> && std::is_same_v<X, float>) {
+    if constexpr (!S && std::is_same_v<T, float>) {
       if (stream && gx && len >= L) {
-        // streamed float32 rows: non-temporal stores straight from the sweep, from the first
-        // 64-byte boundary of gx (the elements before it and after the last whole vector
-        // with plain stores), instead of the row through gp and mul_row's streaming copy;
-        // the same values (mul_row's (gx' * sc) * 1)
+        // streamed rows (float32, float16, bfloat16): non-temporal stores straight from the
+        // sweep, from the first boundary of gx at a vector's storage size (64 / 32 bytes; the
+        // elements before it and after the last whole vector with plain stores), instead of
+        // the row through gp and mul_row's streaming copy; the same values (mul_row's
+        // (gx' * sc) * 1, its head rounded element by element as here)
         auto plain = [&](int64_t k, int64_t j0, int64_t j1) {  // elements k + [j0, j1)
           T tmp[L];
           vstore(tmp, value(k) * sc);
-          for (int64_t j = j0; j < j1; ++j) gx[k + j] = tmp[j];
+          for (int64_t j = j0; j < j1; ++j) gx[k + j] = X(tmp[j]);
         };
-        const int64_t h = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & 63) / sizeof(X));
+        constexpr uintptr_t align = uintptr_t(L) * sizeof(X);
+        const int64_t h = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & (align - 1)) / sizeof(X));
         if (h > 0) plain(0, 0, h);
         for (i = h; i + L <= len; i += L) vst_nt(gx + i, value(i) * sc);
         if (i < len) plain(len - L, i - (len - L), L);
