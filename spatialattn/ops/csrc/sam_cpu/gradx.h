@@ -95,6 +95,19 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
 }
 #endif
 
+#if defined(__AVX512F__)
+// lanes idx[m] of (a, b) side by side (idx[m] < 16: a's lane, else b's lane idx[m] - 16)
+inline vec_t<float> join_lanes(vec_t<float> a, __m512i idx, vec_t<float> b) {
+  __m512 fa, fb;
+  std::memcpy(&fa, &a, sizeof(fa));
+  std::memcpy(&fb, &b, sizeof(fb));
+  const __m512 r = _mm512_permutex2var_ps(fa, idx, fb);
+  vec_t<float> out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+#endif
+
 template <typename T, typename X, bool G, bool GC, bool M, bool F, bool S, bool MB = false, bool PF = false>
 inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const T* mn, const T* fm, const T* fa,
                        int64_t len, X* gx, bool stream, T* gp, const uint8_t* mb = nullptr, int64_t q0 = 0,
@@ -104,7 +117,7 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   constexpr int64_t L = lanes<T>();
   int64_t i = 0;
   T t = 0;
-  bool vectors_done = false;
+  bool vectors_done = false, direct = false;  // direct: gx written from the sweep (streamed)
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
@@ -157,6 +170,39 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
         return t;
       }
     }
+    if constexpr (S && std::is_same_v<T, float>) {
+      if (stream && gx && len >= L) {
+        // the same with the channel-scale sum, whose vectors stay at k = 0, L, 2L, ... (its
+        // bits): each aligned block of gx from the row's first boundary h joins the end of one
+        // vector and the start of the next (a two-source lane permute); the elements before h
+        // and after the last block with plain stores, the scalar tail below
+        constexpr uintptr_t align = uintptr_t(L) * sizeof(X);
+        const int h = int(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & (align - 1)) / sizeof(X));
+        const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(h));
+        T tmp[L];
+        V prev = {};
+        for (; i + L <= len; i += L) {
+          const V v = value(i);
+          acc += v * vld(xr + i);
+          const V w = v * sc;
+          if (h == 0) {
+            vst_nt(gx + i, w);
+          } else if (i == 0) {
+            vstore(tmp, w);
+            for (int j = 0; j < h; ++j) gx[j] = X(tmp[j]);
+          } else {
+            vst_nt(gx + i - L + h, join_lanes(prev, idx, w));
+          }
+          prev = w;
+        }
+        if (h > 0) {  // the end of the last whole vector
+          vstore(tmp, prev);
+          for (int j = h; j < L; ++j) gx[i - L + j] = X(tmp[j]);
+        }
+        direct = true;
+      }
+    }
 #endif
     for (; i + L <= len; i += L) {
       const V v = step(i);
@@ -178,9 +224,9 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
     if (F) v += fa[i];
     if (S) t += v * T(xr[i]);
     gp[i] = v;
-    if (gx && !stream) gx[i] = X(v * sc);
+    if (gx && (!stream || direct)) gx[i] = X(v * sc);
   }
-  if (gx && stream) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
+  if (gx && stream && !direct) mul_row<T>(gx, gp, nullptr, sc, nullptr, T(1), len, stream);
   return t;
 }
 
