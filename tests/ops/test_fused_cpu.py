@@ -422,6 +422,17 @@ def test_channels_last_product_streamed_and_unaligned(cpp_module, shape, with_sc
     torch.testing.assert_close(outs[0].double(), y64, rtol=1e-6, atol=4e-6)
 
 
+def _tied_sam_inputs(shape, dtype, acc, seed):
+    """``(generator, x, weight, channel scale, upstream gradient)`` for bit-equality tests: x of
+    integers (tied maxima) in ``dtype``, the weight in ``acc``; the generator to draw more from."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2).round().to(dtype)
+    w = torch.randn(1, 2, 7, 7, generator=g).to(acc)
+    s = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    return g, x, w, s, gy
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
@@ -441,11 +452,7 @@ def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
     cases = [(2, 24, 9, 7), (3, 20, 13, 11), (2, 18, 20, 20), (1, 40, 33, 20), (2, 16, 3, 5)]
 
     def run(shape):
-        g = torch.Generator().manual_seed(shape[1] + shape[2])
-        x0 = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: tied maxima
-        w = torch.randn(1, 2, 7, 7, generator=g).to(acc)
-        s = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
-        gy = torch.randn(shape, generator=g).to(dtype)
+        g, x0, w, s, gy = _tied_sam_inputs(shape, dtype, acc, seed=shape[1] + shape[2])
         out = []
         for scale in (None, s):
             y, attn, logits, pooled = m.sam_forward(x0, w, None, scale, None, None, [0, 1], 1, None)
@@ -1249,11 +1256,7 @@ def test_row_prefetch_gives_the_same_bits(cpp_module, dtype):
     cases = [(2, 97, 9, 7), (1, 70, 12, 11), (3, 45, 5, 6), (2, 130, 4, 4)]
 
     def run(shape):
-        g = torch.Generator().manual_seed(shape[1])
-        x0 = (torch.randn(shape, generator=g) * 2).round().to(dtype)  # integers: tied maxima
-        w0 = torch.randn(1, 2, 7, 7, generator=g).to(acc)
-        s0 = (torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5).to(dtype)
-        gy = torch.randn(shape, generator=g).to(dtype)
+        g, x0, w0, s0, gy = _tied_sam_inputs(shape, dtype, acc, seed=shape[1])
         out = []
         for scaled in (False, True):
             x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
