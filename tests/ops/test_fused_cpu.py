@@ -485,6 +485,16 @@ def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
             assert len(runs[0]) == len(runs[1])
             for a, b in zip(*runs):
                 _same(a, b)
+        # and the streamed gradient of the fused op against float64 autograd (one case)
+        m.set_stream_bytes(0)
+        _, x, w, _, gy = _tied_sam_inputs(cases[2], dtype, acc, seed=1)
+        x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype) * 0.5  # no ties
+        y, attn, logits, pooled = m.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)
+        gx = m.sam_backward(gy, None, x, None, w, None, attn, logits, pooled, [0, 1], 1, False, True, False, False)[0]
+        xd = x.double().requires_grad_()
+        (want,) = torch.autograd.grad(ref_sam(xd, w.double(), None, ("max", "mean"), 1, None)[0], xd, gy.double())
+        tol = {torch.float32: 2e-5, torch.float64: 1e-10}.get(dtype, 3e-2)
+        torch.testing.assert_close(gx.double(), want, rtol=tol, atol=tol * max(1.0, float(want.abs().max())))
     finally:
         torch.set_num_threads(old)
         for knob in ("set_row_prefetch", "set_stream_bytes", "set_shared_backward_bytes"):

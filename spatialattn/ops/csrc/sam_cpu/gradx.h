@@ -33,7 +33,7 @@ inline void prefetch_next_rows(const X* xr, const X* gr, int64_t next, int64_t k
 template <bool G, bool GC, bool M, bool F, bool MB, bool S, bool PF, typename X>
 inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, const float* an, const float* mn,
                                   const float* fm, const float* fa, int64_t len, X* gx, bool stream, float* gp,
-                                  const uint8_t* mb, int64_t q0, float& t, int64_t next, bool& stored) {
+                                  const uint8_t* mb, int64_t q0, float& t, int64_t next, bool& direct) {
   const __m256 vg = _mm256_set1_ps(gv), vs = _mm256_set1_ps(sc);
   auto value = [&](int64_t k) {  // gx' at k .. k + 7
     if constexpr (PF) prefetch_next_rows<G, GC, M, MB, S>(xr, gr, next, k);
@@ -80,11 +80,11 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
           _mm256_storeu_ps(tmp, _mm256_mul_ps(value(k), vs));
           for (int64_t j = j0; j < j1; ++j) gx[k + j] = tmp[j];
         };
-        const int64_t h = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & 31) / sizeof(float));
+        const int64_t h = elems_to_boundary(gx, 32);
         if (h > 0) plain(0, 0, h);
         for (i = h; i + 8 <= len; i += 8) _mm256_stream_ps(gx + i, _mm256_mul_ps(value(i), vs));
         if (i < len) plain(len - 8, i - (len - 8), 8);
-        stored = true;
+        direct = true;
         return len;
       }
     }
@@ -117,14 +117,13 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
   constexpr int64_t L = lanes<T>();
   int64_t i = 0;
   T t = 0;
-  bool vectors_done = false, direct = false;  // direct: gx written from the sweep (streamed)
+  // direct: streamed gx written from the sweep (not through gp and mul_row)
+  bool vectors_done = false, direct = false;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
-      bool stored = false;  // gx written with stream stores already
       i = gradx_segment_avx2<G, GC, M, F, MB, S, PF, X>(xr, gr, gv, sc, an, mn, fm, fa, len, gx, stream, gp, mb, q0,
-                                                        t, next, stored);
-      if (stored) return t;
+                                                        t, next, direct);
       vectors_done = true;
     }
   }
@@ -157,17 +156,12 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
         // elements before it and after the last whole vector with plain stores), instead of
         // the row through gp and mul_row's streaming copy; the same values (mul_row's
         // (gx' * sc) * 1, its head rounded element by element as here)
-        auto plain = [&](int64_t k, int64_t j0, int64_t j1) {  // elements k + [j0, j1)
-          T tmp[L];
-          vstore(tmp, value(k) * sc);
-          for (int64_t j = j0; j < j1; ++j) gx[k + j] = X(tmp[j]);
-        };
-        constexpr uintptr_t align = uintptr_t(L) * sizeof(X);
-        const int64_t h = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & (align - 1)) / sizeof(X));
-        if (h > 0) plain(0, 0, h);
+        const int64_t h = elems_to_boundary(gx, L * sizeof(X));
+        if (h > 0) store_lanes(gx, value(0) * sc, 0, h);
         for (i = h; i + L <= len; i += L) vst_nt(gx + i, value(i) * sc);
-        if (i < len) plain(len - L, i - (len - L), L);
-        return t;
+        if (i < len) store_lanes(gx + len - L, value(len - L) * sc, i - (len - L), L);
+        i = len;
+        direct = true;
       }
     }
     if constexpr (S && std::is_same_v<T, float>) {
@@ -176,11 +170,9 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
         // bits): each aligned block of gx from the row's first boundary h joins the end of one
         // vector and the start of the next (a two-source lane permute); the elements before h
         // and after the last block with plain stores, the scalar tail below
-        constexpr uintptr_t align = uintptr_t(L) * sizeof(X);
-        const int h = int(((uintptr_t(0) - reinterpret_cast<uintptr_t>(gx)) & (align - 1)) / sizeof(X));
+        const int64_t h = elems_to_boundary(gx, L * sizeof(X));
         const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(h));
-        T tmp[L];
+                                             _mm512_set1_epi32(int(h)));
         V prev = {};
         for (; i + L <= len; i += L) {
           const V v = value(i);
@@ -189,17 +181,13 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
           if (h == 0) {
             vst_nt(gx + i, w);
           } else if (i == 0) {
-            vstore(tmp, w);
-            for (int j = 0; j < h; ++j) gx[j] = X(tmp[j]);
+            store_lanes(gx, w, 0, h);
           } else {
             vst_nt(gx + i - L + h, join_lanes(prev, idx, w));
           }
           prev = w;
         }
-        if (h > 0) {  // the end of the last whole vector
-          vstore(tmp, prev);
-          for (int j = h; j < L; ++j) gx[i - L + j] = X(tmp[j]);
-        }
+        if (h > 0) store_lanes(gx + i - L, prev, h, L);  // the end of the last whole vector
         direct = true;
       }
     }

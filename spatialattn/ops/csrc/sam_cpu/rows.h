@@ -150,7 +150,7 @@ inline void mul_row_avx2(XD* d, const XS* x, const float* sv, float ss, const fl
   };
   auto one = [&](int64_t k) { d[k] = XD((float(x[k]) * (HS ? sv[k] : ss)) * (HA ? av[k] : as)); };
   constexpr uintptr_t vb = 8 * sizeof(XD);  // bytes of d per vector
-  int64_t i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & (vb - 1)) / sizeof(XD));
+  int64_t i = elems_to_boundary(d, vb);
   if (stream) {
     for (int64_t k = 0; k < i && k < n; ++k) one(k);
     for (; i + 8 <= n; i += 8) st8_nt(d + i, at(i));
@@ -224,7 +224,7 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
         // a head vector, then vectors from the first 64-byte boundary of d (stores that
         // split a cache line cost), then the tail
         at(0);
-        i = int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(d)) & 63) / sizeof(T));
+        i = elems_to_boundary(d, 64);
         if (i == 0) i = L;
         for (; i + L <= n; i += L) at(i);
         if (i < n) at(n - L);

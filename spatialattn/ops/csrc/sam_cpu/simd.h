@@ -400,6 +400,12 @@ inline void vst(at::Half* p, vec_t<float> v) {
 #endif
 }
 
+// elements of X from p to the next multiple of `bytes` (a power of two; 0 where p is on one)
+template <typename X>
+inline int64_t elems_to_boundary(const X* p, uintptr_t bytes) {
+  return int64_t(((uintptr_t(0) - reinterpret_cast<uintptr_t>(p)) & (bytes - 1)) / sizeof(X));
+}
+
 #if defined(__AVX512F__)
 // non-temporal vector stores; p aligned to the vector's storage size (64 / 32 bytes)
 inline void vst_nt(float* p, vec_t<float> v) {
@@ -417,6 +423,14 @@ inline void vst_nt(at::BFloat16* p, vec_t<float> v) {
   __m256i m;
   std::memcpy(&m, &h, sizeof(m));
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), m);
+}
+// lanes [j0, j1) of v stored at d + j0 .. d + j1 - 1, each rounded to X on its own (the head
+// and tail of a row whose whole vectors go out with vst_nt from an aligned boundary)
+template <typename X>
+inline void store_lanes(X* d, vec_t<float> v, int64_t j0, int64_t j1) {
+  float tmp[16];
+  std::memcpy(tmp, &v, sizeof(tmp));
+  for (int64_t j = j0; j < j1; ++j) d[j] = X(tmp[j]);
 }
 #endif
 
