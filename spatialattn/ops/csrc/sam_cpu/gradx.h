@@ -57,10 +57,41 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
   int64_t i = 0;
   if constexpr (S) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; i + 16 <= len; i += 16) {
-      const __m256 v0 = step(i), v1 = step(i + 8);
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, ld8(xr + i + 8)));
+    bool joined = false;
+    if constexpr (std::is_same_v<X, float>) {
+      if (stream && gx) {
+        // streamed float32 with the channel-scale sum: as without it (below), but the sum's
+        // vectors stay at k = 0, 8, 16, ... (its bits), so each aligned block of gx from the
+        // row's first 32-byte boundary h joins the end of one vector and the start of the next
+        // (join8); the elements before h and after the last block with plain stores, the rest
+        // in gradx_segment's scalar loop (direct)
+        const int64_t h = elems_to_boundary(gx, 32);
+        const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(h)));
+        const __m256 from_next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+        __m256 prev = _mm256_setzero_ps();
+        auto put = [&](int64_t k, __m256 w) {  // gx' * sc at k .. k + 7
+          if (h == 0) st8_nt(gx + k, w);
+          else if (k == 0) store_lanes8(gx, w, 0, h);
+          else st8_nt(gx + k - 8 + h, join8(prev, w, idx, from_next));
+          prev = w;
+        };
+        for (; i + 16 <= len; i += 16) {
+          const __m256 v0 = value(i), v1 = value(i + 8);
+          a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
+          a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, ld8(xr + i + 8)));
+          put(i, _mm256_mul_ps(v0, vs));
+          put(i + 8, _mm256_mul_ps(v1, vs));
+        }
+        if (h > 0 && i > 0) store_lanes8(gx + i - 8, prev, h, 8);  // the end of the last whole vector
+        direct = joined = true;
+      }
+    }
+    if (!joined) {
+      for (; i + 16 <= len; i += 16) {
+        const __m256 v0 = step(i), v1 = step(i + 8);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, ld8(xr + i + 8)));
+      }
     }
     float l[16];
     _mm256_storeu_ps(l, a0);
@@ -75,15 +106,10 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
         // gradx_segment's AVX-512 path; the same values as mul_row's (gx' * sc) * 1). Not for
         // float16 / bfloat16 storage: with their conversions in the same loop the bfloat16
         // backward took 1.17-1.33x the time of the scratch row and mul_row's copy (measured)
-        auto plain = [&](int64_t k, int64_t j0, int64_t j1) {  // elements k + [j0, j1)
-          float tmp[8];
-          _mm256_storeu_ps(tmp, _mm256_mul_ps(value(k), vs));
-          for (int64_t j = j0; j < j1; ++j) gx[k + j] = tmp[j];
-        };
         const int64_t h = elems_to_boundary(gx, 32);
-        if (h > 0) plain(0, 0, h);
-        for (i = h; i + 8 <= len; i += 8) _mm256_stream_ps(gx + i, _mm256_mul_ps(value(i), vs));
-        if (i < len) plain(len - 8, i - (len - 8), 8);
+        if (h > 0) store_lanes8(gx, _mm256_mul_ps(value(0), vs), 0, h);
+        for (i = h; i + 8 <= len; i += 8) st8_nt(gx + i, _mm256_mul_ps(value(i), vs));
+        if (i < len) store_lanes8(gx + len - 8, _mm256_mul_ps(value(len - 8), vs), i - (len - 8), 8);
         direct = true;
         return len;
       }
