@@ -849,16 +849,21 @@ def test_channels_last_pooling_shares_cross_images(cpp_module, threads, channels
 
 
 def test_row_band_rule(cpp_module):
-    # channels_last: bands of ~384 KiB whatever the image size; NCHW: whole images while an
-    # image (x + gradient) is at most 1/8 of the LLC, else bands of ~2 MiB including the lag,
-    # and at least 4 KiB of each channel row.
+    # Both layouts: whole images while an image (x, or x + gradient) is at most 1/8 of the LLC
+    # (channels_last: and the pass's tensors fit the LLC); above that, channels_last in bands of
+    # ~384 KiB, NCHW in bands of ~2 MiB including the lag, and at least 4 KiB of each channel row.
     m = cpp_module
     limit = m.whole_image_bytes()
     assert limit > 0
     row = 128 * 104 * 4  # one row of 128 channels x 104 pixels, float32
-    assert m.band_rows(row, 3, 104, True) == (384 << 10) // row - 3
+    h_cl = limit // row + 50  # a channels_last image above the limit
+    assert m.band_rows(row, 3, h_cl, True) == (384 << 10) // row - 3
+    assert m.band_rows(row, 3, limit // row, True) == limit // row  # within it: whole
+    # the pass's tensors beyond the LLC: channels_last in bands, NCHW whole as before
+    assert m.band_rows(row, 3, limit // row, True, in_llc=False) == (384 << 10) // row - 3
+    assert m.band_rows(2 * row, 3, limit // (2 * row), False, in_llc=False) == limit // (2 * row)
     assert m.band_rows(row, 3, 4, True) == 4  # a small image is one band
-    assert m.band_rows(row * 100, 3, 104, True) == 104  # a row above the budget: whole image
+    assert m.band_rows(row * 100, 3, h_cl, True) == h_cl  # a row above the budget: whole image
     h_whole = limit // (2 * row)  # an NCHW image (x + gradient) just within the limit
     assert m.band_rows(2 * row, 3, h_whole, False) == h_whole
     h_big = limit // (2 * row) + 200  # above it: bands of 2 MiB

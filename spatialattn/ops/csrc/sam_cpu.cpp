@@ -106,5 +106,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("llc_bytes", &llc_bytes);  // the last-level cache the kernels size their work by
   m.def("band_rows", &band_rows, py::arg("row_bytes"), py::arg("lag"), py::arg("H"), py::arg("nhwc"),
-        py::arg("channel_row_bytes") = 0);  // the rule above, for tests
+        py::arg("channel_row_bytes") = 0, py::arg("in_llc") = true);  // the rule above, for tests
 }

@@ -12,7 +12,15 @@ namespace {
 // neighbourhood is complete, which lag `ph` rows behind. The second read of every row
 // comes from a cache close to the core instead of memory. Band height: about the band
 // budget of the big tensors (x, and the upstream gradient in backward) including the lag.
-//   channels_last: kBandBytes (384 KiB), so that the second read comes from L2.
+//   channels_last: kBandBytes (384 KiB), so that the second read comes from L2; whole
+//   images where the pass's tensors fit the LLC together (forward x and y, backward x, the
+//   gradient and grad_x: in_llc) and an image is at most 1/8 of it, as NCHW below. Measured
+//   (raw kernels, 2 threads, float32, paired against the bands; 35th session): with x
+//   L3-resident whole images took 0.84-0.94x the time of 384 KiB bands in the forward
+//   (8x512x26x26, 8x128x52x52, 8x256x26x26; 0.98-0.99x at 8x1024x13x13) and 0.87-0.91x in
+//   the backward (8x128x52x52, 8x256x26x26). Where they do not fit: the forward at
+//   8x256x52x52 (x from memory) 1.07x, the backward at 8x512x26x26 (three 11 MB tensors)
+//   1.04-1.06x, so bands stay there.
 //   NCHW: a band is one short run of rows per channel, and every run restarts the
 //   prefetchers. Whole images while an image (x + gradient) is at most 1/8 of the LLC
 //   (it stays in L3 between the two passes); larger images in bands of kBandBytesNchw
@@ -50,12 +58,13 @@ inline int64_t whole_image_bytes() {
 // rows of one band of an image of H rows, `row_bytes` of the streamed tensors per image row
 // (x, or x and the gradient), `lag` rows behind the band for the gate; NCHW: at least
 // kMinRunBytes of each channel row (channel_row_bytes of one tensor per image row; 0: no
-// minimum)
-inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc, int64_t channel_row_bytes = 0) {
+// minimum); in_llc: the pass's tensors (x, y; x, the gradient, grad_x) fit the LLC together
+inline int64_t band_rows(int64_t row_bytes, int64_t lag, int64_t H, bool nhwc, int64_t channel_row_bytes = 0,
+                         bool in_llc = true) {
   if (kBandRows > 0) return std::min(kBandRows, H);
   const int64_t budget = nhwc ? kBandBytes : kBandBytesNchw;
   if (budget <= 0) return H;
-  if (!nhwc && row_bytes * H <= whole_image_bytes()) return H;
+  if (row_bytes * H <= whole_image_bytes() && (in_llc || !nhwc)) return H;
   int64_t r = budget / std::max<int64_t>(1, row_bytes) - lag;
   if (r < 1) return H;
   if (!nhwc && kMinRunBytes > 0 && channel_row_bytes > 0)
@@ -134,9 +143,9 @@ void copy_repeated_slots(T* pooled, const std::vector<int64_t>& kinds, int64_t i
 template <typename T, typename X>
 void sam_forward_image(const X* x, const T* s, int64_t C, int64_t H, int64_t W, bool nhwc, const Gate<T>& q,
                        const std::vector<int64_t>& kinds, int64_t imax, int64_t imean, T* pooled, T* logits,
-                       T* attn, X* y, bool stream, int64_t prefetch, Scratch<T>& sc) {
+                       T* attn, X* y, bool stream, bool in_llc, int64_t prefetch, Scratch<T>& sc) {
   const int64_t HW = H * W, P = q.P, lag = q.g.ph;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc, W * int64_t(sizeof(X)));
+  const int64_t R = band_rows(C * W * int64_t(sizeof(X)), lag, H, nhwc, W * int64_t(sizeof(X)), in_llc);
   sc.pad.assign(P * q.g.Hp * q.g.Wp, T(0));
   sc.spare.resize(R * W);
   int64_t done = 0;
@@ -171,9 +180,11 @@ template <typename T, typename X, bool GC, bool M, bool F>
 void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H, int64_t W, bool nhwc,
                         const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* mx,
                         const T* logits, const T* attn, const T* gextra, X* gx, T* gs, double* par, bool stream,
+                        bool in_llc,
                         int64_t prefetch, Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
-  const int64_t R = band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc, W * int64_t(sizeof(X)));
+  const int64_t R =
+      band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc, W * int64_t(sizeof(X)), in_llc);
   const T gv = GC ? T(g[0]) : T(0);
   sc.pad.resize(q.P * q.g.Hp * q.g.Wp);
   pad_maps<T>(pooled, q.P, q.g, sc.pad.data());

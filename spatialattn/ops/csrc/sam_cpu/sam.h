@@ -279,6 +279,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
     const bool stream = use_stream<X>(x.numel(), in_place(x, y));
+    const bool in_llc = !use_stream<X>(x.numel());  // x and y fit the LLC (band_rows)
     const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {
@@ -286,7 +287,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
         Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n)
           sam_forward_image<T, X>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
-                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, prefetch, sc);
+                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, in_llc, prefetch, sc);
       });
     }
     if (Nf < g.N)

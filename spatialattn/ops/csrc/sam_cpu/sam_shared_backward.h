@@ -273,6 +273,8 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
                     ptr_or_null<T>(ns), nullptr};  // backward uses only the norm scale
     const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
     const bool stream = use_stream<X>(x.numel());
+    // x, the gradient (unless one broadcast value) and grad_x fit the LLC (band_rows)
+    const bool in_llc = int64_t(sizeof(X)) * x.numel() * (gc ? 2 : 3) <= stream_threshold();
     const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     std::vector<double> par(g.N * NP, 0.0);
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;  // batch stride PHW
@@ -285,7 +287,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
             sam_backward_image<T, X, decltype(gc_t)::value, decltype(m_t)::value, decltype(f_t)::value>(
                 xp + n * CHW, sp ? sp + n * g.C : nullptr, gc ? gyp : gyp + n * CHW, g.C, g.H, g.W, g.nhwc, q, kinds,
                 pp + n * PHW, mx ? mx + n * PHW : nullptr, lp + n * HW, ap + n * HW, ge ? ge + n * HW : nullptr,
-                gxp + n * CHW, gsp ? gsp + n * g.C : nullptr, par.data() + n * NP, stream, prefetch, sc);
+                gxp + n * CHW, gsp ? gsp + n * g.C : nullptr, par.data() + n * NP, stream, in_llc, prefetch, sc);
           };
           with_backward_flags(gc, mx != nullptr, imean >= 0, run);
         }
