@@ -180,8 +180,7 @@ template <typename T, typename X, bool GC, bool M, bool F>
 void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H, int64_t W, bool nhwc,
                         const Gate<T>& q, const std::vector<int64_t>& kinds, const T* pooled, const T* mx,
                         const T* logits, const T* attn, const T* gextra, X* gx, T* gs, double* par, bool stream,
-                        bool in_llc,
-                        int64_t prefetch, Scratch<T>& sc) {
+                        bool in_llc, int64_t prefetch, Scratch<T>& sc) {
   const int64_t HW = H * W, lag = q.g.ph, KK = q.g.KH * q.g.KW;
   const int64_t R =
       band_rows(C * W * int64_t(sizeof(X)) * (GC ? 1 : 2), lag, H, nhwc, W * int64_t(sizeof(X)), in_llc);

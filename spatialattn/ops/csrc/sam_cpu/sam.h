@@ -287,7 +287,8 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
         Scratch<T> sc;
         for (int64_t n = b0; n < e0; ++n)
           sam_forward_image<T, X>(xp + n * CHW, sp ? sp + n * g.C : nullptr, g.C, g.H, g.W, g.nhwc, q, kinds, imax,
-                               imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, in_llc, prefetch, sc);
+                                  imean, pp + n * PHW, lp + n * g.HW, ap + n * g.HW, yp + n * CHW, stream, in_llc,
+                                  prefetch, sc);
       });
     }
     if (Nf < g.N)
