@@ -437,9 +437,10 @@ def _tied_sam_inputs(shape, dtype, acc, seed):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_nchw_backward_streamed_equals_cached(cpp_module, dtype, threads):
     # streamed (forced here), the NCHW gradient pass writes float32 / float16 / bfloat16 rows
-    # with non-temporal stores straight from its sweep from the first vector-size boundary of
-    # each row (plain stores before it and after the last whole vector); float64 and the
-    # channel-scale gradient go through a buffer. The bits of the cached stores either way: the fused backward (bands
+    # (AVX2 builds: float32) with non-temporal stores straight from its sweep from the first
+    # vector-size boundary of each row (plain stores before it and after the last whole vector),
+    # rows with the channel-scale gradient too; float64 goes through a buffer. The bits of the
+    # cached stores either way: the fused backward (bands
     # of rows and whole images, the leftover images of batch 1 and 2 with three threads), the
     # training BatchNorm, the gate multiply's and the pooling's backward (the phases' rows and
     # flat blocks); rows of 15 to 660 pixels at every alignment; the prefetch on (ahead rows).

@@ -55,17 +55,21 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
     return v;
   };
   int64_t i = 0;
+  // streamed float32: non-temporal stores straight from the sweep from the first 32-byte
+  // boundary h of gx, plain ones before it and after the last whole vector (see
+  // gradx_segment's AVX-512 path; the same values as mul_row's (gx' * sc) * 1). Not for
+  // float16 / bfloat16 storage: with their conversions in the same loop the bfloat16
+  // backward took 1.17-1.33x the time of the scratch row and mul_row's copy (measured)
+  direct = std::is_same_v<X, float> && stream && gx;
+  const int64_t h = direct ? elems_to_boundary(gx, 32) : 0;
   if constexpr (S) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    bool joined = false;
     if constexpr (std::is_same_v<X, float>) {
-      if (stream && gx) {
-        // streamed float32 with the channel-scale sum: as without it (below), but the sum's
-        // vectors stay at k = 0, 8, 16, ... (its bits), so each aligned block of gx from the
-        // row's first 32-byte boundary h joins the end of one vector and the start of the next
-        // (join8); the elements before h and after the last block with plain stores, the rest
-        // in gradx_segment's scalar loop (direct)
-        const int64_t h = elems_to_boundary(gx, 32);
+      if (direct) {
+        // with the channel-scale sum, whose vectors stay at k = 0, 8, 16, ... (its bits): each
+        // aligned block of gx joins the end of one vector and the start of the next (join8);
+        // the end of the last whole vector with plain stores, the rest in gradx_segment's
+        // scalar loop
         const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(h)));
         const __m256 from_next = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
         __m256 prev = _mm256_setzero_ps();
@@ -83,10 +87,9 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
           put(i + 8, _mm256_mul_ps(v1, vs));
         }
         if (h > 0 && i > 0) store_lanes8(gx + i - 8, prev, h, 8);  // the end of the last whole vector
-        direct = joined = true;
       }
     }
-    if (!joined) {
+    if (!direct) {
       for (; i + 16 <= len; i += 16) {
         const __m256 v0 = step(i), v1 = step(i + 8);
         a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, ld8(xr + i)));
@@ -100,17 +103,10 @@ inline int64_t gradx_segment_avx2(const X* xr, const X* gr, float gv, float sc, 
     return i;
   } else {
     if constexpr (std::is_same_v<X, float>) {
-      if (stream && gx) {
-        // streamed float32: non-temporal stores straight from the sweep from the first 32-byte
-        // boundary of gx, plain ones before it and after the last whole vector (see
-        // gradx_segment's AVX-512 path; the same values as mul_row's (gx' * sc) * 1). Not for
-        // float16 / bfloat16 storage: with their conversions in the same loop the bfloat16
-        // backward took 1.17-1.33x the time of the scratch row and mul_row's copy (measured)
-        const int64_t h = elems_to_boundary(gx, 32);
+      if (direct) {
         if (h > 0) store_lanes8(gx, _mm256_mul_ps(value(0), vs), 0, h);
         for (i = h; i + 8 <= len; i += 8) st8_nt(gx + i, _mm256_mul_ps(value(i), vs));
         if (i < len) store_lanes8(gx + len - 8, _mm256_mul_ps(value(len - 8), vs), i - (len - 8), 8);
-        direct = true;
         return len;
       }
     }
@@ -175,46 +171,41 @@ inline T gradx_segment(const X* xr, const X* gr, T gv, T sc, const T* an, const 
       return v;
     };
 #if defined(__AVX512F__)
-    if constexpr (!S && std::is_same_v<T, float>) {
-      if (stream && gx && len >= L) {
-        // streamed rows (float32, float16, bfloat16): non-temporal stores straight from the
-        // sweep, from the first boundary of gx at a vector's storage size (64 / 32 bytes; the
-        // elements before it and after the last whole vector with plain stores), instead of
-        // the row through gp and mul_row's streaming copy; the same values (mul_row's
-        // (gx' * sc) * 1, its head rounded element by element as here)
-        const int64_t h = elems_to_boundary(gx, L * sizeof(X));
-        if (h > 0) store_lanes(gx, value(0) * sc, 0, h);
-        for (i = h; i + L <= len; i += L) vst_nt(gx + i, value(i) * sc);
-        if (i < len) store_lanes(gx + len - L, value(len - L) * sc, i - (len - L), L);
-        i = len;
-        direct = true;
-      }
-    }
-    if constexpr (S && std::is_same_v<T, float>) {
-      if (stream && gx && len >= L) {
-        // the same with the channel-scale sum, whose vectors stay at k = 0, L, 2L, ... (its
-        // bits): each aligned block of gx from the row's first boundary h joins the end of one
-        // vector and the start of the next (a two-source lane permute); the elements before h
-        // and after the last block with plain stores, the scalar tail below
-        const int64_t h = elems_to_boundary(gx, L * sizeof(X));
+    if constexpr (std::is_same_v<T, float>) {
+      // streamed rows (float32, float16, bfloat16): non-temporal stores straight from the
+      // sweep, from the first boundary h of gx at a vector's storage size (64 / 32 bytes; the
+      // elements before it and after the last whole vector with plain stores), instead of the
+      // row through gp and mul_row's streaming copy; the same values (mul_row's (gx' * sc) * 1,
+      // its head rounded element by element as here)
+      direct = stream && gx && len >= L;
+      const int64_t h = direct ? elems_to_boundary(gx, L * sizeof(X)) : 0;
+      if constexpr (!S) {
+        if (direct) {
+          if (h > 0) store_lanes(gx, value(0) * sc, 0, h);
+          for (i = h; i + L <= len; i += L) vst_nt(gx + i, value(i) * sc);
+          if (i < len) store_lanes(gx + len - L, value(len - L) * sc, i - (len - L), L);
+          i = len;
+        }
+      } else if (direct) {
+        // with the channel-scale sum, whose vectors stay at k = 0, L, 2L, ... (its bits): each
+        // aligned block of gx joins the end of one vector and the start of the next (a
+        // two-source lane permute); the end of the last whole vector with plain stores, the
+        // scalar tail below
         const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(int(h)));
         V prev = {};
+        auto put = [&](int64_t k, V w) {  // gx' * sc at k .. k + L - 1
+          if (h == 0) vst_nt(gx + k, w);
+          else if (k == 0) store_lanes(gx, w, 0, h);
+          else vst_nt(gx + k - L + h, join_lanes(prev, idx, w));
+          prev = w;
+        };
         for (; i + L <= len; i += L) {
           const V v = value(i);
           acc += v * vld(xr + i);
-          const V w = v * sc;
-          if (h == 0) {
-            vst_nt(gx + i, w);
-          } else if (i == 0) {
-            store_lanes(gx, w, 0, h);
-          } else {
-            vst_nt(gx + i - L + h, join_lanes(prev, idx, w));
-          }
-          prev = w;
+          put(i, v * sc);
         }
         if (h > 0) store_lanes(gx + i - L, prev, h, L);  // the end of the last whole vector
-        direct = true;
       }
     }
 #endif

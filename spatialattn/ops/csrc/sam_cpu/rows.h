@@ -46,6 +46,12 @@ inline int64_t stream_threshold() {
   return llc;
 }
 
+// `tensors` tensors of `elems` elements each fit in the last-level cache together
+template <typename T>
+inline bool fit_llc(int64_t elems, int64_t tensors) {
+  return tensors * elems * int64_t(sizeof(T)) <= stream_threshold();
+}
+
 // input + output of `elems` elements each do not fit in the last-level cache. Not for an
 // output the kernel reads before writing it (output_read: added into in place): each of its
 // lines has just come into the cache, and a non-temporal store from there is the slow way
@@ -53,7 +59,7 @@ inline int64_t stream_threshold() {
 // 8x256x52x52 / 8x128x104x104).
 template <typename T>
 inline bool use_stream(int64_t elems, bool output_read = false) {
-  return !output_read && 2 * elems * int64_t(sizeof(T)) > stream_threshold();
+  return !output_read && !fit_llc<T>(elems, 2);
 }
 
 inline void stream_fence(bool stream) {
@@ -183,8 +189,7 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
     if (stream) {
-      constexpr uintptr_t align = uintptr_t(L) * sizeof(XD);
-      for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & (align - 1)); ++i)
+      for (const int64_t h = std::min(n, elems_to_boundary(d, L * sizeof(XD))); i < h; ++i)
         d[i] = XD((T(x[i]) * (sv ? sv[i] : ss)) * (av ? av[i] : as));
       const V vss = V{} + ss, vas = V{} + as;
       for (; i + L <= n; i += L) {

@@ -279,7 +279,7 @@ std::vector<Tensor> sam_forward(const Tensor& x, const Tensor& weight, const opt
                     ptr_or_null<T>(b), ptr_or_null<T>(ns), ptr_or_null<T>(nsh)};
     const int64_t CHW = g.C * g.HW, PHW = P * g.HW;
     const bool stream = use_stream<X>(x.numel(), in_place(x, y));
-    const bool in_llc = !use_stream<X>(x.numel());  // x and y fit the LLC (band_rows)
+    const bool in_llc = fit_llc<X>(x.numel(), 2);  // x and y (band_rows)
     const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     const int64_t Nf = whole_images(g.N);
     if (Nf > 0) {

@@ -273,8 +273,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
                     ptr_or_null<T>(ns), nullptr};  // backward uses only the norm scale
     const int64_t HW = g.HW, CHW = g.C * HW, PHW = P * HW, KK = q.g.KH * q.g.KW, NP = P * KK + 3;
     const bool stream = use_stream<X>(x.numel());
-    // x, the gradient (unless one broadcast value) and grad_x fit the LLC (band_rows)
-    const bool in_llc = int64_t(sizeof(X)) * x.numel() * (gc ? 2 : 3) <= stream_threshold();
+    const bool in_llc = fit_llc<X>(x.numel(), gc ? 2 : 3);  // x, the gradient (unless one value), grad_x
     const int64_t prefetch = row_prefetch_bytes<X>(x.numel());
     std::vector<double> par(g.N * NP, 0.0);
     const T* mx = imax >= 0 ? pp + imax * HW : nullptr;  // batch stride PHW

@@ -469,6 +469,8 @@ inline void st8(at::Half* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m12
 inline void st8(at::BFloat16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
 // non-temporal: p aligned to 8 elements (32 bytes float32, 16 bytes the half formats)
 inline void st8_nt(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void st8_nt(at::Half* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f16_bits8(v)); }
+inline void st8_nt(at::BFloat16* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
 // lanes [j0, j1) of v stored at d + j0 .. d + j1 - 1 (a row's head and tail around st8_nt's blocks)
 inline void store_lanes8(float* d, __m256 v, int64_t j0, int64_t j1) {
   float tmp[8];
@@ -479,8 +481,6 @@ inline void store_lanes8(float* d, __m256 v, int64_t j0, int64_t j1) {
 inline __m256 join8(__m256 a, __m256 b, __m256i idx, __m256 from_b) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(a, idx), _mm256_permutevar8x32_ps(b, idx), from_b);
 }
-inline void st8_nt(at::Half* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f16_bits8(v)); }
-inline void st8_nt(at::BFloat16* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits8(v)); }
 // The 256-bit loops below are taken for a float32 compute type, whose storage types (X with
 // acc_t<X> = float: float32, float16, bfloat16) are the ones ld8 / st8 convert.
 // vmax(m, v) = v > m ? v : m (maxps returns its second operand where either is NaN)
