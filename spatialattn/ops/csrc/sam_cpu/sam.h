@@ -48,7 +48,11 @@ template <typename T>
 void gate_images(const Gate<T>& q, const T* pooled, int64_t n0, int64_t n1, T* logits, T* attn) {
   const int64_t P = q.P, H = q.g.H, HW = H * q.g.W, padsz = P * q.g.Hp * q.g.Wp;
   std::vector<T> pad((n1 - n0) * padsz);
-  for (int64_t n = n0; n < n1; ++n) pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data() + (n - n0) * padsz);
+  at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, padsz)),
+                   [&](int64_t b0, int64_t e0) {
+                     for (int64_t n = b0; n < e0; ++n)
+                       pad_maps<T>(pooled + n * P * HW, P, q.g, pad.data() + (n - n0) * padsz);
+                   });
   constexpr int64_t kRows = 8;
   const int64_t nb = (H + kRows - 1) / kRows;
   at::parallel_for(0, (n1 - n0) * nb, gate_grain(kRows, q.g.W, P, q.g.KH * q.g.KW), [&](int64_t b0, int64_t e0) {
