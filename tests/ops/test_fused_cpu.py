@@ -2101,3 +2101,46 @@ def test_concurrent_calls_from_threads_give_the_same_bits():
     for i, results in enumerate(got):
         for a, b in zip(results, want[i % len(seeds)]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _lane_order_sum(values):
+    """The sum ``lane_sums`` (sam_batchnorm.h) forms: eight lanes over the whole blocks of
+    eight (lane l takes the elements k = l mod 8, in order), the lanes added in order, then the
+    last ``len(values) % 8`` elements."""
+    lanes = [0.0] * 8
+    whole = len(values) // 8 * 8
+    for k in range(whole):
+        lanes[k % 8] += values[k]
+    total = 0.0
+    for v in lanes:
+        total += v
+    for k in range(whole, len(values)):
+        total += values[k]
+    return total
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 2), (1, 2, 1, 7), (1, 2, 3, 3), (2, 4, 5, 5), (3, 2, 6, 7)])
+def test_batchnorm_statistics_in_fixed_lanes(cpp_module, shape):
+    # the training-BatchNorm op's batch mean and biased variance of the logits (float64): the
+    # same bits for any thread count, exactly the documented lane order (sizes below, at and
+    # above one block of eight; tails of 1-7), and within 1e-12 of torch's float64 statistics
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g)
+    w = torch.randn(1, 2, 7, 7, generator=g) * 0.3
+    old = torch.get_num_threads()
+    stats = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y, attn, logits, pooled, st = cpp_module.sam_forward_bn(x, w, None, None, torch.ones(1), torch.zeros(1),
+                                                                    1e-5, [0, 1], 1)
+            stats.append(st)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(stats[0], st) for st in stats[1:])
+    v = logits.double().flatten().tolist()
+    mean = _lane_order_sum(v) / len(v)
+    var = _lane_order_sum([(t - mean) * (t - mean) for t in v]) / len(v)
+    assert stats[0].tolist() == [mean, var]
+    ld = logits.double()
+    torch.testing.assert_close(stats[0], torch.stack([ld.mean(), ld.var(unbiased=False)]), rtol=1e-12, atol=1e-15)
