@@ -48,6 +48,7 @@ template <typename T>
 void gate_images(const Gate<T>& q, const T* pooled, int64_t n0, int64_t n1, T* logits, T* attn) {
   const int64_t P = q.P, H = q.g.H, HW = H * q.g.W, padsz = P * q.g.Hp * q.g.Wp;
   std::vector<T> pad((n1 - n0) * padsz);
+  // the padded copies in parallel too (about 16k elements of them per task at least)
   at::parallel_for(n0, n1, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, padsz)),
                    [&](int64_t b0, int64_t e0) {
                      for (int64_t n = b0; n < e0; ++n)

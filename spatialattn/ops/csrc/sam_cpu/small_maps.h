@@ -474,13 +474,8 @@ void dpooled_rows(const Gate<T>& q, const std::vector<int64_t>& kinds, const T* 
   for (int64_t p = 0; p < q.P; ++p) {
     T* dst = kinds[p] == 0 ? dmax : dmean;
     auto emit = [&](int64_t h, int64_t w0, vec_t<T> acc) {
-      T* d = dst + h * W + w0;
       const int64_t len = std::min<int64_t>(L, W - w0);
-      if (len == L) {
-        vstore(d, vload(d) + acc);
-        return;
-      }
-      for (int64_t k = 0; k < len; ++k) d[k] += acc[k];
+      for (int64_t k = 0; k < len; ++k) dst[h * W + w0 + k] += acc[k];
     };
 #if SAM_AVX2_HALVES
     if constexpr (std::is_same_v<T, float>) {
