@@ -53,12 +53,15 @@ _POOL_ALIASES = {"max": "max", "mean": "mean", "avg": "mean", "average": "mean"}
 
 
 def check_input(x: Tensor, channels: Optional[int] = None, name: str = "input") -> None:
-    """Raise ``ValueError`` unless ``x`` is ``Tensor[N, channels, H, W]``."""
+    """Raise unless ``x`` is a floating-point ``Tensor[N, channels, H, W]`` (``TypeError`` for
+    the type or dtype, ``ValueError`` for the shape)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         want = "(N, C, H, W)" if channels is None else f"(N, {channels}, H, W)"
         raise ValueError(f"{name}: expected a 4-D tensor of shape {want}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(
             f"{name}: expected shape (N, {channels}, H, W), got {tuple(x.shape)} ({x.shape[1]} channels)"

@@ -123,6 +123,11 @@ def test_channel_gate_activations(activation):
 def test_input_checks_name_expected_and_found():
     with pytest.raises(ValueError, match=r"expected a 4-D tensor.*got shape \(3, 4\)"):
         SF.channel_pool(torch.randn(3, 4))
+    for dtype in (torch.int64, torch.uint8, torch.bool):  # torch's own error would name mean() or a conv
+        with pytest.raises(TypeError, match=f"input: expected a floating-point tensor, got {dtype}"):
+            SF.spatial_attention(torch.ones(1, 4, 5, 5, dtype=dtype), torch.randn(1, 2, 3, 3))
+        with pytest.raises(TypeError, match=f"input: expected a floating-point tensor, got {dtype}"):
+            SF.channel_attention(torch.ones(1, 4, 5, 5, dtype=dtype), torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"weight: expected shape \(1, 2, k, k\), got \(1, 3, 7, 7\)"):
         SF.spatial_attention(torch.randn(1, 4, 5, 5), torch.randn(1, 3, 7, 7))
     with pytest.raises(ValueError, match="odd"):

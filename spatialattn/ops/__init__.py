@@ -165,6 +165,17 @@ def backend(x: Tensor) -> str:
     return _fast_device(x) or "torch"
 
 
+def _reject_x(x: Tensor, name: str = "x") -> None:
+    """Raise the error for an ``x`` that is not a floating-point ``Tensor[N, C, H, W]`` (the
+    PyTorch fallbacks would otherwise fail deep inside torch, or pool over the wrong dims of
+    a 3-D tensor). Callers test ``x.dim() != 4 or not x.is_floating_point()`` first."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}")
+    raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+
+
 def _scale_ok(x: Tensor, s: Optional[Tensor]) -> bool:
     return s is None or (s.shape == (x.shape[0], x.shape[1], 1, 1) and s.device == x.device)
 
@@ -182,11 +193,13 @@ def channel_pool(
     ``channel_scale`` (``Tensor[N, C, 1, 1]``, same dtype as ``x``) multiplies ``x``
     first without keeping the product for backward.
     """
+    if x.dim() != 4 or not x.is_floating_point():
+        _reject_x(x)
     dtype = x.dtype if dtype is None else dtype
     if _torch_ops_only():
         return reference.channel_pool(x, order, channel_scale, dtype)
     grad = _needs_autograd(x, channel_scale)
-    fast = _fast_device(x) if x.dim() == 4 and x.shape[1] > 0 else None
+    fast = _fast_device(x) if x.shape[1] > 0 else None
     if fast is not None and _scale_ok(x, channel_scale) and (
         dtype == x.dtype or (x.dtype in _HALF and dtype == torch.float32)
     ):
@@ -258,6 +271,8 @@ def global_pool(x: Tensor, order: Sequence[str] = ("mean", "max"), *, dtype: Opt
     the max gradient evenly.
     ``dtype``: dtype of the result; the mean is accumulated in it.
     """
+    if x.dim() != 4 or not x.is_floating_point():
+        _reject_x(x)
     dtype = x.dtype if dtype is None else dtype
     fast = _global_pool_backend(x, dtype)
     if fast is not None and not _needs_autograd(x):
@@ -288,6 +303,8 @@ def with_global_pool(
     be a tensor of its own (true of every op in this library: it is not the upstream
     gradient or a view of one). Returns ``body``'s outputs as a tuple.
     """
+    if x.dim() != 4 or not x.is_floating_point():
+        _reject_x(x)
     dtype = x.dtype if dtype is None else dtype
     fast = _global_pool_backend(x, dtype)
     if fast is not None and x.requires_grad and torch.is_grad_enabled():
@@ -445,11 +462,13 @@ def spatial_attention_fused(
 
     Saved for backward: ``x``, the small maps (pooled, logits, gate) and parameters.
     """
+    if x.dim() != 4 or not x.is_floating_point():
+        _reject_x(x)
     if _torch_ops_only():
         y, attn = _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift)
         return (y, attn) if return_attention else y
     grad = _needs_autograd(x, weight, bias, channel_scale, norm_scale, norm_shift)
-    fast = _fast_device(x) if x.dim() == 4 and x.shape[1] > 0 else None
+    fast = _fast_device(x) if x.shape[1] > 0 else None
     if out is not None and (grad or fast != "cpp"):
         raise ValueError("out= is only supported without autograd on the CPU C++ path")
     if fast is None or not _scale_ok(x, channel_scale):
@@ -521,6 +540,8 @@ def spatial_attention_fused_batchnorm(
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
     """
+    if x.dim() != 4 or not x.is_floating_point():
+        _reject_x(x)
     fast = _fast_device(x)
     if fast == "op":  # torch.compile (or a dispatch mode): the custom op
         y, attn, _, _, stats = _lib.sam_batchnorm_op(

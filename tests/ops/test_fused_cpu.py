@@ -333,6 +333,32 @@ def test_unnormalised_pooling_order_is_refused():
             ops.channel_pool(x, order)
 
 
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(8, 5, 5), ValueError, r"x: expected a 4-D tensor \[N, C, H, W\], got shape \(8, 5, 5\)"),
+    (torch.randn(1, 2, 8, 5, 5), ValueError, r"x: expected a 4-D tensor \[N, C, H, W\], got shape \(1, 2, 8, 5, 5\)"),
+    (torch.ones(2, 8, 5, 5, dtype=torch.int64), TypeError, r"x: expected a floating-point tensor, got torch.int64"),
+    (torch.ones(2, 8, 5, 5, dtype=torch.bool), TypeError, r"x: expected a floating-point tensor, got torch.bool"),
+])
+def test_bad_x_is_refused_by_every_op(x, error, message):
+    # the fused paths take 4-D floating-point tensors only, and the PyTorch fallbacks used to
+    # fail deep inside torch (a conv asking for 2 channels) or, for channel_pool and
+    # global_pool of a 3-D tensor, pool silently over the wrong dims
+    w = torch.randn(1, 2, 7, 7)
+    calls = {
+        "spatial_attention_fused": lambda: ops.spatial_attention_fused(x, w),
+        "spatial_attention_fused_batchnorm": lambda: ops.spatial_attention_fused_batchnorm(x, w, None, torch.nn.BatchNorm2d(1)),
+        "channel_pool": lambda: ops.channel_pool(x),
+        "global_pool": lambda: ops.global_pool(x),
+        "with_global_pool": lambda: ops.with_global_pool(x, lambda t, p: (t,)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(error, match=message):
+            call()
+        with ops.decomposed():  # the plain-PyTorch route (export, checks) refuses it the same way
+            with pytest.raises(error, match=message):
+                call()
+
+
 def test_out_partly_overlapping_x_is_refused():
     # an out= sharing some of x's memory would be written before x is read: refused (out=x,
     # the whole of it, is the in-place call)
