@@ -2145,6 +2145,25 @@ def _lane_order_sum(values):
     return total
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batchnorm_attention_same_function_for_every_logit(cpp_module, dtype):
+    # a batch of identical images has identical logits in every image, so the training-
+    # BatchNorm op's attention must be identical too: the sigmoid runs over the flat batch in
+    # whole vectors, and the logits past the last whole vector (the end of the last image)
+    # must take the same sigmoid as the vectors (std::exp there differed by an ulp in about
+    # one configuration in five)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        h, w_ = (int(v) for v in torch.randint(3, 20, (2,), generator=g))
+        x = (torch.randn(1, 6, h, w_, generator=g, dtype=dtype) * 3).expand(3, -1, -1, -1).contiguous()
+        w = torch.randn(1, 2, 7, 7, generator=g, dtype=dtype) * 0.5
+        one = torch.ones(1, dtype=dtype)
+        y, attn, logits, _, _ = cpp_module.sam_forward_bn(x, w, None, None, one * 2, one * 0.5, 1e-5, [0, 1], 1)
+        assert torch.equal(logits[2], logits[0])
+        assert torch.equal(attn[1], attn[0]) and torch.equal(attn[2], attn[0]), (h, w_)
+        assert torch.equal(y[2], y[0])
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 1, 2), (1, 2, 1, 7), (1, 2, 3, 3), (2, 4, 5, 5), (3, 2, 6, 7),
                                    (3, 2, 60, 61)])
 def test_batchnorm_statistics_in_fixed_lanes(cpp_module, shape):

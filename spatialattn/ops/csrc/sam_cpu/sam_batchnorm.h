@@ -77,12 +77,18 @@ std::vector<Tensor> sam_forward_bn(const Tensor& x, const Tensor& weight, const 
     const double bt = beta.has_value() ? double(beta->data_ptr<T>()[0]) : 0.0;
     const T ns = T(gm * invstd), nsh = T(bt - mean * gm * invstd);
     constexpr int64_t L = lanes<T>();
-    // (blocks of whole vectors, so that each element takes the same path whatever the threads)
+    // (blocks of whole vectors, so that each element takes the same path whatever the threads;
+    // the last logits, fewer than a vector, padded into one: every logit through vsigmoid)
     at::parallel_for(0, (M + L - 1) / L, 512, [&](int64_t b0, int64_t e0) {
       int64_t k = b0 * L;
       const int64_t e = std::min(M, e0 * L);
       for (; k + L <= e; k += L) vstore(ap + k, vsigmoid(vload(lp + k) * ns + nsh));
-      for (; k < e; ++k) ap[k] = T(1) / (T(1) + std::exp(-(lp[k] * ns + nsh)));
+      if (k < e) {  // the last logits (fewer than a vector) through the same vsigmoid
+        T t[L] = {};
+        std::copy(lp + k, lp + e, t);
+        const vec_t<T> a = vsigmoid(vload(t) * ns + nsh);
+        for (int64_t i = 0; i < e - k; ++i) ap[k + i] = a[i];
+      }
     });
     k_mul<T, X>(xp, sp, ap, y.data_ptr<X>(), g.N, g.C, g.HW, g.nhwc, use_stream<X>(x.numel()));
   });
