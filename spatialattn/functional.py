@@ -163,23 +163,42 @@ def _apply_norm(norm: Optional[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor
 
 def _fused_sam_args(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike
-) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
-    """``(norm_scale, norm_shift)`` when the whole SAM can run as one fused op, else ``None``.
+) -> Optional[Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """``(weight, bias, norm_scale, norm_shift)`` in the accumulation dtype when the whole SAM
+    can run as one fused op, else ``None``.
 
     Fusable: a sigmoid gate, and no norm or an eval-mode ``BatchNorm2d(1)`` (an affine map
-    of the logits), with parameters in the accumulation dtype.
+    of the logits), with parameters in the accumulation dtype, or in ``x``'s own float16 /
+    bfloat16 (a ``model.half()``): then converted to float32 (exactly), the BatchNorm's
+    affine pair computed in float32 from them, as the layered path computes the conv.
     """
     if not _is_sigmoid_gate(gate):
         return None
     acc = accumulate_dtype(x)
-    if weight.dtype != acc or (bias is not None and bias.dtype != acc):
-        return None
+    wd = weight.dtype
+    if wd != acc:
+        if wd != x.dtype or wd not in _HALF:
+            return None
+        weight = weight.to(acc)
+    if bias is not None and bias.dtype != acc:
+        if bias.dtype != x.dtype or x.dtype not in _HALF:
+            return None
+        bias = bias.to(acc)
     if norm is None:
-        return None, None
-    affine = ops.batchnorm_affine(norm)
-    if affine is None or affine[0].dtype != acc:
+        return weight, bias, None, None
+    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         return None
-    return affine
+    held = norm._buffers.get("running_mean")
+    held = held if held is not None else norm._parameters.get("weight")
+    if held is not None and held.dtype != acc and not (held.dtype == x.dtype and x.dtype in _HALF):
+        return None
+    affine = ops.batchnorm_affine(norm, acc)
+    if affine is None:
+        return None
+    return (weight, bias) + affine
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:
@@ -306,7 +325,7 @@ def spatial_attention(
         return (y, attn) if return_attention else y
     # one fused op (pool -> conv -> affine norm -> sigmoid -> multiply)
     order, channel_scale = _check_sam_inputs(x, weight, order, channel_scale, bias, dilation)
-    norm_scale, norm_shift = fused
+    weight, bias, norm_scale, norm_shift = fused
     with autocast_off(device_type(x)):
         return ops.spatial_attention_fused(
             x, weight, bias, order=order, dilation=dilation, channel_scale=channel_scale,

@@ -81,7 +81,7 @@ def _build(m, x: Tensor):
     order = SF.normalize_pool_order(m.order)
     if not sam_weight_ok(weight, len(order)):
         return None
-    ns, nsh = fused
+    weight, bias, ns, nsh = fused  # (in the accumulation dtype: converted once here for half parameters)
     if not all(t is None or t.is_cpu for t in (weight, bias, ns, nsh)):
         return None
     return (weight.detach(), None if bias is None else bias.detach(), ns, nsh, ops._kinds(order), m.dilation)
@@ -148,12 +148,13 @@ def _channel_key(m, x: Tensor):
     return key + ((id(mods["act"]),) if ch.num_layers == 2 else ())
 
 
-def channel_mlp_args(ch, c: int, acc: torch.dtype):
+def channel_mlp_args(ch, c: int, acc: torch.dtype, held: Optional[torch.dtype] = None):
     """``(pool kinds, w1, b1, w2, b2)`` of a ChannelAttention on ``c`` channels, its MLP
     parameters as held (``w2`` / ``b2`` None for one layer), or None where the fused MLP
     kernels do not apply: a gate other than sigmoid, an activation other than ReLU, a pooling
     order that is not normalised (the ordinary path names that error), parameters off the CPU
-    or not in ``acc``, weights that are not Linear ``[out, in]`` / conv ``[out, in, ...]``
+    or not in ``acc`` (or ``held``, where given: float16 / bfloat16 parameters of a half
+    model, which the caller converts), weights that are not Linear ``[out, in]`` / conv ``[out, in, ...]``
     (read as ``[out, prod(in, ...)]``, as ``SF._as_linear_weight`` does) of a C -> R -> C (or
     C -> C) MLP. Shared with :mod:`._fast_train`."""
     if not SF._is_sigmoid_gate(ch.gate):
@@ -171,7 +172,8 @@ def channel_mlp_args(ch, c: int, acc: torch.dtype):
     else:
         p1 = mods["fc"]._parameters
         w1, b1, w2, b2 = p1["weight"], p1.get("bias"), None, None
-    if not cpu_in(acc, w1, b1, w2, b2) or any(w is not None and w.dim() not in (2, 4) for w in (w1, w2)):
+    if not (cpu_in(acc, w1, b1, w2, b2) or (held is not None and cpu_in(held, w1, b1, w2, b2))) or any(
+            w is not None and w.dim() not in (2, 4) for w in (w1, w2)):
         return None
     r = w1.shape[0]
     if math.prod(w1.shape[1:]) != c or (w1 if w2 is None else w2).shape[0] != c:
@@ -186,7 +188,8 @@ def _channel_build(m, x: Tensor):
     if x.dtype not in _lib._CPP_DTYPES:
         return None
     acc = SF.accumulate_dtype(x)
-    args = channel_mlp_args(m._modules["channel"], x.shape[1], acc)
+    # half parameters (a model.half()) of a half x: converted to float32 once, here
+    args = channel_mlp_args(m._modules["channel"], x.shape[1], acc, x.dtype if acc != x.dtype else None)
     if args is None:
         return None
     kinds, w1, b1, w2, b2 = args
@@ -195,7 +198,7 @@ def _channel_build(m, x: Tensor):
         return None if w is None else SF._as_linear_weight(w.detach(), acc)
 
     def detached(b):
-        return None if b is None else b.detach()
+        return None if b is None else SF._as_dtype(b.detach(), acc)
 
     return kinds, linear(w1), detached(b1), linear(w2), detached(b2)
 

@@ -359,11 +359,15 @@ def channel_mlp_gate(
     return reference.channel_mlp_gate(pooled, weight1, bias1, weight2, bias2)
 
 
-def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
+def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tuple[Tensor, Tensor]]:
     """``(scale, shift)`` such that ``norm(t) == t * scale + shift`` for an eval-mode
     ``BatchNorm2d(1)`` with running statistics; ``None`` when that does not hold
     (training mode, no running stats, other modules). Differentiable in the affine
-    parameters, so the fused op trains gamma / beta (not the statistics)."""
+    parameters, so the fused op trains gamma / beta (not the statistics).
+
+    ``dtype``: the pair's dtype, computed from the statistics and parameters converted to it
+    (float32 for a BatchNorm held in float16 / bfloat16, as torch's BatchNorm computes in
+    float32 internally); default: the BatchNorm's own dtype."""
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or norm.training:
         return None
     # the dicts, not attribute access: nn.Module.__getattr__ costs about 0.6 us a name
@@ -378,7 +382,8 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
     if not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
         try:
-            key = (norm.eps, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma), _tensor_state(beta))
+            key = (norm.eps, dtype, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma),
+                   _tensor_state(beta))
         except RuntimeError:  # inference tensors have no version counter: no cache
             pass
     if key is not None:
@@ -388,11 +393,11 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
             if (scale._version, shift._version) == versions:  # not written into by a caller
                 return scale, shift
     if key is None:
-        return _affine_pair(mean, var, gamma, beta, norm.eps)
+        return _affine_pair(mean, var, gamma, beta, norm.eps, dtype)
     # a pair for the cache must serve any later mode: ordinary tensors (not inference
     # tensors, which autograd cannot save, should a later call need the input's gradient)
     with torch.inference_mode(False), torch.no_grad():
-        scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps)
+        scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps, dtype)
     # the tensors themselves are kept too: their ids in the key stay theirs; and aliases of
     # their storages: a `.data =` swap frees the old storage, whose address a later one could
     # take (same object, same version, same data_ptr: a stale hit)
@@ -402,7 +407,11 @@ def batchnorm_affine(norm) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def _affine_pair(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
-                 eps: float) -> Tuple[Tensor, Tensor]:
+                 eps: float, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    if dtype is not None and mean.dtype != dtype:  # (differentiable in gamma / beta)
+        mean, var = mean.to(dtype), var.to(dtype)
+        gamma = None if gamma is None else gamma.to(dtype)
+        beta = None if beta is None else beta.to(dtype)
     inv = torch.rsqrt(var + eps)
     scale = inv if gamma is None else gamma * inv
     shift = -mean * scale

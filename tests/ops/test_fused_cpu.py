@@ -2193,3 +2193,30 @@ def test_batchnorm_statistics_in_fixed_lanes(cpp_module, shape):
     assert stats[0].tolist() == [mean, var]
     ld = logits.double()
     torch.testing.assert_close(stats[0], torch.stack([ld.mean(), ld.var(unbiased=False)]), rtol=1e-12, atol=1e-15)
+
+
+def test_batchnorm_affine_in_a_wider_dtype():
+    # a half-precision BatchNorm's pair computed in float32 from its converted statistics and
+    # parameters (as torch's BatchNorm computes internally), cached apart from its own dtype's
+    bn = torch.nn.BatchNorm2d(1).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(1.7)
+        bn.weight.fill_(1.3)
+        bn.bias.fill_(-0.2)
+    full = copy.deepcopy(bn)
+    bn = bn.half()
+    full.load_state_dict({k: v.float() for k, v in bn.state_dict().items()})
+    with torch.no_grad():  # (the pair is cached without autograd)
+        ns, nsh = ops.batchnorm_affine(bn, torch.float32)
+        assert ns.dtype == nsh.dtype == torch.float32
+        want = ops.batchnorm_affine(full)
+        torch.testing.assert_close((ns, nsh), want, rtol=0, atol=0)
+        assert ops.batchnorm_affine(bn, torch.float32)[0] is ns  # cached
+        own = ops.batchnorm_affine(bn)
+        assert own[0].dtype == torch.float16  # the other dtype's pair, not the cached one
+        assert ops.batchnorm_affine(bn, torch.float32)[0].dtype == torch.float32
+    # differentiable in gamma / beta through the conversion
+    ns, nsh = ops.batchnorm_affine(bn.requires_grad_(True), torch.float32)
+    (ns * 2 + nsh).sum().backward()
+    assert bn.weight.grad.dtype == torch.float16 and bn.bias.grad is not None
