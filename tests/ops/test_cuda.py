@@ -221,6 +221,31 @@ def test_modules_under_autocast(dtype):
                                    msg=lambda m_: f"{dtype} grad {name}: {m_}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_inference_fuses(dtype, monkeypatch):
+    """A ``model.half()`` (how detectors are deployed on a GPU): SAM and CBAM take the fused
+    Triton path with their parameters converted to float32, the same bits as a float32 copy
+    of the modules, never the layered SAM (torch's conv and a half BatchNorm)."""
+    from spatialattn import functional as SF
+
+    monkeypatch.setattr(SF, "spatial_attention_map", lambda *a, **k: pytest.fail("layered SAM path taken"))
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(SpatialAttention(16), CBAM(16, reduction=4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    half = copy.deepcopy(model).to(DEV).to(dtype)
+    full = copy.deepcopy(half).float()
+    x = make_x((2, 16, 9, 10), "channels_last", dtype, seed=7)
+    with torch.no_grad():
+        y, y32 = half(x), full(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y32, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_batch(dtype):
     x = torch.zeros(0, 8, 5, 5, dtype=dtype, device=DEV, requires_grad=True)
