@@ -1881,8 +1881,9 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
     # 10x10) go through mul_row in blocks of rows against the tiled attention (mul_rows_flat): the
     # same bits as row by row (set_flat_rows_max_hw(0)), in the fused forward (whole images and
     # bands), the gate multiply op and the training-BatchNorm forward (k_mul, several threads:
-    # ranges of rows that start and end inside images), with a channel scale (row by row
-    # anyway), streamed and cached stores; and the reference's values. Channel counts below,
+    # ranges of rows that start and end inside images), with a channel scale (since the
+    # thirty-eighth session in blocks too, each row's scale repeated over its pixels: CBAM on
+    # RoI features), streamed and cached stores; and the reference's values. Channel counts below,
     # at and past a block (16 rows at 7x7 and 9x11, 4 at 10x10) and with leftover rows; 13x13
     # and 8x8 take the rows anyway.
     torch.manual_seed(5)
@@ -1908,6 +1909,9 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
                         torch.set_num_threads(threads)
                         got.append(cpp_module.sam_forward_bn(x, w, None, None, torch.ones(1), torch.zeros(1), 1e-5,
                                                              [1, 0], 1)[0])
+                        got.append(cpp_module.sam_forward_bn(x, w, None, s, torch.ones(1), torch.zeros(1), 1e-5,
+                                                             [1, 0], 1)[0])
+                        got.append(cpp_module.gate_forward(x, attn, s, None))
                 finally:
                     torch.set_num_threads(old)
                 cpp_module.set_band_rows(2)
@@ -1921,6 +1925,8 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
             acc = ops._lib._acc(x)
             want = (x.to(acc) * attn).to(dtype)
             torch.testing.assert_close(outs["blocks"][0], want, rtol=0, atol=0)
+            want = ((x.to(acc) * s.to(acc)) * attn).to(dtype)
+            torch.testing.assert_close(outs["blocks"][1], want, rtol=0, atol=0)
     finally:
         cpp_module.set_flat_rows_max_hw(-1)
         cpp_module.set_stream_bytes(-1)

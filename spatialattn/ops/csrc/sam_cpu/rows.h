@@ -204,7 +204,7 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
     // a half format on either side: explicit vectors (the conversions keep the compiler
     // from vectorising the scalar loops below)
     const V vss = V{} + ss, vas = V{} + as;
-    auto run = [&](auto s_t, auto a_t) {  // the vector / scalar choices out of the loop
+    auto run = [&](auto s_t, auto a_t) SA_INLINE {  // the vector / scalar choices out of the loop
       constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
       for (; i + L <= n; i += L) vst(d + i, (vld(x + i) * (HS ? vload(sv + i) : vss)) * (HA ? vload(av + i) : vas));
     };
@@ -221,9 +221,11 @@ inline void mul_row(XD* d, const XS* x, const T* sv, T ss, const T* av, T as, in
       // as outputs). Measured (with the pooling tails below): the NCHW forward 0.94-0.98x the
       // time at 13x13 and 26x26; plain unaligned vectors had been 1.19x slower at 26x26.
       const V vss = V{} + ss, vas = V{} + as;
-      auto run = [&](auto s_t, auto a_t) {
+      // (SA_INLINE: with more code elsewhere in the unit GCC left these loops out of line,
+      // a call per row; the small-map forward took 1.12-1.29x the time, thirty-eighth session)
+      auto run = [&](auto s_t, auto a_t) SA_INLINE {
         constexpr bool HS = decltype(s_t)::value, HA = decltype(a_t)::value;
-        auto at = [&](int64_t k) {
+        auto at = [&](int64_t k) SA_INLINE {
           vstore(d + k, (vload(x + k) * (HS ? vload(sv + k) : vss)) * (HA ? vload(av + k) : vas));
         };
         // a head vector, then vectors from the first 64-byte boundary of d (stores that

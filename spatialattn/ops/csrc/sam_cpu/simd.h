@@ -11,6 +11,11 @@ namespace {
 using at::Tensor;
 using std::optional;
 
+// Forces a small function or lambda inline (after a lambda's parameter list). The parts form
+// one large translation unit, where GCC's unit-growth limits leave some hot inner loops out of
+// line as soon as code is added elsewhere (rows.h's mul_row).
+#define SA_INLINE __attribute__((always_inline))
+
 // GCC/Clang vector extensions: one 64-byte vector = one AVX-512 register, two AVX2
 // ones, four SSE/NEON ones.
 template <typename T>
