@@ -175,30 +175,22 @@ def _fused_sam_args(
     if not _is_sigmoid_gate(gate):
         return None
     acc = accumulate_dtype(x)
-    wd = weight.dtype
-    if wd != acc:
-        if wd != x.dtype or wd not in _HALF:
-            return None
-        weight = weight.to(acc)
-    if bias is not None and bias.dtype != acc:
-        if bias.dtype != x.dtype or x.dtype not in _HALF:
-            return None
-        bias = bias.to(acc)
+    held = (acc, x.dtype)  # the parameter dtypes taken (x's own: only a half one differs from acc)
+    if weight.dtype not in held or (bias is not None and bias.dtype not in held):
+        return None
+    weight, bias = _as_dtype(weight, acc), _as_dtype(bias, acc)
     if norm is None:
         return weight, bias, None, None
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         return None
-    held = norm._buffers.get("running_mean")
-    held = held if held is not None else norm._parameters.get("weight")
-    if held is not None and held.dtype != acc and not (held.dtype == x.dtype and x.dtype in _HALF):
+    stat = norm._buffers.get("running_mean")
+    stat = stat if stat is not None else norm._parameters.get("weight")
+    if stat is not None and stat.dtype not in held:
         return None
     affine = ops.batchnorm_affine(norm, acc)
     if affine is None:
         return None
     return (weight, bias) + affine
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:

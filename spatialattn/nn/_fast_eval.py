@@ -189,7 +189,7 @@ def _channel_build(m, x: Tensor):
         return None
     acc = SF.accumulate_dtype(x)
     # half parameters (a model.half()) of a half x: converted to float32 once, here
-    args = channel_mlp_args(m._modules["channel"], x.shape[1], acc, x.dtype if acc != x.dtype else None)
+    args = channel_mlp_args(m._modules["channel"], x.shape[1], acc, x.dtype)
     if args is None:
         return None
     kinds, w1, b1, w2, b2 = args

@@ -169,8 +169,6 @@ def _reject_x(x: Tensor, name: str = "x") -> None:
     """Raise the error for an ``x`` that is not a floating-point ``Tensor[N, C, H, W]`` (the
     PyTorch fallbacks would otherwise fail deep inside torch, or pool over the wrong dims of
     a 3-D tensor). Callers test ``x.dim() != 4 or not x.is_floating_point()`` first."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D tensor [N, C, H, W], got shape {tuple(x.shape)}")
     raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")

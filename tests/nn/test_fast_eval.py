@@ -363,18 +363,13 @@ def test_half_parameters_fuse_like_float32_ones(layout, dtype, monkeypatch):
         raise AssertionError("the layered (unfused) SAM path was taken")
 
     monkeypatch.setattr(SF, "spatial_attention_map", unfused)
-    for i, (kind, norm, bias) in enumerate(itertools.product(["sam", "cbam"], ["bn", None], [False, True])):
-        if kind == "sam":
-            m = _randomise(SpatialAttention(12, 7, norm=norm, bias=bias), i)
-        else:
-            if bias or norm is None:
-                continue
-            m = CBAM(12, preset="official")
-            with torch.no_grad():
-                for t in list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]:
-                    t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)).abs() + 0.5)
-        half = m.to(dtype).eval()
-        full = (CBAM(12, preset="official") if kind == "cbam" else SpatialAttention(12, 7, norm=norm, bias=bias)).eval()
+    configs = [("sam", norm, bias) for norm in ("bn", None) for bias in (False, True)] + [("cbam", "bn", False)]
+    for i, (kind, norm, bias) in enumerate(configs):
+        def make():
+            return CBAM(12, preset="official") if kind == "cbam" else SpatialAttention(12, 7, norm=norm, bias=bias)
+
+        half = _randomise(make(), i).to(dtype).eval()
+        full = make().eval()
         full.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.state_dict().items()})
         x = _x((3, 12, 9, 10), layout, dtype, seed=i)
         with torch.no_grad():
