@@ -32,40 +32,30 @@ inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
   for (int64_t j = 0; j < rows; ++j) std::copy(map, map + HW, out + j * HW);
 }
 
-// Rows [c0, c1) of one NCHW image without a channel scale, y = x * attn: the rows of 5x5 to
-// 10x10 maps are short (a mul_row call, an alignment head and an overlapping tail vector per
-// row: at 49 pixels 64 lanes of work for 49), but an image's rows are one contiguous run, so
-// blocks of 16 / gcd(HW, 16) rows (a whole number of vectors) go through one mul_row call
-// against the attention tiled to the block. The same products element for element. Returns
-// the first row not done (the caller multiplies the rest row by row); c0 where the rows are
-// not short.
+// Rows [c0, c1) of one NCHW image, y = (x * s[c]) * attn (s: the image's channel scale, or
+// null): the rows of 5x5 to 10x10 maps are short (a mul_row call, an alignment head and an
+// overlapping tail vector per row: at 49 pixels 64 lanes of work for 49), but an image's rows
+// are one contiguous run, so blocks of 16 / gcd(HW, 16) rows (a whole number of vectors) go
+// through one mul_row call against the attention tiled to the block, and with a scale each
+// row's scale repeated over its pixels. The same products element for element. Returns the
+// first row not done (the caller multiplies the rest row by row); c0 where the rows are not
+// short. Callers pass a scale only where the output is streamed (x and y beyond the LLC): the
+// fused forward with a scale 0.75-0.85x the time at 512x256x7x7 NCHW (CBAM on a detector
+// head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps, where writing the scale
+// block costs more than the per-row calls it saves (paired, 2 threads, thirty-eighth session).
 template <typename T, typename X>
-int64_t mul_rows_flat(const X* x, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1, bool stream) {
+int64_t mul_rows_flat(const X* x, const T* s, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1,
+                      bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
   if (rows == 0 || c1 - c0 < rows) return c0;
   T tiled[16 * kFlatRowsDefault];
   tile_rows(attn, HW, rows, tiled);
   int64_t c = c0;
-  for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
-  return c;
-}
-
-// mul_rows_flat with the image's channel scale s ([C], the rows' own): y = (x * s[c]) * attn,
-// each block's scales repeated over its rows' pixels (the products of mul_row with the
-// row's scale, element for element). Taken where the output is streamed (x and y beyond the
-// LLC): the fused forward with a channel scale 0.82-0.85x the time at 512x256x7x7 NCHW (CBAM
-// on a detector head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps, where
-// writing the scale block costs more than the per-row calls it saves (paired, 2 threads,
-// thirty-eighth session).
-template <typename T, typename X>
-__attribute__((noinline)) int64_t mul_rows_flat_scaled(const X* x, const T* s, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1,
-                             bool stream) {
-  const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
-  if (rows == 0 || c1 - c0 < rows) return c0;
-  T tiled[16 * kFlatRowsDefault];
+  if (!s) {  // (a literal null: mul_row's choices fold away)
+    for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
+    return c;
+  }
   T scales[16 * kFlatRowsDefault];
-  tile_rows(attn, HW, rows, tiled);
-  int64_t c = c0;
   for (; c + rows <= c1; c += rows) {
     for (int64_t j = 0; j < rows; ++j) std::fill(scales + j * HW, scales + (j + 1) * HW, s[c + j]);
     mul_row<T>(y + c * HW, x + c * HW, scales, T(1), tiled, T(0), rows * HW, stream);
@@ -80,10 +70,9 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e;) {
         const int64_t n = r / C, end = std::min(e, (n + 1) * C);  // this image's rows of the range
-        if (!s) r = n * C + mul_rows_flat<T, X>(x + n * C * HW, a + n * HW, y + n * C * HW, HW, r - n * C,
-                                                end - n * C, stream);
-        else if (stream) r = n * C + mul_rows_flat_scaled<T, X>(x + n * C * HW, s + n * C, a + n * HW, y + n * C * HW,
-                                                                HW, r - n * C, end - n * C, stream);
+        if (!s || stream)
+          r = n * C + mul_rows_flat<T, X>(x + n * C * HW, s ? s + n * C : nullptr, a + n * HW, y + n * C * HW, HW,
+                                          r - n * C, end - n * C, stream);
         for (; r < end; ++r)
           mul_row<T>(y + r * HW, x + r * HW, nullptr, s ? s[r] : T(1), a + n * HW, T(0), HW, stream);
       }
