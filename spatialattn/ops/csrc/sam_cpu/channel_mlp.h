@@ -268,7 +268,11 @@ struct ChannelMlp {
   T *h, *g;                        // hidden [Q, R] (after the relu with two layers), gate logits [N, C]
   int64_t P, N, C, R, Q, Qp;
   bool two, by_q, blocks;
-  std::vector<T> hT, t;  // h transposed in blocks of L rows; layer 2 outputs [C][Qp] (lanes over q)
+  // h transposed in blocks of L rows; layer 2 outputs [C][Qp] (lanes over q). Not zero-filled
+  // (1 MB of t at 512 images: the memset was a tenth of the forward, perf): transpose writes
+  // hT's lanes q < Q (the padding lanes are zeroed below), layer 2 every element of t that
+  // combine reads.
+  std::unique_ptr<T[]> hT, t;
 
   ChannelMlp(const T* v_, const T* W1_, const T* B1_, const T* W2_, const T* B2_, T* h_, T* g_, int64_t P_,
              int64_t N_, int64_t C_, int64_t R_)
@@ -279,8 +283,12 @@ struct ChannelMlp {
     // products over r (few pooled vectors: one image)
     by_q = two && 2 * Q >= L;
     blocks = R % 16 == 0;
-    if (by_q) hT.assign(Qp * R, T(0));
-    if (two) t.resize(C * Qp);
+    if (by_q) {
+      hT.reset(new T[Qp * R]);
+      for (int64_t q = Q; q < Qp; ++q)
+        for (int64_t r = 0; r < R; ++r) hT[((q / L) * R + r) * L + q % L] = T(0);
+    }
+    if (two) t.reset(new T[C * Qp]);
   }
 
   int64_t layer1_grain() const { return mlp_grain(Q * C); }
@@ -342,7 +350,7 @@ struct ChannelMlp {
     for (int j = 0; j < J; ++j)
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) acc[j][k] = V{};
-    const T* hb = hT.data() + qb * R * L;
+    const T* hb = hT.get() + qb * R * L;
     int64_t r = 0;
     for (; r + 4 <= R; r += 4)
 #pragma GCC unroll 4
@@ -370,7 +378,7 @@ struct ChannelMlp {
       for (int64_t c = b0; c < b1; ++c) {
         const T* w = W2 + c * R;
         const T bias = B2 ? B2[c] : T(0);
-        T* tc = t.data() + c * Qp;
+        T* tc = t.get() + c * Qp;
         const int64_t nqb = Qp / L;
         int64_t qb = 0;
         if constexpr (kMlpWide) {  // four blocks of q at a time, one load of w[r] for four (16 accumulators)
@@ -386,7 +394,7 @@ struct ChannelMlp {
     }
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t q = 0; q < Q; ++q) {
-        if (blocks && b * 16 + 16 <= C && dots16(W2, h + q * R, R, B2, b * 16, t.data(), Qp, q)) continue;
+        if (blocks && b * 16 + 16 <= C && dots16(W2, h + q * R, R, B2, b * 16, t.get(), Qp, q)) continue;
         for (int64_t c = b * 16; c < std::min(C, b * 16 + 16); ++c)
           t[c * Qp + q] = dot_lanes(W2 + c * R, h + q * R, R) + (B2 ? B2[c] : T(0));
       }
@@ -410,8 +418,8 @@ struct ChannelMlp {
           using V = vec_t<T>;
           for (int64_t c = cb; c < ce; ++c)
             for (int64_t j = 0; j < TB; j += L) {
-              V s = vload(t.data() + c * Qp + nb + j);
-              for (int64_t p = 1; p < P; ++p) s = s + vload(t.data() + c * Qp + p * N + nb + j);
+              V s = vload(t.get() + c * Qp + nb + j);
+              for (int64_t p = 1; p < P; ++p) s = s + vload(t.get() + c * Qp + p * N + nb + j);
               vstore(tile + (c - cb) * TB + j, s);
             }
         } else {
@@ -531,7 +539,8 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
     // dl = d(logits) [N, C]; dh = d(layer 1 output) [Q, R]
     // (the loops over [N, C] in parallel or row by row, not down the columns: at 512 images the
     // serial, strided sums held the other thread waiting for most of the backward, perf)
-    std::vector<T> dl(N * C), dh(Q * R, T(0));
+    std::unique_ptr<T[]> dl(new T[N * C]);  // (every element written below: not zero-filled)
+    std::vector<T> dh(Q * R, T(0));
     const T *gy = grad.data_ptr<T>(), *gt = g.data_ptr<T>();
     at::parallel_for(0, N * C, 1 << 14, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dl[i] = gy[i] * (T(1) - gt[i]) * gt[i];
@@ -553,7 +562,7 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
       if (gw2.defined()) {  // gw2[c, :] = sum_n dl[n, c] hs[n, :]
         T* o = gw2.data_ptr<T>();
         at::parallel_for(0, C, mlp_grain(N * R), [&](int64_t c0, int64_t c1) {
-          lincomb_rows(c0, c1, dl.data(), C, 1, hs.data(), R, N, R, o, R);
+          lincomb_rows(c0, c1, dl.get(), C, 1, hs.data(), R, N, R, o, R);
         });
       }
       if (needs[0] || needs[1] || needs[2]) {  // dhs[n, :] = sum_c dl[n, c] W2[c, :]
@@ -562,7 +571,7 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
         const int64_t kb = std::max<int64_t>(16, (64 << 10) / (int64_t(sizeof(T)) * std::max<int64_t>(1, R)));
         at::parallel_for(0, N, mlp_grain(C * R), [&](int64_t n0, int64_t n1) {
           for (int64_t k0 = 0; k0 < C; k0 += kb)
-            lincomb_rows(n0, n1, dl.data() + k0, 1, C, W2 + k0 * R, R, std::min(kb, C - k0), R, dhs.data(), R,
+            lincomb_rows(n0, n1, dl.get() + k0, 1, C, W2 + k0 * R, R, std::min(kb, C - k0), R, dhs.data(), R,
                          k0 > 0);
         });
         for (int64_t q = 0; q < Q; ++q)
@@ -570,7 +579,7 @@ std::vector<Tensor> channel_mlp_backward(const Tensor& grad_in, const Tensor& ga
       }
     } else {
       for (int64_t q = 0; q < Q; ++q)  // one layer: the hidden width is C, dh the logits' gradient
-        std::copy(dl.begin() + (q % N) * C, dl.begin() + (q % N + 1) * C, dh.begin() + q * R);
+        std::copy(dl.get() + (q % N) * C, dl.get() + (q % N + 1) * C, dh.begin() + q * R);
     }
     if (gb1.defined()) {
       T* o = gb1.data_ptr<T>();
