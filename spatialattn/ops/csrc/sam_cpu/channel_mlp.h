@@ -403,10 +403,10 @@ struct ChannelMlp {
   int64_t combine_grain() const { return std::max<int64_t>(16, mlp_grain(N * P * 8)); }
   // gate logits of channels [c0, c1) of every image: the sum over the pooled kinds, in pool
   // order (needs layer 2 of those channels only: cbam_forward runs it in the thread that
-  // computed them). In tiles of 16 channels x 16 images: t's rows (channels) are Qp apart, a
-  // multiple of 4 KB where Qp is (1024 at 512 images: every row in the same L1 sets), and
-  // image by image over all channels each line of t was read 16 times from L2, one element
-  // each time (perf: a fifth of the forward at 512x256x7x7, 1024 pooled vectors).
+  // computed them). In tiles of 16 channels x 16 images: t's rows (channels) are Qp values
+  // apart, 4 KB at 512 images (Qp 1024), so every row falls into the same L1 sets, and image
+  // by image over all channels each line of t was read 16 times from L2, one element each
+  // time (perf: a fifth of the forward at 512x256x7x7, 1024 pooled vectors).
   void combine(int64_t c0, int64_t c1) {
     constexpr int64_t TB = 16;
     T tile[TB * TB];
