@@ -90,7 +90,7 @@ void mul_rows(const X* x, const T* s, const T* attn, X* y, int64_t C, int64_t HW
   const int64_t p0 = h0 * W, len = (h1 - h0) * W;
   if (!nhwc) {
     int64_t c = 0;
-    if (len == HW && (!s || stream)) c = mul_rows_flat<T, X>(x, s, attn, y, HW, 0, C, stream);
+    if (len == HW) c = mul_rows_flat<T, X>(x, s, attn, y, HW, 0, C, stream);
     for (; c < C; ++c)
       mul_row<T>(y + c * HW + p0, x + c * HW + p0, nullptr, s ? s[c] : T(1), attn + p0, T(0), len, stream);
   } else {

@@ -270,8 +270,8 @@ struct ChannelMlp {
   bool two, by_q, blocks;
   // h transposed in blocks of L rows; layer 2 outputs [C][Qp] (lanes over q). Not zero-filled
   // (1 MB of t at 512 images: the memset was a tenth of the forward, perf): transpose writes
-  // hT's lanes q < Q (the padding lanes are zeroed below), layer 2 every element of t that
-  // combine reads.
+  // hT's lanes q < Q, layer 2 every element of t that combine reads. hT's padding lanes are
+  // zeroed: their products land in t's padding, never read, but must not be slow denormals.
   std::unique_ptr<T[]> hT, t;
 
   ChannelMlp(const T* v_, const T* W1_, const T* B1_, const T* W2_, const T* B2_, T* h_, T* g_, int64_t P_,

@@ -39,15 +39,16 @@ inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
 // through one mul_row call against the attention tiled to the block, and with a scale each
 // row's scale repeated over its pixels. The same products element for element. Returns the
 // first row not done (the caller multiplies the rest row by row); c0 where the rows are not
-// short. Callers pass a scale only where the output is streamed (x and y beyond the LLC): the
-// fused forward with a scale 0.75-0.85x the time at 512x256x7x7 NCHW (CBAM on a detector
-// head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps, where writing the scale
-// block costs more than the per-row calls it saves (paired, 2 threads, thirty-eighth session).
+// short, and with a scale where the output is not streamed: streamed (x and y beyond the LLC),
+// the fused forward with a scale took 0.75-0.85x the time at 512x256x7x7 NCHW (CBAM on a
+// detector head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps, where writing
+// the scale block costs more than the per-row calls it saves (paired, 2 threads,
+// thirty-eighth session).
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* s, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1,
                       bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
-  if (rows == 0 || c1 - c0 < rows) return c0;
+  if (rows == 0 || c1 - c0 < rows || (s && !stream)) return c0;
   T tiled[16 * kFlatRowsDefault];
   tile_rows(attn, HW, rows, tiled);
   int64_t c = c0;
@@ -70,9 +71,8 @@ void k_mul(const X* x, const T* s, const T* a, X* y, int64_t N, int64_t C, int64
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e;) {
         const int64_t n = r / C, end = std::min(e, (n + 1) * C);  // this image's rows of the range
-        if (!s || stream)
-          r = n * C + mul_rows_flat<T, X>(x + n * C * HW, s ? s + n * C : nullptr, a + n * HW, y + n * C * HW, HW,
-                                          r - n * C, end - n * C, stream);
+        r = n * C + mul_rows_flat<T, X>(x + n * C * HW, s ? s + n * C : nullptr, a + n * HW, y + n * C * HW, HW,
+                                        r - n * C, end - n * C, stream);
         for (; r < end; ++r)
           mul_row<T>(y + r * HW, x + r * HW, nullptr, s ? s[r] : T(1), a + n * HW, T(0), HW, stream);
       }
