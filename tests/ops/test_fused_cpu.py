@@ -2018,13 +2018,13 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
 def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
     # The training-BatchNorm backward (phases over the batch) of NCHW images with short rows
     # and no channel scale runs its passes in the blocks of the test above, in units set by
-    # the batch and the shape (k_reduce_blocks_impl, k_gradx_blocks_impl; about 8 units in all): the
-    # same bits for 1-3 threads, with and without the flat max bits
-    # (set_max_bits_phase_bytes(0) / set_max_bits(False)); close to row by row
-    # (set_flat_backward_max_block(0)) and to the unfused module path. 70 channels at 7x7,
-    # batch 3: units of 2 blocks of 16 rows, and 6 rows left; 600 at 5x5, batch 2: units of
-    # 10, 10, 10 and 7 blocks, and 8 rows left; 9 at 10x10: two units of one block of 4 rows
-    # and 1 row left; a tie in the leftover rows.
+    # the batch and the shape (k_reduce_blocks_impl, k_gradx_blocks_impl; about 8 units in all,
+    # each of at least 16 blocks or an image's): the same bits for 1-3 threads, with and
+    # without the flat max bits (set_max_bits_phase_bytes(0) / set_max_bits(False)); close to
+    # row by row (set_flat_backward_max_block(0)) and to the unfused module path. 70 channels
+    # at 7x7, batch 3: one unit of 4 blocks of 16 rows, and 6 rows left; 600 at 5x5, batch 2:
+    # units of 16, 16 and 5 blocks, and 8 rows left; 9 at 10x10: one unit of two blocks of 4
+    # rows and 1 row left; a tie in the leftover rows.
     from spatialattn.nn import SpatialAttention
 
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -2069,13 +2069,141 @@ def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
                         assert torch.equal(a, b), (shape, key, i)
                     scale = max(1.0, float(r.abs().max()))
                     torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
-            if dtype == torch.float32 and c > 9:  # (units of one block of 4 rows: the channel order itself)
+            if dtype == torch.float32:
                 assert any(not torch.equal(a, b) for a, b in zip(runs["blocks", 1], runs["rows", 1]))
     finally:
         torch.set_num_threads(old)
         cpp_module.set_flat_backward_max_block(-1)
         cpp_module.set_max_bits_phase_bytes(-1)
         cpp_module.set_max_bits(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_nchw_short_rows_scaled_backward_in_blocks(cpp_module, dtype, stream):
+    # With a channel scale (CBAM) and its gradient, the NCHW backward of short rows (HW up to
+    # 100 and not a multiple of 16) runs in the blocks of the test above too, each lane of a
+    # block scaled by its row's scale (reduce_blocks_scaled, gradx_blocks_scaled); the scale's
+    # gradient sums each row in the block's lanes, so close to row by row
+    # (set_flat_backward_max_block(0)), not equal. Where an image has one whole block (C below
+    # two blocks: 20 at 7x7, 5 at 10x10, 22 at 5x5, 16 at 9x11, with rows left over but for
+    # 16), the gate's gradient sums the channels in order as the rows do, so grad_x and the
+    # weight's gradient are the rows' bits. More blocks (70 at 7x7, 37 at 10x10, 48 at 3x3):
+    # all close. 14x14 (HW above 100) and 8x8 keep the rows: equal bits. One and two threads
+    # (whole images) give the same bits, and so do four and five (more threads than images:
+    # the phases).
+    # Tied maxima in a block and in the rows left; an upstream gradient, a broadcast one
+    # (y.sum()) and one on the returned attention; streamed and cached stores; and the
+    # reference's gradients.
+    shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 48, 3, 3), (2, 20, 7, 7), (2, 5, 10, 10), (2, 22, 5, 5),
+              (2, 16, 9, 11), (2, 13, 14, 14), (2, 40, 8, 8)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
+        dtype, dict(rtol=2e-2, atol=2e-2))
+    old = torch.get_num_threads()
+    differs = []
+    try:
+        cpp_module.set_stream_bytes(0 if stream else -1)
+        for shape, order in zip(shapes, itertools.cycle([("max", "mean"), ("max",), ("mean", "max", "max"),
+                                                         ("mean",)])):
+            n, c, h, w_ = shape
+            x0 = make_x(shape, "nchw", torch.float32, seed=c).to(dtype)
+            x0[0, 3, 2, 1] = x0[0, c - 1, 2, 1] = x0[0, :, 2, 1].max() + 1  # tie: first block / last row
+            g = torch.Generator().manual_seed(h * w_)
+            s0 = (torch.rand(n, c, 1, 1, generator=g) + 0.5).to(dtype)
+            s0[0, 3] = s0[0, c - 1] = 1.0  # (keeps the tie)
+            w0 = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
+            gy = torch.randn(shape, generator=g).to(dtype)
+            ga = torch.randn(n, 1, h, w_, generator=g).to(acc)
+            x, s, w = x0.double().requires_grad_(), s0.double().requires_grad_(), w0.double().requires_grad_()
+            y, a = ref_sam(x, w, None, order, 1, s)
+            want = [torch.autograd.grad(y, (x, w, s), gy.double(), retain_graph=True),
+                    torch.autograd.grad(y.sum() * 3, (x, w, s), retain_graph=True),
+                    torch.autograd.grad((y * gy.double()).sum() + (a * ga.double()).sum(), (x, w, s))]
+            runs = {}
+            for name, limit in (("blocks", -1), ("rows", 0)):
+                cpp_module.set_flat_backward_max_block(limit)
+                for threads in (1, 2, 4, 5):
+                    torch.set_num_threads(threads)
+                    x, s, w = x0.clone().requires_grad_(), s0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    y, a = ops.spatial_attention_fused(x, w, order=order, channel_scale=s, return_attention=True)
+                    runs[name, threads] = [torch.autograd.grad(y, (x, w, s), gy, retain_graph=True),
+                                           torch.autograd.grad(y.sum() * 3, (x, w, s), retain_graph=True),
+                                           torch.autograd.grad((y * gy).sum() + (a * ga).sum(), (x, w, s))]
+            cpp_module.set_flat_backward_max_block(-1)
+            rows = cpp_module.backward_block_rows(False, True, c, h * w_)
+            one_block = rows > 0 and c < 2 * rows
+            for threads in (1, 2, 4, 5):
+                for i, (gb, gr, wt) in enumerate(zip(runs["blocks", threads], runs["rows", threads], want)):
+                    for k in range(3):
+                        same = runs["blocks", 1 if threads < 4 else 4][i][k]  # (the weight's sums: per path)
+                        assert torch.equal(gb[k], same), (shape, threads, i, k)
+                        if rows == 0 or (one_block and k < 2):
+                            assert torch.equal(gb[k], gr[k]), (shape, threads, i, k)
+                        else:
+                            torch.testing.assert_close(gb[k], gr[k], **tol)
+                            differs.append(not torch.equal(gb[k], gr[k]))
+                        scale = max(1.0, float(wt[k].abs().max()))  # sums over all pixels
+                        torch.testing.assert_close(gb[k].double(), wt[k], rtol=tol["rtol"], atol=tol["atol"] * scale)
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_flat_backward_max_block(-1)
+        cpp_module.set_stream_bytes(-1)
+    if cpp_module.backward_block_rows(False, True, 70, 49) > 0 and dtype != torch.bfloat16:
+        assert any(differs)  # the blocks ran (the scale's gradient summed in another order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nchw_short_rows_scaled_batchnorm_backward_in_blocks(cpp_module, dtype):
+    # CBAM's training step: the training-BatchNorm backward (phases over the batch) with a
+    # channel scale and its gradient, in blocks of rows as above (units of at least 16
+    # blocks or a whole image's: 600 channels at 5x5, batch 2, in units of 16, 16 and 5 blocks
+    # and 8 rows left; 70 at 7x7, batch 3, one unit of 4 blocks and 6 rows left): the same
+    # bits for 1-3 threads; close to row by row and to the unfused module path.
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    old = torch.get_num_threads()
+    try:
+        for shape, order in (((3, 70, 7, 7), ("max", "mean")), ((2, 600, 5, 5), ("mean", "max")),
+                             ((3, 9, 10, 10), ("max",))):
+            n, c, h, w_ = shape
+            torch.manual_seed(c)
+            norm = torch.nn.BatchNorm2d(1).to(dtype).train()
+            norm.weight.data.fill_(1.3)
+            w0 = torch.randn(1, len(order), 7, 7, dtype=dtype) * 0.2
+            x0 = make_x(shape, "nchw", dtype, seed=c)
+            x0[1, c - 1, 3, 2] = x0[1, 0, 3, 2] = x0[1, :, 3, 2].max() + 1
+            s0 = torch.rand(n, c, 1, 1, dtype=dtype) + 0.5
+            s0[1, 0] = s0[1, c - 1] = 1.0
+            gy = torch.randn(shape, dtype=dtype)
+
+            def grads(fused=True):
+                x, s, w = x0.clone().requires_grad_(), s0.clone().requires_grad_(), w0.clone().requires_grad_()
+                m = copy.deepcopy(norm)
+                if fused:
+                    y = ops.spatial_attention_fused_batchnorm(x, w, None, m, order=order, channel_scale=s)
+                else:
+                    y, _ = ref_sam(x, w, None, order, 1, s, bn=(m.weight, m.bias))
+                return torch.autograd.grad(y, [x, s, w] + list(m.parameters()), gy)
+
+            runs = {}
+            for name, block in (("blocks", -1), ("rows", 0)):
+                cpp_module.set_flat_backward_max_block(block)
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    runs[name, threads] = grads()
+            cpp_module.set_flat_backward_max_block(-1)
+            want = grads(fused=False)
+            for key, got in runs.items():
+                for i, (a, b, r) in enumerate(zip(got, runs[key[0], 1], want)):
+                    assert torch.equal(a, b), (shape, key, i)
+                    torch.testing.assert_close(a, runs["rows", key[1]][i], **tol)
+                    scale = max(1.0, float(r.abs().max()))
+                    torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] * scale)
+            if cpp_module.backward_block_rows(False, True, c, h * w_) > 0:
+                assert any(not torch.equal(a, b) for a, b in zip(runs["blocks", 1], runs["rows", 1])), shape
+    finally:
+        torch.set_num_threads(old)
+        cpp_module.set_flat_backward_max_block(-1)
 
 
 def test_kernels_release_the_gil(cpp_module):

@@ -102,6 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_flat_rows_max_hw",
         [](int64_t v) { kFlatRowsMaxHW = v < 0 ? kFlatRowsDefault : std::min(v, kFlatRowsDefault); });
   m.def("set_flat_backward_max_block", [](int64_t v) { kFlatBackwardMaxBlock = v < 0 ? kFlatBackwardBlockDefault : v; });
+  // the rows of the backward's blocks (0: by rows) for NCHW (nhwc false) images, the rule in reduce.h, for tests
+  m.def("backward_block_rows", &backward_block_rows, py::arg("nhwc"), py::arg("scaled"), py::arg("C"), py::arg("HW"));
   m.def("set_gp_backward_block_bytes",
         [](int64_t b) { kGpBackwardBlockBytes = b < 0 ? kGpBackwardBlockDefault : b; });
   m.def("whole_image_bytes", &whole_image_bytes);

@@ -81,6 +81,7 @@ struct Scratch {
   std::vector<T> spare;                   // forward: output of an absent max / mean slot
   std::vector<uint8_t> bits;              // max bits of the image's channel rows (NCHW backward)
   std::vector<T> flat;                    // tiled maps and block sums (NCHW backward of short rows)
+  std::vector<int32_t> ri;                // the blocks' row index tile (with a channel scale)
 };
 
 // y rows [h0, h1) = x' * attn (one image)
@@ -211,10 +212,14 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
   if (bits) sc.bits.resize(C * mbs);
   uint8_t* mb = bits ? sc.bits.data() : nullptr;
   constexpr int64_t L = lanes<T>();
-  // NCHW images of short rows in one band, without a channel scale: both passes in blocks of
-  // rows (reduce_rows_flat, gradx_rows_flat; the max bits then flat)
+  // NCHW images of short rows in one band: both passes in blocks of rows (reduce_rows_flat,
+  // gradx_rows_flat; the max bits then flat; a channel scale by lanes)
   const int64_t frows = R == H ? backward_block_rows(nhwc, s || gs, C, HW) : 0;
   const bool flat = frows > 0;
+  if (flat && s) {
+    sc.ri.resize(frows * HW);
+    row_index_tile(HW, frows, sc.ri.data());
+  }
   int64_t done = 0, reduced = 0;
   for (int64_t r0 = 0; r0 < H; r0 += R) {
     const int64_t r1 = std::min(H, r0 + R);
@@ -223,7 +228,8 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     const int64_t len = (nhwc || r1 == H ? r1 * W : std::min(HW, (r1 * W + L - 1) / L * L)) - p0;
     reduced = p0 + len;
     if (flat) {
-      reduce_rows_flat<T, X, GC, M>(x, g, gv, M ? mx : nullptr, C, HW, frows, dA, cnt, mb, sc.flat);
+      reduce_rows_flat<T, X, GC, M>(x, s, sc.ri.data(), g, gv, M ? mx : nullptr, C, HW, frows, dA, cnt, mb,
+                                    sc.flat);
     } else if (!nhwc) {
       if (len > 0)
         reduce_chunk<T, X, true, GC, M>(x + p0, s, GC ? g : g + p0, gv, M ? mx + p0 : nullptr, C, HW, len,
@@ -250,11 +256,16 @@ void sam_backward_image(const X* x, const T* s, const X* g, int64_t C, int64_t H
     // pass B on rows [done, d1)
     const int64_t a0 = done * W, alen = (d1 - done) * W;
     if (flat) {
-      if (bits)
-        gradx_rows_flat<T, X, GC, M, F, true>(x, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, stream, mb, sc.flat);
+      const int32_t* ri = sc.ri.data();
+      if (gs)
+        gradx_rows_flat<T, X, GC, M, F, false, true>(x, s, ri, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx,
+                                                     sc.gs.data(), stream, mb, sc.flat);
+      else if (bits)
+        gradx_rows_flat<T, X, GC, M, F, true>(x, s, ri, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, nullptr,
+                                              stream, mb, sc.flat);
       else
-        gradx_rows_flat<T, X, GC, M, F, false>(x, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, stream, mb,
-                                               sc.flat);
+        gradx_rows_flat<T, X, GC, M, F, false>(x, s, ri, g, gv, attn, mx, dmax, dmean, C, HW, frows, gx, nullptr,
+                                               stream, mb, sc.flat);
     } else if (!nhwc) {
       // the channel rows kPrefetchAhead bytes of work further on prefetched (rows.h)
       const int64_t ahead = pass_b_rows_ahead(stream, alen, int64_t(sizeof(X)));

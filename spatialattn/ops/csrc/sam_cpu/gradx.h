@@ -263,14 +263,123 @@ void gradx_block_rows(const X* x, const X* g, T gv, const T* buf, int64_t c0, in
                                                    gx + c * HW, stream, row, mb, c * HW);
 }
 
-// one image (the fused backward of whole images)
-template <typename T, typename X, bool GC, bool M, bool F, bool MB>
-void gradx_rows_flat(const X* x, const X* g, T gv, const T* attn, const T* mx, const T* dmax, const T* dmean,
-                     int64_t C, int64_t HW, int64_t rows, X* gx, bool stream, const uint8_t* mb,
-                     std::vector<T>& buf) {
+#if defined(__AVX512F__)
+// the sum of a vector's lanes (a tree)
+inline float lane_sum(vec_t<float> v) {
+  __m512 r;
+  std::memcpy(&r, &v, sizeof(r));
+  return _mm512_reduce_add_ps(r);
+}
+inline double lane_sum(vec_t<double> v) {
+  __m512d r;
+  std::memcpy(&r, &v, sizeof(r));
+  return _mm512_reduce_add_pd(r);
+}
+
+// gradx_block_rows with a channel scale s (the image's, by lanes: BlockScales; ri:
+// row_index_tile(HW, rows)) and, with S, its gradient gs (the image's, [C]): gx = gx' * s[c]
+// (the same values element for element as gradx_segment on the rows) and gs[c] = sum_p gx' * x.
+// gs sums each row in the block's lanes: a vector accumulator over the row's vectors (the
+// lanes of a vector that two rows share go to each row by a lane mask), its lanes summed
+// where the row ends (a tree), then the row's elements after the last whole vector; so the
+// same sums in another order than gradx_segment's, close. Streamed float32 output goes out
+// with non-temporal stores where the block starts at a vector's storage size (as it does
+// wherever the image does: a block is a whole number of vectors), else through `work` (a
+// block) and mul_row.
+template <typename T, typename X, bool GC, bool M, bool F, bool S, bool MB>
+void gradx_blocks_scaled(const X* x, const T* s, const int32_t* ri, const X* g, T gv, const T* buf, int64_t c0,
+                         int64_t c1, int64_t HW, int64_t rows, X* gx, T* gs, bool stream, T* work,
+                         const uint8_t* mb) {
+  static_assert(!(MB && S), "the channel-scale gradient reads x");
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const int64_t B = rows * HW;
+  const T *an = buf, *mn = buf + B, *fm = buf + 2 * B, *fa = buf + 3 * B;
+  for (int64_t c = c0; c < c1; c += rows) {
+    const int64_t nr = std::min(rows, c1 - c), len = nr * HW;
+    const X* xr = x + c * HW;
+    const X* gr = GC ? nullptr : g + c * HW;
+    X* out = gx ? gx + c * HW : nullptr;
+    bool direct = false;
+    if constexpr (std::is_same_v<T, float>) direct = out && stream && elems_to_boundary(out, L * sizeof(X)) == 0;
+    const BlockScales<T> sb(s + c, nr);
+    if (S) std::fill(gs + c, gs + c + nr, T(0));
+    V acc = {};
+    int32_t cur = 0;  // the row that acc sums
+    int64_t k = 0;
+    for (; k + L <= len; k += L) {
+      const V sl = sb.at(ri, k), xv = vld(xr + k);
+      V v = (GC ? V{} + gv : vld(gr + k)) * vload(an + k);
+      if constexpr (M && MB) v += where_bits<T>(get_bits<L>(mb, c * HW + k), vload(fm + k));
+      else if (M) v += vsel<T>(vcmp<kEq, T>(xv * sl, vload(mn + k)), vload(fm + k), V{});
+      if (F) v += vload(fa + k);
+      if constexpr (S) {
+        const V p = v * xv;
+        const int32_t last = ri[k + L - 1];
+        if (last == cur) {
+          acc += p;
+        } else {  // rows cur .. last share this vector
+          for (int32_t j = cur; j <= last; ++j) {
+            const V part = row_lanes(p, ri, k, j);
+            if (j == cur) {
+              gs[c + j] += lane_sum(acc + part);
+            } else if (j < last) {
+              gs[c + j] += lane_sum(part);
+            } else {
+              acc = part;
+            }
+          }
+          cur = last;
+        }
+      }
+      if (out) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (direct) {
+            vst_nt(out + k, v * sl);
+            continue;
+          }
+        }
+        if (stream) vstore(work + k, v * sl);
+        else vst(out + k, v * sl);
+      }
+    }
+    if (S) gs[c + cur] += lane_sum(acc);
+    for (; k < len; ++k) {
+      const T sc = s[c + ri[k]];
+      T v = (GC ? gv : T(gr[k])) * an[k];
+      if (M) v += (MB ? get_bit(mb, c * HW + k) : T(xr[k]) * sc == mn[k]) ? fm[k] : T(0);
+      if (F) v += fa[k];
+      if (S) gs[c + ri[k]] += v * T(xr[k]);
+      if (out) {
+        if (stream && !direct) work[k] = v * sc;
+        else out[k] = X(v * sc);
+      }
+    }
+    if (out && stream && !direct) mul_row<T>(out, work, nullptr, T(1), nullptr, T(1), len, stream);
+  }
+}
+#endif
+
+// one image (the fused backward of whole images); s: its channel scales or null (then ri:
+// row_index_tile(HW, rows)); gs: its channel-scale gradient [C] (with S)
+template <typename T, typename X, bool GC, bool M, bool F, bool MB, bool S = false>
+void gradx_rows_flat(const X* x, const T* s, const int32_t* ri, const X* g, T gv, const T* attn, const T* mx,
+                     const T* dmax, const T* dmean, int64_t C, int64_t HW, int64_t rows, X* gx, T* gs, bool stream,
+                     const uint8_t* mb, std::vector<T>& buf) {
   const int64_t B = rows * HW;
   buf.resize(5 * B);
   tile_block_maps<T, M, F, MB>(attn, mx, dmax, dmean, HW, rows, buf.data());
+#if defined(__AVX512F__)
+  if (s) {
+    gradx_blocks_scaled<T, X, GC, M, F, S, MB>(x, s, ri, g, gv, buf.data(), 0, C, HW, rows, gx, gs, stream,
+                                               buf.data() + 4 * B, mb);
+    return;
+  }
+#else
+  (void)s;
+  (void)ri;
+  (void)gs;
+#endif
   gradx_block_rows<T, X, GC, M, F, MB>(x, g, gv, buf.data(), 0, C, HW, rows, gx, stream, buf.data() + 4 * B, mb);
 }
 
@@ -466,13 +575,16 @@ void k_gradx_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, i
 
 // the same over N images (after k_reduce_blocks_impl): its units in parallel;
 // bits: its flat max bits (may be null: the max channels from x)
-template <typename T, typename X, bool GC, bool M, bool F, bool MB>
-void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
-                         const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, bool stream,
+// s (may be null): the channel scales [N, C], then gs (with S): their gradient [N, C]
+template <typename T, typename X, bool GC, bool M, bool F, bool MB, bool S = false>
+void k_gradx_blocks_impl(const X* x, const T* s, const X* g, const T* a, const T* mx, int64_t mbs, const T* fmax,
+                         const T* fmean, int64_t N, int64_t C, int64_t HW, int64_t rows, X* gx, T* gs, bool stream,
                          const uint8_t* bits) {
   const T gv = GC ? T(g[0]) : T(0);
   const int64_t B = rows * HW, nb = C / rows, CHW = C * HW, ub = phase_unit_blocks(N, C, rows);
   const int64_t nu = block_units(C, rows, ub), fb = flat_bits_image(C, HW);
+  std::vector<int32_t> ri(s ? B : 0);
+  if (s) row_index_tile(HW, rows, ri.data());
   at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
     std::vector<T> buf(5 * B);
     int64_t tiled = -1;
@@ -483,9 +595,18 @@ void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_
                                      F ? fmean + n * HW : nullptr, HW, rows, buf.data());
         tiled = n;
       }
-      gradx_block_rows<T, X, GC, M, F, MB>(x + n * CHW, GC ? g : g + n * CHW, gv, buf.data(), std::min(b0, nb) * rows,
-                                           b0 < nb ? std::min(nb, b0 + ub) * rows : C, HW, rows,
-                                           gx + n * CHW, stream, buf.data() + 4 * B, MB ? bits + n * fb : nullptr);
+      const int64_t c0 = std::min(b0, nb) * rows, c1 = b0 < nb ? std::min(nb, b0 + ub) * rows : C;
+      const uint8_t* mb = MB ? bits + n * fb : nullptr;
+#if defined(__AVX512F__)
+      if (s) {
+        gradx_blocks_scaled<T, X, GC, M, F, S, MB>(x + n * CHW, s + n * C, ri.data(), GC ? g : g + n * CHW, gv,
+                                                   buf.data(), c0, c1, HW, rows, gx + n * CHW,
+                                                   S ? gs + n * C : nullptr, stream, buf.data() + 4 * B, mb);
+        continue;
+      }
+#endif
+      gradx_block_rows<T, X, GC, M, F, MB>(x + n * CHW, GC ? g : g + n * CHW, gv, buf.data(), c0, c1, HW, rows,
+                                           gx + n * CHW, stream, buf.data() + 4 * B, mb);
     }
     stream_fence(stream);
   });
@@ -493,7 +614,7 @@ void k_gradx_blocks_impl(const X* x, const X* g, const T* a, const T* mx, int64_
 
 // bits: k_reduce's max bits (NCHW; may be null): then x is not read for the max mask (not
 // with gs, whose sum reads x). block_rows: k_reduce's (> 0: in blocks of rows,
-// k_gradx_blocks_impl; no channel scale, no gs)
+// k_gradx_blocks_impl)
 template <typename T, typename X>
 void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* mx, int64_t mbs, const T* fmax,
              const T* fmean, int64_t N, int64_t C, int64_t HW, bool nhwc, X* gx, T* gs, bool stream,
@@ -502,8 +623,11 @@ void k_gradx(const X* x, const T* s, const X* g, bool gc, const T* a, const T* m
   const bool G = g != nullptr, M = mx != nullptr, F = fmean != nullptr;
   if (block_rows > 0 && G) {
     const bool MB = M && bits != nullptr;
-#define SA_GRADX_BLOCKS(gc_, m_, f_, mb_) \
-  k_gradx_blocks_impl<T, X, gc_, m_, f_, mb_>(x, g, a, mx, mbs, fmax, fmean, N, C, HW, block_rows, gx, stream, bits)
+#define SA_GRADX_BLOCKS(gc_, m_, f_, mb_)                                                                      \
+  (gs ? k_gradx_blocks_impl<T, X, gc_, m_, f_, false, true>(x, s, g, a, mx, mbs, fmax, fmean, N, C, HW,        \
+                                                            block_rows, gx, gs, stream, bits)                  \
+      : k_gradx_blocks_impl<T, X, gc_, m_, f_, mb_>(x, s, g, a, mx, mbs, fmax, fmean, N, C, HW, block_rows, gx, \
+                                                    gs, stream, bits))
 #define SA_GRADX_BLOCKS_MF(gc_)                              \
   if (MB && F) SA_GRADX_BLOCKS(gc_, true, true, true);      \
   else if (MB) SA_GRADX_BLOCKS(gc_, true, false, true);     \

@@ -253,9 +253,10 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
 constexpr int64_t kFlatBackwardBlockDefault = 1600;
 int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
 
-// NCHW pass A of whole images whose rows are short (rows = backward_block_rows(...) > 0),
-// without a channel scale. An image's channel rows are one contiguous run, so each
-// block of `rows` rows (a whole number of vectors) goes through reduce_chunk as one row,
+// NCHW pass A of whole images whose rows are short (rows = backward_block_rows(...) > 0).
+// An image's channel rows are one contiguous run, so each block of `rows` rows (a whole
+// number of vectors) goes through reduce_chunk as one row (with a channel scale through
+// reduce_blocks_scaled, each lane scaled by its row's scale),
 // against the max map tiled to the block (four blocks per sweep, as four channel rows),
 // accumulating sum g * x and the tie counts per element of the block. The blocks go in units
 // of `ub` blocks (the rows left after the last whole block: one unit more), each unit's sums
@@ -269,32 +270,116 @@ int64_t kFlatBackwardMaxBlock = kFlatBackwardBlockDefault;
 inline int64_t block_units(int64_t C, int64_t rows, int64_t ub) {
   return (C / rows + ub - 1) / ub + (C % rows > 0 ? 1 : 0);
 }
-// the rows of a block (flat_block_rows) where NCHW images of C channels and HW pixels,
-// without a channel scale, take the blocks; 0 where they keep the rows (a block would exceed
-// kFlatBackwardMaxBlock elements, or C is below a block)
+// With a channel scale (or its gradient) the blocks take rows of at most kScaledBlockMaxHW
+// pixels: there each vector also permutes the block's scales into its lanes, and the scale's
+// gradient splits at the rows' ends. Measured (raw backward with the scale's gradient, 2
+// threads, float32, blocks vs rows, paired builds): 0.43-0.48x the time at 8x1024-2048x5x5,
+// 0.53x 8x256x3x3, 0.67x 8x512x6x6, 0.69-0.78x 8x2048x7x7 and 512x256x7x7, 0.80x 8x512x10x10,
+// 0.96x 8x512x9x9 (a block of 1296), but 0.87-1.24x at 14x14 (blocks of 4 rows of 12
+// vectors each, whose rows lose little to their ends); below 128 channels at 7x7 1.02-1.06x
+// (tiling the maps costs about what the blocks save).
+constexpr int64_t kScaledBlockMaxHW = 100;
+
+// the rows of a block (flat_block_rows) where NCHW images of C channels and HW pixels take
+// the blocks; 0 where they keep the rows (a block would exceed kFlatBackwardMaxBlock elements,
+// or C is below a block; with a channel scale or its gradient (`scaled`), rows longer than
+// kScaledBlockMaxHW and builds without kLaneScales)
 inline int64_t backward_block_rows(bool nhwc, bool scaled, int64_t C, int64_t HW) {
-  const int64_t rows = (!nhwc && !scaled) ? flat_block_rows(HW, kFlatBackwardMaxBlock) : 0;
+  const bool lanes_ok = !scaled || (kLaneScales && HW <= kScaledBlockMaxHW);
+  const int64_t rows = (!nhwc && lanes_ok) ? flat_block_rows(HW, kFlatBackwardMaxBlock) : 0;
   return rows * HW <= kFlatBackwardMaxBlock && C >= rows ? rows : 0;
 }
+
+#if defined(__AVX512F__)
+// reduce_chunk's rows with the channel scales by lanes: `nblk` blocks of `rows` channel rows
+// (block j at x + j * B, its scales at s + j * rows), `len` elements of each (B, or the rows
+// left after the last whole block); ri: row_index_tile(HW, rows). Each element gets the same
+// operations in the same order as in reduce_chunk's rows (x * s[c], then added to the sums and
+// counts block after block), so the same values as reduce_chunk on the blocks of x * s.
+template <typename T, typename X, bool GC, bool M>
+void reduce_blocks_scaled(const X* x, const T* s, const X* g, T gv, const T* mp, const int32_t* ri, int64_t rows,
+                          int64_t nblk, int64_t B, int64_t len, T* ap, T* cp, uint8_t* mb, int64_t mbs, int64_t q0) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  std::fill(ap, ap + len, T(0));
+  std::fill(cp, cp + len, T(0));
+  // NB blocks from block c per sweep: four (as reduce_chunk's groups), or one where reduce_chunk
+  // takes one row per sweep
+  auto sweep = [&](auto nb_t, int64_t c) {
+    constexpr int NB = decltype(nb_t)::value;
+    const X* xb[NB];
+    const X* gb[NB];
+    BlockScales<T> sb[NB];
+    for (int j = 0; j < NB; ++j) {
+      sb[j] = BlockScales<T>(s + (c + j) * rows, rows);
+      xb[j] = x + (c + j) * B;
+      gb[j] = g + (c + j) * B;
+    }
+    int64_t k = 0;
+    for (; k + L <= len; k += L) {
+      V v[NB];
+      for (int j = 0; j < NB; ++j) v[j] = vld(xb[j] + k) * sb[j].at(ri, k);
+      const V a0 = vload(ap + k);
+      V a = a0;
+      for (int j = 0; j < NB; ++j) a = a + (GC ? V{} + gv : vld(gb[j] + k)) * v[j];
+      vstore(ap + k, a);
+      if (M) {
+        const V m = vload(mp + k);
+        V n = vload(cp + k);
+        for (int j = 0; j < NB; ++j) {
+          const auto e = vcmp<kEq, T>(v[j], m);
+          n = n + vsel<T>(e, one, zero);
+          if (mb) put_bits<L>(mb + (c + j) * mbs, q0 + k, lane_bits<T>(e));
+        }
+        vstore(cp + k, n);
+      }
+    }
+    for (; k < len; ++k) {
+      for (int j = 0; j < NB; ++j) {
+        const T v = T(xb[j][k]) * s[(c + j) * rows + ri[k]];
+        ap[k] = ap[k] + (GC ? gv : T(gb[j][k])) * v;
+        if (M) {
+          cp[k] = cp[k] + (v == mp[k] ? T(1) : T(0));
+          if (mb) put_bit(mb + (c + j) * mbs, q0 + k, v == mp[k]);
+        }
+      }
+    }
+  };
+  int64_t c = 0;
+  if (!one_stream_reduce(nblk, B, len, int64_t(sizeof(X))))
+    for (; c + 4 <= nblk; c += 4) sweep(std::integral_constant<int, 4>{}, c);
+  for (; c < nblk; ++c) sweep(std::integral_constant<int, 1>{}, c);
+}
+#endif
 // bytes of one image's flat max bits (room for get_bits' 4-byte reads); at most the bytes
 // of MaxBitsLayout(N, C, HW) per image (C rows of at least ceil(HW / 8) + 8 bytes), so the
 // phases' max-bit buffers (phase_max_bits) hold them as they are
 inline int64_t flat_bits_image(int64_t C, int64_t HW) { return (C * HW + 7) / 8 + 8; }
 
 // unit u of one image (x, g: the image's; mt: its max map tiled to a block; mb: its bits or
-// null) -> part: the unit's sums [B] then counts [B] (B = rows * HW)
+// null; s: its channel scales or null, then ri: row_index_tile(HW, rows)) -> part: the unit's
+// sums [B] then counts [B] (B = rows * HW)
 template <typename T, typename X, bool GC, bool M>
-void reduce_block_unit(const X* x, const X* g, T gv, const T* mt, int64_t C, int64_t HW, int64_t rows, int64_t ub,
-                       int64_t u, T* part, uint8_t* mb) {
-  const int64_t B = rows * HW, nb = C / rows, b0 = u * ub;
-  if (b0 < nb) {
-    reduce_chunk<T, X, true, GC, M>(x + b0 * B, nullptr, GC ? g : g + b0 * B, gv, mt, std::min(ub, nb - b0), B, B,
-                                    part, part + B, mb ? mb + b0 * B / 8 : nullptr, B / 8, 0);
-  } else {
-    const int64_t len = (C - nb * rows) * HW;
-    reduce_chunk<T, X, true, GC, M>(x + nb * B, nullptr, GC ? g : g + nb * B, gv, mt, 1, len, len, part, part + B,
-                                    mb, 0, nb * B);
+void reduce_block_unit(const X* x, const T* s, const int32_t* ri, const X* g, T gv, const T* mt, int64_t C,
+                       int64_t HW, int64_t rows, int64_t ub, int64_t u, T* part, uint8_t* mb) {
+  const int64_t B = rows * HW, nb = C / rows, b0 = std::min(u * ub, nb);
+  // the unit's whole blocks, or (the unit after them) the rows left
+  const int64_t nblk = b0 < nb ? std::min(ub, nb - b0) : 1, len = b0 < nb ? B : (C - nb * rows) * HW;
+  uint8_t* bits = mb ? mb + (b0 < nb ? b0 * B / 8 : 0) : nullptr;
+  const int64_t mbs = b0 < nb ? B / 8 : 0, q0 = b0 < nb ? 0 : nb * B;
+#if defined(__AVX512F__)
+  if (s) {
+    reduce_blocks_scaled<T, X, GC, M>(x + b0 * B, s + b0 * rows, GC ? g : g + b0 * B, gv, mt, ri, rows, nblk, B, len,
+                                      part, part + B, bits, mbs, q0);
+    return;
   }
+#else
+  (void)s;
+  (void)ri;
+#endif
+  reduce_chunk<T, X, true, GC, M>(x + b0 * B, nullptr, GC ? g : g + b0 * B, gv, mt, nblk, len, len, part, part + B,
+                                  bits, mbs, q0);
 }
 
 // one image's units (part: block_units of them, 2 * B each) -> ga [HW], cnt [HW] (with M)
@@ -316,16 +401,17 @@ void fold_block_units(const T* part, int64_t C, int64_t HW, int64_t rows, int64_
   }
 }
 
-// one image (the fused backward of whole images); buf: scratch
+// one image (the fused backward of whole images); s: its channel scales or null, then ri:
+// row_index_tile(HW, rows); buf: scratch
 template <typename T, typename X, bool GC, bool M>
-void reduce_rows_flat(const X* x, const X* g, T gv, const T* mx, int64_t C, int64_t HW, int64_t rows, T* dA,
-                      T* cnt, uint8_t* mb, std::vector<T>& buf) {
+void reduce_rows_flat(const X* x, const T* s, const int32_t* ri, const X* g, T gv, const T* mx, int64_t C,
+                      int64_t HW, int64_t rows, T* dA, T* cnt, uint8_t* mb, std::vector<T>& buf) {
   const int64_t B = rows * HW, ub = C / rows, nu = block_units(C, rows, ub);
   buf.resize((1 + 2 * nu) * B);
   T *mt = buf.data(), *part = mt + B;
   if (M) tile_rows(mx, HW, rows, mt);
   for (int64_t u = 0; u < nu; ++u)
-    reduce_block_unit<T, X, GC, M>(x, g, gv, M ? mt : nullptr, C, HW, rows, ub, u, part + u * 2 * B, mb);
+    reduce_block_unit<T, X, GC, M>(x, s, ri, g, gv, M ? mt : nullptr, C, HW, rows, ub, u, part + u * 2 * B, mb);
   fold_block_units<T, M>(part, C, HW, rows, ub, dA, cnt);
 }
 
@@ -427,20 +513,30 @@ void k_reduce_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs,
 // images in parallel, then each image's fold; bits (may be null): image n's flat bits from
 // byte n * flat_bits_image(C, HW). Units: about kPhaseUnits in all (one per image from that
 // batch on), a number that depends on the batch and the shape only, so that the sums do not
-// depend on the thread count.
+// depend on the thread count; but units of at least kPhaseUnitMinBlocks blocks (or all of an
+// image's): a unit's zeroed sums and its share of the fold cost as much as its blocks save
+// where it has few. Measured (raw backward of one image, 2 threads, blocks / rows, with a
+// channel scale and without): 1x256x7x7 (16 blocks) in 8 units of 2 blocks 1.29 / 1.21, in
+// one unit 0.86 / 0.75; 1x128x5x5 1.25 / 1.41 against 0.81 / 0.85; 1x512x7x7 1.17 / 1.04
+// against 0.92 / 0.76; units of 8 blocks in between (fortieth session).
 constexpr int64_t kPhaseUnits = 8;
+constexpr int64_t kPhaseUnitMinBlocks = 16;
 inline int64_t phase_unit_blocks(int64_t N, int64_t C, int64_t rows) {
   const int64_t per_image = (kPhaseUnits + N - 1) / N, nb = C / rows;
-  return std::max<int64_t>(1, (nb + per_image - 1) / per_image);
+  return std::max<int64_t>({int64_t(1), std::min(nb, kPhaseUnitMinBlocks), (nb + per_image - 1) / per_image});
 }
 
 template <typename T, typename X, bool GC, bool M>
-void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C, int64_t HW,
-                          int64_t rows, T* ga, T* cnt, uint8_t* bits) {
+void k_reduce_blocks_impl(const X* x, const T* s, const X* g, const T* mx, int64_t mbs, int64_t N, int64_t C,
+                          int64_t HW, int64_t rows, T* ga, T* cnt, uint8_t* bits) {
   const T gv = GC ? T(g[0]) : T(0);
   const int64_t B = rows * HW, CHW = C * HW, ub = phase_unit_blocks(N, C, rows), nu = block_units(C, rows, ub);
   const int64_t fb = flat_bits_image(C, HW);
-  std::vector<T> part(N * nu * 2 * B);
+  // every unit's sums and counts (each unit sets its own: uninitialised here, where a zero fill
+  // on one thread cost more than a tenth of the backward at 512x256x7x7)
+  const std::unique_ptr<T[]> part(new T[N * nu * 2 * B]);
+  std::vector<int32_t> ri(s ? B : 0);
+  if (s) row_index_tile(HW, rows, ri.data());
   at::parallel_for(0, N * nu, 1, [&](int64_t b, int64_t e) {
     std::vector<T> mt(M ? B : 0);
     int64_t tiled = -1;
@@ -450,19 +546,20 @@ void k_reduce_blocks_impl(const X* x, const X* g, const T* mx, int64_t mbs, int6
         tile_rows(mx + n * mbs, HW, rows, mt.data());
         tiled = n;
       }
-      reduce_block_unit<T, X, GC, M>(x + n * CHW, GC ? g : g + n * CHW, gv, M ? mt.data() : nullptr, C, HW, rows, ub,
-                                     t % nu, part.data() + t * 2 * B, bits ? bits + n * fb : nullptr);
+      reduce_block_unit<T, X, GC, M>(x + n * CHW, s ? s + n * C : nullptr, ri.data(), GC ? g : g + n * CHW, gv,
+                                     M ? mt.data() : nullptr, C, HW, rows, ub, t % nu, part.get() + t * 2 * B,
+                                     bits ? bits + n * fb : nullptr);
     }
   });
   at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n)
-      fold_block_units<T, M>(part.data() + n * nu * 2 * B, C, HW, rows, ub, ga + n * HW, M ? cnt + n * HW : nullptr);
+      fold_block_units<T, M>(part.get() + n * nu * 2 * B, C, HW, rows, ub, ga + n * HW, M ? cnt + n * HW : nullptr);
   });
 }
 
 // bits (NCHW, with mx and cnt; may be null): the max bits of every channel row, laid out as
 // MaxBitsLayout(N, C, HW) (for k_gradx; channels_last ignores them). block_rows > 0 (the
-// backward_block_rows of NCHW images without a channel scale; with g): in blocks of rows
+// backward_block_rows of NCHW images; with g): in blocks of rows
 // (k_reduce_blocks_impl), the bits then flat per image; k_gradx must get the same block_rows.
 template <typename T, typename X>
 void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t mbs, int64_t N, int64_t C,
@@ -472,7 +569,7 @@ void k_reduce(const X* x, const T* s, const X* g, bool gc, const T* mx, int64_t 
   if (!G && !M) return;
   if (block_rows > 0 && G) {
 #define SA_REDUCE_BLOCKS(gc_, m_) \
-  k_reduce_blocks_impl<T, X, gc_, m_>(x, g, mx, mbs, N, C, HW, block_rows, ga, cnt, bits)
+  k_reduce_blocks_impl<T, X, gc_, m_>(x, s, g, mx, mbs, N, C, HW, block_rows, ga, cnt, bits)
     if (gc) {
       if (M) SA_REDUCE_BLOCKS(true, true); else SA_REDUCE_BLOCKS(true, false);
     } else {

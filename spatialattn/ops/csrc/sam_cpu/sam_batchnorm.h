@@ -166,7 +166,7 @@ std::vector<Tensor> sam_backward_bn(const Tensor& grad_y, const optional<Tensor>
     std::vector<T> dA(M), cnt(mx ? M : 0), ix(by_index ? M : 0), dmax(mx ? M : 0), dmean(imean >= 0 ? M : 0);
     std::vector<uint8_t> bits = phase_max_bits(mx != nullptr, g.nhwc, gs.defined(), int64_t(x.nbytes()), g.N, g.C, HW);
     uint8_t* bp = bits.empty() ? nullptr : bits.data();
-    // NCHW images of short rows without a channel scale: both passes in blocks of rows
+    // NCHW images of short rows: both passes in blocks of rows
     const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gs.defined(), g.C, HW);
     k_reduce<T, X>(xp, sp, gyp, gc, mx, PHW, g.N, g.C, HW, g.nhwc, dA.data(), mx ? cnt.data() : nullptr,
                    by_index ? ix.data() : nullptr, bp, frows);

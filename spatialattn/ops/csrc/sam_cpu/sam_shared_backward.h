@@ -309,7 +309,7 @@ std::vector<Tensor> sam_backward(const Tensor& grad_y, const optional<Tensor>& g
       std::vector<uint8_t> bits =
           phase_max_bits(mx != nullptr, g.nhwc, gsp != nullptr, int64_t(sizeof(X)) * Nr * CHW, Nr, g.C, HW);
       uint8_t* bp = bits.empty() ? nullptr : bits.data();
-      // NCHW images of short rows without a channel scale: both passes in blocks of rows, in
+      // NCHW images of short rows: both passes in blocks of rows, in
       // units over the threads (a batch-1 image's pixels are one chunk of k_reduce, one
       // thread; the streamed units above keep the rows)
       const int64_t frows = backward_block_rows(g.nhwc, sp != nullptr || gsp != nullptr, g.C, HW);

@@ -439,6 +439,77 @@ inline void store_lanes(X* d, vec_t<float> v, int64_t j0, int64_t j1) {
 }
 #endif
 
+// ---------------------------------------------------------------- a block's channel scales by lanes
+// NCHW images of short rows go through the backward in blocks of `rows` (<= 16) channel rows
+// (reduce.h, gradx.h); with a channel scale, the elements of one vector of a block belong to
+// one or more rows, each with its own scale. BlockScales holds a block's scales in registers
+// and gives each lane its row's scale by a lane permute, from the block's row index tile
+// (row_index_tile: element k of a block is in row k / HW). AVX-512 builds only (the permute is
+// one instruction there); elsewhere the scaled short rows keep the row-by-row path.
+#if defined(__AVX512F__)
+constexpr bool kLaneScales = true;
+
+// ri[k] = k / HW for the B = rows * HW elements of a block
+inline void row_index_tile(int64_t HW, int64_t rows, int32_t* ri) {
+  for (int64_t j = 0; j < rows; ++j) std::fill(ri + j * HW, ri + (j + 1) * HW, int32_t(j));
+}
+
+template <typename T>
+struct BlockScales;
+
+template <>
+struct BlockScales<float> {
+  __m512 a;
+  BlockScales() = default;
+  // s: the block's `rows` scales (1 <= rows <= 16)
+  BlockScales(const float* s, int64_t rows) : a(_mm512_maskz_loadu_ps(__mmask16((1u << rows) - 1u), s)) {}
+  // the scales of the lanes of the vector at element k of the block
+  vec_t<float> at(const int32_t* ri, int64_t k) const {
+    const __m512 r = _mm512_permutexvar_ps(_mm512_loadu_si512(ri + k), a);
+    vec_t<float> v;
+    std::memcpy(&v, &r, sizeof(v));
+    return v;
+  }
+};
+
+template <>
+struct BlockScales<double> {
+  __m512d a, b;  // rows 0-7, 8-15
+  BlockScales() = default;
+  BlockScales(const double* s, int64_t rows)
+      : a(_mm512_maskz_loadu_pd(__mmask8(((1u << rows) - 1u) & 0xffu), s)),
+        b(_mm512_maskz_loadu_pd(__mmask8(((1u << rows) - 1u) >> 8), s + 8)) {}
+  vec_t<double> at(const int32_t* ri, int64_t k) const {
+    const __m512i i = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ri + k)));
+    const __m512d r = _mm512_permutex2var_pd(a, i, b);
+    vec_t<double> v;
+    std::memcpy(&v, &r, sizeof(v));
+    return v;
+  }
+};
+
+// the lanes of v (the vector at element k of a block) in row j of the block, the others 0
+inline vec_t<float> row_lanes(vec_t<float> v, const int32_t* ri, int64_t k, int32_t j) {
+  const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_loadu_si512(ri + k), _mm512_set1_epi32(j));
+  __m512 r;
+  std::memcpy(&r, &v, sizeof(r));
+  r = _mm512_maskz_mov_ps(m, r);
+  std::memcpy(&v, &r, sizeof(v));
+  return v;
+}
+inline vec_t<double> row_lanes(vec_t<double> v, const int32_t* ri, int64_t k, int32_t j) {
+  const __mmask8 m = _mm256_cmpeq_epi32_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ri + k)),
+                                             _mm256_set1_epi32(j));
+  __m512d r;
+  std::memcpy(&r, &v, sizeof(r));
+  r = _mm512_maskz_mov_pd(m, r);
+  std::memcpy(&v, &r, sizeof(v));
+  return v;
+}
+#else
+constexpr bool kLaneScales = false;
+#endif
+
 #if SAM_AVX2_HALVES
 // 256-bit helpers of the AVX2 builds' loops (see pool_pixel_avx2)
 template <typename X>
