@@ -446,13 +446,13 @@ inline void store_lanes(X* d, vec_t<float> v, int64_t j0, int64_t j1) {
 // and gives each lane its row's scale by a lane permute, from the block's row index tile
 // (row_index_tile: element k of a block is in row k / HW). AVX-512 builds only (the permute is
 // one instruction there); elsewhere the scaled short rows keep the row-by-row path.
-#if defined(__AVX512F__)
-constexpr bool kLaneScales = true;
-
 // ri[k] = k / HW for the B = rows * HW elements of a block
 inline void row_index_tile(int64_t HW, int64_t rows, int32_t* ri) {
   for (int64_t j = 0; j < rows; ++j) std::fill(ri + j * HW, ri + (j + 1) * HW, int32_t(j));
 }
+
+#if defined(__AVX512F__)
+constexpr bool kLaneScales = true;
 
 template <typename T>
 struct BlockScales;
