@@ -1883,7 +1883,8 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
     # bands), the gate multiply op and the training-BatchNorm forward (k_mul, several threads:
     # ranges of rows that start and end inside images), with a channel scale (since the
     # thirty-eighth session in blocks too, each row's scale repeated over its pixels: CBAM on
-    # RoI features), streamed and cached stores; and the reference's values. Channel counts below,
+    # RoI features; since the fortieth in AVX-512 builds each lane's scale permuted from the
+    # block's, cached and streamed), streamed and cached stores; and the reference's values. Channel counts below,
     # at and past a block (16 rows at 7x7 and 9x11, 4 at 10x10) and with leftover rows; 13x13
     # and 8x8 take the rows anyway.
     torch.manual_seed(5)

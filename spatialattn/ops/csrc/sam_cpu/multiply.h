@@ -32,26 +32,63 @@ inline void tile_rows(const T* map, int64_t HW, int64_t rows, T* out) {
   for (int64_t j = 0; j < rows; ++j) std::copy(map, map + HW, out + j * HW);
 }
 
+#if defined(__AVX512F__)
+// y = (x * s) * a over `len` elements of a block (a whole number of vectors), each lane's scale
+// from the block's (BlockScales; ri: row_index_tile); nt: non-temporal stores (float32
+// compute, y at a vector's storage size)
+template <typename T, typename X>
+inline void mul_block_scaled(X* y, const X* x, const BlockScales<T>& sb, const int32_t* ri, const T* a, int64_t len,
+                             bool nt) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  for (int64_t k = 0; k < len; k += L) {
+    const V v = (vld(x + k) * sb.at(ri, k)) * vload(a + k);
+    if constexpr (std::is_same_v<T, float>) {
+      if (nt) {
+        vst_nt(y + k, v);
+        continue;
+      }
+    }
+    vst(y + k, v);
+  }
+}
+#endif
+
 // Rows [c0, c1) of one NCHW image, y = (x * s[c]) * attn (s: the image's channel scale, or
 // null): the rows of 5x5 to 10x10 maps are short (a mul_row call, an alignment head and an
 // overlapping tail vector per row: at 49 pixels 64 lanes of work for 49), but an image's rows
 // are one contiguous run, so blocks of 16 / gcd(HW, 16) rows (a whole number of vectors) go
-// through one mul_row call against the attention tiled to the block, and with a scale each
-// row's scale repeated over its pixels. The same products element for element. Returns the
-// first row not done (the caller multiplies the rest row by row); c0 where the rows are not
-// short, and with a scale where the output is not streamed: streamed (x and y beyond the LLC),
-// the fused forward with a scale took 0.75-0.85x the time at 512x256x7x7 NCHW (CBAM on a
-// detector head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps, where writing
-// the scale block costs more than the per-row calls it saves (paired, 2 threads,
-// thirty-eighth session).
+// through one mul_row call against the attention tiled to the block. With a scale, in AVX-512
+// builds each lane's scale comes from the block's by a permute (mul_block_scaled: fortieth
+// session); elsewhere, and for streamed output not at a vector's storage size, each row's scale
+// repeated over its pixels in a scale block, only where the output is streamed: there (x and y
+// beyond the LLC) the fused forward with a scale took 0.75-0.85x the time at 512x256x7x7 NCHW
+// (CBAM on a detector head's RoI features), but 1.03-1.13x at L3-resident 7x7-10x10 maps,
+// where writing the scale block costs more than the per-row calls it saves (paired, 2
+// threads, thirty-eighth session). The same products element for element. Returns the first
+// row not done (the caller multiplies the rest row by row); c0 where the rows are not short.
 template <typename T, typename X>
 int64_t mul_rows_flat(const X* x, const T* s, const T* attn, X* y, int64_t HW, int64_t c0, int64_t c1,
                       bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
-  if (rows == 0 || c1 - c0 < rows || (s && !stream)) return c0;
+  if (rows == 0 || c1 - c0 < rows) return c0;
   T tiled[16 * kFlatRowsDefault];
-  tile_rows(attn, HW, rows, tiled);
   int64_t c = c0;
+#if defined(__AVX512F__)
+  if (s) {
+    const bool nt = std::is_same_v<T, float> && stream && elems_to_boundary(y + c0 * HW, lanes<T>() * sizeof(X)) == 0;
+    if (!stream || nt) {
+      tile_rows(attn, HW, rows, tiled);
+      int32_t ri[16 * kFlatRowsDefault];
+      row_index_tile(HW, rows, ri);
+      for (; c + rows <= c1; c += rows)
+        mul_block_scaled<T, X>(y + c * HW, x + c * HW, BlockScales<T>(s + c, rows), ri, tiled, rows * HW, nt);
+      return c;
+    }
+  }
+#endif
+  if (s && !stream) return c0;
+  tile_rows(attn, HW, rows, tiled);
   if (!s) {  // (a literal null: mul_row's choices fold away)
     for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
     return c;
