@@ -2015,6 +2015,20 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
         assert any(differs)  # the blocks ran (their sums in another order)
 
 
+def _short_rows_bn_batches(dtype):
+    """``(shape, order, x)`` for the training-BatchNorm backward tests of short rows: 70 channels
+    at 7x7, batch 3; 600 at 5x5, batch 2; 9 at 10x10, batch 3; ``x`` with tied maxima in image
+    1's first and last channels (the last in the rows left after the blocks). Seeds the global
+    generator per case."""
+    for shape, order in (((3, 70, 7, 7), ("max", "mean")), ((2, 600, 5, 5), ("mean", "max")),
+                         ((3, 9, 10, 10), ("max",))):
+        n, c, h, w_ = shape
+        torch.manual_seed(c)
+        x0 = make_x(shape, "nchw", dtype, seed=c)
+        x0[1, c - 1, 3, 2] = x0[1, 0, 3, 2] = x0[1, :, 3, 2].max() + 1
+        yield shape, order, x0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
     # The training-BatchNorm backward (phases over the batch) of NCHW images with short rows
@@ -2031,13 +2045,9 @@ def test_nchw_short_rows_batchnorm_backward_in_blocks(cpp_module, dtype):
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     old = torch.get_num_threads()
     try:
-        for shape, order in (((3, 70, 7, 7), ("max", "mean")), ((2, 600, 5, 5), ("mean", "max")),
-                             ((3, 9, 10, 10), ("max",))):
-            n, c, h, w_ = shape
-            torch.manual_seed(c)
+        for shape, order, x0 in _short_rows_bn_batches(dtype):
+            c = shape[1]
             mod = SpatialAttention(c, order=order, norm="bn").to(dtype).train()
-            x0 = make_x(shape, "nchw", dtype, seed=c)
-            x0[1, c - 1, 3, 2] = x0[1, 0, 3, 2] = x0[1, :, 3, 2].max() + 1
             gy = torch.randn(shape, dtype=dtype)
 
             def grads(unfused=False):
@@ -2164,15 +2174,11 @@ def test_nchw_short_rows_scaled_batchnorm_backward_in_blocks(cpp_module, dtype):
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     old = torch.get_num_threads()
     try:
-        for shape, order in (((3, 70, 7, 7), ("max", "mean")), ((2, 600, 5, 5), ("mean", "max")),
-                             ((3, 9, 10, 10), ("max",))):
+        for shape, order, x0 in _short_rows_bn_batches(dtype):
             n, c, h, w_ = shape
-            torch.manual_seed(c)
             norm = torch.nn.BatchNorm2d(1).to(dtype).train()
             norm.weight.data.fill_(1.3)
             w0 = torch.randn(1, len(order), 7, 7, dtype=dtype) * 0.2
-            x0 = make_x(shape, "nchw", dtype, seed=c)
-            x0[1, c - 1, 3, 2] = x0[1, 0, 3, 2] = x0[1, :, 3, 2].max() + 1
             s0 = torch.rand(n, c, 1, 1, dtype=dtype) + 0.5
             s0[1, 0] = s0[1, c - 1] = 1.0
             gy = torch.randn(shape, dtype=dtype)
