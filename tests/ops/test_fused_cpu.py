@@ -1933,6 +1933,24 @@ def test_nchw_short_rows_in_blocks_match_row_by_row(cpp_module, dtype, stream):
         cpp_module.set_stream_bytes(-1)
 
 
+def _short_rows_tol(dtype):
+    """blocks against rows (and the reference) in the short-row backward tests"""
+    return {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
+        dtype, dict(rtol=2e-2, atol=2e-2))
+
+
+def _short_rows_maps(shapes, dtype):
+    """``(shape, order, x, g)`` per shape for the short-row backward tests: the pooling orders in
+    turn; ``x`` with tied maxima in image 0's channel 3 and last channel (a first block's and the
+    rows left's); ``g`` a generator for the rest."""
+    orders = itertools.cycle([("max", "mean"), ("max",), ("mean", "max", "max"), ("mean",)])
+    for shape, order in zip(shapes, orders):
+        n, c, h, w_ = shape
+        x0 = make_x(shape, "nchw", torch.float32, seed=c).to(dtype)
+        x0[0, 3, 2, 1] = x0[0, c - 1, 2, 1] = x0[0, :, 2, 1].max() + 1
+        yield shape, order, x0, torch.Generator().manual_seed(h * w_)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("stream", [False, True])
 def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
@@ -1954,18 +1972,13 @@ def test_nchw_short_rows_backward_in_blocks(cpp_module, dtype, stream):
     shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 19, 9, 11), (2, 48, 3, 3), (2, 13, 14, 14), (2, 10, 7, 7),
               (2, 33, 13, 13), (2, 40, 8, 8)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    tol = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
-        dtype, dict(rtol=2e-2, atol=2e-2))
+    tol = _short_rows_tol(dtype)
     old = torch.get_num_threads()
     differs = []
     try:
         cpp_module.set_stream_bytes(0 if stream else -1)
-        for shape, order in zip(shapes, itertools.cycle([("max", "mean"), ("max",), ("mean", "max", "max"),
-                                                         ("mean",)])):
+        for shape, order, x0, g in _short_rows_maps(shapes, dtype):
             n, c, h, w_ = shape
-            x0 = make_x(shape, "nchw", torch.float32, seed=c).to(dtype)
-            x0[0, 3, 2, 1] = x0[0, c - 1, 2, 1] = x0[0, :, 2, 1].max() + 1  # tie: first block / last row
-            g = torch.Generator().manual_seed(h * w_)
             w0 = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
             gy = torch.randn(shape, generator=g).to(dtype)
             ga = torch.randn(n, 1, h, w_, generator=g).to(acc)
@@ -2109,18 +2122,13 @@ def test_nchw_short_rows_scaled_backward_in_blocks(cpp_module, dtype, stream):
     shapes = [(3, 70, 7, 7), (2, 37, 10, 10), (2, 48, 3, 3), (2, 20, 7, 7), (2, 5, 10, 10), (2, 22, 5, 5),
               (2, 16, 9, 11), (2, 13, 14, 14), (2, 40, 8, 8)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    tol = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}.get(
-        dtype, dict(rtol=2e-2, atol=2e-2))
+    tol = _short_rows_tol(dtype)
     old = torch.get_num_threads()
     differs = []
     try:
         cpp_module.set_stream_bytes(0 if stream else -1)
-        for shape, order in zip(shapes, itertools.cycle([("max", "mean"), ("max",), ("mean", "max", "max"),
-                                                         ("mean",)])):
+        for shape, order, x0, g in _short_rows_maps(shapes, dtype):
             n, c, h, w_ = shape
-            x0 = make_x(shape, "nchw", torch.float32, seed=c).to(dtype)
-            x0[0, 3, 2, 1] = x0[0, c - 1, 2, 1] = x0[0, :, 2, 1].max() + 1  # tie: first block / last row
-            g = torch.Generator().manual_seed(h * w_)
             s0 = (torch.rand(n, c, 1, 1, generator=g) + 0.5).to(dtype)
             s0[0, 3] = s0[0, c - 1] = 1.0  # (keeps the tie)
             w0 = torch.randn(1, len(order), 7, 7, generator=g).to(acc)
