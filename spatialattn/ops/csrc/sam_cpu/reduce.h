@@ -304,6 +304,7 @@ void reduce_blocks_scaled(const X* x, const T* s, const X* g, T gv, const T* mp,
   const V one = V{} + T(1), zero = V{};
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
+  const int64_t nr = len == B ? rows : len / (B / rows);  // the rows of each block swept (their scales)
   // NB blocks from block c per sweep: four (as reduce_chunk's groups), or one where reduce_chunk
   // takes one row per sweep
   auto sweep = [&](auto nb_t, int64_t c) {
@@ -312,7 +313,7 @@ void reduce_blocks_scaled(const X* x, const T* s, const X* g, T gv, const T* mp,
     const X* gb[NB];
     BlockScales<T> sb[NB];
     for (int j = 0; j < NB; ++j) {
-      sb[j] = BlockScales<T>(s + (c + j) * rows, rows);
+      sb[j] = BlockScales<T>(s + (c + j) * rows, nr);
       xb[j] = x + (c + j) * B;
       gb[j] = g + (c + j) * B;
     }
