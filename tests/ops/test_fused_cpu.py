@@ -1608,13 +1608,15 @@ def test_global_pool_channels_last_tiles(dtype, channels, threads):
     # channels_last: pixels in tiles, swept once per block of 8 / 4 / 1 channel vectors
     # (8 only where a pixel is shorter than 4 KiB), then a scalar tail; the tile size must not
     # change a bit of the maxima, means or tie counts (the sum adds pixels in order either
-    # way). One image with 3 threads: its pixels split into blocks as well. The 40x40 image
-    # (over 512 KiB of x per thread in float32) takes the software prefetches.
+    # way). One image with 3 threads: its pixels split into blocks as well (partials, then
+    # the combine); at least as many images as threads: each image's accumulators finished
+    # straight into the outputs. The 40x40 image (over 512 KiB of x per thread in float32)
+    # takes the software prefetches.
     gen = torch.Generator().manual_seed(11)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n, h, w in ((1, 7, 9), (2, 5, 13), (1, 40, 40)):
+        for n, h, w in ((1, 7, 9), (2, 5, 13), (1, 40, 40), (4, 3, 6)):
             x = torch.randn(n, channels, h, w, generator=gen).to(dtype)
             x[:, :, 1:3] = x[:, :, 1:3].round()  # tied maxima, some in a tile of their own
             x[0, 3, 2, 2] = float("nan")

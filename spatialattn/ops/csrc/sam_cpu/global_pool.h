@@ -37,8 +37,8 @@ struct GlobalPool {
   bool nhwc;
   T *mx, *mean, *cnt;
   int64_t nb = 1, block = 0, tp = 1;  // channels_last: blocks per image, pixels per block / per tile
-  bool prefetch = false, counting = false;
-  std::vector<T> pm, ps, pc;  // channels_last partials [N * nb, C]
+  bool prefetch = false, counting = false, direct = false;
+  std::vector<T> pm, ps, pc;  // channels_last partials [N * nb, C] (not with `direct`)
 
   GlobalPool(const X* x_, int64_t N_, int64_t C_, int64_t HW_, bool nhwc_, T* mx_, T* mean_, T* cnt_)
       : x(x_), N(N_), C(C_), HW(HW_), nhwc(nhwc_), mx(mx_), mean(mean_), cnt(cnt_) {
@@ -49,9 +49,14 @@ struct GlobalPool {
     nb = N >= threads ? 1 : std::min(HW, (threads + N - 1) / N);
     block = (HW + nb - 1) / nb;
     counting = cnt && mx;
-    pm.resize(N * nb * C);
-    ps.resize(N * nb * C);
-    pc.resize(counting ? N * nb * C : 0);
+    // one block per image: its accumulators are the thread's own (run), finished straight into
+    // the outputs; partials [N * nb, C] and the combine pass only where images are split
+    direct = nb == 1;
+    if (!direct) {
+      pm.resize(N * nb * C);
+      ps.resize(N * nb * C);
+      pc.resize(counting ? N * nb * C : 0);
+    }
     // pixels per tile (see the sweep below), and whether the next tile is prefetched: not
     // where each thread's share of x fits in half an L2 (1x1024x13x13: 1.04-1.10x the time
     // with the prefetches, which then only cost instructions)
@@ -68,8 +73,15 @@ struct GlobalPool {
       if (std::is_same_v<T, float> && HW >= L && HW <= kRows16MaxHW)
         for (; r + 16 <= e; r += 16) rows16(r);
       for (; r < e; ++r) row(r);
+    } else if (direct) {  // whole images: an image's accumulators in the thread's scratch (L1)
+      std::unique_ptr<T[]> acc(new T[3 * C]);
+      for (int64_t n = b; n < e; ++n) {
+        pixel_block(n, acc.get(), acc.get() + C, counting ? acc.get() + 2 * C : nullptr);
+        for (int64_t c = 0; c < C; ++c) finish_output(n, c, acc[c], acc[C + c], counting ? acc[2 * C + c] : T(0));
+      }
     } else {
-      for (int64_t t = b; t < e; ++t) pixel_block(t);
+      for (int64_t t = b; t < e; ++t) pixel_block(t, pm.data() + t * C, ps.data() + t * C,
+                                                  counting ? pc.data() + t * C : nullptr);
     }
   }
 
@@ -204,12 +216,10 @@ struct GlobalPool {
     for (int j = 0; j < 16; ++j) row(r + j);
   }
 
-  // channels_last: block t (image t / nb, pixels of its share t % nb) into partials t
-  void pixel_block(int64_t t) {
+  // channels_last: block t (image t / nb, pixels of its share t % nb) into the accumulators m,
+  // sm and (counting) ct, C each
+  void pixel_block(int64_t t, T* m, T* sm, T* ct) {
     const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
-    T* m = pm.data() + t * C;
-    T* sm = ps.data() + t * C;
-    T* ct = counting ? pc.data() + t * C : nullptr;
     const X* base = x + n * HW * C;
     if (p0 >= p1) {
       std::fill(sm, sm + C, T(0));
@@ -340,26 +350,34 @@ struct GlobalPool {
     }
   }
 
-  // channels_last: outputs [b, e) of the N * C (partials summed in block order)
+  // channels_last: output (n, c) from its max mc, sum sc and the count k of elements equal to mc
+  // (NaN restored after the count: the lane maxima drop it; where it is, no element equals the
+  // max in backward and the count goes unused)
+  void finish_output(int64_t n, int64_t c, T mc, T sc, T k) {
+    const int64_t i = n * C + c;
+    if (counting) cnt[i] = mc == mc ? k : T(0);
+    if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
+    if (mx) mx[i] = mc;
+    if (mean) mean[i] = sc / T(HW);
+  }
+
+  // channels_last: outputs [b, e) of the N * C (partials summed in block order); nothing to do
+  // with `direct` (run wrote them)
   void combine(int64_t b, int64_t e) {
+    if (direct) return;
     for (int64_t n = b / C; n * C < e; ++n) {
       const int64_t c1 = std::min(C, e - n * C);
       for (int64_t c = std::max<int64_t>(0, b - n * C); c < c1; ++c) {
-        const int64_t i = n * C + c;
         T mc = pm[n * nb * C + c], sc = ps[n * nb * C + c];
         for (int64_t k = 1; k < nb; ++k) {
           mc = vmax(mc, pm[(n * nb + k) * C + c]);
           sc += ps[(n * nb + k) * C + c];
         }
-        if (counting) {
-          T k = 0;
+        T k = 0;
+        if (counting)
           for (int64_t j = 0; j < nb; ++j)
             if (pm[(n * nb + j) * C + c] == mc) k += pc[(n * nb + j) * C + c];
-          cnt[i] = k;
-        }
-        if (sc != sc && any_nan<X, T>(x + n * HW * C + c, nullptr, HW, C)) mc = std::numeric_limits<T>::quiet_NaN();
-        if (mx) mx[i] = mc;
-        if (mean) mean[i] = sc / T(HW);
+        finish_output(n, c, mc, sc, k);
       }
     }
   }
@@ -369,7 +387,7 @@ template <typename T, typename X>
 void k_global_pool(const X* x, int64_t N, int64_t C, int64_t HW, bool nhwc, T* mx, T* mean, T* cnt = nullptr) {
   GlobalPool<T, X> gp(x, N, C, HW, nhwc, mx, mean, cnt);
   at::parallel_for(0, gp.items(), gp.grain(), [&](int64_t b, int64_t e) { gp.run(b, e); });
-  if (nhwc) at::parallel_for(0, N * C, C, [&](int64_t b, int64_t e) { gp.combine(b, e); });
+  if (nhwc && !gp.direct) at::parallel_for(0, N * C, C, [&](int64_t b, int64_t e) { gp.combine(b, e); });
 }
 
 // One run of n elements of the global-pool gradient: out[k] = (acc ? out[k] : 0) + f +
