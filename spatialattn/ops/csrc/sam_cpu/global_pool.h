@@ -76,12 +76,14 @@ struct GlobalPool {
     } else if (direct) {  // whole images: an image's accumulators in the thread's scratch (L1)
       std::unique_ptr<T[]> acc(new T[3 * C]);
       for (int64_t n = b; n < e; ++n) {
-        pixel_block(n, acc.get(), acc.get() + C, counting ? acc.get() + 2 * C : nullptr);
+        // prefetching on into the next images of this range (they follow in memory): an image
+        // of one or a few tiles would otherwise start every time without its lines in flight
+        pixel_block(n, acc.get(), acc.get() + C, counting ? acc.get() + 2 * C : nullptr, (e - n) * HW);
         for (int64_t c = 0; c < C; ++c) finish_output(n, c, acc[c], acc[C + c], counting ? acc[2 * C + c] : T(0));
       }
     } else {
       for (int64_t t = b; t < e; ++t) pixel_block(t, pm.data() + t * C, ps.data() + t * C,
-                                                  counting ? pc.data() + t * C : nullptr);
+                                                  counting ? pc.data() + t * C : nullptr, -1);
     }
   }
 
@@ -217,8 +219,9 @@ struct GlobalPool {
   }
 
   // channels_last: block t (image t / nb, pixels of its share t % nb) into the accumulators m,
-  // sm and (counting) ct, C each
-  void pixel_block(int64_t t, T* m, T* sm, T* ct) {
+  // sm and (counting) ct, C each; the software prefetches run up to pixel pf_limit from the
+  // image's first (past its end: into the images after it), or to the block's end where -1
+  void pixel_block(int64_t t, T* m, T* sm, T* ct, int64_t pf_limit) {
     const int64_t n = t / nb, p0 = (t % nb) * block, p1 = std::min(HW, p0 + block);
     const X* base = x + n * HW * C;
     if (p0 >= p1) {
@@ -247,7 +250,7 @@ struct GlobalPool {
       constexpr bool CNT = decltype(count_t)::value;
       const X* row = base + p * C;
       const char* pf = reinterpret_cast<const char*>(row + np * C);
-      const char* pf_end = reinterpret_cast<const char*>(base + std::min(p1, p + np + tp) * C);
+      const char* pf_end = reinterpret_cast<const char*>(base + std::min(pf_limit < 0 ? p1 : pf_limit, p + np + tp) * C);
       int64_t c = 0;
       auto sweep = [&](auto nb_t) {
         constexpr int NB = decltype(nb_t)::value;
