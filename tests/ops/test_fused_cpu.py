@@ -1569,7 +1569,8 @@ def test_global_pool_nchw_rows_grouped_and_counted(dtype, hw, threads):
     # rows at a time: the same bits as one row at a time (each channel alone: fewer than 16
     # rows); the backward counts the ties of a block of rows first (bits of the compare
     # masks), then writes their gradient: against a float64 reference, alone and added in
-    # place into another gradient
+    # place into another gradient, where rows that are not a whole number of vectors go in
+    # lane blocks (AVX-512 builds) with the bits of the rows
     ext = _cpp.get()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -1597,7 +1598,16 @@ def test_global_pool_nchw_rows_grouped_and_counted(dtype, hw, threads):
         base = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
         into = ext.global_pool_backward(g, x, pooled, kinds, base.clone(), None)
         torch.testing.assert_close(into.double(), base.double() + want, **tol)
+        for kinds_b in ([1, 0], [0], [1]):  # both shares, the max alone, the mean alone
+            pooled_b = ext.global_pool(x, kinds_b)
+            g_b = g[: len(kinds_b)]
+            ext.set_gp_lane_block_max_hw(0)
+            rows = ext.global_pool_backward(g_b, x, pooled_b, kinds_b, base.clone(), None)
+            ext.set_gp_lane_block_max_hw(-1)
+            lanes = ext.global_pool_backward(g_b, x, pooled_b, kinds_b, base.clone(), None)
+            assert torch.equal(lanes, rows)
     finally:
+        ext.set_gp_lane_block_max_hw(-1)
         torch.set_num_threads(old)
 
 

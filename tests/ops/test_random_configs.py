@@ -45,6 +45,7 @@ KNOBS = {
     "set_flat_backward_max_block": (-1, [0, 1, 8, 64, 1 << 20]),
     "set_gp_tile_bytes": (-1, [0, 64, 4096]),
     "set_gp_backward_block_bytes": (-1, [0, 64, 4096, 1 << 30]),
+    "set_gp_lane_block_max_hw": (-1, [0, 9, 49]),
     "set_min_run_bytes": (-1, [0, 64, 1 << 12]),
     "set_one_stream_reduce": (-1, [0, 1]),
     "set_row_prefetch": (-1, [0, 1]),

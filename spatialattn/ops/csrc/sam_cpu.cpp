@@ -106,6 +106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_block_rows", &backward_block_rows, py::arg("nhwc"), py::arg("scaled"), py::arg("C"), py::arg("HW"));
   m.def("set_gp_backward_block_bytes",
         [](int64_t b) { kGpBackwardBlockBytes = b < 0 ? kGpBackwardBlockDefault : b; });
+  m.def("set_gp_lane_block_max_hw", [](int64_t v) { kGpLaneBlockMaxHW = v < 0 ? kGpLaneBlockDefault : v; });
   m.def("whole_image_bytes", &whole_image_bytes);
   m.def("llc_bytes", &llc_bytes);  // the last-level cache the kernels size their work by
   m.def("band_rows", &band_rows, py::arg("row_bytes"), py::arg("lag"), py::arg("H"), py::arg("nhwc"),

@@ -18,6 +18,10 @@ constexpr int64_t kRows16MaxHW = 100;
 // k_global_pool_backward); settable for measurements (set_gp_backward_block_bytes)
 constexpr int64_t kGpBackwardBlockDefault = 16384;
 int64_t kGpBackwardBlockBytes = kGpBackwardBlockDefault;
+// ... and its rows of at most this many pixels, added into a gradient, in lane blocks (see
+// k_global_pool_backward); settable for tests (set_gp_lane_block_max_hw, 0: rows only)
+constexpr int64_t kGpLaneBlockDefault = 100;
+int64_t kGpLaneBlockMaxHW = kGpLaneBlockDefault;
 
 // GlobalPool: for CBAM's channel gate: max and mean over H*W of each (n, c) in one read of x.
 // mx / mean: [N, C] outputs (either may be null). cnt (channels_last only, with mx): [N, C]
@@ -460,9 +464,19 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
     // first, then its gradient, reading the block's x again from L1 / L2. Row by row, each
     // row's gradient waited for the division behind its count, which waited for the row's
     // loads: short rows streamed x and the gradient at a fraction of the cache's bandwidth.
-    const int64_t block = std::max<int64_t>(1, kGpBackwardBlockBytes / std::max<int64_t>(1, HW * int64_t(sizeof(X))));
+    int64_t block = std::max<int64_t>(1, kGpBackwardBlockBytes / std::max<int64_t>(1, HW * int64_t(sizeof(X))));
+    // Short rows added into gx (CBAM's fused backward: `acc`) in lane blocks (AVX-512 builds):
+    // brows = flat_block_rows rows make a whole number of vectors, each lane's row share, max
+    // share and max permuted in from the block's (BlockScales, as the SAM's scaled blocks), so
+    // a 49-pixel row costs no partial vector and no scalar tail of its own. Per element the
+    // operations of global_pool_grad_run with `acc` (same bits); without `acc` its scalar tail
+    // adds the run to +0, which the vectors do not, so the rows stay.
+    const int64_t brows = kLaneScales && acc && !stream ? flat_block_rows(HW, kGpLaneBlockMaxHW) : 0;
+    if (brows) block = std::max(brows, block / brows * brows);
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW), fmb(mx ? std::min(block, e - b) : 0);
+      std::vector<int32_t> ri(brows * HW);
+      row_index_tile(HW, brows, ri.data());
       for (int64_t r0 = b; r0 < e; r0 += block) {
         const int64_t r1 = std::min(e, r0 + block);
         if (mx) {
@@ -482,7 +496,26 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
             fmb[r - r0] = gmax[r] / T(cnt);
           }
         }
-        for (int64_t r = r0; r < r1; ++r) {
+        int64_t r = r0;
+#if defined(__AVX512F__)
+        {
+          const int64_t n = brows * HW;
+          static const T zeros[16] = {};
+          for (; brows && r + brows <= r1; r += brows) {
+            const BlockScales<T> fa(fmean ? fmean + r : zeros, brows);
+            BlockScales<T> fm, m;
+            if (mx) fm = BlockScales<T>(fmb.data() + (r - r0), brows), m = BlockScales<T>(mx + r, brows);
+            const X* xr = x + r * HW;
+            X* out = gx + r * HW;
+            for (int64_t k = 0; k < n; k += L) {
+              const V f = fa.at(ri.data(), k);
+              const V v = mx ? vsel<T>(vcmp<kEq, T>(vld(xr + k), m.at(ri.data(), k)), f + fm.at(ri.data(), k), f) : f;
+              vst(out + k, vld(out + k) + v);
+            }
+          }
+        }
+#endif
+        for (; r < r1; ++r) {
           const T fm = mx ? fmb[r - r0] : T(0), m = mx ? mx[r] : T(0), fa = fmean ? fmean[r] : T(0);
           global_pool_grad_run<T>(x + r * HW, HW, mx != nullptr, acc, gx + r * HW, buf.data(), stream,
                                   [&](int64_t, auto& f, auto& g, auto& mm) {
