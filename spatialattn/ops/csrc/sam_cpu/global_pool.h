@@ -30,8 +30,9 @@ int64_t kGpLaneBlockMaxHW = kGpLaneBlockDefault;
 // Two phases, each a range of independent items that any thread may take (k_global_pool runs
 // them through at::parallel_for; cbam_forward's one parallel region splits them by hand):
 // run(b, e) reads x (NCHW: items are the N * C rows; channels_last: N * nb pixel blocks into
-// partial accumulators), then, channels_last only, combine(b, e) sums the partials of the
-// N * C outputs. The bits depend on nb (set from the thread count), not on the split.
+// partial accumulators, or with nb = 1 (`direct`) whole images straight into the outputs),
+// then, channels_last with nb > 1 only, combine(b, e) sums the partials of the N * C outputs.
+// The bits depend on nb (set from the thread count), not on the split.
 template <typename T, typename X>
 struct GlobalPool {
   using V = vec_t<T>;
