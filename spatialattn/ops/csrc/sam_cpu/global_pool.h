@@ -216,6 +216,14 @@ struct GlobalPool {
       float m[16], s[16];
       vstore(m, reduce16(lm, LaneMax{}));
       vstore(s, reduce16(ls, LaneSum{}));
+      bool nan = false;
+      for (int j = 0; j < 16; ++j) nan |= s[j] != s[j];
+      if (!nan) {  // finish_row for the sixteen, as vectors (a NaN sum: row by row, which restores a NaN max)
+        if (mx) std::copy(m, m + 16, mx + r);
+        if (mean)
+          for (int j = 0; j < 16; ++j) mean[r + j] = s[j] / float(HW);
+        return;
+      }
       for (int j = 0; j < 16; ++j) finish_row(r + j, m[j], s[j]);
       return;
     }
