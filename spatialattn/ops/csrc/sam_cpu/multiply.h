@@ -72,23 +72,23 @@ int64_t mul_rows_flat(const X* x, const T* s, const T* attn, X* y, int64_t HW, i
                       bool stream) {
   const int64_t rows = flat_block_rows(HW, kFlatRowsMaxHW);
   if (rows == 0 || c1 - c0 < rows) return c0;
+  // with a scale by lanes: cached, or streamed with non-temporal stores where float32 output
+  // starts at a vector's storage size; else a scale block, only where streamed
+  const bool by_lanes = kLaneScales && s &&
+                        (!stream || (std::is_same_v<T, float> && elems_to_boundary(y + c0 * HW, lanes<T>() * sizeof(X)) == 0));
+  if (s && !stream && !by_lanes) return c0;
   T tiled[16 * kFlatRowsDefault];
+  tile_rows(attn, HW, rows, tiled);
   int64_t c = c0;
 #if defined(__AVX512F__)
-  if (s) {
-    const bool nt = std::is_same_v<T, float> && stream && elems_to_boundary(y + c0 * HW, lanes<T>() * sizeof(X)) == 0;
-    if (!stream || nt) {
-      tile_rows(attn, HW, rows, tiled);
-      int32_t ri[16 * kFlatRowsDefault];
-      row_index_tile(HW, rows, ri);
-      for (; c + rows <= c1; c += rows)
-        mul_block_scaled<T, X>(y + c * HW, x + c * HW, BlockScales<T>(s + c, rows), ri, tiled, rows * HW, nt);
-      return c;
-    }
+  if (by_lanes) {
+    int32_t ri[16 * kFlatRowsDefault];
+    row_index_tile(HW, rows, ri);
+    for (; c + rows <= c1; c += rows)
+      mul_block_scaled<T, X>(y + c * HW, x + c * HW, BlockScales<T>(s + c, rows), ri, tiled, rows * HW, stream);
+    return c;
   }
 #endif
-  if (s && !stream) return c0;
-  tile_rows(attn, HW, rows, tiled);
   if (!s) {  // (a literal null: mul_row's choices fold away)
     for (; c + rows <= c1; c += rows) mul_row<T>(y + c * HW, x + c * HW, nullptr, T(1), tiled, T(0), rows * HW, stream);
     return c;
