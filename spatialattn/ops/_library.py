@@ -495,10 +495,8 @@ class _TritonKernels:
 
     def sam_forward(self, x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, out):
         """``(y, attn, logits, pooled)``: three or four launches (the pooling, the conv and
-        sigmoid on the small maps, the gate multiply)."""
-        pooled = self._t.pool_forward(x, scale, kinds, _acc(x))
-        logits, attn = self._t.gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
-        return self._t.gate_forward(x, attn, scale), attn, logits, pooled
+        sigmoid on the small maps, the gate multiply), or one (:func:`._triton.sam_forward`)."""
+        return self._t.sam_forward(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation)
 
     def sam_backward(self, grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds, dilation,
                      need_gs: bool, need_gw: bool, need_gb: bool, need_norm: bool):

@@ -45,6 +45,7 @@ sweeps on a GPU.
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -77,6 +78,12 @@ _BP_SMALL = 128  # pixels per program on the [N, 1 or P, H, W] maps (one per lan
 _PROGRAMS_PER_SM = 8
 _DEFAULT_SMS = 132  # CPU tensors (Triton's interpreter): an H100's count, so the tests split as a GPU would
 _SMS: Dict[int, int] = {}
+# The SAM forward in one launch (sam_forward, _sam_band_kernel): off by default until timed on
+# a GPU; SPATIALATTN_TRITON_BAND_FORWARD=1 turns it on. Its grid aims at this many programs
+# (bands of rows) per SM; _BAND_ROWS > 0 forces the band height (tests).
+_BAND_FORWARD = os.environ.get("SPATIALATTN_TRITON_BAND_FORWARD", "0") == "1"
+_BAND_PROGRAMS_PER_SM = 4
+_BAND_ROWS = 0
 
 
 def _layout(x: Tensor) -> Tuple[Tensor, bool]:
@@ -104,17 +111,22 @@ def _meta(c: int, hw: int, cl: bool) -> dict:
     return dict(CL=cl, C_DIV=_pow2_div(c), HW_DIV=_pow2_div(hw), num_warps=_NUM_WARPS)
 
 
-def _target_programs(x: Tensor) -> int:
-    """Programs a launch should have: ``_PROGRAMS_PER_SM`` per SM of ``x``'s device."""
-    if _PROGRAMS_PER_SM <= 0:
-        return 0
+def _sm_count(x: Tensor) -> int:
+    """Streaming multiprocessors of ``x``'s device (``_DEFAULT_SMS`` for CPU tensors)."""
     if not x.is_cuda:
-        return _PROGRAMS_PER_SM * _DEFAULT_SMS
+        return _DEFAULT_SMS
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     sms = _SMS.get(index)
     if sms is None:
         sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _PROGRAMS_PER_SM * sms
+    return sms
+
+
+def _target_programs(x: Tensor) -> int:
+    """Programs a launch should have: ``_PROGRAMS_PER_SM`` per SM of ``x``'s device."""
+    if _PROGRAMS_PER_SM <= 0:
+        return 0
+    return _PROGRAMS_PER_SM * _sm_count(x)
 
 
 def _split(extent: int, block: int, programs: int, target: int) -> Tuple[int, int]:
@@ -560,6 +572,111 @@ if _HAVE_TRITON:
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
+    def _sam_band_kernel(x_ptr, s_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, pooled_ptr, logits_ptr, attn_ptr, y_ptr,
+                         scr_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, KMASK: tl.constexpr, KH: tl.constexpr,
+                         KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
+                         HAS_NORM: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr,
+                         W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BPG: tl.constexpr,
+                         MBC: tl.constexpr, MBP: tl.constexpr):
+        # The whole SAM forward of one band of TH rows of image n in one program (sam_forward
+        # with _BAND_FORWARD): the pooling, the gate and the product in one launch instead of
+        # three or four. The program pools its rows and the rows within the conv's reach above
+        # and below (the halo: DIL * (KH // 2) rows each side, pooled again by the neighbouring
+        # bands) into its own float32 scratch [2, SR, W] (max, mean), waits for its threads,
+        # runs the conv and the sigmoid on its own rows (the maps' P slots read the scratch row
+        # of their kind: bit KMASK >> i set = mean), waits again, and multiplies its rows of x,
+        # whose second read comes soon after the first. The same tiles, formulas and order of
+        # operations per element as _pool_kernel (unsplit), _gate_kernel and _mul_kernel, so
+        # the same numbers as the three launches.
+        C, HW = _dims(C, H * W, C_DIV, HW_DIV)
+        W = W // W_DIV * W_DIV
+        pid = tl.program_id(0).to(tl.int64)
+        n = pid // NB
+        h0 = (pid % NB).to(tl.int32) * TH
+        h1 = tl.minimum(H, h0 + TH)
+        hs = tl.maximum(0, h0 - DIL * (KH // 2))
+        he = tl.minimum(H, h1 + DIL * (KH // 2))
+        scr = scr_ptr + pid * 2 * SR * W
+        # 1. pooling of rows [hs, he) into the scratch, and of rows [h0, h1) into the maps
+        # (tiles from a multiple of BP and loads masked at HW only, so that they are as aligned
+        # as the three launches' are: the halo of a band of a 26 x 26 map starts on a multiple
+        # of 2 pixels; the few pixels read beyond the halo are pooled and not stored)
+        for q0 in range(hs * W // BP * BP, he * W, BP):
+            p = q0 + tl.arange(0, BP)
+            ld = p < HW
+            pm = (p >= hs * W) & (p < he * W)
+            mx = tl.full([BC, BP], float("-inf"), tl.float32)
+            sm = tl.zeros([BC, BP], tl.float32)
+            nan = tl.zeros([BC, BP], tl.int32)
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < C
+                m2 = cm[:, None] & ld[None, :]
+                xv = tl.load(x_ptr + _x_offsets(n, c, p, C, HW, CL), mask=m2, other=0.0)
+                if HAS_S:
+                    sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+                    v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
+                else:
+                    v = xv.to(tl.float32)
+                mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
+            mxr = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0))
+            mean = tl.sum(sm, axis=0) / C
+            tl.store(scr + (p - hs * W), mxr, mask=pm)
+            tl.store(scr + SR * W + (p - hs * W), mean, mask=pm)
+            own = pm & (p >= h0 * W) & (p < h1 * W)
+            for i in tl.static_range(P):
+                if (KMASK >> i) & 1:
+                    tl.store(pooled_ptr + (n * P + i) * HW + p, mean, mask=own)
+                else:
+                    tl.store(pooled_ptr + (n * P + i) * HW + p, mxr, mask=own)
+        tl.debug_barrier()  # the scratch rows of every thread of the program written
+        # 2. the gate on rows [h0, h1): conv (zero padding), bias, affine norm, sigmoid
+        for q0 in range(h0 * W, h1 * W, BPG):
+            p = q0 + tl.arange(0, BPG)
+            pm = p < h1 * W
+            h = p // W
+            w = p % W
+            acc = tl.zeros([BPG], tl.float32)
+            for i in tl.static_range(P):
+                kind = (KMASK >> i) & 1
+                for kh in tl.static_range(KH):
+                    hh = h + (kh - KH // 2) * DIL
+                    hm = pm & (hh >= 0) & (hh < H)
+                    for kw in tl.static_range(KW):
+                        ww = w + (kw - KW // 2) * DIL
+                        m = hm & (ww >= 0) & (ww < W)
+                        v = tl.load(scr + kind * SR * W + (hh - hs) * W + ww, mask=m, other=0.0)
+                        acc += v * tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+            if HAS_B:
+                acc += tl.load(b_ptr).to(tl.float32)
+            tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+            z = acc
+            if HAS_NORM:
+                z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
+            tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+        tl.debug_barrier()  # the attention of every row written
+        # 3. the product of rows [h0, h1)
+        dt = y_ptr.dtype.element_ty
+        # (from band * TW, TW = TH * W: whole 16-byte vectors where the host could round TH so)
+        TW = TW // TW_DIV * TW_DIV
+        lo = (pid % NB).to(tl.int32) * TW
+        hi = tl.minimum(HW, lo + TW)
+        for q0 in range(lo, hi, MBP):
+            p = q0 + tl.arange(0, MBP)
+            pm = p < hi
+            av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0).to(dt).to(tl.float32)
+            for c0 in range(0, C, MBC):
+                c = c0 + tl.arange(0, MBC)
+                cm = c < C
+                m2 = cm[:, None] & pm[None, :]
+                off = _x_offsets(n, c, p, C, HW, CL)
+                xv = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                if HAS_S:
+                    sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
+                    xv = (xv * sv[:, None]).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+                tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
+
+    @triton.jit
     def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, MXS, HAS_S: tl.constexpr,
                        HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, CL: tl.constexpr,
                        C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
@@ -985,6 +1102,65 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     _mul_kernel[grid](x, s if s is not None else x, a, y, c, hw, HAS_S=s is not None, BC=bc, BP=bp,
                       **_meta(c, hw, cl))
     return y
+
+
+def _band_rows(n: int, h: int, x: Tensor) -> int:
+    """Rows per program of the one-launch forward: enough bands per image that the grid has
+    ``_BAND_PROGRAMS_PER_SM`` programs per SM where the rows allow (``_BAND_ROWS`` > 0 forces
+    a height)."""
+    if _BAND_ROWS > 0:
+        return min(_BAND_ROWS, h)
+    bands = min(h, max(1, _cdiv(_BAND_PROGRAMS_PER_SM * _sm_count(x), max(n, 1))))
+    return _cdiv(h, bands)
+
+
+def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                norm_scale: Optional[Tensor], norm_shift: Optional[Tensor], kinds: Sequence[int],
+                dilation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, attn, logits, pooled)`` of the fused SAM with a sigmoid gate: ``pooled`` the
+    float32 ``[N, P, H, W]`` maps of ``x * scale`` (``kinds``: 0 max, 1 mean), ``logits =
+    conv2d(pooled, weight) + bias``, ``attn = sigmoid(logits * norm_scale + norm_shift)``
+    (float32 ``[N, 1, H, W]``), ``y = (x * scale) * attn``.
+
+    Three or four launches (:func:`pool_forward`, :func:`gate`, :func:`gate_forward`), or with
+    ``_BAND_FORWARD`` one (``_sam_band_kernel``: each program a band of rows, its conv's
+    halo rows pooled again; the same numbers). The one launch is not the default until it is
+    timed on a GPU (``benchmarks/profile_cuda.py`` times both); ``SPATIALATTN_TRITON_BAND_FORWARD=1``
+    turns it on."""
+    kinds = list(kinds)
+    if not _BAND_FORWARD or x.numel() == 0:
+        pooled = pool_forward(x, scale, kinds, torch.float32)
+        logits, attn = gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
+        return gate_forward(x, attn, scale), attn, logits, pooled
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    p = len(kinds)
+    _check_gate_args(weight, p, bias, dilation)
+    kh, kw = weight.shape[-2:]
+    th = _band_rows(n, h, x)
+    if _BAND_ROWS <= 0:  # bands of whole 16-byte vectors where the map allows (aligned products)
+        vec = max(1, 16 // x.element_size())
+        m = vec // min(vec, _pow2_div(w))
+        th = min(h, _cdiv(th, m) * m)
+    nb = _cdiv(h, th)
+    sr = min(h, th + 2 * dilation * (kh // 2))  # scratch rows: the band and its halo
+    dev = x.device
+    pooled = torch.empty((n, p, h, w), dtype=torch.float32, device=dev)
+    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    scratch = torch.empty(n * nb * 2 * sr * w, dtype=torch.float32, device=dev)
+    y = torch.empty_like(x)
+    s = _flat_scale(scale, x)
+    wt = weight.to(torch.float32).contiguous()
+    has_norm = norm_scale is not None
+    mbc, mbp = _MUL_TILE[cl]
+    _sam_band_kernel[(n * nb,)](
+        x, s if s is not None else x, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
+        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, th * w, nb, sr, P=p, TW_DIV=_pow2_div(th * w),
+        KMASK=sum(1 << i for i, k in enumerate(kinds) if k == 1), KH=kh, KW=kw, DIL=dilation,
+        HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, W_DIV=_pow2_div(w), BC=_BC, BP=_BP,
+        BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
+    return y, attn, logits, pooled
 
 
 def _grad_like(grad: Tensor, x: Tensor, cl: bool) -> Tensor:

@@ -243,6 +243,17 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
     x, wt, b = leaf(*shape), leaf(1, 2, 3, 3, dt=torch.float32), leaf(1, dt=torch.float32)
     y = ops.spatial_attention_fused(x, wt, b, dilation=2)
     torch.autograd.grad(y, (x, wt, b), torch.ones_like(y))
+    # the forward in one launch (off by default): without and with a scale, bias and norm
+    band, _triton._BAND_FORWARD = _triton._BAND_FORWARD, True
+    try:
+        with torch.no_grad():
+            x, s, wt = leaf(*shape), leaf(n, c, 1, 1), leaf(1, 2, 7, 7, dt=torch.float32)
+            ops.spatial_attention_fused(x, wt)
+            one = torch.ones(1)
+            ops.spatial_attention_fused(x, wt, one, order=("mean", "max"), channel_scale=s, norm_scale=one,
+                                        norm_shift=one)
+    finally:
+        _triton._BAND_FORWARD = band
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

@@ -109,6 +109,64 @@ def check_primitives(shape, dtypes, layouts) -> int:
     return count
 
 
+def check_band_forward() -> int:
+    """The SAM forward in one launch (``_sam_band_kernel``) against the three launches, bit for
+    bit (the same tiles and order of operations; the reference's channel loop unsplit), and
+    ``y`` / the attention against float64: band heights from one row (every row's halo pooled
+    by its neighbours too) to the whole map and the automatic one, halos wider than the map
+    (dilation 3, k = 7 on 4 rows), kernel sizes 1-7 and not square, every pooling order with
+    a repeated slot, scale, bias and affine norm, three dtypes and layouts, NaN in a halo row;
+    every output buffer starts as NaN (``_NaNTorch``), so an element the kernel skips shows."""
+    count = 0
+    saved = (_triton._BAND_FORWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM)
+    _triton._PROGRAMS_PER_SM = 0
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    every = list(itertools.product(ALL_DTYPES, ALL_LAYOUTS))
+    # shape, pooling kinds, kernel, dilation, scale, norm, bias, band heights (0: automatic), (dtype, layout)s
+    # (the interpreter runs a program's 49-98 unrolled taps in Python: one-row bands cost most)
+    cases = [((2, 19, 9, 11), [0, 1], (7, 7), 1, True, False, True, (4,), every),
+             ((2, 19, 9, 11), [0, 1], (7, 7), 1, True, False, True, (1, 0), [(f32, "nchw")]),
+             ((2, 19, 9, 11), [1, 0], (7, 7), 1, False, True, False, (2, 9), [(f32, "nchw"), (f16, "channels_last")]),
+             ((1, 40, 13, 5), [1], (5, 5), 3, False, True, False, (5,), [(bf16, "channels_last")]),
+             ((2, 20, 4, 16), [0, 1, 0], (7, 3), 3, True, True, True, (1, 3), [(f32, "nchw"), (f32, "noncontig")]),
+             ((3, 5, 6, 17), [0], (1, 1), 1, True, False, True, (2,), [(f16, "nchw")]),
+             ((1, 17, 7, 1), [1, 0], (3, 5), 2, False, False, True, (2,), [(f32, "channels_last")])]
+    runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
+    for (shape, kinds, (kh, kw), dil, scale, norm, bias, heights), dtype, layout in runs:
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(h * 100 + c)
+        x = make(shape, layout, dtype, h)
+        if (h, c) == (9, 19):  # NaN in the first image's row 3: in the halo of every band within 3 rows
+            x[0, 7, 3, 2] = float("nan")
+        s = (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype) if scale else None
+        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
+        b = torch.randn(1, generator=g) if bias else None
+        ns, nsh = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if norm else (None, None)
+        _triton._BAND_FORWARD = False
+        want = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
+        names = ["max" if k == 0 else "mean" for k in kinds]
+        xd = x.double() if s is None else x.double() * s.double()
+        z = torch.nn.functional.conv2d(reference.channel_pool(xd, names, None, torch.float64), wt.double(),
+                                       None if b is None else b.double(), padding=(dil * (kh // 2), dil * (kw // 2)),
+                                       dilation=dil)
+        attn64 = torch.sigmoid(z if ns is None else z * ns.double() + nsh.double())
+        _triton._BAND_FORWARD = True
+        for rows in heights:
+            _triton._BAND_ROWS = rows
+            got = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
+            what = f"band forward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
+            for name, a, e in zip(("y", "attention", "logits", "pooled"), got, want):
+                assert a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride(), (what, name)
+                assert torch.equal(a, e) or (torch.isnan(a) == torch.isnan(e)).all() and torch.equal(
+                    a.nan_to_num(), e.nan_to_num()), f"{what}: {name} differs from the three launches"
+            check(got[1].double(), attn64, torch.float32, f"{what} attention vs float64")
+            y64 = (x.double() if s is None else (x * s).double()) * got[1].double().to(dtype).double()
+            check(got[0].double(), y64, dtype, f"{what} y vs float64")
+            count += 1
+    _triton._BAND_FORWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
+    return count
+
+
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
 # (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
@@ -136,6 +194,7 @@ def main() -> None:
         count += check_primitives(shape, dtypes, layouts)
     for k, v in defaults.items():
         setattr(_triton, k, v)
+    count += check_band_forward()
     shape = (2, 19, 5, 7)
     n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)

@@ -72,6 +72,7 @@ def test_workload_launches_every_kernel_and_variant(launches):
                          ("_gpool_kernel", "COUNT"), ("_gpool_backward_kernel", "ACC"), ("_gradx_kernel", "USE_IX"),
                          ("_gradx_kernel", "NEED_GS"), ("_reduce_kernel", "HAS_IX"), ("_reduce_kernel", "HAS_G"),
                          ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM"), ("_gate_kernel", "STATS"),
+                         ("_sam_band_kernel", "HAS_S"), ("_sam_band_kernel", "HAS_NORM"),
                          ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN")]:
         assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
     dtypes = {launch.signature["x_ptr"] for launch in launches if "x_ptr" in launch.signature}
@@ -272,6 +273,35 @@ def test_kernel_launches_of_the_fused_sam(shape):
     assert sum(step.values()) == 10 + split, dict(step)
     assert step["_bn_attn_kernel"] == 1 and step["_bn_running_kernel"] == 1, dict(step)
     assert not [name for name in step if name.startswith("aten.")], dict(step)
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
+def test_band_forward_is_one_launch(shape, monkeypatch):
+    """With ``_BAND_FORWARD`` the SAM forward is one launch whatever the shape (the pooling's
+    split and combine, the gate and the product in one program per band of rows), and a
+    training step 6 (the backward's five unchanged); its grid aims at
+    ``_BAND_PROGRAMS_PER_SM`` programs per SM, bands of whole 16-byte vectors where the map
+    allows."""
+    monkeypatch.setattr(_triton, "_BAND_FORWARD", True)
+    x, w = torch.randn(shape), torch.randn(1, 2, 7, 7)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def forward():
+        with torch.no_grad():
+            ops.spatial_attention_fused(x, w)
+
+    def training_step():
+        y = ops.spatial_attention_fused(xg, wg)
+        torch.autograd.grad(y, (xg, wg), y)
+
+    assert aot.kernel_launches(forward) == {"_sam_band_kernel": 1}
+    both = aot.kernel_launches(training_step)
+    assert sum(both.values()) == 6 and both["_sam_band_kernel"] == 1, dict(both)
+    (launch,) = [la for la in aot.record_launches(forward)]
+    n, _, h, w_ = shape
+    th = math.ceil(h / min(h, math.ceil(_triton._BAND_PROGRAMS_PER_SM * 132 / n)))
+    th = min(h, math.ceil(th / (4 // min(4, w_ & -w_))) * (4 // min(4, w_ & -w_)))  # float32: 4 per vector
+    assert launch.grids == [(n * math.ceil(h / th),)], (launch.grids, th)
 
 
 def test_kernel_launches_counts_torch_ops():
