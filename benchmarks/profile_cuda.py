@@ -14,6 +14,10 @@ under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient)
 * ``clone us``: ``x.clone()`` timed the same way, and the ratio;
 * the kernels of one call (``torch.profiler``): name, launches and GPU microseconds per call.
 
+Modes ``fwd band`` / ``fwd+bwd band`` run the same calls with the forward in one launch
+(``_triton._BAND_FORWARD``, off by default until these figures say whether it pays: its
+``gpu``, ``host`` and ``graph`` against the ``fwd`` rows of the same run).
+
 First, the host cost of one launch on a tiny tensor: a Triton launch of the gate-multiply
 kernel (straight through ``kernel[grid](...)``), the same through its wrapper
 (:func:`spatialattn.ops._triton.gate_forward`), and a torch ``mul``: what an overhead-bound
@@ -35,6 +39,8 @@ def main() -> None:
     p.add_argument("--layouts", default="NCHW,CL")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-band", dest="band", action="store_false",
+                   help="skip the forward in one launch (modes 'fwd band', 'fwd+bwd band')")
     args = p.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -127,8 +133,19 @@ def main() -> None:
                 xg.grad = None
                 wg.grad = None
 
+            def band(fn):  # the same call with the forward in one launch (_triton._BAND_FORWARD)
+                def run():
+                    _triton._BAND_FORWARD = True
+                    try:
+                        return fn()
+                    finally:
+                        _triton._BAND_FORWARD = False
+                return run
+
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
-            for mode, fn in (("fwd", fwd), ("fwd+bwd", fb)):
+            for mode, fn in (("fwd", fwd), ("fwd band", band(fwd)), ("fwd+bwd", fb), ("fwd+bwd band", band(fb))):
+                if mode.endswith("band") and not args.band:
+                    continue
                 gpu, host = timed(fn, args.iters)
                 try:
                     graph = graph_us(fn, args.iters)

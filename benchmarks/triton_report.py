@@ -187,6 +187,8 @@ SETTINGS = [
     ("mul 8x128 / 32x32", {"_MUL_TILE": {False: (8, 128), True: (32, 32)}}, True, False),
     ("mul 2x512 / 128x8", {"_MUL_TILE": {False: (2, 512), True: (128, 8)}}, True, False),
     ("mul 4x512 / 64x32", {"_MUL_TILE": {False: (4, 512), True: (64, 32)}}, True, False),
+    # the forward in one launch only (_sam_band_kernel: its grid's programs per SM)
+    ("band 1/SM", {"_BAND_PROGRAMS_PER_SM": 1}, False, True), ("band 16/SM", {"_BAND_PROGRAMS_PER_SM": 16}, False, True),
 ]
 
 
@@ -246,6 +248,13 @@ def sweep(args, torch) -> str:
                 gg = torch.randn(2, n, c, device=dev)
                 sets.append((x, g, into, attn, pooled, gp, cnt, ix, gout, counts, gg))
             clone = timed(lambda x, *_: x.clone(), sets, calls)
+            wt = torch.randn(1, 2, 7, 7, device=dev) * 0.1
+
+            def sam(band):
+                def run(x, *_):
+                    with _settings(T, _BAND_FORWARD=band):
+                        return T.sam_forward(x, wt, None, None, None, None, [0, 1], 1)
+                return run
             cases = {
                 "pool [1]": (1, lambda x, g, into, attn, pooled, gp, cnt, ix, gout, counts, gg:
                                  T.pool_forward(x, None, [0, 1], torch.float32)),
@@ -258,11 +267,16 @@ def sweep(args, torch) -> str:
                 "global pool bwd, in place [3]": (3, lambda x, g, into, attn, pooled, gp, cnt, ix, gout, counts, gg:
                                                   T.global_pool_backward(gg, x, gout, [1, 0], into=into,
                                                                          counts=counts)),
+                # the whole SAM forward: three launches (the pooling unsplit under "no split"), or one
+                "SAM forward, three launches [2]": (2, sam(False)),
+                "SAM forward, one launch [2]": (2, sam(True)),
             }
             for label, settings, gate, others in SETTINGS:
                 with _settings(T, **settings):
                     for case, (moved, fn) in cases.items():
                         if not (gate if case.startswith("gate") else others):
+                            continue
+                        if label.startswith("band") and "one launch" not in case:
                             continue
                         t = timed(fn, sets, calls)
                         rows.setdefault((case, label), {})[col] = moved * clone / (2 * t)

@@ -227,6 +227,8 @@ def test_report_script(tmp_path):
     _report(tmp_path, "--sweep", "--device", "cpu", "--shapes", "1x16x8x8", "--iters", "1", TRITON_INTERPRET="1")
     sweep = (tmp_path / "triton_sweep_float32.md").read_text()
     assert sweep.count("| gate multiply [2] |") == 6 and sweep.count("| pool [1] |") == 10
+    assert sweep.count("| SAM forward, three launches [2] |") == 10  # the two band settings: one launch only
+    assert sweep.count("| SAM forward, one launch [2] |") == 12
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
