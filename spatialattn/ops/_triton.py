@@ -8,6 +8,9 @@ reference does; reductions accumulate in float32.
 * :func:`pool_forward` -- max / mean over channels (NaN propagates: ``tl.max`` drops NaN,
   so a NaN flag is reduced alongside and restores it);
 * :func:`gate_forward` -- ``(x * scale) * attn``;
+* :func:`sam_forward` -- the whole SAM forward: the pooling, :func:`gate` and
+  :func:`gate_forward` (three or four launches), or with ``_BAND_FORWARD`` one launch
+  (``_sam_band_kernel``, a program per band of rows; off by default until timed on a GPU);
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
   no maxima tie and no scale gradient is wanted);
