@@ -14,9 +14,10 @@ under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient)
 * ``clone us``: ``x.clone()`` timed the same way, and the ratio;
 * the kernels of one call (``torch.profiler``): name, launches and GPU microseconds per call.
 
-Modes ``fwd band`` / ``fwd+bwd band`` run the same calls with the forward in one launch
-(``_triton._BAND_FORWARD``, off by default until these figures say whether it pays: its
-``gpu``, ``host`` and ``graph`` against the ``fwd`` rows of the same run).
+Modes ``fwd band`` / ``fwd+bwd band`` run the same calls with the forward and the backward in
+one launch each (``_triton._BAND_FORWARD`` / ``_BAND_BACKWARD``, off by default until these
+figures say whether they pay: their ``gpu``, ``host`` and ``graph`` against the ``fwd`` and
+``fwd+bwd`` rows of the same run).
 
 First, the host cost of one launch on a tiny tensor: a Triton launch of the gate-multiply
 kernel (straight through ``kernel[grid](...)``), the same through its wrapper
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-band", dest="band", action="store_false",
-                   help="skip the forward in one launch (modes 'fwd band', 'fwd+bwd band')")
+                   help="skip the one-launch forward and backward (modes 'fwd band', 'fwd+bwd band')")
     args = p.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -133,13 +134,13 @@ def main() -> None:
                 xg.grad = None
                 wg.grad = None
 
-            def band(fn):  # the same call with the forward in one launch (_triton._BAND_FORWARD)
+            def band(fn):  # the same call with the forward and backward in one launch each
                 def run():
-                    _triton._BAND_FORWARD = True
+                    _triton._BAND_FORWARD = _triton._BAND_BACKWARD = True
                     try:
                         return fn()
                     finally:
-                        _triton._BAND_FORWARD = False
+                        _triton._BAND_FORWARD = _triton._BAND_BACKWARD = False
                 return run
 
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)

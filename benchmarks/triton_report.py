@@ -187,7 +187,7 @@ SETTINGS = [
     ("mul 8x128 / 32x32", {"_MUL_TILE": {False: (8, 128), True: (32, 32)}}, True, False),
     ("mul 2x512 / 128x8", {"_MUL_TILE": {False: (2, 512), True: (128, 8)}}, True, False),
     ("mul 4x512 / 64x32", {"_MUL_TILE": {False: (4, 512), True: (64, 32)}}, True, False),
-    # the forward in one launch only (_sam_band_kernel: its grid's programs per SM)
+    # the forward and backward in one launch only (_sam_band_kernel, _sam_band_backward_kernel: programs per SM)
     ("band 1/SM", {"_BAND_PROGRAMS_PER_SM": 1}, False, True), ("band 16/SM", {"_BAND_PROGRAMS_PER_SM": 16}, False, True),
 ]
 
@@ -249,11 +249,19 @@ def sweep(args, torch) -> str:
                 sets.append((x, g, into, attn, pooled, gp, cnt, ix, gout, counts, gg))
             clone = timed(lambda x, *_: x.clone(), sets, calls)
             wt = torch.randn(1, 2, 7, 7, device=dev) * 0.1
+            saved = {id(x): T.sam_forward(x, wt, None, None, None, None, [0, 1], 1) for x, *_ in sets}
 
             def sam(band):
                 def run(x, *_):
                     with _settings(T, _BAND_FORWARD=band):
                         return T.sam_forward(x, wt, None, None, None, None, [0, 1], 1)
+                return run
+
+            def sam_backward(band):
+                def run(x, g, *_):
+                    _, attn_, logits, pooled_ = saved[id(x)]
+                    with _settings(T, _BAND_BACKWARD=band):
+                        return T.sam_backward(g, None, x, None, wt, None, attn_, logits, pooled_, [0, 1], 1)
                 return run
             cases = {
                 "pool [1]": (1, lambda x, g, into, attn, pooled, gp, cnt, ix, gout, counts, gg:
@@ -270,13 +278,18 @@ def sweep(args, torch) -> str:
                 # the whole SAM forward: three launches (the pooling unsplit under "no split"), or one
                 "SAM forward, three launches [2]": (2, sam(False)),
                 "SAM forward, one launch [2]": (2, sam(True)),
+                "SAM backward, five launches [3]": (3, sam_backward(False)),
+                "SAM backward, one launch [3]": (3, sam_backward(True)),
             }
             for label, settings, gate, others in SETTINGS:
                 with _settings(T, **settings):
                     for case, (moved, fn) in cases.items():
                         if not (gate if case.startswith("gate") else others):
                             continue
+                        # the whole SAM at the default settings; the one launch also at its own
                         if label.startswith("band") and "one launch" not in case:
+                            continue
+                        if case.startswith("SAM") and not (label == "default" or label.startswith("band")):
                             continue
                         t = timed(fn, sets, calls)
                         rows.setdefault((case, label), {})[col] = moved * clone / (2 * t)

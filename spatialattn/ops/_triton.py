@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -85,6 +85,8 @@ _SMS: Dict[int, int] = {}
 # a GPU; SPATIALATTN_TRITON_BAND_FORWARD=1 turns it on. Its grid aims at this many programs
 # (bands of rows) per SM; _BAND_ROWS > 0 forces the band height (tests).
 _BAND_FORWARD = os.environ.get("SPATIALATTN_TRITON_BAND_FORWARD", "0") == "1"
+# the backward likewise (sam_backward, _sam_band_backward_kernel; not with a training BatchNorm)
+_BAND_BACKWARD = os.environ.get("SPATIALATTN_TRITON_BAND_BACKWARD", "0") == "1"
 _BAND_PROGRAMS_PER_SM = 4
 _BAND_ROWS = 0
 
@@ -680,6 +682,169 @@ if _HAVE_TRITON:
                 tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
+    def _sam_band_backward_kernel(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, logits_ptr, pooled_ptr, w_ptr, ns_ptr,
+                                  gx_ptr, gs_ptr, part_ptr, scr_ptr, C, H, W, TH, TW, NB, SR, NPART, TPB,
+                                  P: tl.constexpr, MEAN_SLOTS: tl.constexpr, I_MAX: tl.constexpr, KH: tl.constexpr,
+                                  KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_G: tl.constexpr,
+                                  HAS_GATTN: tl.constexpr, HAS_NORM: tl.constexpr, NEED_GS: tl.constexpr,
+                                  CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
+                                  TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BPG: tl.constexpr):
+        # The SAM backward of one band of TH rows of image n in one program (sam_backward with
+        # _BAND_BACKWARD; no training BatchNorm, whose batch statistics need every image first):
+        # pass A (sum_c grad * x', the max's tie count) over its rows and the conv's halo, the
+        # sigmoid / norm backward there (d logits', into its scratch [4, SR, W]: dz, count,
+        # then the max's and the mean's per-pixel gradients), the conv backward on its rows
+        # from the scratch, and the gradient pass over its rows, whose reads of x and the
+        # gradient come soon after pass A's. Per element the formulas and order of operations
+        # of _reduce_kernel (unsplit), _gate_backward_kernel, _conv_backward_kernel and
+        # _gradx_kernel, so grad_x is theirs; the parameter gradients' partial sums go into
+        # TPB rows of part per program (one per tile of its rows; the bias / norm sums in the
+        # first) and the scale gradient's into gs [NB, N, C], summed in a fixed order by the
+        # host's launches, in groups other than theirs.
+        C, HW = _dims(C, H * W, C_DIV, HW_DIV)
+        W = W // W_DIV * W_DIV
+        TW = TW // TW_DIV * TW_DIV
+        pid = tl.program_id(0).to(tl.int64)
+        n = pid // NB
+        band = (pid % NB).to(tl.int32)
+        h0 = band * TH
+        h1 = tl.minimum(H, h0 + TH)
+        hs = tl.maximum(0, h0 - DIL * (KH // 2))
+        he = tl.minimum(H, h1 + DIL * (KH // 2))
+        scr = scr_ptr + pid * 4 * SR * W
+        HAS_MAX: tl.constexpr = I_MAX >= 0
+        NTAPS: tl.constexpr = P * KH * KW
+        # 1. pass A and the gate's backward on rows [hs, he)
+        acc_b = tl.zeros([BP], tl.float32)
+        acc_nsh = tl.zeros([BP], tl.float32)
+        acc_ns = tl.zeros([BP], tl.float32)
+        for q0 in range(hs * W // BP * BP, he * W, BP):
+            p = q0 + tl.arange(0, BP)
+            ld = p < HW
+            pm = (p >= hs * W) & (p < he * W)
+            own = pm & (p >= h0 * W) & (p < h1 * W)
+            ga = tl.zeros([BC, BP], tl.float32)
+            cnt = tl.zeros([BC, BP], tl.float32)
+            if HAS_MAX:
+                mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < C
+                m2 = cm[:, None] & ld[None, :]
+                off = _x_offsets(n, c, p, C, HW, CL)
+                xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+                if HAS_S:
+                    v = _scaled(xv, tl.load(s_ptr + n * C + c, mask=cm, other=0.0)[:, None], x_ptr.dtype.element_ty)
+                else:
+                    v = xv.to(tl.float32)
+                if HAS_G:
+                    gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                    ga += gv * v
+                if HAS_MAX:
+                    cnt += tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0)
+            gsum = tl.zeros([BP], tl.float32) + tl.sum(ga, axis=0)
+            if HAS_GATTN:
+                gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
+            a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+            dz = gsum * ((1.0 - a) * a)
+            if HAS_NORM:
+                lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+                acc_nsh += tl.where(own, dz, 0.0)
+                acc_ns += tl.where(own, dz * lg, 0.0)
+                dz = dz * tl.load(ns_ptr).to(tl.float32)
+            acc_b += tl.where(own, dz, 0.0)
+            tl.store(scr + (p - hs * W), dz, mask=pm)
+            if HAS_MAX:
+                tl.store(scr + SR * W + (p - hs * W), tl.sum(cnt, axis=0), mask=pm)
+        tl.debug_barrier()  # the scratch rows of every thread of the program written
+        # 2. the conv's backward on rows [h0, h1): the pooled maps' gradients, and the weight
+        # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels)
+        for t in range(0, TPB):
+            p = h0 * W + t * BPG + tl.arange(0, BPG)
+            pm = p < h1 * W
+            h = p // W
+            w = p % W
+            row = part_ptr + (pid * TPB + t) * NPART
+            dzv = tl.load(scr + (p - hs * W), mask=pm, other=0.0)
+            gmax = tl.zeros([BPG], tl.float32)
+            gmean = tl.zeros([BPG], tl.float32)
+            for i in tl.static_range(P):
+                gp = tl.zeros([BPG], tl.float32)
+                for kh in range(KH):  # a loop, not unrolled (registers; as _conv_backward_kernel)
+                    dh = (kh - KH // 2) * DIL
+                    hi = h - dh
+                    ho = h + dh
+                    him = pm & (hi >= 0) & (hi < H)
+                    hom = pm & (ho >= 0) & (ho < H)
+                    for kw in tl.static_range(KW):
+                        dw = (kw - KW // 2) * DIL
+                        wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+                        wi = w - dw
+                        mi = him & (wi >= 0) & (wi < W)
+                        gp += tl.load(scr + (hi - hs) * W + wi, mask=mi, other=0.0) * wt
+                        wo = w + dw
+                        mo = hom & (wo >= 0) & (wo < W)
+                        pv = tl.load(pooled_ptr + (n * P + i) * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
+                        tl.store(row + (i * KH + kh) * KW + kw, tl.sum(pv * dzv, axis=0))
+                if (MEAN_SLOTS >> i) & 1:
+                    gmean += gp
+                else:
+                    gmax += gp
+            first = t == 0
+            tl.store(row + NTAPS, tl.where(first, tl.sum(acc_b, axis=0), 0.0))
+            tl.store(row + NTAPS + 1, tl.where(first, tl.sum(acc_nsh, axis=0), 0.0))
+            tl.store(row + NTAPS + 2, tl.where(first, tl.sum(acc_ns, axis=0), 0.0))
+            if HAS_MAX:
+                cv = tl.load(scr + SR * W + (p - hs * W), mask=pm, other=1.0)
+                tl.store(scr + 2 * SR * W + (p - hs * W), gmax / cv, mask=pm)
+            if MEAN_SLOTS != 0:
+                tl.store(scr + 3 * SR * W + (p - hs * W), gmean / C, mask=pm)
+        tl.debug_barrier()  # the pooled maps' gradients of every row written
+        # 3. the gradient pass on rows [h0, h1) (from band * TW: whole 16-byte vectors where the
+        # host could round TH so), a channel block at a time (the scale gradient's sums)
+        lo = band * TW
+        hi_ = tl.minimum(HW, lo + TW)
+        dt = x_ptr.dtype.element_ty
+        for c0 in range(0, C, BC):
+            c = c0 + tl.arange(0, BC)
+            cm = c < C
+            if HAS_S:
+                sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+            else:
+                sv = tl.full([BC], 1.0, tl.float32)  # unused
+            gs = tl.zeros([BC, BP], tl.float32)
+            for q0 in range(lo, hi_, BP):
+                p = q0 + tl.arange(0, BP)
+                pm = p < hi_
+                m2 = cm[:, None] & pm[None, :]
+                off = _x_offsets(n, c, p, C, HW, CL)
+                if NEED_GS or HAS_MAX:
+                    xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+                gxs = tl.zeros([BC, BP], tl.float32)
+                if HAS_G:
+                    gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
+                    av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+                    gxs += gv * av[None, :]
+                if HAS_MAX:
+                    mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=pm, other=0.0)
+                    fm = tl.load(scr + 2 * SR * W + (p - hs * W), mask=pm, other=0.0)
+                    gxs += tl.where(_is_max(xv, sv, mxv, HAS_S), 1.0, 0.0) * fm[None, :]
+                if MEAN_SLOTS != 0:
+                    fa = tl.load(scr + 3 * SR * W + (p - hs * W), mask=pm, other=0.0)
+                    gxs += fa[None, :]
+                gxs = gxs.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+                if NEED_GS:
+                    gs += tl.where(m2, gxs * xv.to(tl.float32), 0.0)
+                if HAS_S:
+                    gx = gxs * sv[:, None].to(tl.float32)
+                else:
+                    gx = gxs
+                tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
+            if NEED_GS:
+                row_n = band.to(tl.int64) * (tl.num_programs(0) // NB) + n  # gs[band, n]: [NB, N, C]
+                tl.store(gs_ptr + row_n * C + c, tl.sum(gs, axis=1), mask=cm)
+
+    @triton.jit
     def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, MXS, HAS_S: tl.constexpr,
                        HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, CL: tl.constexpr,
                        C_DIV: tl.constexpr, HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
@@ -1107,14 +1272,19 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     return y
 
 
-def _band_rows(n: int, h: int, x: Tensor) -> int:
-    """Rows per program of the one-launch forward: enough bands per image that the grid has
-    ``_BAND_PROGRAMS_PER_SM`` programs per SM where the rows allow (``_BAND_ROWS`` > 0 forces
-    a height)."""
+def _band_geometry(n: int, h: int, w: int, x: Tensor) -> Tuple[int, int, int]:
+    """``(rows, bands, rows * w)`` per image of the one-launch forward and backward: enough
+    bands that the grid has ``_BAND_PROGRAMS_PER_SM`` programs per SM where the rows allow, the
+    height then rounded up so that a band is whole 16-byte vectors where the width allows
+    (aligned accesses; ``_BAND_ROWS`` > 0 forces a height)."""
     if _BAND_ROWS > 0:
-        return min(_BAND_ROWS, h)
-    bands = min(h, max(1, _cdiv(_BAND_PROGRAMS_PER_SM * _sm_count(x), max(n, 1))))
-    return _cdiv(h, bands)
+        th = min(_BAND_ROWS, h)
+    else:
+        bands = min(h, max(1, _cdiv(_BAND_PROGRAMS_PER_SM * _sm_count(x), max(n, 1))))
+        vec = max(1, 16 // x.element_size())
+        m = vec // min(vec, _pow2_div(w))
+        th = min(h, _cdiv(_cdiv(h, bands), m) * m)
+    return th, _cdiv(h, th), th * w
 
 
 def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
@@ -1140,12 +1310,7 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     p = len(kinds)
     _check_gate_args(weight, p, bias, dilation)
     kh, kw = weight.shape[-2:]
-    th = _band_rows(n, h, x)
-    if _BAND_ROWS <= 0:  # bands of whole 16-byte vectors where the map allows (aligned products)
-        vec = max(1, 16 // x.element_size())
-        m = vec // min(vec, _pow2_div(w))
-        th = min(h, _cdiv(th, m) * m)
-    nb = _cdiv(h, th)
+    th, nb, _ = _band_geometry(n, h, w, x)
     sr = min(h, th + 2 * dilation * (kh // 2))  # scratch rows: the band and its halo
     dev = x.device
     pooled = torch.empty((n, p, h, w), dtype=torch.float32, device=dev)
@@ -1319,6 +1484,9 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     PyTorch formula).
     """
     kinds = list(kinds)
+    if _BAND_BACKWARD and bn_stats is None and x.numel() > 0:
+        return _sam_band_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds,
+                                  dilation, need_gs)
     n, c, h, w = x.shape
     hw = h * w
     np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
@@ -1369,6 +1537,53 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
                                                                BR=_BP_SMALL, num_warps=_NUM_WARPS)
     gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
     return gx, gs, gw, gb, (gns if norm_grads else None), (gnsh if norm_grads else None)
+
+
+def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
+                       weight: Tensor, norm_scale: Optional[Tensor], attn: Tensor, logits: Tensor, pooled: Tensor,
+                       kinds: List[int], dilation: int, need_gs: bool):
+    """:func:`sam_backward` without a training BatchNorm in one launch (``_sam_band_backward_kernel``,
+    a program per band of rows) and one or two sums (the parameter gradients' partial rows; the
+    scale gradient's, over the bands); the same returns."""
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
+    dev = x.device
+    th, nb, tw = _band_geometry(n, h, w, x)
+    sr = min(h, th + 2 * dilation * (kh // 2))
+    tpb = _cdiv(tw, _BP_SMALL)  # tiles of the conv backward per band: rows of partial sums
+    ntaps = np_ * kh * kw
+    npart = ntaps + 3
+    s = _flat_scale(scale, x)
+    need_gs = need_gs and s is not None
+    g = None if grad_y is None else _grad_like(grad_y, x, cl)
+    gattn = None if grad_attn is None else grad_attn.reshape(n, 1, h, w).contiguous()
+    has_norm = norm_scale is not None
+    part = torch.empty((n * nb * tpb, npart), dtype=torch.float32, device=dev)
+    scratch = torch.empty(n * nb * 4 * sr * w, dtype=torch.float32, device=dev)
+    gs = torch.empty((nb, n, c), dtype=torch.float32, device=dev) if need_gs else None
+    gx = torch.empty_like(x)
+    wt = weight.to(torch.float32).contiguous()
+    i_max = kinds.index(0) if 0 in kinds else -1
+    dummy = x
+    _sam_band_backward_kernel[(n * nb,)](
+        x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
+        attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
+        gs if gs is not None else dummy, part, scratch, c, h, w, th, tw, nb, sr, npart, tpb, P=np_,
+        MEAN_SLOTS=sum(1 << i for i, k in enumerate(kinds) if k == 1), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation,
+        HAS_S=s is not None, HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
+        W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP, BPG=_BP_SMALL, **_meta(c, h * w, cl))
+    gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
+    gb = torch.empty(1, dtype=torch.float32, device=dev)
+    if has_norm:
+        gnsh, gns = torch.empty(1, dtype=torch.float32, device=dev), torch.empty(1, dtype=torch.float32, device=dev)
+    else:  # no norm: its two columns are not summed (and gb stands in for their outputs, unwritten)
+        gnsh = gns = gb
+    _column_sums_kernel[(npart if has_norm else ntaps + 1,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps,
+                                                             BR=_BP_SMALL, num_warps=_NUM_WARPS)
+    if gs is not None:
+        gs = (gs[0] if nb == 1 else _sum_rows(gs)).reshape(n, c, 1, 1)
+    return gx, gs, gw, gb, (gns if has_norm else None), (gnsh if has_norm else None)
 
 
 def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):

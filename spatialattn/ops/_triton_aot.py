@@ -243,17 +243,20 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
     x, wt, b = leaf(*shape), leaf(1, 2, 3, 3, dt=torch.float32), leaf(1, dt=torch.float32)
     y = ops.spatial_attention_fused(x, wt, b, dilation=2)
     torch.autograd.grad(y, (x, wt, b), torch.ones_like(y))
-    # the forward in one launch (off by default): without and with a scale, bias and norm
-    band, _triton._BAND_FORWARD = _triton._BAND_FORWARD, True
+    # the forward and backward in one launch each (off by default): without and with a scale
+    # (and its gradient), bias, norm and a gradient of the returned attention
+    saved = _triton._BAND_FORWARD, _triton._BAND_BACKWARD
+    _triton._BAND_FORWARD = _triton._BAND_BACKWARD = True
     try:
-        with torch.no_grad():
-            x, s, wt = leaf(*shape), leaf(n, c, 1, 1), leaf(1, 2, 7, 7, dt=torch.float32)
-            ops.spatial_attention_fused(x, wt)
-            one = torch.ones(1)
-            ops.spatial_attention_fused(x, wt, one, order=("mean", "max"), channel_scale=s, norm_scale=one,
-                                        norm_shift=one)
+        x, s, wt = leaf(*shape), leaf(n, c, 1, 1), leaf(1, 2, 7, 7, dt=torch.float32)
+        y = ops.spatial_attention_fused(x, wt)
+        torch.autograd.grad(y, (x, wt), torch.ones_like(y))
+        one = torch.ones(1, requires_grad=True)
+        y, attn = ops.spatial_attention_fused(x, wt, one, order=("mean", "max"), channel_scale=s, norm_scale=one,
+                                              norm_shift=one, return_attention=True)
+        torch.autograd.grad((y, attn), (x, s, wt, one), (torch.ones_like(y), torch.ones_like(attn)))
     finally:
-        _triton._BAND_FORWARD = band
+        _triton._BAND_FORWARD, _triton._BAND_BACKWARD = saved
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

@@ -167,6 +167,94 @@ def check_band_forward() -> int:
     return count
 
 
+def check_band_backward() -> int:
+    """The SAM backward in one launch (``_sam_band_backward_kernel``) against the five launches:
+    ``grad_x`` bit for bit (the same formulas per element; their pass A unsplit), the parameter
+    and scale gradients (partial sums grouped by band instead of by tile) within float32
+    rounding, and against float64 autograd through the reference: band heights of one row to
+    the whole map and the automatic one, halos wider than the map, kernel sizes 1-7 and not
+    square, dilations 1-3, every pooling order with a repeated slot, scale with and without its
+    gradient, affine norm, the gradient of the returned attention, no upstream gradient for
+    ``y``, tied maxima, three dtypes and layouts."""
+    count = 0
+    saved = (_triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM)
+    _triton._PROGRAMS_PER_SM = 0
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    # shape, kinds, kernel, dilation, scale (None: none; else need its gradient), norm, grad of
+    # attention, grad of y (else zeros), band heights, ties, (dtype, layout)
+    cases = [((2, 19, 9, 11), [0, 1], (7, 7), 1, True, False, False, True, (4, 1), False, [(f32, "nchw")]),
+             ((2, 19, 9, 11), [1, 0], (7, 7), 1, False, True, True, True, (2, 0), True, [(f32, "channels_last")]),
+             ((2, 19, 9, 11), [0, 1, 0], (3, 3), 2, True, True, False, True, (3,), False,
+              [(f16, "nchw"), (bf16, "noncontig")]),
+             ((1, 40, 13, 5), [1], (5, 5), 3, None, True, True, True, (5,), False, [(bf16, "channels_last")]),
+             ((2, 20, 4, 16), [0], (7, 3), 3, False, False, True, False, (1,), True, [(f32, "nchw")]),
+             ((3, 5, 6, 17), [0, 1], (1, 1), 1, True, False, False, True, (2,), False, [(f16, "channels_last")])]
+    runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
+    for (shape, kinds, (kh, kw), dil, scale, norm, gattn, gy_, heights, ties), dtype, layout in runs:
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(h * 10 + c)
+        x = make(shape, layout, dtype, c)
+        if ties:
+            x = x.float().round().to(dtype)
+        s = None if scale is None else (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype)
+        need_gs = bool(scale)
+        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
+        b = torch.randn(1, generator=g)
+        ns, nsh = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if norm else (None, None)
+        _triton._BAND_BACKWARD = False
+        y, attn, logits, pooled = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
+        # (no gradient for y reaches the backward as zeros: EagerSam makes them)
+        gy = torch.randn(shape, generator=g).to(dtype) if gy_ else torch.zeros(shape, dtype=dtype)
+        ga = torch.randn(n, 1, h, w, generator=g) if gattn else None
+        args = (gy, ga, x, s, wt, ns, attn, logits, pooled, kinds, dil)
+        want = _triton.sam_backward(*args, need_gs=need_gs)
+        # float64 autograd through the reference
+        names = ["max" if k == 0 else "mean" for k in kinds]
+        leaves = [x.double().requires_grad_(), wt.double().requires_grad_(), b.double().requires_grad_()]
+        if s is not None:
+            leaves.append(s.double().requires_grad_())
+        if norm:
+            leaves += [ns.double().requires_grad_(), nsh.double().requires_grad_()]
+        x64, w64, b64 = leaves[:3]
+        xs = x64 if s is None else x64 * leaves[3]
+        z = torch.nn.functional.conv2d(reference.channel_pool(xs, names, None, torch.float64), w64, b64,
+                                       padding=(dil * (kh // 2), dil * (kw // 2)), dilation=dil)
+        if norm:
+            z = z * leaves[-2] + leaves[-1]
+        attn64 = torch.sigmoid(z)
+        outs, grads = [xs * attn64], [gy.double()]
+        if ga is not None:
+            outs.append(attn64)
+            grads.append(ga.double())
+        ref = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+        _triton._BAND_BACKWARD = True
+        for rows in heights:
+            _triton._BAND_ROWS = rows
+            got = _triton.sam_backward(*args, need_gs=need_gs)
+            what = f"band backward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
+            assert torch.equal(got[0], want[0]) and got[0].stride() == want[0].stride(), f"{what}: grad x"
+            for name, a, e in zip(("scale", "weight", "bias", "norm scale", "norm shift"), got[1:], want[1:]):
+                assert (a is None) == (e is None), (what, name)
+                if a is not None:
+                    torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(e.abs().max())),
+                                               msg=lambda m: f"{what}: {name} against the five launches: {m}")
+            check(got[0].double(), ref[0], dtype, f"{what} grad x vs float64", loose=2)
+            wanted = {"weight": (got[2], ref[1]), "bias": (got[3], ref[2])}
+            if s is not None and need_gs:
+                wanted["scale"] = (got[1], ref[3])
+            if norm:
+                wanted["norm scale"], wanted["norm shift"] = (got[4], ref[-2]), (got[5], ref[-1])
+            for name, (a, e) in wanted.items():
+                # sums over every pixel of terms rounded to the input's dtype: against the largest term
+                tol = 1e-4 if dtype == f32 else 4e-2
+                torch.testing.assert_close(a.double().reshape(e.shape), e, rtol=tol,
+                                           atol=tol * max(1.0, float(e.abs().max())),
+                                           msg=lambda m: f"{what}: {name} vs float64: {m}")
+            count += 1
+    _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
+    return count
+
+
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
 # (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
@@ -195,6 +283,7 @@ def main() -> None:
     for k, v in defaults.items():
         setattr(_triton, k, v)
     count += check_band_forward()
+    count += check_band_backward()
     shape = (2, 19, 5, 7)
     n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)

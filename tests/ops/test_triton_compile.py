@@ -73,6 +73,7 @@ def test_workload_launches_every_kernel_and_variant(launches):
                          ("_gradx_kernel", "NEED_GS"), ("_reduce_kernel", "HAS_IX"), ("_reduce_kernel", "HAS_G"),
                          ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM"), ("_gate_kernel", "STATS"),
                          ("_sam_band_kernel", "HAS_S"), ("_sam_band_kernel", "HAS_NORM"),
+                         ("_sam_band_backward_kernel", "NEED_GS"), ("_sam_band_backward_kernel", "HAS_GATTN"),
                          ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN")]:
         assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
     dtypes = {launch.signature["x_ptr"] for launch in launches if "x_ptr" in launch.signature}
@@ -227,8 +228,9 @@ def test_report_script(tmp_path):
     _report(tmp_path, "--sweep", "--device", "cpu", "--shapes", "1x16x8x8", "--iters", "1", TRITON_INTERPRET="1")
     sweep = (tmp_path / "triton_sweep_float32.md").read_text()
     assert sweep.count("| gate multiply [2] |") == 6 and sweep.count("| pool [1] |") == 10
-    assert sweep.count("| SAM forward, three launches [2] |") == 10  # the two band settings: one launch only
-    assert sweep.count("| SAM forward, one launch [2] |") == 12
+    # the whole SAM at the default settings; the one launch also at 1 and 16 programs per SM
+    assert sweep.count("| SAM forward, three launches [2] |") == 1 and sweep.count("| SAM forward, one launch [2] |") == 3
+    assert sweep.count("| SAM backward, five launches [3] |") == 1 and sweep.count("| SAM backward, one launch [3] |") == 3
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
@@ -278,32 +280,40 @@ def test_kernel_launches_of_the_fused_sam(shape):
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
-def test_band_forward_is_one_launch(shape, monkeypatch):
-    """With ``_BAND_FORWARD`` the SAM forward is one launch whatever the shape (the pooling's
-    split and combine, the gate and the product in one program per band of rows), and a
-    training step 6 (the backward's five unchanged); its grid aims at
-    ``_BAND_PROGRAMS_PER_SM`` programs per SM, bands of whole 16-byte vectors where the map
-    allows."""
+def test_band_forward_and_backward_launches(shape, monkeypatch):
+    """With ``_BAND_FORWARD`` and ``_BAND_BACKWARD`` the SAM forward is one launch whatever the
+    shape (the pooling's split and combine, the gate and the product in one program per band of
+    rows) and a training step 3 (the backward's pass A, small-map kernels and gradient pass in
+    one, then the parameter gradients' column sums; a fourth, the scale gradient's sum over the
+    bands, where it is wanted); the grid aims at ``_BAND_PROGRAMS_PER_SM`` programs per SM,
+    bands of whole 16-byte vectors where the map allows."""
     monkeypatch.setattr(_triton, "_BAND_FORWARD", True)
+    monkeypatch.setattr(_triton, "_BAND_BACKWARD", True)
+    n, c, h, w_ = shape
     x, w = torch.randn(shape), torch.randn(1, 2, 7, 7)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    sg = torch.rand(n, c, 1, 1, requires_grad=True)
 
     def forward():
         with torch.no_grad():
             ops.spatial_attention_fused(x, w)
 
-    def training_step():
-        y = ops.spatial_attention_fused(xg, wg)
-        torch.autograd.grad(y, (xg, wg), y)
+    def training_step(scale):
+        def run():
+            y = ops.spatial_attention_fused(xg, wg, channel_scale=sg if scale else None)
+            torch.autograd.grad(y, (xg, wg, sg) if scale else (xg, wg), y)
+        return run
 
     assert aot.kernel_launches(forward) == {"_sam_band_kernel": 1}
-    both = aot.kernel_launches(training_step)
-    assert sum(both.values()) == 6 and both["_sam_band_kernel"] == 1, dict(both)
-    (launch,) = [la for la in aot.record_launches(forward)]
-    n, _, h, w_ = shape
+    step = aot.kernel_launches(training_step(False))
+    assert step == {"_sam_band_kernel": 1, "_sam_band_backward_kernel": 1, "_column_sums_kernel": 1}, dict(step)
+    step = aot.kernel_launches(training_step(True))
     th = math.ceil(h / min(h, math.ceil(_triton._BAND_PROGRAMS_PER_SM * 132 / n)))
     th = min(h, math.ceil(th / (4 // min(4, w_ & -w_))) * (4 // min(4, w_ & -w_)))  # float32: 4 per vector
-    assert launch.grids == [(n * math.ceil(h / th),)], (launch.grids, th)
+    bands = math.ceil(h / th)
+    assert sum(step.values()) == 3 + (bands > 1) and step["_sum_rows_kernel"] == (bands > 1), dict(step)
+    (launch,) = aot.record_launches(forward)
+    assert launch.grids == [(n * bands,)], (launch.grids, th)
 
 
 def test_kernel_launches_counts_torch_ops():
