@@ -11,6 +11,7 @@ reference does; reductions accumulate in float32.
 * :func:`sam_forward` -- the whole SAM forward: the pooling, :func:`gate` and
   :func:`gate_forward` (three or four launches), or with ``_BAND_FORWARD`` one launch
   (``_sam_band_kernel``, a program per band of rows; off by default until timed on a GPU);
+  :func:`sam_backward` likewise, five or six launches or with ``_BAND_BACKWARD`` two or three;
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
   no maxima tie and no scale gradient is wanted);
