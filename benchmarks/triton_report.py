@@ -188,7 +188,8 @@ SETTINGS = [
     ("mul 2x512 / 128x8", {"_MUL_TILE": {False: (2, 512), True: (128, 8)}}, True, False),
     ("mul 4x512 / 64x32", {"_MUL_TILE": {False: (4, 512), True: (64, 32)}}, True, False),
     # the forward and backward in one launch only (_sam_band_kernel, _sam_band_backward_kernel: programs per SM)
-    ("band 1/SM", {"_BAND_PROGRAMS_PER_SM": 1}, False, True), ("band 16/SM", {"_BAND_PROGRAMS_PER_SM": 16}, False, True),
+    ("band 1/SM", {"_BAND_PROGRAMS_PER_SM": 1}, False, True),
+    ("band 16/SM", {"_BAND_PROGRAMS_PER_SM": 16}, False, True),
 ]
 
 

@@ -191,20 +191,15 @@ if _HAVE_TRITON:
         return mx, sm, nan
 
     @triton.jit
-    def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, P, C_PER, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
-                     HAS_S: tl.constexpr, PARTIAL: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
-                     HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-        # channels [s * C_PER, (s + 1) * C_PER) of one pixel tile, s = program_id(1); C_PER is a
-        # multiple of BC, so a channel tile never straddles two chunks. out: the [N, P, HW]
-        # maps, or with PARTIAL float32 [N, S, 2, HW] (max with NaN restored, sum) to combine
-        C, HW = _dims(C, HW, C_DIV, HW_DIV)
-        n, p = _image_and_pixels(HW, BP)
-        pm = p < HW
-        c_lo = tl.program_id(1) * C_PER
+    def _pool_channels(x_ptr, s_ptr, n, p, pm, c_lo, c_hi, C, HW, HAS_S: tl.constexpr, CL: tl.constexpr,
+                       BC: tl.constexpr, BP: tl.constexpr):
+        """``(max, sum)`` over channels ``[c_lo, c_hi)`` of ``x'`` at pixels ``p`` of image ``n``
+        (valid where ``pm``), float32 ``[BP]``, the max NaN where any value is: tiles of ``BC``
+        channels accumulated element-wise, then reduced once."""
         mx = tl.full([BC, BP], float("-inf"), tl.float32)
         sm = tl.zeros([BC, BP], tl.float32)
         nan = tl.zeros([BC, BP], tl.int32)
-        for c0 in range(c_lo, tl.minimum(c_lo + C_PER, C), BC):
+        for c0 in range(c_lo, c_hi, BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
             m2 = cm[:, None] & pm[None, :]
@@ -215,8 +210,20 @@ if _HAVE_TRITON:
             else:
                 v = xv.to(tl.float32)
             mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
-        mx = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0))
-        sm = tl.sum(sm, axis=0)
+        return tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0)), tl.sum(sm, axis=0)
+
+    @triton.jit
+    def _pool_kernel(x_ptr, s_ptr, out_ptr, C, HW, P, C_PER, I_MAX: tl.constexpr, I_MEAN: tl.constexpr,
+                     HAS_S: tl.constexpr, PARTIAL: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                     HW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        # channels [s * C_PER, (s + 1) * C_PER) of one pixel tile, s = program_id(1); C_PER is a
+        # multiple of BC, so a channel tile never straddles two chunks. out: the [N, P, HW]
+        # maps, or with PARTIAL float32 [N, S, 2, HW] (max with NaN restored, sum) to combine
+        C, HW = _dims(C, HW, C_DIV, HW_DIV)
+        n, p = _image_and_pixels(HW, BP)
+        pm = p < HW
+        c_lo = tl.program_id(1) * C_PER
+        mx, sm = _pool_channels(x_ptr, s_ptr, n, p, pm, c_lo, tl.minimum(c_lo + C_PER, C), C, HW, HAS_S, CL, BC, BP)
         if PARTIAL:
             base = out_ptr + (n * tl.num_programs(1) + tl.program_id(1)) * 2 * HW + p
             tl.store(base, mx, mask=pm)
@@ -253,6 +260,42 @@ if _HAVE_TRITON:
         _store_pooled(out_ptr, n, p, pm, tl.where(nan > 0, float("nan"), mx), sm, C, HW, P, I_MAX, I_MEAN)
 
     @triton.jit
+    def _conv_logits(map_ptr, SLOT, BY_KIND: tl.constexpr, row0, p, pm, H, W, w_ptr, b_ptr, P: tl.constexpr,
+                     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr, KMASK: tl.constexpr,
+                     BP: tl.constexpr):
+        """``conv(maps, w) + b`` at pixels ``p`` (valid where ``pm``) of an ``H x W`` map, zero
+        padding ``DIL * (K // 2)``: slot ``i``'s map at ``map_ptr + i * SLOT`` (with ``BY_KIND``:
+        at ``((KMASK >> i) & 1) * SLOT``, a map per kind), its rows from ``row0``; float32, the
+        taps unrolled and added in slot, row, column order."""
+        h = p // W
+        w = p % W
+        acc = tl.zeros([BP], tl.float32)
+        for i in tl.static_range(P):
+            if BY_KIND:
+                base = map_ptr + ((KMASK >> i) & 1) * SLOT
+            else:
+                base = map_ptr + i * SLOT
+            for kh in tl.static_range(KH):
+                hh = h + (kh - KH // 2) * DIL
+                hm = pm & (hh >= 0) & (hh < H)
+                for kw in tl.static_range(KW):
+                    ww = w + (kw - KW // 2) * DIL
+                    m = hm & (ww >= 0) & (ww < W)
+                    v = tl.load(base + (hh - row0) * W + ww, mask=m, other=0.0)
+                    acc += v.to(tl.float32) * tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+        if HAS_B:
+            acc += tl.load(b_ptr).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _attention(logits, ns_ptr, nsh_ptr, HAS_NORM: tl.constexpr):
+        """``sigmoid(logits * ns + nsh)`` (the affine norm with ``HAS_NORM``), float32."""
+        z = logits
+        if HAS_NORM:
+            z = logits * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
+        return 1.0 / (1.0 + tl.exp(-z))
+
+    @triton.jit
     def _gate_kernel(pooled_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, logits_ptr, attn_ptr, H, W, P: tl.constexpr,
                      KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr,
                      HAS_NORM: tl.constexpr, STATS: tl.constexpr, BP: tl.constexpr):
@@ -265,20 +308,8 @@ if _HAVE_TRITON:
         HW = H * W
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
-        h = p // W
-        w = p % W
-        acc = tl.zeros([BP], tl.float32)
-        for i in tl.static_range(P):
-            for kh in tl.static_range(KH):
-                hh = h + (kh - KH // 2) * DIL
-                hm = pm & (hh >= 0) & (hh < H)
-                for kw in tl.static_range(KW):
-                    ww = w + (kw - KW // 2) * DIL
-                    m = hm & (ww >= 0) & (ww < W)
-                    v = tl.load(pooled_ptr + (n * P + i) * HW + hh * W + ww, mask=m, other=0.0)
-                    acc += v.to(tl.float32) * tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
-        if HAS_B:
-            acc += tl.load(b_ptr).to(tl.float32)
+        acc = _conv_logits(pooled_ptr + n * P * HW, HW, 0, 0, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, 0,
+                           BP)
         tl.store(logits_ptr + n * HW + p, acc, mask=pm)
         if STATS:
             l64 = acc.to(tl.float64)
@@ -290,10 +321,7 @@ if _HAVE_TRITON:
             tl.store(row + 1, tot)
             tl.store(row + 2, tl.sum(dev * dev, axis=0))
         else:
-            z = acc
-            if HAS_NORM:
-                z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
-            tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+            tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
 
     @triton.jit
     def _batch_stats(stat_ptr, R, BR: tl.constexpr):
@@ -394,6 +422,50 @@ if _HAVE_TRITON:
         tl.store(dz_ptr + n * HW + p, dz, mask=pm)
 
     @triton.jit
+    def _conv_backward_taps(dz_map, dz_row0, pooled_map, logits_map, HW, p, pm, dzv, row, H, W, w_ptr, c1, a0, a1,
+                            mean, invstd, P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
+                            MEAN_SLOTS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
+        """The conv's backward at pixels ``p`` (valid where ``pm``) of an ``H x W`` map:
+        ``(gmax, gmean)``, the transposed conv of d logits' (``dz_map``, its rows from
+        ``dz_row0``) summed over the max slots and over the mean slots (bit i of MEAN_SLOTS:
+        slot i is a mean); and the weight gradient's partial sums over these pixels (``pooled *
+        dzv`` per tap, ``pooled_map``: the P maps of the image) stored at ``row[tap]``. BN: the
+        taps' d logits from dz and the batch coefficients (``c1 * (dz - a0 - (logit - mean) *
+        invstd * a1)``, float64, the logits at ``logits_map``)."""
+        h = p // W
+        w = p % W
+        gmax = tl.zeros([BP], tl.float32)
+        gmean = tl.zeros([BP], tl.float32)
+        for i in tl.static_range(P):
+            gp = tl.zeros([BP], tl.float32)
+            for kh in range(KH):  # a loop, not unrolled: 2 x 49 taps of loads held at once needed 255 registers
+                dh = (kh - KH // 2) * DIL
+                hi = h - dh  # dz position this tap brings to (h, w)
+                ho = h + dh  # pooled position this tap reads for output (h, w)
+                him = pm & (hi >= 0) & (hi < H)
+                hom = pm & (ho >= 0) & (ho < H)
+                for kw in tl.static_range(KW):
+                    dw = (kw - KW // 2) * DIL
+                    wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
+                    wi = w - dw
+                    mi = him & (wi >= 0) & (wi < W)
+                    dzn = tl.load(dz_map + (hi - dz_row0) * W + wi, mask=mi, other=0.0)
+                    if BN:
+                        ln = tl.load(logits_map + hi * W + wi, mask=mi, other=0.0).to(tl.float64)
+                        dln = c1 * (dzn.to(tl.float64) - a0 - (ln - mean) * invstd * a1)
+                        dzn = tl.where(mi, dln.to(tl.float32), 0.0)
+                    gp += dzn * wt
+                    wo = w + dw
+                    mo = hom & (wo >= 0) & (wo < W)
+                    pv = tl.load(pooled_map + i * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
+                    tl.store(row + (i * KH + kh) * KW + kw, tl.sum(pv * dzv, axis=0))
+            if (MEAN_SLOTS >> i) & 1:
+                gmean += gp
+            else:
+                gmax += gp
+        return gmax, gmean
+
+    @triton.jit
     def _conv_backward_kernel(dz_ptr, pooled_ptr, w_ptr, cnt_ptr, fmax_ptr, fmean_ptr, part_ptr, logits_ptr,
                               stats_ptr, g_ptr, eps, R, C, H, W, NPART, P: tl.constexpr, KH: tl.constexpr,
                               KW: tl.constexpr, DIL: tl.constexpr, MEAN_SLOTS: tl.constexpr, HAS_MAX: tl.constexpr,
@@ -409,8 +481,6 @@ if _HAVE_TRITON:
         HW = H * W
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
-        h = p // W
-        w = p % W
         row = part_ptr + tl.program_id(0).to(tl.int64) * NPART
         NTAPS: tl.constexpr = P * KH * KW
         if BN:
@@ -434,35 +504,10 @@ if _HAVE_TRITON:
             dzv = tl.where(pm, dl64.to(tl.float32), 0.0)
         else:
             dzv = tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0)
-        gmax = tl.zeros([BP], tl.float32)
-        gmean = tl.zeros([BP], tl.float32)
-        for i in tl.static_range(P):
-            gp = tl.zeros([BP], tl.float32)
-            for kh in range(KH):  # a loop, not unrolled: 2 x 49 taps of loads held at once needed 255 registers
-                dh = (kh - KH // 2) * DIL
-                hi = h - dh  # dz position this tap brings to (h, w)
-                ho = h + dh  # pooled position this tap reads for output (h, w)
-                him = pm & (hi >= 0) & (hi < H)
-                hom = pm & (ho >= 0) & (ho < H)
-                for kw in tl.static_range(KW):
-                    dw = (kw - KW // 2) * DIL
-                    wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
-                    wi = w - dw
-                    mi = him & (wi >= 0) & (wi < W)
-                    dzn = tl.load(dz_ptr + n * HW + hi * W + wi, mask=mi, other=0.0)
-                    if BN:
-                        ln = tl.load(logits_ptr + n * HW + hi * W + wi, mask=mi, other=0.0).to(tl.float64)
-                        dln = c1 * (dzn.to(tl.float64) - a0 - (ln - mean) * invstd * a1)
-                        dzn = tl.where(mi, dln.to(tl.float32), 0.0)
-                    gp += dzn * wt
-                    wo = w + dw
-                    mo = hom & (wo >= 0) & (wo < W)
-                    pv = tl.load(pooled_ptr + (n * P + i) * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
-                    tl.store(row + (i * KH + kh) * KW + kw, tl.sum(pv * dzv, axis=0))
-            if (MEAN_SLOTS >> i) & 1:
-                gmean += gp
-            else:
-                gmax += gp
+            c1, a0, a1, mean, invstd = 0.0, 0.0, 0.0, 0.0, 0.0  # (no BatchNorm: unused)
+        gmax, gmean = _conv_backward_taps(dz_ptr + n * HW, 0, pooled_ptr + n * P * HW, logits_ptr + n * HW, HW, p, pm,
+                                          dzv, row, H, W, w_ptr, c1, a0, a1, mean, invstd, P, KH, KW, DIL, MEAN_SLOTS,
+                                          BN, BP)
         if HAS_MAX:
             tl.store(fmax_ptr + n * HW + p, gmax / tl.load(cnt_ptr + n * HW + p, mask=pm, other=1.0), mask=pm)
         if HAS_MEAN:
@@ -565,16 +610,22 @@ if _HAVE_TRITON:
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         pm = p < HW
         cm = c < C
+        av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
+        _mul_tile(x_ptr, s_ptr, y_ptr, n, c, p, cm, pm, av, C, HW, HAS_S, CL)
+
+    @triton.jit
+    def _mul_tile(x_ptr, s_ptr, y_ptr, n, c, p, cm, pm, av, C, HW, HAS_S: tl.constexpr, CL: tl.constexpr):
+        """``y = (x * s) * attn`` on the tile of channels ``c`` and pixels ``p`` of image ``n``
+        (valid where ``cm`` / ``pm``); ``av``: the attention of the pixels, rounded to ``y``'s
+        dtype. Products of two half-precision values are exact in float32, so computing in
+        float32 and rounding once equals the native half-precision product."""
         m2 = cm[:, None] & pm[None, :]
         off = _x_offsets(n, c, p, C, HW, CL)
-        # products of two half-precision values are exact in float32, so computing in
-        # float32 and rounding once equals the native half-precision product
         dt = y_ptr.dtype.element_ty
         xv = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
         if HAS_S:
             sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
             xv = (xv * sv[:, None]).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-        av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(dt).to(tl.float32)
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
@@ -582,8 +633,8 @@ if _HAVE_TRITON:
                          scr_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, KMASK: tl.constexpr, KH: tl.constexpr,
                          KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_NORM: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr,
-                         W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BPG: tl.constexpr,
-                         MBC: tl.constexpr, MBP: tl.constexpr):
+                         W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+                         BPG: tl.constexpr, MBC: tl.constexpr, MBP: tl.constexpr):
         # The whole SAM forward of one band of TH rows of image n in one program (sam_forward
         # with _BAND_FORWARD): the pooling, the gate and the product in one launch instead of
         # three or four. The program pools its rows and the rows within the conv's reach above
@@ -591,9 +642,9 @@ if _HAVE_TRITON:
         # bands) into its own float32 scratch [2, SR, W] (max, mean), waits for its threads,
         # runs the conv and the sigmoid on its own rows (the maps' P slots read the scratch row
         # of their kind: bit KMASK >> i set = mean), waits again, and multiplies its rows of x,
-        # whose second read comes soon after the first. The same tiles, formulas and order of
-        # operations per element as _pool_kernel (unsplit), _gate_kernel and _mul_kernel, so
-        # the same numbers as the three launches.
+        # whose second read comes soon after the first. Per element the helpers of _pool_kernel
+        # (unsplit), _gate_kernel and _mul_kernel (_pool_channels, _conv_logits, _attention,
+        # _mul_tile), so the same numbers as the three launches.
         C, HW = _dims(C, H * W, C_DIV, HW_DIV)
         W = W // W_DIV * W_DIV
         pid = tl.program_id(0).to(tl.int64)
@@ -609,24 +660,9 @@ if _HAVE_TRITON:
         # of 2 pixels; the few pixels read beyond the halo are pooled and not stored)
         for q0 in range(hs * W // BP * BP, he * W, BP):
             p = q0 + tl.arange(0, BP)
-            ld = p < HW
             pm = (p >= hs * W) & (p < he * W)
-            mx = tl.full([BC, BP], float("-inf"), tl.float32)
-            sm = tl.zeros([BC, BP], tl.float32)
-            nan = tl.zeros([BC, BP], tl.int32)
-            for c0 in range(0, C, BC):
-                c = c0 + tl.arange(0, BC)
-                cm = c < C
-                m2 = cm[:, None] & ld[None, :]
-                xv = tl.load(x_ptr + _x_offsets(n, c, p, C, HW, CL), mask=m2, other=0.0)
-                if HAS_S:
-                    sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
-                    v = _scaled(xv, sv[:, None], x_ptr.dtype.element_ty)
-                else:
-                    v = xv.to(tl.float32)
-                mx, sm, nan = _max_sum_nan(mx, sm, nan, v, m2)
-            mxr = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0))
-            mean = tl.sum(sm, axis=0) / C
+            mxr, sm = _pool_channels(x_ptr, s_ptr, n, p, p < HW, 0, C, C, HW, HAS_S, CL, BC, BP)
+            mean = sm / C
             tl.store(scr + (p - hs * W), mxr, mask=pm)
             tl.store(scr + SR * W + (p - hs * W), mean, mask=pm)
             own = pm & (p >= h0 * W) & (p < h1 * W)
@@ -640,29 +676,11 @@ if _HAVE_TRITON:
         for q0 in range(h0 * W, h1 * W, BPG):
             p = q0 + tl.arange(0, BPG)
             pm = p < h1 * W
-            h = p // W
-            w = p % W
-            acc = tl.zeros([BPG], tl.float32)
-            for i in tl.static_range(P):
-                kind = (KMASK >> i) & 1
-                for kh in tl.static_range(KH):
-                    hh = h + (kh - KH // 2) * DIL
-                    hm = pm & (hh >= 0) & (hh < H)
-                    for kw in tl.static_range(KW):
-                        ww = w + (kw - KW // 2) * DIL
-                        m = hm & (ww >= 0) & (ww < W)
-                        v = tl.load(scr + kind * SR * W + (hh - hs) * W + ww, mask=m, other=0.0)
-                        acc += v * tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
-            if HAS_B:
-                acc += tl.load(b_ptr).to(tl.float32)
+            acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, KMASK, BPG)
             tl.store(logits_ptr + n * HW + p, acc, mask=pm)
-            z = acc
-            if HAS_NORM:
-                z = acc * tl.load(ns_ptr).to(tl.float32) + tl.load(nsh_ptr).to(tl.float32)
-            tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+            tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
         tl.debug_barrier()  # the attention of every row written
         # 3. the product of rows [h0, h1)
-        dt = y_ptr.dtype.element_ty
         # (from band * TW, TW = TH * W: whole 16-byte vectors where the host could round TH so)
         TW = TW // TW_DIV * TW_DIV
         lo = (pid % NB).to(tl.int32) * TW
@@ -670,17 +688,10 @@ if _HAVE_TRITON:
         for q0 in range(lo, hi, MBP):
             p = q0 + tl.arange(0, MBP)
             pm = p < hi
-            av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0).to(dt).to(tl.float32)
+            av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
             for c0 in range(0, C, MBC):
                 c = c0 + tl.arange(0, MBC)
-                cm = c < C
-                m2 = cm[:, None] & pm[None, :]
-                off = _x_offsets(n, c, p, C, HW, CL)
-                xv = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
-                if HAS_S:
-                    sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0).to(tl.float32)
-                    xv = (xv * sv[:, None]).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-                tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
+                _mul_tile(x_ptr, s_ptr, y_ptr, n, c, p, c < C, pm, av, C, HW, HAS_S, CL)
 
     @triton.jit
     def _sam_band_backward_kernel(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, logits_ptr, pooled_ptr, w_ptr, ns_ptr,
@@ -696,12 +707,13 @@ if _HAVE_TRITON:
         # sigmoid / norm backward there (d logits', into its scratch [4, SR, W]: dz, count,
         # then the max's and the mean's per-pixel gradients), the conv backward on its rows
         # from the scratch, and the gradient pass over its rows, whose reads of x and the
-        # gradient come soon after pass A's. Per element the formulas and order of operations
-        # of _reduce_kernel (unsplit), _gate_backward_kernel, _conv_backward_kernel and
-        # _gradx_kernel, so grad_x is theirs; the parameter gradients' partial sums go into
-        # TPB rows of part per program (one per tile of its rows; the bias / norm sums in the
-        # first) and the scale gradient's into gs [NB, N, C], summed in a fixed order by the
-        # host's launches, in groups other than theirs.
+        # gradient come soon after pass A's. Per element the helpers and formulas of
+        # _reduce_kernel (unsplit), _gate_backward_kernel, _conv_backward_kernel and
+        # _gradx_kernel (_reduce_channels, _conv_backward_taps, _grad_x_out), so grad_x is
+        # theirs; the parameter gradients' partial sums go into TPB rows of part per program
+        # (one per tile of its rows; the bias / norm sums in the first) and the scale
+        # gradient's into gs [NB, N, C], summed in a fixed order by the host's launches, in
+        # groups other than theirs.
         C, HW = _dims(C, H * W, C_DIV, HW_DIV)
         W = W // W_DIV * W_DIV
         TW = TW // TW_DIV * TW_DIV
@@ -724,26 +736,12 @@ if _HAVE_TRITON:
             ld = p < HW
             pm = (p >= hs * W) & (p < he * W)
             own = pm & (p >= h0 * W) & (p < h1 * W)
-            ga = tl.zeros([BC, BP], tl.float32)
-            cnt = tl.zeros([BC, BP], tl.float32)
+            mxv = tl.zeros([BP], tl.float32)
             if HAS_MAX:
                 mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
-            for c0 in range(0, C, BC):
-                c = c0 + tl.arange(0, BC)
-                cm = c < C
-                m2 = cm[:, None] & ld[None, :]
-                off = _x_offsets(n, c, p, C, HW, CL)
-                xv = tl.load(x_ptr + off, mask=m2, other=0.0)
-                if HAS_S:
-                    v = _scaled(xv, tl.load(s_ptr + n * C + c, mask=cm, other=0.0)[:, None], x_ptr.dtype.element_ty)
-                else:
-                    v = xv.to(tl.float32)
-                if HAS_G:
-                    gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
-                    ga += gv * v
-                if HAS_MAX:
-                    cnt += tl.where(m2 & (v == mxv[None, :]), 1.0, 0.0)
-            gsum = tl.zeros([BP], tl.float32) + tl.sum(ga, axis=0)
+            ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX, False,
+                                          CL, BC, BP)
+            gsum = tl.zeros([BP], tl.float32) + ga
             if HAS_GATTN:
                 gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
             a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
@@ -756,41 +754,17 @@ if _HAVE_TRITON:
             acc_b += tl.where(own, dz, 0.0)
             tl.store(scr + (p - hs * W), dz, mask=pm)
             if HAS_MAX:
-                tl.store(scr + SR * W + (p - hs * W), tl.sum(cnt, axis=0), mask=pm)
+                tl.store(scr + SR * W + (p - hs * W), cnt, mask=pm)
         tl.debug_barrier()  # the scratch rows of every thread of the program written
         # 2. the conv's backward on rows [h0, h1): the pooled maps' gradients, and the weight
         # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels)
         for t in range(0, TPB):
             p = h0 * W + t * BPG + tl.arange(0, BPG)
             pm = p < h1 * W
-            h = p // W
-            w = p % W
             row = part_ptr + (pid * TPB + t) * NPART
             dzv = tl.load(scr + (p - hs * W), mask=pm, other=0.0)
-            gmax = tl.zeros([BPG], tl.float32)
-            gmean = tl.zeros([BPG], tl.float32)
-            for i in tl.static_range(P):
-                gp = tl.zeros([BPG], tl.float32)
-                for kh in range(KH):  # a loop, not unrolled (registers; as _conv_backward_kernel)
-                    dh = (kh - KH // 2) * DIL
-                    hi = h - dh
-                    ho = h + dh
-                    him = pm & (hi >= 0) & (hi < H)
-                    hom = pm & (ho >= 0) & (ho < H)
-                    for kw in tl.static_range(KW):
-                        dw = (kw - KW // 2) * DIL
-                        wt = tl.load(w_ptr + (i * KH + kh) * KW + kw).to(tl.float32)
-                        wi = w - dw
-                        mi = him & (wi >= 0) & (wi < W)
-                        gp += tl.load(scr + (hi - hs) * W + wi, mask=mi, other=0.0) * wt
-                        wo = w + dw
-                        mo = hom & (wo >= 0) & (wo < W)
-                        pv = tl.load(pooled_ptr + (n * P + i) * HW + ho * W + wo, mask=mo, other=0.0).to(tl.float32)
-                        tl.store(row + (i * KH + kh) * KW + kw, tl.sum(pv * dzv, axis=0))
-                if (MEAN_SLOTS >> i) & 1:
-                    gmean += gp
-                else:
-                    gmax += gp
+            gmax, gmean = _conv_backward_taps(scr, hs, pooled_ptr + n * P * HW, logits_ptr, HW, p, pm, dzv, row, H, W,
+                                              w_ptr, 0.0, 0.0, 0.0, 0.0, 0.0, P, KH, KW, DIL, MEAN_SLOTS, False, BPG)
             first = t == 0
             tl.store(row + NTAPS, tl.where(first, tl.sum(acc_b, axis=0), 0.0))
             tl.store(row + NTAPS + 1, tl.where(first, tl.sum(acc_nsh, axis=0), 0.0))
@@ -819,28 +793,20 @@ if _HAVE_TRITON:
                 pm = p < hi_
                 m2 = cm[:, None] & pm[None, :]
                 off = _x_offsets(n, c, p, C, HW, CL)
+                xv, gv, av, hit, fm, fa = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # (what the flags leave unused)
                 if NEED_GS or HAS_MAX:
                     xv = tl.load(x_ptr + off, mask=m2, other=0.0)
-                gxs = tl.zeros([BC, BP], tl.float32)
                 if HAS_G:
-                    gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
-                    av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0).to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-                    gxs += gv * av[None, :]
+                    gv = tl.load(g_ptr + off, mask=m2, other=0.0)
+                    av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
                 if HAS_MAX:
                     mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=pm, other=0.0)
                     fm = tl.load(scr + 2 * SR * W + (p - hs * W), mask=pm, other=0.0)
-                    gxs += tl.where(_is_max(xv, sv, mxv, HAS_S), 1.0, 0.0) * fm[None, :]
+                    hit = _is_max(xv, sv, mxv, HAS_S)
                 if MEAN_SLOTS != 0:
                     fa = tl.load(scr + 3 * SR * W + (p - hs * W), mask=pm, other=0.0)
-                    gxs += fa[None, :]
-                gxs = gxs.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-                if NEED_GS:
-                    gs += tl.where(m2, gxs * xv.to(tl.float32), 0.0)
-                if HAS_S:
-                    gx = gxs * sv[:, None].to(tl.float32)
-                else:
-                    gx = gxs
-                tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
+                gs = _grad_x_out(gx_ptr, off, m2, gv, av, hit, fm, fa, xv, sv, gs, HAS_G, HAS_MAX, MEAN_SLOTS != 0,
+                                 HAS_S, NEED_GS, BC, BP)
             if NEED_GS:
                 row_n = band.to(tl.int64) * (tl.num_programs(0) // NB) + n  # gs[band, n]: [NB, N, C]
                 tl.store(gs_ptr + row_n * C + c, tl.sum(gs, axis=1), mask=cm)
@@ -855,12 +821,31 @@ if _HAVE_TRITON:
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         c_lo = tl.program_id(1) * C_PER
-        ga = tl.zeros([BC, BP], tl.float32)  # per-element partial sums, reduced after the loop
-        cnt = tl.zeros([BC, BP], tl.float32)
-        ix = tl.full([BC, BP], -1, tl.int32)  # HAS_IX: the last channel holding the max
+        mxv = tl.zeros([BP], tl.float32)
         if HAS_MAX:
             mxv = tl.load(mx_ptr + n * MXS + p, mask=pm, other=0.0)  # MXS: the max map's image stride
-        for c0 in range(c_lo, tl.minimum(c_lo + C_PER, C), BC):
+        ga, cnt, ix = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, pm, mxv, c_lo, tl.minimum(c_lo + C_PER, C), C, HW,
+                                       HAS_S, HAS_G, HAS_MAX, HAS_IX, CL, BC, BP)
+        out = (n * tl.num_programs(1) + tl.program_id(1)) * HW + p
+        if HAS_G:
+            tl.store(ga_ptr + out, ga, mask=pm)
+        if HAS_MAX:
+            tl.store(cnt_ptr + out, cnt, mask=pm)
+        if HAS_IX:
+            tl.store(ix_ptr + out, ix, mask=pm)
+
+    @triton.jit
+    def _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, pm, mxv, c_lo, c_hi, C, HW, HAS_S: tl.constexpr,
+                         HAS_G: tl.constexpr, HAS_MAX: tl.constexpr, HAS_IX: tl.constexpr, CL: tl.constexpr,
+                         BC: tl.constexpr, BP: tl.constexpr):
+        """Pass A over channels ``[c_lo, c_hi)`` at pixels ``p`` of image ``n`` (valid where
+        ``pm``): ``(sum_c grad * x', the number of channels where x' equals the max mxv, the
+        last such channel or -1)``, float32 / float32 / int32 ``[BP]`` (what is not asked for
+        comes back as zeros / -1); tiles accumulated element-wise, reduced once."""
+        ga = tl.zeros([BC, BP], tl.float32)
+        cnt = tl.zeros([BC, BP], tl.float32)
+        ix = tl.full([BC, BP], -1, tl.int32)
+        for c0 in range(c_lo, c_hi, BC):
             c = c0 + tl.arange(0, BC)
             cm = c < C
             m2 = cm[:, None] & pm[None, :]
@@ -878,13 +863,7 @@ if _HAVE_TRITON:
                 cnt += tl.where(hit, 1.0, 0.0)
                 if HAS_IX:
                     ix = tl.maximum(ix, tl.where(hit, c[:, None], -1))
-        out = (n * tl.num_programs(1) + tl.program_id(1)) * HW + p
-        if HAS_G:
-            tl.store(ga_ptr + out, tl.sum(ga, axis=0), mask=pm)
-        if HAS_MAX:
-            tl.store(cnt_ptr + out, tl.sum(cnt, axis=0), mask=pm)
-        if HAS_IX:
-            tl.store(ix_ptr + out, tl.max(ix, axis=0), mask=pm)
+        return tl.sum(ga, axis=0), tl.sum(cnt, axis=0), tl.max(ix, axis=0)
 
     @triton.jit
     def _is_max(xv, sv, mxv, HAS_S: tl.constexpr):
@@ -894,6 +873,33 @@ if _HAVE_TRITON:
         else:
             v = xv.to(tl.float32)
         return v == mxv[None, :]
+
+    @triton.jit
+    def _grad_x_out(gx_ptr, off, m2, gv, av, hit, fm, fa, xv, sv, gs, HAS_G: tl.constexpr, HAS_MAX: tl.constexpr,
+                    HAS_MEAN: tl.constexpr, HAS_S: tl.constexpr, NEED_GS: tl.constexpr, BC: tl.constexpr,
+                    BP: tl.constexpr):
+        """``grad_x`` of a tile (``off``, valid where ``m2``) stored, and the scale gradient's
+        running sums ``gs`` returned: ``grad_x' = g * attn + [x' is the max] * fm + fa``
+        (upstream gradient ``gv``, the attention ``av`` of the pixels; the max's and the mean's
+        per-pixel shares ``fm``, ``fa``), rounded to x's dtype as the reference rounds it, then
+        times the scale ``sv``; ``gs += grad_x' * x``."""
+        dt = gx_ptr.dtype.element_ty
+        gxs = tl.zeros([BC, BP], tl.float32)
+        if HAS_G:
+            gxs += gv.to(tl.float32) * av.to(dt, fp_downcast_rounding="rtne").to(tl.float32)[None, :]
+        if HAS_MAX:
+            gxs += tl.where(hit, 1.0, 0.0) * fm[None, :]
+        if HAS_MEAN:
+            gxs += fa[None, :]
+        gxs = gxs.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
+        if NEED_GS:
+            gs += tl.where(m2, gxs * xv.to(tl.float32), 0.0)
+        if HAS_S:
+            gx = gxs * sv[:, None].to(tl.float32)
+        else:
+            gx = gxs
+        tl.store(gx_ptr + off, gx.to(dt, fp_downcast_rounding="rtne"), mask=m2)
+        return gs
 
     @triton.jit
     def _gradx_kernel(x_ptr, s_ptr, g_ptr, a_ptr, mx_ptr, fmax_ptr, fmean_ptr, gx_ptr, gs_ptr, cnt_ptr, ix_ptr, C,
@@ -920,13 +926,12 @@ if _HAVE_TRITON:
             pm = p < HW
             m2 = cm[:, None] & pm[None, :]
             off = _x_offsets(n, c, p, C, HW, CL)
+            xv, gv, av, hit, fm, fa = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # (what the flags leave unused)
             if NEED_GS or (HAS_MAX and not USE_IX):
                 xv = tl.load(x_ptr + off, mask=m2, other=0.0)
-            gxs = tl.zeros([BC, BP], tl.float32)
             if HAS_G:
-                gv = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
-                av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-                gxs += gv * av[None, :]
+                gv = tl.load(g_ptr + off, mask=m2, other=0.0)
+                av = tl.load(a_ptr + n * HW + p, mask=pm, other=0.0)
             if HAS_MAX:
                 mxv = tl.load(mx_ptr + n * MXS + p, mask=pm, other=0.0)
                 fm = tl.load(fmax_ptr + n * HW + p, mask=pm, other=0.0)
@@ -938,19 +943,10 @@ if _HAVE_TRITON:
                     hit = tl.where(tie[None, :], _is_max(xt, sv, mxv, HAS_S), c[:, None] == ixv[None, :])
                 else:
                     hit = _is_max(xv, sv, mxv, HAS_S)
-                gxs += tl.where(hit, 1.0, 0.0) * fm[None, :]
             if HAS_MEAN:
                 fa = tl.load(fmean_ptr + n * HW + p, mask=pm, other=0.0)
-                gxs += fa[None, :]
-            # the reference rounds grad_x' to x.dtype before the scale
-            gxs = gxs.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-            if NEED_GS:
-                gs += tl.where(m2, gxs * xv.to(tl.float32), 0.0)
-            if HAS_S:
-                gx = gxs * sv[:, None].to(tl.float32)
-            else:
-                gx = gxs
-            tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m2)
+            gs = _grad_x_out(gx_ptr, off, m2, gv, av, hit, fm, fa, xv, sv, gs, HAS_G, HAS_MAX, HAS_MEAN, HAS_S, NEED_GS,
+                             BC, BP)
         if NEED_GS:
             # one row of partial sums per pixel chunk, [chunks, N, C], summed by the host in a
             # fixed order: deterministic, where an atomic add would not be
@@ -1325,7 +1321,8 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     mbc, mbp = _MUL_TILE[cl]
     _sam_band_kernel[(n * nb,)](
         x, s if s is not None else x, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
-        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, th * w, nb, sr, P=p, TW_DIV=_pow2_div(th * w),
+        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, th * w, nb, sr, P=p,
+        TW_DIV=_pow2_div(th * w),
         KMASK=sum(1 << i for i, k in enumerate(kinds) if k == 1), KH=kh, KW=kw, DIL=dilation,
         HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, W_DIV=_pow2_div(w), BC=_BC, BP=_BP,
         BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
@@ -1527,17 +1524,27 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
             bn_weight if bn_weight is not None else wt, float(bn_eps), programs, c, h, w, npart, P=np_, KH=kh,
             KW=kw, DIL=dilation, MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BN=bn,
             HAS_G=bn and bn_weight is not None, BP=_BP_SMALL, num_warps=_NUM_WARPS)
-    gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
+    gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, norm_scale is not None or bn)
+    gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
+    return gx, gs, gw, gb, gns, gnsh
+
+
+def _parameter_grads(part: Tensor, weight_shape, norm: bool):
+    """``(grad_weight [1, P, kh, kw], grad_bias [1], grad_norm_scale [1] or None,
+    grad_norm_shift [1] or None)``, float32: the columns of the partial sums ``part`` [R, P *
+    kh * kw + 3] (the taps, bias, norm shift, norm scale) each summed over its rows in a fixed
+    order, in one launch (the norm's two columns only where ``norm``)."""
+    dev = part.device
+    ntaps = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    gw = torch.empty((1,) + tuple(weight_shape[1:]), dtype=torch.float32, device=dev)
     gb = torch.empty(1, dtype=torch.float32, device=dev)
-    norm_grads = norm_scale is not None or bn
-    if norm_grads:
+    if norm:
         gnsh, gns = torch.empty(1, dtype=torch.float32, device=dev), torch.empty(1, dtype=torch.float32, device=dev)
     else:  # no norm: its two columns are not summed (and gb stands in for their outputs, unwritten)
         gnsh = gns = gb
-    _column_sums_kernel[(npart if norm_grads else ntaps + 1,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps,
-                                                               BR=_BP_SMALL, num_warps=_NUM_WARPS)
-    gx, gs = _gradx_run(grad_y, x, scale, attn, mx, fmax, fmean, cnt, ix, need_gs)
-    return gx, gs, gw, gb, (gns if norm_grads else None), (gnsh if norm_grads else None)
+    _column_sums_kernel[(ntaps + 3 if norm else ntaps + 1,)](part, gw, gb, gnsh, gns, part.shape[0], part.shape[1],
+                                                             ntaps, BR=_BP_SMALL, num_warps=_NUM_WARPS)
+    return gw, gb, (gns if norm else None), (gnsh if norm else None)
 
 
 def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
@@ -1574,17 +1581,10 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
         MEAN_SLOTS=sum(1 << i for i, k in enumerate(kinds) if k == 1), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation,
         HAS_S=s is not None, HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
         W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP, BPG=_BP_SMALL, **_meta(c, h * w, cl))
-    gw = torch.empty((1, np_, kh, kw), dtype=torch.float32, device=dev)
-    gb = torch.empty(1, dtype=torch.float32, device=dev)
-    if has_norm:
-        gnsh, gns = torch.empty(1, dtype=torch.float32, device=dev), torch.empty(1, dtype=torch.float32, device=dev)
-    else:  # no norm: its two columns are not summed (and gb stands in for their outputs, unwritten)
-        gnsh = gns = gb
-    _column_sums_kernel[(npart if has_norm else ntaps + 1,)](part, gw, gb, gnsh, gns, part.shape[0], npart, ntaps,
-                                                             BR=_BP_SMALL, num_warps=_NUM_WARPS)
+    gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, has_norm)
     if gs is not None:
         gs = (gs[0] if nb == 1 else _sum_rows(gs)).reshape(n, c, 1, 1)
-    return gx, gs, gw, gb, (gns if has_norm else None), (gnsh if has_norm else None)
+    return gx, gs, gw, gb, gns, gnsh
 
 
 def pool_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], pooled: Tensor, kinds: Sequence[int]):

@@ -540,8 +540,8 @@ def test_band_forward_and_backward_in_one_launch(layout, monkeypatch):
     ``_BAND_BACKWARD``, off by default until timed on a GPU): ``y``, the attention and
     ``grad_x`` as the default launches give them (bit for bit through the interpreter; on a GPU
     within a float32 rounding), the parameter and scale gradients (partial sums grouped
-    otherwise) within 1e-5; band heights of one row, four and automatic; on a GPU also a 2050 x
-    2050 map and 70000 small images against float64."""
+    otherwise) within 1e-5; band heights of one row, four and automatic (large grids:
+    ``test_many_pixel_tiles_and_images``)."""
     from spatialattn.ops import _triton
 
     monkeypatch.setattr(_triton, "_PROGRAMS_PER_SM", 0)  # the default launches' channel loops unsplit
@@ -569,28 +569,17 @@ def test_band_forward_and_backward_in_one_launch(layout, monkeypatch):
                 tol = 1e-6 if name in names[:3] else 1e-5
                 torch.testing.assert_close(got, ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())),
                                            msg=lambda m: f"{name} rows={rows}: {m}")
-    if MODE != "cuda":
-        return
-    monkeypatch.setattr(_triton, "_BAND_ROWS", 0)
-    for shape in [(1, 3, 2050, 2050), (70000, 3, 2, 2)]:
-        x = torch.randn(shape, device=DEV).contiguous(
-            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-        x.requires_grad_()
-        w = torch.randn(1, 2, 3, 3, device=DEV) * 0.3
-        y = ops.spatial_attention_fused(x, w)
-        gy = torch.randn_like(y)
-        (gx,) = torch.autograd.grad(y, x, gy)
-        x64 = x.detach().double().requires_grad_()
-        y64, _ = ref_sam(x64, w.double(), None, ("max", "mean"), 1, None)
-        (want_gx,) = torch.autograd.grad(y64, x64, gy.double())
-        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gx.double(), want_gx, rtol=1e-5, atol=1e-5)
 
 
 @cuda_only
-def test_many_pixel_tiles_and_images():
+@pytest.mark.parametrize("band", [False, True])
+def test_many_pixel_tiles_and_images(band, monkeypatch):
     """More than 65535 pixel tiles (CUDA caps grid axes 1 and 2 there) and many small images
-    (a batch of RoI features)."""
+    (a batch of RoI features); with ``band``, through the one-launch forward and backward."""
+    from spatialattn.ops import _triton
+
+    monkeypatch.setattr(_triton, "_BAND_FORWARD", band)
+    monkeypatch.setattr(_triton, "_BAND_BACKWARD", band)
     for shape in [(1, 3, 2050, 2050), (70000, 3, 2, 2)]:
         x = torch.randn(shape, device=DEV, requires_grad=True)
         w = torch.randn(1, 2, 3, 3, device=DEV) * 0.3

@@ -229,8 +229,9 @@ def test_report_script(tmp_path):
     sweep = (tmp_path / "triton_sweep_float32.md").read_text()
     assert sweep.count("| gate multiply [2] |") == 6 and sweep.count("| pool [1] |") == 10
     # the whole SAM at the default settings; the one launch also at 1 and 16 programs per SM
-    assert sweep.count("| SAM forward, three launches [2] |") == 1 and sweep.count("| SAM forward, one launch [2] |") == 3
-    assert sweep.count("| SAM backward, five launches [3] |") == 1 and sweep.count("| SAM backward, one launch [3] |") == 3
+    for direction, default in (("forward", "three launches [2]"), ("backward", "five launches [3]")):
+        assert sweep.count(f"| SAM {direction}, {default} |") == 1
+        assert sweep.count(f"| SAM {direction}, one launch [{default[-2]}] |") == 3
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
