@@ -13,7 +13,8 @@
 # sweep       benchmarks/triton_report.py --sweep: each kernel under its launch settings
 # profile     benchmarks/profile_cuda.py: host time vs GPU time per call (and replayed from a CUDA
 #             graph), the kernels of each call, the host cost of one launch; the same calls with
-#             the forward in one launch ("fwd band": off by default until these figures are read)
+#             the forward and backward in one launch each ("fwd band", "fwd+bwd band": off by
+#             default until these figures are read)
 #
 # Runs from the repository root without installing the package (PYTHONPATH=.), with the
 # machine's own python3, torch and triton. Writes one log (gpu_check.log) and the tables to

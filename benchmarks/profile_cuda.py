@@ -134,17 +134,15 @@ def main() -> None:
                 xg.grad = None
                 wg.grad = None
 
-            def band(fn):  # the same call with the forward and backward in one launch each
+            def band(fn, on):  # the call with the forward and backward in one launch each, or not
                 def run():
-                    _triton._BAND_FORWARD = _triton._BAND_BACKWARD = True
-                    try:
+                    with _triton.band_launches(on, on):  # (whatever SPATIALATTN_TRITON_BAND_* say)
                         return fn()
-                    finally:
-                        _triton._BAND_FORWARD = _triton._BAND_BACKWARD = False
                 return run
 
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
-            for mode, fn in (("fwd", fwd), ("fwd band", band(fwd)), ("fwd+bwd", fb), ("fwd+bwd band", band(fb))):
+            for mode, fn in (("fwd", band(fwd, False)), ("fwd band", band(fwd, True)), ("fwd+bwd", band(fb, False)),
+                             ("fwd+bwd band", band(fb, True))):
                 if mode.endswith("band") and not args.band:
                     continue
                 gpu, host = timed(fn, args.iters)

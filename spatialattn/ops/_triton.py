@@ -49,9 +49,10 @@ sweeps on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -90,6 +91,18 @@ _BAND_FORWARD = os.environ.get("SPATIALATTN_TRITON_BAND_FORWARD", "0") == "1"
 _BAND_BACKWARD = os.environ.get("SPATIALATTN_TRITON_BAND_BACKWARD", "0") == "1"
 _BAND_PROGRAMS_PER_SM = 4
 _BAND_ROWS = 0
+
+
+@contextlib.contextmanager
+def band_launches(forward: bool = True, backward: bool = True) -> Iterator[None]:
+    """The one-launch forward / backward (``_BAND_FORWARD`` / ``_BAND_BACKWARD``) set as given
+    inside the block, and restored after it (benchmarks and the compile workload)."""
+    saved = _BAND_FORWARD, _BAND_BACKWARD
+    globals().update(_BAND_FORWARD=forward, _BAND_BACKWARD=backward)
+    try:
+        yield
+    finally:
+        globals().update(_BAND_FORWARD=saved[0], _BAND_BACKWARD=saved[1])
 
 
 def _layout(x: Tensor) -> Tuple[Tensor, bool]:
@@ -261,18 +274,18 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _conv_logits(map_ptr, SLOT, BY_KIND: tl.constexpr, row0, p, pm, H, W, w_ptr, b_ptr, P: tl.constexpr,
-                     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr, KMASK: tl.constexpr,
-                     BP: tl.constexpr):
+                     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_B: tl.constexpr,
+                     MEAN_SLOTS: tl.constexpr, BP: tl.constexpr):
         """``conv(maps, w) + b`` at pixels ``p`` (valid where ``pm``) of an ``H x W`` map, zero
         padding ``DIL * (K // 2)``: slot ``i``'s map at ``map_ptr + i * SLOT`` (with ``BY_KIND``:
-        at ``((KMASK >> i) & 1) * SLOT``, a map per kind), its rows from ``row0``; float32, the
+        at ``((MEAN_SLOTS >> i) & 1) * SLOT``, a map per kind), its rows from ``row0``; float32, the
         taps unrolled and added in slot, row, column order."""
         h = p // W
         w = p % W
         acc = tl.zeros([BP], tl.float32)
         for i in tl.static_range(P):
             if BY_KIND:
-                base = map_ptr + ((KMASK >> i) & 1) * SLOT
+                base = map_ptr + ((MEAN_SLOTS >> i) & 1) * SLOT
             else:
                 base = map_ptr + i * SLOT
             for kh in tl.static_range(KH):
@@ -629,8 +642,26 @@ if _HAVE_TRITON:
         tl.store(y_ptr + off, (xv * av[None, :]).to(dt, fp_downcast_rounding="rtne"), mask=m2)
 
     @triton.jit
+    def _program_band(C, H, W, TH, TW, NB, KH: tl.constexpr, DIL: tl.constexpr, C_DIV: tl.constexpr,
+                      HW_DIV: tl.constexpr, W_DIV: tl.constexpr, TW_DIV: tl.constexpr):
+        """The band of the one-launch kernels' program: ``(C, H * W, W, TW)`` rewritten with the
+        divisibility the host passed (see :func:`_dims`; ``TW = TH * W``, a band's pixels), then
+        ``pid`` (int64), its image ``n``, its band, the band's rows ``[h0, h1)`` and those
+        within the conv's reach ``[hs, he)`` (``DIL * (KH // 2)`` more each side, in the map)."""
+        C, HW = _dims(C, H * W, C_DIV, HW_DIV)
+        W = W // W_DIV * W_DIV
+        TW = TW // TW_DIV * TW_DIV
+        pid = tl.program_id(0).to(tl.int64)
+        band = (pid % NB).to(tl.int32)
+        h0 = band * TH
+        h1 = tl.minimum(H, h0 + TH)
+        hs = tl.maximum(0, h0 - DIL * (KH // 2))
+        he = tl.minimum(H, h1 + DIL * (KH // 2))
+        return C, HW, W, TW, pid, pid // NB, band, h0, h1, hs, he
+
+    @triton.jit
     def _sam_band_kernel(x_ptr, s_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, pooled_ptr, logits_ptr, attn_ptr, y_ptr,
-                         scr_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, KMASK: tl.constexpr, KH: tl.constexpr,
+                         scr_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, MEAN_SLOTS: tl.constexpr, KH: tl.constexpr,
                          KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
                          HAS_NORM: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr,
                          W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
@@ -641,18 +672,12 @@ if _HAVE_TRITON:
         # and below (the halo: DIL * (KH // 2) rows each side, pooled again by the neighbouring
         # bands) into its own float32 scratch [2, SR, W] (max, mean), waits for its threads,
         # runs the conv and the sigmoid on its own rows (the maps' P slots read the scratch row
-        # of their kind: bit KMASK >> i set = mean), waits again, and multiplies its rows of x,
-        # whose second read comes soon after the first. Per element the helpers of _pool_kernel
+        # of their kind: bit MEAN_SLOTS >> i set = mean), waits again, and multiplies its rows of
+        # x, whose second read comes soon after the first. Per element the helpers of _pool_kernel
         # (unsplit), _gate_kernel and _mul_kernel (_pool_channels, _conv_logits, _attention,
         # _mul_tile), so the same numbers as the three launches.
-        C, HW = _dims(C, H * W, C_DIV, HW_DIV)
-        W = W // W_DIV * W_DIV
-        pid = tl.program_id(0).to(tl.int64)
-        n = pid // NB
-        h0 = (pid % NB).to(tl.int32) * TH
-        h1 = tl.minimum(H, h0 + TH)
-        hs = tl.maximum(0, h0 - DIL * (KH // 2))
-        he = tl.minimum(H, h1 + DIL * (KH // 2))
+        C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, KH, DIL, C_DIV, HW_DIV,
+                                                                   W_DIV, TW_DIV)
         scr = scr_ptr + pid * 2 * SR * W
         # 1. pooling of rows [hs, he) into the scratch, and of rows [h0, h1) into the maps
         # (tiles from a multiple of BP and loads masked at HW only, so that they are as aligned
@@ -667,7 +692,7 @@ if _HAVE_TRITON:
             tl.store(scr + SR * W + (p - hs * W), mean, mask=pm)
             own = pm & (p >= h0 * W) & (p < h1 * W)
             for i in tl.static_range(P):
-                if (KMASK >> i) & 1:
+                if (MEAN_SLOTS >> i) & 1:
                     tl.store(pooled_ptr + (n * P + i) * HW + p, mean, mask=own)
                 else:
                     tl.store(pooled_ptr + (n * P + i) * HW + p, mxr, mask=own)
@@ -676,14 +701,13 @@ if _HAVE_TRITON:
         for q0 in range(h0 * W, h1 * W, BPG):
             p = q0 + tl.arange(0, BPG)
             pm = p < h1 * W
-            acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, KMASK, BPG)
+            acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS, BPG)
             tl.store(logits_ptr + n * HW + p, acc, mask=pm)
             tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
         tl.debug_barrier()  # the attention of every row written
         # 3. the product of rows [h0, h1)
         # (from band * TW, TW = TH * W: whole 16-byte vectors where the host could round TH so)
-        TW = TW // TW_DIV * TW_DIV
-        lo = (pid % NB).to(tl.int32) * TW
+        lo = band * TW
         hi = tl.minimum(HW, lo + TW)
         for q0 in range(lo, hi, MBP):
             p = q0 + tl.arange(0, MBP)
@@ -714,16 +738,8 @@ if _HAVE_TRITON:
         # (one per tile of its rows; the bias / norm sums in the first) and the scale
         # gradient's into gs [NB, N, C], summed in a fixed order by the host's launches, in
         # groups other than theirs.
-        C, HW = _dims(C, H * W, C_DIV, HW_DIV)
-        W = W // W_DIV * W_DIV
-        TW = TW // TW_DIV * TW_DIV
-        pid = tl.program_id(0).to(tl.int64)
-        n = pid // NB
-        band = (pid % NB).to(tl.int32)
-        h0 = band * TH
-        h1 = tl.minimum(H, h0 + TH)
-        hs = tl.maximum(0, h0 - DIL * (KH // 2))
-        he = tl.minimum(H, h1 + DIL * (KH // 2))
+        C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, KH, DIL, C_DIV, HW_DIV,
+                                                                   W_DIV, TW_DIV)
         scr = scr_ptr + pid * 4 * SR * W
         HAS_MAX: tl.constexpr = I_MAX >= 0
         NTAPS: tl.constexpr = P * KH * KW
@@ -755,9 +771,13 @@ if _HAVE_TRITON:
             tl.store(scr + (p - hs * W), dz, mask=pm)
             if HAS_MAX:
                 tl.store(scr + SR * W + (p - hs * W), cnt, mask=pm)
+        sum_b = tl.sum(acc_b, axis=0)
+        sum_nsh = tl.sum(acc_nsh, axis=0)
+        sum_ns = tl.sum(acc_ns, axis=0)
         tl.debug_barrier()  # the scratch rows of every thread of the program written
         # 2. the conv's backward on rows [h0, h1): the pooled maps' gradients, and the weight
-        # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels)
+        # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels; the bias /
+        # norm sums in the first)
         for t in range(0, TPB):
             p = h0 * W + t * BPG + tl.arange(0, BPG)
             pm = p < h1 * W
@@ -766,9 +786,9 @@ if _HAVE_TRITON:
             gmax, gmean = _conv_backward_taps(scr, hs, pooled_ptr + n * P * HW, logits_ptr, HW, p, pm, dzv, row, H, W,
                                               w_ptr, 0.0, 0.0, 0.0, 0.0, 0.0, P, KH, KW, DIL, MEAN_SLOTS, False, BPG)
             first = t == 0
-            tl.store(row + NTAPS, tl.where(first, tl.sum(acc_b, axis=0), 0.0))
-            tl.store(row + NTAPS + 1, tl.where(first, tl.sum(acc_nsh, axis=0), 0.0))
-            tl.store(row + NTAPS + 2, tl.where(first, tl.sum(acc_ns, axis=0), 0.0))
+            tl.store(row + NTAPS, tl.where(first, sum_b, 0.0))
+            tl.store(row + NTAPS + 1, tl.where(first, sum_nsh, 0.0))
+            tl.store(row + NTAPS + 2, tl.where(first, sum_ns, 0.0))
             if HAS_MAX:
                 cv = tl.load(scr + SR * W + (p - hs * W), mask=pm, other=1.0)
                 tl.store(scr + 2 * SR * W + (p - hs * W), gmax / cv, mask=pm)
@@ -1269,11 +1289,17 @@ def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
     return y
 
 
-def _band_geometry(n: int, h: int, w: int, x: Tensor) -> Tuple[int, int, int]:
-    """``(rows, bands, rows * w)`` per image of the one-launch forward and backward: enough
-    bands that the grid has ``_BAND_PROGRAMS_PER_SM`` programs per SM where the rows allow, the
-    height then rounded up so that a band is whole 16-byte vectors where the width allows
-    (aligned accesses; ``_BAND_ROWS`` > 0 forces a height)."""
+def _mean_slots(kinds: Sequence[int]) -> int:
+    """The pooled maps' slots that are means (kind 1), as a bit mask (bit ``i``: slot ``i``)."""
+    return sum(1 << i for i, k in enumerate(kinds) if k == 1)
+
+
+def _band_geometry(n: int, h: int, w: int, halo: int, x: Tensor) -> Tuple[int, int, int, int]:
+    """``(rows, bands, rows * w, scratch rows)`` per image of the one-launch forward and
+    backward: enough bands that the grid has ``_BAND_PROGRAMS_PER_SM`` programs per SM where the
+    rows allow, the height then rounded up so that a band is whole 16-byte vectors where the
+    width allows (aligned accesses; ``_BAND_ROWS`` > 0 forces a height); the scratch holds a
+    band and its ``halo`` rows above and below, at most the map."""
     if _BAND_ROWS > 0:
         th = min(_BAND_ROWS, h)
     else:
@@ -1281,7 +1307,7 @@ def _band_geometry(n: int, h: int, w: int, x: Tensor) -> Tuple[int, int, int]:
         vec = max(1, 16 // x.element_size())
         m = vec // min(vec, _pow2_div(w))
         th = min(h, _cdiv(_cdiv(h, bands), m) * m)
-    return th, _cdiv(h, th), th * w
+    return th, _cdiv(h, th), th * w, min(h, th + 2 * halo)
 
 
 def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
@@ -1307,8 +1333,7 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     p = len(kinds)
     _check_gate_args(weight, p, bias, dilation)
     kh, kw = weight.shape[-2:]
-    th, nb, _ = _band_geometry(n, h, w, x)
-    sr = min(h, th + 2 * dilation * (kh // 2))  # scratch rows: the band and its halo
+    th, nb, tw, sr = _band_geometry(n, h, w, dilation * (kh // 2), x)
     dev = x.device
     pooled = torch.empty((n, p, h, w), dtype=torch.float32, device=dev)
     logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
@@ -1321,9 +1346,9 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     mbc, mbp = _MUL_TILE[cl]
     _sam_band_kernel[(n * nb,)](
         x, s if s is not None else x, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
-        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, th * w, nb, sr, P=p,
-        TW_DIV=_pow2_div(th * w),
-        KMASK=sum(1 << i for i, k in enumerate(kinds) if k == 1), KH=kh, KW=kw, DIL=dilation,
+        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, tw, nb, sr, P=p,
+        TW_DIV=_pow2_div(tw),
+        MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw, DIL=dilation,
         HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, W_DIV=_pow2_div(w), BC=_BC, BP=_BP,
         BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
     return y, attn, logits, pooled
@@ -1504,7 +1529,7 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     dz = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     cnt = torch.empty_like(dz) if cntp is not None else None
     ix = torch.empty((n, 1, h, w), dtype=torch.int32, device=dev) if ixp is not None else None
-    mean_slots = sum(1 << i for i, k in enumerate(kinds) if k == 1)
+    mean_slots = _mean_slots(kinds)
     fmax = torch.empty_like(dz) if mx is not None else None
     fmean = torch.empty_like(dz) if mean_slots else None
     wt = weight.to(torch.float32).contiguous()
@@ -1557,8 +1582,7 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
     n, c, h, w = x.shape
     np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
     dev = x.device
-    th, nb, tw = _band_geometry(n, h, w, x)
-    sr = min(h, th + 2 * dilation * (kh // 2))
+    th, nb, tw, sr = _band_geometry(n, h, w, dilation * (kh // 2), x)
     tpb = _cdiv(tw, _BP_SMALL)  # tiles of the conv backward per band: rows of partial sums
     ntaps = np_ * kh * kw
     npart = ntaps + 3
@@ -1578,7 +1602,7 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
         x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
         attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
         gs if gs is not None else dummy, part, scratch, c, h, w, th, tw, nb, sr, npart, tpb, P=np_,
-        MEAN_SLOTS=sum(1 << i for i, k in enumerate(kinds) if k == 1), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation,
+        MEAN_SLOTS=_mean_slots(kinds), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation,
         HAS_S=s is not None, HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
         W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP, BPG=_BP_SMALL, **_meta(c, h * w, cl))
     gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, has_norm)

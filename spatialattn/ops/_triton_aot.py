@@ -245,9 +245,7 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
     torch.autograd.grad(y, (x, wt, b), torch.ones_like(y))
     # the forward and backward in one launch each (off by default): without and with a scale
     # (and its gradient), bias, norm and a gradient of the returned attention
-    saved = _triton._BAND_FORWARD, _triton._BAND_BACKWARD
-    _triton._BAND_FORWARD = _triton._BAND_BACKWARD = True
-    try:
+    with _triton.band_launches():
         x, s, wt = leaf(*shape), leaf(n, c, 1, 1), leaf(1, 2, 7, 7, dt=torch.float32)
         y = ops.spatial_attention_fused(x, wt)
         torch.autograd.grad(y, (x, wt), torch.ones_like(y))
@@ -255,8 +253,6 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders) -> None:
         y, attn = ops.spatial_attention_fused(x, wt, one, order=("mean", "max"), channel_scale=s, norm_scale=one,
                                               norm_shift=one, return_attention=True)
         torch.autograd.grad((y, attn), (x, s, wt, one), (torch.ones_like(y), torch.ones_like(attn)))
-    finally:
-        _triton._BAND_FORWARD, _triton._BAND_BACKWARD = saved
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

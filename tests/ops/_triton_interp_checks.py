@@ -18,6 +18,7 @@ from spatialattn.ops import _library as lib  # noqa: E402
 from spatialattn.ops import _triton, reference  # noqa: E402
 
 from _autograd_graph import node_names  # noqa: E402  (this script's folder is on sys.path)
+from _sam_reference import ref_sam  # noqa: E402
 
 
 class _NaNTorch:
@@ -145,22 +146,18 @@ def check_band_forward() -> int:
         _triton._BAND_FORWARD = False
         want = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
         names = ["max" if k == 0 else "mean" for k in kinds]
-        xd = x.double() if s is None else x.double() * s.double()
-        z = torch.nn.functional.conv2d(reference.channel_pool(xd, names, None, torch.float64), wt.double(),
-                                       None if b is None else b.double(), padding=(dil * (kh // 2), dil * (kw // 2)),
-                                       dilation=dil)
-        attn64 = torch.sigmoid(z if ns is None else z * ns.double() + nsh.double())
+        y64, attn64 = ref_sam(*(None if t is None else t.double() for t in (x, wt, b)), names, dil,
+                              *(None if t is None else t.double() for t in (s, ns, nsh)))
         _triton._BAND_FORWARD = True
         for rows in heights:
             _triton._BAND_ROWS = rows
             got = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
             what = f"band forward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
             for name, a, e in zip(("y", "attention", "logits", "pooled"), got, want):
-                assert a.dtype == e.dtype and a.shape == e.shape and a.stride() == e.stride(), (what, name)
-                assert torch.equal(a, e) or (torch.isnan(a) == torch.isnan(e)).all() and torch.equal(
-                    a.nan_to_num(), e.nan_to_num()), f"{what}: {name} differs from the three launches"
+                assert a.stride() == e.stride(), (what, name)
+                torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{what}: {name} differs from the three launches: {m}")
             check(got[1].double(), attn64, torch.float32, f"{what} attention vs float64")
-            y64 = (x.double() if s is None else (x * s).double()) * got[1].double().to(dtype).double()
             check(got[0].double(), y64, dtype, f"{what} y vs float64")
             count += 1
     _triton._BAND_FORWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
@@ -208,25 +205,17 @@ def check_band_backward() -> int:
         ga = torch.randn(n, 1, h, w, generator=g) if gattn else None
         args = (gy, ga, x, s, wt, ns, attn, logits, pooled, kinds, dil)
         want = _triton.sam_backward(*args, need_gs=need_gs)
-        # float64 autograd through the reference
+        # float64 autograd through the reference (leaves: x, weight, bias, then scale, norm scale and shift where given)
         names = ["max" if k == 0 else "mean" for k in kinds]
-        leaves = [x.double().requires_grad_(), wt.double().requires_grad_(), b.double().requires_grad_()]
-        if s is not None:
-            leaves.append(s.double().requires_grad_())
-        if norm:
-            leaves += [ns.double().requires_grad_(), nsh.double().requires_grad_()]
-        x64, w64, b64 = leaves[:3]
-        xs = x64 if s is None else x64 * leaves[3]
-        z = torch.nn.functional.conv2d(reference.channel_pool(xs, names, None, torch.float64), w64, b64,
-                                       padding=(dil * (kh // 2), dil * (kw // 2)), dilation=dil)
-        if norm:
-            z = z * leaves[-2] + leaves[-1]
-        attn64 = torch.sigmoid(z)
-        outs, grads = [xs * attn64], [gy.double()]
+        x64, w64, b64, s64, ns64, nsh64 = (None if t is None else t.double().requires_grad_()
+                                           for t in (x, wt, b, s, ns, nsh))
+        leaves = [t for t in (x64, w64, b64, s64, ns64, nsh64) if t is not None]
+        y64, attn64 = ref_sam(x64, w64, b64, names, dil, s64, ns64, nsh64)
+        outs, grads = [y64], [gy.double()]
         if ga is not None:
             outs.append(attn64)
             grads.append(ga.double())
-        ref = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+        ref = torch.autograd.grad(outs, leaves, grads)
         _triton._BAND_BACKWARD = True
         for rows in heights:
             _triton._BAND_ROWS = rows
