@@ -258,7 +258,7 @@ struct GlobalPool {
     // 8x512x26x26 and 2x1024x52x52, the same at 8x128x104x104). NB = 4 where a pixel
     // spans a 4 KiB page (8 was slower there). Against the previous sweeps of one pixel
     // (four where x was cache-resident) over accumulator rows in L1, which were bound by
-    // their stores: see docs/performance.md.
+    // their stores: see docs/performance-log.md ("CBAM's global pooling" sections).
     auto tile = [&](auto count_t, int64_t p, int64_t np) {
       constexpr bool CNT = decltype(count_t)::value;
       const X* row = base + p * C;

@@ -78,7 +78,7 @@ inline void stream_fence(bool stream) {
 // gradient) come from memory or a far L3, these loops ask for the rows of a group (a row)
 // kPrefetchAhead bytes of work ahead into L2 as they sweep the current one. Measured (2
 // threads, float32, NCHW, the rule forced on and off in one build, alternated; Zen 4 VM,
-// L2 1 MiB, L3 32 MiB): see docs/performance.md ("Software prefetch of the channel rows").
+// L2 1 MiB, L3 32 MiB): see docs/performance-log.md ("Software prefetch of the channel rows").
 // The pooling and pass A take it where x exceeds a quarter of the LLC; pass B where the
 // gradient is written with stream stores (x and the gradient exceed the LLC): at 8x512x26x26
 // and 8x768x26x26 (11-17 MB, L3) it made pass B 1.07-1.10x slower. Settable
