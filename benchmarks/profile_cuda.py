@@ -17,7 +17,9 @@ under ``torch.no_grad()``; ``fwd+bwd``: the same with a dense upstream gradient)
 Modes ``fwd band`` / ``fwd+bwd band`` run the same calls with the forward and the backward in
 one launch each (``_triton._BAND_FORWARD`` / ``_BAND_BACKWARD``, off by default until these
 figures say whether they pay: their ``gpu``, ``host`` and ``graph`` against the ``fwd`` and
-``fwd+bwd`` rows of the same run).
+``fwd+bwd`` rows of the same run). ``train BN`` / ``train BN band``: a training step of
+``SpatialAttention`` with its BatchNorm in training mode (the modules' default), in the
+default launches and in the two-launch forward and backward.
 
 First, the host cost of one launch on a tiny tensor: a Triton launch of the gate-multiply
 kernel (straight through ``kernel[grid](...)``), the same through its wrapper
@@ -41,7 +43,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-band", dest="band", action="store_false",
-                   help="skip the one-launch forward and backward (modes 'fwd band', 'fwd+bwd band')")
+                   help="skip the one-launch forward and backward (modes 'fwd band', 'fwd+bwd band', 'train BN band')")
     args = p.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -49,6 +51,7 @@ def main() -> None:
     from bench_sam import capture_cuda_graph  # (this script's folder is on sys.path)
 
     from spatialattn import ops
+    from spatialattn.nn import SpatialAttention
     from spatialattn.ops import _triton
 
     torch.backends.cudnn.allow_tf32 = False
@@ -134,6 +137,15 @@ def main() -> None:
                 xg.grad = None
                 wg.grad = None
 
+            sam = SpatialAttention(shape[1]).to(dev).train()
+
+            def train_bn():
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    y = sam(xg)
+                y.backward(gy)
+                xg.grad = None
+                sam.zero_grad(set_to_none=True)
+
             def band(fn, on):  # the call with the forward and backward in one launch each, or not
                 def run():
                     with _triton.band_launches(on, on):  # (whatever SPATIALATTN_TRITON_BAND_* say)
@@ -142,7 +154,8 @@ def main() -> None:
 
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
             for mode, fn in (("fwd", band(fwd, False)), ("fwd band", band(fwd, True)), ("fwd+bwd", band(fb, False)),
-                             ("fwd+bwd band", band(fb, True))):
+                             ("fwd+bwd band", band(fb, True)), ("train BN", band(train_bn, False)),
+                             ("train BN band", band(train_bn, True))):
                 if mode.endswith("band") and not args.band:
                     continue
                 gpu, host = timed(fn, args.iters)

@@ -700,6 +700,11 @@ class CppSamBatchNorm(torch.autograd.Function):
 def _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
     """``(y, attn, logits, pooled, stats)`` of the training-BatchNorm SAM off the C++ path
     (Triton on CUDA, plain PyTorch elsewhere) for a dense ``x``."""
+    if x.numel() > 0 and _triton_ok(x):
+        from . import _triton
+
+        if _triton._BAND_FORWARD:  # two launches instead of four or five
+            return _triton.sam_band_forward_batchnorm(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation)
     acc = _acc(x)
     pooled = _generic_pool(x, scale, kinds, acc)
     if _triton_ok(x):

@@ -12,6 +12,8 @@ reference does; reductions accumulate in float32.
   :func:`gate_forward` (three or four launches), or with ``_BAND_FORWARD`` one launch
   (``_sam_band_kernel``, a program per band of rows; off by default until timed on a GPU);
   :func:`sam_backward` likewise, five or six launches or with ``_BAND_BACKWARD`` two or three;
+  with a training-mode BatchNorm on the logits, :func:`sam_band_forward_batchnorm` and the
+  backward's ``BN_PHASE`` launches take two each (the batch statistics need every band first);
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
   no maxima tie and no scale gradient is wanted);
@@ -361,6 +363,28 @@ if _HAVE_TRITON:
         return m, mean, tl.sum(acc_m2, axis=0) / m
 
     @triton.jit
+    def _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
+                         BR: tl.constexpr):
+        """``(k, shift, mean, var)`` (float64) of a BatchNorm with the batch statistics of the
+        ``R`` partial rows at ``stat_ptr`` (:func:`_batch_stats`): ``k = gamma / sqrt(var +
+        eps)``, ``shift = beta - mean * k`` (torch's formula)."""
+        _, mean, var = _batch_stats(stat_ptr, R, BR)
+        k = 1.0 / tl.sqrt(var + eps)
+        if HAS_G:
+            k = k * tl.load(g_ptr).to(tl.float64)
+        shift = -mean * k
+        if HAS_BETA:
+            shift = tl.load(b_ptr).to(tl.float64) - mean * k
+        return k, shift, mean, var
+
+    @triton.jit
+    def _bn_attention(logits, k, shift):
+        """The gate of the training-BatchNorm SAM from float32 logits: ``sigmoid(logits * k +
+        shift)``, the coefficients applied in float32."""
+        z = logits * k.to(tl.float32) + shift.to(tl.float32)
+        return 1.0 / (1.0 + tl.exp(-z))
+
+    @triton.jit
     def _bn_attn_kernel(logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, HW, HAS_G: tl.constexpr,
                         HAS_BETA: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
         # attn = sigmoid(logits * k + shift) with the batch statistics of all logits: every
@@ -369,16 +393,9 @@ if _HAVE_TRITON:
         # in float64, applied in float32 (as torch's formula)
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
-        _, mean, var = _batch_stats(stat_ptr, R, BR)
-        k = 1.0 / tl.sqrt(var + eps)
-        if HAS_G:
-            k = k * tl.load(g_ptr).to(tl.float64)
-        shift = -mean * k
-        if HAS_BETA:
-            shift = tl.load(b_ptr).to(tl.float64) - mean * k
+        k, shift, mean, var = _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G, HAS_BETA, BR)
         lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
-        z = lg * k.to(tl.float32) + shift.to(tl.float32)
-        tl.store(attn_ptr + n * HW + p, 1.0 / (1.0 + tl.exp(-z)), mask=pm)
+        tl.store(attn_ptr + n * HW + p, _bn_attention(lg, k, shift), mask=pm)
         if tl.program_id(0) == 0:
             tl.store(stats_ptr, mean)
             tl.store(stats_ptr + 1, var)
@@ -661,11 +678,12 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _sam_band_kernel(x_ptr, s_ptr, w_ptr, b_ptr, ns_ptr, nsh_ptr, pooled_ptr, logits_ptr, attn_ptr, y_ptr,
-                         scr_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, MEAN_SLOTS: tl.constexpr, KH: tl.constexpr,
-                         KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
-                         HAS_NORM: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr,
-                         W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-                         BPG: tl.constexpr, MBC: tl.constexpr, MBP: tl.constexpr):
+                         scr_ptr, stat_ptr, C, H, W, TH, TW, NB, SR, P: tl.constexpr, MEAN_SLOTS: tl.constexpr,
+                         KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr,
+                         HAS_B: tl.constexpr, HAS_NORM: tl.constexpr, BN_STATS: tl.constexpr, CL: tl.constexpr,
+                         C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr, TW_DIV: tl.constexpr,
+                         BC: tl.constexpr, BP: tl.constexpr, BPG: tl.constexpr, MBC: tl.constexpr,
+                         MBP: tl.constexpr):
         # The whole SAM forward of one band of TH rows of image n in one program (sam_forward
         # with _BAND_FORWARD): the pooling, the gate and the product in one launch instead of
         # three or four. The program pools its rows and the rows within the conv's reach above
@@ -676,6 +694,10 @@ if _HAVE_TRITON:
         # x, whose second read comes soon after the first. Per element the helpers of _pool_kernel
         # (unsplit), _gate_kernel and _mul_kernel (_pool_channels, _conv_logits, _attention,
         # _mul_tile), so the same numbers as the three launches.
+        # BN_STATS (a training-mode BatchNorm on the logits, whose batch statistics need every
+        # band's logits first): step 2 stores the logits and this band's (count, sum, M2) of
+        # them (float64) at stat_ptr[3 * pid], as _gate_kernel's STATS does per tile, and the
+        # product is left to _sam_band_bn_kernel's second launch.
         C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, KH, DIL, C_DIV, HW_DIV,
                                                                    W_DIV, TW_DIV)
         scr = scr_ptr + pid * 2 * SR * W
@@ -698,15 +720,47 @@ if _HAVE_TRITON:
                     tl.store(pooled_ptr + (n * P + i) * HW + p, mxr, mask=own)
         tl.debug_barrier()  # the scratch rows of every thread of the program written
         # 2. the gate on rows [h0, h1): conv (zero padding), bias, affine norm, sigmoid
-        for q0 in range(h0 * W, h1 * W, BPG):
-            p = q0 + tl.arange(0, BPG)
-            pm = p < h1 * W
-            acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS, BPG)
-            tl.store(logits_ptr + n * HW + p, acc, mask=pm)
-            tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
-        tl.debug_barrier()  # the attention of every row written
-        # 3. the product of rows [h0, h1)
-        # (from band * TW, TW = TH * W: whole 16-byte vectors where the host could round TH so)
+        if BN_STATS:
+            acc_n = tl.zeros([BPG], tl.float64)
+            acc_s = tl.zeros([BPG], tl.float64)
+            for q0 in range(h0 * W, h1 * W, BPG):
+                p = q0 + tl.arange(0, BPG)
+                pm = p < h1 * W
+                acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS,
+                                   BPG)
+                tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+                acc_n += tl.where(pm, 1.0, 0.0).to(tl.float64)
+                acc_s += tl.where(pm, acc.to(tl.float64), 0.0)
+            cnt = tl.sum(acc_n, axis=0)
+            tot = tl.sum(acc_s, axis=0)
+            tl.debug_barrier()  # the band's logits written
+            acc_m2 = tl.zeros([BPG], tl.float64)
+            for q0 in range(h0 * W, h1 * W, BPG):
+                p = q0 + tl.arange(0, BPG)
+                pm = p < h1 * W
+                dev = tl.where(pm, tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - tot / cnt, 0.0)
+                acc_m2 += dev * dev
+            tl.store(stat_ptr + pid * 3, cnt)
+            tl.store(stat_ptr + pid * 3 + 1, tot)
+            tl.store(stat_ptr + pid * 3 + 2, tl.sum(acc_m2, axis=0))
+        else:
+            for q0 in range(h0 * W, h1 * W, BPG):
+                p = q0 + tl.arange(0, BPG)
+                pm = p < h1 * W
+                acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS,
+                                   BPG)
+                tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+                tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
+            tl.debug_barrier()  # the attention of every row written
+            # 3. the product of rows [h0, h1)
+            _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S, CL, MBC, MBP)
+
+    @triton.jit
+    def _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S: tl.constexpr, CL: tl.constexpr,
+                      MBC: tl.constexpr, MBP: tl.constexpr):
+        """``y = (x * s) * attn`` on the pixels ``[band * TW, band * TW + TW)`` of image ``n``
+        (``TW = TH * W``: whole 16-byte vectors where the host could round the band so), tiles
+        of ``MBC`` channels x ``MBP`` pixels (:func:`_mul_tile`, as ``_mul_kernel``)."""
         lo = band * TW
         hi = tl.minimum(HW, lo + TW)
         for q0 in range(lo, hi, MBP):
@@ -718,15 +772,42 @@ if _HAVE_TRITON:
                 _mul_tile(x_ptr, s_ptr, y_ptr, n, c, p, c < C, pm, av, C, HW, HAS_S, CL)
 
     @triton.jit
+    def _sam_band_bn_kernel(x_ptr, s_ptr, logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, y_ptr, C,
+                            H, W, TH, TW, NB, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
+                            CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
+                            TW_DIV: tl.constexpr, BPG: tl.constexpr, BR: tl.constexpr, MBC: tl.constexpr,
+                            MBP: tl.constexpr):
+        # The second launch of the training-BatchNorm SAM forward in bands (after
+        # _sam_band_kernel with BN_STATS): every program combines the R bands' partial
+        # statistics itself (_bn_coefficients, a fixed order), writes the attention of its rows
+        # (program 0 also [mean, var], float64) and multiplies them, as _bn_attn_kernel and
+        # _mul_kernel do per element; x's second read follows the first by one launch.
+        C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, 1, 0, C_DIV, HW_DIV, W_DIV,
+                                                                   TW_DIV)
+        k, shift, mean, var = _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G, HAS_BETA, BR)
+        for q0 in range(h0 * W, h1 * W, BPG):
+            p = q0 + tl.arange(0, BPG)
+            pm = p < h1 * W
+            lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+            tl.store(attn_ptr + n * HW + p, _bn_attention(lg, k, shift), mask=pm)
+        if pid == 0:
+            tl.store(stats_ptr, mean)
+            tl.store(stats_ptr + 1, var)
+        tl.debug_barrier()  # the attention of every row written
+        _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S, CL, MBC, MBP)
+
+    @triton.jit
     def _sam_band_backward_kernel(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, logits_ptr, pooled_ptr, w_ptr, ns_ptr,
-                                  gx_ptr, gs_ptr, part_ptr, scr_ptr, C, H, W, TH, TW, NB, SR, NPART, TPB,
-                                  P: tl.constexpr, MEAN_SLOTS: tl.constexpr, I_MAX: tl.constexpr, KH: tl.constexpr,
-                                  KW: tl.constexpr, DIL: tl.constexpr, HAS_S: tl.constexpr, HAS_G: tl.constexpr,
-                                  HAS_GATTN: tl.constexpr, HAS_NORM: tl.constexpr, NEED_GS: tl.constexpr,
-                                  CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
-                                  TW_DIV: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr, BPG: tl.constexpr):
+                                  gx_ptr, gs_ptr, part_ptr, scr_ptr, dzg_ptr, cntg_ptr, stats_ptr, bnw_ptr, eps, R, C,
+                                  H, W, TH, TW, NB, SR, NPART, TPB, P: tl.constexpr, MEAN_SLOTS: tl.constexpr,
+                                  I_MAX: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
+                                  HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_GATTN: tl.constexpr,
+                                  HAS_NORM: tl.constexpr, NEED_GS: tl.constexpr, BN_PHASE: tl.constexpr,
+                                  HAS_BNW: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                                  HW_DIV: tl.constexpr, W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BC: tl.constexpr,
+                                  BP: tl.constexpr, BPG: tl.constexpr):
         # The SAM backward of one band of TH rows of image n in one program (sam_backward with
-        # _BAND_BACKWARD; no training BatchNorm, whose batch statistics need every image first):
+        # _BAND_BACKWARD; BN_PHASE 0, an affine norm or none):
         # pass A (sum_c grad * x', the max's tie count) over its rows and the conv's halo, the
         # sigmoid / norm backward there (d logits', into its scratch [4, SR, W]: dz, count,
         # then the max's and the mean's per-pixel gradients), the conv backward on its rows
@@ -737,99 +818,177 @@ if _HAVE_TRITON:
         # theirs; the parameter gradients' partial sums go into TPB rows of part per program
         # (one per tile of its rows; the bias / norm sums in the first) and the scale
         # gradient's into gs [NB, N, C], summed in a fixed order by the host's launches, in
-        # groups other than theirs.
+        # groups other than theirs. A training-mode BatchNorm on the logits (its weight at
+        # bnw_ptr, the forward's [mean, var] at stats_ptr) needs the batch sums of dz and dz *
+        # xhat before any d logits: two launches, BN_PHASE 1 (pass A on the band's own rows,
+        # its dz into the map at dzg_ptr and its sums into part) and BN_PHASE 2 (the R rows of
+        # part combined, the conv backward from dzg_ptr's rows, the gradient pass).
         C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, KH, DIL, C_DIV, HW_DIV,
                                                                    W_DIV, TW_DIV)
         scr = scr_ptr + pid * 4 * SR * W
         HAS_MAX: tl.constexpr = I_MAX >= 0
         NTAPS: tl.constexpr = P * KH * KW
-        # 1. pass A and the gate's backward on rows [hs, he)
-        acc_b = tl.zeros([BP], tl.float32)
-        acc_nsh = tl.zeros([BP], tl.float32)
-        acc_ns = tl.zeros([BP], tl.float32)
-        for q0 in range(hs * W // BP * BP, he * W, BP):
-            p = q0 + tl.arange(0, BP)
-            ld = p < HW
-            pm = (p >= hs * W) & (p < he * W)
-            own = pm & (p >= h0 * W) & (p < h1 * W)
-            mxv = tl.zeros([BP], tl.float32)
-            if HAS_MAX:
-                mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
-            ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX, False,
-                                          CL, BC, BP)
-            gsum = tl.zeros([BP], tl.float32) + ga
-            if HAS_GATTN:
-                gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
-            a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
-            dz = gsum * ((1.0 - a) * a)
-            if HAS_NORM:
-                lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
-                acc_nsh += tl.where(own, dz, 0.0)
-                acc_ns += tl.where(own, dz * lg, 0.0)
-                dz = dz * tl.load(ns_ptr).to(tl.float32)
-            acc_b += tl.where(own, dz, 0.0)
-            tl.store(scr + (p - hs * W), dz, mask=pm)
-            if HAS_MAX:
-                tl.store(scr + SR * W + (p - hs * W), cnt, mask=pm)
-        sum_b = tl.sum(acc_b, axis=0)
-        sum_nsh = tl.sum(acc_nsh, axis=0)
-        sum_ns = tl.sum(acc_ns, axis=0)
-        tl.debug_barrier()  # the scratch rows of every thread of the program written
-        # 2. the conv's backward on rows [h0, h1): the pooled maps' gradients, and the weight
-        # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels; the bias /
-        # norm sums in the first)
-        for t in range(0, TPB):
-            p = h0 * W + t * BPG + tl.arange(0, BPG)
-            pm = p < h1 * W
-            row = part_ptr + (pid * TPB + t) * NPART
-            dzv = tl.load(scr + (p - hs * W), mask=pm, other=0.0)
-            gmax, gmean = _conv_backward_taps(scr, hs, pooled_ptr + n * P * HW, logits_ptr, HW, p, pm, dzv, row, H, W,
-                                              w_ptr, 0.0, 0.0, 0.0, 0.0, 0.0, P, KH, KW, DIL, MEAN_SLOTS, False, BPG)
-            first = t == 0
-            tl.store(row + NTAPS, tl.where(first, sum_b, 0.0))
-            tl.store(row + NTAPS + 1, tl.where(first, sum_nsh, 0.0))
-            tl.store(row + NTAPS + 2, tl.where(first, sum_ns, 0.0))
-            if HAS_MAX:
-                cv = tl.load(scr + SR * W + (p - hs * W), mask=pm, other=1.0)
-                tl.store(scr + 2 * SR * W + (p - hs * W), gmax / cv, mask=pm)
-            if MEAN_SLOTS != 0:
-                tl.store(scr + 3 * SR * W + (p - hs * W), gmean / C, mask=pm)
-        tl.debug_barrier()  # the pooled maps' gradients of every row written
-        # 3. the gradient pass on rows [h0, h1) (from band * TW: whole 16-byte vectors where the
-        # host could round TH so), a channel block at a time (the scale gradient's sums)
-        lo = band * TW
-        hi_ = tl.minimum(HW, lo + TW)
-        dt = x_ptr.dtype.element_ty
-        for c0 in range(0, C, BC):
-            c = c0 + tl.arange(0, BC)
-            cm = c < C
-            if HAS_S:
-                sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
-            else:
-                sv = tl.full([BC], 1.0, tl.float32)  # unused
-            gs = tl.zeros([BC, BP], tl.float32)
-            for q0 in range(lo, hi_, BP):
+        if BN_PHASE == 1:
+            # the training BatchNorm's first launch: pass A and the sigmoid's backward on rows
+            # [h0, h1) only (no halo), dz and the tie counts into the maps at dzg_ptr / cntg_ptr,
+            # and this band's sums of dz and dz * xhat (float64, as _gate_backward_kernel's BN)
+            # into columns NTAPS + 1, NTAPS + 2 of its first row of part (0 in the others)
+            mean = tl.load(stats_ptr)
+            invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+            acc1 = tl.zeros([BP], tl.float64)
+            acc2 = tl.zeros([BP], tl.float64)
+            for q0 in range(h0 * W // BP * BP, h1 * W, BP):
                 p = q0 + tl.arange(0, BP)
-                pm = p < hi_
-                m2 = cm[:, None] & pm[None, :]
-                off = _x_offsets(n, c, p, C, HW, CL)
-                xv, gv, av, hit, fm, fa = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # (what the flags leave unused)
-                if NEED_GS or HAS_MAX:
-                    xv = tl.load(x_ptr + off, mask=m2, other=0.0)
-                if HAS_G:
-                    gv = tl.load(g_ptr + off, mask=m2, other=0.0)
-                    av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+                ld = p < HW
+                own = (p >= h0 * W) & (p < h1 * W)
+                mxv = tl.zeros([BP], tl.float32)
                 if HAS_MAX:
-                    mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=pm, other=0.0)
-                    fm = tl.load(scr + 2 * SR * W + (p - hs * W), mask=pm, other=0.0)
-                    hit = _is_max(xv, sv, mxv, HAS_S)
-                if MEAN_SLOTS != 0:
-                    fa = tl.load(scr + 3 * SR * W + (p - hs * W), mask=pm, other=0.0)
-                gs = _grad_x_out(gx_ptr, off, m2, gv, av, hit, fm, fa, xv, sv, gs, HAS_G, HAS_MAX, MEAN_SLOTS != 0,
-                                 HAS_S, NEED_GS, BC, BP)
-            if NEED_GS:
-                row_n = band.to(tl.int64) * (tl.num_programs(0) // NB) + n  # gs[band, n]: [NB, N, C]
-                tl.store(gs_ptr + row_n * C + c, tl.sum(gs, axis=1), mask=cm)
+                    mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
+                ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX,
+                                              False, CL, BC, BP)
+                gsum = tl.zeros([BP], tl.float32) + ga
+                if HAS_GATTN:
+                    gsum += tl.load(gattn_ptr + n * HW + p, mask=own, other=0.0).to(tl.float32)
+                a = tl.load(attn_ptr + n * HW + p, mask=own, other=0.0)
+                dz = gsum * ((1.0 - a) * a)
+                tl.store(dzg_ptr + n * HW + p, dz, mask=own)
+                if HAS_MAX:
+                    tl.store(cntg_ptr + n * HW + p, cnt, mask=own)
+                xhat = (tl.load(logits_ptr + n * HW + p, mask=own, other=0.0).to(tl.float64) - mean) * invstd
+                dz64 = tl.where(own, dz.to(tl.float64), 0.0)
+                acc1 += dz64
+                acc2 += dz64 * xhat
+            s1 = tl.sum(acc1, axis=0)
+            s2 = tl.sum(acc2, axis=0)
+            for t in range(0, TPB):
+                row = part_ptr + (pid * TPB + t) * NPART
+                tl.store(row + NTAPS + 1, tl.where(t == 0, s1, 0.0))
+                tl.store(row + NTAPS + 2, tl.where(t == 0, s2, 0.0))
+        else:
+            if BN_PHASE == 2:
+                # the second launch: d logits from dz and the batch sums of every band's rows of
+                # part (a fixed order; the formulas of _conv_backward_kernel's BN), the conv's
+                # backward on rows [h0, h1) reading dz of the halo from dzg_ptr, then step 3
+                acc1 = tl.zeros([BPG], tl.float64)
+                acc2 = tl.zeros([BPG], tl.float64)
+                for r0 in range(0, R, BPG):
+                    r = r0 + tl.arange(0, BPG)
+                    acc1 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 1, mask=r < R, other=0.0)
+                    acc2 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 2, mask=r < R, other=0.0)
+                m = ((tl.num_programs(0) // NB) * HW).to(tl.float64)
+                mean = tl.load(stats_ptr)
+                invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+                c1 = invstd
+                if HAS_BNW:
+                    c1 = tl.load(bnw_ptr).to(tl.float64) * invstd
+                a0 = tl.sum(acc1, axis=0) / m
+                a1 = tl.sum(acc2, axis=0) / m
+                for t in range(0, TPB):
+                    p = h0 * W + t * BPG + tl.arange(0, BPG)
+                    pm = p < h1 * W
+                    row = part_ptr + (pid * TPB + t) * NPART
+                    dl64 = c1 * (tl.load(dzg_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - a0
+                                 - (tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - mean)
+                                 * invstd * a1)
+                    tl.store(row + NTAPS, tl.sum(tl.where(pm, dl64, 0.0), axis=0))
+                    dzv = tl.where(pm, dl64.to(tl.float32), 0.0)
+                    gmax, gmean = _conv_backward_taps(dzg_ptr + n * HW, 0, pooled_ptr + n * P * HW, logits_ptr + n * HW,
+                                                      HW, p, pm, dzv, row, H, W, w_ptr, c1, a0, a1, mean, invstd, P, KH,
+                                                      KW, DIL, MEAN_SLOTS, True, BPG)
+                    if HAS_MAX:
+                        cv = tl.load(cntg_ptr + n * HW + p, mask=pm, other=1.0)
+                        tl.store(scr + 2 * SR * W + (p - hs * W), gmax / cv, mask=pm)
+                    if MEAN_SLOTS != 0:
+                        tl.store(scr + 3 * SR * W + (p - hs * W), gmean / C, mask=pm)
+                tl.debug_barrier()  # the pooled maps' gradients of every row written
+            else:
+                # 1. pass A and the gate's backward on rows [hs, he)
+                acc_b = tl.zeros([BP], tl.float32)
+                acc_nsh = tl.zeros([BP], tl.float32)
+                acc_ns = tl.zeros([BP], tl.float32)
+                for q0 in range(hs * W // BP * BP, he * W, BP):
+                    p = q0 + tl.arange(0, BP)
+                    ld = p < HW
+                    pm = (p >= hs * W) & (p < he * W)
+                    own = pm & (p >= h0 * W) & (p < h1 * W)
+                    mxv = tl.zeros([BP], tl.float32)
+                    if HAS_MAX:
+                        mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
+                    ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX, False,
+                                                  CL, BC, BP)
+                    gsum = tl.zeros([BP], tl.float32) + ga
+                    if HAS_GATTN:
+                        gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
+                    a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+                    dz = gsum * ((1.0 - a) * a)
+                    if HAS_NORM:
+                        lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
+                        acc_nsh += tl.where(own, dz, 0.0)
+                        acc_ns += tl.where(own, dz * lg, 0.0)
+                        dz = dz * tl.load(ns_ptr).to(tl.float32)
+                    acc_b += tl.where(own, dz, 0.0)
+                    tl.store(scr + (p - hs * W), dz, mask=pm)
+                    if HAS_MAX:
+                        tl.store(scr + SR * W + (p - hs * W), cnt, mask=pm)
+                sum_b = tl.sum(acc_b, axis=0)
+                sum_nsh = tl.sum(acc_nsh, axis=0)
+                sum_ns = tl.sum(acc_ns, axis=0)
+                tl.debug_barrier()  # the scratch rows of every thread of the program written
+                # 2. the conv's backward on rows [h0, h1): the pooled maps' gradients, and the weight
+                # gradient's partial sums, one row of part per tile (TPB tiles of BPG pixels; the bias /
+                # norm sums in the first)
+                for t in range(0, TPB):
+                    p = h0 * W + t * BPG + tl.arange(0, BPG)
+                    pm = p < h1 * W
+                    row = part_ptr + (pid * TPB + t) * NPART
+                    dzv = tl.load(scr + (p - hs * W), mask=pm, other=0.0)
+                    gmax, gmean = _conv_backward_taps(scr, hs, pooled_ptr + n * P * HW, logits_ptr, HW, p, pm, dzv, row, H, W,
+                                                      w_ptr, 0.0, 0.0, 0.0, 0.0, 0.0, P, KH, KW, DIL, MEAN_SLOTS, False, BPG)
+                    first = t == 0
+                    tl.store(row + NTAPS, tl.where(first, sum_b, 0.0))
+                    tl.store(row + NTAPS + 1, tl.where(first, sum_nsh, 0.0))
+                    tl.store(row + NTAPS + 2, tl.where(first, sum_ns, 0.0))
+                    if HAS_MAX:
+                        cv = tl.load(scr + SR * W + (p - hs * W), mask=pm, other=1.0)
+                        tl.store(scr + 2 * SR * W + (p - hs * W), gmax / cv, mask=pm)
+                    if MEAN_SLOTS != 0:
+                        tl.store(scr + 3 * SR * W + (p - hs * W), gmean / C, mask=pm)
+                tl.debug_barrier()  # the pooled maps' gradients of every row written
+            # 3. the gradient pass on rows [h0, h1) (from band * TW: whole 16-byte vectors where the
+            # host could round TH so), a channel block at a time (the scale gradient's sums)
+            lo = band * TW
+            hi_ = tl.minimum(HW, lo + TW)
+            dt = x_ptr.dtype.element_ty
+            for c0 in range(0, C, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < C
+                if HAS_S:
+                    sv = tl.load(s_ptr + n * C + c, mask=cm, other=0.0)
+                else:
+                    sv = tl.full([BC], 1.0, tl.float32)  # unused
+                gs = tl.zeros([BC, BP], tl.float32)
+                for q0 in range(lo, hi_, BP):
+                    p = q0 + tl.arange(0, BP)
+                    pm = p < hi_
+                    m2 = cm[:, None] & pm[None, :]
+                    off = _x_offsets(n, c, p, C, HW, CL)
+                    xv, gv, av, hit, fm, fa = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # (what the flags leave unused)
+                    if NEED_GS or HAS_MAX:
+                        xv = tl.load(x_ptr + off, mask=m2, other=0.0)
+                    if HAS_G:
+                        gv = tl.load(g_ptr + off, mask=m2, other=0.0)
+                        av = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+                    if HAS_MAX:
+                        mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=pm, other=0.0)
+                        fm = tl.load(scr + 2 * SR * W + (p - hs * W), mask=pm, other=0.0)
+                        hit = _is_max(xv, sv, mxv, HAS_S)
+                    if MEAN_SLOTS != 0:
+                        fa = tl.load(scr + 3 * SR * W + (p - hs * W), mask=pm, other=0.0)
+                    gs = _grad_x_out(gx_ptr, off, m2, gv, av, hit, fm, fa, xv, sv, gs, HAS_G, HAS_MAX, MEAN_SLOTS != 0,
+                                     HAS_S, NEED_GS, BC, BP)
+                if NEED_GS:
+                    row_n = band.to(tl.int64) * (tl.num_programs(0) // NB) + n  # gs[band, n]: [NB, N, C]
+                    tl.store(gs_ptr + row_n * C + c, tl.sum(gs, axis=1), mask=cm)
 
     @triton.jit
     def _reduce_kernel(x_ptr, s_ptr, g_ptr, mx_ptr, ga_ptr, cnt_ptr, ix_ptr, C, HW, C_PER, MXS, HAS_S: tl.constexpr,
@@ -1346,12 +1505,56 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     mbc, mbp = _MUL_TILE[cl]
     _sam_band_kernel[(n * nb,)](
         x, s if s is not None else x, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
-        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, c, h, w, th, tw, nb, sr, P=p,
+        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, scratch, c, h, w, th, tw, nb, sr, P=p,
         TW_DIV=_pow2_div(tw),
         MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw, DIL=dilation,
-        HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, W_DIV=_pow2_div(w), BC=_BC, BP=_BP,
-        BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
+        HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, BN_STATS=False, W_DIV=_pow2_div(w), BC=_BC,
+        BP=_BP, BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
     return y, attn, logits, pooled
+
+
+def sam_band_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                               bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                               kinds: Sequence[int], dilation: int):
+    """``(y, attn, logits, pooled, stats)`` of the SAM with a training-mode ``BatchNorm2d(1)`` on
+    the logits (what :func:`pool_forward`, :func:`gate_batchnorm` and :func:`gate_forward` give
+    in four or five launches) in two: ``_sam_band_kernel`` with ``BN_STATS`` (pooling, conv and
+    each band's partial statistics of the logits), then ``_sam_band_bn_kernel`` (the batch
+    statistics, the attention and the product). ``stats``: float64 ``[mean, biased var]``.
+    The statistics are combined from partials per band instead of per 128-pixel tile, so they
+    (and through them the attention and ``y``) may differ from the default launches' in the
+    last bits; ``pooled`` and ``logits`` are the same. For a non-empty ``x`` (the caller checks);
+    :func:`sam_forward`'s ``_BAND_FORWARD`` turns it on."""
+    kinds = list(kinds)
+    x, cl = _layout(x)
+    n, c, h, w = x.shape
+    p = len(kinds)
+    _check_gate_args(weight, p, bias, dilation)
+    kh, kw = weight.shape[-2:]
+    th, nb, tw, sr = _band_geometry(n, h, w, dilation * (kh // 2), x)
+    dev = x.device
+    pooled = torch.empty((n, p, h, w), dtype=torch.float32, device=dev)
+    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    scratch = torch.empty(n * nb * 2 * sr * w, dtype=torch.float32, device=dev)
+    part = torch.empty((n * nb, 3), dtype=torch.float64, device=dev)
+    stats = torch.empty(2, dtype=torch.float64, device=dev)
+    y = torch.empty_like(x)
+    s = _flat_scale(scale, x)
+    wt = weight.to(torch.float32).contiguous()
+    mbc, mbp = _MUL_TILE[cl]
+    meta = _meta(c, h * w, cl)
+    _sam_band_kernel[(n * nb,)](
+        x, s if s is not None else x, wt, bias if bias is not None else wt, wt, wt, pooled, logits, attn, y, scratch,
+        part, c, h, w, th, tw, nb, sr, P=p, TW_DIV=_pow2_div(tw), MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw,
+        DIL=dilation, HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=False, BN_STATS=True,
+        W_DIV=_pow2_div(w), BC=_BC, BP=_BP, BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **meta)
+    _sam_band_bn_kernel[(n * nb,)](
+        x, s if s is not None else x, logits, part, n * nb, bn_weight if bn_weight is not None else part,
+        bn_bias if bn_bias is not None else part, float(eps), attn, stats, y, c, h, w, th, tw, nb,
+        HAS_S=s is not None, HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, W_DIV=_pow2_div(w),
+        TW_DIV=_pow2_div(tw), BPG=_BP_SMALL, BR=_BP_SMALL, MBC=mbc, MBP=mbp, **meta)
+    return y, attn, logits, pooled, stats
 
 
 def _grad_like(grad: Tensor, x: Tensor, cl: bool) -> Tensor:
@@ -1507,9 +1710,9 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
     PyTorch formula).
     """
     kinds = list(kinds)
-    if _BAND_BACKWARD and bn_stats is None and x.numel() > 0:
+    if _BAND_BACKWARD and x.numel() > 0:
         return _sam_band_backward(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kinds,
-                                  dilation, need_gs)
+                                  dilation, need_gs, bn_stats, bn_weight, bn_eps)
     n, c, h, w = x.shape
     hw = h * w
     np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
@@ -1574,10 +1777,14 @@ def _parameter_grads(part: Tensor, weight_shape, norm: bool):
 
 def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tensor, scale: Optional[Tensor],
                        weight: Tensor, norm_scale: Optional[Tensor], attn: Tensor, logits: Tensor, pooled: Tensor,
-                       kinds: List[int], dilation: int, need_gs: bool):
-    """:func:`sam_backward` without a training BatchNorm in one launch (``_sam_band_backward_kernel``,
-    a program per band of rows) and one or two sums (the parameter gradients' partial rows; the
-    scale gradient's, over the bands); the same returns."""
+                       kinds: List[int], dilation: int, need_gs: bool, bn_stats: Optional[Tensor] = None,
+                       bn_weight: Optional[Tensor] = None, bn_eps: float = 0.0):
+    """:func:`sam_backward` in one launch (``_sam_band_backward_kernel``, a program per band of
+    rows), two with a training BatchNorm (``bn_stats``: its batch sums need every band's pass A
+    first), and one or two sums (the parameter gradients' partial rows; the scale gradient's,
+    over the bands); the same returns. With the BatchNorm the batch sums are combined from
+    partials per band instead of per tile, so d logits, and through them ``grad_x``, may differ
+    from the default launches' in the last bits."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     np_, kh, kw = len(kinds), weight.shape[-2], weight.shape[-1]
@@ -1591,21 +1798,28 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
     g = None if grad_y is None else _grad_like(grad_y, x, cl)
     gattn = None if grad_attn is None else grad_attn.reshape(n, 1, h, w).contiguous()
     has_norm = norm_scale is not None
-    part = torch.empty((n * nb * tpb, npart), dtype=torch.float32, device=dev)
+    bn = bn_stats is not None
+    part = torch.empty((n * nb * tpb, npart), dtype=torch.float64 if bn else torch.float32, device=dev)
     scratch = torch.empty(n * nb * 4 * sr * w, dtype=torch.float32, device=dev)
     gs = torch.empty((nb, n, c), dtype=torch.float32, device=dev) if need_gs else None
     gx = torch.empty_like(x)
     wt = weight.to(torch.float32).contiguous()
     i_max = kinds.index(0) if 0 in kinds else -1
+    dz = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev) if bn else None
+    cnt = torch.empty_like(dz) if bn and i_max >= 0 else None
     dummy = x
-    _sam_band_backward_kernel[(n * nb,)](
-        x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
-        attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
-        gs if gs is not None else dummy, part, scratch, c, h, w, th, tw, nb, sr, npart, tpb, P=np_,
-        MEAN_SLOTS=_mean_slots(kinds), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation,
-        HAS_S=s is not None, HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
-        W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP, BPG=_BP_SMALL, **_meta(c, h * w, cl))
-    gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, has_norm)
+    args = (x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
+            attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
+            gs if gs is not None else dummy, part, scratch, dz if bn else part, cnt if cnt is not None else part,
+            bn_stats if bn else part, bn_weight if bn_weight is not None else wt, float(bn_eps), n * nb * tpb, c, h,
+            w, th, tw, nb, sr, npart, tpb)
+    meta = dict(P=np_, MEAN_SLOTS=_mean_slots(kinds), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation, HAS_S=s is not None,
+                HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
+                HAS_BNW=bn and bn_weight is not None, W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP,
+                BPG=_BP_SMALL, **_meta(c, h * w, cl))
+    for phase in ((1, 2) if bn else (0,)):
+        _sam_band_backward_kernel[(n * nb,)](*args, BN_PHASE=phase, **meta)
+    gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, has_norm or bn)
     if gs is not None:
         gs = (gs[0] if nb == 1 else _sum_rows(gs)).reshape(n, c, 1, 1)
     return gx, gs, gw, gb, gns, gnsh

@@ -244,6 +244,150 @@ def check_band_backward() -> int:
     return count
 
 
+
+def _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil):
+    """The training-BatchNorm SAM forward in the default launches (pooling, conv with partial
+    statistics, attention, product), as ``_library._generic_bn_forward`` makes them."""
+    pooled = _triton.pool_forward(x, s, kinds, torch.float32)
+    logits, attn, stats = _triton.gate_batchnorm(pooled, wt, b, gamma, beta, eps, dil)
+    return _triton.gate_forward(x, attn, s), attn, logits, pooled, stats
+
+
+def check_band_forward_batchnorm() -> int:
+    """The training-BatchNorm SAM forward in two launches (``_sam_band_kernel`` with
+    ``BN_STATS``, then ``_sam_band_bn_kernel``) against the default launches: the pooled maps
+    and the logits bit for bit, the batch statistics within float64 rounding (partials per band
+    instead of per tile), the attention and ``y`` within float32 / the dtype's rounding, and
+    ``y`` / the attention / the statistics against float64; band heights of one row to the whole
+    map and the automatic one, with and without the BatchNorm's weight and bias, scale, conv
+    bias, three dtypes and layouts, a halo wider than the map."""
+    count = 0
+    saved = (_triton._BAND_ROWS, _triton._PROGRAMS_PER_SM)
+    _triton._PROGRAMS_PER_SM = 0
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    # shape, kinds, kernel, dilation, scale, conv bias, BatchNorm affine, band heights, (dtype, layout)s
+    cases = [((2, 19, 9, 11), [0, 1], (7, 7), 1, True, True, True, (4, 1, 0), [(f32, "nchw")]),
+             ((2, 19, 9, 11), [1, 0], (3, 3), 2, False, False, False, (2, 9), [(f32, "channels_last"),
+                                                                               (bf16, "noncontig")]),
+             ((3, 20, 4, 16), [0, 1, 0], (7, 3), 3, True, True, True, (1,), [(f16, "nchw")]),
+             ((1, 17, 7, 1), [1], (5, 5), 1, False, True, True, (3,), [(f32, "channels_last")])]
+    runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
+    for (shape, kinds, (kh, kw), dil, scale, bias, affine, heights), dtype, layout in runs:
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(h * 1000 + c)
+        x = make(shape, layout, dtype, h + 7)
+        s = (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype) if scale else None
+        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
+        b = torch.randn(1, generator=g) if bias else None
+        gamma, beta = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if affine else (None, None)
+        eps = 1e-5
+        want = _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil)
+        names = ["max" if k == 0 else "mean" for k in kinds]
+        bn64 = (1.0 if gamma is None else gamma.double(), 0.0 if beta is None else beta.double())
+        y64, attn64 = ref_sam(*(None if t is None else t.double() for t in (x, wt, b)), names, dil,
+                              None if s is None else s.double(), bn=bn64, eps=eps)
+        for rows in heights:
+            _triton._BAND_ROWS = rows
+            got = _triton.sam_band_forward_batchnorm(x, wt, b, s, gamma, beta, eps, kinds, dil)
+            what = f"band BatchNorm forward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
+            for name in range(5):
+                assert got[name].stride() == want[name].stride(), (what, name)
+            for name, i in (("pooled", 3), ("logits", 2)):
+                torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{what}: {name} differs from the default launches: {m}")
+            torch.testing.assert_close(got[4], want[4], rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{what}: statistics against the default launches: {m}")
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=2e-7,
+                                       msg=lambda m: f"{what}: attention against the default launches: {m}")
+            check(got[0], want[0], dtype, f"{what} y against the default launches")
+            check(got[1].double(), attn64, torch.float32, f"{what} attention vs float64")
+            check(got[0].double(), y64, dtype, f"{what} y vs float64")
+            count += 1
+    _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
+    return count
+
+
+def check_band_backward_batchnorm() -> int:
+    """The training-BatchNorm SAM backward in two launches (``_sam_band_backward_kernel`` with
+    ``BN_PHASE`` 1 and 2) against the default launches and against float64 autograd through the
+    reference: ``grad_x`` and every parameter gradient (conv weight and bias, the BatchNorm's
+    weight and bias, the scale) within rounding (the batch sums are combined from partials per
+    band instead of per tile); band heights of one row to the whole map and the automatic one, a
+    halo wider than the map, with and without the BatchNorm's weight, scale and its gradient,
+    the gradient of the returned attention, tied maxima, three dtypes and layouts."""
+    count = 0
+    saved = (_triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM)
+    _triton._PROGRAMS_PER_SM = 0
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    # shape, kinds, kernel, dilation, scale (None: none; else need its gradient), BatchNorm
+    # weight, grad of attention, band heights, ties, (dtype, layout)s
+    cases = [((2, 19, 9, 11), [0, 1], (7, 7), 1, True, True, False, (4, 1, 0), False, [(f32, "nchw")]),
+             ((2, 19, 9, 11), [1, 0], (3, 3), 2, False, False, True, (2, 9), True, [(f32, "channels_last"),
+                                                                                   (bf16, "noncontig")]),
+             ((3, 20, 4, 16), [0, 1, 0], (7, 3), 3, None, True, True, (1,), False, [(f16, "nchw")])]
+    runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
+    for (shape, kinds, (kh, kw), dil, scale, affine, gattn, heights, ties), dtype, layout in runs:
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(h * 100 + c + 1)
+        x = make(shape, layout, dtype, c + 3)
+        if ties:
+            x = x.float().round().to(dtype)
+        s = None if scale is None else (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype)
+        need_gs = bool(scale)
+        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
+        b = torch.randn(1, generator=g)
+        gamma, beta = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if affine else (None, None)
+        eps = 1e-5
+        y, attn, logits, pooled, stats = _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil)
+        gy = torch.randn(shape, generator=g).to(dtype)
+        ga = torch.randn(n, 1, h, w, generator=g) if gattn else None
+        args = (gy, ga, x, s, wt, None, attn, logits, pooled, kinds, dil)
+        bn = dict(need_gs=need_gs, bn_stats=stats, bn_weight=gamma, bn_eps=eps)
+        _triton._BAND_BACKWARD = False
+        want = _triton.sam_backward(*args, **bn)
+        names = ["max" if k == 0 else "mean" for k in kinds]
+        x64, w64, b64, s64, g64, beta64 = (None if t is None else t.double().requires_grad_()
+                                           for t in (x, wt, b, s, gamma, beta))
+        leaves = [t for t in (x64, w64, b64, s64, g64, beta64) if t is not None]
+        y64, attn64 = ref_sam(x64, w64, b64, names, dil, s64, bn=(1.0 if g64 is None else g64,
+                                                                   0.0 if beta64 is None else beta64), eps=eps)
+        outs, grads = [y64], [gy.double()]
+        if ga is not None:
+            outs.append(attn64)
+            grads.append(ga.double())
+        keys = [k for k, t in zip(("x", "weight", "bias", "scale", "bn weight", "bn bias"),
+                                  (x64, w64, b64, s64, g64, beta64)) if t is not None]
+        ref = dict(zip(keys, torch.autograd.grad(outs, leaves, grads)))
+        _triton._BAND_BACKWARD = True
+        for rows in heights:
+            _triton._BAND_ROWS = rows
+            got = _triton.sam_backward(*args, **bn)
+            what = f"band BatchNorm backward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
+            assert got[0].stride() == want[0].stride(), what
+            check(got[0], want[0], dtype, f"{what} grad x against the default launches")
+            mine = {"x": got[0], "weight": got[2], "bias": got[3], "scale": got[1], "bn weight": got[4],
+                    "bn bias": got[5]}
+            theirs = {"x": want[0], "weight": want[2], "bias": want[3], "scale": want[1], "bn weight": want[4],
+                      "bn bias": want[5]}
+            for name in ("weight", "bias", "scale", "bn weight", "bn bias"):
+                a, e = mine[name], theirs[name]
+                assert (a is None) == (e is None), (what, name)
+                if a is not None:
+                    torch.testing.assert_close(a.double(), e.double(), rtol=1e-5,
+                                               atol=1e-5 * max(1.0, float(e.abs().max())),
+                                               msg=lambda m: f"{what}: {name} against the default launches: {m}")
+            check(got[0].double(), ref["x"], dtype, f"{what} grad x vs float64", loose=2)
+            for name, e in ref.items():
+                if name == "x" or (name == "scale" and not need_gs):
+                    continue
+                tol = 1e-4 if dtype == f32 else 4e-2
+                torch.testing.assert_close(mine[name].double().reshape(e.shape), e, rtol=tol,
+                                           atol=tol * max(1.0, float(e.abs().max())),
+                                           msg=lambda m: f"{what}: {name} vs float64: {m}")
+            count += 1
+    _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
+    return count
+
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
 # (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
@@ -273,6 +417,8 @@ def main() -> None:
         setattr(_triton, k, v)
     count += check_band_forward()
     count += check_band_backward()
+    count += check_band_forward_batchnorm()
+    count += check_band_backward_batchnorm()
     shape = (2, 19, 5, 7)
     n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)

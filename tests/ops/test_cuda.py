@@ -571,6 +571,45 @@ def test_band_forward_and_backward_in_one_launch(layout, monkeypatch):
                                            msg=lambda m: f"{name} rows={rows}: {m}")
 
 
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_band_batchnorm_training_step(layout, monkeypatch):
+    """A ``SpatialAttention`` with its BatchNorm in training mode (the official CBAM's default)
+    with ``_BAND_FORWARD`` / ``_BAND_BACKWARD``: the forward in two launches and the backward in
+    two (the batch statistics, and the batch sums of the BatchNorm's backward, need every band
+    first). Output, attention, ``grad_x``, every parameter gradient and the running statistics
+    against the default launches within 1e-5 (the statistics' partial sums are grouped by band
+    instead of by tile), band heights of one row, four and automatic."""
+    from spatialattn.ops import _triton
+
+    monkeypatch.setattr(_triton, "_PROGRAMS_PER_SM", 0)
+    torch.manual_seed(5)
+    module = SpatialAttention(19).to(DEV).train()
+    with torch.no_grad():
+        module.bn.weight.fill_(1.3)
+        module.bn.bias.fill_(-0.2)
+    x = make_x((2, 19, 9, 11), layout, torch.float32, seed=5).requires_grad_()
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(DEV)
+
+    def run():
+        m = copy.deepcopy(module)
+        y, attn = m(x, return_attention=True)
+        grads = torch.autograd.grad(y, (x,) + tuple(m.parameters()), gy)
+        return (y, attn) + grads + (m.bn.running_mean, m.bn.running_var)
+
+    want = run()
+    monkeypatch.setattr(_triton, "_BAND_FORWARD", True)
+    monkeypatch.setattr(_triton, "_BAND_BACKWARD", True)
+    names = ["y", "attention", "grad x"] + [f"grad {n}" for n, _ in module.named_parameters()] + ["running mean",
+                                                                                                 "running var"]
+    for rows in (1, 4, 0):
+        monkeypatch.setattr(_triton, "_BAND_ROWS", rows)
+        got = run()
+        assert len(got) == len(names)
+        for name, a, e in zip(names, got, want):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(e.abs().max())),
+                                       msg=lambda m: f"{name} rows={rows}: {m}")
+
 @cuda_only
 @pytest.mark.parametrize("band", [False, True])
 def test_many_pixel_tiles_and_images(band, monkeypatch):

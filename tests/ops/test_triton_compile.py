@@ -24,6 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from spatialattn import ops  # noqa: E402
+from spatialattn.nn import SpatialAttention  # noqa: E402
 from spatialattn.ops import _triton  # noqa: E402
 from spatialattn.ops import _triton_aot as aot  # noqa: E402
 
@@ -72,10 +73,11 @@ def test_workload_launches_every_kernel_and_variant(launches):
                          ("_gpool_kernel", "COUNT"), ("_gpool_backward_kernel", "ACC"), ("_gradx_kernel", "USE_IX"),
                          ("_gradx_kernel", "NEED_GS"), ("_reduce_kernel", "HAS_IX"), ("_reduce_kernel", "HAS_G"),
                          ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM"), ("_gate_kernel", "STATS"),
-                         ("_sam_band_kernel", "HAS_S"), ("_sam_band_kernel", "HAS_NORM"),
+                         ("_sam_band_kernel", "HAS_S"), ("_sam_band_kernel", "HAS_NORM"), ("_sam_band_kernel", "BN_STATS"),
                          ("_sam_band_backward_kernel", "NEED_GS"), ("_sam_band_backward_kernel", "HAS_GATTN"),
                          ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN")]:
         assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
+    assert _variants(launches, "_sam_band_backward_kernel", "BN_PHASE") == {0, 1, 2}
     dtypes = {launch.signature["x_ptr"] for launch in launches if "x_ptr" in launch.signature}
     assert dtypes == {"*fp32", "*fp16", "*bf16"}
 
@@ -315,6 +317,17 @@ def test_band_forward_and_backward_launches(shape, monkeypatch):
     assert sum(step.values()) == 3 + (bands > 1) and step["_sum_rows_kernel"] == (bands > 1), dict(step)
     (launch,) = aot.record_launches(forward)
     assert launch.grids == [(n * bands,)], (launch.grids, th)
+    # a training-mode BatchNorm on the logits: two launches forward (and the running statistics'
+    # update), two backward (its batch sums need every band's pass A first), the column sums
+    module = SpatialAttention(c).train()
+
+    def batchnorm_step():
+        y = module(xg)
+        torch.autograd.grad(y, (xg,) + tuple(module.parameters()), y)
+
+    step = aot.kernel_launches(batchnorm_step)
+    assert step == {"_sam_band_kernel": 1, "_sam_band_bn_kernel": 1, "_bn_running_kernel": 1,
+                    "_sam_band_backward_kernel": 2, "_column_sums_kernel": 1}, dict(step)
 
 
 def test_kernel_launches_counts_torch_ops():
