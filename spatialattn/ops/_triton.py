@@ -798,7 +798,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _sam_band_backward_kernel(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, logits_ptr, pooled_ptr, w_ptr, ns_ptr,
-                                  gx_ptr, gs_ptr, part_ptr, scr_ptr, dzg_ptr, cntg_ptr, stats_ptr, bnw_ptr, eps, R, C,
+                                  gx_ptr, gs_ptr, part_ptr, scr_ptr, dzg_ptr, cntg_ptr, stats_ptr, bnw_ptr, bns_ptr, eps,
+                                  R, C,
                                   H, W, TH, TW, NB, SR, NPART, TPB, P: tl.constexpr, MEAN_SLOTS: tl.constexpr,
                                   I_MAX: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
                                   HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_GATTN: tl.constexpr,
@@ -821,8 +822,9 @@ if _HAVE_TRITON:
         # groups other than theirs. A training-mode BatchNorm on the logits (its weight at
         # bnw_ptr, the forward's [mean, var] at stats_ptr) needs the batch sums of dz and dz *
         # xhat before any d logits: two launches, BN_PHASE 1 (pass A on the band's own rows,
-        # its dz into the map at dzg_ptr and its sums into part) and BN_PHASE 2 (the R rows of
-        # part combined, the conv backward from dzg_ptr's rows, the gradient pass).
+        # its dz into the map at dzg_ptr and its two sums into part's columns and into row pid
+        # of bns [R, 2]) and BN_PHASE 2 (the R bands' sums combined, the conv backward from
+        # dzg_ptr's rows, the gradient pass).
         C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, KH, DIL, C_DIV, HW_DIV,
                                                                    W_DIV, TW_DIV)
         scr = scr_ptr + pid * 4 * SR * W
@@ -860,21 +862,23 @@ if _HAVE_TRITON:
                 acc2 += dz64 * xhat
             s1 = tl.sum(acc1, axis=0)
             s2 = tl.sum(acc2, axis=0)
+            tl.store(bns_ptr + pid * 2, s1)  # (compact: the second launch's every program reads them all)
+            tl.store(bns_ptr + pid * 2 + 1, s2)
             for t in range(0, TPB):
                 row = part_ptr + (pid * TPB + t) * NPART
                 tl.store(row + NTAPS + 1, tl.where(t == 0, s1, 0.0))
                 tl.store(row + NTAPS + 2, tl.where(t == 0, s2, 0.0))
         else:
             if BN_PHASE == 2:
-                # the second launch: d logits from dz and the batch sums of every band's rows of
-                # part (a fixed order; the formulas of _conv_backward_kernel's BN), the conv's
-                # backward on rows [h0, h1) reading dz of the halo from dzg_ptr, then step 3
+                # the second launch: d logits from dz and the batch sums of the R bands' (a fixed
+                # order; the formulas of _conv_backward_kernel's BN), the conv's backward on rows
+                # [h0, h1) reading dz of the halo from dzg_ptr, then step 3
                 acc1 = tl.zeros([BPG], tl.float64)
                 acc2 = tl.zeros([BPG], tl.float64)
                 for r0 in range(0, R, BPG):
                     r = r0 + tl.arange(0, BPG)
-                    acc1 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 1, mask=r < R, other=0.0)
-                    acc2 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 2, mask=r < R, other=0.0)
+                    acc1 += tl.load(bns_ptr + r.to(tl.int64) * 2, mask=r < R, other=0.0)
+                    acc2 += tl.load(bns_ptr + r.to(tl.int64) * 2 + 1, mask=r < R, other=0.0)
                 m = ((tl.num_programs(0) // NB) * HW).to(tl.float64)
                 mean = tl.load(stats_ptr)
                 invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
@@ -1807,12 +1811,13 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
     i_max = kinds.index(0) if 0 in kinds else -1
     dz = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev) if bn else None
     cnt = torch.empty_like(dz) if bn and i_max >= 0 else None
+    bns = torch.empty((n * nb, 2), dtype=torch.float64, device=dev) if bn else None
     dummy = x
     args = (x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
             attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
             gs if gs is not None else dummy, part, scratch, dz if bn else part, cnt if cnt is not None else part,
-            bn_stats if bn else part, bn_weight if bn_weight is not None else wt, float(bn_eps), n * nb * tpb, c, h,
-            w, th, tw, nb, sr, npart, tpb)
+            bn_stats if bn else part, bn_weight if bn_weight is not None else wt, bns if bn else part, float(bn_eps),
+            n * nb, c, h, w, th, tw, nb, sr, npart, tpb)
     meta = dict(P=np_, MEAN_SLOTS=_mean_slots(kinds), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation, HAS_S=s is not None,
                 HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
                 HAS_BNW=bn and bn_weight is not None, W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP,

@@ -2227,13 +2227,14 @@ def test_nchw_short_rows_scaled_batchnorm_backward_in_blocks(cpp_module, dtype):
 
 def test_kernels_release_the_gil(cpp_module):
     """Another Python thread runs while a kernel runs (the bindings release the GIL, as torch's
-    operators do). Thread B waits for an event set just before a ~20 ms call and time-stamps once.
-    With the switch interval at 1 s, a thread waiting for the GIL cannot force it away from a
-    caller that holds it, so a call holding the GIL would keep B's stamp after the call's end
-    ``t1`` (checked once with ``sorted`` of a long list, which holds the GIL: never before ``t1``);
-    a call that releases it lets B in as soon as B gets a core, which on a busy machine (the
-    suite's background interpreter runs) may take some milliseconds: hence the whole call as the
-    window, and ten tries."""
+    operators do). Thread B waits for an event set just before three ~20 ms calls in a row and
+    time-stamps once. With the switch interval at 0.2 s, longer than the three calls, a thread
+    waiting for the GIL cannot force it away from a caller that holds it, so calls holding the
+    GIL would keep B's stamp after their end ``t1`` (checked with ``sorted`` of a long list,
+    which holds the GIL: never before ``t1``); calls that release it let B in as soon as B gets
+    a core, which on a busy machine (the suite's background interpreter runs) may take some
+    milliseconds: hence the three calls as the window, and ten tries."""
+    import os
     import sys
     import threading
     import time
@@ -2244,20 +2245,27 @@ def test_kernels_release_the_gil(cpp_module):
     w = torch.randn(1, 2, 7, 7)
     try:
         cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)  # warm: pages, code
-        sys.setswitchinterval(1.0)
+        sys.setswitchinterval(0.2)
         early = []
         for _ in range(10):  # a held GIL never lets B in early; a busy or unlucky schedule might not
             go, stamps = threading.Event(), []
             thread = threading.Thread(target=lambda: (go.wait(), stamps.append(time.perf_counter())))
             thread.start()
             go.set()
-            cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                cpp_module.sam_forward(x, w, None, None, None, None, [0, 1], 1, None)
             t1 = time.perf_counter()
             thread.join()
-            early.append(stamps[0] < t1)
-            if early[-1]:
+            early.append((stamps[0] < t1, round((t1 - t0) * 1e3, 1)))
+            if early[-1][0]:
                 break
-        assert any(early), "thread B only ran after the kernel returned: the GIL was held"
+        if not any(e for e, _ in early):  # name what else might hold the GIL: another thread of this process?
+            frames = sys._current_frames()
+            others = [(t.name, t.daemon, getattr(frames.get(t.ident), "f_code", None))
+                      for t in threading.enumerate() if t is not threading.current_thread()]
+            raise AssertionError(f"thread B only ran after the kernels returned: the GIL was held (tries: (early, "
+                                 f"ms) {early}; threads: {others}; load: {os.getloadavg()})")
     finally:
         sys.setswitchinterval(old_switch)
         torch.set_num_threads(old)
