@@ -452,6 +452,32 @@ if _HAVE_TRITON:
         tl.store(dz_ptr + n * HW + p, dz, mask=pm)
 
     @triton.jit
+    def _bn_backward_coefficients(sum_ptr, STRIDE, R, m, stats_ptr, g_ptr, eps, HAS_G: tl.constexpr,
+                                  BR: tl.constexpr):
+        """``(c1, a0, a1, mean, invstd)`` (float64) of a training BatchNorm's backward over ``m``
+        logits: the ``R`` partial sums of dz and of dz * xhat at ``sum_ptr[r * STRIDE]`` and
+        ``[r * STRIDE + 1]`` combined in a fixed order (``a0``, ``a1``: their means), the
+        forward's ``[mean, var]`` at ``stats_ptr``, ``c1 = gamma * invstd``."""
+        acc1 = tl.zeros([BR], tl.float64)
+        acc2 = tl.zeros([BR], tl.float64)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            acc1 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE, mask=r < R, other=0.0)
+            acc2 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE + 1, mask=r < R, other=0.0)
+        mean = tl.load(stats_ptr)
+        invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
+        c1 = invstd
+        if HAS_G:
+            c1 = tl.load(g_ptr).to(tl.float64) * invstd
+        return c1, tl.sum(acc1, axis=0) / m, tl.sum(acc2, axis=0) / m, mean, invstd
+
+    @triton.jit
+    def _bn_dlogits(dz, logits, c1, a0, a1, mean, invstd):
+        """d logits (float64) from ``dz`` (d of the normalised logits, float32) and the float32
+        ``logits``: ``c1 * (dz - a0 - (logits - mean) * invstd * a1)``, torch's formula."""
+        return c1 * (dz.to(tl.float64) - a0 - (logits.to(tl.float64) - mean) * invstd * a1)
+
+    @triton.jit
     def _conv_backward_taps(dz_map, dz_row0, pooled_map, logits_map, HW, p, pm, dzv, row, H, W, w_ptr, c1, a0, a1,
                             mean, invstd, P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr,
                             MEAN_SLOTS: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr):
@@ -481,9 +507,8 @@ if _HAVE_TRITON:
                     mi = him & (wi >= 0) & (wi < W)
                     dzn = tl.load(dz_map + (hi - dz_row0) * W + wi, mask=mi, other=0.0)
                     if BN:
-                        ln = tl.load(logits_map + hi * W + wi, mask=mi, other=0.0).to(tl.float64)
-                        dln = c1 * (dzn.to(tl.float64) - a0 - (ln - mean) * invstd * a1)
-                        dzn = tl.where(mi, dln.to(tl.float32), 0.0)
+                        ln = tl.load(logits_map + hi * W + wi, mask=mi, other=0.0)
+                        dzn = tl.where(mi, _bn_dlogits(dzn, ln, c1, a0, a1, mean, invstd).to(tl.float32), 0.0)
                     gp += dzn * wt
                     wo = w + dw
                     mo = hom & (wo >= 0) & (wo < W)
@@ -514,22 +539,11 @@ if _HAVE_TRITON:
         row = part_ptr + tl.program_id(0).to(tl.int64) * NPART
         NTAPS: tl.constexpr = P * KH * KW
         if BN:
-            acc1 = tl.zeros([BP], tl.float64)
-            acc2 = tl.zeros([BP], tl.float64)
-            for r0 in range(0, R, BP):
-                r = r0 + tl.arange(0, BP)
-                acc1 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 1, mask=r < R, other=0.0)
-                acc2 += tl.load(part_ptr + r.to(tl.int64) * NPART + NTAPS + 2, mask=r < R, other=0.0)
             m = (tl.num_programs(0) // tl.cdiv(HW, BP) * HW).to(tl.float64)
-            mean = tl.load(stats_ptr)
-            invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
-            c1 = invstd
-            if HAS_G:
-                c1 = tl.load(g_ptr).to(tl.float64) * invstd
-            a0 = tl.sum(acc1, axis=0) / m
-            a1 = tl.sum(acc2, axis=0) / m
-            dl64 = c1 * (tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - a0
-                         - (tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - mean) * invstd * a1)
+            c1, a0, a1, mean, invstd = _bn_backward_coefficients(part_ptr + NTAPS + 1, NPART, R, m, stats_ptr, g_ptr,
+                                                                 eps, HAS_G, BP)
+            dl64 = _bn_dlogits(tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0),
+                               tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0), c1, a0, a1, mean, invstd)
             tl.store(row + NTAPS, tl.sum(tl.where(pm, dl64, 0.0), axis=0))
             dzv = tl.where(pm, dl64.to(tl.float32), 0.0)
         else:
@@ -873,27 +887,15 @@ if _HAVE_TRITON:
                 # the second launch: d logits from dz and the batch sums of the R bands' (a fixed
                 # order; the formulas of _conv_backward_kernel's BN), the conv's backward on rows
                 # [h0, h1) reading dz of the halo from dzg_ptr, then step 3
-                acc1 = tl.zeros([BPG], tl.float64)
-                acc2 = tl.zeros([BPG], tl.float64)
-                for r0 in range(0, R, BPG):
-                    r = r0 + tl.arange(0, BPG)
-                    acc1 += tl.load(bns_ptr + r.to(tl.int64) * 2, mask=r < R, other=0.0)
-                    acc2 += tl.load(bns_ptr + r.to(tl.int64) * 2 + 1, mask=r < R, other=0.0)
                 m = ((tl.num_programs(0) // NB) * HW).to(tl.float64)
-                mean = tl.load(stats_ptr)
-                invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
-                c1 = invstd
-                if HAS_BNW:
-                    c1 = tl.load(bnw_ptr).to(tl.float64) * invstd
-                a0 = tl.sum(acc1, axis=0) / m
-                a1 = tl.sum(acc2, axis=0) / m
+                c1, a0, a1, mean, invstd = _bn_backward_coefficients(bns_ptr, 2, R, m, stats_ptr, bnw_ptr, eps,
+                                                                     HAS_BNW, BPG)
                 for t in range(0, TPB):
                     p = h0 * W + t * BPG + tl.arange(0, BPG)
                     pm = p < h1 * W
                     row = part_ptr + (pid * TPB + t) * NPART
-                    dl64 = c1 * (tl.load(dzg_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - a0
-                                 - (tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float64) - mean)
-                                 * invstd * a1)
+                    dl64 = _bn_dlogits(tl.load(dzg_ptr + n * HW + p, mask=pm, other=0.0),
+                                       tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0), c1, a0, a1, mean, invstd)
                     tl.store(row + NTAPS, tl.sum(tl.where(pm, dl64, 0.0), axis=0))
                     dzv = tl.where(pm, dl64.to(tl.float32), 0.0)
                     gmax, gmean = _conv_backward_taps(dzg_ptr + n * HW, 0, pooled_ptr + n * P * HW, logits_ptr + n * HW,
@@ -1491,6 +1493,16 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
         pooled = pool_forward(x, scale, kinds, torch.float32)
         logits, attn = gate(pooled, weight, bias, norm_scale, norm_shift, dilation)
         return gate_forward(x, attn, scale), attn, logits, pooled
+    return _band_forward_launch(x, weight, bias, scale, norm_scale, norm_shift, kinds, dilation, False)[:4]
+
+
+def _band_forward_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                         norm_scale: Optional[Tensor], norm_shift: Optional[Tensor], kinds: List[int], dilation: int,
+                         bn_stats: bool):
+    """``_sam_band_kernel`` over ``x`` (made dense in one of the two layouts): ``(y, attn,
+    logits, pooled, x, scale flat or None, channels_last, (th, bands, th * w), partial
+    statistics or None)``. With ``bn_stats`` the kernel stores the logits' partial statistics
+    (float64 ``[N * bands, 3]``) instead of the attention and the product (``BN_STATS``)."""
     x, cl = _layout(x)
     n, c, h, w = x.shape
     p = len(kinds)
@@ -1502,6 +1514,7 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
     scratch = torch.empty(n * nb * 2 * sr * w, dtype=torch.float32, device=dev)
+    part = torch.empty((n * nb, 3), dtype=torch.float64, device=dev) if bn_stats else None
     y = torch.empty_like(x)
     s = _flat_scale(scale, x)
     wt = weight.to(torch.float32).contiguous()
@@ -1509,12 +1522,11 @@ def sam_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Option
     mbc, mbp = _MUL_TILE[cl]
     _sam_band_kernel[(n * nb,)](
         x, s if s is not None else x, wt, bias if bias is not None else wt, norm_scale if has_norm else wt,
-        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, scratch, c, h, w, th, tw, nb, sr, P=p,
-        TW_DIV=_pow2_div(tw),
-        MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw, DIL=dilation,
-        HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, BN_STATS=False, W_DIV=_pow2_div(w), BC=_BC,
-        BP=_BP, BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
-    return y, attn, logits, pooled
+        norm_shift if has_norm else wt, pooled, logits, attn, y, scratch, part if bn_stats else scratch, c, h, w, th,
+        tw, nb, sr, P=p, TW_DIV=_pow2_div(tw), MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw, DIL=dilation,
+        HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=has_norm, BN_STATS=bn_stats, W_DIV=_pow2_div(w),
+        BC=_BC, BP=_BP, BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
+    return y, attn, logits, pooled, x, s, cl, (th, nb, tw), part
 
 
 def sam_band_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
@@ -1529,35 +1541,16 @@ def sam_band_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     (and through them the attention and ``y``) may differ from the default launches' in the
     last bits; ``pooled`` and ``logits`` are the same. For a non-empty ``x`` (the caller checks);
     :func:`sam_forward`'s ``_BAND_FORWARD`` turns it on."""
-    kinds = list(kinds)
-    x, cl = _layout(x)
+    y, attn, logits, pooled, x, s, cl, (th, nb, tw), part = _band_forward_launch(
+        x, weight, bias, scale, None, None, list(kinds), dilation, True)
     n, c, h, w = x.shape
-    p = len(kinds)
-    _check_gate_args(weight, p, bias, dilation)
-    kh, kw = weight.shape[-2:]
-    th, nb, tw, sr = _band_geometry(n, h, w, dilation * (kh // 2), x)
-    dev = x.device
-    pooled = torch.empty((n, p, h, w), dtype=torch.float32, device=dev)
-    logits = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
-    attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
-    scratch = torch.empty(n * nb * 2 * sr * w, dtype=torch.float32, device=dev)
-    part = torch.empty((n * nb, 3), dtype=torch.float64, device=dev)
-    stats = torch.empty(2, dtype=torch.float64, device=dev)
-    y = torch.empty_like(x)
-    s = _flat_scale(scale, x)
-    wt = weight.to(torch.float32).contiguous()
+    stats = torch.empty(2, dtype=torch.float64, device=x.device)
     mbc, mbp = _MUL_TILE[cl]
-    meta = _meta(c, h * w, cl)
-    _sam_band_kernel[(n * nb,)](
-        x, s if s is not None else x, wt, bias if bias is not None else wt, wt, wt, pooled, logits, attn, y, scratch,
-        part, c, h, w, th, tw, nb, sr, P=p, TW_DIV=_pow2_div(tw), MEAN_SLOTS=_mean_slots(kinds), KH=kh, KW=kw,
-        DIL=dilation, HAS_S=s is not None, HAS_B=bias is not None, HAS_NORM=False, BN_STATS=True,
-        W_DIV=_pow2_div(w), BC=_BC, BP=_BP, BPG=_BP_SMALL, MBC=mbc, MBP=mbp, **meta)
     _sam_band_bn_kernel[(n * nb,)](
         x, s if s is not None else x, logits, part, n * nb, bn_weight if bn_weight is not None else part,
         bn_bias if bn_bias is not None else part, float(eps), attn, stats, y, c, h, w, th, tw, nb,
         HAS_S=s is not None, HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, W_DIV=_pow2_div(w),
-        TW_DIV=_pow2_div(tw), BPG=_BP_SMALL, BR=_BP_SMALL, MBC=mbc, MBP=mbp, **meta)
+        TW_DIV=_pow2_div(tw), BPG=_BP_SMALL, BR=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
     return y, attn, logits, pooled, stats
 
 

@@ -164,6 +164,52 @@ def check_band_forward() -> int:
     return count
 
 
+def _backward_inputs(shape, layout, dtype, seed, x_seed, ties, scale, kinds, kh, kw):
+    """``(generator, x, scale or None, weight, bias)`` of a backward check (``scale``: None for
+    none, else a power-of-two channel scale; ``ties``: ``x`` rounded to integers)."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    x = make(shape, layout, dtype, x_seed)
+    if ties:
+        x = x.float().round().to(dtype)
+    s = None if scale is None else (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype)
+    return g, x, s, torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3, torch.randn(1, generator=g)
+
+
+def _reference_grads(tensors, kinds, dil, gy, ga, bn=False, eps=1e-5):
+    """Float64 autograd through ``ref_sam``: ``{name: gradient}`` for each tensor of ``tensors``
+    that is not None (names ``x``, ``weight``, ``bias``, ``scale`` and ``norm scale`` / ``norm
+    shift``, or with ``bn`` the training BatchNorm's ``bn weight`` / ``bn bias``), for the
+    upstream gradients ``gy`` of ``y`` and ``ga`` (or None) of the attention."""
+    t64 = {k: None if t is None else t.double().requires_grad_() for k, t in tensors.items()}
+    if bn:
+        extra = dict(bn=(1.0 if t64["bn weight"] is None else t64["bn weight"],
+                         0.0 if t64["bn bias"] is None else t64["bn bias"]), eps=eps)
+    else:
+        extra = dict(ns=t64["norm scale"], nsh=t64["norm shift"])
+    names = ["max" if k == 0 else "mean" for k in kinds]
+    y64, attn64 = ref_sam(t64["x"], t64["weight"], t64["bias"], names, dil, t64["scale"], **extra)
+    outs, grads = [y64], [gy.double()]
+    if ga is not None:
+        outs.append(attn64)
+        grads.append(ga.double())
+    leaves = {k: t for k, t in t64.items() if t is not None}
+    return dict(zip(leaves, torch.autograd.grad(outs, list(leaves.values()), grads)))
+
+
+def _check_vs_float64(what, got, ref, dtype, skip=()):
+    """``got`` (``{name: gradient}``) against ``_reference_grads``'s ``ref``: ``grad_x`` within
+    the dtype's tolerance, the sums over every pixel (terms rounded to the input's dtype)
+    against their largest term."""
+    check(got["x"].double(), ref["x"], dtype, f"{what} grad x vs float64", loose=2)
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
+    for name, e in ref.items():
+        if name != "x" and name not in skip:
+            torch.testing.assert_close(got[name].double().reshape(e.shape), e, rtol=tol,
+                                       atol=tol * max(1.0, float(e.abs().max())),
+                                       msg=lambda m: f"{what}: {name} vs float64: {m}")
+
+
 def check_band_backward() -> int:
     """The SAM backward in one launch (``_sam_band_backward_kernel``) against the five launches:
     ``grad_x`` bit for bit (the same formulas per element; their pass A unsplit), the parameter
@@ -189,14 +235,8 @@ def check_band_backward() -> int:
     runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
     for (shape, kinds, (kh, kw), dil, scale, norm, gattn, gy_, heights, ties), dtype, layout in runs:
         n, c, h, w = shape
-        g = torch.Generator().manual_seed(h * 10 + c)
-        x = make(shape, layout, dtype, c)
-        if ties:
-            x = x.float().round().to(dtype)
-        s = None if scale is None else (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype)
+        g, x, s, wt, b = _backward_inputs(shape, layout, dtype, h * 10 + c, c, ties, scale, kinds, kh, kw)
         need_gs = bool(scale)
-        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
-        b = torch.randn(1, generator=g)
         ns, nsh = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if norm else (None, None)
         _triton._BAND_BACKWARD = False
         y, attn, logits, pooled = _triton.sam_forward(x, wt, b, s, ns, nsh, kinds, dil)
@@ -205,17 +245,8 @@ def check_band_backward() -> int:
         ga = torch.randn(n, 1, h, w, generator=g) if gattn else None
         args = (gy, ga, x, s, wt, ns, attn, logits, pooled, kinds, dil)
         want = _triton.sam_backward(*args, need_gs=need_gs)
-        # float64 autograd through the reference (leaves: x, weight, bias, then scale, norm scale and shift where given)
-        names = ["max" if k == 0 else "mean" for k in kinds]
-        x64, w64, b64, s64, ns64, nsh64 = (None if t is None else t.double().requires_grad_()
-                                           for t in (x, wt, b, s, ns, nsh))
-        leaves = [t for t in (x64, w64, b64, s64, ns64, nsh64) if t is not None]
-        y64, attn64 = ref_sam(x64, w64, b64, names, dil, s64, ns64, nsh64)
-        outs, grads = [y64], [gy.double()]
-        if ga is not None:
-            outs.append(attn64)
-            grads.append(ga.double())
-        ref = torch.autograd.grad(outs, leaves, grads)
+        ref = _reference_grads({"x": x, "weight": wt, "bias": b, "scale": s, "norm scale": ns, "norm shift": nsh},
+                               kinds, dil, gy, ga)
         _triton._BAND_BACKWARD = True
         for rows in heights:
             _triton._BAND_ROWS = rows
@@ -227,18 +258,8 @@ def check_band_backward() -> int:
                 if a is not None:
                     torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(e.abs().max())),
                                                msg=lambda m: f"{what}: {name} against the five launches: {m}")
-            check(got[0].double(), ref[0], dtype, f"{what} grad x vs float64", loose=2)
-            wanted = {"weight": (got[2], ref[1]), "bias": (got[3], ref[2])}
-            if s is not None and need_gs:
-                wanted["scale"] = (got[1], ref[3])
-            if norm:
-                wanted["norm scale"], wanted["norm shift"] = (got[4], ref[-2]), (got[5], ref[-1])
-            for name, (a, e) in wanted.items():
-                # sums over every pixel of terms rounded to the input's dtype: against the largest term
-                tol = 1e-4 if dtype == f32 else 4e-2
-                torch.testing.assert_close(a.double().reshape(e.shape), e, rtol=tol,
-                                           atol=tol * max(1.0, float(e.abs().max())),
-                                           msg=lambda m: f"{what}: {name} vs float64: {m}")
+            mine = dict(zip(("x", "scale", "weight", "bias", "norm scale", "norm shift"), got))
+            _check_vs_float64(what, mine, ref, dtype, skip=() if need_gs else ("scale",))
             count += 1
     _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
     return count
@@ -328,14 +349,8 @@ def check_band_backward_batchnorm() -> int:
     runs = [(case[:-1], dtype, layout) for case in cases for dtype, layout in case[-1]]
     for (shape, kinds, (kh, kw), dil, scale, affine, gattn, heights, ties), dtype, layout in runs:
         n, c, h, w = shape
-        g = torch.Generator().manual_seed(h * 100 + c + 1)
-        x = make(shape, layout, dtype, c + 3)
-        if ties:
-            x = x.float().round().to(dtype)
-        s = None if scale is None else (2.0 ** torch.randint(-2, 3, (n, c, 1, 1), generator=g)).to(dtype)
+        g, x, s, wt, b = _backward_inputs(shape, layout, dtype, h * 100 + c + 1, c + 3, ties, scale, kinds, kh, kw)
         need_gs = bool(scale)
-        wt = torch.randn(1, len(kinds), kh, kw, generator=g) * 0.3
-        b = torch.randn(1, generator=g)
         gamma, beta = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if affine else (None, None)
         eps = 1e-5
         y, attn, logits, pooled, stats = _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil)
@@ -345,19 +360,8 @@ def check_band_backward_batchnorm() -> int:
         bn = dict(need_gs=need_gs, bn_stats=stats, bn_weight=gamma, bn_eps=eps)
         _triton._BAND_BACKWARD = False
         want = _triton.sam_backward(*args, **bn)
-        names = ["max" if k == 0 else "mean" for k in kinds]
-        x64, w64, b64, s64, g64, beta64 = (None if t is None else t.double().requires_grad_()
-                                           for t in (x, wt, b, s, gamma, beta))
-        leaves = [t for t in (x64, w64, b64, s64, g64, beta64) if t is not None]
-        y64, attn64 = ref_sam(x64, w64, b64, names, dil, s64, bn=(1.0 if g64 is None else g64,
-                                                                   0.0 if beta64 is None else beta64), eps=eps)
-        outs, grads = [y64], [gy.double()]
-        if ga is not None:
-            outs.append(attn64)
-            grads.append(ga.double())
-        keys = [k for k, t in zip(("x", "weight", "bias", "scale", "bn weight", "bn bias"),
-                                  (x64, w64, b64, s64, g64, beta64)) if t is not None]
-        ref = dict(zip(keys, torch.autograd.grad(outs, leaves, grads)))
+        ref = _reference_grads({"x": x, "weight": wt, "bias": b, "scale": s, "bn weight": gamma, "bn bias": beta},
+                               kinds, dil, gy, ga, bn=True, eps=eps)
         _triton._BAND_BACKWARD = True
         for rows in heights:
             _triton._BAND_ROWS = rows
@@ -365,25 +369,16 @@ def check_band_backward_batchnorm() -> int:
             what = f"band BatchNorm backward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
             assert got[0].stride() == want[0].stride(), what
             check(got[0], want[0], dtype, f"{what} grad x against the default launches")
-            mine = {"x": got[0], "weight": got[2], "bias": got[3], "scale": got[1], "bn weight": got[4],
-                    "bn bias": got[5]}
-            theirs = {"x": want[0], "weight": want[2], "bias": want[3], "scale": want[1], "bn weight": want[4],
-                      "bn bias": want[5]}
-            for name in ("weight", "bias", "scale", "bn weight", "bn bias"):
+            names = ("x", "scale", "weight", "bias", "bn weight", "bn bias")  # sam_backward's returns
+            mine, theirs = dict(zip(names, got)), dict(zip(names, want))
+            for name in names[1:]:
                 a, e = mine[name], theirs[name]
                 assert (a is None) == (e is None), (what, name)
                 if a is not None:
                     torch.testing.assert_close(a.double(), e.double(), rtol=1e-5,
                                                atol=1e-5 * max(1.0, float(e.abs().max())),
                                                msg=lambda m: f"{what}: {name} against the default launches: {m}")
-            check(got[0].double(), ref["x"], dtype, f"{what} grad x vs float64", loose=2)
-            for name, e in ref.items():
-                if name == "x" or (name == "scale" and not need_gs):
-                    continue
-                tol = 1e-4 if dtype == f32 else 4e-2
-                torch.testing.assert_close(mine[name].double().reshape(e.shape), e, rtol=tol,
-                                           atol=tol * max(1.0, float(e.abs().max())),
-                                           msg=lambda m: f"{what}: {name} vs float64: {m}")
+            _check_vs_float64(what, mine, ref, dtype, skip=() if need_gs else ("scale",))
             count += 1
     _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
     return count
