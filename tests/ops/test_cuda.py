@@ -579,7 +579,8 @@ def test_band_batchnorm_training_step(layout, monkeypatch):
     two (the batch statistics, and the batch sums of the BatchNorm's backward, need every band
     first). Output, attention, ``grad_x``, every parameter gradient and the running statistics
     against the default launches within 1e-5 (the statistics' partial sums are grouped by band
-    instead of by tile), band heights of one row, four and automatic."""
+    instead of by tile), band heights of one row and automatic (four rows here; the interpreter
+    checks in ``_triton_interp_checks.py`` go through more)."""
     from spatialattn.ops import _triton
 
     monkeypatch.setattr(_triton, "_PROGRAMS_PER_SM", 0)
@@ -602,7 +603,7 @@ def test_band_batchnorm_training_step(layout, monkeypatch):
     monkeypatch.setattr(_triton, "_BAND_BACKWARD", True)
     names = ["y", "attention", "grad x"] + [f"grad {n}" for n, _ in module.named_parameters()] + ["running mean",
                                                                                                  "running var"]
-    for rows in (1, 4, 0):
+    for rows in (1, 0):
         monkeypatch.setattr(_triton, "_BAND_ROWS", rows)
         got = run()
         assert len(got) == len(names)
