@@ -733,21 +733,24 @@ if _HAVE_TRITON:
                 else:
                     tl.store(pooled_ptr + (n * P + i) * HW + p, mxr, mask=own)
         tl.debug_barrier()  # the scratch rows of every thread of the program written
-        # 2. the gate on rows [h0, h1): conv (zero padding), bias, affine norm, sigmoid
-        if BN_STATS:
-            acc_n = tl.zeros([BPG], tl.float64)
-            acc_s = tl.zeros([BPG], tl.float64)
-            for q0 in range(h0 * W, h1 * W, BPG):
-                p = q0 + tl.arange(0, BPG)
-                pm = p < h1 * W
-                acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS,
-                                   BPG)
-                tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+        # 2. the gate on rows [h0, h1): conv (zero padding), bias, affine norm, sigmoid (or with
+        # BN_STATS the logits' count and sum)
+        acc_n = tl.zeros([BPG], tl.float64)
+        acc_s = tl.zeros([BPG], tl.float64)
+        for q0 in range(h0 * W, h1 * W, BPG):
+            p = q0 + tl.arange(0, BPG)
+            pm = p < h1 * W
+            acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS, BPG)
+            tl.store(logits_ptr + n * HW + p, acc, mask=pm)
+            if BN_STATS:
                 acc_n += tl.where(pm, 1.0, 0.0).to(tl.float64)
                 acc_s += tl.where(pm, acc.to(tl.float64), 0.0)
+            else:
+                tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
+        tl.debug_barrier()  # the logits / the attention of every row written
+        if BN_STATS:  # the squared deviations from the band's own mean, then its partial row
             cnt = tl.sum(acc_n, axis=0)
             tot = tl.sum(acc_s, axis=0)
-            tl.debug_barrier()  # the band's logits written
             acc_m2 = tl.zeros([BPG], tl.float64)
             for q0 in range(h0 * W, h1 * W, BPG):
                 p = q0 + tl.arange(0, BPG)
@@ -758,14 +761,6 @@ if _HAVE_TRITON:
             tl.store(stat_ptr + pid * 3 + 1, tot)
             tl.store(stat_ptr + pid * 3 + 2, tl.sum(acc_m2, axis=0))
         else:
-            for q0 in range(h0 * W, h1 * W, BPG):
-                p = q0 + tl.arange(0, BPG)
-                pm = p < h1 * W
-                acc = _conv_logits(scr, SR * W, 1, hs, p, pm, H, W, w_ptr, b_ptr, P, KH, KW, DIL, HAS_B, MEAN_SLOTS,
-                                   BPG)
-                tl.store(logits_ptr + n * HW + p, acc, mask=pm)
-                tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
-            tl.debug_barrier()  # the attention of every row written
             # 3. the product of rows [h0, h1)
             _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S, CL, MBC, MBP)
 
@@ -809,6 +804,25 @@ if _HAVE_TRITON:
             tl.store(stats_ptr + 1, var)
         tl.debug_barrier()  # the attention of every row written
         _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S, CL, MBC, MBP)
+
+    @triton.jit
+    def _band_pass_a(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, pooled_ptr, n, p, ld, pm, C, HW, P: tl.constexpr,
+                     I_MAX: tl.constexpr, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_GATTN: tl.constexpr,
+                     CL: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+        """Pass A of the band backward at pixels ``p`` (loads masked at ``ld``, the maps at
+        ``pm``): ``(dz, count)``, the gradient of the logits through the sigmoid (``sum_c grad *
+        x'`` plus the attention's own gradient, times ``a (1 - a)``) and the max's tie count
+        (slot ``I_MAX`` of the pooled maps; none where it is -1)."""
+        mxv = tl.zeros([BP], tl.float32)
+        if I_MAX >= 0:
+            mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
+        ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, I_MAX >= 0, False,
+                                      CL, BC, BP)
+        gsum = tl.zeros([BP], tl.float32) + ga
+        if HAS_GATTN:
+            gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
+        a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
+        return gsum * ((1.0 - a) * a), cnt
 
     @triton.jit
     def _sam_band_backward_kernel(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, logits_ptr, pooled_ptr, w_ptr, ns_ptr,
@@ -857,16 +871,8 @@ if _HAVE_TRITON:
                 p = q0 + tl.arange(0, BP)
                 ld = p < HW
                 own = (p >= h0 * W) & (p < h1 * W)
-                mxv = tl.zeros([BP], tl.float32)
-                if HAS_MAX:
-                    mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
-                ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX,
-                                              False, CL, BC, BP)
-                gsum = tl.zeros([BP], tl.float32) + ga
-                if HAS_GATTN:
-                    gsum += tl.load(gattn_ptr + n * HW + p, mask=own, other=0.0).to(tl.float32)
-                a = tl.load(attn_ptr + n * HW + p, mask=own, other=0.0)
-                dz = gsum * ((1.0 - a) * a)
+                dz, cnt = _band_pass_a(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, pooled_ptr, n, p, ld, own, C, HW,
+                                       P, I_MAX, HAS_S, HAS_G, HAS_GATTN, CL, BC, BP)
                 tl.store(dzg_ptr + n * HW + p, dz, mask=own)
                 if HAS_MAX:
                     tl.store(cntg_ptr + n * HW + p, cnt, mask=own)
@@ -917,16 +923,8 @@ if _HAVE_TRITON:
                     ld = p < HW
                     pm = (p >= hs * W) & (p < he * W)
                     own = pm & (p >= h0 * W) & (p < h1 * W)
-                    mxv = tl.zeros([BP], tl.float32)
-                    if HAS_MAX:
-                        mxv = tl.load(pooled_ptr + (n * P + I_MAX) * HW + p, mask=ld, other=0.0)
-                    ga, cnt, _ = _reduce_channels(x_ptr, s_ptr, g_ptr, n, p, ld, mxv, 0, C, C, HW, HAS_S, HAS_G, HAS_MAX, False,
-                                                  CL, BC, BP)
-                    gsum = tl.zeros([BP], tl.float32) + ga
-                    if HAS_GATTN:
-                        gsum += tl.load(gattn_ptr + n * HW + p, mask=pm, other=0.0).to(tl.float32)
-                    a = tl.load(attn_ptr + n * HW + p, mask=pm, other=0.0)
-                    dz = gsum * ((1.0 - a) * a)
+                    dz, cnt = _band_pass_a(x_ptr, s_ptr, g_ptr, gattn_ptr, attn_ptr, pooled_ptr, n, p, ld, pm, C, HW,
+                                           P, I_MAX, HAS_S, HAS_G, HAS_GATTN, CL, BC, BP)
                     if HAS_NORM:
                         lg = tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0)
                         acc_nsh += tl.where(own, dz, 0.0)
