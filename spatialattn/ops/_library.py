@@ -700,29 +700,23 @@ class CppSamBatchNorm(torch.autograd.Function):
 def _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
     """``(y, attn, logits, pooled, stats)`` of the training-BatchNorm SAM off the C++ path
     (Triton on CUDA, plain PyTorch elsewhere) for a dense ``x``."""
-    if x.numel() > 0 and _triton_ok(x):
-        from . import _triton
-
-        if _triton._BAND_FORWARD:  # two launches instead of four or five
-            return _triton.sam_band_forward_batchnorm(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation)
-    acc = _acc(x)
-    pooled = _generic_pool(x, scale, kinds, acc)
     if _triton_ok(x):
         from . import _triton
 
-        logits, attn, stats = _triton.gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
-    else:
-        kh, kw = weight.shape[-2:]
-        with autocast_off(device_type(x)):
-            logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
-                              padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
-            l64 = logits.double()
-            mean = l64.mean()
-            var = (l64 - mean).square().mean()
-            k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
-            shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
-            attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
-        stats = torch.stack([mean, var])
+        return _triton.sam_forward_batchnorm(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation)
+    acc = _acc(x)
+    pooled = _pool_torch(x, scale, kinds, acc)
+    kh, kw = weight.shape[-2:]
+    with autocast_off(device_type(x)):
+        logits = F.conv2d(pooled, weight.to(acc), None if bias is None else bias.to(acc),
+                          padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation)
+        l64 = logits.double()
+        mean = l64.mean()
+        var = (l64 - mean).square().mean()
+        k = torch.rsqrt(var + eps) * (1.0 if bn_weight is None else bn_weight.double().reshape(()))
+        shift = (0.0 if bn_bias is None else bn_bias.double().reshape(())) - mean * k
+        attn = torch.sigmoid(logits * k.to(acc) + shift.to(acc))
+    stats = torch.stack([mean, var])
     y = _generic_multiply(x, attn, scale)
     return y, attn, logits, pooled, stats
 

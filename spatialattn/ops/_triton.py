@@ -12,7 +12,7 @@ reference does; reductions accumulate in float32.
   :func:`gate_forward` (three or four launches), or with ``_BAND_FORWARD`` one launch
   (``_sam_band_kernel``, a program per band of rows; off by default until timed on a GPU);
   :func:`sam_backward` likewise, five or six launches or with ``_BAND_BACKWARD`` two or three;
-  with a training-mode BatchNorm on the logits, :func:`sam_band_forward_batchnorm` and the
+  with a training-mode BatchNorm on the logits, :func:`sam_forward_batchnorm` and the
   backward's ``BN_PHASE`` launches take two each (the batch statistics need every band first);
 * :func:`reduce` -- backward pass A: ``sum_c grad * x'``, the max-tie counts and the max channel;
 * :func:`gradx` -- backward pass B: ``grad_x`` and ``grad_scale`` (without reading ``x`` where
@@ -1527,20 +1527,24 @@ def _band_forward_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], scal
     return y, attn, logits, pooled, x, s, cl, (th, nb, tw), part
 
 
-def sam_band_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                               bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
-                               kinds: Sequence[int], dilation: int):
+def sam_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                          bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, kinds: Sequence[int],
+                          dilation: int):
     """``(y, attn, logits, pooled, stats)`` of the SAM with a training-mode ``BatchNorm2d(1)`` on
-    the logits (what :func:`pool_forward`, :func:`gate_batchnorm` and :func:`gate_forward` give
-    in four or five launches) in two: ``_sam_band_kernel`` with ``BN_STATS`` (pooling, conv and
-    each band's partial statistics of the logits), then ``_sam_band_bn_kernel`` (the batch
-    statistics, the attention and the product). ``stats``: float64 ``[mean, biased var]``.
-    The statistics are combined from partials per band instead of per 128-pixel tile, so they
-    (and through them the attention and ``y``) may differ from the default launches' in the
-    last bits; ``pooled`` and ``logits`` are the same. For a non-empty ``x`` (the caller checks);
-    :func:`sam_forward`'s ``_BAND_FORWARD`` turns it on."""
+    the logits (``stats``: float64 ``[mean, biased var]`` of all the logits): four or five
+    launches (:func:`pool_forward`, :func:`gate_batchnorm`, :func:`gate_forward`), or with
+    ``_BAND_FORWARD`` two: ``_sam_band_kernel`` with ``BN_STATS`` (pooling, conv and each band's
+    partial statistics of the logits), then ``_sam_band_bn_kernel`` (the batch statistics, the
+    attention and the product). The two combine the statistics from partials per band instead of
+    per 128-pixel tile, so they (and through them the attention and ``y``) may differ from the
+    default launches' in the last bits; ``pooled`` and ``logits`` are the same."""
+    kinds = list(kinds)
+    if not _BAND_FORWARD or x.numel() == 0:
+        pooled = pool_forward(x, scale, kinds, torch.float32)
+        logits, attn, stats = gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
+        return gate_forward(x, attn, scale), attn, logits, pooled, stats
     y, attn, logits, pooled, x, s, cl, (th, nb, tw), part = _band_forward_launch(
-        x, weight, bias, scale, None, None, list(kinds), dilation, True)
+        x, weight, bias, scale, None, None, kinds, dilation, True)
     n, c, h, w = x.shape
     stats = torch.empty(2, dtype=torch.float64, device=x.device)
     mbc, mbp = _MUL_TILE[cl]

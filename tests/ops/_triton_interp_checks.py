@@ -266,12 +266,10 @@ def check_band_backward() -> int:
 
 
 
-def _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil):
-    """The training-BatchNorm SAM forward in the default launches (pooling, conv with partial
-    statistics, attention, product), as ``_library._generic_bn_forward`` makes them."""
-    pooled = _triton.pool_forward(x, s, kinds, torch.float32)
-    logits, attn, stats = _triton.gate_batchnorm(pooled, wt, b, gamma, beta, eps, dil)
-    return _triton.gate_forward(x, attn, s), attn, logits, pooled, stats
+def _bn_forward(band, *args):
+    """``_triton.sam_forward_batchnorm(*args)`` in the default launches or (``band``) in two."""
+    with _triton.band_launches(band, False):
+        return _triton.sam_forward_batchnorm(*args)
 
 
 def check_band_forward_batchnorm() -> int:
@@ -302,14 +300,14 @@ def check_band_forward_batchnorm() -> int:
         b = torch.randn(1, generator=g) if bias else None
         gamma, beta = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if affine else (None, None)
         eps = 1e-5
-        want = _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil)
+        want = _bn_forward(False, x, wt, b, s, gamma, beta, eps, kinds, dil)
         names = ["max" if k == 0 else "mean" for k in kinds]
         bn64 = (1.0 if gamma is None else gamma.double(), 0.0 if beta is None else beta.double())
         y64, attn64 = ref_sam(*(None if t is None else t.double() for t in (x, wt, b)), names, dil,
                               None if s is None else s.double(), bn=bn64, eps=eps)
         for rows in heights:
             _triton._BAND_ROWS = rows
-            got = _triton.sam_band_forward_batchnorm(x, wt, b, s, gamma, beta, eps, kinds, dil)
+            got = _bn_forward(True, x, wt, b, s, gamma, beta, eps, kinds, dil)
             what = f"band BatchNorm forward {shape} {layout} {dtype} {kinds} k={kh}x{kw} dilation={dil} rows={rows}"
             for name in range(5):
                 assert got[name].stride() == want[name].stride(), (what, name)
@@ -353,7 +351,7 @@ def check_band_backward_batchnorm() -> int:
         need_gs = bool(scale)
         gamma, beta = (torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)) if affine else (None, None)
         eps = 1e-5
-        y, attn, logits, pooled, stats = _default_bn_forward(x, wt, b, s, gamma, beta, eps, kinds, dil)
+        y, attn, logits, pooled, stats = _bn_forward(False, x, wt, b, s, gamma, beta, eps, kinds, dil)
         gy = torch.randn(shape, generator=g).to(dtype)
         ga = torch.randn(n, 1, h, w, generator=g) if gattn else None
         args = (gy, ga, x, s, wt, None, attn, logits, pooled, kinds, dil)
