@@ -19,7 +19,10 @@ one launch each (``_triton._BAND_FORWARD`` / ``_BAND_BACKWARD``, off by default 
 figures say whether they pay: their ``gpu``, ``host`` and ``graph`` against the ``fwd`` and
 ``fwd+bwd`` rows of the same run). ``train BN`` / ``train BN band``: a training step of
 ``SpatialAttention`` with its BatchNorm in training mode (the modules' default), in the
-default launches and in the two-launch forward and backward.
+default launches and in the two-launch forward and backward; ``train BN unfolded``, where the
+map has more than ``_triton._FOLD_ROWS`` 128-pixel tiles, the default launches without the
+one-program fold of the BatchNorm's partial rows (every program reading all of them), to set
+``_FOLD_ROWS`` from.
 
 First, the host cost of one launch on a tiny tensor: a Triton launch of the gate-multiply
 kernel (straight through ``kernel[grid](...)``), the same through its wrapper
@@ -152,11 +155,23 @@ def main() -> None:
                         return fn()
                 return run
 
+            def unfolded(fn):  # the BatchNorm's partial rows read by every program, not folded first
+                def run():
+                    saved, _triton._FOLD_ROWS = _triton._FOLD_ROWS, 1 << 62
+                    try:
+                        return fn()
+                    finally:
+                        _triton._FOLD_ROWS = saved
+                return run
+
+            # the default launches' partial rows (one per 128-pixel tile): folded above _FOLD_ROWS
+            folds = shape[0] * -(-shape[2] * shape[3] // _triton._BP_SMALL) > _triton._FOLD_ROWS
             clone_gpu, clone_host = timed(lambda: x.clone(), args.iters)
             for mode, fn in (("fwd", band(fwd, False)), ("fwd band", band(fwd, True)), ("fwd+bwd", band(fb, False)),
                              ("fwd+bwd band", band(fb, True)), ("train BN", band(train_bn, False)),
+                             ("train BN unfolded", unfolded(band(train_bn, False))),
                              ("train BN band", band(train_bn, True))):
-                if mode.endswith("band") and not args.band:
+                if mode.endswith("band") and not args.band or mode.endswith("unfolded") and not folds:
                     continue
                 gpu, host = timed(fn, args.iters)
                 try:

@@ -93,6 +93,11 @@ _BAND_FORWARD = os.environ.get("SPATIALATTN_TRITON_BAND_FORWARD", "0") == "1"
 _BAND_BACKWARD = os.environ.get("SPATIALATTN_TRITON_BAND_BACKWARD", "0") == "1"
 _BAND_PROGRAMS_PER_SM = 4
 _BAND_ROWS = 0
+# A training BatchNorm's partial rows (statistics in the forward, sums in the backward) are
+# combined by every program of the launch after them; above this many rows a one-program
+# launch folds them first (_folded), as their reads grow with rows x programs. Not timed on a
+# GPU: a guess between a launch's cost and 25 MB of L2 reads (1024 rows x 1024 programs).
+_FOLD_ROWS = 1024
 
 
 @contextlib.contextmanager
@@ -339,10 +344,12 @@ if _HAVE_TRITON:
             tl.store(attn_ptr + n * HW + p, _attention(acc, ns_ptr, nsh_ptr, HAS_NORM), mask=pm)
 
     @triton.jit
-    def _batch_stats(stat_ptr, R, BR: tl.constexpr):
-        """``(count, mean, biased variance)`` (float64) of the logits from the ``R`` programs'
-        ``(count, sum, M2)`` rows at ``stat_ptr``, combined in a fixed order (Chan et al.'s
-        pairwise update: M2 = sum M2_i + n_i (mean_i - mean)^2); every caller gets the same bits."""
+    def _batch_sums(stat_ptr, R, BR: tl.constexpr):
+        """``(count, sum, M2)`` (float64) of the logits from the ``R`` partial ``(count, sum, M2)``
+        rows at ``stat_ptr``, combined in a fixed order (Chan et al.'s pairwise update: M2 = sum
+        M2_i + n_i (mean_i - mean)^2); every caller gets the same bits. One row in gives that
+        row back, so a fold of the rows (``_fold_kernel``) leaves every consumer's bits as they
+        were."""
         acc_n = tl.zeros([BR], tl.float64)
         acc_s = tl.zeros([BR], tl.float64)
         for r0 in range(0, R, BR):
@@ -351,7 +358,8 @@ if _HAVE_TRITON:
             acc_n += tl.load(stat_ptr + r.to(tl.int64) * 3, mask=rm, other=0.0)
             acc_s += tl.load(stat_ptr + r.to(tl.int64) * 3 + 1, mask=rm, other=0.0)
         m = tl.sum(acc_n, axis=0)
-        mean = tl.sum(acc_s, axis=0) / m
+        s = tl.sum(acc_s, axis=0)
+        mean = s / m
         acc_m2 = tl.zeros([BR], tl.float64)
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
@@ -360,7 +368,43 @@ if _HAVE_TRITON:
             si = tl.load(stat_ptr + r.to(tl.int64) * 3 + 1, mask=rm, other=0.0)
             d = si / ni - mean
             acc_m2 += tl.where(rm, tl.load(stat_ptr + r.to(tl.int64) * 3 + 2, mask=rm, other=0.0) + ni * d * d, 0.0)
-        return m, mean, tl.sum(acc_m2, axis=0) / m
+        return m, s, tl.sum(acc_m2, axis=0)
+
+    @triton.jit
+    def _batch_stats(stat_ptr, R, BR: tl.constexpr):
+        """``(count, mean, biased variance)`` (float64) of the logits from the ``R`` partial rows
+        at ``stat_ptr`` (:func:`_batch_sums`)."""
+        m, s, m2 = _batch_sums(stat_ptr, R, BR)
+        return m, s / m, m2 / m
+
+    @triton.jit
+    def _bn_sums(sum_ptr, STRIDE, R, BR: tl.constexpr):
+        """The sums (float64) of the ``R`` values at ``sum_ptr[r * STRIDE]`` and of those at
+        ``sum_ptr[r * STRIDE + 1]`` (a training BatchNorm backward's partial sums of dz and dz *
+        xhat), added in a fixed order."""
+        acc1 = tl.zeros([BR], tl.float64)
+        acc2 = tl.zeros([BR], tl.float64)
+        for r0 in range(0, R, BR):
+            r = r0 + tl.arange(0, BR)
+            acc1 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE, mask=r < R, other=0.0)
+            acc2 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE + 1, mask=r < R, other=0.0)
+        return tl.sum(acc1, axis=0), tl.sum(acc2, axis=0)
+
+    @triton.jit
+    def _fold_kernel(src_ptr, STRIDE, R, dst_ptr, STATS: tl.constexpr, BR: tl.constexpr):
+        # one program: the R partial rows a training BatchNorm's kernels combine, folded into
+        # the one row dst_ptr (STATS: the forward's (count, sum, M2) rows, _batch_sums; else
+        # the backward's two sums, _bn_sums), so that every program of the next launch reads
+        # one row instead of R (R * programs reads, quadratic in the grid, otherwise)
+        if STATS:
+            m, s, m2 = _batch_sums(src_ptr, R, BR)
+            tl.store(dst_ptr, m)
+            tl.store(dst_ptr + 1, s)
+            tl.store(dst_ptr + 2, m2)
+        else:
+            s1, s2 = _bn_sums(src_ptr, STRIDE, R, BR)
+            tl.store(dst_ptr, s1)
+            tl.store(dst_ptr + 1, s2)
 
     @triton.jit
     def _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
@@ -458,18 +502,13 @@ if _HAVE_TRITON:
         logits: the ``R`` partial sums of dz and of dz * xhat at ``sum_ptr[r * STRIDE]`` and
         ``[r * STRIDE + 1]`` combined in a fixed order (``a0``, ``a1``: their means), the
         forward's ``[mean, var]`` at ``stats_ptr``, ``c1 = gamma * invstd``."""
-        acc1 = tl.zeros([BR], tl.float64)
-        acc2 = tl.zeros([BR], tl.float64)
-        for r0 in range(0, R, BR):
-            r = r0 + tl.arange(0, BR)
-            acc1 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE, mask=r < R, other=0.0)
-            acc2 += tl.load(sum_ptr + r.to(tl.int64) * STRIDE + 1, mask=r < R, other=0.0)
+        s1, s2 = _bn_sums(sum_ptr, STRIDE, R, BR)
         mean = tl.load(stats_ptr)
         invstd = 1.0 / tl.sqrt(tl.load(stats_ptr + 1) + eps)
         c1 = invstd
         if HAS_G:
             c1 = tl.load(g_ptr).to(tl.float64) * invstd
-        return c1, tl.sum(acc1, axis=0) / m, tl.sum(acc2, axis=0) / m, mean, invstd
+        return c1, s1 / m, s2 / m, mean, invstd
 
     @triton.jit
     def _bn_dlogits(dz, logits, c1, a0, a1, mean, invstd):
@@ -522,17 +561,19 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _conv_backward_kernel(dz_ptr, pooled_ptr, w_ptr, cnt_ptr, fmax_ptr, fmean_ptr, part_ptr, logits_ptr,
-                              stats_ptr, g_ptr, eps, R, C, H, W, NPART, P: tl.constexpr, KH: tl.constexpr,
-                              KW: tl.constexpr, DIL: tl.constexpr, MEAN_SLOTS: tl.constexpr, HAS_MAX: tl.constexpr,
-                              HAS_MEAN: tl.constexpr, BN: tl.constexpr, HAS_G: tl.constexpr, BP: tl.constexpr):
+                              stats_ptr, g_ptr, eps, bs_ptr, BS_STRIDE, R, C, H, W, NPART, P: tl.constexpr,
+                              KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, MEAN_SLOTS: tl.constexpr,
+                              HAS_MAX: tl.constexpr, HAS_MEAN: tl.constexpr, BN: tl.constexpr, HAS_G: tl.constexpr,
+                              BP: tl.constexpr):
         # the conv's backward on the small maps, per pixel: the gradient of each pooled map
         # (transposed conv of dz), summed over the max slots and over the mean slots (bit i of
         # MEAN_SLOTS: slot i is a mean) into what the gradient pass reads, the max's share per
         # tied channel (/ tie count) and the mean's (/ C); and this program's partial sums of
         # the weight gradient (pooled * dz per tap) into columns [0, P * KH * KW) of its row
-        # BN: d logits from dz and the batch sums of dz and dz * xhat over the R programs'
-        # rows (each program adds them up itself, in the same order), at every tap (dl of the
-        # neighbours), and this program's partial sum of dl (the conv bias' gradient) at NTAPS
+        # BN: d logits from dz and the batch sums of dz and dz * xhat over the R rows at bs_ptr
+        # (part's columns NTAPS + 1 and + 2, or their fold; each program adds them up itself,
+        # in the same order), at every tap (dl of the neighbours), and this program's partial
+        # sum of dl (the conv bias' gradient) at NTAPS
         HW = H * W
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
@@ -540,8 +581,8 @@ if _HAVE_TRITON:
         NTAPS: tl.constexpr = P * KH * KW
         if BN:
             m = (tl.num_programs(0) // tl.cdiv(HW, BP) * HW).to(tl.float64)
-            c1, a0, a1, mean, invstd = _bn_backward_coefficients(part_ptr + NTAPS + 1, NPART, R, m, stats_ptr, g_ptr,
-                                                                 eps, HAS_G, BP)
+            c1, a0, a1, mean, invstd = _bn_backward_coefficients(bs_ptr, BS_STRIDE, R, m, stats_ptr, g_ptr, eps,
+                                                                 HAS_G, BP)
             dl64 = _bn_dlogits(tl.load(dz_ptr + n * HW + p, mask=pm, other=0.0),
                                tl.load(logits_ptr + n * HW + p, mask=pm, other=0.0), c1, a0, a1, mean, invstd)
             tl.store(row + NTAPS, tl.sum(tl.where(pm, dl64, 0.0), axis=0))
@@ -1401,6 +1442,19 @@ def gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], norm_scale: Opt
     return _conv_gate(pooled, weight, bias, dilation, attn, norm_scale, norm_shift), attn
 
 
+def _folded(part: Tensor, rows: int, stride: int, stats: bool) -> Tuple[Tensor, int]:
+    """``(part, rows)``, or where ``rows > _FOLD_ROWS`` ``(one row, 1)``: a training BatchNorm's
+    partial rows (``stats``: the forward's ``(count, sum, M2)`` rows ``[rows, 3]``; else the
+    backward's two sums at ``part[r * stride]`` and ``[r * stride + 1]``) folded by one
+    program (``_fold_kernel``). The consumers' combine of one row gives it back unchanged, so
+    their results are the same bits either way."""
+    if rows <= _FOLD_ROWS:
+        return part, rows
+    out = torch.empty(3 if stats else 2, dtype=torch.float64, device=part.device)
+    _fold_kernel[(1,)](part, stride, rows, out, STATS=stats, BR=_BP_SMALL, num_warps=_NUM_WARPS)
+    return out, 1
+
+
 def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                    bn_bias: Optional[Tensor], eps: float, dilation: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logits, attn, stats)``: the gate with a training-mode ``BatchNorm2d(1)`` on the logits,
@@ -1417,7 +1471,8 @@ def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
     if programs == 0:
         return logits, attn, stats.fill_(float("nan"))
     dummy = part
-    _bn_attn_kernel[(programs,)](logits, part, programs, bn_weight if bn_weight is not None else dummy,
+    stat, rows = _folded(part, programs, 3, stats=True)
+    _bn_attn_kernel[(programs,)](logits, stat, rows, bn_weight if bn_weight is not None else dummy,
                                  bn_bias if bn_bias is not None else dummy, float(eps), attn, stats, h * w,
                                  HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, BP=_BP_SMALL,
                                  BR=_BP_SMALL, num_warps=_NUM_WARPS)
@@ -1548,8 +1603,9 @@ def sam_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], sca
     n, c, h, w = x.shape
     stats = torch.empty(2, dtype=torch.float64, device=x.device)
     mbc, mbp = _MUL_TILE[cl]
+    stat, rows = _folded(part, n * nb, 3, stats=True)
     _sam_band_bn_kernel[(n * nb,)](
-        x, s if s is not None else x, logits, part, n * nb, bn_weight if bn_weight is not None else part,
+        x, s if s is not None else x, logits, stat, rows, bn_weight if bn_weight is not None else part,
         bn_bias if bn_bias is not None else part, float(eps), attn, stats, y, c, h, w, th, tw, nb,
         HAS_S=s is not None, HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, W_DIV=_pow2_div(w),
         TW_DIV=_pow2_div(tw), BPG=_BP_SMALL, BR=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
@@ -1745,10 +1801,12 @@ def sam_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x: Tenso
             bn_stats if bn else part, float(bn_eps), hw, chunks, npart, ntaps, HAS_GATTN=gattn is not None,
             HAS_MAX=cnt is not None, HAS_IX=ix is not None, HAS_NORM=has_norm, BN=bn, BP=_BP_SMALL,
             num_warps=_NUM_WARPS)
+        # the batch sums of dz and dz * xhat: part's columns ntaps + 1 and + 2 (or their fold)
+        bsum, rows = _folded(part.view(-1)[ntaps + 1:], programs, npart, stats=False) if bn else (part, programs)
         _conv_backward_kernel[(programs,)](
             dz, pooled.contiguous(), wt, cnt if cnt is not None else dz, fmax if fmax is not None else dz,
             fmean if fmean is not None else dz, part, logits.contiguous(), bn_stats if bn else part,
-            bn_weight if bn_weight is not None else wt, float(bn_eps), programs, c, h, w, npart, P=np_, KH=kh,
+            bn_weight if bn_weight is not None else wt, float(bn_eps), bsum, npart, rows, c, h, w, npart, P=np_, KH=kh,
             KW=kw, DIL=dilation, MEAN_SLOTS=mean_slots, HAS_MAX=fmax is not None, HAS_MEAN=fmean is not None, BN=bn,
             HAS_G=bn and bn_weight is not None, BP=_BP_SMALL, num_warps=_NUM_WARPS)
     gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, norm_scale is not None or bn)
@@ -1811,14 +1869,21 @@ def _sam_band_backward(grad_y: Optional[Tensor], grad_attn: Optional[Tensor], x:
     args = (x, s if s is not None else dummy, g if g is not None else dummy, gattn if gattn is not None else dummy,
             attn.contiguous(), logits.contiguous(), pooled.contiguous(), wt, norm_scale if has_norm else wt, gx,
             gs if gs is not None else dummy, part, scratch, dz if bn else part, cnt if cnt is not None else part,
-            bn_stats if bn else part, bn_weight if bn_weight is not None else wt, bns if bn else part, float(bn_eps),
-            n * nb, c, h, w, th, tw, nb, sr, npart, tpb)
+            bn_stats if bn else part, bn_weight if bn_weight is not None else wt)
     meta = dict(P=np_, MEAN_SLOTS=_mean_slots(kinds), I_MAX=i_max, KH=kh, KW=kw, DIL=dilation, HAS_S=s is not None,
                 HAS_G=g is not None, HAS_GATTN=gattn is not None, HAS_NORM=has_norm, NEED_GS=need_gs,
                 HAS_BNW=bn and bn_weight is not None, W_DIV=_pow2_div(w), TW_DIV=_pow2_div(tw), BC=_BC, BP=_BP,
                 BPG=_BP_SMALL, **_meta(c, h * w, cl))
-    for phase in ((1, 2) if bn else (0,)):
-        _sam_band_backward_kernel[(n * nb,)](*args, BN_PHASE=phase, **meta)
+
+    def launch(phase: int, bsum: Tensor, rows: int) -> None:  # bsum: the [rows, 2] batch sums phase 2 reads
+        _sam_band_backward_kernel[(n * nb,)](*args, bsum, float(bn_eps), rows, c, h, w, th, tw, nb, sr, npart, tpb,
+                                             BN_PHASE=phase, **meta)
+
+    if bn:
+        launch(1, bns, n * nb)
+        launch(2, *_folded(bns, n * nb, 2, stats=False))
+    else:
+        launch(0, part, n * nb)
     gw, gb, gns, gnsh = _parameter_grads(part, weight.shape, has_norm or bn)
     if gs is not None:
         gs = (gs[0] if nb == 1 else _sum_rows(gs)).reshape(n, c, 1, 1)

@@ -206,7 +206,8 @@ def api_workload(cases: Sequence[Case], orders: Sequence[Sequence[str]] = ALL_OR
     ``channel_pool`` and ``gate_multiply`` with their gradients; both layouts; half dtypes as half tensors and as
     under autocast (half maps, float32 parameters); the one-launch forward and backward, with a
     training BatchNorm for the first case only (32 more compiles for all of them: 3 minutes of
-    the compile tests on 2 cores). Each case is a shape, a dtype and the ``_PROGRAMS_PER_SM`` to
+    the compile tests on 2 cores), and for that case too the default training-BatchNorm
+    launches with the fold of their partial rows (``_FOLD_ROWS``) that large maps take. Each case is a shape, a dtype and the ``_PROGRAMS_PER_SM`` to
     run under (0: no loop split)."""
     from spatialattn import ops
     from spatialattn.nn import CBAM, SpatialAttention
@@ -260,6 +261,15 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders, band_batch
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 y = SpatialAttention(c).train()(x)
             torch.autograd.grad(y, x, torch.ones_like(y))
+    if band_batchnorm:  # the default training-BatchNorm launches with their partial rows folded first
+        saved, _triton._FOLD_ROWS = _triton._FOLD_ROWS, 0
+        try:
+            x = leaf(*shape)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                y = SpatialAttention(c).train()(x)
+            torch.autograd.grad(y, x, torch.ones_like(y))
+        finally:
+            _triton._FOLD_ROWS = saved
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

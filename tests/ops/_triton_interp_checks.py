@@ -381,6 +381,89 @@ def check_band_backward_batchnorm() -> int:
     _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
     return count
 
+class _CountLaunches:
+    """Stands in for a kernel (``kernel[grid](...)``), counting its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def check_batchnorm_fold() -> int:
+    """The training-BatchNorm SAM with its partial rows folded by one program first
+    (``_fold_kernel``, forced with ``_FOLD_ROWS = 0``) against the same launches without the
+    fold: every output of the forward and the backward the same bits, default and band
+    launches, two folds a step (forward and backward) and none without. Then the fold of more
+    rows than its lanes (300 > 128; a whole SAM with that many tiles takes a minute in the
+    interpreter): the statistics' fold against float64 and, read by ``_bn_attn_kernel``, the
+    same bits as the 300 rows; the backward sums' fold (strided columns of a partial-sums
+    buffer) against float64."""
+    count = 0
+    saved = (_triton._FOLD_ROWS, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel)
+    _triton._PROGRAMS_PER_SM = 0
+    _triton._BAND_ROWS = 4
+    shape, kinds, dil, dtype = (2, 19, 9, 11), [0, 1], 1, torch.float32
+    n, c, h, w = shape
+    g, x, s, wt, b = _backward_inputs(shape, "channels_last", dtype, 5, 6, False, True, kinds, 7, 7)
+    gamma, beta = torch.rand(1, generator=g) + 0.5, torch.randn(1, generator=g)
+    gy, ga = torch.randn(shape, generator=g).to(dtype), torch.randn(n, 1, h, w, generator=g)
+    for band in (False, True):
+        outs = {}
+        for fold in (False, True):
+            _triton._FOLD_ROWS = 0 if fold else 1 << 30
+            _triton._fold_kernel = counter = _CountLaunches(saved[3])
+            with _triton.band_launches(band, band):
+                fwd = _triton.sam_forward_batchnorm(x, wt, b, s, gamma, beta, 1e-5, kinds, dil)
+                y, attn, logits, pooled, stats = fwd
+                bwd = _triton.sam_backward(gy, ga, x, s, wt, None, attn, logits, pooled, kinds, dil, need_gs=True,
+                                           bn_stats=stats, bn_weight=gamma, bn_eps=1e-5)
+            assert counter.grids == ([(1,)] * 2 if fold else []), (band, fold, counter.grids)
+            outs[fold] = [t for t in (*fwd, *bwd) if t is not None]
+        what = f"BatchNorm fold band={band}"
+        assert len(outs[True]) == len(outs[False]) == 11, what
+        for i, (a, e) in enumerate(zip(outs[True], outs[False])):
+            assert not torch.isnan(a).any(), f"{what}: output {i} unwritten (NaN)"
+            torch.testing.assert_close(a, e, rtol=0, atol=0,
+                                       msg=lambda m: f"{what}: output {i} differs from the unfolded rows: {m}")
+        count += 1
+    _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel = saved[1:]
+    # 300 partial rows of (count, sum, M2), as 300 tiles of logits would leave them
+    rows = 300
+    tiles = torch.randn(rows, 128, generator=g, dtype=torch.float64) * 3 + 1
+    counts = torch.randint(1, 129, (rows,), generator=g)
+    counts[-1] = 128  # the last row ends on the fold's lanes' last column
+    mask = torch.arange(128) < counts[:, None]
+    sums = (tiles * mask).sum(1)
+    m2 = (((tiles - (sums / counts)[:, None]) ** 2) * mask).sum(1)
+    part = torch.stack([counts.double(), sums, m2], 1).contiguous()
+    folded, one = _triton._folded(part, rows, 3, stats=True)
+    assert one == 1 and folded.shape == (3,)
+    every = tiles[mask]
+    want = torch.stack([torch.tensor(float(every.numel()), dtype=torch.float64), every.sum(),
+                        ((every - every.mean()) ** 2).sum()])
+    torch.testing.assert_close(folded, want, rtol=1e-12, atol=0, msg=lambda m: f"fold of {rows} rows: {m}")
+    logits = torch.randn(1, 1, 8, 16, generator=g)
+    got = {}
+    for src, r in ((part, rows), (folded, 1)):
+        attn, st = torch.full_like(logits, float("nan")), torch.full((2,), float("nan"), dtype=torch.float64)
+        _triton._bn_attn_kernel[(1,)](logits, src, r, gamma, beta, 1e-5, attn, st, 128, HAS_G=True, HAS_BETA=True,
+                                      BP=_triton._BP_SMALL, BR=_triton._BP_SMALL)
+        got[r] = (attn, st)
+    for a, e in zip(got[1], got[rows]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"attention from the fold of {rows} rows: {m}")
+    # the backward's sums: columns 5 and 6 of [rows, 8] partial rows, as sam_backward folds them
+    sums = torch.randn(rows, 8, generator=g, dtype=torch.float64)
+    folded, one = _triton._folded(sums.view(-1)[5:], rows, 8, stats=False)
+    assert one == 1 and folded.shape == (2,)
+    torch.testing.assert_close(folded, sums[:, 5:7].sum(0), rtol=1e-12, atol=1e-12,
+                               msg=lambda m: f"fold of {rows} rows of sums: {m}")
+    _triton._FOLD_ROWS = saved[0]
+    return count + 3
+
+
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_LAYOUTS = ("nchw", "channels_last", "noncontig")
 # (shape, dtypes, layouts, programs per SM): C and HW not multiples of the tiles, the channel
@@ -412,6 +495,7 @@ def main() -> None:
     count += check_band_backward()
     count += check_band_forward_batchnorm()
     count += check_band_backward_batchnorm()
+    count += check_batchnorm_fold()
     shape = (2, 19, 5, 7)
     n, c, h, w = shape
     # NaN propagates through the max (tl.max alone would drop it)

@@ -611,6 +611,45 @@ def test_band_batchnorm_training_step(layout, monkeypatch):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(e.abs().max())),
                                        msg=lambda m: f"{name} rows={rows}: {m}")
 
+
+@pytest.mark.parametrize("band", [False, True])
+def test_batchnorm_fold_of_partial_rows(band, monkeypatch):
+    """Above ``_FOLD_ROWS`` partial rows (tiles or bands of the maps, large maps on a GPU) one
+    program folds a training BatchNorm's partial statistics, and in the backward its partial
+    sums, before the launch whose every program reads them: output, attention, every gradient
+    and the running statistics are the same bits as without the fold (forced here at a small
+    map), in the default launches and the band ones."""
+    from spatialattn.ops import _triton
+
+    monkeypatch.setattr(_triton, "_BAND_FORWARD", band)
+    monkeypatch.setattr(_triton, "_BAND_BACKWARD", band)
+    torch.manual_seed(7)
+    module = CBAM(16, reduction=4, preset="official").to(DEV).train()
+    x = make_x((2, 16, 9, 11), "channels_last", torch.float32, seed=7).requires_grad_()
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(DEV)
+
+    def run():
+        m = copy.deepcopy(module)
+        y = m(x)
+        grads = torch.autograd.grad(y, (x,) + tuple(m.parameters()), gy)
+        return (y,) + grads + tuple(m.buffers())
+
+    want = run()
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", 0)
+    real, grids = _triton._fold_kernel, []
+
+    class Counted:  # the fold's launches
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(_triton, "_fold_kernel", Counted())
+    got = run()
+    assert grids == [(1,), (1,)]  # forward and backward
+    assert len(got) == len(want) > 3
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert torch.equal(a, e), f"output {i} of {len(got)}: {(a - e).abs().max()}"
+
 @cuda_only
 @pytest.mark.parametrize("band", [False, True])
 def test_many_pixel_tiles_and_images(band, monkeypatch):

@@ -9,6 +9,7 @@ the public API (``spatialattn.ops._triton_aot``), specialised as Triton's JIT wo
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import subprocess
@@ -45,7 +46,7 @@ _GATE_VECTOR_KERNELS = {"_gpool_combine_kernel", "_sum_rows_kernel"}
 # the weight gradients a program per channel tile; the whole MLP is a few 100k multiply-adds
 _MLP_IMAGE_KERNELS = {"_mlp_gate_kernel", "_mlp_gate_backward_kernel"}
 # the sums of the parameter gradients' partials (a program per parameter), the running statistics
-_ONE_SHOT_KERNELS = {"_column_sums_kernel", "_bn_running_kernel"}
+_ONE_SHOT_KERNELS = {"_column_sums_kernel", "_bn_running_kernel", "_fold_kernel"}
 WRITERS = ("_mul_kernel", "_gradx_kernel", "_gpool_backward_kernel")  # kernels that write x-sized tensors
 
 
@@ -75,7 +76,7 @@ def test_workload_launches_every_kernel_and_variant(launches):
                          ("_gate_kernel", "HAS_B"), ("_gate_kernel", "HAS_NORM"), ("_gate_kernel", "STATS"),
                          ("_sam_band_kernel", "HAS_S"), ("_sam_band_kernel", "HAS_NORM"), ("_sam_band_kernel", "BN_STATS"),
                          ("_sam_band_backward_kernel", "NEED_GS"), ("_sam_band_backward_kernel", "HAS_GATTN"),
-                         ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN")]:
+                         ("_gate_backward_kernel", "BN"), ("_conv_backward_kernel", "BN"), ("_fold_kernel", "STATS")]:
         assert _variants(launches, kernel, flag) == {False, True}, (kernel, flag)
     assert _variants(launches, "_sam_band_backward_kernel", "BN_PHASE") == {0, 1, 2}
     dtypes = {launch.signature["x_ptr"] for launch in launches if "x_ptr" in launch.signature}
@@ -239,7 +240,7 @@ def test_report_script(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
-def test_kernel_launches_of_the_fused_sam(shape):
+def test_kernel_launches_of_the_fused_sam(shape, monkeypatch):
     """On a GPU every launch costs microseconds of host time, as much as a copy of a whole
     8 x 256 x 52 x 52 map takes at H200 bandwidth. The fused SAM launches: the channel
     pooling (and, where its loop is split, one combine of the partial maps), the gate (conv,
@@ -282,6 +283,10 @@ def test_kernel_launches_of_the_fused_sam(shape):
     assert sum(step.values()) == 10 + split, dict(step)
     assert step["_bn_attn_kernel"] == 1 and step["_bn_running_kernel"] == 1, dict(step)
     assert not [name for name in step if name.startswith("aten.")], dict(step)
+    # above _FOLD_ROWS partial rows (tiles of the maps), one more launch each way folds them
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", 0)
+    folded = aot.kernel_launches(module_step)
+    assert folded == step + collections.Counter({"_fold_kernel": 2}), dict(folded)
 
 
 @pytest.mark.parametrize("shape", [(8, 256, 52, 52), (2, 16, 8, 8)])
@@ -330,6 +335,8 @@ def test_band_forward_and_backward_launches(shape, monkeypatch):
     step = aot.kernel_launches(batchnorm_step)
     assert step == {"_sam_band_kernel": 1, "_sam_band_bn_kernel": 1, "_bn_running_kernel": 1,
                     "_sam_band_backward_kernel": 2, "_column_sums_kernel": 1}, dict(step)
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", 0)  # as above _FOLD_ROWS bands: one more launch each way
+    assert aot.kernel_launches(batchnorm_step) == step + collections.Counter({"_fold_kernel": 2})
 
 
 def test_kernel_launches_counts_torch_ops():
