@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of the fused kernels in one command, for a lent GPU machine:
 #
-#   bash benchmarks/gpu_check.sh [tests] [bench] [bench-bf16] [model] [sweep] [profile]   (default: tests bench)
+#   bash benchmarks/gpu_check.sh [tests] [tests-band] [bench] [bench-bf16] [model] [sweep] [profile]   (default: tests bench)
 #
 # tests       tests/ops/test_cuda.py: the Triton path against float64 references (pytest-xdist
 #             where installed: the first launch of each kernel variant compiles it, about a
 #             second each on one core)
+# tests-band  the same with the forward and backward in one launch each (two with a training
+#             BatchNorm) for every call: SPATIALATTN_TRITON_BAND_FORWARD=1 / _BACKWARD=1, the
+#             check to run before turning them on by default
 # bench       benchmarks/bench_sam.py --device cuda --quick (float32): the ratios to x.clone()
 # bench-bf16  the same in bfloat16
 # model       benchmarks/bench_model.py --device cuda --quick: the attention layers inside a ResNet-50
@@ -47,6 +50,10 @@ for part in $parts; do
     tests)
       xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
       timeout ${limit:-420} $py -m pytest -q -p no:cacheprovider --durations=8 $xdist tests/ops/test_cuda.py >>"$log" 2>&1 ;;
+    tests-band)
+      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+      SPATIALATTN_TRITON_BAND_FORWARD=1 SPATIALATTN_TRITON_BAND_BACKWARD=1 timeout ${limit:-420} \
+        $py -m pytest -q -p no:cacheprovider --durations=8 $xdist tests/ops/test_cuda.py >>"$log" 2>&1 ;;
     bench)
       timeout ${limit:-420} $py benchmarks/bench_sam.py --device cuda --quick --no-compile --out "$out" >>"$log" 2>&1 ;;
     bench-bf16)
@@ -58,7 +65,7 @@ for part in $parts; do
     profile)
       timeout ${limit:-240} $py benchmarks/profile_cuda.py >>"$log" 2>&1 ;;
     *)
-      echo "unknown part: $part (tests, bench, bench-bf16, model, sweep, profile)" | tee -a "$log"; false ;;
+      echo "unknown part: $part (tests, tests-band, bench, bench-bf16, model, sweep, profile)" | tee -a "$log"; false ;;
   esac
   code=$?
   [ $code -ne 0 ] && status=1
