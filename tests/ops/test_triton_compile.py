@@ -48,6 +48,8 @@ _MLP_IMAGE_KERNELS = {"_mlp_gate_kernel", "_mlp_gate_backward_kernel"}
 # the sums of the parameter gradients' partials (a program per parameter), the running statistics
 _ONE_SHOT_KERNELS = {"_column_sums_kernel", "_bn_running_kernel", "_fold_kernel"}
 WRITERS = ("_mul_kernel", "_gradx_kernel", "_gpool_backward_kernel")  # kernels that write x-sized tensors
+# the band kernels write y / grad_x and small maps (one-pixel-per-lane rows of the maps, 4 bytes)
+BAND_WRITERS = ("_sam_band_kernel", "_sam_band_bn_kernel", "_sam_band_backward_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +119,9 @@ def test_vector_accesses_where_the_shape_allows(sm90):
     """Where ``x`` is aligned, the accesses along its contiguous axis move as many bytes as
     the shape allows (16 for float32 rows of a multiple of 4 elements): the widest load of
     every kernel, and every store of the kernels that write ``x``-sized tensors (besides, in
-    the gradient pass, the one store of a row of channel-scale partials, ``[C]`` values)."""
-    checked = {16: 0, 8: 0}
+    the gradient pass, the one store of a row of channel-scale partials, ``[C]`` values); the
+    band kernels' ``y`` / ``grad_x`` stores (their small maps' rows are stored a pixel per lane)."""
+    checked = {16: 0, 8: 0, "band": 0}
     for c in sm90:
         want = aot.contiguous_alignment(c.launch)
         if want >= 8:
@@ -128,7 +131,11 @@ def test_vector_accesses_where_the_shape_allows(sm90):
                 narrow = sum(k for width, k in c.stores.items() if width < want)
                 allowed = 1 if c.launch.constants().get("NEED_GS") else 0
                 assert c.stores and narrow <= allowed, f"{c.launch.describe()}: stores {dict(c.stores)}"
-    assert checked[16] > 20 and checked[8] > 5, checked
+            k = c.launch.constants()
+            if c.launch.kernel in BAND_WRITERS and not k.get("BN_STATS") and k.get("BN_PHASE") != 1:
+                checked["band"] += 1  # y / grad_x stored in vectors of the shape's width
+                assert max(c.stores) >= want, f"{c.launch.describe()}: stores {dict(c.stores)}, want {want} bytes"
+    assert checked[16] > 20 and checked[8] > 5 and checked["band"] > 30, checked
 
 
 def test_26x26_maps_move_16_bytes_per_access():
