@@ -290,8 +290,11 @@ def test_kernel_launches_of_the_fused_sam(shape, monkeypatch):
     assert sum(step.values()) == 10 + split, dict(step)
     assert step["_bn_attn_kernel"] == 1 and step["_bn_running_kernel"] == 1, dict(step)
     assert not [name for name in step if name.startswith("aten.")], dict(step)
-    # above _FOLD_ROWS partial rows (tiles of the maps), one more launch each way folds them
-    monkeypatch.setattr(_triton, "_FOLD_ROWS", 0)
+    # above _FOLD_ROWS partial rows (one per 128-pixel tile), one more launch each way folds them
+    rows = shape[0] * math.ceil(shape[2] * shape[3] / _triton._BP_SMALL)
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", rows)
+    assert aot.kernel_launches(module_step) == step
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", rows - 1)
     folded = aot.kernel_launches(module_step)
     assert folded == step + collections.Counter({"_fold_kernel": 2}), dict(folded)
 
@@ -342,7 +345,9 @@ def test_band_forward_and_backward_launches(shape, monkeypatch):
     step = aot.kernel_launches(batchnorm_step)
     assert step == {"_sam_band_kernel": 1, "_sam_band_bn_kernel": 1, "_bn_running_kernel": 1,
                     "_sam_band_backward_kernel": 2, "_column_sums_kernel": 1}, dict(step)
-    monkeypatch.setattr(_triton, "_FOLD_ROWS", 0)  # as above _FOLD_ROWS bands: one more launch each way
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", n * bands)  # the bands' partial rows: folded above _FOLD_ROWS
+    assert aot.kernel_launches(batchnorm_step) == step
+    monkeypatch.setattr(_triton, "_FOLD_ROWS", n * bands - 1)
     assert aot.kernel_launches(batchnorm_step) == step + collections.Counter({"_fold_kernel": 2})
 
 
