@@ -554,11 +554,21 @@ def spatial_attention_fused_batchnorm(
         y, attn, _, _, stats = _lib.sam_batchnorm_op(
             x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
         )
-    else:
-        fn = _lib.CppSamBatchNorm if fast == "cpp" else _lib.GenericSamBatchNorm
-        y, attn, stats = fn.apply(
+    elif fast == "cpp":
+        y, attn, stats = _lib.CppSamBatchNorm.apply(
             x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
         )
+    else:
+        # on the Triton path the launch that forms the batch statistics also updates the
+        # running ones (one launch fewer per training step)
+        running = None
+        if norm.training and norm.track_running_stats and x.numel() > 0 and _lib._triton_ok(x):
+            running = (norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.momentum)
+        y, attn, stats = _lib.GenericSamBatchNorm.apply(
+            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation, running
+        )
+        if running is not None:
+            return (y, attn) if return_attention else y
     _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
     return (y, attn) if return_attention else y
 
@@ -577,13 +587,8 @@ def _update_running_stats(norm: "torch.nn.BatchNorm2d", stats: Tensor, count: in
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
-    elif fast == "triton" and _lib._triton_ok(x):
-        from . import _triton  # the same formula in one kernel (factor read on the device)
-
-        with torch.no_grad():
-            _triton.bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats, count,
-                                      norm.momentum)
-    else:  # also under torch.compile: traceable, no host synchronisation
+    else:  # also under torch.compile: traceable, no host synchronisation (the Triton path's
+        # kernels update them themselves, spatial_attention_fused_batchnorm)
         with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:

@@ -697,13 +697,17 @@ class CppSamBatchNorm(torch.autograd.Function):
         return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
 
 
-def _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+def _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation, running=None):
     """``(y, attn, logits, pooled, stats)`` of the training-BatchNorm SAM off the C++ path
-    (Triton on CUDA, plain PyTorch elsewhere) for a dense ``x``."""
+    (Triton on CUDA, plain PyTorch elsewhere) for a dense ``x``. ``running``
+    (:data:`_triton.Running`, Triton path only): the running statistics, updated by the
+    kernels from the batch statistics."""
     if _triton_ok(x):
         from . import _triton
 
-        return _triton.sam_forward_batchnorm(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation)
+        return _triton.sam_forward_batchnorm(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation,
+                                             running)
+    assert running is None, "the running statistics are updated in the kernels only on the Triton path"
     acc = _acc(x)
     pooled = _pool_torch(x, scale, kinds, acc)
     kh, kw = weight.shape[-2:]
@@ -756,10 +760,10 @@ class GenericSamBatchNorm(torch.autograd.Function):
     :class:`CppSamBatchNorm` (``stats`` in float64)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation):
+    def forward(ctx, x, weight, bias, scale, bn_weight, bn_bias, eps, kinds, dilation, running=None):
         x = _dense(x)  # one dense copy of a strided x, made here and saved, not in every pass
         y, attn, logits, pooled, stats = _generic_bn_forward(x, weight, bias, scale, bn_weight, bn_bias, eps, kinds,
-                                                             dilation)
+                                                             dilation, running)
         _bn_save(ctx, x, scale, weight, bias, bn_weight, bn_bias, eps, kinds, dilation, attn, logits, pooled, stats)
         return y, attn, stats
 
@@ -771,7 +775,7 @@ class GenericSamBatchNorm(torch.autograd.Function):
         gx, gs, gw, gb, ggamma, gbeta = _generic_bn_backward(grad_y, grad_attn, x, scale, weight, bn_weight, attn,
                                                              logits, pooled, stats, ctx.eps, ctx.kinds, ctx.dilation,
                                                              need_gs)
-        return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight)
+        return _bn_grads(ctx, gx, gw, gb, gs, ggamma, gbeta, weight, scale, bn_weight) + (None,)  # (running)
 
 
 # ------------------------------------------------------------------ the same as custom ops (torch.compile)

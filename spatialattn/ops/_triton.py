@@ -429,12 +429,14 @@ if _HAVE_TRITON:
         return 1.0 / (1.0 + tl.exp(-z))
 
     @triton.jit
-    def _bn_attn_kernel(logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, HW, HAS_G: tl.constexpr,
-                        HAS_BETA: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
+    def _bn_attn_kernel(logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                        count, m_hi, m_lo, HW, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, RUNNING: tl.constexpr,
+                        HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
         # attn = sigmoid(logits * k + shift) with the batch statistics of all logits: every
         # program combines the partial statistics itself (a few hundred values), program 0
-        # stores [mean, var] (float64); k = gamma / sqrt(var + eps), shift = beta - mean * k
-        # in float64, applied in float32 (as torch's formula)
+        # stores [mean, var] (float64) and (RUNNING) updates the running statistics;
+        # k = gamma / sqrt(var + eps), shift = beta - mean * k in float64, applied in float32
+        # (as torch's formula)
         n, p = _image_and_pixels(HW, BP)
         pm = p < HW
         k, shift, mean, var = _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G, HAS_BETA, BR)
@@ -443,6 +445,8 @@ if _HAVE_TRITON:
         if tl.program_id(0) == 0:
             tl.store(stats_ptr, mean)
             tl.store(stats_ptr + 1, var)
+            if RUNNING:
+                _bn_update_running(mean, var, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT, CUMULATIVE)
 
     @triton.jit
     def _gate_backward_kernel(ga_ptr, cnt_ptr, ix_ptr, gattn_ptr, attn_ptr, logits_ptr, ns_ptr, dz_ptr, cnt_out_ptr,
@@ -629,16 +633,15 @@ if _HAVE_TRITON:
         tl.store(out_ptr + j, acc, mask=jm)
 
     @triton.jit
-    def _bn_running_kernel(stats_ptr, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT: tl.constexpr,
+    def _bn_update_running(mean, var, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT: tl.constexpr,
                            CUMULATIVE: tl.constexpr):
-        # BatchNorm2d's running-statistics update from the batch [mean, biased var] (float64),
-        # one program: running = factor * stat + (1 - factor) * running in float64, rounded
-        # once; factor = momentum, or 1 / num_batches_tracked (after the increment) where the
-        # momentum is None -- read here, not synchronised to the host as float(tensor) would
-        mean = tl.load(stats_ptr)
-        var = tl.load(stats_ptr + 1)
-        # the momentum, a Python float, arrives as the two 32-bit halves of its float64 bits
-        # (a float argument would be rounded to float32, and 0.1 is not 0.1 there)
+        """BatchNorm2d's running-statistics update from the batch mean and biased variance
+        (float64) of ``count`` logits, by the one program that holds them: running = factor *
+        stat + (1 - factor) * running in float64, rounded once; factor = the momentum, or 1 /
+        num_batches_tracked (after the increment) where the momentum is None -- read here, not
+        synchronised to the host as float(tensor) would be. The momentum, a Python float,
+        arrives as the two 32-bit halves of its float64 bits (a float argument would be
+        rounded to float32, and 0.1 is not 0.1 there)."""
         bits = (m_hi.to(tl.int64) << 32) | (m_lo.to(tl.int64) & 0xFFFFFFFF)
         factor = bits.to(tl.float64, bitcast=True)
         if HAS_NBT:
@@ -822,16 +825,18 @@ if _HAVE_TRITON:
                 _mul_tile(x_ptr, s_ptr, y_ptr, n, c, p, c < C, pm, av, C, HW, HAS_S, CL)
 
     @triton.jit
-    def _sam_band_bn_kernel(x_ptr, s_ptr, logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, y_ptr, C,
-                            H, W, TH, TW, NB, HAS_S: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
-                            CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
+    def _sam_band_bn_kernel(x_ptr, s_ptr, logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, rm_ptr,
+                            rv_ptr, nbt_ptr, count, m_hi, m_lo, y_ptr, C, H, W, TH, TW, NB, HAS_S: tl.constexpr,
+                            HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, RUNNING: tl.constexpr,
+                            HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
                             TW_DIV: tl.constexpr, BPG: tl.constexpr, BR: tl.constexpr, MBC: tl.constexpr,
                             MBP: tl.constexpr):
         # The second launch of the training-BatchNorm SAM forward in bands (after
         # _sam_band_kernel with BN_STATS): every program combines the R bands' partial
         # statistics itself (_bn_coefficients, a fixed order), writes the attention of its rows
-        # (program 0 also [mean, var], float64) and multiplies them, as _bn_attn_kernel and
-        # _mul_kernel do per element; x's second read follows the first by one launch.
+        # (program 0 also [mean, var], float64, and with RUNNING the running statistics'
+        # update) and multiplies them, as _bn_attn_kernel and _mul_kernel do per element; x's
+        # second read follows the first by one launch.
         C, HW, W, TW, pid, n, band, h0, h1, hs, he = _program_band(C, H, W, TH, TW, NB, 1, 0, C_DIV, HW_DIV, W_DIV,
                                                                    TW_DIV)
         k, shift, mean, var = _bn_coefficients(stat_ptr, R, g_ptr, b_ptr, eps, HAS_G, HAS_BETA, BR)
@@ -843,6 +848,8 @@ if _HAVE_TRITON:
         if pid == 0:
             tl.store(stats_ptr, mean)
             tl.store(stats_ptr + 1, var)
+            if RUNNING:
+                _bn_update_running(mean, var, rm_ptr, rv_ptr, nbt_ptr, count, m_hi, m_lo, HAS_NBT, CUMULATIVE)
         tl.debug_barrier()  # the attention of every row written
         _band_product(x_ptr, s_ptr, attn_ptr, y_ptr, n, band, C, HW, TW, HAS_S, CL, MBC, MBP)
 
@@ -1456,11 +1463,14 @@ def _folded(part: Tensor, rows: int, stride: int, stats: bool) -> Tuple[Tensor, 
 
 
 def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
-                   bn_bias: Optional[Tensor], eps: float, dilation: int) -> Tuple[Tensor, Tensor, Tensor]:
+                   bn_bias: Optional[Tensor], eps: float, dilation: int, running: Optional[Running] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logits, attn, stats)``: the gate with a training-mode ``BatchNorm2d(1)`` on the logits,
     ``attn = sigmoid(bn(conv2d(pooled, weight) + bias))`` with the batch statistics ``stats =
     [mean, biased var]`` (float64) of all ``N * H * W`` logits; two launches (the conv with
-    per-program partial statistics, then the attention)."""
+    per-program partial statistics, then the attention, which also updates ``running`` as
+    ``BatchNorm2d.forward`` does; three above ``_FOLD_ROWS`` tiles). Without logits (an empty
+    map) ``stats`` is NaN and ``running`` is left as it is."""
     n, _, h, w = pooled.shape
     dev = pooled.device
     attn = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
@@ -1472,23 +1482,32 @@ def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
         return logits, attn, stats.fill_(float("nan"))
     dummy = part
     stat, rows = _folded(part, programs, 3, stats=True)
+    run_args, run_meta = _running_args(running, n * h * w, dummy)
     _bn_attn_kernel[(programs,)](logits, stat, rows, bn_weight if bn_weight is not None else dummy,
-                                 bn_bias if bn_bias is not None else dummy, float(eps), attn, stats, h * w,
-                                 HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, BP=_BP_SMALL,
+                                 bn_bias if bn_bias is not None else dummy, float(eps), attn, stats, *run_args, h * w,
+                                 HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, **run_meta, BP=_BP_SMALL,
                                  BR=_BP_SMALL, num_warps=_NUM_WARPS)
     return logits, attn, stats
 
 
-def bn_update_running(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                      stats: Tensor, count: int, momentum: Optional[float]) -> None:
-    """``BatchNorm2d``'s update of ``running_mean`` / ``running_var`` (and the increment of
-    ``num_batches_tracked``) from :func:`gate_batchnorm`'s ``stats``, in one launch."""
+# A BatchNorm2d's running statistics for the training-BatchNorm launches to update:
+# (running_mean, running_var, num_batches_tracked or None, momentum or None)
+Running = Tuple[Tensor, Tensor, Optional[Tensor], Optional[float]]
+
+
+def _running_args(running: Optional[Running], count: int, dummy: Tensor) -> Tuple[tuple, dict]:
+    """The kernel arguments ``(rm, rv, nbt, count, m_hi, m_lo)`` and constants (``RUNNING``,
+    ``HAS_NBT``, ``CUMULATIVE``) of the running statistics' update that program 0 of the
+    BatchNorm attention launch makes from the batch statistics of ``count`` logits (``dummy``
+    stands in for absent tensors)."""
+    if running is None:
+        return (dummy, dummy, dummy, 2, 0, 0), dict(RUNNING=False, HAS_NBT=False, CUMULATIVE=False)
+    rm, rv, nbt, momentum = running
     bits = struct.unpack("<q", struct.pack("<d", 0.0 if momentum is None else float(momentum)))[0]
     hi, lo = bits >> 32, bits & 0xFFFFFFFF
     lo = lo - (1 << 32) if lo >= 1 << 31 else lo  # both halves as signed 32-bit integers
-    _bn_running_kernel[(1,)](stats, running_mean, running_var,
-                             num_batches_tracked if num_batches_tracked is not None else stats, int(count), hi, lo,
-                             HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, num_warps=1)
+    return ((rm, rv, nbt if nbt is not None else dummy, int(count), hi, lo),
+            dict(RUNNING=True, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None))
 
 
 def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -1584,7 +1603,7 @@ def _band_forward_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], scal
 
 def sam_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, kinds: Sequence[int],
-                          dilation: int):
+                          dilation: int, running: Optional[Running] = None):
     """``(y, attn, logits, pooled, stats)`` of the SAM with a training-mode ``BatchNorm2d(1)`` on
     the logits (``stats``: float64 ``[mean, biased var]`` of all the logits): four or five
     launches (:func:`pool_forward`, :func:`gate_batchnorm`, :func:`gate_forward`), or with
@@ -1592,11 +1611,13 @@ def sam_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], sca
     partial statistics of the logits), then ``_sam_band_bn_kernel`` (the batch statistics, the
     attention and the product). The two combine the statistics from partials per band instead of
     per 128-pixel tile, so they (and through them the attention and ``y``) may differ from the
-    default launches' in the last bits; ``pooled`` and ``logits`` are the same."""
+    default launches' in the last bits; ``pooled`` and ``logits`` are the same. ``running``: the
+    BatchNorm's running statistics, updated from ``stats`` in the launch that forms them (as
+    ``BatchNorm2d.forward``; not where ``x`` is empty)."""
     kinds = list(kinds)
     if not _BAND_FORWARD or x.numel() == 0:
         pooled = pool_forward(x, scale, kinds, torch.float32)
-        logits, attn, stats = gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation)
+        logits, attn, stats = gate_batchnorm(pooled, weight, bias, bn_weight, bn_bias, eps, dilation, running)
         return gate_forward(x, attn, scale), attn, logits, pooled, stats
     y, attn, logits, pooled, x, s, cl, (th, nb, tw), part = _band_forward_launch(
         x, weight, bias, scale, None, None, kinds, dilation, True)
@@ -1604,10 +1625,11 @@ def sam_forward_batchnorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], sca
     stats = torch.empty(2, dtype=torch.float64, device=x.device)
     mbc, mbp = _MUL_TILE[cl]
     stat, rows = _folded(part, n * nb, 3, stats=True)
+    run_args, run_meta = _running_args(running, n * h * w, part)
     _sam_band_bn_kernel[(n * nb,)](
         x, s if s is not None else x, logits, stat, rows, bn_weight if bn_weight is not None else part,
-        bn_bias if bn_bias is not None else part, float(eps), attn, stats, y, c, h, w, th, tw, nb,
-        HAS_S=s is not None, HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, W_DIV=_pow2_div(w),
+        bn_bias if bn_bias is not None else part, float(eps), attn, stats, *run_args, y, c, h, w, th, tw, nb,
+        HAS_S=s is not None, HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, **run_meta, W_DIV=_pow2_div(w),
         TW_DIV=_pow2_div(tw), BPG=_BP_SMALL, BR=_BP_SMALL, MBC=mbc, MBP=mbp, **_meta(c, h * w, cl))
     return y, attn, logits, pooled, stats
 

@@ -449,8 +449,9 @@ def check_batchnorm_fold() -> int:
     got = {}
     for src, r in ((part, rows), (folded, 1)):
         attn, st = torch.full_like(logits, float("nan")), torch.full((2,), float("nan"), dtype=torch.float64)
-        _triton._bn_attn_kernel[(1,)](logits, src, r, gamma, beta, 1e-5, attn, st, 128, HAS_G=True, HAS_BETA=True,
-                                      BP=_triton._BP_SMALL, BR=_triton._BP_SMALL)
+        run_args, run_meta = _triton._running_args(None, 128, st)
+        _triton._bn_attn_kernel[(1,)](logits, src, r, gamma, beta, 1e-5, attn, st, *run_args, 128, HAS_G=True,
+                                      HAS_BETA=True, **run_meta, BP=_triton._BP_SMALL, BR=_triton._BP_SMALL)
         got[r] = (attn, st)
     for a, e in zip(got[1], got[rows]):
         torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"attention from the fold of {rows} rows: {m}")
@@ -593,26 +594,31 @@ def main() -> None:
                     torch.testing.assert_close(gg.float(), ww.float(), rtol=1e-2,
                                                atol=1e-2 * max(1.0, float(ww.abs().max())), msg=what)
             count += 1
-    # BatchNorm2d's running-statistics update in one kernel: bit for bit the float64 formula of
-    # BatchNorm2d.forward (the momentum passed as its float64 bits), cumulative average too
-    # (the second case cancels to about 1e-16 in its first update: a momentum rounded to
-    # float32 would leave 1.5e-8; checked after every update)
-    cases = [(torch.tensor([0.123456789, 2.718281828], dtype=torch.float64), 0.5),
-             (torch.tensor([9.0, 2.718281828], dtype=torch.float64), -1.0)]
-    for (stats, rm0), momentum, tracked in itertools.product(cases, (0.1, 0.3, None), (True, False)):
+    # BatchNorm2d's running-statistics update by program 0 of the launch that forms the batch
+    # statistics (_bn_attn_kernel; _sam_band_bn_kernel in the band launches): bit for bit the
+    # float64 formula of BatchNorm2d.forward from the statistics it returns (the momentum passed
+    # as its float64 bits), cumulative average too; checked after every update. The logits
+    # are shifted by 9 in one case, whose mean then cancels against a running mean of 9 to
+    # about 1e-16 in its first update (a momentum rounded to float32 would leave 1.5e-8).
+    xb = torch.randn(2, 5, 3, 4, generator=torch.Generator().manual_seed(9))
+    wb = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(10)) * 0.3
+    for (shift, rm0), momentum, tracked, band in itertools.product(((0.0, 0.5), (9.0, 9.0)), (0.1, 0.3, None),
+                                                                   (True, False), (False, True)):
         rm, rv = torch.tensor([rm0]), torch.tensor([1.7])
         nbt = torch.tensor(3) if tracked else None
         want_rm, want_rv, want_nbt = rm.clone(), rv.clone(), None if nbt is None else nbt.clone()
         for step in range(2):
-            _triton.bn_update_running(rm, rv, nbt, stats, 77, momentum)
+            with _triton.band_launches(band, False):
+                *_, stats = _triton.sam_forward_batchnorm(xb, wb, torch.tensor([shift]), None, None, None, 1e-5,
+                                                          [0, 1], 1, running=(rm, rv, nbt, momentum))
             factor = 0.0 if momentum is None else momentum
             if want_nbt is not None:
                 want_nbt.add_(1)
                 factor = 1.0 / float(want_nbt) if momentum is None else momentum
-            unbiased = stats[1] * 77 / (77 - 1)
+            unbiased = stats[1] * 24 / (24 - 1)
             want_rm.copy_(factor * stats[0] + (1.0 - factor) * want_rm.double())
             want_rv.copy_(factor * unbiased + (1.0 - factor) * want_rv.double())
-            what = f"running statistics momentum={momentum} tracked={tracked} step {step}"
+            what = f"running statistics momentum={momentum} tracked={tracked} band={band} step {step}"
             assert torch.equal(rm, want_rm) and torch.equal(rv, want_rv), (what, rm, want_rm, rv, want_rv)
             assert nbt is None or torch.equal(nbt, want_nbt), what
         count += 1

@@ -613,6 +613,39 @@ def test_band_batchnorm_training_step(layout, monkeypatch):
 
 
 @pytest.mark.parametrize("band", [False, True])
+def test_running_statistics_updated_in_the_kernels(band, monkeypatch):
+    """On the Triton path the launch that forms the BatchNorm's batch statistics also updates
+    its running statistics (``_bn_attn_kernel`` / ``_sam_band_bn_kernel``): two training steps
+    with the momentum at 0.3 and None (the cumulative average), against the same module in
+    plain PyTorch (``ops.decomposed()``): running mean, running var and ``num_batches_tracked``;
+    a BatchNorm without running statistics keeps none."""
+    from spatialattn.ops import _triton
+
+    monkeypatch.setattr(_triton, "_BAND_FORWARD", band)
+    for momentum in (0.3, None):
+        torch.manual_seed(11)
+        module = SpatialAttention(12).to(DEV).train()
+        module.bn.momentum = momentum
+        plain = copy.deepcopy(module)
+        for step in range(2):
+            x = make_x((2, 12, 7, 9), "channels_last", torch.float32, seed=20 + step)
+            module(x)
+            with ops.decomposed():
+                plain(x)
+            what = f"momentum={momentum} step {step}"
+            assert int(module.bn.num_batches_tracked) == int(plain.bn.num_batches_tracked) == step + 1, what
+            torch.testing.assert_close(module.bn.running_mean, plain.bn.running_mean, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"running mean {what}: {m}")
+            torch.testing.assert_close(module.bn.running_var, plain.bn.running_var, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"running var {what}: {m}")
+    module = SpatialAttention(12).to(DEV).train()
+    module.bn.track_running_stats = False
+    module.bn.running_mean = module.bn.running_var = module.bn.num_batches_tracked = None
+    y = module(make_x((2, 12, 7, 9), "nchw", torch.float32, seed=30))
+    assert y.shape == (2, 12, 7, 9) and module.bn.running_mean is None
+
+
+@pytest.mark.parametrize("band", [False, True])
 def test_batchnorm_fold_of_partial_rows(band, monkeypatch):
     """Above ``_FOLD_ROWS`` partial rows (tiles or bands of the maps, large maps on a GPU) one
     program folds a training BatchNorm's partial statistics, and in the backward its partial
