@@ -828,9 +828,9 @@ if _HAVE_TRITON:
     def _sam_band_bn_kernel(x_ptr, s_ptr, logits_ptr, stat_ptr, R, g_ptr, b_ptr, eps, attn_ptr, stats_ptr, rm_ptr,
                             rv_ptr, nbt_ptr, count, m_hi, m_lo, y_ptr, C, H, W, TH, TW, NB, HAS_S: tl.constexpr,
                             HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, RUNNING: tl.constexpr,
-                            HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr, HW_DIV: tl.constexpr, W_DIV: tl.constexpr,
-                            TW_DIV: tl.constexpr, BPG: tl.constexpr, BR: tl.constexpr, MBC: tl.constexpr,
-                            MBP: tl.constexpr):
+                            HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, CL: tl.constexpr, C_DIV: tl.constexpr,
+                            HW_DIV: tl.constexpr, W_DIV: tl.constexpr, TW_DIV: tl.constexpr, BPG: tl.constexpr,
+                            BR: tl.constexpr, MBC: tl.constexpr, MBP: tl.constexpr):
         # The second launch of the training-BatchNorm SAM forward in bands (after
         # _sam_band_kernel with BN_STATS): every program combines the R bands' partial
         # statistics itself (_bn_coefficients, a fixed order), writes the attention of its rows
@@ -1449,6 +1449,26 @@ def gate(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], norm_scale: Opt
     return _conv_gate(pooled, weight, bias, dilation, attn, norm_scale, norm_shift), attn
 
 
+# A BatchNorm2d's running statistics for the training-BatchNorm launches to update:
+# (running_mean, running_var, num_batches_tracked or None, momentum or None)
+Running = Tuple[Tensor, Tensor, Optional[Tensor], Optional[float]]
+
+
+def _running_args(running: Optional[Running], count: int, dummy: Tensor) -> Tuple[tuple, dict]:
+    """The kernel arguments ``(rm, rv, nbt, count, m_hi, m_lo)`` and constants (``RUNNING``,
+    ``HAS_NBT``, ``CUMULATIVE``) of the running statistics' update that program 0 of the
+    BatchNorm attention launch makes from the batch statistics of ``count`` logits (``dummy``
+    stands in for absent tensors)."""
+    if running is None:
+        return (dummy, dummy, dummy, 2, 0, 0), dict(RUNNING=False, HAS_NBT=False, CUMULATIVE=False)
+    rm, rv, nbt, momentum = running
+    bits = struct.unpack("<q", struct.pack("<d", 0.0 if momentum is None else float(momentum)))[0]
+    hi, lo = bits >> 32, bits & 0xFFFFFFFF
+    lo = lo - (1 << 32) if lo >= 1 << 31 else lo  # both halves as signed 32-bit integers
+    return ((rm, rv, nbt if nbt is not None else dummy, int(count), hi, lo),
+            dict(RUNNING=True, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None))
+
+
 def _folded(part: Tensor, rows: int, stride: int, stats: bool) -> Tuple[Tensor, int]:
     """``(part, rows)``, or where ``rows > _FOLD_ROWS`` ``(one row, 1)``: a training BatchNorm's
     partial rows (``stats``: the forward's ``(count, sum, M2)`` rows ``[rows, 3]``; else the
@@ -1488,26 +1508,6 @@ def gate_batchnorm(pooled: Tensor, weight: Tensor, bias: Optional[Tensor], bn_we
                                  HAS_G=bn_weight is not None, HAS_BETA=bn_bias is not None, **run_meta, BP=_BP_SMALL,
                                  BR=_BP_SMALL, num_warps=_NUM_WARPS)
     return logits, attn, stats
-
-
-# A BatchNorm2d's running statistics for the training-BatchNorm launches to update:
-# (running_mean, running_var, num_batches_tracked or None, momentum or None)
-Running = Tuple[Tensor, Tensor, Optional[Tensor], Optional[float]]
-
-
-def _running_args(running: Optional[Running], count: int, dummy: Tensor) -> Tuple[tuple, dict]:
-    """The kernel arguments ``(rm, rv, nbt, count, m_hi, m_lo)`` and constants (``RUNNING``,
-    ``HAS_NBT``, ``CUMULATIVE``) of the running statistics' update that program 0 of the
-    BatchNorm attention launch makes from the batch statistics of ``count`` logits (``dummy``
-    stands in for absent tensors)."""
-    if running is None:
-        return (dummy, dummy, dummy, 2, 0, 0), dict(RUNNING=False, HAS_NBT=False, CUMULATIVE=False)
-    rm, rv, nbt, momentum = running
-    bits = struct.unpack("<q", struct.pack("<d", 0.0 if momentum is None else float(momentum)))[0]
-    hi, lo = bits >> 32, bits & 0xFFFFFFFF
-    lo = lo - (1 << 32) if lo >= 1 << 31 else lo  # both halves as signed 32-bit integers
-    return ((rm, rv, nbt if nbt is not None else dummy, int(count), hi, lo),
-            dict(RUNNING=True, HAS_NBT=nbt is not None, CUMULATIVE=momentum is None))
 
 
 def gate_forward(x: Tensor, attn: Tensor, scale: Optional[Tensor]) -> Tensor:
