@@ -157,11 +157,8 @@ def main() -> None:
 
             def unfolded(fn):  # the BatchNorm's partial rows read by every program, not folded first
                 def run():
-                    saved, _triton._FOLD_ROWS = _triton._FOLD_ROWS, 1 << 62
-                    try:
+                    with _triton.fold_rows(1 << 62):
                         return fn()
-                    finally:
-                        _triton._FOLD_ROWS = saved
                 return run
 
             # the default launches' partial rows (one per 128-pixel tile): folded above _FOLD_ROWS

@@ -550,6 +550,7 @@ def spatial_attention_fused_batchnorm(
     if x.dim() != 4 or not x.is_floating_point():
         _reject_x(x)
     fast = _fast_device(x)
+    running = None  # the running statistics, where the kernels update them themselves
     if fast == "op":  # torch.compile (or a dispatch mode): the custom op
         y, attn, _, _, stats = _lib.sam_batchnorm_op(
             x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
@@ -561,15 +562,13 @@ def spatial_attention_fused_batchnorm(
     else:
         # on the Triton path the launch that forms the batch statistics also updates the
         # running ones (one launch fewer per training step)
-        running = None
         if norm.training and norm.track_running_stats and x.numel() > 0 and _lib._triton_ok(x):
             running = (norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.momentum)
         y, attn, stats = _lib.GenericSamBatchNorm.apply(
             x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation, running
         )
-        if running is not None:
-            return (y, attn) if return_attention else y
-    _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
+    if running is None:
+        _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
     return (y, attn) if return_attention else y
 
 
@@ -577,7 +576,8 @@ def _update_running_stats(norm: "torch.nn.BatchNorm2d", stats: Tensor, count: in
     """Update ``norm``'s running statistics (and ``num_batches_tracked``) from the batch
     statistics ``stats = [mean, biased var]`` (float64) of ``count`` logits, as
     ``BatchNorm2d.forward`` does in training mode (nothing otherwise); ``x``: the input,
-    whose device picks the C++ / Triton / torch update."""
+    whose device picks the C++ or the torch update (on the Triton path the kernels make it,
+    :func:`spatial_attention_fused_batchnorm`)."""
     if not (norm.training and norm.track_running_stats):
         return
     fast = _fast_device(x)
@@ -587,8 +587,7 @@ def _update_running_stats(norm: "torch.nn.BatchNorm2d", stats: Tensor, count: in
         momentum = -1.0 if norm.momentum is None else float(norm.momentum)
         _cpp.get().bn_update_running(norm.running_mean, norm.running_var, norm.num_batches_tracked, stats,
                                      count, momentum)
-    else:  # also under torch.compile: traceable, no host synchronisation (the Triton path's
-        # kernels update them themselves, spatial_attention_fused_batchnorm)
+    else:  # also under torch.compile: traceable, no host synchronisation
         with torch.no_grad():  # the same formula with torch ops (factor as BatchNorm2d.forward)
             factor = 0.0 if norm.momentum is None else norm.momentum
             if norm.num_batches_tracked is not None:

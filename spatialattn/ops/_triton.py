@@ -112,6 +112,19 @@ def band_launches(forward: bool = True, backward: bool = True) -> Iterator[None]
         globals().update(_BAND_FORWARD=saved[0], _BAND_BACKWARD=saved[1])
 
 
+@contextlib.contextmanager
+def fold_rows(rows: int) -> Iterator[None]:
+    """``_FOLD_ROWS`` set to ``rows`` inside the block (0: every training BatchNorm's partial
+    rows folded first; a huge value: never), restored after it (tests, the compile workload,
+    ``profile_cuda.py``)."""
+    global _FOLD_ROWS
+    saved, _FOLD_ROWS = _FOLD_ROWS, rows
+    try:
+        yield
+    finally:
+        _FOLD_ROWS = saved
+
+
 def _layout(x: Tensor) -> Tuple[Tensor, bool]:
     """``(x, channels_last)`` with ``x`` made dense in one of the two layouts."""
     if x.is_contiguous():

@@ -235,6 +235,12 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders, band_batch
             t = t.contiguous(memory_format=torch.channels_last)
         return t.requires_grad_()
 
+    def batchnorm_step() -> None:  # SpatialAttention in training: its BatchNorm with batch statistics
+        x = leaf(*shape)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = SpatialAttention(c).train()(x)
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
     for order in orders:
         for scaled in (False, True):
             x = leaf(*shape)
@@ -257,19 +263,10 @@ def _api_calls(ops, CBAM, SpatialAttention, shape, dtype, cl, orders, band_batch
                                               norm_shift=one, return_attention=True)
         torch.autograd.grad((y, attn), (x, s, wt, one), (torch.ones_like(y), torch.ones_like(attn)))
         if band_batchnorm:  # a training-mode BatchNorm on the logits: two launches forward, two backward
-            x = leaf(*shape)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                y = SpatialAttention(c).train()(x)
-            torch.autograd.grad(y, x, torch.ones_like(y))
+            batchnorm_step()
     if band_batchnorm:  # the default training-BatchNorm launches with their partial rows folded first
-        saved, _triton._FOLD_ROWS = _triton._FOLD_ROWS, 0
-        try:
-            x = leaf(*shape)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                y = SpatialAttention(c).train()(x)
-            torch.autograd.grad(y, x, torch.ones_like(y))
-        finally:
-            _triton._FOLD_ROWS = saved
+        with _triton.fold_rows(0):
+            batchnorm_step()
     x = leaf(*shape)
     p = ops.channel_pool(x, ("max", "mean"), dtype=torch.float32)
     torch.autograd.grad(p, x, torch.ones_like(p))

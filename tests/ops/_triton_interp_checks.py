@@ -18,6 +18,7 @@ from spatialattn.ops import _library as lib  # noqa: E402
 from spatialattn.ops import _triton, reference  # noqa: E402
 
 from _autograd_graph import node_names  # noqa: E402  (this script's folder is on sys.path)
+from _launch_counter import CountLaunches  # noqa: E402
 from _sam_reference import ref_sam  # noqa: E402
 
 
@@ -381,17 +382,6 @@ def check_band_backward_batchnorm() -> int:
     _triton._BAND_BACKWARD, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM = saved
     return count
 
-class _CountLaunches:
-    """Stands in for a kernel (``kernel[grid](...)``), counting its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
-
-
 def check_batchnorm_fold() -> int:
     """The training-BatchNorm SAM with its partial rows folded by one program first
     (``_fold_kernel``, forced with ``_FOLD_ROWS = 0``) against the same launches without the
@@ -402,7 +392,7 @@ def check_batchnorm_fold() -> int:
     same bits as the 300 rows; the backward sums' fold (strided columns of a partial-sums
     buffer) against float64."""
     count = 0
-    saved = (_triton._FOLD_ROWS, _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel)
+    saved = (_triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel)
     _triton._PROGRAMS_PER_SM = 0
     _triton._BAND_ROWS = 4
     shape, kinds, dil, dtype = (2, 19, 9, 11), [0, 1], 1, torch.float32
@@ -413,9 +403,8 @@ def check_batchnorm_fold() -> int:
     for band in (False, True):
         outs = {}
         for fold in (False, True):
-            _triton._FOLD_ROWS = 0 if fold else 1 << 30
-            _triton._fold_kernel = counter = _CountLaunches(saved[3])
-            with _triton.band_launches(band, band):
+            _triton._fold_kernel = counter = CountLaunches(saved[2])
+            with _triton.band_launches(band, band), _triton.fold_rows(0 if fold else 1 << 30):
                 fwd = _triton.sam_forward_batchnorm(x, wt, b, s, gamma, beta, 1e-5, kinds, dil)
                 y, attn, logits, pooled, stats = fwd
                 bwd = _triton.sam_backward(gy, ga, x, s, wt, None, attn, logits, pooled, kinds, dil, need_gs=True,
@@ -429,7 +418,7 @@ def check_batchnorm_fold() -> int:
             torch.testing.assert_close(a, e, rtol=0, atol=0,
                                        msg=lambda m: f"{what}: output {i} differs from the unfolded rows: {m}")
         count += 1
-    _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel = saved[1:]
+    _triton._BAND_ROWS, _triton._PROGRAMS_PER_SM, _triton._fold_kernel = saved
     # 300 partial rows of (count, sum, M2), as 300 tiles of logits would leave them
     rows = 300
     tiles = torch.randn(rows, 128, generator=g, dtype=torch.float64) * 3 + 1
@@ -439,7 +428,8 @@ def check_batchnorm_fold() -> int:
     sums = (tiles * mask).sum(1)
     m2 = (((tiles - (sums / counts)[:, None]) ** 2) * mask).sum(1)
     part = torch.stack([counts.double(), sums, m2], 1).contiguous()
-    folded, one = _triton._folded(part, rows, 3, stats=True)
+    with _triton.fold_rows(0):
+        folded, one = _triton._folded(part, rows, 3, stats=True)
     assert one == 1 and folded.shape == (3,)
     every = tiles[mask]
     want = torch.stack([torch.tensor(float(every.numel()), dtype=torch.float64), every.sum(),
@@ -457,11 +447,11 @@ def check_batchnorm_fold() -> int:
         torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"attention from the fold of {rows} rows: {m}")
     # the backward's sums: columns 5 and 6 of [rows, 8] partial rows, as sam_backward folds them
     sums = torch.randn(rows, 8, generator=g, dtype=torch.float64)
-    folded, one = _triton._folded(sums.view(-1)[5:], rows, 8, stats=False)
+    with _triton.fold_rows(0):
+        folded, one = _triton._folded(sums.view(-1)[5:], rows, 8, stats=False)
     assert one == 1 and folded.shape == (2,)
     torch.testing.assert_close(folded, sums[:, 5:7].sum(0), rtol=1e-12, atol=1e-12,
                                msg=lambda m: f"fold of {rows} rows of sums: {m}")
-    _triton._FOLD_ROWS = saved[0]
     return count + 3
 
 
