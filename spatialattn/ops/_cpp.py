@@ -46,16 +46,17 @@ _GCC_ONLY_FLAGS = ["-fno-unswitch-loops", "-fno-ipa-cp-clone"]
 
 
 def _is_gcc() -> bool:
-    """True if the C++ compiler ``cpp_extension`` runs (``$CXX``, else ``c++``) is GCC."""
+    """True if the C++ compiler ``cpp_extension`` runs (``$CXX``, else ``c++``) is GCC, by its
+    ``--version`` banner (``c++`` is often GCC under another name)."""
+    import shlex
     import subprocess
 
     try:
-        out = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
+        banner = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"], capture_output=True,
+                                text=True, timeout=60).stdout.lower()
+    except (OSError, ValueError, subprocess.SubprocessError):
         return False
-    return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower()
-                                           or "free software foundation" in out.lower())
+    return "clang" not in banner and any(s in banner for s in ("gcc", "g++", "free software foundation"))
 
 
 def disabled() -> bool:
@@ -108,7 +109,9 @@ def _build() -> Any:
     # multiply-adds chosen per inlining site), so the float16 / bfloat16 kernels give
     # exactly the float32 results rounded once, and results do not depend on how the
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
-    flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"] + (_GCC_ONLY_FLAGS if _is_gcc() else [])
+    flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"]
+    if _is_gcc():
+        flags += _GCC_ONLY_FLAGS
     variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])

@@ -47,18 +47,21 @@ def test_gcc_only_flags_go_to_gcc_only(monkeypatch, gcc):
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: gcc)
     _cpp._build()
-    assert all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc for f in calls)
+    assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc for f in calls)
 
 
 @pytest.mark.parametrize("banner, gcc", [("c++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", True),
                                          ("g++ (GCC) 13.1.1", True),
                                          ("Debian clang version 14.0.6\nTarget: x86_64-pc-linux-gnu", False),
-                                         ("Apple clang version 15.0.0 (clang-1500.0.40.1)", False)])
+                                         ("Apple clang version 15.0.0 (clang-1500.0.40.1)", False),
+                                         ("clang version 16.0.6\nInstalledDir: /opt/gcc-13/bin", False)])
 def test_compiler_is_told_apart_by_its_banner(monkeypatch, tmp_path, banner, gcc):
     fake = tmp_path / "fake-c++"
     fake.write_text(f"#!/bin/sh\nprintf '{banner}\\n'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
+    assert _cpp._is_gcc() is gcc
+    monkeypatch.setenv("CXX", f"env {fake}")  # a command with arguments, as ninja runs it
     assert _cpp._is_gcc() is gcc
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert _cpp._is_gcc() is False
