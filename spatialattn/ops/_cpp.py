@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -48,9 +50,6 @@ _GCC_ONLY_FLAGS = ["-fno-unswitch-loops", "-fno-ipa-cp-clone"]
 def _is_gcc() -> bool:
     """True if the C++ compiler ``cpp_extension`` runs (``$CXX``, else ``c++``) is GCC, by its
     ``--version`` banner (``c++`` is often GCC under another name)."""
-    import shlex
-    import subprocess
-
     try:
         banner = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"], capture_output=True,
                                 text=True, timeout=60).stdout.lower()

@@ -14,19 +14,26 @@ from torch.utils import cpp_extension
 from spatialattn.ops import _cpp
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build attempt is Linux-only")
-def test_openmp_build_first_then_without(monkeypatch):
-    # at::parallel_for only runs in parallel when the extension itself is compiled with
-    # -fopenmp; if that build fails, a build without OpenMP is the fallback
+def _record_loads(monkeypatch, fails=lambda cflags: False):
+    """``cpp_extension.load`` replaced: each call's ``(name, cflags, ldflags)`` appended to the
+    returned list; a call whose cflags ``fails`` raises (a build error), others return "module"."""
     calls = []
 
     def fake_load(name, sources, extra_cflags, extra_ldflags, verbose):
         calls.append((name, list(extra_cflags), list(extra_ldflags)))
-        if "-fopenmp" in extra_cflags:
-            raise RuntimeError("no OpenMP here")
+        if fails(extra_cflags):
+            raise RuntimeError(f"build {name} failed")
         return "module"
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
+    return calls
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build attempt is Linux-only")
+def test_openmp_build_first_then_without(monkeypatch):
+    # at::parallel_for only runs in parallel when the extension itself is compiled with
+    # -fopenmp; if that build fails, a build without OpenMP is the fallback
+    calls = _record_loads(monkeypatch, fails=lambda cflags: "-fopenmp" in cflags)  # no OpenMP here
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
     assert _cpp._build() == "module"
     assert len(calls) == 2
@@ -38,16 +45,11 @@ def test_openmp_build_first_then_without(monkeypatch):
 
 @pytest.mark.parametrize("gcc", [True, False])
 def test_gcc_only_flags_go_to_gcc_only(monkeypatch, gcc):
-    calls = []
-
-    def fake_load(name, sources, extra_cflags, extra_ldflags, verbose):
-        calls.append(list(extra_cflags))
-        return "module"
-
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    calls = _record_loads(monkeypatch)
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: gcc)
     _cpp._build()
-    assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc for f in calls)
+    assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc
+                         for _, f, _ in calls)
 
 
 @pytest.mark.parametrize("banner, gcc", [("c++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", True),
@@ -80,27 +82,19 @@ def test_build_error_propagates_after_all_attempts(monkeypatch):
 def test_avx512_bf16_build_first_then_plain_avx512(monkeypatch):
     # on an AVX-512 CPU with AVX512-BF16 the bfloat16 kernels use the hardware rounding: a
     # build of its own, named for it; if the compiler cannot build it, the plain AVX-512 one
-    calls = []
-
-    def fake_load(name, sources, extra_cflags, extra_ldflags, verbose):
-        calls.append((name, list(extra_cflags)))
-        if "-mavx512bf16" in extra_cflags:
-            raise RuntimeError("compiler without AVX512-BF16")
-        return "module"
-
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    calls = _record_loads(monkeypatch, fails=lambda cflags: "-mavx512bf16" in cflags)  # a compiler without it
     monkeypatch.setattr(_cpp, "_capability", lambda: "AVX512")
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert _cpp._build() == "module"
-    names = [n for n, _ in calls]
+    names = [n for n, _, _ in calls]
     assert names == ["spatialattn_sam_cpu_avx512_bf16_omp", "spatialattn_sam_cpu_avx512_bf16",
                      "spatialattn_sam_cpu_avx512_omp"]
-    assert all("-mavx512f" in f for _, f in calls) and "-mavx512bf16" not in calls[-1][1]
+    assert all("-mavx512f" in f for _, f, _ in calls) and "-mavx512bf16" not in calls[-1][1]
     calls.clear()
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)  # an AVX-512 CPU without it
     _cpp._build()
-    assert [n for n, _ in calls] == ["spatialattn_sam_cpu_avx512_omp"]
+    assert [n for n, _, _ in calls] == ["spatialattn_sam_cpu_avx512_omp"]
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None,
