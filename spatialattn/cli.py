@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "spatialattn.commands.eval",
     "spatialattn.commands.compare",
     "spatialattn.commands.attention",
+    "spatialattn.commands.kernels",
 ]
 
 

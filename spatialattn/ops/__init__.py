@@ -52,6 +52,7 @@ __all__ = [
     "batchnorm_affine",
     "is_exporting",
     "backend",
+    "backend_report",
     "decomposed",
 ]
 
@@ -163,6 +164,47 @@ def _fast_device(x: Tensor) -> Optional[str]:
 def backend(x: Tensor) -> str:
     """Name of the implementation the ops would use for ``x``: ``"cpp"``, ``"triton"`` or ``"torch"``."""
     return _fast_device(x) or "torch"
+
+
+def backend_report() -> dict:
+    """What the ops run on this machine, and why: loads the C++ kernels (building them on first use,
+    about 1-2 minutes) and asks every device and dtype which implementation :func:`backend` picks.
+
+    Returns ``{"torch", "cpu_capability", "threads", "cpp": {"available", "name", "path",
+    "openmp", "seconds", "error"}, "triton": {"available", "version"}, "cuda_devices": [names],
+    "backends": {device: {dtype name: "cpp" | "triton" | "torch"}}}``; ``cpp["error"]`` says why
+    the C++ kernels are not used (disabled, no compiler, the compiler's error), which the ops
+    themselves only log at DEBUG level.
+    """
+    import time
+
+    from . import _triton
+
+    t0 = time.perf_counter()
+    module = _cpp.get()
+    seconds = time.perf_counter() - t0
+    name = getattr(module, "__name__", None)
+    triton_version = None
+    if _triton.available():
+        import triton
+
+        triton_version = getattr(triton, "__version__", "unknown")
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    backends = {}
+    for device in ["cpu"] + [f"cuda:{i}" for i in range(len(cuda))]:
+        backends[device] = {str(d).replace("torch.", ""): backend(torch.empty(1, 1, 1, 1, dtype=d, device=device))
+                            for d in dtypes}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "threads": torch.get_num_threads(),
+        "cpp": {"available": module is not None, "name": name, "path": getattr(module, "__file__", None),
+                "openmp": bool(name and name.endswith("_omp")), "seconds": round(seconds, 3), "error": _cpp.error()},
+        "triton": {"available": _triton.available(), "version": triton_version},
+        "cuda_devices": cuda,
+        "backends": backends,
+    }
 
 
 def _reject_x(x: Tensor, name: str = "x") -> None:

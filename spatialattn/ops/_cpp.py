@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 log = logging.getLogger("spatialattn")
 
@@ -31,6 +31,7 @@ _PARTS = _SRC.with_suffix("")  # csrc/sam_cpu/*.h: the parts sam_cpu.cpp include
 _lock = threading.Lock()
 _module: Any = None
 _tried = False
+_error: Optional[str] = None  # why the last get() returned None ("Type: message")
 _built: Any = None  # the loaded extension, kept across reset() (loading twice would rebuild it)
 
 _ISA_FLAGS = {
@@ -45,6 +46,20 @@ _ISA_FLAGS = {
 # extension compiles in 0.76x the time (GCC 12, Zen 4 VM: 195 -> 148 s of one core) and runs
 # as fast (paired, docs/performance-log.md). GCC's own pass flags: given to GCC only.
 _GCC_ONLY_FLAGS = ["-fno-unswitch-loops", "-fno-ipa-cp-clone"]
+
+
+def _lto_flag() -> str:
+    """GCC's link-time optimisation with its code generation in as many parallel jobs as this
+    process may use cores: the source is one translation unit, and code generation is most of
+    its compile time. The compile step then only parses and streams the code (about 26 s) and
+    the link step generates it in partitions, in parallel (2 cores: 142 -> 80 s in all; one
+    core: 133 s). Same bits and speed (paired, docs/performance-log.md). ``-flto=N`` rather
+    than ``-flto=auto``, which needs GCC 10."""
+    try:
+        jobs = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        jobs = os.cpu_count() or 1
+    return f"-flto={max(1, jobs)}"
 
 
 def _is_gcc() -> bool:
@@ -109,8 +124,12 @@ def _build() -> Any:
     # exactly the float32 results rounded once, and results do not depend on how the
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
     flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"]
+    ltos: List[List[str]] = [[]]
     if _is_gcc():
         flags += _GCC_ONLY_FLAGS
+        # with link-time optimisation first; without it where that build fails (e.g. a linker
+        # without GCC's LTO plugin)
+        ltos.insert(0, [_lto_flag()])
     variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])
@@ -127,32 +146,36 @@ def _build() -> Any:
     for vcap, vflags in variants:
         for omp, suffix in omps:
             ext_name = f"spatialattn_sam_cpu_{vcap.lower()}{suffix}"
-            try:
-                return cpp_extension.load(
-                    name=ext_name,
-                    sources=[str(_SRC)],
-                    extra_cflags=flags + vflags + omp,
-                    extra_ldflags=omp,
-                    verbose=False,
-                )
-            except Exception as exc:  # e.g. a compiler without OpenMP or AVX512-BF16: try the next
-                error = exc
-                log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
+            for lto in ltos:
+                try:
+                    return cpp_extension.load(
+                        name=ext_name,
+                        sources=[str(_SRC)],
+                        extra_cflags=flags + vflags + omp + lto,
+                        extra_ldflags=omp + lto,
+                        verbose=False,
+                    )
+                except Exception as exc:  # e.g. a compiler without OpenMP or AVX512-BF16: try the next
+                    error = exc
+                    log.debug("spatialattn: building %s%s failed (%s: %s)", ext_name, " with LTO" if lto else "",
+                              type(exc).__name__, exc)
     assert error is not None
     raise error
 
 
 def get() -> Optional[Any]:
     """The compiled extension module, or ``None`` when it is disabled or cannot be built."""
-    global _module, _tried, _built
+    global _module, _tried, _built, _error
     if _tried:
         return _module
     with _lock:
         if _tried:
             return _module
+        _error = None
         if disabled():
             log.debug("spatialattn: C++ CPU kernels disabled by SPATIALATTN_DISABLE_CPP; using PyTorch ops")
             _module = None
+            _error = "disabled by SPATIALATTN_DISABLE_CPP"
         else:
             try:
                 if _built is None:
@@ -162,13 +185,20 @@ def get() -> Optional[Any]:
                 log.debug("spatialattn: C++ CPU kernels unavailable (%s: %s); using PyTorch ops",
                           type(exc).__name__, exc)
                 _module = None
+                _error = f"{type(exc).__name__}: {exc}"
         _tried = True
     return _module
 
 
+def error() -> Optional[str]:
+    """Why :func:`get` returned ``None`` (``None`` if it has not been called or the kernels loaded)."""
+    return _error
+
+
 def reset() -> None:
     """Forget the cached load result (tests toggle ``SPATIALATTN_DISABLE_CPP``)."""
-    global _module, _tried
+    global _module, _tried, _error
     with _lock:
         _module = None
         _tried = False
+        _error = None

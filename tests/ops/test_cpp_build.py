@@ -35,6 +35,7 @@ def test_openmp_build_first_then_without(monkeypatch):
     # -fopenmp; if that build fails, a build without OpenMP is the fallback
     calls = _record_loads(monkeypatch, fails=lambda cflags: "-fopenmp" in cflags)  # no OpenMP here
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per OpenMP choice (no LTO attempt)
     assert _cpp._build() == "module"
     assert len(calls) == 2
     (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
@@ -50,6 +51,38 @@ def test_gcc_only_flags_go_to_gcc_only(monkeypatch, gcc):
     _cpp._build()
     assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc
                          for _, f, _ in calls)
+    assert all(any(a.startswith("-flto") for a in f + ld) == gcc for _, f, ld in calls)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build attempt is Linux-only")
+def test_gcc_builds_with_lto_first_then_without(monkeypatch):
+    # GCC: link-time optimisation (code generation in parallel jobs at the link) in the compile
+    # and the link flags; where that build fails, the same build without it, before giving up
+    # OpenMP
+    calls = _record_loads(monkeypatch, fails=lambda cflags: any(a.startswith("-flto") for a in cflags))
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
+    monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
+    monkeypatch.setattr(_cpp, "_lto_flag", lambda: "-flto=3")
+    assert _cpp._build() == "module"
+    assert len(calls) == 2
+    (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
+    assert name1 == name2 and name1.endswith("_omp")
+    assert "-flto=3" in cflags1 and ldflags1 == ["-fopenmp", "-flto=3"]
+    assert cflags2 == [f for f in cflags1 if f != "-flto=3"] and ldflags2 == ["-fopenmp"]
+
+
+def test_lto_jobs_are_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(_cpp.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert _cpp._lto_flag() == "-flto=3"
+
+    def no_affinity(pid):
+        raise AttributeError
+
+    monkeypatch.setattr(_cpp.os, "sched_getaffinity", no_affinity, raising=False)
+    monkeypatch.setattr(_cpp.os, "cpu_count", lambda: 4)
+    assert _cpp._lto_flag() == "-flto=4"
+    monkeypatch.setattr(_cpp.os, "cpu_count", lambda: None)
+    assert _cpp._lto_flag() == "-flto=1"
 
 
 @pytest.mark.parametrize("banner, gcc", [("c++ (Debian 12.2.0-14) 12.2.0\nCopyright (C) 2022 Free Software Foundation", True),
@@ -85,6 +118,7 @@ def test_avx512_bf16_build_first_then_plain_avx512(monkeypatch):
     calls = _record_loads(monkeypatch, fails=lambda cflags: "-mavx512bf16" in cflags)  # a compiler without it
     monkeypatch.setattr(_cpp, "_capability", lambda: "AVX512")
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per variant (no LTO attempt)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert _cpp._build() == "module"
     names = [n for n, _, _ in calls]

@@ -1,0 +1,93 @@
+"""ops.backend_report and the ``spatialattn kernels`` command that prints it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spatialattn import ops
+from spatialattn.cli import main
+from spatialattn.ops import _cpp
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture
+def cpp_reloaded_after():
+    """Tests that change how the C++ kernels load: the next get() after them loads them again."""
+    yield
+    _cpp.reset()
+
+
+def test_report_matches_the_dispatch():
+    report = ops.backend_report()
+    module = _cpp.get()
+    assert report["torch"] == torch.__version__ and report["threads"] == torch.get_num_threads()
+    assert report["backends"]["cpu"] == {str(d).replace("torch.", ""): ops.backend(torch.ones(1, 1, 1, 1, dtype=d))
+                                         for d in DTYPES}
+    cpp = report["cpp"]
+    assert cpp["available"] is (module is not None)
+    assert set(report["backends"]["cpu"].values()) == ({"cpp"} if module is not None else {"torch"})
+    if module is not None:
+        assert cpp["name"] == module.__name__ and cpp["path"] == module.__file__ and cpp["error"] is None
+        assert cpp["openmp"] is module.__name__.endswith("_omp")
+    else:
+        assert cpp["error"]  # the reason is reported, not only logged
+    assert list(report["backends"]) == ["cpu"] + [f"cuda:{i}" for i in range(len(report["cuda_devices"]))]
+    assert len(report["cuda_devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def test_disabled_kernels_are_reported(monkeypatch, capsys, cpp_reloaded_after):
+    monkeypatch.setenv("SPATIALATTN_DISABLE_CPP", "1")
+    _cpp.reset()
+    report = ops.backend_report()
+    assert report["cpp"]["available"] is False and "SPATIALATTN_DISABLE_CPP" in report["cpp"]["error"]
+    assert set(report["backends"]["cpu"].values()) == {"torch"}
+    assert main(["kernels"]) == 0
+    assert main(["kernels", "--require", "cpp"]) == 1
+    out, err = capsys.readouterr()
+    assert "C++ CPU kernels: not used (PyTorch ops instead): disabled by SPATIALATTN_DISABLE_CPP" in out
+    assert "cpu     float32 torch, float64 torch, float16 torch, bfloat16 torch" in out
+    assert "error: required C++ CPU kernels are not usable here" in err
+
+
+def test_build_error_is_shown(monkeypatch, capsys, cpp_reloaded_after):
+    # a build that fails: the compiler's message in the report and, cut to its first lines, in the command's output
+    message = "Error building extension 'spatialattn_sam_cpu_avx2_omp':\n" + "\n".join(f"line {i}" for i in range(1, 60))
+
+    def failing_build():
+        raise RuntimeError(message)
+
+    monkeypatch.delenv("SPATIALATTN_DISABLE_CPP", raising=False)
+    monkeypatch.setattr(_cpp, "_built", None)
+    monkeypatch.setattr(_cpp, "_build", failing_build)
+    _cpp.reset()
+    assert ops.backend_report()["cpp"]["error"] == f"RuntimeError: {message}"
+    assert main(["kernels", "--require", "cpp"]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    first = lines.index("C++ CPU kernels: not used (PyTorch ops instead): RuntimeError: Error building extension "
+                        "'spatialattn_sam_cpu_avx2_omp':")
+    assert lines[first + 1:first + 40] == [f"  line {i}" for i in range(1, 40)]
+    assert lines[first + 40] == "  ... (20 more lines)"
+    assert "error: required C++ CPU kernels are not usable here" in err
+
+
+def test_json_report(capsys):
+    assert main(["kernels", "--json"]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out)  # stdout is the JSON alone
+    expected = ops.backend_report()
+    printed["cpp"].pop("seconds"), expected["cpp"].pop("seconds")
+    assert printed == expected and err == ""
+
+
+def test_require(capsys):
+    has_cpp = _cpp.get() is not None
+    assert main(["kernels", "--require", "cpp"]) == (0 if has_cpp else 1)
+    has_triton = any("triton" in t.values() for t in ops.backend_report()["backends"].values())
+    assert main(["kernels", "--require", "cpp", "triton"]) == (0 if has_cpp and has_triton else 1)
+    out, err = capsys.readouterr()
+    assert ("error: required Triton (CUDA) kernels are not usable here" in err) is not has_triton
+    assert "implementation per device and dtype:" in out
