@@ -58,8 +58,9 @@ def _missing(report: dict, required: list) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from spatialattn import ops
+    from spatialattn.ops import _cpp
 
-    if not args.json:
+    if not args.json and not _cpp.disabled():
         print("loading the C++ CPU kernels (compiled on first use: about 1-2 minutes) ...", file=sys.stderr, flush=True)
     report = ops.backend_report()
     print(json.dumps(report, indent=2) if args.json else _format(report))

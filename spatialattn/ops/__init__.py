@@ -27,6 +27,9 @@ Implementations, in order of preference:
    or, without autograd, the reference.
 
 ``SPATIALATTN_DISABLE_CPP=1`` turns the C++ kernels off (then CPU uses 4.).
+:func:`backend` names the implementation a tensor gets; :func:`backend_report` (the
+``spatialattn kernels`` command) reports them for this machine, with the reason where the C++
+kernels are not used.
 """
 from __future__ import annotations
 
@@ -171,7 +174,7 @@ def backend_report() -> dict:
     about 1-2 minutes) and asks every device and dtype which implementation :func:`backend` picks.
 
     Returns ``{"torch", "cpu_capability", "threads", "cpp": {"available", "name", "path",
-    "openmp", "seconds", "error"}, "triton": {"available", "version"}, "cuda_devices": [names],
+    "openmp", "error", "seconds"}, "triton": {"available", "version"}, "cuda_devices": [names],
     "backends": {device: {dtype name: "cpp" | "triton" | "torch"}}}``; ``cpp["error"]`` says why
     the C++ kernels are not used (disabled, no compiler, the compiler's error), which the ops
     themselves only log at DEBUG level.
@@ -181,9 +184,8 @@ def backend_report() -> dict:
     from . import _triton
 
     t0 = time.perf_counter()
-    module = _cpp.get()
-    seconds = time.perf_counter() - t0
-    name = getattr(module, "__name__", None)
+    cpp = _cpp.describe()
+    cpp["seconds"] = round(time.perf_counter() - t0, 3)
     triton_version = None
     if _triton.available():
         import triton
@@ -199,8 +201,7 @@ def backend_report() -> dict:
         "torch": torch.__version__,
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "threads": torch.get_num_threads(),
-        "cpp": {"available": module is not None, "name": name, "path": getattr(module, "__file__", None),
-                "openmp": bool(name and name.endswith("_omp")), "seconds": round(seconds, 3), "error": _cpp.error()},
+        "cpp": cpp,
         "triton": {"available": _triton.available(), "version": triton_version},
         "cuda_devices": cuda,
         "backends": backends,

@@ -190,9 +190,14 @@ def get() -> Optional[Any]:
     return _module
 
 
-def error() -> Optional[str]:
-    """Why :func:`get` returned ``None`` (``None`` if it has not been called or the kernels loaded)."""
-    return _error
+def describe() -> dict:
+    """The extension :func:`get` loads (building it if needed): ``{"available", "name", "path",
+    "openmp", "error"}``; ``error`` says why it is not available (disabled, the build error)."""
+    module = get()
+    name = getattr(module, "__name__", None)
+    return {"available": module is not None, "name": name, "path": getattr(module, "__file__", None),
+            "openmp": bool(name and name.endswith("_omp")),  # the name _build gives an OpenMP build
+            "error": _error}
 
 
 def reset() -> None:
