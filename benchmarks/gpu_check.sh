@@ -44,6 +44,7 @@ parts=${*:-tests bench}
   date -u
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,driver_version --format=csv 2>&1
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1
+  $py -m spatialattn.cli kernels 2>&1  # which implementation each device and dtype gets (Triton on cuda)
 } | tee "$log"
 status=0
 for part in $parts; do
