@@ -30,8 +30,8 @@ def _format(report: dict) -> str:
     cpp, triton = report["cpp"], report["triton"]
     lines = [f"torch {report['torch']}, CPU capability {report['cpu_capability']}, {report['threads']} threads"]
     if cpp["available"]:
-        lines.append(f"C++ CPU kernels: {cpp['name']}{', OpenMP' if cpp['openmp'] else ', without OpenMP (one thread)'}"
-                     f" (loaded in {cpp['seconds']:.1f} s)")
+        lines.append(f"C++ CPU kernels: {cpp['isa']}, {'OpenMP' if cpp['openmp'] else 'without OpenMP (one thread)'}"
+                     f"{', LTO' if cpp['lto'] else ''} (loaded in {cpp['seconds']:.1f} s)")
         lines.append(f"  {cpp['path']}")
     else:
         error = (cpp["error"] or "unknown reason").splitlines() or ["unknown reason"]

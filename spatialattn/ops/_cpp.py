@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 log = logging.getLogger("spatialattn")
 
@@ -33,6 +33,7 @@ _module: Any = None
 _tried = False
 _error: Optional[str] = None  # why the last get() returned None ("Type: message")
 _built: Any = None  # the loaded extension, kept across reset() (loading twice would rebuild it)
+_built_with: dict = {}  # how _build built it: {"isa": ..., "openmp": bool, "lto": bool}
 
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
@@ -113,7 +114,9 @@ def _parts_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _build() -> Any:
+def _build() -> Tuple[Any, dict]:
+    """Build (or load from the cache) the extension: ``(module, {"isa", "openmp", "lto"})``, how
+    it was built; raises the last build error where every variant failed."""
     import platform
 
     from torch.utils import cpp_extension
@@ -124,12 +127,13 @@ def _build() -> Any:
     # exactly the float32 results rounded once, and results do not depend on how the
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
     flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"]
-    ltos: List[List[str]] = [[]]
+    ltos: List[Tuple[List[str], str]] = [([], "")]
     if _is_gcc():
         flags += _GCC_ONLY_FLAGS
         # with link-time optimisation first; without it where that build fails (e.g. a linker
-        # without GCC's LTO plugin)
-        ltos.insert(0, [_lto_flag()])
+        # without GCC's LTO plugin), named apart: in one build directory the two would overwrite
+        # each other's object, and every new process would compile both again
+        ltos = [([_lto_flag()], ""), ([], "_nolto")]
     variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ISA_FLAGS.get(cap, [])
@@ -145,10 +149,10 @@ def _build() -> Any:
     error: Optional[BaseException] = None
     for vcap, vflags in variants:
         for omp, suffix in omps:
-            ext_name = f"spatialattn_sam_cpu_{vcap.lower()}{suffix}"
-            for lto in ltos:
+            for lto, lto_suffix in ltos:
+                ext_name = f"spatialattn_sam_cpu_{vcap.lower()}{suffix}{lto_suffix}"
                 try:
-                    return cpp_extension.load(
+                    module = cpp_extension.load(
                         name=ext_name,
                         sources=[str(_SRC)],
                         extra_cflags=flags + vflags + omp + lto,
@@ -157,15 +161,16 @@ def _build() -> Any:
                     )
                 except Exception as exc:  # e.g. a compiler without OpenMP or AVX512-BF16: try the next
                     error = exc
-                    log.debug("spatialattn: building %s%s failed (%s: %s)", ext_name, " with LTO" if lto else "",
-                              type(exc).__name__, exc)
+                    log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
+                    continue
+                return module, {"isa": vcap, "openmp": bool(omp), "lto": bool(lto)}
     assert error is not None
     raise error
 
 
 def get() -> Optional[Any]:
     """The compiled extension module, or ``None`` when it is disabled or cannot be built."""
-    global _module, _tried, _built, _error
+    global _module, _tried, _built, _built_with, _error
     if _tried:
         return _module
     with _lock:
@@ -179,7 +184,7 @@ def get() -> Optional[Any]:
         else:
             try:
                 if _built is None:
-                    _built = _build()
+                    _built, _built_with = _build()
                 _module = _built
             except Exception as exc:  # no compiler, build error, ...
                 log.debug("spatialattn: C++ CPU kernels unavailable (%s: %s); using PyTorch ops",
@@ -192,12 +197,15 @@ def get() -> Optional[Any]:
 
 def describe() -> dict:
     """The extension :func:`get` loads (building it if needed): ``{"available", "name", "path",
-    "openmp", "error"}``; ``error`` says why it is not available (disabled, the build error)."""
+    "isa", "openmp", "lto", "error"}``; ``isa``: the instruction set it was compiled for
+    (``AVX512_BF16``, ``AVX512``, ``AVX2``, ``DEFAULT``), ``openmp`` / ``lto``: whether it was
+    built with OpenMP (else its kernels run on one thread) and GCC's link-time optimisation;
+    ``error`` says why it is not available (disabled, the build error)."""
     module = get()
-    name = getattr(module, "__name__", None)
-    return {"available": module is not None, "name": name, "path": getattr(module, "__file__", None),
-            "openmp": bool(name and name.endswith("_omp")),  # the name _build gives an OpenMP build
-            "error": _error}
+    on = module is not None
+    return {"available": on, "name": getattr(module, "__name__", None), "path": getattr(module, "__file__", None),
+            "isa": _built_with.get("isa") if on else None, "openmp": on and _built_with.get("openmp", False),
+            "lto": on and _built_with.get("lto", False), "error": _error}
 
 
 def reset() -> None:

@@ -31,9 +31,11 @@ def test_report_matches_the_dispatch():
     assert set(report["backends"]["cpu"].values()) == ({"cpp"} if module is not None else {"torch"})
     if module is not None:
         assert cpp["name"] == module.__name__ and cpp["path"] == module.__file__ and cpp["error"] is None
-        assert cpp["openmp"] is module.__name__.endswith("_omp")
+        # the build's name says what it was built with (_cpp._build: ISA, then _omp, then _nolto)
+        assert cpp["name"].startswith(f"spatialattn_sam_cpu_{cpp['isa'].lower()}")
+        assert cpp["openmp"] is ("_omp" in cpp["name"]) and cpp["lto"] is (_cpp._is_gcc() and "_nolto" not in cpp["name"])
     else:
-        assert cpp["error"]  # the reason is reported, not only logged
+        assert cpp["error"] and cpp["isa"] is None and not cpp["openmp"]  # the reason is reported, not only logged
     assert list(report["backends"]) == ["cpu"] + [f"cuda:{i}" for i in range(len(report["cuda_devices"]))]
     assert len(report["cuda_devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
@@ -91,3 +93,7 @@ def test_require(capsys):
     out, err = capsys.readouterr()
     assert ("error: required Triton (CUDA) kernels are not usable here" in err) is not has_triton
     assert "implementation per device and dtype:" in out
+    if has_cpp:  # how they were built, and where
+        cpp = ops.backend_report()["cpp"]
+        line = f"C++ CPU kernels: {cpp['isa']}, {'OpenMP' if cpp['openmp'] else 'without OpenMP (one thread)'}"
+        assert line + (", LTO" if cpp["lto"] else "") + " (loaded in " in out and f"\n  {cpp['path']}\n" in out

@@ -36,7 +36,7 @@ def test_openmp_build_first_then_without(monkeypatch):
     calls = _record_loads(monkeypatch, fails=lambda cflags: "-fopenmp" in cflags)  # no OpenMP here
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per OpenMP choice (no LTO attempt)
-    assert _cpp._build() == "module"
+    assert _cpp._build() == ("module", {"isa": _cpp._capability(), "openmp": False, "lto": False})
     assert len(calls) == 2
     (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
     assert name1.endswith("_omp") and "-fopenmp" in cflags1 and ldflags1 == ["-fopenmp"]
@@ -63,10 +63,10 @@ def test_gcc_builds_with_lto_first_then_without(monkeypatch):
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
     monkeypatch.setattr(_cpp, "_lto_flag", lambda: "-flto=3")
-    assert _cpp._build() == "module"
+    assert _cpp._build() == ("module", {"isa": _cpp._capability(), "openmp": True, "lto": False})
     assert len(calls) == 2
     (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
-    assert name1 == name2 and name1.endswith("_omp")
+    assert name1.endswith("_omp") and name2 == name1 + "_nolto"  # a build directory of its own
     assert "-flto=3" in cflags1 and ldflags1 == ["-fopenmp", "-flto=3"]
     assert cflags2 == [f for f in cflags1 if f != "-flto=3"] and ldflags2 == ["-fopenmp"]
 
@@ -120,7 +120,7 @@ def test_avx512_bf16_build_first_then_plain_avx512(monkeypatch):
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per variant (no LTO attempt)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    assert _cpp._build() == "module"
+    assert _cpp._build() == ("module", {"isa": "AVX512", "openmp": True, "lto": False})
     names = [n for n, _, _ in calls]
     assert names == ["spatialattn_sam_cpu_avx512_bf16_omp", "spatialattn_sam_cpu_avx512_bf16",
                      "spatialattn_sam_cpu_avx512_omp"]
