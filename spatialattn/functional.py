@@ -195,11 +195,12 @@ def _fused_sam_args(
 
 def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, gate: GateLike) -> bool:
     """A sigmoid gate and a ``BatchNorm2d(1)`` using batch statistics that the fused op can run
-    (CPU C++ or CUDA Triton), with parameters in the accumulation dtype."""
+    (CPU C++ or CUDA Triton), with parameters in the accumulation dtype or in ``x``'s own half
+    dtype (a ``model.half()`` in training: converted to float32 as in :func:`_fused_sam_args`)."""
     if not _is_sigmoid_gate(gate) or norm is None:
         return False
-    acc = accumulate_dtype(x)
-    if weight.dtype != acc or (bias is not None and bias.dtype != acc):
+    held = (accumulate_dtype(x), x.dtype)
+    if weight.dtype not in held or (bias is not None and bias.dtype not in held):
         return False
     return ops.batchnorm_train_fusable(x, norm)
 

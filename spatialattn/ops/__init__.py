@@ -546,7 +546,8 @@ def spatial_attention_fused(
 def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     """True when :func:`spatial_attention_fused_batchnorm` can run ``norm`` on ``x``'s SAM
     logits: a ``BatchNorm2d(1)`` using batch statistics (training mode, or no running
-    statistics) with parameters in the accumulation dtype (float32 for half inputs),
+    statistics) with parameters in the accumulation dtype (float32 for half inputs) or in
+    ``x``'s own half dtype (a ``model.half()``: converted to float32, exactly),
     CPU with the C++ kernels or CUDA with Triton (float32 / float64 / float16 / bfloat16; CUDA
     float64 excepted),
     eager mode or ``torch.compile`` (the custom op ``spatialattn::sam_batchnorm``), and more
@@ -562,7 +563,7 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     if _fast_device(x) is None:
         return False
     p = norm.weight if norm.weight is not None else norm.running_mean
-    return p is None or p.dtype == _lib._acc(x)
+    return p is None or p.dtype in (_lib._acc(x), x.dtype)
 
 
 def spatial_attention_fused_batchnorm(
@@ -593,22 +594,28 @@ def spatial_attention_fused_batchnorm(
     if x.dim() != 4 or not x.is_floating_point():
         _reject_x(x)
     fast = _fast_device(x)
+    acc = _lib._acc(x)
+    # parameters held in x's half dtype (a model.half() in training): computed in float32, their
+    # gradients rounded back by autograd's conversion
+    weight, bias, bn_weight, bn_bias = (t if t is None or t.dtype == acc else t.to(acc)
+                                        for t in (weight, bias, norm.weight, norm.bias))
     running = None  # the running statistics, where the kernels update them themselves
     if fast == "op":  # torch.compile (or a dispatch mode): the custom op
         y, attn, _, _, stats = _lib.sam_batchnorm_op(
-            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
+            x, weight, bias, channel_scale, bn_weight, bn_bias, float(norm.eps), _kinds(order), dilation
         )
     elif fast == "cpp":
         y, attn, stats = _lib.CppSamBatchNorm.apply(
-            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation
+            x, weight, bias, channel_scale, bn_weight, bn_bias, float(norm.eps), _kinds(order), dilation
         )
     else:
         # on the Triton path the launch that forms the batch statistics also updates the
-        # running ones (one launch fewer per training step)
-        if norm.training and norm.track_running_stats and x.numel() > 0 and _lib._triton_ok(x):
+        # running ones (one launch fewer per training step; statistics held in float32)
+        if (norm.training and norm.track_running_stats and x.numel() > 0 and _lib._triton_ok(x)
+                and norm.running_mean.dtype == torch.float32 and norm.running_var.dtype == torch.float32):
             running = (norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.momentum)
         y, attn, stats = _lib.GenericSamBatchNorm.apply(
-            x, weight, bias, channel_scale, norm.weight, norm.bias, float(norm.eps), _kinds(order), dilation, running
+            x, weight, bias, channel_scale, bn_weight, bn_bias, float(norm.eps), _kinds(order), dilation, running
         )
     if running is None:
         _update_running_stats(norm, stats, x.shape[0] * x.shape[2] * x.shape[3], x)
