@@ -17,6 +17,11 @@ where every part of the module takes the C++ kernels anyway:
   either no norm or a ``BatchNorm2d(1)`` using batch statistics (training mode, or no
   running statistics) with parameters in the accumulation dtype and more than one logit.
 
+Parameters may also be held in the half dtype of a half input (a ``model.half()`` /
+``.bfloat16()`` in training): they are converted to float32 (exactly) in front of the node,
+so autograd's conversion rounds their gradients back, and the results are those of a float32
+copy of the module.
+
 Anything else (an eval-mode BatchNorm folded into an affine, other gates or norms,
 subclasses that override ``gate_from_pooled`` / ``attend``) returns ``None``: the caller
 takes the module path.
@@ -41,7 +46,12 @@ __all__ = ["cbam_train"]
 ENABLED = True
 
 
-def _spatial_args(sp, x: Tensor, acc: torch.dtype):
+def _held_in(acc: torch.dtype, held: Optional[torch.dtype], *tensors: Optional[Tensor]) -> bool:
+    """The parameters are CPU tensors of ``acc``, or all of ``held`` (a half model's, converted by the caller)."""
+    return cpu_in(acc, *tensors) or (held is not None and cpu_in(held, *tensors))
+
+
+def _spatial_args(sp, x: Tensor, acc: torch.dtype, held: Optional[torch.dtype]):
     """``(weight, bias, bn or None, kinds, dilation)`` of the spatial half, or None."""
     if type(sp).attend is not SpatialAttention.attend or not SF._is_sigmoid_gate(sp.gate):
         return None
@@ -49,7 +59,7 @@ def _spatial_args(sp, x: Tensor, acc: torch.dtype):
         return None
     conv, bn = _parts(sp)
     weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
-    if not cpu_in(acc, weight, bias):
+    if not _held_in(acc, held, weight, bias):
         return None
     try:
         kinds = ops._kinds(sp.order)
@@ -57,7 +67,7 @@ def _spatial_args(sp, x: Tensor, acc: torch.dtype):
         return None
     if not sam_weight_ok(weight, len(kinds)) or (bias is not None and bias.numel() != 1):
         return None
-    if bn is not None and not (ops.batchnorm_train_fusable(x, bn) and cpu_in(acc, bn.weight, bn.bias)):
+    if bn is not None and not (ops.batchnorm_train_fusable(x, bn) and _held_in(acc, held, bn.weight, bn.bias)):
         return None
     return weight, bias, bn, kinds, sp.dilation
 
@@ -74,21 +84,24 @@ def cbam_train(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     if n == 0 or c == 0 or h * w == 0 or c != m.channels:
         return None
     acc = SF.accumulate_dtype(x)
+    held = x.dtype if x.dtype != acc else None  # a half model's own parameter dtype
     mods = m._modules
     if type(mods["channel"]).gate_from_pooled is not ChannelAttention.gate_from_pooled:
         return None
-    ch = channel_mlp_args(mods["channel"], c, acc)
+    ch = channel_mlp_args(mods["channel"], c, acc, held)
     if ch is None:
         return None
-    sp = _spatial_args(mods["spatial"], x, acc)
+    sp = _spatial_args(mods["spatial"], x, acc, held)
     if sp is None:
         return None
     kinds_ch, w1, b1, w2, b2 = ch
     weight, bias, bn, kinds, dilation = sp
+    params = (w1, b1, w2, b2, weight, bias, None if bn is None else bn.weight, None if bn is None else bn.bias)
+    if held is not None:  # converted in autograd: the gradients come back rounded to the held dtype
+        params = tuple(t if t is None or t.dtype == acc else t.to(acc) for t in params)
     with _lib.autocast_off("cpu"):
         y, attn, cg, stats = _lib.CppCbam.apply(
-            x, w1, b1, w2, b2, weight, bias, None if bn is None else bn.weight, None if bn is None else bn.bias,
-            1e-5 if bn is None else float(bn.eps), kinds_ch, kinds, dilation, bn is not None,
+            x, *params, 1e-5 if bn is None else float(bn.eps), kinds_ch, kinds, dilation, bn is not None,
         )
     if bn is not None:
         ops._update_running_stats(bn, stats, n * h * w, x)

@@ -117,6 +117,26 @@ def test_training_step_matches_module_path(preset, dtype, layout, batch):
         _compare(m, _x((batch, 24, 7, 9), layout, dtype, seed=step))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["paper", "timm"])
+def test_half_model_in_one_node(dtype, preset):
+    # a model.half() / .bfloat16() in training took the module path (and, until the forty-sixth
+    # session, the layered SAM): its parameters now go to the node converted to float32 (exactly),
+    # the same bits as a float32 copy of the module, gradients and running statistics rounded
+    half = _randomise(CBAM(24, reduction=4, preset=preset), 8).train().to(dtype)
+    for step, layout in enumerate(["contiguous", "channels_last"]):
+        full = copy.deepcopy(half).float()  # (from the half statistics of the previous step)
+        x = _x((3, 24, 7, 9), layout, dtype, seed=step)
+        with _count_fused() as calls:
+            out_h, out_f = _step(half, x), _step(full, x)
+        assert len(calls) == 2
+        _assert_same(out_h[:3], out_f[:3])  # y, the attention map, grad x
+        _assert_same(out_h[3:], [t.to(dtype) if t.is_floating_point() else t for t in out_f[3:]])
+    # parameters held in another half dtype than x's: not the node
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    assert _fast_train.cbam_train(half, _x((3, 24, 7, 9), "contiguous", other).requires_grad_()) is None
+
+
 def test_attention_map_gradient_and_noncontiguous_input():
     m = _randomise(CBAM(16, reduction=4), 2).train()
     _compare(m, _x((2, 16, 6, 5), "noncontig", torch.float32), with_attention_loss=True)
