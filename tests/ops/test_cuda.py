@@ -247,6 +247,35 @@ def test_half_model_inference_fuses(dtype, monkeypatch):
     torch.testing.assert_close(y, y32, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_training_batchnorm_fuses(dtype, monkeypatch):
+    """Training a ``model.half()``: the SAM's training BatchNorm takes the fused op with its
+    parameters converted to float32 (autograd rounds their gradients back): the same bits as a
+    float32 copy (output, grad x; parameter gradients rounded); the running statistics, half
+    buffers updated by torch ops (the Triton launch updates only float32 ones), within rounding."""
+    from spatialattn import functional as SF
+
+    monkeypatch.setattr(SF, "spatial_attention_map", lambda *a, **k: pytest.fail("layered SAM path taken"))
+    torch.manual_seed(8)
+    half = SpatialAttention(16).to(DEV).to(dtype).train()
+    full = copy.deepcopy(half).float()
+    x = make_x((2, 16, 9, 10), "channels_last", dtype, seed=8)
+    xh, xf = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    yh, yf = half(xh), full(xf)
+    assert yh.dtype == dtype and "GenericSamBatchNormBackward" in node_names(yh)
+    gy = torch.randn(yh.shape).to(dtype).to(DEV)
+    yh.backward(gy)
+    yf.backward(gy)
+    torch.testing.assert_close(yh, yf, rtol=0, atol=0)
+    torch.testing.assert_close(xh.grad, xf.grad, rtol=0, atol=0)
+    for (name, p), q in zip(half.named_parameters(), full.parameters()):
+        assert p.grad.dtype == dtype, name
+        torch.testing.assert_close(p.grad, q.grad.to(dtype), rtol=0, atol=0, msg=lambda m_: f"grad {name}: {m_}")
+    assert int(half.bn.num_batches_tracked) == int(full.bn.num_batches_tracked) == 1
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(half.bn, name).float(), getattr(full.bn, name), rtol=TOL[dtype], atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_batch(dtype):
     x = torch.zeros(0, 8, 5, 5, dtype=dtype, device=DEV, requires_grad=True)
