@@ -49,18 +49,23 @@ _ISA_FLAGS = {
 _GCC_ONLY_FLAGS = ["-fno-unswitch-loops", "-fno-ipa-cp-clone"]
 
 
+# Parallel code-generation jobs of the LTO link at most: each holds up to about 150 MB (GCC 12),
+# and past a few jobs the serial compile step (about 26 s) is most of the build anyway.
+_LTO_MAX_JOBS = 8
+
+
 def _lto_flag() -> str:
     """GCC's link-time optimisation with its code generation in as many parallel jobs as this
-    process may use cores: the source is one translation unit, and code generation is most of
-    its compile time. The compile step then only parses and streams the code (about 26 s) and
-    the link step generates it in partitions, in parallel (2 cores: 142 -> 80 s in all; one
-    core: 133 s). Same bits and speed (paired, docs/performance-log.md). ``-flto=N`` rather
-    than ``-flto=auto``, which needs GCC 10."""
+    process may use cores (at most ``_LTO_MAX_JOBS``): the source is one translation unit, and
+    code generation is most of its compile time. The compile step then only parses and streams
+    the code (about 26 s) and the link step generates it in partitions, in parallel (2 cores:
+    142 -> 80 s in all; one core: 133 s). Same bits and speed (paired,
+    docs/performance-log.md). ``-flto=N`` rather than ``-flto=auto``, which needs GCC 10."""
     try:
         jobs = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         jobs = os.cpu_count() or 1
-    return f"-flto={max(1, jobs)}"
+    return f"-flto={min(max(1, jobs), _LTO_MAX_JOBS)}"
 
 
 def _is_gcc() -> bool:

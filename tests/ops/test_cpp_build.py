@@ -74,6 +74,8 @@ def test_gcc_builds_with_lto_first_then_without(monkeypatch):
 def test_lto_jobs_are_the_usable_cores(monkeypatch):
     monkeypatch.setattr(_cpp.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     assert _cpp._lto_flag() == "-flto=3"
+    monkeypatch.setattr(_cpp.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _cpp._lto_flag() == f"-flto={_cpp._LTO_MAX_JOBS}" == "-flto=8"  # (memory: about 150 MB a job)
 
     def no_affinity(pid):
         raise AttributeError
