@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .ops._library import autocast_off, device_type
+from .ops._library import _as_dtype, autocast_off, device_type
 
 __all__ = [
     "check_input",
@@ -453,10 +453,6 @@ def _is_sigmoid_gate(gate: GateLike) -> bool:
 def _as_linear_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
     """A Linear (``[out, in]``) or 1x1 conv (``[out, in, 1, 1]``) weight as ``[out, in]`` in ``dtype``."""
     return _as_dtype(w if w.dim() == 2 else w.reshape(w.shape[0], -1), dtype)
-
-
-def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def channel_attention(

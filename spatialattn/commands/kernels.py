@@ -49,7 +49,7 @@ def _format(report: dict) -> str:
 
 def _missing(report: dict, required: list) -> list:
     missing = []
-    if "cpp" in required and "cpp" not in report["backends"]["cpu"].values():
+    if "cpp" in required and not report["cpp"]["available"]:
         missing.append("cpp")
     if "triton" in required and not any("triton" in t.values() for t in report["backends"].values()):
         missing.append("triton")

@@ -51,6 +51,12 @@ def cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.is_cpu and t.dtype == dtype) for t in tensors)
 
 
+def held_in(acc: torch.dtype, held: Optional[torch.dtype], *tensors: Optional[Tensor]) -> bool:
+    """The tensors are all CPU tensors of ``acc``, or all of ``held`` (a half model's parameters,
+    which the caller converts; None: ``acc`` only)."""
+    return cpu_in(acc, *tensors) or (held is not None and cpu_in(held, *tensors))
+
+
 def sam_weight_ok(weight: Tensor, p: int) -> bool:
     """``weight`` is a SAM conv weight ``[1, p, kh, kw]`` with odd ``kh``, ``kw`` (else the
     ordinary path raises the error)."""
@@ -172,7 +178,7 @@ def channel_mlp_args(ch, c: int, acc: torch.dtype, held: Optional[torch.dtype] =
     else:
         p1 = mods["fc"]._parameters
         w1, b1, w2, b2 = p1["weight"], p1.get("bias"), None, None
-    if not (cpu_in(acc, w1, b1, w2, b2) or (held is not None and cpu_in(held, w1, b1, w2, b2))) or any(
+    if not held_in(acc, held, w1, b1, w2, b2) or any(
             w is not None and w.dim() not in (2, 4) for w in (w1, w2)):
         return None
     r = w1.shape[0]

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import functional as SF
 from .. import ops
 from ..ops import _library as _lib
-from ._fast_eval import _parts, channel_mlp_args, cpu_in, sam_weight_ok
+from ._fast_eval import _parts, channel_mlp_args, held_in, sam_weight_ok
 from .channel import ChannelAttention
 from .spatial import SpatialAttention
 
@@ -44,11 +44,6 @@ __all__ = ["cbam_train"]
 
 # False: always the module path (tests compare the two)
 ENABLED = True
-
-
-def _held_in(acc: torch.dtype, held: Optional[torch.dtype], *tensors: Optional[Tensor]) -> bool:
-    """The parameters are CPU tensors of ``acc``, or all of ``held`` (a half model's, converted by the caller)."""
-    return cpu_in(acc, *tensors) or (held is not None and cpu_in(held, *tensors))
 
 
 def _spatial_args(sp, x: Tensor, acc: torch.dtype, held: Optional[torch.dtype]):
@@ -59,7 +54,7 @@ def _spatial_args(sp, x: Tensor, acc: torch.dtype, held: Optional[torch.dtype]):
         return None
     conv, bn = _parts(sp)
     weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
-    if not _held_in(acc, held, weight, bias):
+    if not held_in(acc, held, weight, bias):
         return None
     try:
         kinds = ops._kinds(sp.order)
@@ -67,7 +62,7 @@ def _spatial_args(sp, x: Tensor, acc: torch.dtype, held: Optional[torch.dtype]):
         return None
     if not sam_weight_ok(weight, len(kinds)) or (bias is not None and bias.numel() != 1):
         return None
-    if bn is not None and not (ops.batchnorm_train_fusable(x, bn) and _held_in(acc, held, bn.weight, bn.bias)):
+    if bn is not None and not (ops.batchnorm_train_fusable(x, bn) and held_in(acc, held, bn.weight, bn.bias)):
         return None
     return weight, bias, bn, kinds, sp.dilation
 
@@ -98,7 +93,7 @@ def cbam_train(m, x: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     weight, bias, bn, kinds, dilation = sp
     params = (w1, b1, w2, b2, weight, bias, None if bn is None else bn.weight, None if bn is None else bn.bias)
     if held is not None:  # converted in autograd: the gradients come back rounded to the held dtype
-        params = tuple(t if t is None or t.dtype == acc else t.to(acc) for t in params)
+        params = tuple(SF._as_dtype(t, acc) for t in params)
     with _lib.autocast_off("cpu"):
         y, attn, cg, stats = _lib.CppCbam.apply(
             x, *params, 1e-5 if bn is None else float(bn.eps), kinds_ch, kinds, dilation, bn is not None,

@@ -587,7 +587,9 @@ def spatial_attention_fused_batchnorm(
     Args:
         x: ``Tensor[N, C, H, W]`` (CPU float32 / float64 / float16 / bfloat16; CUDA float16 /
             bfloat16 / float32).
-        weight: ``Tensor[1, len(order), kh, kw]``; bias: optional ``Tensor[1]``.
+        weight: ``Tensor[1, len(order), kh, kw]``; bias: optional ``Tensor[1]`` (these and
+            ``norm``'s parameters in the accumulation dtype, or in ``x``'s half dtype:
+            converted to float32, their gradients rounded back).
         norm: the ``BatchNorm2d(1)`` (training mode, or without running statistics).
         order, dilation, channel_scale, return_attention: as :func:`spatial_attention_fused`.
     """
@@ -597,8 +599,7 @@ def spatial_attention_fused_batchnorm(
     acc = _lib._acc(x)
     # parameters held in x's half dtype (a model.half() in training): computed in float32, their
     # gradients rounded back by autograd's conversion
-    weight, bias, bn_weight, bn_bias = (t if t is None or t.dtype == acc else t.to(acc)
-                                        for t in (weight, bias, norm.weight, norm.bias))
+    weight, bias, bn_weight, bn_bias = (_lib._as_dtype(t, acc) for t in (weight, bias, norm.weight, norm.bias))
     running = None  # the running statistics, where the kernels update them themselves
     if fast == "op":  # torch.compile (or a dispatch mode): the custom op
         y, attn, _, _, stats = _lib.sam_batchnorm_op(

@@ -181,10 +181,8 @@ def get() -> Optional[Any]:
     with _lock:
         if _tried:
             return _module
-        _error = None
+        _module, _error = None, None
         if disabled():
-            log.debug("spatialattn: C++ CPU kernels disabled by SPATIALATTN_DISABLE_CPP; using PyTorch ops")
-            _module = None
             _error = "disabled by SPATIALATTN_DISABLE_CPP"
         else:
             try:
@@ -192,10 +190,9 @@ def get() -> Optional[Any]:
                     _built, _built_with = _build()
                 _module = _built
             except Exception as exc:  # no compiler, build error, ...
-                log.debug("spatialattn: C++ CPU kernels unavailable (%s: %s); using PyTorch ops",
-                          type(exc).__name__, exc)
-                _module = None
                 _error = f"{type(exc).__name__}: {exc}"
+        if _error is not None:
+            log.debug("spatialattn: C++ CPU kernels unavailable (%s); using PyTorch ops", _error)
         _tried = True
     return _module
 

@@ -314,6 +314,11 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (``t`` itself where it already is, or is None; else a differentiable copy)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 @torch.library.custom_op("spatialattn::sam", mutates_args=())
 def sam_op(
     x: Tensor,
