@@ -852,6 +852,54 @@ def test_nchw_pooling_eight_channels_per_sweep(cpp_module, dtype, with_scale):
         torch.testing.assert_close(outs["wide"][0], ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
+    # NCHW runs of one vector up to 256 pixels (7x7, 13x13, 14x14 maps whole, or a thread's
+    # share of them) are pooled with every accumulator in registers (AVX-512 builds; elsewhere
+    # both settings take the sweeps): the same bits as the sweeps over accumulators in memory,
+    # in the pooled maps, the whole SAM and its training-BatchNorm form, and the reference's
+    # values. Runs: a whole vector (4x4), an overlapping last vector (7x7: 49; 3x9 in float64's
+    # 8 lanes), two pieces (13x13: 128 + 41), a remainder under a vector joined to the piece
+    # before it (8x17: 136 = 112 + 24), the limit (16x16) and one past it (257: the sweeps),
+    # shorter than a vector (3x5); channel counts leaving 0-3 channels after the groups of
+    # four; ties across channels, signed zeros, a NaN; 1-3 threads (shares that split images).
+    shapes = [(2, 37, 7, 7), (1, 64, 13, 13), (2, 6, 8, 17), (1, 9, 4, 4), (2, 11, 16, 16), (1, 8, 1, 257),
+              (2, 5, 3, 5), (1, 12, 3, 9)]
+    old = torch.get_num_threads()
+    try:
+        for shape, threads in itertools.product(shapes, (1, 2, 3)):
+            torch.set_num_threads(threads)
+            x = make_x(shape, "nchw", torch.float32, seed=11).to(dtype)
+            n, c = shape[:2]
+            x[0, c - 1, 0, 1] = x[0, 1, 0, 1] = x[0, :, 0, 1].max() + 1  # a tie across channel groups
+            x[0, :, 0, 2] = -0.0
+            x[0, 0, 0, 2] = 0.0  # a max among signed zeros: the first channel's (+0)
+            x[-1, c - 2, -1, -1] = float("nan")
+            s = (torch.rand(n, c, 1, 1) + 0.5).to(dtype if dtype == torch.float64 else torch.float32) if with_scale else None
+            acc = ops._lib._acc(x)
+            w = torch.randn(1, 2, 7, 7).to(acc)
+            outs = {}
+            try:
+                for on in (True, False):
+                    cpp_module.set_pool_short(on)
+                    outs[on] = (cpp_module.pool_forward(x, s, [0, 1]),
+                                *cpp_module.sam_forward(x, w, None, s, None, None, [1, 0], 1, None),
+                                *cpp_module.sam_forward_bn(x, w, None, s, torch.ones(1, dtype=acc),
+                                                           torch.zeros(1, dtype=acc), 1e-5, [0, 1], 1)[:4])
+            finally:
+                cpp_module.set_pool_short(True)
+            for a, b in zip(outs[True], outs[False]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{shape}, {threads} threads: {m}")
+                num = ~a.isnan()
+                assert torch.equal(torch.signbit(a[num]), torch.signbit(b[num])), f"{shape}, {threads} threads: zero signs"
+            ref = reference.channel_pool(x.to(acc), ("max", "mean"), None if s is None else s.to(acc), acc)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(outs[True][0], ref, rtol=tol, atol=tol, equal_nan=True)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("channels", [5, 40, 72])
 @pytest.mark.parametrize("kinds", [[0, 1], [1], [0], [1, 0, 1]])

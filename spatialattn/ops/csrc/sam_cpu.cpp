@@ -95,6 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_stream_reduce", &one_stream_reduce);  // the rule in reduce.h, for tests
   m.def("l2_bytes", &l2_bytes);
   m.def("set_min_run_bytes", [](int64_t b) { kMinRunBytes = b < 0 ? kMinRunDefault : b; });
+  m.def("set_pool_short", [](bool on) { kPoolShort = on; });
   m.def("set_pool_wide_bytes", [](int64_t b) { kPoolWideBytes = b < 0 ? kPoolWideDefault : b; });
   m.def("set_row_prefetch", [](int v) { kRowPrefetch = v; });
   // the bytes of work the NCHW pooling and pass A prefetch ahead for x of `elems` float32 elements (0: none)

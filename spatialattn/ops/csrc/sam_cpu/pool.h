@@ -12,6 +12,112 @@ namespace {
 constexpr int64_t kPoolWideDefault = 16384;
 int64_t kPoolWideBytes = kPoolWideDefault;
 
+// f(std::integral_constant<int, J>{}) for J = 0 .. N - 1: array indices that are constants
+// from the start. GCC replaces a local array of vectors by registers (and spill slots) only
+// where every index is a constant before its scalar-replacement pass, which runs before the
+// loop unroller; a `for (int j ...)` over the array keeps it in memory, zero-initialised per
+// call by `rep stos` (41 % of reduce_pixel_avx2's time at C = 64, perf). Not applied to
+// pool_pixel_avx2, whose arrays start from loads (no memset): written so, it was 1.02-1.15x
+// slower (channels_last forward, C = 64-512, paired).
+template <typename F, int... J>
+inline void each_index(F&& f, std::integer_sequence<int, J...>) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+template <int N, typename F>
+inline void each_index(F&& f) {
+  each_index(f, std::make_integer_sequence<int, N>{});
+}
+
+// NCHW pooling of short runs in registers (AVX-512 builds): `len` of 1 to kPoolShortVectors
+// vectors, each vector's max and sum held in registers over all C channels, the last vector
+// ending at len (overlapping the one before it where len is not a multiple of the lanes: the
+// overlapped lanes get the same values twice). pool_chunk's sweeps keep the accumulators in
+// memory, and there the last vector's load of them overlaps the store of the vector before it
+// for every four channels, a load the store-to-load forwarding cannot serve (perf of the
+// pooling of 8x2048x7x7, rows of 49 pixels: about half of its samples after that load).
+// The same channel groups and steps as pool_chunk, so the same bits. Runs of more vectors
+// go in pieces of kPoolShortVectors, up to kPoolShortMax elements; longer runs take the
+// sweeps (their one overlapped vector is a small part of them; in pieces, measured paired,
+// 2 threads: the pooling 1.03x the time at 26x26, 0.92x at 28x28 and 20x20, 1.39x at 52x52,
+// 1.85x at 104x104, the forward 1.0-1.17x). set_pool_short: off (tests).
+constexpr int kPoolShortVectors = 8;
+constexpr int64_t kPoolShortMax = 256;
+bool kPoolShort = true;
+
+template <int NV, typename T, typename X>
+void pool_short(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  auto off = [len](auto j) { return std::min<int64_t>(decltype(j)::value * L, len - L); };
+  V m[NV], a[NV];
+  {
+    const T sc = s ? s[0] : T(1);
+    each_index<NV>([&](auto j) {
+      m[j] = vld(x + off(j)) * sc;
+      a[j] = m[j];
+    });
+  }
+  const int64_t ahead = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)));
+  int64_t c = 1;
+  for (; c + 4 <= C; c += 4) {
+    const X* r = x + c * HW;
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
+    if (ahead > 0 && has_group_ahead(c, 4, ahead, C))
+      each_index<NV>([&](auto j) { prefetch_group<4>(x, c, HW, ahead, off(j)); });
+    each_index<NV>([&](auto j) {
+      const int64_t k = off(j);
+      const V v0 = vld(r + k) * s0, v1 = vld(r + HW + k) * s1, v2 = vld(r + 2 * HW + k) * s2,
+              v3 = vld(r + 3 * HW + k) * s3;
+      m[j] = vmax(vmax(m[j], v0), vmax(vmax(v1, v2), v3));  // pool_chunk's step4
+      a[j] = a[j] + v0 + v1 + v2 + v3;
+    });
+  }
+  for (; c < C; ++c) {
+    const X* r = x + c * HW;
+    const T sc = s ? s[c] : T(1);
+    each_index<NV>([&](auto j) {
+      const V v = vld(r + off(j)) * sc;
+      m[j] = vmax(m[j], v);
+      a[j] = a[j] + v;
+    });
+  }
+  each_index<NV>([&](auto j) {
+    vstore(mp + off(j), m[j]);
+    vstore(sp + off(j), a[j]);
+  });
+}
+
+// pool_short over the run in pieces of at most kPoolShortVectors vectors; false where it does
+// not apply (off, not an AVX-512 build, a run shorter than a vector or longer than kPoolShortMax)
+template <typename T, typename X>
+bool pool_short_run(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch) {
+#if defined(__AVX512F__)
+  constexpr int64_t L = lanes<T>();
+  if (!kPoolShort || len < L || len > kPoolShortMax) return false;
+  for (int64_t p = 0; p < len;) {
+    // whole pieces, and a last one of at least one vector (a remainder under a vector joins
+    // the piece before it as its overlapping last vector)
+    int64_t piece = std::min<int64_t>(len - p, kPoolShortVectors * L);
+    if (len - p - piece > 0 && len - p - piece < L) piece -= L;
+    const int64_t nv = (piece + L - 1) / L;
+    bool done = false;
+    each_index<kPoolShortVectors>([&](auto j) {
+      constexpr int NV = decltype(j)::value + 1;
+      if (NV == nv) {
+        pool_short<NV, T, X>(x + p, s, C, HW, piece, mp + p, sp + p, prefetch);
+        done = true;
+      }
+    });
+    (void)done;
+    p += piece;
+  }
+  return true;
+#else
+  (void)x, (void)s, (void)C, (void)HW, (void)len, (void)mp, (void)sp, (void)prefetch;
+  return false;
+#endif
+}
+
 constexpr int64_t kGpTileDefault = 65536;
 int64_t kGpTileBytes = kGpTileDefault;  // channels_last global pooling: bytes of x per tile
 // One image, NCHW: max and sum over the C channels (channel stride HW, x' = x * s) of
@@ -23,7 +129,9 @@ template <typename T, typename X>
 void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
-  {
+  // short runs: every channel in registers (then the loops below find no channel left)
+  const bool in_registers = pool_short_run<T, X>(x, s, C, HW, len, mp, sp, prefetch);
+  if (!in_registers) {
     const T sc = s ? s[0] : T(1);
     for (int64_t i = 0; i < len; ++i) {
       const T v = T(x[i]) * sc;
@@ -48,7 +156,7 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     vstore(mp + k, m);
     vstore(sp + k, a);
   };
-  int64_t c = 1;
+  int64_t c = in_registers ? C : 1;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
@@ -241,22 +349,6 @@ inline void pool_pixel_avx2(const X* x, const float* s, int64_t C, float& m, flo
     m = hreduce8(vmax8(M[0], M[2]), vmax8(M[1], M[3]), true);
     sum = hreduce8(_mm256_add_ps(A[0], A[2]), _mm256_add_ps(A[1], A[3]), false);
   }
-}
-
-// f(std::integral_constant<int, J>{}) for J = 0 .. N - 1: array indices that are constants
-// from the start. GCC replaces a local array of vectors by registers (and spill slots) only
-// where every index is a constant before its scalar-replacement pass, which runs before the
-// loop unroller; a `for (int j ...)` over the array keeps it in memory, zero-initialised per
-// call by `rep stos` (41 % of reduce_pixel_avx2's time at C = 64, perf). Not applied to
-// pool_pixel_avx2, whose arrays start from loads (no memset): written so, it was 1.02-1.15x
-// slower (channels_last forward, C = 64-512, paired).
-template <typename F, int... J>
-inline void each_index(F&& f, std::integer_sequence<int, J...>) {
-  (f(std::integral_constant<int, J>{}), ...);
-}
-template <int N, typename F>
-inline void each_index(F&& f) {
-  each_index(f, std::make_integer_sequence<int, N>{});
 }
 
 // reduce_pixel's vector part for float (see there): sets sa, sc, si and c
