@@ -87,33 +87,98 @@ void pool_short(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
   });
 }
 
-// pool_short over the run in pieces of at most kPoolShortVectors vectors; false where it does
-// not apply (off, not an AVX-512 build, a run shorter than a vector or longer than kPoolShortMax)
+#if SAM_AVX2_HALVES
+// pool_short for float in AVX2 builds: 8-lane __m256 vectors (a 64-byte vec_t has no register
+// of its own there), at most kPoolShortVectorsAvx2 per piece (sixteen ymm registers: the
+// accumulators, four rows and four scales), the steps of pool_chunk's AVX2 path (step8).
+constexpr int kPoolShortVectorsAvx2 = 4;
+
+template <int NV, typename X>
+void pool_short_avx2(const X* x, const float* s, int64_t C, int64_t HW, int64_t len, float* mp, float* sp,
+                     int64_t prefetch) {
+  auto off = [len](auto j) { return std::min<int64_t>(decltype(j)::value * 8, len - 8); };
+  __m256 m[NV], a[NV];
+  {
+    const __m256 sc = _mm256_set1_ps(s ? s[0] : 1.f);
+    each_index<NV>([&](auto j) {
+      m[j] = _mm256_mul_ps(ld8(x + off(j)), sc);
+      a[j] = m[j];
+    });
+  }
+  const int64_t ahead = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)));
+  int64_t c = 1;
+  for (; c + 4 <= C; c += 4) {
+    const X* r = x + c * HW;
+    const __m256 s0 = _mm256_set1_ps(s ? s[c] : 1.f), s1 = _mm256_set1_ps(s ? s[c + 1] : 1.f),
+                 s2 = _mm256_set1_ps(s ? s[c + 2] : 1.f), s3 = _mm256_set1_ps(s ? s[c + 3] : 1.f);
+    if (ahead > 0 && has_group_ahead(c, 4, ahead, C))
+      each_index<NV>([&](auto j) { prefetch_group<4>(x, c, HW, ahead, off(j)); });
+    each_index<NV>([&](auto j) {
+      const int64_t k = off(j);
+      const __m256 v0 = _mm256_mul_ps(ld8(r + k), s0), v1 = _mm256_mul_ps(ld8(r + HW + k), s1),
+                   v2 = _mm256_mul_ps(ld8(r + 2 * HW + k), s2), v3 = _mm256_mul_ps(ld8(r + 3 * HW + k), s3);
+      m[j] = vmax8(vmax8(m[j], v0), vmax8(vmax8(v1, v2), v3));  // pool_chunk's step8
+      a[j] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[j], v0), v1), v2), v3);
+    });
+  }
+  for (; c < C; ++c) {
+    const X* r = x + c * HW;
+    const __m256 sc = _mm256_set1_ps(s ? s[c] : 1.f);
+    each_index<NV>([&](auto j) {
+      const __m256 v = _mm256_mul_ps(ld8(r + off(j)), sc);
+      m[j] = vmax8(m[j], v);
+      a[j] = _mm256_add_ps(a[j], v);
+    });
+  }
+  each_index<NV>([&](auto j) {
+    _mm256_storeu_ps(mp + off(j), m[j]);
+    _mm256_storeu_ps(sp + off(j), a[j]);
+  });
+}
+#endif
+
+// The run in pieces of at most `vectors` vectors of `lanes` elements, each through
+// piece(std::integral_constant<int, NV>, offset, length) with NV its vectors (the last
+// overlapping where the piece is not whole vectors); a remainder under a vector joins the
+// piece before it as its overlapping last vector.
+template <int Vectors, typename F>
+void short_pieces(int64_t len, int64_t lanes_, F&& piece) {
+  for (int64_t p = 0; p < len;) {
+    int64_t n = std::min<int64_t>(len - p, Vectors * lanes_);
+    if (len - p - n > 0 && len - p - n < lanes_) n -= lanes_;
+    const int64_t nv = (n + lanes_ - 1) / lanes_;
+    each_index<Vectors>([&](auto j) {
+      if (decltype(j)::value + 1 == nv) piece(std::integral_constant<int, decltype(j)::value + 1>{}, p, n);
+    });
+    p += n;
+  }
+}
+
+// pool_short (pool_short_avx2 for float in AVX2 builds) over the run; false where it does
+// not apply (off, the baseline build or double in AVX2 builds, a run shorter than a vector or
+// longer than kPoolShortMax)
 template <typename T, typename X>
 bool pool_short_run(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch) {
+  if (!kPoolShort || len > kPoolShortMax) return false;
 #if defined(__AVX512F__)
   constexpr int64_t L = lanes<T>();
-  if (!kPoolShort || len < L || len > kPoolShortMax) return false;
-  for (int64_t p = 0; p < len;) {
-    // whole pieces, and a last one of at least one vector (a remainder under a vector joins
-    // the piece before it as its overlapping last vector)
-    int64_t piece = std::min<int64_t>(len - p, kPoolShortVectors * L);
-    if (len - p - piece > 0 && len - p - piece < L) piece -= L;
-    const int64_t nv = (piece + L - 1) / L;
-    bool done = false;
-    each_index<kPoolShortVectors>([&](auto j) {
-      constexpr int NV = decltype(j)::value + 1;
-      if (NV == nv) {
-        pool_short<NV, T, X>(x + p, s, C, HW, piece, mp + p, sp + p, prefetch);
-        done = true;
-      }
-    });
-    (void)done;
-    p += piece;
-  }
+  if (len < L) return false;
+  short_pieces<kPoolShortVectors>(len, L, [&](auto nv, int64_t p, int64_t n) {
+    pool_short<decltype(nv)::value, T, X>(x + p, s, C, HW, n, mp + p, sp + p, prefetch);
+  });
   return true;
+#elif SAM_AVX2_HALVES
+  if constexpr (std::is_same_v<T, float>) {
+    if (len < 8) return false;
+    short_pieces<kPoolShortVectorsAvx2>(len, 8, [&](auto nv, int64_t p, int64_t n) {
+      pool_short_avx2<decltype(nv)::value, X>(x + p, s, C, HW, n, mp + p, sp + p, prefetch);
+    });
+    return true;
+  }
+  (void)x, (void)s, (void)C, (void)HW, (void)mp, (void)sp, (void)prefetch;
+  return false;
 #else
-  (void)x, (void)s, (void)C, (void)HW, (void)len, (void)mp, (void)sp, (void)prefetch;
+  (void)x, (void)s, (void)C, (void)HW, (void)mp, (void)sp, (void)prefetch;
   return false;
 #endif
 }
