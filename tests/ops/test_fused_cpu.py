@@ -852,14 +852,35 @@ def test_nchw_pooling_eight_channels_per_sweep(cpp_module, dtype, with_scale):
         torch.testing.assert_close(outs["wide"][0], ref, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+def _short_run_grads(x, w, s, bn):
+    """Output and gradients (x, weight, scale) of the fused SAM (with a training-mode
+    BatchNorm: its gradients too), for an upstream gradient of random values and one of a
+    single value broadcast (the backward's one-value path)."""
+    out = []
+    for g in (torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype),
+              torch.ones((), dtype=x.dtype).expand(x.shape)):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ss = None if s is None else s.clone().requires_grad_()
+        if bn:
+            norm = torch.nn.BatchNorm2d(1).to(w.dtype).train()
+            y = ops.spatial_attention_fused_batchnorm(xx, ww, None, norm, channel_scale=ss)
+            leaves = [xx, ww, norm.weight, norm.bias] + ([] if ss is None else [ss])
+        else:
+            y = ops.spatial_attention_fused(xx, ww, channel_scale=ss)
+            leaves = [xx, ww] + ([] if ss is None else [ss])
+        out += [y, *torch.autograd.grad(y, leaves, g)]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
     # NCHW runs of one vector up to 256 pixels (7x7, 13x13, 14x14 maps whole, or a thread's
-    # share of them) are pooled with every accumulator in registers (AVX-512 builds; elsewhere
-    # both settings take the sweeps): the same bits as the sweeps over accumulators in memory,
-    # in the pooled maps, the whole SAM and its training-BatchNorm form, and the reference's
-    # values. Runs: a whole vector (4x4), an overlapping last vector (7x7: 49; 3x9 in float64's
+    # share of them) are pooled, and the backward's pass A sums and counts them, with every
+    # accumulator in registers (AVX-512 builds; the pooling in AVX2 builds too; elsewhere both
+    # settings take the sweeps): the same bits as the sweeps over accumulators in memory, in
+    # the pooled maps, the whole SAM and its training-BatchNorm form, forward and backward, and
+    # the reference's values. Runs: a whole vector (4x4), an overlapping last vector (7x7: 49; 3x9 in float64's
     # 8 lanes), two pieces (13x13: 128 + 41), a remainder under a vector joined to the piece
     # before it (8x17: 136 = 112 + 24), the limit (16x16) and one past it (257: the sweeps),
     # shorter than a vector (3x5); channel counts leaving 0-3 channels after the groups of
@@ -886,7 +907,8 @@ def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
                     outs[on] = (cpp_module.pool_forward(x, s, [0, 1]),
                                 *cpp_module.sam_forward(x, w, None, s, None, None, [1, 0], 1, None),
                                 *cpp_module.sam_forward_bn(x, w, None, s, torch.ones(1, dtype=acc),
-                                                           torch.zeros(1, dtype=acc), 1e-5, [0, 1], 1)[:4])
+                                                           torch.zeros(1, dtype=acc), 1e-5, [0, 1], 1)[:4],
+                                *_short_run_grads(x, w, s, bn=False), *_short_run_grads(x, w, s, bn=True))
             finally:
                 cpp_module.set_pool_short(True)
             for a, b in zip(outs[True], outs[False]):

@@ -121,12 +121,104 @@ inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float g
 }
 #endif
 
+#if defined(__AVX512F__)
+// reduce_chunk of a short run (AVX-512 builds; pieces as pool_short_run's, at most
+// kPoolShortMax elements): the sums and counts of each vector in registers over all C
+// channels, the last vector ending at len. In memory (the sweeps below) the last vector's
+// load of the accumulators overlaps the store of the vector before it for every group of
+// channels, a load store-to-load forwarding cannot serve. Rows in groups of four, then one at
+// a time, with reduce_chunk's operations in its order (the sums and counts add the channels in
+// sequence, whether four or one per sweep), so the same bits; the max bits of overlapped
+// lanes are written twice, the same. Where the runs are a whole image's contiguous rows the
+// groups read x and g front to back (one_stream_reduce's concern).
+template <int NV, typename T, typename X, bool G, bool GC, bool M>
+void reduce_short(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len, T* ap,
+                  T* cp, uint8_t* mb, int64_t mbs, int64_t q0, int64_t prefetch) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  const V one = V{} + T(1), zero = V{};
+  auto off = [len](auto j) { return std::min<int64_t>(decltype(j)::value * L, len - L); };
+  V a[NV], n[NV];
+  each_index<NV>([&](auto j) {
+    a[j] = zero;
+    n[j] = zero;
+  });
+  const int64_t ahead = prefetch_rows_ahead(prefetch, 4, len, int64_t(sizeof(X)) * (G && !GC ? 2 : 1));
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
+    const T s0 = s ? s[c] : T(1), s1 = s ? s[c + 1] : T(1), s2 = s ? s[c + 2] : T(1), s3 = s ? s[c + 3] : T(1);
+    if (ahead > 0 && has_group_ahead(c, 4, ahead, C))
+      each_index<NV>([&](auto j) {
+        prefetch_group<4>(x, c, HW, ahead, off(j));
+        if constexpr (G && !GC) prefetch_group<4>(g, c, HW, ahead, off(j));
+      });
+    each_index<NV>([&](auto j) {
+      const int64_t k = off(j);
+      const V v0 = vld(x0 + k) * s0, v1 = vld(x0 + HW + k) * s1, v2 = vld(x0 + 2 * HW + k) * s2,
+              v3 = vld(x0 + 3 * HW + k) * s3;
+      if constexpr (G) {
+        if constexpr (GC) {
+          a[j] = a[j] + gv * v0 + gv * v1 + gv * v2 + gv * v3;
+        } else {
+          a[j] = a[j] + vld(g0 + k) * v0 + vld(g0 + HW + k) * v1 + vld(g0 + 2 * HW + k) * v2 +
+                 vld(g0 + 3 * HW + k) * v3;
+        }
+      }
+      if constexpr (M) {
+        const V m = vload(mp + k);
+        const auto e0 = vcmp<kEq, T>(v0, m), e1 = vcmp<kEq, T>(v1, m), e2 = vcmp<kEq, T>(v2, m),
+                   e3 = vcmp<kEq, T>(v3, m);
+        n[j] = n[j] + vsel<T>(e0, one, zero) + vsel<T>(e1, one, zero) + vsel<T>(e2, one, zero) +
+               vsel<T>(e3, one, zero);
+        if (mb) {
+          uint8_t* b0 = mb + c * mbs;
+          put_bits<L>(b0, q0 + k, lane_bits<T>(e0));
+          put_bits<L>(b0 + mbs, q0 + k, lane_bits<T>(e1));
+          put_bits<L>(b0 + 2 * mbs, q0 + k, lane_bits<T>(e2));
+          put_bits<L>(b0 + 3 * mbs, q0 + k, lane_bits<T>(e3));
+        }
+      }
+    });
+  }
+  for (; c < C; ++c) {
+    const X* x0 = x + c * HW;
+    const X* g0 = g + c * HW;
+    const T s0 = s ? s[c] : T(1);
+    each_index<NV>([&](auto j) {
+      const int64_t k = off(j);
+      const V v0 = vld(x0 + k) * s0;
+      if constexpr (G) a[j] = a[j] + (GC ? V{} + gv : vld(g0 + k)) * v0;
+      if constexpr (M) {
+        const auto e0 = vcmp<kEq, T>(v0, vload(mp + k));
+        n[j] = n[j] + vsel<T>(e0, one, zero);
+        if (mb) put_bits<L>(mb + c * mbs, q0 + k, lane_bits<T>(e0));
+      }
+    });
+  }
+  each_index<NV>([&](auto j) {
+    vstore(ap + off(j), a[j]);
+    vstore(cp + off(j), n[j]);
+  });
+}
+#endif
+
 template <typename T, typename X, bool G, bool GC, bool M>
 void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len,
                   T* ap, T* cp, uint8_t* mb = nullptr, int64_t mbs = 0, int64_t q0 = 0, int64_t prefetch = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
+#if defined(__AVX512F__)
+  if (kPoolShort && len >= L && len <= kPoolShortMax) {  // short runs in registers (reduce_short)
+    short_pieces<kPoolShortVectors>(len, L, [&](auto nv, int64_t p, int64_t n) {
+      reduce_short<decltype(nv)::value, T, X, G, GC, M>(x + p, s, GC ? g : g + p, gv, M ? mp + p : nullptr, C, HW,
+                                                        n, ap + p, cp + p, mb, mbs, q0 + p, prefetch);
+    });
+    return;
+  }
+#endif
   std::fill(ap, ap + len, T(0));
   std::fill(cp, cp + len, T(0));
   // the tail through vector_sweeps: overlapped lanes keep their sums and counts
