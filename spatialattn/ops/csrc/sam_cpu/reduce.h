@@ -130,7 +130,8 @@ inline int64_t reduce_chunk_avx2(const X* x, const float* s, const X* g, float g
 // a time, with reduce_chunk's operations in its order (the sums and counts add the channels in
 // sequence, whether four or one per sweep), so the same bits; the max bits of overlapped
 // lanes are written twice, the same. Where the runs are a whole image's contiguous rows the
-// groups read x and g front to back (one_stream_reduce's concern).
+// groups read x and g front to back (one_stream_reduce's concern). set_pool_short switches
+// this and the pooling's registers together (tests).
 template <int NV, typename T, typename X, bool G, bool GC, bool M>
 void reduce_short(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t C, int64_t HW, int64_t len, T* ap,
                   T* cp, uint8_t* mb, int64_t mbs, int64_t q0, int64_t prefetch) {
