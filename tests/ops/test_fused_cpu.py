@@ -879,12 +879,14 @@ def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
     # share of them) are pooled, and the backward's pass A sums and counts them, with every
     # accumulator in registers (AVX-512 builds; the pooling in AVX2 builds too; elsewhere both
     # settings take the sweeps): the same bits as the sweeps over accumulators in memory, in
-    # the pooled maps, the whole SAM and its training-BatchNorm form, forward and backward, and
-    # the reference's values. Runs: a whole vector (4x4), an overlapping last vector (7x7: 49; 3x9 in float64's
-    # 8 lanes), two pieces (13x13: 128 + 41), a remainder under a vector joined to the piece
-    # before it (8x17: 136 = 112 + 24), the limit (16x16) and one past it (257: the sweeps),
-    # shorter than a vector (3x5); channel counts leaving 0-3 channels after the groups of
-    # four; ties across channels, signed zeros, a NaN; 1-3 threads (shares that split images).
+    # the pooled maps, the whole SAM and its training-BatchNorm form, forward and backward,
+    # and the reference's values. Runs: a whole vector (4x4), an overlapping last vector (7x7:
+    # 49; 3x9 in float64's 8 lanes), two pieces (13x13: 128 + 41), a remainder under a vector
+    # joined to the piece before it (8x17: 136 = 112 + 24), the limit (16x16) and one past it
+    # (257: the sweeps), shorter than a vector (3x5); channel counts leaving 0-3 channels after
+    # the groups of four; ties across channels, signed zeros; a NaN in the forward's input
+    # (the gradients are taken without it: through the conv and a batch's BatchNorm it would
+    # make them NaN wherever it reaches); 1-3 threads (shares that split images).
     shapes = [(2, 37, 7, 7), (1, 64, 13, 13), (2, 6, 8, 17), (1, 9, 4, 4), (2, 11, 16, 16), (1, 8, 1, 257),
               (2, 5, 3, 5), (1, 12, 3, 9)]
     old = torch.get_num_threads()
@@ -896,6 +898,7 @@ def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
             x[0, c - 1, 0, 1] = x[0, 1, 0, 1] = x[0, :, 0, 1].max() + 1  # a tie across channel groups
             x[0, :, 0, 2] = -0.0
             x[0, 0, 0, 2] = 0.0  # a max among signed zeros: the first channel's (+0)
+            finite = x.clone()
             x[-1, c - 2, -1, -1] = float("nan")
             s = (torch.rand(n, c, 1, 1) + 0.5).to(dtype if dtype == torch.float64 else torch.float32) if with_scale else None
             acc = ops._lib._acc(x)
@@ -908,9 +911,11 @@ def test_nchw_pooling_of_short_runs_in_registers(cpp_module, dtype, with_scale):
                                 *cpp_module.sam_forward(x, w, None, s, None, None, [1, 0], 1, None),
                                 *cpp_module.sam_forward_bn(x, w, None, s, torch.ones(1, dtype=acc),
                                                            torch.zeros(1, dtype=acc), 1e-5, [0, 1], 1)[:4],
-                                *_short_run_grads(x, w, s, bn=False), *_short_run_grads(x, w, s, bn=True))
+                                *_short_run_grads(finite, w, s, bn=False), *_short_run_grads(finite, w, s, bn=True))
             finally:
                 cpp_module.set_pool_short(True)
+            n_fwd = 1 + 4 + 4  # the pooling, sam_forward's and sam_forward_bn's outputs
+            assert not any(t.isnan().any() for t in outs[True][n_fwd:]), "the gradients are of finite inputs"
             for a, b in zip(outs[True], outs[False]):
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{shape}, {threads} threads: {m}")
                 num = ~a.isnan()
