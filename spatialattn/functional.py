@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .ops._library import _as_dtype, autocast_off, device_type
+from .ops._library import _as_dtype, _params_held, autocast_off, device_type
 
 __all__ = [
     "check_input",
@@ -174,10 +174,9 @@ def _fused_sam_args(
     """
     if not _is_sigmoid_gate(gate):
         return None
-    acc = accumulate_dtype(x)
-    held = (acc, x.dtype)  # the parameter dtypes taken (x's own: only a half one differs from acc)
-    if weight.dtype not in held or (bias is not None and bias.dtype not in held):
+    if not _params_held(x, weight, bias):
         return None
+    acc = accumulate_dtype(x)
     weight, bias = _as_dtype(weight, acc), _as_dtype(bias, acc)
     if norm is None:
         return weight, bias, None, None
@@ -185,7 +184,7 @@ def _fused_sam_args(
         return None
     stat = norm._buffers.get("running_mean")
     stat = stat if stat is not None else norm._parameters.get("weight")
-    if stat is not None and stat.dtype not in held:
+    if not _params_held(x, stat):
         return None
     affine = ops.batchnorm_affine(norm, acc)
     if affine is None:
@@ -199,10 +198,7 @@ def _fused_batchnorm_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm,
     dtype (a ``model.half()`` in training: converted to float32 as in :func:`_fused_sam_args`)."""
     if not _is_sigmoid_gate(gate) or norm is None:
         return False
-    held = (accumulate_dtype(x), x.dtype)
-    if weight.dtype not in held or (bias is not None and bias.dtype not in held):
-        return False
-    return ops.batchnorm_train_fusable(x, norm)
+    return _params_held(x, weight, bias) and ops.batchnorm_train_fusable(x, norm)
 
 
 def spatial_attention_map(

@@ -173,9 +173,9 @@ def backend_report() -> dict:
     """What the ops run on this machine, and why: loads the C++ kernels (building them on first use,
     about 1-2 minutes) and asks every device and dtype which implementation :func:`backend` picks.
 
-    Returns ``{"torch", "cpu_capability", "threads", "cpp": {"available", "name", "path",
-    "openmp", "error", "seconds"}, "triton": {"available", "version"}, "cuda_devices": [names],
-    "backends": {device: {dtype name: "cpp" | "triton" | "torch"}}}``; ``cpp["error"]`` says why
+    Returns ``{"torch", "cpu_capability", "threads", "cpp": {"available", "name", "path", "isa",
+    "openmp", "lto", "error", "seconds"} (:func:`._cpp.describe`, and the seconds it took),
+    "triton": {"available", "version"}, "cuda_devices": [names], "backends": {device: {dtype name: "cpp" | "triton" | "torch"}}}``; ``cpp["error"]`` says why
     the C++ kernels are not used (disabled, no compiler, the compiler's error), which the ops
     themselves only log at DEBUG level.
     """
@@ -563,7 +563,7 @@ def batchnorm_train_fusable(x: Tensor, norm) -> bool:
     if _fast_device(x) is None:
         return False
     p = norm.weight if norm.weight is not None else norm.running_mean
-    return p is None or p.dtype in (_lib._acc(x), x.dtype)
+    return _lib._params_held(x, p)
 
 
 def spatial_attention_fused_batchnorm(

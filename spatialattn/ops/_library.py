@@ -314,6 +314,17 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _params_held(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Every parameter given (None: absent) in ``x``'s accumulation dtype or in ``x``'s own
+    dtype: the dtypes the fused ops take (a half one is a ``model.half()``'s, converted to float32
+    exactly, see :func:`_as_dtype`)."""
+    held = (_acc(x), x.dtype)
+    for p in params:  # (a loop, not all() over a generator: every SAM forward asks)
+        if p is not None and p.dtype not in held:
+            return False
+    return True
+
+
 def _as_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``t`` in ``dtype`` (``t`` itself where it already is, or is None; else a differentiable copy)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)

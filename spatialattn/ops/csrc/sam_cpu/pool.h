@@ -43,6 +43,8 @@ inline void each_index(F&& f) {
 constexpr int kPoolShortVectors = 8;
 constexpr int64_t kPoolShortMax = 256;
 bool kPoolShort = true;
+// a run the register paths take (pooling and backward pass A), vectors of `lanes` elements
+inline bool short_run(int64_t len, int64_t lanes_) { return kPoolShort && len >= lanes_ && len <= kPoolShortMax; }
 
 template <int NV, typename T, typename X>
 void pool_short(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch) {
@@ -159,28 +161,53 @@ void short_pieces(int64_t len, int64_t lanes_, F&& piece) {
 // longer than kPoolShortMax)
 template <typename T, typename X>
 bool pool_short_run(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch) {
-  if (!kPoolShort || len > kPoolShortMax) return false;
 #if defined(__AVX512F__)
   constexpr int64_t L = lanes<T>();
-  if (len < L) return false;
+  if (!short_run(len, L)) return false;
   short_pieces<kPoolShortVectors>(len, L, [&](auto nv, int64_t p, int64_t n) {
     pool_short<decltype(nv)::value, T, X>(x + p, s, C, HW, n, mp + p, sp + p, prefetch);
   });
   return true;
 #elif SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
-    if (len < 8) return false;
+    if (!short_run(len, 8)) return false;
     short_pieces<kPoolShortVectorsAvx2>(len, 8, [&](auto nv, int64_t p, int64_t n) {
       pool_short_avx2<decltype(nv)::value, X>(x + p, s, C, HW, n, mp + p, sp + p, prefetch);
     });
     return true;
   }
-  (void)x, (void)s, (void)C, (void)HW, (void)mp, (void)sp, (void)prefetch;
+  (void)x, (void)s, (void)C, (void)HW, (void)len, (void)mp, (void)sp, (void)prefetch;
   return false;
 #else
-  (void)x, (void)s, (void)C, (void)HW, (void)mp, (void)sp, (void)prefetch;
+  (void)x, (void)s, (void)C, (void)HW, (void)len, (void)mp, (void)sp, (void)prefetch;
   return false;
 #endif
+}
+
+// The end of pool_chunk: sp (the sums) divided into means, mp (the maxima) NaN where a channel
+// is. vmax drops NaN; a NaN among the channels makes the sum NaN, and only then they are
+// scanned. Whole vectors first (the same IEEE division per lane; as a scalar loop, with the
+// NaN test's branch and call, this was the largest item after the conv in perf of a
+// one-channel forward), then the rest one by one.
+template <typename T, typename X>
+void pool_finish(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp) {
+  using V = vec_t<T>;
+  constexpr int64_t L = lanes<T>();
+  auto finish = [&](int64_t i) {
+    if (sp[i] != sp[i] && any_nan(x + i, s, C, HW)) mp[i] = std::numeric_limits<T>::quiet_NaN();
+    sp[i] = sp[i] / T(C);
+  };
+  const V vc = V{} + T(C);
+  int64_t i = 0;
+  for (; i + L <= len; i += L) {
+    const V a = vload(sp + i);
+    if (lane_bits<T>(vcmp<kNe, T>(a, a)) != 0) {
+      for (int64_t k = i; k < i + L; ++k) finish(k);
+    } else {
+      vstore(sp + i, a / vc);
+    }
+  }
+  for (; i < len; ++i) finish(i);
 }
 
 constexpr int64_t kGpTileDefault = 65536;
@@ -194,9 +221,11 @@ template <typename T, typename X>
 void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* mp, T* sp, int64_t prefetch = 0) {
   using V = vec_t<T>;
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
-  // short runs: every channel in registers (then the loops below find no channel left)
-  const bool in_registers = pool_short_run<T, X>(x, s, C, HW, len, mp, sp, prefetch);
-  if (!in_registers) {
+  if (pool_short_run<T, X>(x, s, C, HW, len, mp, sp, prefetch)) {  // short runs: every channel in registers
+    pool_finish<T, X>(x, s, C, HW, len, mp, sp);
+    return;
+  }
+  {
     const T sc = s ? s[0] : T(1);
     for (int64_t i = 0; i < len; ++i) {
       const T v = T(x[i]) * sc;
@@ -221,7 +250,7 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
     vstore(mp + k, m);
     vstore(sp + k, a);
   };
-  int64_t c = in_registers ? C : 1;
+  int64_t c = 1;
 #if SAM_AVX2_HALVES
   if constexpr (std::is_same_v<T, float>) {
     if (len >= 8) {
@@ -328,25 +357,7 @@ void pool_chunk(const X* x, const T* s, int64_t C, int64_t HW, int64_t len, T* m
       sp[i] += v;
     }
   }
-  // vmax drops NaN; a NaN among the channels makes the sum NaN, and only then they are
-  // scanned. Whole vectors first (the same IEEE division per lane; as a scalar loop, with the
-  // NaN test's branch and call, this was the largest item after the conv in perf of a
-  // one-channel forward), then the rest one by one.
-  auto finish = [&](int64_t i) {
-    if (sp[i] != sp[i] && any_nan(x + i, s, C, HW)) mp[i] = std::numeric_limits<T>::quiet_NaN();
-    sp[i] = sp[i] / T(C);
-  };
-  const V vc = V{} + T(C);
-  int64_t i = 0;
-  for (; i + L <= len; i += L) {
-    const V a = vload(sp + i);
-    if (lane_bits<T>(vcmp<kNe, T>(a, a)) != 0) {
-      for (int64_t k = i; k < i + L; ++k) finish(k);
-    } else {
-      vstore(sp + i, a / vc);
-    }
-  }
-  for (; i < len; ++i) finish(i);
+  pool_finish<T, X>(x, s, C, HW, len, mp, sp);
 }
 
 template <typename T, int B>

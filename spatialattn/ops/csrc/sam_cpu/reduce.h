@@ -212,7 +212,7 @@ void reduce_chunk(const X* x, const T* s, const X* g, T gv, const T* mp, int64_t
   [[maybe_unused]] constexpr int64_t L = lanes<T>();
   const V one = V{} + T(1), zero = V{};
 #if defined(__AVX512F__)
-  if (kPoolShort && len >= L && len <= kPoolShortMax) {  // short runs in registers (reduce_short)
+  if (short_run(len, L)) {  // short runs in registers (reduce_short)
     short_pieces<kPoolShortVectors>(len, L, [&](auto nv, int64_t p, int64_t n) {
       reduce_short<decltype(nv)::value, T, X, G, GC, M>(x + p, s, GC ? g : g + p, gv, M ? mp + p : nullptr, C, HW,
                                                         n, ap + p, cp + p, mb, mbs, q0 + p, prefetch);
