@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
+import time
 
 _ERROR_LINES = 40  # of a build error shown (a compiler's output can be long)
+_NOTICE_AFTER_S = 2.0  # loading that takes longer is a build: say so
+_NOTICE = "compiling the C++ CPU kernels for this machine (once, then cached: about 1-2 minutes) ..."
 
 
 def register(sub: "argparse._SubParsersAction") -> None:
@@ -56,13 +60,31 @@ def _missing(report: dict, required: list) -> list:
     return missing
 
 
+def _load_announcing_a_build() -> float:
+    """Load the C++ kernels (:func:`spatialattn.ops._cpp.get`), saying on stderr that they are
+    being compiled where that takes longer than ``_NOTICE_AFTER_S``: a cached build loads in
+    well under a second, where a notice of minutes would be wrong. Returns the seconds taken."""
+    from spatialattn.ops import _cpp
+
+    notice = threading.Timer(_NOTICE_AFTER_S, print, args=(_NOTICE,), kwargs={"file": sys.stderr, "flush": True})
+    notice.daemon = True
+    t0 = time.perf_counter()
+    notice.start()
+    try:
+        _cpp.get()
+    finally:
+        notice.cancel()
+    return round(time.perf_counter() - t0, 3)
+
+
 def run(args: argparse.Namespace) -> int:
     from spatialattn import ops
     from spatialattn.ops import _cpp
 
-    if not args.json and not _cpp.disabled():
-        print("loading the C++ CPU kernels (compiled on first use: about 1-2 minutes) ...", file=sys.stderr, flush=True)
+    loaded_in = None if args.json or _cpp.disabled() else _load_announcing_a_build()
     report = ops.backend_report()
+    if loaded_in is not None:
+        report["cpp"]["seconds"] = loaded_in  # (the report's own load found them loaded)
     print(json.dumps(report, indent=2) if args.json else _format(report))
     missing = _missing(report, args.require)
     for kind in missing:

@@ -68,6 +68,40 @@ def _lto_flag() -> str:
     return f"-flto={min(max(1, jobs), _LTO_MAX_JOBS)}"
 
 
+def _lto_links() -> bool:
+    """True if the C++ compiler links a tiny shared library with :func:`_lto_flag` (as
+    ``cpp_extension`` links the extension: ``-fPIC -shared``). Asked only after a build with
+    link-time optimisation failed, to tell a toolchain without it (e.g. a linker without GCC's
+    LTO plugin: every later build goes without) from a failure of another cause (an unknown
+    flag, a compile error, which the build without LTO would meet too; see :func:`_build`)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="spatialattn_lto_") as tmp:
+        src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
+        src.write_text("int spatialattn_lto_probe(int v) { return v + 1; }\n")
+        try:
+            done = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) +
+                                  ["-O2", "-fPIC", "-shared", _lto_flag(), str(src), "-o", str(lib)],
+                                  capture_output=True, timeout=120)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return False
+        return done.returncode == 0 and lib.exists()
+
+
+def _built_before(name: str, beside: str) -> bool:
+    """True if ``cpp_extension``'s build directory holds a built library of extension ``name``
+    (up to date or not); False where that cannot be told. ``beside``: the extension about to be
+    built, whose directory ``cpp_extension`` creates anyway (asking for ``name``'s own would
+    create that one)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(_get_build_directory(beside, verbose=False)).parent / name
+    except Exception:  # a private function: gone or changed
+        return False
+    return (folder / f"{name}.so").exists() or (folder / f"{name}.pyd").exists()
+
+
 def _is_gcc() -> bool:
     """True if the C++ compiler ``cpp_extension`` runs (``$CXX``, else ``c++``) is GCC, by its
     ``--version`` banner (``c++`` is often GCC under another name)."""
@@ -135,9 +169,13 @@ def _build() -> Tuple[Any, dict]:
     ltos: List[Tuple[List[str], str]] = [([], "")]
     if _is_gcc():
         flags += _GCC_ONLY_FLAGS
-        # with link-time optimisation first; without it where that build fails (e.g. a linker
-        # without GCC's LTO plugin), named apart: in one build directory the two would overwrite
-        # each other's object, and every new process would compile both again
+        # with link-time optimisation first; without it where LTO cannot link here (e.g. a linker
+        # without GCC's LTO plugin: _lto_links, asked once the first LTO build fails), named
+        # apart: in one build directory the two would overwrite each other's object, and every
+        # new process would compile both again. Where LTO links, a failed LTO build's twin without
+        # it is tried once (in case LTO itself failed on this source: memory, a compiler fault);
+        # after that twin failed too, the cause is another (an unknown flag, a compile error),
+        # which a build without LTO would meet the same way, and later twins are not tried.
         ltos = [([_lto_flag()], ""), ([], "_nolto")]
     variants = [(cap, [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
@@ -152,10 +190,22 @@ def _build() -> Tuple[Any, dict]:
     # pool, shared thread count). Where OpenMP cannot be compiled, build without it.
     omps = [(["-fopenmp"], "_omp"), ([], "")] if sys.platform.startswith("linux") else [([], "")]
     error: Optional[BaseException] = None
+    lto_ok: Optional[bool] = None  # whether LTO links here: asked (_lto_links) after the first LTO build fails
+    twin_tried = False  # a build without LTO tried after an LTO build failed where LTO links
     for vcap, vflags in variants:
         for omp, suffix in omps:
             for lto, lto_suffix in ltos:
                 ext_name = f"spatialattn_sam_cpu_{vcap.lower()}{suffix}{lto_suffix}"
+                if lto and lto_ok is None and _built_before(f"spatialattn_sam_cpu_{vcap.lower()}{suffix}_nolto", ext_name):
+                    # an earlier process built this one without LTO (its LTO build failed): ask
+                    # first, instead of failing that build again in every new process
+                    lto_ok = _lto_links()
+                if lto and lto_ok is False:
+                    continue  # LTO cannot link here
+                if not lto and lto_ok is True:
+                    if twin_tried:
+                        continue  # LTO links here, and the LTO build failed for another reason
+                    twin_tried = True
                 try:
                     module = cpp_extension.load(
                         name=ext_name,
@@ -167,6 +217,9 @@ def _build() -> Tuple[Any, dict]:
                 except Exception as exc:  # e.g. a compiler without OpenMP or AVX512-BF16: try the next
                     error = exc
                     log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
+                    if lto and lto_ok is None:
+                        lto_ok = _lto_links()
+                        log.debug("spatialattn: link-time optimisation %s here", "links" if lto_ok else "does not link")
                     continue
                 return module, {"isa": vcap, "openmp": bool(omp), "lto": bool(lto)}
     assert error is not None

@@ -97,3 +97,28 @@ def test_require(capsys):
         cpp = ops.backend_report()["cpp"]
         line = f"C++ CPU kernels: {cpp['isa']}, {'OpenMP' if cpp['openmp'] else 'without OpenMP (one thread)'}"
         assert line + (", LTO" if cpp["lto"] else "") + " (loaded in " in out and f"\n  {cpp['path']}\n" in out
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5])
+def test_a_build_is_announced_only_where_loading_takes_a_while(monkeypatch, capsys, cpp_reloaded_after, seconds):
+    # `spatialattn kernels` says the kernels are being compiled (minutes) when loading them takes
+    # longer than a cached build's load; a cached build is loaded without that notice
+    import time
+
+    from spatialattn.commands import kernels
+
+    def slow_build():
+        time.sleep(seconds)
+        return "module", {"isa": "AVX2", "openmp": True, "lto": True}
+
+    monkeypatch.delenv("SPATIALATTN_DISABLE_CPP", raising=False)
+    monkeypatch.setattr(_cpp, "_built", None)
+    monkeypatch.setattr(_cpp, "_build", slow_build)
+    monkeypatch.setattr(kernels, "_NOTICE_AFTER_S", 0.2)
+    _cpp.reset()
+    assert main(["kernels"]) == 0
+    out, err = capsys.readouterr()
+    assert (kernels._NOTICE in err) is (seconds > 0.2)
+    assert "C++ CPU kernels: AVX2, OpenMP, LTO (loaded in " in out
+    time.sleep(0.3)  # the notice's timer was cancelled, not merely late
+    assert capsys.readouterr().err == ""

@@ -48,6 +48,7 @@ def test_openmp_build_first_then_without(monkeypatch):
 def test_gcc_only_flags_go_to_gcc_only(monkeypatch, gcc):
     calls = _record_loads(monkeypatch)
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: gcc)
+    monkeypatch.setattr(_cpp, "_built_before", lambda name, beside: False)
     _cpp._build()
     assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc
                          for _, f, _ in calls)
@@ -63,12 +64,100 @@ def test_gcc_builds_with_lto_first_then_without(monkeypatch):
     monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
     monkeypatch.setattr(_cpp, "_lto_flag", lambda: "-flto=3")
-    assert _cpp._build() == ("module", {"isa": _cpp._capability(), "openmp": True, "lto": False})
-    assert len(calls) == 2
-    (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
-    assert name1.endswith("_omp") and name2 == name1 + "_nolto"  # a build directory of its own
-    assert "-flto=3" in cflags1 and ldflags1 == ["-fopenmp", "-flto=3"]
-    assert cflags2 == [f for f in cflags1 if f != "-flto=3"] and ldflags2 == ["-fopenmp"]
+    monkeypatch.setattr(_cpp, "_built_before", lambda name, beside: False)
+    for links in (False, True):  # a linker without LTO; or LTO failing on this source alone (memory, ...)
+        monkeypatch.setattr(_cpp, "_lto_links", lambda: links)
+        calls.clear()
+        assert _cpp._build() == ("module", {"isa": _cpp._capability(), "openmp": True, "lto": False})
+        assert len(calls) == 2
+        (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
+        assert name1.endswith("_omp") and name2 == name1 + "_nolto"  # a build directory of its own
+        assert "-flto=3" in cflags1 and ldflags1 == ["-fopenmp", "-flto=3"]
+        assert cflags2 == [f for f in cflags1 if f != "-flto=3"] and ldflags2 == ["-fopenmp"]
+
+
+def _avx512_bf16_cpu_with_gcc(monkeypatch, lto_links, built_before=lambda name, beside: False):
+    """An AVX-512 CPU with AVX512-BF16 and GCC (four variants, each with and without LTO);
+    ``_lto_links`` answers ``lto_links``, counting its calls in the returned list."""
+    asked = []
+
+    def links():
+        asked.append(True)
+        return lto_links
+
+    monkeypatch.setattr(_cpp, "_capability", lambda: "AVX512")
+    monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(_cpp, "_lto_links", links)
+    monkeypatch.setattr(_cpp, "_built_before", built_before)
+    return asked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build attempt is Linux-only")
+def test_failures_of_another_cause_are_not_retried_without_lto(monkeypatch):
+    # a compiler without AVX512-BF16 or OpenMP, whose LTO links: each LTO build fails for
+    # those flags; the first one's twin without LTO is tried (LTO could have failed on this
+    # source alone) and fails the same way, so no later twin is (4 + 1 builds, not 8)
+    calls = _record_loads(monkeypatch, fails=lambda cflags: "-mavx512bf16" in cflags or "-fopenmp" in cflags)
+    asked = _avx512_bf16_cpu_with_gcc(monkeypatch, lto_links=True)
+    assert _cpp._build() == ("module", {"isa": "AVX512", "openmp": False, "lto": True})
+    assert [n for n, _, _ in calls] == ["spatialattn_sam_cpu_avx512_bf16_omp", "spatialattn_sam_cpu_avx512_bf16_omp_nolto",
+                                        "spatialattn_sam_cpu_avx512_bf16", "spatialattn_sam_cpu_avx512_omp",
+                                        "spatialattn_sam_cpu_avx512"]
+    assert len(asked) == 1  # asked once, after the first LTO build failed
+    assert all(any(a.startswith("-flto") for a in f) != n.endswith("_nolto") for n, f, _ in calls)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build attempt is Linux-only")
+def test_without_lto_everywhere_once_lto_cannot_link(monkeypatch):
+    # a linker without GCC's LTO plugin (and a compiler without AVX512-BF16): after the first
+    # LTO build failed and the probe could not link either, every later build goes without LTO
+    calls = _record_loads(monkeypatch, fails=lambda cflags: "-mavx512bf16" in cflags
+                          or any(a.startswith("-flto") for a in cflags))
+    asked = _avx512_bf16_cpu_with_gcc(monkeypatch, lto_links=False)
+    assert _cpp._build() == ("module", {"isa": "AVX512", "openmp": True, "lto": False})
+    assert [n for n, _, _ in calls] == ["spatialattn_sam_cpu_avx512_bf16_omp", "spatialattn_sam_cpu_avx512_bf16_omp_nolto",
+                                        "spatialattn_sam_cpu_avx512_bf16_nolto", "spatialattn_sam_cpu_avx512_omp_nolto"]
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize("links", [False, True])
+def test_an_earlier_build_without_lto_asks_first(monkeypatch, links):
+    # where an earlier process built the extension without LTO (its LTO build had failed), a
+    # new process asks whether LTO links before building with it: where it does not, the
+    # cached build without it loads at once instead of after a failing LTO build every time
+    calls = _record_loads(monkeypatch)
+    asked = _avx512_bf16_cpu_with_gcc(monkeypatch, lto_links=links,
+                                      built_before=lambda name, beside: name == "spatialattn_sam_cpu_avx512_bf16_omp_nolto")
+    assert _cpp._build() == ("module", {"isa": "AVX512_BF16", "openmp": True, "lto": links})
+    assert [n for n, _, _ in calls] == ["spatialattn_sam_cpu_avx512_bf16_omp" + ("" if links else "_nolto")]
+    assert len(asked) == 1
+
+
+def test_built_before_looks_in_the_extensions_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _cpp._built_before("ext_nolto", beside="ext")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext"]  # (cpp_extension creates that one anyway)
+    (tmp_path / "ext_nolto").mkdir()
+    assert not _cpp._built_before("ext_nolto", beside="ext")  # a directory without a built library
+    (tmp_path / "ext_nolto" / "ext_nolto.so").write_bytes(b"")
+    assert _cpp._built_before("ext_nolto", beside="ext")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_lto_probe(monkeypatch, tmp_path):
+    # the real compiler: GCC links with -flto here; a compiler that fails or is missing: False
+    monkeypatch.delenv("CXX", raising=False)
+    if _cpp._is_gcc():
+        assert _cpp._lto_links() is True
+    fake = tmp_path / "fake-c++"
+    fake.write_text("#!/bin/sh\necho 'lto-wrapper: fatal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert _cpp._lto_links() is False
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert _cpp._lto_links() is False
 
 
 def test_lto_jobs_are_the_usable_cores(monkeypatch):
@@ -109,6 +198,7 @@ def test_build_error_propagates_after_all_attempts(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: fake_load(**k))
+    monkeypatch.setattr(_cpp, "_lto_links", lambda: False)
     with pytest.raises(RuntimeError, match="no compiler"):
         _cpp._build()
 
