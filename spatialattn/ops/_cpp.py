@@ -83,9 +83,11 @@ def _lto_links() -> bool:
             done = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) +
                                   ["-O2", "-fPIC", "-shared", _lto_flag(), str(src), "-o", str(lib)],
                                   capture_output=True, timeout=120)
+            links = done.returncode == 0 and lib.exists()
         except (OSError, ValueError, subprocess.SubprocessError):
-            return False
-        return done.returncode == 0 and lib.exists()
+            links = False
+    log.debug("spatialattn: link-time optimisation %s here", "links" if links else "does not link")
+    return links
 
 
 def _built_before(name: str, beside: str) -> bool:
@@ -219,7 +221,6 @@ def _build() -> Tuple[Any, dict]:
                     log.debug("spatialattn: building %s failed (%s: %s)", ext_name, type(exc).__name__, exc)
                     if lto and lto_ok is None:
                         lto_ok = _lto_links()
-                        log.debug("spatialattn: link-time optimisation %s here", "links" if lto_ok else "does not link")
                     continue
                 return module, {"isa": vcap, "openmp": bool(omp), "lto": bool(lto)}
     assert error is not None
