@@ -4,6 +4,7 @@ and hypothesis draws the same examples on every run (a CI failure can be reprodu
 run in the background from the start of the session (``subprocess_check``)."""
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -18,6 +19,21 @@ from hypothesis import settings
 settings.register_profile("fixed", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
+
+
+_test_number = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _build_failures_recorded_apart(monkeypatch, tmp_path_factory):
+    """Tests that make the C++ build fail (a replaced ``cpp_extension.load`` or ``_build``) record
+    the failure in a folder of their own, one per test (made only where a record is written): in
+    the extensions directory the record would keep later processes from building the kernels
+    for an hour, and a test's record would stop the next test's build (``spatialattn.ops._cpp``)."""
+    from spatialattn.ops import _cpp
+
+    folder = tmp_path_factory.getbasetemp() / "build_failures" / str(next(_test_number))
+    monkeypatch.setattr(_cpp, "_RECORD_DIR", str(folder))
 
 
 @pytest.fixture(autouse=True)

@@ -104,15 +104,109 @@ def _built_before(name: str, beside: str) -> bool:
     return (folder / f"{name}.so").exists() or (folder / f"{name}.pyd").exists()
 
 
-def _is_gcc() -> bool:
-    """True if the C++ compiler ``cpp_extension`` runs (``$CXX``, else ``c++``) is GCC, by its
-    ``--version`` banner (``c++`` is often GCC under another name)."""
+def _compiler_banner() -> Optional[str]:
+    """The ``--version`` output of the C++ compiler ``cpp_extension`` runs (``$CXX``, else
+    ``c++``); None where it cannot be run."""
     try:
-        banner = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"], capture_output=True,
-                                text=True, timeout=60).stdout.lower()
+        return subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"], capture_output=True,
+                              text=True, timeout=60).stdout
     except (OSError, ValueError, subprocess.SubprocessError):
-        return False
+        return None
+
+
+def _is_gcc(banner: Optional[str] = None) -> bool:
+    """True if the C++ compiler ``cpp_extension`` runs is GCC, by its ``--version`` banner
+    (``c++`` is often GCC under another name); ``banner``: that output where already taken."""
+    banner = (_compiler_banner() if banner is None else banner) or ""
+    banner = banner.lower()
     return "clang" not in banner and any(s in banner for s in ("gcc", "g++", "free software foundation"))
+
+
+# A build where every variant failed is recorded (the error, the time) in the extensions
+# directory under a key of everything the build depends on (the sources, torch, Python, the CPU
+# capability, the compiler and its version), and new processes do not build it again for
+# _RETRY_AFTER_S: a compiler that fails on the source can take minutes to fail all variants
+# (measured: 370 s, five attempts of 70-80 s, for GCC 12 held to C++14), which every new process
+# paid before falling back. An edit of the source or a new compiler is another key (built at
+# once); `spatialattn kernels` forgets the record and builds. _RECORD_DIR: where the records
+# go (None: the extensions directory; the tests point it elsewhere).
+_RETRY_AFTER_S = 3600.0
+_RECORD_DIR: Optional[str] = None
+
+
+def _build_key(banner: Optional[str]) -> str:
+    import hashlib
+    import platform
+
+    import torch
+
+    h = hashlib.sha1()
+    for item in (_SRC.read_bytes(), _parts_hash().encode(), torch.__version__.encode(), sys.version.encode(),
+                 _capability().encode(), platform.machine().encode(), os.environ.get("CXX", "c++").encode(),
+                 (banner or "").encode()):
+        h.update(item)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _failure_record(banner: Optional[str]) -> Optional[Path]:
+    """The file recording a failed build of this key (it may not exist); None where no
+    directory for it can be found."""
+    try:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = _RECORD_DIR or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        return Path(root) / f"spatialattn_build_failed.{_build_key(banner)}.json"
+    except Exception:
+        return None
+
+
+def _recent_failure(record: Optional[Path]) -> Optional[str]:
+    """Why the build is not tried again (a message with the recorded error), where ``record``
+    holds a failure less than ``_RETRY_AFTER_S`` old; else None."""
+    import json
+    import time
+
+    try:
+        data = json.loads(record.read_text())
+        age = time.time() - float(data["time"])
+        error = str(data["error"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if not 0 <= age < _RETRY_AFTER_S:
+        return None
+    return (f"not built: the same build failed {age / 60:.0f} min ago and is retried after "
+            f"{_RETRY_AFTER_S / 60:.0f} min, or at once by `spatialattn kernels` (record: {record}). "
+            f"The error then: {error}")
+
+
+def _record_failure(record: Optional[Path], error: str) -> None:
+    """Write the record of a failed build (atomically; nothing where it cannot be written)."""
+    import json
+    import tempfile
+    import time
+
+    if record is None:
+        return
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=record.parent, prefix=record.name, suffix=".tmp",
+                                         delete=False) as fh:
+            json.dump({"time": time.time(), "error": error[-20000:]}, fh)
+        os.replace(fh.name, record)
+    except OSError as exc:
+        log.debug("spatialattn: could not record the failed build (%s)", exc)
+
+
+def forget_failure() -> None:
+    """Remove the record of a failed build of this key (the next :func:`get` in any process
+    builds again)."""
+    record = _failure_record(_compiler_banner())
+    if record is not None:
+        try:
+            record.unlink()
+        except OSError:
+            pass
 
 
 def disabled() -> bool:
@@ -155,9 +249,10 @@ def _parts_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _build() -> Tuple[Any, dict]:
+def _build(banner: Optional[str] = None) -> Tuple[Any, dict]:
     """Build (or load from the cache) the extension: ``(module, {"isa", "openmp", "lto"})``, how
-    it was built; raises the last build error where every variant failed."""
+    it was built; raises the last build error where every variant failed. ``banner``: the
+    compiler's ``--version`` output where already taken."""
     import platform
 
     from torch.utils import cpp_extension
@@ -169,7 +264,7 @@ def _build() -> Tuple[Any, dict]:
     # compiler inlined a kernel (measured: timings within noise of the contracted build)
     flags = ["-O3", "-ffp-contract=off", f"-DSPATIALATTN_PARTS_HASH={_parts_hash()}"]
     ltos: List[Tuple[List[str], str]] = [([], "")]
-    if _is_gcc():
+    if _is_gcc(banner):
         flags += _GCC_ONLY_FLAGS
         # with link-time optimisation first; without it where LTO cannot link here (e.g. a linker
         # without GCC's LTO plugin: _lto_links, asked once the first LTO build fails), named
@@ -239,12 +334,20 @@ def get() -> Optional[Any]:
         if disabled():
             _error = "disabled by SPATIALATTN_DISABLE_CPP"
         else:
-            try:
-                if _built is None:
-                    _built, _built_with = _build()
-                _module = _built
-            except Exception as exc:  # no compiler, build error, ...
-                _error = f"{type(exc).__name__}: {exc}"
+            if _built is None:
+                banner = _compiler_banner()
+                record = _failure_record(banner)
+                _error = _recent_failure(record)
+                if _error is None:
+                    try:
+                        _built, _built_with = _build(banner)
+                    except Exception as exc:  # no compiler, build error, ...
+                        _error = f"{type(exc).__name__}: {exc}"
+                        _record_failure(record, _error)
+                    else:
+                        if record is not None:
+                            record.unlink(missing_ok=True)  # (a failure older than the retry time)
+            _module = _built
         if _error is not None:
             log.debug("spatialattn: C++ CPU kernels unavailable (%s); using PyTorch ops", _error)
         _tried = True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_build_error_is_shown(monkeypatch, capsys, cpp_reloaded_after):
     # a build that fails: the compiler's message in the report and, cut to its first lines, in the command's output
     message = "Error building extension 'spatialattn_sam_cpu_avx2_omp':\n" + "\n".join(f"line {i}" for i in range(1, 60))
 
-    def failing_build():
+    def failing_build(banner=None):
         raise RuntimeError(message)
 
     monkeypatch.delenv("SPATIALATTN_DISABLE_CPP", raising=False)
@@ -107,7 +108,7 @@ def test_a_build_is_announced_only_where_loading_takes_a_while(monkeypatch, caps
 
     from spatialattn.commands import kernels
 
-    def slow_build():
+    def slow_build(banner=None):
         time.sleep(seconds)
         return "module", {"isa": "AVX2", "openmp": True, "lto": True}
 
@@ -122,3 +123,78 @@ def test_a_build_is_announced_only_where_loading_takes_a_while(monkeypatch, caps
     assert "C++ CPU kernels: AVX2, OpenMP, LTO (loaded in " in out
     time.sleep(0.3)  # the notice's timer was cancelled, not merely late
     assert capsys.readouterr().err == ""
+
+
+def _counting_build(monkeypatch, fail: bool):
+    """``_cpp._build`` replaced: returns the list its calls are appended to; raises where ``fail``."""
+    calls = []
+
+    def build(banner=None):
+        calls.append(banner)
+        if fail:
+            raise RuntimeError("Error building extension 'spatialattn_sam_cpu_avx2_omp':\nsam_cpu.cpp:1: error: no C++20")
+        return "module", {"isa": "AVX2", "openmp": True, "lto": False}
+
+    monkeypatch.delenv("SPATIALATTN_DISABLE_CPP", raising=False)
+    monkeypatch.setattr(_cpp, "_built", None)
+    monkeypatch.setattr(_cpp, "_build", build)
+    _cpp.reset()
+    return calls
+
+
+def test_a_failed_build_is_not_tried_again_for_a_while(monkeypatch, capsys, cpp_reloaded_after):
+    # a build that failed in every variant (minutes with a compiler that fails on the source) is
+    # recorded, and the next processes fall back at once until the record is _RETRY_AFTER_S old;
+    # the error is still reported, with the record's path
+    calls = _counting_build(monkeypatch, fail=True)
+    assert _cpp.get() is None and len(calls) == 1
+    records = list(Path(_cpp._RECORD_DIR).glob("spatialattn_build_failed.*.json"))
+    assert len(records) == 1 and "no C++20" in json.loads(records[0].read_text())["error"]
+    _cpp.reset()  # (a new process)
+    assert _cpp.get() is None and len(calls) == 1
+    error = ops.backend_report()["cpp"]["error"]
+    assert error.startswith("not built: the same build failed 0 min ago") and str(records[0]) in error
+    assert error.endswith("RuntimeError: Error building extension 'spatialattn_sam_cpu_avx2_omp':\nsam_cpu.cpp:1: error: no C++20")
+    key = _cpp._build_key
+    monkeypatch.setattr(_cpp, "_build_key", lambda banner: "another")  # an edited source, a new compiler, ...
+    _cpp.reset()
+    assert _cpp.get() is None and len(calls) == 2
+    monkeypatch.setattr(_cpp, "_build_key", key)
+    calls = _counting_build(monkeypatch, fail=False)
+    monkeypatch.setattr(_cpp, "_RETRY_AFTER_S", 0.0)  # the record grown old: built again
+    assert _cpp.get() == "module" and len(calls) == 1
+    assert not records[0].exists()  # a build that works removes it
+
+
+def test_the_kernels_command_builds_despite_a_record(monkeypatch, capsys, cpp_reloaded_after):
+    calls = _counting_build(monkeypatch, fail=True)
+    assert _cpp.get() is None and len(calls) == 1
+    monkeypatch.setattr(_cpp, "_build", lambda banner=None: ("module", {"isa": "AVX2", "openmp": True, "lto": False}))
+    _cpp.reset()
+    assert main(["kernels", "--require", "cpp"]) == 0
+    assert "C++ CPU kernels: AVX2, OpenMP (loaded in " in capsys.readouterr().out
+
+
+def test_a_record_that_cannot_be_written_or_read(monkeypatch, tmp_path, cpp_reloaded_after):
+    # a folder that cannot hold the record (here a file), and a damaged record: the build goes on as before
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(_cpp, "_RECORD_DIR", str(tmp_path / "file"))
+    calls = _counting_build(monkeypatch, fail=True)
+    assert _cpp.get() is None and _cpp._error.startswith("RuntimeError")
+    monkeypatch.setattr(_cpp, "_RECORD_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpp, "_build_key", lambda banner: "k")
+    (tmp_path / "spatialattn_build_failed.k.json").write_text("{not json")
+    _cpp.reset()
+    assert _cpp.get() is None and len(calls) == 2
+    assert "the same build failed" in _cpp._recent_failure(tmp_path / "spatialattn_build_failed.k.json")  # (rewritten)
+
+
+def test_the_build_key_follows_what_the_build_depends_on(monkeypatch):
+    base = _cpp._build_key("g++ (GCC) 12.2.0")
+    assert _cpp._build_key("g++ (GCC) 12.2.0") == base
+    assert _cpp._build_key("g++ (GCC) 13.1.0") != base
+    monkeypatch.setenv("CXX", "clang++")
+    assert _cpp._build_key("g++ (GCC) 12.2.0") != base
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(_cpp, "_parts_hash", lambda: "edited")
+    assert _cpp._build_key("g++ (GCC) 12.2.0") != base

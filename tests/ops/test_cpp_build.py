@@ -35,7 +35,7 @@ def test_openmp_build_first_then_without(monkeypatch):
     # -fopenmp; if that build fails, a build without OpenMP is the fallback
     calls = _record_loads(monkeypatch, fails=lambda cflags: "-fopenmp" in cflags)  # no OpenMP here
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
-    monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per OpenMP choice (no LTO attempt)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda banner=None: False)  # one build per OpenMP choice (no LTO attempt)
     assert _cpp._build() == ("module", {"isa": _cpp._capability(), "openmp": False, "lto": False})
     assert len(calls) == 2
     (name1, cflags1, ldflags1), (name2, cflags2, ldflags2) = calls
@@ -47,7 +47,7 @@ def test_openmp_build_first_then_without(monkeypatch):
 @pytest.mark.parametrize("gcc", [True, False])
 def test_gcc_only_flags_go_to_gcc_only(monkeypatch, gcc):
     calls = _record_loads(monkeypatch)
-    monkeypatch.setattr(_cpp, "_is_gcc", lambda: gcc)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda banner=None: gcc)
     monkeypatch.setattr(_cpp, "_built_before", lambda name, beside: False)
     _cpp._build()
     assert calls and all(("-fno-ipa-cp-clone" in f) == gcc and ("-fno-unswitch-loops" in f) == gcc
@@ -61,7 +61,7 @@ def test_gcc_builds_with_lto_first_then_without(monkeypatch):
     # and the link flags; where that build fails, the same build without it, before giving up
     # OpenMP
     calls = _record_loads(monkeypatch, fails=lambda cflags: any(a.startswith("-flto") for a in cflags))
-    monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda banner=None: True)
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: False)
     monkeypatch.setattr(_cpp, "_lto_flag", lambda: "-flto=3")
     monkeypatch.setattr(_cpp, "_built_before", lambda name, beside: False)
@@ -87,7 +87,7 @@ def _avx512_bf16_cpu_with_gcc(monkeypatch, lto_links, built_before=lambda name, 
 
     monkeypatch.setattr(_cpp, "_capability", lambda: "AVX512")
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
-    monkeypatch.setattr(_cpp, "_is_gcc", lambda: True)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda banner=None: True)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(_cpp, "_lto_links", links)
     monkeypatch.setattr(_cpp, "_built_before", built_before)
@@ -210,7 +210,7 @@ def test_avx512_bf16_build_first_then_plain_avx512(monkeypatch):
     calls = _record_loads(monkeypatch, fails=lambda cflags: "-mavx512bf16" in cflags)  # a compiler without it
     monkeypatch.setattr(_cpp, "_capability", lambda: "AVX512")
     monkeypatch.setattr(_cpp, "_cpu_has", lambda flag: flag == "avx512_bf16")
-    monkeypatch.setattr(_cpp, "_is_gcc", lambda: False)  # one build per variant (no LTO attempt)
+    monkeypatch.setattr(_cpp, "_is_gcc", lambda banner=None: False)  # one build per variant (no LTO attempt)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert _cpp._build() == ("module", {"isa": "AVX512", "openmp": True, "lto": False})
     names = [n for n, _, _ in calls]
