@@ -26,10 +26,10 @@ _test_number = itertools.count()
 
 @pytest.fixture(autouse=True)
 def _build_failures_recorded_apart(monkeypatch, tmp_path_factory):
-    """Tests that make the C++ build fail (a replaced ``cpp_extension.load`` or ``_build``) record
-    the failure in a folder of their own, one per test (made only where a record is written): in
-    the extensions directory the record would keep later processes from building the kernels
-    for an hour, and a test's record would stop the next test's build (``spatialattn.ops._cpp``)."""
+    """Tests whose C++ build fails through ``_cpp.get()`` (a replaced ``_build``) record the
+    failure in a folder of their own, one per test (made only where a record is written): in the
+    extensions directory the record would keep later processes from building the kernels for an
+    hour, and a test's record would stop the next test's build (``spatialattn.ops._cpp``)."""
     from spatialattn.ops import _cpp
 
     folder = tmp_path_factory.getbasetemp() / "build_failures" / str(next(_test_number))

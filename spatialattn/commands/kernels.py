@@ -81,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from spatialattn import ops
     from spatialattn.ops import _cpp
 
+    loaded_in = None
     if not _cpp.disabled():
         _cpp.forget_failure()  # a build that failed in an earlier process is tried again here
-    loaded_in = None if args.json or _cpp.disabled() else _load_announcing_a_build()
+        if not args.json:
+            loaded_in = _load_announcing_a_build()
     report = ops.backend_report()
     if loaded_in is not None:
         report["cpp"]["seconds"] = loaded_in  # (the report's own load found them loaded)

@@ -15,6 +15,7 @@ forces that fallback.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -68,6 +69,12 @@ def _lto_flag() -> str:
     return f"-flto={min(max(1, jobs), _LTO_MAX_JOBS)}"
 
 
+def _cxx() -> List[str]:
+    """The C++ compiler command ``cpp_extension`` runs: ``$CXX`` (a command, maybe with
+    arguments), else ``c++``."""
+    return shlex.split(os.environ.get("CXX", "c++"))
+
+
 def _lto_links() -> bool:
     """True if the C++ compiler links a tiny shared library with :func:`_lto_flag` (as
     ``cpp_extension`` links the extension: ``-fPIC -shared``). Asked only after a build with
@@ -80,8 +87,7 @@ def _lto_links() -> bool:
         src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "probe.so"
         src.write_text("int spatialattn_lto_probe(int v) { return v + 1; }\n")
         try:
-            done = subprocess.run(shlex.split(os.environ.get("CXX", "c++")) +
-                                  ["-O2", "-fPIC", "-shared", _lto_flag(), str(src), "-o", str(lib)],
+            done = subprocess.run(_cxx() + ["-O2", "-fPIC", "-shared", _lto_flag(), str(src), "-o", str(lib)],
                                   capture_output=True, timeout=120)
             links = done.returncode == 0 and lib.exists()
         except (OSError, ValueError, subprocess.SubprocessError):
@@ -108,8 +114,7 @@ def _compiler_banner() -> Optional[str]:
     """The ``--version`` output of the C++ compiler ``cpp_extension`` runs (``$CXX``, else
     ``c++``); None where it cannot be run."""
     try:
-        return subprocess.run(shlex.split(os.environ.get("CXX", "c++")) + ["--version"], capture_output=True,
-                              text=True, timeout=60).stdout
+        return subprocess.run(_cxx() + ["--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
 
@@ -142,7 +147,7 @@ def _build_key(banner: Optional[str]) -> str:
 
     h = hashlib.sha1()
     for item in (_SRC.read_bytes(), _parts_hash().encode(), torch.__version__.encode(), sys.version.encode(),
-                 _capability().encode(), platform.machine().encode(), os.environ.get("CXX", "c++").encode(),
+                 _capability().encode(), platform.machine().encode(), " ".join(_cxx()).encode(),
                  (banner or "").encode()):
         h.update(item)
         h.update(b"\0")
@@ -236,10 +241,12 @@ def _capability() -> str:
     return cap if cap in _ISA_FLAGS else "DEFAULT"
 
 
+@functools.lru_cache(maxsize=1)
 def _parts_hash() -> str:
     """A hash of the headers ``sam_cpu.cpp`` includes. ``cpp_extension.load`` decides whether to
     rebuild from the listed sources and the build flags only: with this hash among the flags,
-    an edit of any part rebuilds the extension too."""
+    an edit of any part rebuilds the extension too. Once per process (the build's flags and
+    the failure record's key both ask)."""
     import hashlib
 
     h = hashlib.sha1()

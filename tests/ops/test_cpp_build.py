@@ -193,7 +193,9 @@ def test_compiler_is_told_apart_by_its_banner(monkeypatch, tmp_path, banner, gcc
     assert _cpp._is_gcc() is False
 
 
-def test_build_error_propagates_after_all_attempts(monkeypatch):
+def test_build_error_propagates_after_all_attempts(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # (_built_before asks for build directories)
+
     def fake_load(**kwargs):
         raise RuntimeError("no compiler")
 
