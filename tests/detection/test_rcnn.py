@@ -201,7 +201,7 @@ def test_zero_rois_in_training_and_zero_proposals_in_eval():
     empty = [dict(t) for t in _targets(masks=True)[1:]] * 2  # two images without boxes
     losses = model(_images(), empty)  # no proposal, no ground truth: zero RoIs
     assert all(torch.isfinite(v) for v in losses.values()), losses
-    assert float(losses["loss_classifier"]) == 0.0 and float(losses["loss_box_reg"]) == 0.0
+    assert losses["loss_classifier"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
     _total(losses).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.eval()
