@@ -66,8 +66,11 @@ def test_rewrite_keeps_absolute_and_relative_references():
             "[shortcut]\nfrom=-5\n"                                                     # 5 (-> 0)
             "[convolutional]\nfilters=7\nsize=1\nactivation=linear\n"                 # 6
             "[yolo]\nmask=0\nanchors=2,2\nclasses=2\nnum=1\n")
-    out = rewrite_cfg(text, num_classes=1, attention="none")
-    m = DarknetModel.from_cfg_text(out)
+    # the shortcut adds 8 channels to 16, as Darknet allows (the overlap), with a warning
+    with pytest.warns(RuntimeWarning, match="different channel counts"):
+        out = rewrite_cfg(text, num_classes=1, attention="none")
+    with pytest.warns(RuntimeWarning, match=r"layer 0 \(convolutional 8x16x16\).*layer 2 \(route 16x16x16\)"):
+        m = DarknetModel.from_cfg_text(out)
     assert m.layer_types == ["convolutional", "convolutional", "route", "shortcut", "convolutional", "yolo"]
     assert m.infos[2].refs == [0, 1] and m.infos[3].refs == [0]
     assert m.layers[4].conv.out_channels == 6 and m.yolo_layers[0].classes == 1
