@@ -481,7 +481,8 @@ void k_global_pool_backward(const X* x, const T* mx, const T* gmax, const T* fme
     // operations of global_pool_grad_run with `acc` (same bits); without `acc` its scalar tail
     // adds the run to +0, which the vectors do not, so the rows stay.
     const int64_t brows = kLaneScales && acc && !stream ? flat_block_rows(HW, kGpLaneBlockMaxHW) : 0;
-    if (brows) block = std::max(brows, block / brows * brows);
+    // (the divisor's max: in builds without lane blocks brows is 0 at compile time, a division GCC warned of)
+    if (brows) block = std::max(brows, block / std::max<int64_t>(brows, 1) * brows);
     at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
       std::vector<T> buf(HW), fmb(mx ? std::min(block, e - b) : 0);
       std::vector<int32_t> ri(brows * HW);
