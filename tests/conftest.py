@@ -48,8 +48,9 @@ def _seed_everything():
 # Some checks need a fresh interpreter (Triton reads TRITON_INTERPRET when it is imported) and take
 # minutes in Triton's interpreter, which is single-threaded Python. A test marked
 # ``@pytest.mark.subprocess_check(cmd, env=..., timeout=...)`` has its command started as soon as the
-# session knows it will run, so it overlaps the rest of the suite; the test takes the finished
-# process from the ``subprocess_check`` fixture and checks it.
+# session knows it will run, at the lowest CPU priority, so it overlaps the rest of the suite on the
+# cores the suite leaves idle; the test, moved to the end of the run, takes the finished process from
+# the ``subprocess_check`` fixture and checks it.
 
 _BACKGROUND = pytest.StashKey[dict]()
 
