@@ -172,11 +172,13 @@ def _recent_failure(record: Optional[Path]) -> Optional[str]:
     import json
     import time
 
+    if record is None:
+        return None
     try:
         data = json.loads(record.read_text())
         age = time.time() - float(data["time"])
         error = str(data["error"])
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if not 0 <= age < _RETRY_AFTER_S:
         return None
@@ -203,15 +205,19 @@ def _record_failure(record: Optional[Path], error: str) -> None:
         log.debug("spatialattn: could not record the failed build (%s)", exc)
 
 
+def _remove_record(record: Optional[Path]) -> None:
+    """Remove a failed build's record where there is one (nothing where it cannot be removed)."""
+    if record is not None:
+        try:
+            record.unlink(missing_ok=True)
+        except OSError as exc:
+            log.debug("spatialattn: could not remove the failed build's record (%s)", exc)
+
+
 def forget_failure() -> None:
     """Remove the record of a failed build of this key (the next :func:`get` in any process
     builds again)."""
-    record = _failure_record(_compiler_banner())
-    if record is not None:
-        try:
-            record.unlink()
-        except OSError:
-            pass
+    _remove_record(_failure_record(_compiler_banner()))
 
 
 def disabled() -> bool:
@@ -352,8 +358,7 @@ def get() -> Optional[Any]:
                         _error = f"{type(exc).__name__}: {exc}"
                         _record_failure(record, _error)
                     else:
-                        if record is not None:
-                            record.unlink(missing_ok=True)  # (a failure older than the retry time)
+                        _remove_record(record)  # (a failure older than the retry time)
             _module = _built
         if _error is not None:
             log.debug("spatialattn: C++ CPU kernels unavailable (%s); using PyTorch ops", _error)

@@ -198,3 +198,20 @@ def test_the_build_key_follows_what_the_build_depends_on(monkeypatch):
     monkeypatch.delenv("CXX")
     monkeypatch.setattr(_cpp, "_parts_hash", lambda: "edited")
     assert _cpp._build_key("g++ (GCC) 12.2.0") != base
+
+
+def test_a_record_that_cannot_be_removed(monkeypatch, tmp_path, cpp_reloaded_after):
+    # a working build whose old record cannot be removed (a folder shared read-only, say) still loads
+    calls = _counting_build(monkeypatch, fail=False)
+    monkeypatch.setattr(_cpp, "_RECORD_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpp, "_build_key", lambda banner: "k")
+    record = tmp_path / "spatialattn_build_failed.k.json"
+    record.write_text(json.dumps({"time": 0.0, "error": "old"}))  # long past the retry time
+
+    def unlink(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert _cpp.get() == "module" and len(calls) == 1 and _cpp._error is None
+    _cpp.forget_failure()  # the command's removal, likewise
+    assert record.exists()

@@ -249,8 +249,8 @@ def test_every_isa_variant_compiles():
     # others (as it once did: the AVX2 and baseline builds then fell back to PyTorch). Each
     # variant's source is compiled here with -fsyntax-only.
     procs = {cap: _syntax_check("c++", flags) for cap, flags in {"DEFAULT": [], **_cpp._ISA_FLAGS}.items()}
-    failed = {cap: err for cap, err in ((cap, _errors(proc)) for cap, proc in procs.items()) if err}
-    assert not failed, failed
+    errors = {cap: _errors(proc) for cap, proc in procs.items()}
+    assert not any(errors.values()), errors
 
 
 _AARCH64_CXX = "aarch64-linux-gnu-g++"
