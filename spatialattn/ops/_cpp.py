@@ -15,6 +15,7 @@ forces that fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 log = logging.getLogger("spatialattn")
 
@@ -108,6 +109,51 @@ def _built_before(name: str, beside: str) -> bool:
     except Exception:  # a private function: gone or changed
         return False
     return (folder / f"{name}.so").exists() or (folder / f"{name}.pyd").exists()
+
+
+def _ninja_dir() -> Optional[str]:
+    """The folder of a ``ninja`` that ``cpp_extension`` can run, where none is on ``PATH``: the
+    folder of this Python's executable (a virtual environment's ``bin``, where pip installs the
+    ``ninja`` package's command, a dependency of ours), else the ``ninja`` package's own. None
+    where there is none. (``cpp_extension`` runs plain ``ninja``, so a virtual environment's
+    Python run without activating it, as IDEs, services and ``venv/bin/python script.py``
+    do, fell back to the PyTorch ops though ninja was installed.)"""
+    import shutil
+
+    folders = [os.path.dirname(sys.executable)]  # not resolved: a venv's python links elsewhere
+    try:
+        import ninja
+
+        folders.append(str(getattr(ninja, "BIN_DIR", "")))
+    except Exception:  # not installed, or broken
+        pass
+    for folder in folders:
+        if folder and shutil.which("ninja", path=folder):
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[bool]:
+    """Within the block, ``ninja`` is on ``PATH`` where it can be: ``PATH`` as it is where it
+    holds one, else with :func:`_ninja_dir` put first for the block only (other code of the
+    process, a user's own extensions, sees its ``PATH`` unchanged). Yields whether ``ninja`` can
+    be run."""
+    import shutil
+
+    folder = None if shutil.which("ninja") else _ninja_dir()
+    if folder is None:
+        yield shutil.which("ninja") is not None
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = folder + (os.pathsep + before if before else "")
+    try:
+        yield True
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def _compiler_banner() -> Optional[str]:
@@ -348,17 +394,25 @@ def get() -> Optional[Any]:
             _error = "disabled by SPATIALATTN_DISABLE_CPP"
         else:
             if _built is None:
-                banner = _compiler_banner()
-                record = _failure_record(banner)
-                _error = _recent_failure(record)
-                if _error is None:
-                    try:
-                        _built, _built_with = _build(banner)
-                    except Exception as exc:  # no compiler, build error, ...
-                        _error = f"{type(exc).__name__}: {exc}"
-                        _record_failure(record, _error)
+                with _ninja_on_path() as has_ninja:
+                    if not has_ninja:
+                        # not recorded as a failed build: nothing was compiled (torch fails at
+                        # once without ninja), and the record's key would not change when ninja
+                        # is installed, so the build would wait for the retry time
+                        _error = ("RuntimeError: ninja, which torch's cpp_extension builds with, is not "
+                                  "on PATH or beside this Python (pip install ninja)")
                     else:
-                        _remove_record(record)  # (a failure older than the retry time)
+                        banner = _compiler_banner()
+                        record = _failure_record(banner)
+                        _error = _recent_failure(record)
+                        if _error is None:
+                            try:
+                                _built, _built_with = _build(banner)
+                            except Exception as exc:  # no compiler, build error, ...
+                                _error = f"{type(exc).__name__}: {exc}"
+                                _record_failure(record, _error)
+                            else:
+                                _remove_record(record)  # (a failure older than the retry time)
             _module = _built
         if _error is not None:
             log.debug("spatialattn: C++ CPU kernels unavailable (%s); using PyTorch ops", _error)

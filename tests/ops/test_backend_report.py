@@ -215,3 +215,70 @@ def test_a_record_that_cannot_be_removed(monkeypatch, tmp_path, cpp_reloaded_aft
     assert _cpp.get() == "module" and len(calls) == 1 and _cpp._error is None
     _cpp.forget_failure()  # the command's removal, likewise
     assert record.exists()
+
+
+def test_the_ninja_beside_this_python_is_put_on_path(monkeypatch, tmp_path):
+    # cpp_extension runs plain `ninja`: a virtual environment's Python run without activating it
+    # (an IDE, a service, `venv/bin/python train.py`) has the ninja pip installed beside it but
+    # not on PATH, and fell back to the PyTorch ops. Within the build, its folder comes first on
+    # PATH; PATH is as it was after, set or unset.
+    import os
+    import shutil
+
+    folder = _cpp._ninja_dir()
+    if folder is None:
+        pytest.skip("no ninja beside this Python or in the ninja package")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without ninja
+    assert shutil.which("ninja") is None
+    with _cpp._ninja_on_path() as found:
+        assert found and Path(shutil.which("ninja")).parent == Path(folder)
+    assert os.environ["PATH"] == str(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{folder}")  # on PATH already: PATH untouched
+    with _cpp._ninja_on_path() as found:
+        assert found and os.environ["PATH"] == f"{tmp_path}{os.pathsep}{folder}"
+    # no PATH at all (the search then takes os.defpath, which may hold a system ninja: not here)
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: which(name, path=path or str(tmp_path)))
+    monkeypatch.delenv("PATH")
+    with _cpp._ninja_on_path() as found:
+        assert found and os.environ["PATH"] == folder
+    assert "PATH" not in os.environ
+
+
+def test_without_ninja_nothing_is_built_or_recorded(monkeypatch, tmp_path, cpp_reloaded_after):
+    # torch fails at once without ninja; recording that as a failed build would keep every process
+    # from building for an hour after ninja is installed (the record's key does not know ninja)
+    calls = _counting_build(monkeypatch, fail=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(_cpp, "_ninja_dir", lambda: None)
+    assert _cpp.get() is None and calls == []
+    assert "ninja" in _cpp._error and "pip install ninja" in ops.backend_report()["cpp"]["error"]
+    assert not Path(_cpp._RECORD_DIR).exists()
+    (tmp_path / "ninja").write_text("#!/bin/sh\n")  # ninja installed
+    (tmp_path / "ninja").chmod(0o755)
+    _cpp.reset()
+    assert _cpp.get() == "module" and len(calls) == 1
+
+
+def test_the_kernels_load_with_ninja_off_path(tmp_path):
+    # the real extension (built by this run, loaded from the cache) in a process whose PATH has
+    # everything it had but ninja, as a virtual environment's Python not activated
+    import os
+    import subprocess
+    import sys
+
+    if _cpp.get() is None:
+        pytest.skip(f"the C++ kernels are not available here ({_cpp._error})")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            if entry != "ninja" and not (bare / entry).exists():
+                (bare / entry).symlink_to(os.path.join(folder, entry))
+    env = {**os.environ, "PATH": str(bare)}
+    code = (f"from spatialattn.ops import _cpp; _cpp._RECORD_DIR = {str(tmp_path)!r}; m = _cpp.get(); "
+            "print(_cpp._error); raise SystemExit(m is None)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

@@ -267,3 +267,61 @@ def test_generic_code_compiles_for_aarch64():
     files as on ARM, taking their own #if branches for the target."""
     err = _errors(_syntax_check(_AARCH64_CXX, []))
     assert not err, err
+
+
+# C++20 constructs the compilers of torch's C++17 releases reject. cpp_extension compiled
+# extensions as C++17 until torch moved to C++20 in 2026, and our torch>=2.4 includes those
+# releases: there, one requires-clause made the whole build fail (found with torch 2.9.1, the
+# extension then silently the PyTorch fallback). The headers of the torch installed here need
+# C++20, so no syntax-only C++17 run is possible with them; the source is searched instead.
+_CXX20_ONLY = {
+    "requires-clause or expression": r"\brequires\b",
+    "concept": r"\bconcept\b",
+    "three-way comparison": r"<=>",
+    "consteval / constinit": r"\bconst(eval|init)\b",
+    "coroutine": r"\bco_(await|yield|return)\b",
+    "char8_t": r"\bchar8_t\b",
+    "C++20 header": r"#\s*include\s*<(bit|span|concepts|ranges|numbers|compare|format|source_location|version)>",
+    "C++20 library call": r"\bstd::(span|bit_cast|popcount|countl_zero|countr_zero|has_single_bit|bit_width|"
+                          r"remove_cvref|type_identity|is_constant_evaluated|ssize|midpoint|lerp|to_array|"
+                          r"assume_aligned|unreachable)\b",
+    "starts_with / ends_with / contains": r"\.(starts_with|ends_with|contains)\s*\(",
+    "[[likely]] / [[unlikely]] / [[no_unique_address]]": r"\[\[\s*(likely|unlikely|no_unique_address)\s*\]\]",
+    "using enum": r"\busing\s+enum\b",
+    "template lambda": r"\]\s*<\s*(typename|class|int|auto)\b",
+    "designated initialiser": r"[{,]\s*\.[A-Za-z_]\w*\s*=",
+}
+
+
+def _cxx20_constructs(text: str) -> list[str]:
+    """``line: what`` for each C++20-only construct in C++ source ``text`` (comments and string
+    literals left out)."""
+    import re
+
+    code = re.sub(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\\n])*\"",
+                  lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.S)
+    found = []
+    for what, pattern in _CXX20_ONLY.items():
+        for m in re.finditer(pattern, code):
+            found.append(f"{code.count(chr(10), 0, m.start()) + 1}: {what}")
+    return found
+
+
+def test_the_source_is_cxx17():
+    parts = [_cpp._SRC] + sorted(_cpp._PARTS.glob("*.h"))
+    found = {p.name: _cxx20_constructs(p.read_text()) for p in parts}
+    assert not any(found.values()), {name: hits for name, hits in found.items() if hits}
+
+
+@pytest.mark.parametrize("snippet, what", [
+    ("template <typename T>\n  requires std::is_floating_point_v<T>\ninline T f(T v);", "requires-clause or expression"),
+    ("auto c = a <=> b;", "three-way comparison"),
+    ("if (name.starts_with(\"x\")) {}", "starts_with / ends_with / contains"),
+    ("Opts o{.rows = 2, .cols = 3};", "designated initialiser"),
+    ("auto f = []<typename T>(T v) { return v; };", "template lambda"),
+    ("#include <bit>", "C++20 header"),
+])
+def test_the_cxx17_search_finds_cxx20(snippet, what):
+    hits = _cxx20_constructs("int x;\n" + snippet)
+    assert hits and all(hit.endswith(f": {what}") for hit in hits) and hits[0].startswith(("2: ", "3: "))
+    assert _cxx20_constructs("int x; // " + snippet.replace("\n", " ")) == []  # in a comment: not code
