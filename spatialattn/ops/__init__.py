@@ -73,7 +73,19 @@ def is_exporting() -> bool:
     (``torch.onnx.is_in_onnx_export`` is not asked: its imports cost about 1 us a call,
     and every ONNX export it reports runs under one of the two.)
     """
-    return torch._C._get_tracing_state() is not None or torch.compiler.is_exporting()
+    return torch._C._get_tracing_state() is not None or _export_flag()
+
+
+# torch.export's flag itself where torch has it: Dynamo before torch 2.10 or so folded a call of
+# torch.compiler.is_exporting() to True in every graph it traced, torch.compile's included (its
+# table of "tracing state" functions), so compiled models took the plain decomposition instead
+# of the fused ops (found with torch 2.9.1). A read of the module global is what later torch
+# does for the call, and what Dynamo guards on.
+if hasattr(torch.compiler, "_is_exporting_flag"):
+    def _export_flag() -> bool:
+        return torch.compiler._is_exporting_flag
+else:  # pragma: no cover - a torch without the flag
+    _export_flag = torch.compiler.is_exporting
 
 
 _functorch_level = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
