@@ -14,6 +14,11 @@ import pytest
 
 pytest.importorskip("triton")
 
+from ._interpreter_numpy import interpreter_blocker  # noqa: E402
+
+if interpreter_blocker():  # at collection, so the background checks are not started either
+    pytest.skip(interpreter_blocker(), allow_module_level=True)
+
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parents[1]
 # The interpreter is single-threaded Python; a second OpenMP team would only contend with the suite's.
