@@ -76,11 +76,11 @@ def is_exporting() -> bool:
     return torch._C._get_tracing_state() is not None or _export_flag()
 
 
-# torch.export's flag itself where torch has it: Dynamo before torch 2.10 or so folded a call of
-# torch.compiler.is_exporting() to True in every graph it traced, torch.compile's included (its
-# table of "tracing state" functions), so compiled models took the plain decomposition instead
-# of the fused ops (found with torch 2.9.1). A read of the module global is what later torch
-# does for the call, and what Dynamo guards on.
+# torch.export's flag itself where torch has it: the Dynamo of torch 2.9.1 (and earlier) folded a
+# call of torch.compiler.is_exporting() to True in every graph it traced, torch.compile's
+# included (its table of "tracing state" functions), so compiled models took the plain
+# decomposition instead of the fused ops. A read of the module global is what torch 2.14's
+# Dynamo does for the call, and what Dynamo guards on.
 if hasattr(torch.compiler, "_is_exporting_flag"):
     def _export_flag() -> bool:
         return torch.compiler._is_exporting_flag

@@ -658,9 +658,9 @@ def test_inductor_takes_a_transposed_input():
 
 def test_compile_and_export_are_told_apart():
     # torch.compile runs the fused op, torch.export the plain decomposition (portable graphs).
-    # Dynamo before torch 2.10 or so folded torch.compiler.is_exporting() to True in every graph
-    # it traced, so compiled models ran the decomposition (found with torch 2.9.1: this test and
-    # the half-precision compile tests failed there); the ops now read torch.export's flag.
+    # torch 2.9.1's Dynamo folded torch.compiler.is_exporting() to True in every graph it traced,
+    # so compiled models ran the decomposition (this test and the half-precision compile tests
+    # failed there); the ops now read torch.export's flag.
     torch._dynamo.reset()
     graphs = []
 

@@ -295,7 +295,8 @@ using acc_t = typename AccOf<X>::type;
 // vld / vst: lanes<T>() consecutive elements of storage type X as one vec_t<T>. Half
 // formats convert on the way (bfloat16: shift / round-to-nearest-even like c10::BFloat16,
 // NaN -> quiet NaN; float16: the F16C / AVX-512 conversions, round-to-nearest-even).
-// (std::enable_if_t, not a C++20 requires-clause: torch before 2.10 builds extensions as C++17)
+// (std::enable_if_t, not a C++20 requires-clause: torch's cpp_extension compiled extensions as
+// C++17 until its 2026 move to C++20, torch 2.9.1 checked; see test_the_source_is_cxx17)
 template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
 inline vec_t<T> vld(const T* p) {
   return vload(p);
