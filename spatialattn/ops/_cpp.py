@@ -141,9 +141,10 @@ def _ninja_on_path() -> Iterator[bool]:
     be run."""
     import shutil
 
-    folder = None if shutil.which("ninja") else _ninja_dir()
+    on_path = shutil.which("ninja") is not None
+    folder = None if on_path else _ninja_dir()
     if folder is None:
-        yield shutil.which("ninja") is not None
+        yield on_path
         return
     before = os.environ.get("PATH")
     os.environ["PATH"] = folder + (os.pathsep + before if before else "")
@@ -381,6 +382,24 @@ def _build(banner: Optional[str] = None) -> Tuple[Any, dict]:
     raise error
 
 
+def _build_unless_failed_recently() -> Tuple[Any, dict, Optional[str]]:
+    """``(module, how it was built, None)`` from :func:`_build`, or ``(None, {}, why not)`` where
+    the same build failed less than ``_RETRY_AFTER_S`` ago (not tried) or fails now (recorded)."""
+    banner = _compiler_banner()
+    record = _failure_record(banner)
+    error = _recent_failure(record)
+    if error is not None:
+        return None, {}, error
+    try:
+        module, how = _build(banner)
+    except Exception as exc:  # no compiler, build error, ...
+        error = f"{type(exc).__name__}: {exc}"
+        _record_failure(record, error)
+        return None, {}, error
+    _remove_record(record)  # (a failure older than the retry time)
+    return module, how, None
+
+
 def get() -> Optional[Any]:
     """The compiled extension module, or ``None`` when it is disabled or cannot be built."""
     global _module, _tried, _built, _built_with, _error
@@ -395,24 +414,14 @@ def get() -> Optional[Any]:
         else:
             if _built is None:
                 with _ninja_on_path() as has_ninja:
-                    if not has_ninja:
+                    if has_ninja:
+                        _built, _built_with, _error = _build_unless_failed_recently()
+                    else:
                         # not recorded as a failed build: nothing was compiled (torch fails at
                         # once without ninja), and the record's key would not change when ninja
                         # is installed, so the build would wait for the retry time
                         _error = ("RuntimeError: ninja, which torch's cpp_extension builds with, is not "
                                   "on PATH or beside this Python (pip install ninja)")
-                    else:
-                        banner = _compiler_banner()
-                        record = _failure_record(banner)
-                        _error = _recent_failure(record)
-                        if _error is None:
-                            try:
-                                _built, _built_with = _build(banner)
-                            except Exception as exc:  # no compiler, build error, ...
-                                _error = f"{type(exc).__name__}: {exc}"
-                                _record_failure(record, _error)
-                            else:
-                                _remove_record(record)  # (a failure older than the retry time)
             _module = _built
         if _error is not None:
             log.debug("spatialattn: C++ CPU kernels unavailable (%s); using PyTorch ops", _error)

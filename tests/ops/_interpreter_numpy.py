@@ -4,10 +4,12 @@ into a ``TypeError`` (triton-lang/triton#9171; torch 2.9's Triton 3.5.1 with Num
 every kernel with a loop bound computed in the kernel, passes with NumPy 2.3)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
 
+@functools.lru_cache(maxsize=1)  # (asked for a skip condition and again for its reason: one read)
 def interpreter_blocker() -> Optional[str]:
     """Why Triton's interpreter cannot run our kernels here (a skip reason), or None."""
     try:
