@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     rank, ws, device = D.init_distributed(args.device)
     try:
         try:
-            ds = open_dataset(cfg, "val_split", "val_images", train=False)
+            ds = open_dataset(cfg, "val_split", "val_images", train=False, cache=False)  # read once
         except DatasetError as e:
             print(f"spatialattn eval: error: {e}")
             return 2

@@ -23,7 +23,8 @@ DEFAULTS: Dict[str, Any] = {
     "train_images": 2000,         # built-in dataset: images per epoch; files: first N (null = all)
     "val_images": 200,             # null = all
     "image_size": 160,            # letterbox side; the bundled cfg is 160x160
-    "cache": True,                # decode every image once and keep it in memory (uint8)
+    "cache": True,                # keep decoded images in memory (uint8; with workers: 0), ...
+    "cache_gb": 4.0,              # ... up to this many GB per process (the rest decoded every epoch)
     "workers": 0,                 # DataLoader worker processes
     # model
     "model": "darknet",           # 'darknet' or fasterrcnn_resnet18_fpn / fasterrcnn_resnet50_fpn / maskrcnn_*
@@ -118,8 +119,11 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
                 base: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """Defaults (or ``base``), then the YAML file ``path``, then ``overrides``; validated."""
-    cfg = copy.deepcopy(dict(base if base is not None else DEFAULTS))
+    """Defaults (or ``base``), then the YAML file ``path``, then ``overrides``; validated.
+
+    ``base`` (e.g. a checkpoint's config) takes the defaults of keys it lacks (keys added after
+    it was written)."""
+    cfg = copy.deepcopy({**DEFAULTS, **(base or {})})
     if path:
         try:
             with open(path, "r", encoding="utf-8") as f:
@@ -155,6 +159,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"config amp: expected auto, off, bf16 or fp16, got {cfg['amp']!r}")
     if cfg["workers"] < 0 or cfg["warmup_iters"] < 0 or cfg["eval_interval"] < 0:
         raise ValueError("config workers / warmup_iters / eval_interval: expected >= 0")
+    if cfg["cache_gb"] < 0:
+        raise ValueError(f"config cache_gb: expected >= 0, got {cfg['cache_gb']}")
 
 
 def dump_config(cfg: Mapping[str, Any], path: str) -> None:

@@ -24,11 +24,21 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class CachedDataset(Dataset):
-    """Keeps the decoded ``uint8`` pixels and record of every image read (per process), so later
-    epochs skip decoding / rendering. Same samples as the wrapped dataset (``uint8 / 255``)."""
+    """Keeps the decoded ``uint8`` pixels and record of the images read (per process), so later
+    epochs skip decoding / rendering. Same samples as the wrapped dataset (``uint8 / 255``).
 
-    def __init__(self, dataset: Any) -> None:
+    Args:
+        dataset: a :class:`~spatialattn.data.DetectionDataset` (its ``sample(index)``).
+        max_bytes: the most pixel bytes kept (``None``: no limit). Images read once the cache is
+            full are decoded again on every read; the ones kept stay.
+    """
+
+    def __init__(self, dataset: Any, max_bytes: Optional[int] = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes: expected >= 0 or None, got {max_bytes}")
         self.dataset = dataset
+        self.max_bytes = max_bytes
+        self.cached_bytes = 0
         self._cache: Dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -38,7 +48,10 @@ class CachedDataset(Dataset):
         hit = self._cache.get(index)
         if hit is None:
             hit = self.dataset.sample(index)
-            self._cache[index] = hit
+            size = hit[0].nbytes
+            if self.max_bytes is None or self.cached_bytes + size <= self.max_bytes:
+                self._cache[index] = hit
+                self.cached_bytes += size
         arr, rec = hit
         return image_to_tensor(arr), rec.target()
 
@@ -48,13 +61,21 @@ class CachedDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-def open_dataset(cfg: Mapping[str, Any], split_key: str, count_key: str, train: bool) -> TransformedDataset:
+def open_dataset(cfg: Mapping[str, Any], split_key: str, count_key: str, train: bool,
+                 cache: bool = True) -> TransformedDataset:
     """The dataset of ``cfg[split_key]`` with the default transforms (letterbox to image_size;
-    flip + colour jitter when ``train``), cached in memory if ``cfg["cache"]``."""
+    flip + colour jitter when ``train``).
+
+    Its decoded images are kept in memory (:class:`CachedDataset`, up to ``cfg["cache_gb"]``)
+    when ``cache`` (a dataset read more than once) and ``cfg["cache"]``, and only with
+    ``cfg["workers"] == 0``: the worker processes of a ``DataLoader`` (``persistent_workers=False``,
+    so that they see each epoch's :meth:`~TransformedDataset.set_epoch`) end with every epoch,
+    and their caches with them.
+    """
     ds = build_dataset(cfg["data"], cfg[split_key], image_dir=cfg.get("image_dir"),
                        num_images=cfg.get(count_key), image_size=cfg["image_size"], seed=cfg["seed"])
-    if cfg.get("cache", True):
-        ds = CachedDataset(ds)
+    if cache and cfg.get("cache", True) and not cfg.get("workers", 0) and cfg.get("cache_gb", 4.0) > 0:
+        ds = CachedDataset(ds, max_bytes=int(cfg.get("cache_gb", 4.0) * 1e9))
     return TransformedDataset(ds, build_transforms(train=train, size=cfg["image_size"]), seed=cfg["seed"])
 
 

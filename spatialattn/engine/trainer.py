@@ -128,7 +128,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
     seed_everything(cfg["seed"] + rank)
 
     train_ds = open_dataset(cfg, "train_split", "train_images", train=True)
-    val_ds = open_dataset(cfg, "val_split", "val_images", train=False)
+    val_ds = open_dataset(cfg, "val_split", "val_images", train=False,
+                          cache=bool(cfg["eval_interval"]))  # read once at the end otherwise
     classes = list(train_ds.classes)
     spec = ckpt["spec"] if ckpt is not None else model_spec_from_config(cfg, classes)
     if ckpt is not None and list(spec.get("classes", classes)) != classes:

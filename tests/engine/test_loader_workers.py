@@ -1,4 +1,5 @@
-"""The training pipeline in DataLoader worker processes started by pickling the dataset.
+"""The training pipeline's dataset: its in-memory cache, and DataLoader worker processes started
+by pickling the dataset.
 
 ``spawn`` (macOS, Windows) and ``forkserver`` (Linux from Python 3.14) send the dataset to each
 worker by pickling it; ``fork`` copies it. The pipeline must pickle, whatever the dataset format,
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spatialattn.data import detection_collate
 from spatialattn.engine.config import DEFAULTS
-from spatialattn.engine.evaluator import open_dataset
+from spatialattn.engine.evaluator import CachedDataset, open_dataset
 
 from ..data._helpers import write_json, write_png
 from ..data.test_voc import _obj, _voc
@@ -88,3 +89,36 @@ def test_spawned_workers_give_the_main_process_batches():
     image0 = ds[0][0]
     ds.set_epoch(1)
     assert not torch.equal(image0, ds[0][0])  # the epoch changes the augmentation: the workers saw 1
+
+
+def test_cache_keeps_images_up_to_its_limit():
+    ds = open_dataset(_cfg("synthetic", "train", cache=False), "train_split", "train_images", train=False)
+    plain = ds.dataset
+    image_bytes = plain.sample(0)[0].nbytes  # 64x64x3: every synthetic image the same size
+    cached = CachedDataset(plain, max_bytes=int(2.5 * image_bytes))
+    expected = {i: plain[i] for i in (3, 1, 4, 5)}
+    reads = []
+    sample = plain.sample
+    plain.sample = lambda i: reads.append(i) or sample(i)
+    try:
+        for _ in range(2):
+            for i in (3, 1, 4, 5):
+                _assert_same([cached[i]], [expected[i]])
+    finally:
+        del plain.sample
+    assert sorted(cached._cache) == [1, 3] and cached.cached_bytes == 2 * image_bytes
+    assert reads == [3, 1, 4, 5, 4, 5]  # the two kept are not read again; the rest are
+    with pytest.raises(ValueError, match="max_bytes: expected >= 0"):
+        CachedDataset(plain, max_bytes=-1)
+
+
+@pytest.mark.parametrize("over, cached", [({}, True), ({"workers": 2}, False), ({"cache": False}, False),
+                                          ({"cache_gb": 0.0}, False)])
+def test_which_datasets_are_cached(over, cached):
+    cfg = _cfg("synthetic", "train", **over)
+    ds = open_dataset(cfg, "train_split", "train_images", train=True)
+    assert isinstance(ds.dataset, CachedDataset) == cached
+    if cached:
+        assert ds.dataset.max_bytes == int(cfg["cache_gb"] * 1e9)
+    assert not isinstance(open_dataset(cfg, "val_split", "val_images", train=False, cache=False).dataset,
+                          CachedDataset)

@@ -44,6 +44,15 @@ def test_config_overrides_and_file(tmp_path):
         load_config(str(p))
 
 
+def test_config_base_without_newer_keys(tmp_path):
+    """A checkpoint's config written before a key existed takes that key's default."""
+    old = {k: v for k, v in DEFAULTS.items() if k != "cache_gb"}
+    cfg = load_config(None, {"epochs": 3}, base=dict(old, epochs=5, lr=0.1))
+    assert (cfg["epochs"], cfg["lr"], cfg["cache_gb"]) == (3, 0.1, DEFAULTS["cache_gb"])
+    with pytest.raises(ValueError, match="config cache_gb: expected >= 0, got -1.0"):
+        load_config(None, {"cache_gb": -1})
+
+
 def test_cli_flags_reach_config(tmp_path):
     from spatialattn.cli import main
 
