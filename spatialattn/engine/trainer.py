@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data import detection_collate
+from ..data import DatasetSubset, detection_collate
 from . import distributed as D
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import dump_config
@@ -98,6 +98,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _log(msg: str) -> None:
     if D.is_main():
         print(msg, flush=True)
+
+
+def _image_count(ds: Any, key: str) -> str:
+    """``"N"``, or ``"N of M (key)"`` where ``cfg[key]`` kept the first N of a file dataset's M."""
+    while not isinstance(ds, DatasetSubset) and hasattr(ds, "__dict__") and "dataset" in vars(ds):
+        ds = vars(ds)["dataset"]
+    if isinstance(ds, DatasetSubset):
+        return f"{len(ds)} of {len(ds.dataset)} ({key})"
+    return str(len(ds))
 
 
 def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optional[str] = None,
@@ -174,7 +183,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None, run_dir: Optiona
             model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"run {run_dir}: {cfg['model']} attention={cfg['attention']} ({n_params / 1e6:.2f} M params), "
-         f"{len(train_ds)} train / {len(val_ds)} val images, {cfg['epochs']} epochs x {steps_per_epoch} steps, "
+         f"{_image_count(train_ds, 'train_images')} train / {_image_count(val_ds, 'val_images')} val images, "
+         f"{cfg['epochs']} epochs x {steps_per_epoch} steps, "
          f"batch {per_rank_batch} x {ws} rank(s), device {device}")
 
     losses: List[float] = []

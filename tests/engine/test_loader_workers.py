@@ -122,3 +122,15 @@ def test_which_datasets_are_cached(over, cached):
         assert ds.dataset.max_bytes == int(cfg["cache_gb"] * 1e9)
     assert not isinstance(open_dataset(cfg, "val_split", "val_images", train=False, cache=False).dataset,
                           CachedDataset)
+
+
+def test_the_run_log_says_when_a_file_dataset_is_cut(tmp_path):
+    from spatialattn.engine.trainer import _image_count
+
+    coco = str(_coco(tmp_path))
+    for over, text in [({"train_images": 1}, "1 of 2 (train_images)"), ({"train_images": None}, "2"),
+                       ({"train_images": 1, "workers": 1}, "1 of 2 (train_images)")]:
+        ds = open_dataset(_cfg(coco, "train", **over), "train_split", "train_images", train=True)
+        assert _image_count(ds, "train_images") == text
+    synthetic = open_dataset(_cfg("synthetic", "train"), "train_split", "train_images", train=True)
+    assert _image_count(synthetic, "train_images") == "6"
