@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import TransformedDataset, build_dataset, build_transforms, detection_collate
 from ..data.base import image_to_tensor
 from ..data.transforms import unletterbox_boxes
+from .config import DEFAULTS
 from .metrics import CocoEvaluator
 from . import distributed as D
 
@@ -74,8 +75,9 @@ def open_dataset(cfg: Mapping[str, Any], split_key: str, count_key: str, train: 
     """
     ds = build_dataset(cfg["data"], cfg[split_key], image_dir=cfg.get("image_dir"),
                        num_images=cfg.get(count_key), image_size=cfg["image_size"], seed=cfg["seed"])
-    if cache and cfg.get("cache", True) and not cfg.get("workers", 0) and cfg.get("cache_gb", 4.0) > 0:
-        ds = CachedDataset(ds, max_bytes=int(cfg.get("cache_gb", 4.0) * 1e9))
+    cache_gb = cfg.get("cache_gb", DEFAULTS["cache_gb"])
+    if cache and cfg.get("cache", True) and not cfg.get("workers", 0) and cache_gb > 0:
+        ds = CachedDataset(ds, max_bytes=int(cache_gb * 1e9))
     return TransformedDataset(ds, build_transforms(train=train, size=cfg["image_size"]), seed=cfg["seed"])
 
 
