@@ -148,14 +148,22 @@ def channel_pool(
     return ops.channel_pool(x, normalize_pool_order(order), dtype=dtype)
 
 
+def _first_tensor(module: torch.nn.Module) -> Optional[Tensor]:
+    """The module's first parameter, else its first buffer, else None. (A loop, not
+    ``next(gen, None)``: the Dynamo of torch 2.8 cannot trace ``next`` with a default.)"""
+    for p in module.parameters():
+        return p
+    for b in module.buffers():
+        return b
+    return None
+
+
 def _apply_norm(norm: Optional[Callable[[Tensor], Tensor]], t: Tensor) -> Tensor:
     """``norm(t)``; a norm module whose parameters have another dtype runs in that dtype."""
     if norm is None:
         return t
     if isinstance(norm, torch.nn.Module):
-        p = next(norm.parameters(), None)
-        if p is None:
-            p = next(norm.buffers(), None)
+        p = _first_tensor(norm)
         if p is not None and p.dtype != t.dtype:
             return norm(t.to(p.dtype)).to(t.dtype)
     return norm(t)

@@ -13,6 +13,8 @@ from spatialattn.nn import create_attention
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
 
 class Net(nn.Module):
     def __init__(self, kind: str):
@@ -67,6 +69,11 @@ def test_onnx_torchscript_exporter(tmp_path, kind, opset):
 @pytest.mark.parametrize("kind,opset", [("cbam", 17), ("cbam", 18), ("sam", 18), ("sam_pointwise", 18)])
 def test_onnx_dynamo_exporter(tmp_path, kind, opset):
     pytest.importorskip("onnxscript")
+    if opset < 18 and _TORCH < (2, 9):
+        # torch 2.8's exporter finds no function for the aten.sym_size.int of a dynamic batch
+        # below opset 18 ("No decompositions registered for the real-valued input"; onnxscript
+        # 0.4.0 and 0.7.2 tried); torch 2.9.1 and 2.14.1 convert it
+        pytest.skip("torch < 2.9: the dynamo ONNX exporter cannot convert aten.sym_size below opset 18")
     torch.manual_seed(0)
     model = Net(kind).eval()
     path = tmp_path / f"{kind}.onnx"

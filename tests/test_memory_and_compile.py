@@ -62,6 +62,22 @@ def test_compile_fullgraph_forward_backward():
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_channels_last_model_training_step():
+    """``model.to(memory_format=torch.channels_last)`` gives the 7x7 weight channels_last
+    strides; the compiled training step had failed Inductor's stride check on that weight's
+    gradient (the fakes gave it the weight's strides, the ops return it contiguous)."""
+    torch.manual_seed(1)
+    m = randomize_(SpatialAttention(16)).train().to(memory_format=torch.channels_last)
+    assert not m.conv.weight.is_contiguous()
+    mc = copy.deepcopy(m)
+    x = torch.randn(2, 16, 9, 8).to(memory_format=torch.channels_last)
+    gy = torch.randn_like(x)
+    (m(x) * gy).sum().backward()
+    (torch.compile(mc, fullgraph=True)(x) * gy).sum().backward()
+    for (name, p), pc in zip(m.named_parameters(), mc.parameters()):
+        torch.testing.assert_close(pc.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("momentum", [0.01, None])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_training_batchnorm_is_one_fused_op(momentum, channels_last):

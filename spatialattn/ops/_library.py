@@ -51,6 +51,19 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _small_grad(g: Tensor, like: Tensor) -> Tensor:
+    """The gradient ``g`` of a small input (a weight, a channel scale, an attention map, a norm
+    parameter) as every backend's op returns it: in ``like``'s dtype and shape, contiguous
+    whatever ``like``'s strides. :func:`_fake_small_grad` says the same to a compiled graph; a
+    fake ``empty_like(like)`` did not where ``like`` had other strides (the 7x7 weight of a
+    ``model.to(memory_format=torch.channels_last)``: Inductor's stride check failed)."""
+    return g.to(like.dtype).reshape(like.shape).contiguous()
+
+
+def _fake_small_grad(like: Tensor) -> Tensor:
+    return like.new_empty(like.shape)
+
+
 def _in_layout(t: Tensor, like: Tensor) -> Tensor:
     """``t`` (shaped like ``like``) with ``like``'s strides: ``t`` itself where they already
     match, else a copy. For the plain-PyTorch branches, whose elementwise results follow the
@@ -213,16 +226,13 @@ def channel_pool_backward_op(
         gxs = _pool_grad_xs_torch(grad, _scaled(x, scale), pooled, kinds)
         gx = _in_layout(gxs if scale is None else gxs * scale.to(x.dtype), x)
         gs = None if scale is None else _sum_nc(gxs * x, scale)
-    if gs is None:
-        gs = x.new_empty(_EMPTY_SHAPE)
-    else:
-        gs = gs.to(scale.dtype)
+    gs = x.new_empty(_EMPTY_SHAPE) if gs is None else _small_grad(gs, scale)
     return gx, gs
 
 
 @channel_pool_backward_op.register_fake
 def _(grad, x, scale, pooled, kinds):
-    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
+    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else _fake_small_grad(scale)
     return torch.empty_like(_dense(x)), gs
 
 
@@ -274,15 +284,15 @@ def gate_multiply_backward_op(
         gx = _in_layout(gxs if scale is None else gxs * scale.to(x.dtype), x)
         ga = (grad * _scaled(x, scale)).sum(dim=1, keepdim=True, dtype=attn.dtype)
         gs = None if scale is None else _sum_nc(gxs * x, scale)
-    ga = ga.to(attn.dtype)
-    gs = x.new_empty(_EMPTY_SHAPE) if gs is None else gs.to(scale.dtype)
+    ga = _small_grad(ga, attn)
+    gs = x.new_empty(_EMPTY_SHAPE) if gs is None else _small_grad(gs, scale)
     return gx, ga, gs
 
 
 @gate_multiply_backward_op.register_fake
 def _(grad, x, attn, scale):
-    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else torch.empty_like(scale)
-    return torch.empty_like(_dense(x)), torch.empty_like(attn), gs
+    gs = x.new_empty(_EMPTY_SHAPE) if scale is None else _fake_small_grad(scale)
+    return torch.empty_like(_dense(x)), _fake_small_grad(attn), gs
 
 
 def _gate_setup(ctx, inputs, output):
@@ -429,10 +439,10 @@ def sam_backward_op(
             dA = dA + grad_attn.to(acc)
         gp, gw, gb, gns, gnsh = _sam_small_backward(dA, attn, logits, pooled, weight, norm_scale, dilation)
         gx, gs = _gradx_torch(grad_y, x, scale, attn, pooled, gp, kinds, True)
-    gs = empty() if gs is None else gs.to(scale.dtype)
-    gns = empty() if gns is None else gns.to(norm_scale.dtype).reshape(norm_scale.shape)
-    gnsh = empty() if gnsh is None else gnsh.to(norm_scale.dtype).reshape(norm_scale.shape)
-    return gx, gs, gw.to(weight.dtype), gb.to(weight.dtype), gns, gnsh
+    gs = empty() if gs is None else _small_grad(gs, scale)
+    gns = empty() if gns is None else _small_grad(gns, norm_scale)
+    gnsh = empty() if gnsh is None else _small_grad(gnsh, norm_scale)
+    return gx, gs, _small_grad(gw, weight), gb.to(weight.dtype), gns, gnsh
 
 
 @sam_backward_op.register_fake
@@ -440,10 +450,10 @@ def _(grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, kin
     def empty():
         return x.new_empty(_EMPTY_SHAPE)
 
-    gs = empty() if scale is None else torch.empty_like(scale)
-    gns = empty() if norm_scale is None else torch.empty_like(norm_scale)
-    gnsh = empty() if norm_scale is None else torch.empty_like(norm_scale)
-    return torch.empty_like(_dense(x)), gs, torch.empty_like(weight), weight.new_empty((1,)), gns, gnsh
+    gs = empty() if scale is None else _fake_small_grad(scale)
+    gns = empty() if norm_scale is None else _fake_small_grad(norm_scale)
+    gnsh = empty() if norm_scale is None else _fake_small_grad(norm_scale)
+    return torch.empty_like(_dense(x)), gs, _fake_small_grad(weight), weight.new_empty((1,)), gns, gnsh
 
 
 def _sam_setup(ctx, inputs, output):
@@ -857,18 +867,18 @@ def sam_batchnorm_backward_op(
                                                              scale is not None)
 
     def like(g, t):  # a fresh empty one each time: outputs must not alias each other
-        return x.new_empty(_EMPTY_SHAPE) if t is None else g.to(t.dtype).reshape(t.shape)
+        return x.new_empty(_EMPTY_SHAPE) if t is None else _small_grad(g, t)
 
-    return (gx, like(gs, scale), gw.to(weight.dtype), gb.to(weight.dtype).reshape(1), like(ggamma, bn_weight),
+    return (gx, like(gs, scale), _small_grad(gw, weight), gb.to(weight.dtype).reshape(1), like(ggamma, bn_weight),
             like(gbeta, bn_bias))
 
 
 @sam_batchnorm_backward_op.register_fake
 def _(grad_y, grad_attn, x, scale, weight, bn_weight, bn_bias, attn, logits, pooled, stats, eps, kinds, dilation):
     def like(t):
-        return x.new_empty(_EMPTY_SHAPE) if t is None else torch.empty_like(t)
+        return x.new_empty(_EMPTY_SHAPE) if t is None else _fake_small_grad(t)
 
-    return (torch.empty_like(_dense(x)), like(scale), torch.empty_like(weight), weight.new_empty((1,)),
+    return (torch.empty_like(_dense(x)), like(scale), _fake_small_grad(weight), weight.new_empty((1,)),
             like(bn_weight), like(bn_bias))
 
 

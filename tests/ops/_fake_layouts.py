@@ -39,19 +39,23 @@ def assert_fake_matches(op, args) -> None:
         assert check_significant_strides(r, f, only_cuda=False)[0], (op, i, r.stride(), f.stride())
 
 
-def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.device) -> None:
+def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.device,
+                            small_layout: str = "nchw") -> None:
     """``torch.library.opcheck`` (schema, autograd registration, fake tensors, AOT dispatch) on
-    the four forward ops with ``x`` in ``layout``, and the backward ops' fakes against their
-    outputs for upstream gradients in every layout (``grad_x`` follows ``x``, not them)."""
+    the four forward ops with ``x`` in ``layout`` and the 4-D small inputs (conv weight, channel
+    scale, attention map) in ``small_layout`` (``model.to(memory_format=torch.channels_last)``
+    gives the weights channels_last strides), and the backward ops' fakes against their outputs
+    for upstream gradients in every layout (``grad_x`` follows ``x``, not them; the small inputs'
+    gradients are contiguous)."""
     g = torch.Generator().manual_seed(1)
 
     def randn(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype).to(device)
 
     x = layout_of(randn(2, 5, 4, 3), layout).requires_grad_()
-    s = (randn(2, 5, 1, 1).abs() + 0.5).requires_grad_()
-    a = randn(2, 1, 4, 3).sigmoid().requires_grad_()
-    w = randn(1, 2, 3, 3).requires_grad_()
+    s = layout_of(randn(2, 5, 1, 1).abs() + 0.5, small_layout).requires_grad_()
+    a = layout_of(randn(2, 1, 4, 3).sigmoid(), small_layout).requires_grad_()
+    w = layout_of(randn(1, 2, 3, 3), small_layout).requires_grad_()
     acc = lib._acc(x)
     gamma = (torch.rand(1, dtype=torch.float64, generator=g) + 0.5).to(acc).to(device).requires_grad_()
     beta = torch.randn(1, dtype=torch.float64, generator=g).to(acc).to(device).requires_grad_()

@@ -632,6 +632,19 @@ def test_custom_ops_outputs_match_their_fakes(monkeypatch, backend, layout):
     check_custom_op_layouts(layout, torch.float64, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("small_layout", LAYOUTS[1:])
+def test_custom_ops_fakes_with_small_inputs_in_other_layouts(monkeypatch, backend, small_layout):
+    """The weight, channel scale and attention map in other layouts than NCHW (the fakes had
+    given their gradients the inputs' strides, the ops return them contiguous: a compiled
+    training step of a ``model.to(memory_format=torch.channels_last)`` failed Inductor's
+    stride check on the 7x7 weight's gradient)."""
+    if backend == "torch":
+        monkeypatch.setattr(_cpp, "get", lambda: None)
+    check_custom_op_layouts("channels_last" if small_layout == "channels_last" else "nchw", torch.float64,
+                            torch.device("cpu"), small_layout=small_layout)
+
+
 def test_inductor_takes_a_transposed_input():
     """A dense ``x`` in neither layout through Inductor, forward and backward (the fakes had
     kept its strides while the kernels return an NCHW copy's: Inductor's stride assert failed)."""
