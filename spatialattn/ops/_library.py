@@ -64,6 +64,15 @@ def _fake_small_grad(like: Tensor) -> Tensor:
     return like.new_empty(like.shape)
 
 
+def _saved_maps(*maps: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The small maps a backward op takes from its forward (``attn``, ``logits``, ``pooled``,
+    ``stats``, an upstream ``grad_attn``), NCHW-contiguous as the forward made them: the kernels
+    index them so. A compiled graph may hand them over in another layout (torch 2.7's Inductor
+    gave ``pooled`` channels_last strides, and the gradients were wrong); a copy then, else the
+    tensor itself."""
+    return tuple(None if t is None else t.contiguous() for t in maps)
+
+
 def _in_layout(t: Tensor, like: Tensor) -> Tensor:
     """``t`` (shaped like ``like``) with ``like``'s strides: ``t`` itself where they already
     match, else a copy. For the plain-PyTorch branches, whose elementwise results follow the
@@ -216,6 +225,7 @@ def channel_pool_backward_op(
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``(grad_x, grad_scale)``; ``grad_scale`` is an empty ``[0]`` tensor without a scale."""
     x = _dense(x)
+    (pooled,) = _saved_maps(pooled)
     if _cpp_ok(x):
         gx, gs = _cpp.get().pool_backward(grad, x, scale, pooled, list(kinds), scale is not None)
     elif _triton_ok(x):
@@ -422,6 +432,7 @@ def sam_backward_op(
         return x.new_empty(_EMPTY_SHAPE)
 
     x = _dense(x)
+    grad_attn, attn, logits, pooled = _saved_maps(grad_attn, attn, logits, pooled)
     if _cpp_ok(x):
         gx, gs, gw, gb, gns, gnsh = _cpp.get().sam_backward(
             grad_y, grad_attn, x, scale, weight, norm_scale, attn, logits, pooled, list(kinds),
@@ -857,6 +868,7 @@ def sam_batchnorm_backward_op(
     in the dtypes and shapes of those inputs (``grad_bias`` in ``weight``'s dtype); absent
     optional inputs get empty ``[0]`` gradients."""
     x = _dense(x)
+    grad_attn, attn, logits, pooled, stats = _saved_maps(grad_attn, attn, logits, pooled, stats)
     if _cpp_ok(x):
         gx, gs, gw, gb, ggamma, gbeta = _cpp.get().sam_backward_bn(
             grad_y, grad_attn, x, scale, weight, bn_weight, attn, logits, pooled, stats, eps, list(kinds), dilation,

@@ -76,3 +76,43 @@ def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.devic
         for kinds in ([0, 1], [1], [0]):
             p = lib.channel_pool_op(x, None, kinds, lib._acc(x))
             assert_fake_matches(lib.channel_pool_backward_op, (torch.randn_like(p), x, None, p, kinds))
+
+
+def check_saved_maps_in_any_layout(dtype: torch.dtype, device: torch.device) -> None:
+    """The backward ops give the same gradients whatever the layout of the small maps they take
+    from the forward (``attn``, ``logits``, ``pooled``, an upstream ``grad_attn``): a compiled
+    graph may hand them over in another layout than the forward made (torch 2.7's Inductor gave
+    ``pooled`` channels_last strides, and the kernels, which indexed it as NCHW, gave wrong
+    gradients)."""
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype).to(device)
+
+    x, gy = randn(2, 5, 6, 7), randn(2, 5, 6, 7)
+    s, w = randn(2, 5, 1, 1).abs() + 0.5, randn(1, 2, 3, 3)
+    acc = lib._acc(x)
+    gamma, beta, b = (randn(1).to(acc).abs() + 0.5), randn(1).to(acc), randn(1)
+    kinds = [0, 1]
+    with torch.no_grad():
+        _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, kinds, 1)
+        _, bn_attn, bn_logits, bn_pooled, stats = lib.sam_batchnorm_op(x, w, b, s, gamma, beta, 1e-5, kinds, 1)
+        grad_attn = randn(2, 1, 6, 7).to(attn.dtype)
+        calls = {
+            "sam_backward": (lambda m: lib.sam_backward_op(gy, m["grad_attn"], x, s, w, None, m["attn"], m["logits"],
+                                                           m["pooled"], kinds, 1),
+                             dict(grad_attn=grad_attn, attn=attn, logits=logits, pooled=pooled)),
+            "sam_batchnorm_backward": (
+                lambda m: lib.sam_batchnorm_backward_op(gy, m["grad_attn"], x, s, w, gamma, beta, m["attn"],
+                                                        m["logits"], m["pooled"], stats, 1e-5, kinds, 1),
+                dict(grad_attn=grad_attn, attn=bn_attn, logits=bn_logits, pooled=bn_pooled)),
+            "channel_pool_backward": (lambda m: lib.channel_pool_backward_op(m["grad"], x, s, m["pooled"], kinds),
+                                      dict(grad=torch.randn_like(pooled), pooled=pooled)),
+        }
+        for name, (call, maps) in calls.items():
+            want = call(maps)
+            for key in maps:
+                for layout in LAYOUTS[1:]:
+                    got = call({**maps, key: layout_of(maps[key], layout)})
+                    for i, (a, e) in enumerate(zip(got, want)):
+                        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"{name}, {key} {layout}, output {i}")

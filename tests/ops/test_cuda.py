@@ -30,7 +30,7 @@ from spatialattn.ops import reference
 from ._autograd_graph import node_names
 from ._launch_counter import CountLaunches
 from ._fake_layouts import LAYOUTS as FAKE_LAYOUTS
-from ._fake_layouts import check_custom_op_layouts
+from ._fake_layouts import check_custom_op_layouts, check_saved_maps_in_any_layout
 from ._sam_reference import max_rel_error, ref_sam
 
 pytest.importorskip("triton")
@@ -463,6 +463,16 @@ def test_cbam_bfloat16_on_triton_against_float64():
 def test_custom_ops_outputs_match_their_fakes(layout):
     """The Triton path returns what the fakes say, in every layout of x and its gradient."""
     check_custom_op_layouts(layout, torch.float32, DEV)
+
+
+def test_custom_ops_fakes_with_channels_last_weights():
+    """The Triton path's gradients of a channels_last weight, scale and attention map are
+    contiguous, as the fakes say (a ``model.to(memory_format=torch.channels_last)``)."""
+    check_custom_op_layouts("channels_last", torch.float32, DEV, small_layout="channels_last")
+
+
+def test_backward_ops_take_saved_maps_in_any_layout():
+    check_saved_maps_in_any_layout(torch.float32, DEV)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

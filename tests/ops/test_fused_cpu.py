@@ -15,7 +15,7 @@ from spatialattn.ops import _cpp, reference
 from spatialattn.ops import _library as lib
 
 from ._autograd_graph import node_names
-from ._fake_layouts import LAYOUTS, check_custom_op_layouts
+from ._fake_layouts import LAYOUTS, check_custom_op_layouts, check_saved_maps_in_any_layout
 from ._sam_reference import ref_sam
 
 ORDERS = [("max", "mean"), ("mean", "max"), ("max",), ("mean",)]
@@ -643,6 +643,14 @@ def test_custom_ops_fakes_with_small_inputs_in_other_layouts(monkeypatch, backen
         monkeypatch.setattr(_cpp, "get", lambda: None)
     check_custom_op_layouts("channels_last" if small_layout == "channels_last" else "nchw", torch.float64,
                             torch.device("cpu"), small_layout=small_layout)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backward_ops_take_saved_maps_in_any_layout(monkeypatch, backend, dtype):
+    if backend == "torch":
+        monkeypatch.setattr(_cpp, "get", lambda: None)
+    check_saved_maps_in_any_layout(dtype, torch.device("cpu"))
 
 
 def test_inductor_takes_a_transposed_input():
