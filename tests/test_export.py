@@ -13,8 +13,6 @@ from spatialattn.nn import create_attention
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-
 
 class Net(nn.Module):
     def __init__(self, kind: str):
@@ -69,7 +67,7 @@ def test_onnx_torchscript_exporter(tmp_path, kind, opset):
 @pytest.mark.parametrize("kind,opset", [("cbam", 17), ("cbam", 18), ("sam", 18), ("sam_pointwise", 18)])
 def test_onnx_dynamo_exporter(tmp_path, kind, opset):
     pytest.importorskip("onnxscript")
-    if opset < 18 and _TORCH < (2, 9):
+    if opset < 18 and torch.__version__ < (2, 9):  # (a TorchVersion: compares with tuples)
         # torch 2.8's exporter finds no function for the aten.sym_size.int of a dynamic batch
         # below opset 18 ("No decompositions registered for the real-valued input"; onnxscript
         # 0.4.0 and 0.7.2 tried); torch 2.9.1 and 2.14.1 convert it

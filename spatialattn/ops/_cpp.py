@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -118,8 +119,6 @@ def _ninja_dir() -> Optional[str]:
     where there is none. (``cpp_extension`` runs plain ``ninja``, so a virtual environment's
     Python run without activating it, as IDEs, services and ``venv/bin/python script.py``
     do, fell back to the PyTorch ops though ninja was installed.)"""
-    import shutil
-
     folders = [os.path.dirname(sys.executable)]  # not resolved: a venv's python links elsewhere
     try:
         import ninja
@@ -139,8 +138,6 @@ def _ninja_on_path() -> Iterator[bool]:
     holds one, else with :func:`_ninja_dir` put first for the block only (other code of the
     process, a user's own extensions, sees its ``PATH`` unchanged). Yields whether ``ninja`` can
     be run."""
-    import shutil
-
     on_path = shutil.which("ninja") is not None
     folder = None if on_path else _ninja_dir()
     if folder is None:

@@ -18,19 +18,17 @@ from spatialattn.data import detection_collate
 from spatialattn.engine.config import DEFAULTS
 from spatialattn.engine.evaluator import CachedDataset, open_dataset
 
-from ..data._helpers import write_json, write_png
+from ..data._helpers import write_png
+from ..data.test_coco import _coco as _coco_json
 from ..data.test_voc import _obj, _voc
 from ..data.test_yolo import _yolo
 
 
 def _coco(tmp_path):
+    """The COCO tests' two-image annotation file, with its images."""
     write_png(tmp_path / "a.png", 40, 30, seed=1)
-    write_png(tmp_path / "b.png", 20, 20, seed=2)
-    return write_json(tmp_path / "ann.json", {
-        "images": [{"id": 10, "file_name": "a.png", "width": 40, "height": 30},
-                   {"id": 11, "file_name": "b.png", "width": 20, "height": 20}],
-        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
-        "annotations": [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [1, 2, 10, 5], "iscrowd": 0}]})
+    write_png(tmp_path / "sub" / "b.png", 20, 20, seed=2)
+    return _coco_json(tmp_path)
 
 
 def _cfg(data, split, **over):

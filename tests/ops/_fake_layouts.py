@@ -39,6 +39,14 @@ def assert_fake_matches(op, args) -> None:
         assert check_significant_strides(r, f, only_cuda=False)[0], (op, i, r.stride(), f.stride())
 
 
+def _saved_maps(x, s, w, b, gamma, beta, kinds):
+    """What the backward ops take from the forward: ``(attn, logits, pooled)`` of ``sam`` (no
+    bias, no norm) and ``(attn, logits, pooled, stats)`` of ``sam_batchnorm``."""
+    _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, kinds, 1)
+    _, bn_attn, bn_logits, bn_pooled, stats = lib.sam_batchnorm_op(x, w, b, s, gamma, beta, 1e-5, kinds, 1)
+    return (attn, logits, pooled), (bn_attn, bn_logits, bn_pooled, stats)
+
+
 def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.device,
                             small_layout: str = "nchw") -> None:
     """``torch.library.opcheck`` (schema, autograd registration, fake tensors, AOT dispatch) on
@@ -65,8 +73,7 @@ def check_custom_op_layouts(layout: str, dtype: torch.dtype, device: torch.devic
                      (lib.sam_batchnorm_op, (x, w, b, s, gamma, beta, 1e-5, [1, 0], 1))):
         torch.library.opcheck(op, args)
     with torch.no_grad():
-        _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, [0, 1], 1)
-        _, bn_attn, bn_logits, bn_pooled, stats = lib.sam_batchnorm_op(x, w, b, s, gamma, beta, 1e-5, [0, 1], 1)
+        (attn, logits, pooled), (bn_attn, bn_logits, bn_pooled, stats) = _saved_maps(x, s, w, b, gamma, beta, [0, 1])
         for g_layout in LAYOUTS:
             gy = layout_of(randn(2, 5, 4, 3), g_layout)
             assert_fake_matches(lib.sam_backward_op, (gy, None, x, s, w, None, attn, logits, pooled, [0, 1], 1))
@@ -95,8 +102,7 @@ def check_saved_maps_in_any_layout(dtype: torch.dtype, device: torch.device) -> 
     gamma, beta, b = (randn(1).to(acc).abs() + 0.5), randn(1).to(acc), randn(1)
     kinds = [0, 1]
     with torch.no_grad():
-        _, attn, logits, pooled = lib.sam_op(x, w, None, s, None, None, kinds, 1)
-        _, bn_attn, bn_logits, bn_pooled, stats = lib.sam_batchnorm_op(x, w, b, s, gamma, beta, 1e-5, kinds, 1)
+        (attn, logits, pooled), (bn_attn, bn_logits, bn_pooled, stats) = _saved_maps(x, s, w, b, gamma, beta, kinds)
         grad_attn = randn(2, 1, 6, 7).to(attn.dtype)
         calls = {
             "sam_backward": (lambda m: lib.sam_backward_op(gy, m["grad_attn"], x, s, w, None, m["attn"], m["logits"],

@@ -270,7 +270,7 @@ def test_generic_code_compiles_for_aarch64():
 
 
 # C++20 constructs the compilers of torch's C++17 releases reject. cpp_extension compiled
-# extensions as C++17 until torch moved to C++20 in 2026, and our torch>=2.4 includes those
+# extensions as C++17 until torch moved to C++20 in 2026, and our torch>=2.8 includes those
 # releases: there, one requires-clause made the whole build fail (found with torch 2.9.1, the
 # extension then silently the PyTorch fallback). The headers of the torch installed here need
 # C++20, so no syntax-only C++17 run is possible with them; the source is searched instead.
