@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..nn.base import refuse_torchscript
 from . import layers as L
 from .cfg import CfgSection, parse_cfg, parse_cfg_text
 
@@ -348,6 +349,11 @@ class DarknetModel(nn.Module):
         self.weights_header: Optional[Tuple[int, int, int, int]] = None
         self.source = self.net_options.source
         self.eval()
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say why it cannot work instead of failing
+        # deep inside the graph walk (sets, lists of references, Python dispatch)
+        refuse_torchscript(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-__all__ = ["AttentionModule"]
+__all__ = ["AttentionModule", "refuse_torchscript"]
 
 EVAL_PLAN = "_spatialattn_eval_plan"  # attribute of a module's cached inference plan (_fast_eval)
 
@@ -31,9 +31,27 @@ class AttentionModule(nn.Module):
         self.__dict__.pop(EVAL_PLAN, None)
         return super()._apply(fn, *args, **kwargs)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling
+        refuse_torchscript(self)
+
     def _remember(self, attention: Optional[Tensor]) -> None:
         if self.keep_attention and attention is not None:
             self.last_attention = attention.detach()
+
+
+def refuse_torchscript(module: nn.Module) -> None:
+    """Raise a clear error where ``torch.jit.script`` meets one of this library's modules.
+
+    Their forward dispatches in Python (fused custom ops, fast paths), which TorchScript
+    cannot compile; it would fail deep inside with an unrelated message. PyTorch has
+    deprecated ``torch.jit.script`` in favour of ``torch.export`` / ``torch.compile``.
+    """
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled with torch.jit.script (deprecated by PyTorch; "
+        "this library's modules dispatch to fused kernels in Python). Use torch.export "
+        "(then AOTInductor or ONNX), torch.compile or torch.jit.trace instead."
+    )
 
 
 def _make_bn(channels: int, norm: Optional[str], eps: float, momentum: float, device=None, dtype=None) -> Optional[nn.Module]:

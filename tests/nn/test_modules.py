@@ -311,3 +311,26 @@ def test_factory_names_and_class():
 def test_repr_shows_configuration():
     r = repr(CBAM(64, preset="mmyolo"))
     assert "preset='mmyolo'" in r and "order=('mean', 'max')" in r and "rd_channels=4" in r
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["sam", "cbam", "sam_pointwise"])
+def test_activation_checkpointing_gives_the_same_gradients(kind, use_reentrant):
+    # torch.utils.checkpoint runs the forward again during backward (the custom autograd
+    # nodes of the fused kernels must give the same saved state the second time)
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    attn = randomize_(create_attention(kind, 16)).train()
+    conv2, attn2 = copy.deepcopy(conv), copy.deepcopy(attn)
+    x = torch.randn(3, 8, 11, 13)
+    y = attn(conv(x))
+    y.square().sum().backward()
+    x2 = x.clone().requires_grad_(use_reentrant)  # the reentrant variant needs an input with grad
+    y2 = checkpoint(lambda t: attn2(conv2(t)), x2, use_reentrant=use_reentrant)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    for (name, p), p2 in zip([*conv.named_parameters(), *attn.named_parameters()],
+                             [*conv2.parameters(), *attn2.parameters()]):
+        torch.testing.assert_close(p2.grad, p.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
