@@ -56,6 +56,12 @@ def check_input(x: Tensor, channels: Optional[int] = None, name: str = "input") 
     """Raise unless ``x`` is a floating-point ``Tensor[N, channels, H, W]`` (``TypeError`` for
     the type or dtype, ``ValueError`` for the shape)."""
     if not isinstance(x, Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(
+                f"{name}: torch.fx symbolic tracing cannot trace through spatialattn.functional; call the "
+                "attention through its module (spatialattn.nn), which FX records as one call_module node, "
+                "or use torch.export / torch.compile"
+            )
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         want = "(N, C, H, W)" if channels is None else f"(N, {channels}, H, W)"
@@ -303,6 +309,8 @@ def spatial_attention(
         ``Tensor[N, C, H, W]`` (dtype of ``x``), and with ``return_attention`` the
         attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
     """
+    if type(x) is not Tensor:  # (a subclass passes; a torch.fx Proxy gets a clear error)
+        check_input(x)
     fused = _fused_sam_args(x, weight, bias, norm, gate)
     if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
         # training-mode BatchNorm on the logits: one fused op with the batch statistics
@@ -421,6 +429,8 @@ def channel_gate_from_pooled(
 ) -> Tensor:
     """The MLP and gate of :func:`channel_gate` on pooled maps ``Tensor[P, N, C]`` (what
     :func:`spatialattn.ops.global_pool` returns) -> ``Tensor[N, C, 1, 1]`` in their dtype."""
+    if type(pooled) is not Tensor and isinstance(pooled, torch.fx.Proxy):
+        check_input(pooled, name="pooled")  # (says why FX cannot trace this)
     if pooled.dim() != 3:
         raise ValueError(f"pooled: expected a [P, N, C] tensor, got shape {tuple(pooled.shape)}")
     p, n, c = pooled.shape
@@ -509,6 +519,8 @@ def position_attention(
         ``Tensor[N, L, M]`` (float32 for half inputs: similarities and softmax
         are computed in float32, also under autocast).
     """
+    if type(query) is not Tensor and isinstance(query, torch.fx.Proxy):
+        check_input(query, name="query")  # (says why FX cannot trace this)
     out_dtype = value.dtype
     acc = accumulate_dtype(query)
     with autocast_off(device_type(query)):

@@ -1,9 +1,10 @@
 """Shared behaviour of the attention modules: handing out the last attention map."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 __all__ = ["AttentionModule", "refuse_torchscript"]
 
@@ -34,6 +35,27 @@ class AttentionModule(nn.Module):
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling
         refuse_torchscript(self)
+
+    def _fx_leaf(self, x: Proxy, return_attention: bool) -> Union[Proxy, Tuple[Proxy, Proxy]]:
+        """Under ``torch.fx`` symbolic tracing (``torch.fx.symbolic_trace``, torchvision's
+        ``create_feature_extractor``, FX quantization) record the module as one ``call_module``
+        node, as tracers do with ``torch.nn``'s own layers: the traced graph then calls the
+        module, fused kernels included. Tracing through the forward would fail on its
+        Python dispatch (shape checks, device and layout choices)."""
+        tracer = x.tracer
+        try:
+            path = tracer.path_of_module(self)  # (torch.fx.Tracer's; NameError if not installed)
+        except (AttributeError, NameError):
+            path = None
+        if not path:  # the traced root itself, or a module outside the traced model
+            raise TypeError(
+                f"{type(self).__name__}: torch.fx can trace a model that contains this module (it becomes one "
+                "call_module node) but not the module alone or a module outside the traced model; "
+                "use torch.export or torch.compile for that"
+            )
+        kwargs = {"return_attention": True} if return_attention else {}
+        out = tracer.create_proxy("call_module", path, (x,), kwargs)
+        return (out[0], out[1]) if return_attention else out
 
     def _remember(self, attention: Optional[Tensor]) -> None:
         if self.keep_attention and attention is not None:

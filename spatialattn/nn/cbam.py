@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 
 from .. import functional as SF
 from .. import ops
@@ -133,6 +134,8 @@ class CBAM(AttentionModule):
         return f"channels={self.channels}, preset={self.preset!r}, arrangement={self.arrangement!r}"
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
+            return self._fx_leaf(x, return_attention)
         if self.spatial is None:
             y, cg = self.channel(x, return_attention=True)
             self._remember(cg)

@@ -14,6 +14,7 @@ import math
 from typing import Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from .. import functional as SF
 from .. import ops
@@ -117,6 +118,8 @@ class ChannelAttention(AttentionModule):
         return SF.channel_gate_from_pooled(pooled, self.fc.weight, self.fc.bias, gate=self.gate)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
+            return self._fx_leaf(x, return_attention)
         g = self.channel_gate(x)
         y = x * g.to(x.dtype)
         self._remember(g)

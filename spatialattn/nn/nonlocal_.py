@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from .. import functional as SF
 from .base import AttentionModule, _check_channels, _make_bn
@@ -92,6 +93,8 @@ class NonLocal2d(AttentionModule):
         )
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
+            return self._fx_leaf(x, return_attention)
         SF.check_input(x, self.channels)
         n, _, h, w = x.shape
         kv = x if self.pool is None else self.pool(x)

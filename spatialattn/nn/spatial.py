@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from .. import functional as SF
 from ._fast_eval import sam_eval
@@ -115,6 +116,8 @@ class SpatialAttention(AttentionModule):
         return y, attn
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
+            return self._fx_leaf(x, return_attention)
         y, attn = self.attend(x)
         self._remember(attn)
         return (y, attn) if return_attention else y
@@ -172,6 +175,8 @@ class PointwiseSpatialAttention(AttentionModule):
         )
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
+            return self._fx_leaf(x, return_attention)
         SF.check_input(x, self.channels)
         y, attn = SF.pointwise_spatial_attention(
             x, self.conv.weight, self.conv.bias, norm=self.bn, gate=self.gate, return_attention=True
