@@ -46,6 +46,18 @@ def _parts(m):
     return mods["conv"], mods["bn"] if "bn" in mods else m.__dict__.get("bn")
 
 
+def plain_params(module) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """``(weight, bias)`` of a conv / linear layer straight from its ``_parameters``, or None
+    where either is not a plain parameter there: a parametrization
+    (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``...) computes it on
+    attribute access, pruning (``torch.nn.utils.prune``) keeps it as a plain attribute. The
+    ordinary path reads those as attributes. (A layer without bias holds ``bias = None``.)"""
+    p = module._parameters
+    if "weight" not in p or "bias" not in p:
+        return None
+    return p["weight"], p["bias"]
+
+
 def cpu_in(dtype: torch.dtype, *tensors: Optional[Tensor]) -> bool:
     """Every tensor given (None skipped) is a CPU tensor of ``dtype``."""
     return all(t is None or (t.is_cpu and t.dtype == dtype) for t in tensors)
@@ -66,8 +78,8 @@ def sam_weight_ok(weight: Tensor, p: int) -> bool:
 
 def _key(m, x: Tensor):
     conv, bn = _parts(m)
-    p = conv._parameters
-    key = (x.dtype, m.gate, m.order, m.dilation, id(conv), _state(p["weight"]), _state(p.get("bias")), id(bn))
+    wb = plain_params(conv)  # (None: _build gives no plan)
+    key = (x.dtype, m.gate, m.order, m.dilation, id(conv), wb and (_state(wb[0]), _state(wb[1])), id(bn))
     if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
         b, q = bn._buffers, bn._parameters
         key += (bn.training, bn.eps, _state(b.get("running_mean")), _state(b.get("running_var")),
@@ -80,7 +92,10 @@ def _build(m, x: Tensor):
     if x.dtype not in _lib._CPP_DTYPES:
         return None
     conv, bn = _parts(m)
-    weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
+    wb = plain_params(conv)
+    if wb is None:
+        return None
+    weight, bias = wb
     fused = SF._fused_sam_args(x, weight, bias, bn, m.gate)
     if fused is None:
         return None
@@ -150,7 +165,8 @@ def _channel_key(m, x: Tensor):
     key = (x.dtype, ch.pool_types, ch.gate, ch.num_layers, id(ch))
     for name in ("fc1", "fc2") if ch.num_layers == 2 else ("fc",):
         fc = mods[name]
-        key += (id(fc), _state(fc._parameters["weight"]), _state(fc._parameters.get("bias")))
+        wb = plain_params(fc)  # (None: channel_mlp_args gives no plan)
+        key += (id(fc), wb and (_state(wb[0]), _state(wb[1])))
     return key + ((id(mods["act"]),) if ch.num_layers == 2 else ())
 
 
@@ -173,11 +189,15 @@ def channel_mlp_args(ch, c: int, acc: torch.dtype, held: Optional[torch.dtype] =
     if ch.num_layers == 2:
         if not SF._is_relu(mods["act"]):
             return None
-        p1, p2 = mods["fc1"]._parameters, mods["fc2"]._parameters
-        w1, b1, w2, b2 = p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias")
+        p1, p2 = plain_params(mods["fc1"]), plain_params(mods["fc2"])
+        if p1 is None or p2 is None:
+            return None
+        (w1, b1), (w2, b2) = p1, p2
     else:
-        p1 = mods["fc"]._parameters
-        w1, b1, w2, b2 = p1["weight"], p1.get("bias"), None, None
+        p1 = plain_params(mods["fc"])
+        if p1 is None:
+            return None
+        (w1, b1), w2, b2 = p1, None, None
     if not held_in(acc, held, w1, b1, w2, b2) or any(
             w is not None and w.dim() not in (2, 4) for w in (w1, w2)):
         return None

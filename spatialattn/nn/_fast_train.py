@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import functional as SF
 from .. import ops
 from ..ops import _library as _lib
-from ._fast_eval import _parts, channel_mlp_args, held_in, sam_weight_ok
+from ._fast_eval import _parts, channel_mlp_args, held_in, plain_params, sam_weight_ok
 from .channel import ChannelAttention
 from .spatial import SpatialAttention
 
@@ -53,7 +53,10 @@ def _spatial_args(sp, x: Tensor, acc: torch.dtype, held: Optional[torch.dtype]):
     if sp.channels is not None and sp.channels != x.shape[1]:
         return None
     conv, bn = _parts(sp)
-    weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
+    wb = plain_params(conv)
+    if wb is None:
+        return None
+    weight, bias = wb
     if not held_in(acc, held, weight, bias):
         return None
     try:

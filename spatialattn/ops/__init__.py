@@ -425,7 +425,10 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
         return None
     # the dicts, not attribute access: nn.Module.__getattr__ costs about 0.6 us a name
     mean, var = norm._buffers.get("running_mean"), norm._buffers.get("running_var")
-    gamma, beta = norm._parameters.get("weight"), norm._parameters.get("bias")
+    params = norm._parameters
+    if "weight" not in params or "bias" not in params:  # parametrized (computed on access): not folded
+        return None
+    gamma, beta = params["weight"], params["bias"]
     if mean is None or var is None or norm.num_features != 1:
         return None
     # Without autograd (inference) the pair is cached on the module until one of the four
