@@ -5,8 +5,9 @@ from typing import Optional, Tuple, Union
 
 from torch import Tensor, nn
 from torch.fx import Proxy
+from torch.nn.utils import prune
 
-__all__ = ["AttentionModule", "refuse_torchscript"]
+__all__ = ["AttentionModule", "refuse_torchscript", "run_pruning_hooks"]
 
 EVAL_PLAN = "_spatialattn_eval_plan"  # attribute of a module's cached inference plan (_fast_eval)
 
@@ -60,6 +61,23 @@ class AttentionModule(nn.Module):
     def _remember(self, attention: Optional[Tensor]) -> None:
         if self.keep_attention and attention is not None:
             self.last_attention = attention.detach()
+
+
+def run_pruning_hooks(*layers: Optional[nn.Module]) -> None:
+    """Recompute the pruned weights of ``layers`` (``torch.nn.utils.prune``).
+
+    Pruning keeps ``weight_orig`` and a mask, and sets ``weight = weight_orig * mask`` in the
+    layer's forward pre-hook. The attention modules read their layers' weights without
+    calling the layers (the fused kernels take the tensors), so they run those hooks
+    themselves; other hooks on the inner layers do not run (hook the attention module).
+    Without it a pruned weight stayed the tensor made when pruning, and the second
+    training step failed ("backward through the graph a second time").
+    """
+    for layer in layers:
+        if layer is not None and layer._forward_pre_hooks:
+            for hook in tuple(layer._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):  # (a PruningContainer is one too)
+                    hook(layer, ())
 
 
 def refuse_torchscript(module: nn.Module) -> None:

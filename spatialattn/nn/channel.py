@@ -18,7 +18,7 @@ from torch.fx import Proxy
 
 from .. import functional as SF
 from .. import ops
-from .base import AttentionModule, _check_channels
+from .base import AttentionModule, _check_channels, run_pruning_hooks
 
 __all__ = ["ChannelAttention", "SqueezeExcite", "reduced_channels"]
 
@@ -110,11 +110,14 @@ class ChannelAttention(AttentionModule):
 
     def gate_from_pooled(self, pooled: Tensor) -> Tensor:
         """The gate from pooled maps ``Tensor[P, N, C]`` (``ops.global_pool(x, self.pool_types)``)."""
+        mods = self._modules
         if self.num_layers == 2:
+            run_pruning_hooks(mods["fc1"], mods["fc2"])
             return SF.channel_gate_from_pooled(
                 pooled, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.act,
                 gate=self.gate,
             )
+        run_pruning_hooks(mods["fc"])
         return SF.channel_gate_from_pooled(pooled, self.fc.weight, self.fc.bias, gate=self.gate)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:

@@ -23,7 +23,7 @@ from torch.fx import Proxy
 
 from .. import functional as SF
 from ._fast_eval import sam_eval
-from .base import AttentionModule, _check_channels, _make_bn
+from .base import AttentionModule, _check_channels, _make_bn, run_pruning_hooks
 
 __all__ = ["SpatialAttention", "PointwiseSpatialAttention"]
 
@@ -96,6 +96,7 @@ class SpatialAttention(AttentionModule):
     def attention_map(self, x: Tensor, channel_scale: Optional[Tensor] = None) -> Tensor:
         """The attention map ``[N, 1, H, W]`` of ``x * channel_scale`` (nothing multiplied)."""
         SF.check_input(x, self.channels)
+        run_pruning_hooks(self._modules["conv"])
         return SF.spatial_attention_map(
             x, self.conv.weight, self.conv.bias, order=self.order, dilation=self.dilation,
             norm=self.bn, gate=self.gate, channel_scale=channel_scale,
@@ -108,7 +109,8 @@ class SpatialAttention(AttentionModule):
             if out is not None:
                 return out
         SF.check_input(x, self.channels)
-        conv = self.conv
+        conv = self._modules["conv"]
+        run_pruning_hooks(conv)
         y, attn = SF.spatial_attention(
             x, conv.weight, conv.bias, order=self.order, dilation=self.dilation,
             norm=self.bn, gate=self.gate, channel_scale=channel_scale, return_attention=True,
@@ -178,6 +180,7 @@ class PointwiseSpatialAttention(AttentionModule):
         if isinstance(x, Proxy):  # torch.fx symbolic tracing: one call_module node (see AttentionModule)
             return self._fx_leaf(x, return_attention)
         SF.check_input(x, self.channels)
+        run_pruning_hooks(self._modules["conv"])
         y, attn = SF.pointwise_spatial_attention(
             x, self.conv.weight, self.conv.bias, norm=self.bn, gate=self.gate, return_attention=True
         )
