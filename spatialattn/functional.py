@@ -501,7 +501,8 @@ def position_attention(
     *,
     scale: Optional[float] = None,
     concat_weight: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    need_attention: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Position-similarity (non-local) attention over flattened positions.
 
     Args:
@@ -513,11 +514,15 @@ def position_attention(
             ``"concatenation"`` (``relu(w . [q_i, k_j]) / M``, needs
             ``concat_weight`` of shape ``[2 * D]``).
         scale: multiply the dot products before the softmax (e.g. ``D**-0.5``).
+        need_attention: ``False``: the attention is not returned (``None``), and a softmax
+            mode over many positions runs as torch's fused
+            ``scaled_dot_product_attention``, which never writes the ``[N, L, M]`` attention
+            (see ``_sdpa_ok``).
 
     Returns:
         ``(out, attn)``: ``Tensor[N, E, L]`` (dtype of ``value``) and the attention
         ``Tensor[N, L, M]`` (float32 for half inputs: similarities and softmax
-        are computed in float32, also under autocast).
+        are computed in float32, also under autocast), or ``None`` (``need_attention=False``).
     """
     if type(query) is not Tensor and isinstance(query, torch.fx.Proxy):
         check_input(query, name="query")  # (says why FX cannot trace this)
@@ -525,8 +530,42 @@ def position_attention(
     acc = accumulate_dtype(query)
     with autocast_off(device_type(query)):
         query, key, value = query.to(acc), key.to(acc), value.to(acc)
+        if not need_attention and _sdpa_ok(query, key, value, mode):
+            out = _position_attention_sdpa(query, key, value, scale)
+            return out.to(out_dtype), None
         out, attn = _position_attention(query, key, value, mode, scale, concat_weight)
-    return out.to(out_dtype), attn
+    return out.to(out_dtype), attn if need_attention else None
+
+
+_SDPA_MIN_PAIRS = 2**18  # position pairs L * M per image from which the fused attention runs
+
+
+def _sdpa_ok(query: Tensor, key: Tensor, value: Tensor, mode: str) -> bool:
+    """Softmax attention over at least ``_SDPA_MIN_PAIRS`` position pairs, where only the output
+    is wanted: torch's fused attention (``scaled_dot_product_attention``, flash kernels on
+    CPU and CUDA) never writes the ``[N, L, M]`` attention and keeps an ``[N, L]``
+    log-sum-exp for backward instead. Measured on 2 CPU cores against bmm + softmax (fifty-second
+    session): 0.26-0.97x the time forward and 0.32-1.01x forward + backward with up to 128
+    inner channels and 0.26M-16.8M pairs, 1.08-1.13x with 256-512 channels at 1M pairs, 0.68-0.75x
+    at 16.8M; below 0.26M pairs 1.06-1.83x (bmm kept there, where the attention is small
+    anyway). Values as wide as the queries and keys only (else torch's fallback writes the
+    attention too). Not where only torch's plain operators may run (export, ``torch.func``,
+    forward-mode AD, :func:`spatialattn.ops.decomposed` for double backward)."""
+    if mode not in ("embedded_gaussian", "gaussian") or query.shape[-1] * key.shape[-1] < _SDPA_MIN_PAIRS:
+        return False
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        return False
+    if value.shape[1] != query.shape[1]:  # (the fused CPU kernel wants one width; "gaussian" mode
+        return False  # compares C-channel features and sums inner-width values)
+    return not ops._torch_ops_only()
+
+
+def _position_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float]) -> Tensor:
+    # [N, D, L] -> [N, 1, L, D]: one head; the fused kernels need 4-D inputs whose last
+    # dimension is contiguous (else torch takes its unfused math path, which keeps the attention)
+    q, k, v = (t.transpose(1, 2).contiguous().unsqueeze(1) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0 if scale is None else scale)
+    return out.squeeze(1).transpose(1, 2)
 
 
 def _position_attention(query, key, value, mode, scale, concat_weight):

@@ -1,4 +1,5 @@
-"""CBAM saves no full-size tensor besides its input for backward; the modules compile with fullgraph."""
+"""CBAM saves no full-size tensor besides its input for backward, a non-local block no
+position-by-position attention; the modules compile with fullgraph."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from spatialattn.nn import CBAM, PointwiseSpatialAttention, SpatialAttention
+from spatialattn.nn import CBAM, NonLocal2d, PointwiseSpatialAttention, SpatialAttention
 
 from .nn._references import OfficialCBAM, randomize_
 
@@ -117,3 +118,44 @@ def test_compiled_training_batchnorm_is_one_fused_op(momentum, channels_last):
     assert targets.count("spatialattn.sam_batchnorm.default") == 1, targets
     assert targets.count("spatialattn.sam_batchnorm_backward.default") == 1, targets
     assert not any("channel_pool" in t or "gate_multiply" in t for t in targets), targets
+
+
+def _largest_saved(module, x, **kwargs):
+    """Elements of the largest tensor autograd saves in ``module(x, **kwargs)``'s graph."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    y.square().sum().backward()
+    return max(sizes)
+
+
+@pytest.mark.parametrize("mode,inner", [("embedded_gaussian", None), ("gaussian", 4)])
+def test_nonlocal_training_keeps_no_position_by_position_attention(mode, inner):
+    # without the map asked for, softmax attention over 2**18 position pairs and more runs as
+    # torch's fused attention (an [N, L] log-sum-exp kept) instead of bmm + softmax, which
+    # keeps the [N, L, M] attention for backward
+    torch.manual_seed(0)
+    n, c, h, w = 1, 4, 32, 32  # L = 1024 positions, M = 256 keys (pooled): 2**18 pairs
+    # float64: the two paths then agree to rounding, also in the gradients of g's and phi's
+    # biases, which are zero (float32 leaves 1e-3-sized noise there in both paths)
+    # ("gaussian" compares the input's c channels: the values as wide, inner_channels = c)
+    m = NonLocal2d(c, mode=mode, inter_channels=inner, sub_sample=True, zero_init=False).train().double()
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    attention = n * (h * w) * (h * w // 4)
+    assert _largest_saved(m, x) < attention // 16
+    grads = [p.grad.clone() for p in m.parameters()], x.grad.clone()
+    for p in m.parameters():
+        p.grad = None
+    x.grad = None
+    # with the map asked for: bmm + softmax (the probe can fail), the same gradients
+    assert _largest_saved(m, x, return_attention=True) >= attention
+    scale = max(float(g.abs().max()) for g in grads[0])
+    torch.testing.assert_close(x.grad, grads[1], rtol=1e-9, atol=1e-11)
+    for p, g in zip(m.parameters(), grads[0]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12 * scale)

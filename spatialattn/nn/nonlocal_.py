@@ -105,7 +105,8 @@ class NonLocal2d(AttentionModule):
             query, key = self.theta(x).flatten(2), self.phi(kv).flatten(2)
         scale = query.shape[1] ** -0.5 if self.use_scale else None
         concat_w = self.concat_project.weight if self.mode == "concatenation" else None
-        z, attn = SF.position_attention(query, key, value, self.mode, scale=scale, concat_weight=concat_w)
+        z, attn = SF.position_attention(query, key, value, self.mode, scale=scale, concat_weight=concat_w,
+                                        need_attention=return_attention or self.keep_attention)
         z = self.out(z.reshape(n, self.inter_channels, h, w))
         if self.bn is not None:
             z = self.bn(z)

@@ -334,3 +334,32 @@ def test_activation_checkpointing_gives_the_same_gradients(kind, use_reentrant):
     for (name, p), p2 in zip([*conv.named_parameters(), *attn.named_parameters()],
                              [*conv2.parameters(), *attn2.parameters()]):
         torch.testing.assert_close(p2.grad, p.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_nonlocal_fused_attention_matches_reference(monkeypatch):
+    # the fused-attention path (torch's scaled_dot_product_attention) on small maps: the
+    # threshold in position pairs lowered to 0; float64 against the explicit reference
+    from spatialattn import functional as SF
+
+    monkeypatch.setattr(SF, "_SDPA_MIN_PAIRS", 0)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(SF.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    m, ref = make("nonlocal", torch.float64, train=True)
+    m2 = copy.deepcopy(m)
+    x = torch.randn(2, C, 5, 4, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    gy = torch.randn(2, C, 5, 4, dtype=torch.float64)
+    y = m(x)
+    (y * gy).sum().backward()
+    y2 = ref(m2, x2)[0]
+    (y2 * gy).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-11)
+    for (k, p1), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-11, msg=k)
+    assert calls, "the fused attention did not run"
+    assert torch.autograd.gradcheck(lambda t: m(t), (x[:1, :, :2].detach().requires_grad_(),), eps=1e-6, atol=1e-5)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(m, x)[0], rtol=1e-9, atol=1e-11)
