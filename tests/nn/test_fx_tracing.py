@@ -130,3 +130,22 @@ def test_fx_graph_mode_quantization_keeps_the_attention_in_float():
     assert out.shape == want.shape and torch.isfinite(out).all()
     # int8 activations and weights: close to the float model (measured 0.9996), not equal
     assert torch.nn.functional.cosine_similarity(out.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_timm_fx_feature_extractor():
+    timm = pytest.importorskip("timm")
+    from timm.models._features_fx import create_feature_extractor as timm_extractor
+
+    torch.manual_seed(0)
+    model, _ = insert_attention(timm.create_model("resnet18", pretrained=False), "cbam")
+    model.eval()
+    extractor = timm_extractor(model, return_nodes={"layer1.0.attention": "a", "layer2": "c3"})
+    targets = [n.target for n in extractor.graph.nodes if n.op == "call_module"]
+    assert "layer1.0.attention" in targets
+    x = torch.randn(2, 3, 64, 64)
+    feats = {}
+    model.layer1[0].attention.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
+    with torch.no_grad():
+        out = extractor(x)
+        model(x)
+    torch.testing.assert_close(out["a"], feats["a"], rtol=0, atol=0)
