@@ -144,7 +144,9 @@ def test_timm_fx_feature_extractor():
     assert "layer1.0.attention" in targets
     x = torch.randn(2, 3, 64, 64)
     feats = {}
-    model.layer1[0].attention.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
+    # (a copy: timm's block adds the shortcut into the attention's output in place, which the
+    # traced graph records as an out-of-place add)
+    model.layer1[0].attention.register_forward_hook(lambda m, i, o: feats.__setitem__("a", o.clone()))
     with torch.no_grad():
         out = extractor(x)
         model(x)
