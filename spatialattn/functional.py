@@ -194,7 +194,7 @@ def _fused_sam_args(
     weight, bias = _as_dtype(weight, acc), _as_dtype(bias, acc)
     if norm is None:
         return weight, bias, None, None
-    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+    if not (isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or ops._is_frozen_batchnorm(norm)):
         return None
     stat = norm._buffers.get("running_mean")
     stat = stat if stat is not None else norm._parameters.get("weight")

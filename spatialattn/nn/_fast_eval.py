@@ -84,6 +84,9 @@ def _key(m, x: Tensor):
         b, q = bn._buffers, bn._parameters
         key += (bn.training, bn.eps, _state(b.get("running_mean")), _state(b.get("running_var")),
                 _state(q.get("weight")), _state(q.get("bias")))
+    elif ops._is_frozen_batchnorm(bn):  # (its weight and bias are buffers)
+        b = bn._buffers
+        key += (bn.eps,) + tuple(_state(b[k]) for k in ("running_mean", "running_var", "weight", "bias"))
     return key
 
 

@@ -412,24 +412,41 @@ def channel_mlp_gate(
     return reference.channel_mlp_gate(pooled, weight1, bias1, weight2, bias2)
 
 
+def _is_frozen_batchnorm(norm) -> bool:
+    """``norm`` is a frozen BatchNorm (torchvision's ``ops.misc.FrozenBatchNorm2d``, detectron2's
+    and the like, by name and buffers): ``t * w * rsqrt(var + eps) + (b - mean * ...)`` with
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` buffers, in training too. Detector
+    code freezes every BatchNorm of a model this way, the attention modules' included."""
+    if type(norm).__name__ != "FrozenBatchNorm2d" or not isinstance(norm, torch.nn.Module):
+        return False
+    b = norm._buffers
+    return all(b.get(k) is not None for k in ("weight", "bias", "running_mean", "running_var")) and (
+        isinstance(getattr(norm, "eps", None), float))
+
+
 def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tuple[Tensor, Tensor]]:
     """``(scale, shift)`` such that ``norm(t) == t * scale + shift`` for an eval-mode
-    ``BatchNorm2d(1)`` with running statistics; ``None`` when that does not hold
-    (training mode, no running stats, other modules). Differentiable in the affine
+    ``BatchNorm2d(1)`` with running statistics, or a frozen one in either mode
+    (:func:`_is_frozen_batchnorm`); ``None`` when that does not hold (training mode, no running
+    stats, other modules). Differentiable in the affine
     parameters, so the fused op trains gamma / beta (not the statistics).
 
     ``dtype``: the pair's dtype, computed from the statistics and parameters converted to it
     (float32 for a BatchNorm held in float16 / bfloat16, as torch's BatchNorm computes in
     float32 internally); default: the BatchNorm's own dtype."""
-    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or norm.training:
+    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+        if norm.training:
+            return None
+        params = norm._parameters  # (the dicts: nn.Module.__getattr__ costs about 0.6 us a name)
+    elif _is_frozen_batchnorm(norm):
+        params = norm._buffers  # its affine parameters are buffers; the same map in training
+    else:
         return None
-    # the dicts, not attribute access: nn.Module.__getattr__ costs about 0.6 us a name
     mean, var = norm._buffers.get("running_mean"), norm._buffers.get("running_var")
-    params = norm._parameters
     if "weight" not in params or "bias" not in params:  # parametrized (computed on access): not folded
         return None
     gamma, beta = params["weight"], params["bias"]
-    if mean is None or var is None or norm.num_features != 1:
+    if mean is None or var is None or mean.numel() != 1:
         return None
     # Without autograd (inference) the pair is cached on the module until one of the four
     # tensors changes: six small tensor ops cost about 17 us, the SAM of a 13x13 map 25 us.

@@ -383,3 +383,45 @@ def test_half_parameters_fuse_like_float32_ones(layout, dtype, monkeypatch):
             w_half, w_full = half.conv.weight.grad, full.conv.weight.grad
             assert w_half.dtype == dtype
             torch.testing.assert_close(w_half, w_full.to(dtype), rtol=0, atol=0)
+
+
+def test_frozen_batchnorm_fuses_and_the_plan_follows_its_buffers(monkeypatch):
+    # detector code freezes every BatchNorm (torchvision's FrozenBatchNorm2d: an affine map
+    # with buffers for parameters, in training too); the SAM's then folds like an eval one
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from spatialattn import ops
+
+    from ._references import sam_reference
+
+    m = _randomise(SpatialAttention(8), 5).eval()
+    m.bn = _randomise(FrozenBatchNorm2d(1), 6)
+    x = torch.randn(2, 8, 6, 7)
+
+    def check():
+        y, a = _fast(m, x)  # (asserts the direct call applies)
+        _same((y, a), _ordinary(m, x))
+        y_ref, a_ref = sam_reference(x.double(), m.conv.weight.double(), None, m.order, m.bn.double())
+        m.bn.float()
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-6, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        m.bn.weight.fill_(-0.7)
+        m.bn.running_var.mul_(3.0)
+    check()
+    m.load_state_dict({k: v * 0.5 for k, v in m.state_dict().items()})
+    check()
+    # training: one fused op (its affine pair constant), gradients as the layered reference
+    calls = []
+    fused = ops.spatial_attention_fused
+    monkeypatch.setattr(ops, "spatial_attention_fused", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    m.train()
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+    m(x1).square().sum().backward()
+    w = m.conv.weight.detach().double().requires_grad_()
+    sam_reference(x2, w, None, m.order, m.bn.double())[0].square().sum().backward()
+    m.bn.float()
+    assert calls
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.conv.weight.grad.double(), w.grad, rtol=1e-5, atol=1e-4)

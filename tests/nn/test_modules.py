@@ -85,6 +85,15 @@ def ref_nonlocal(m: NonLocal2d, x):
     return x + z, f
 
 
+def _frozen_bn(module):
+    """The module with its SAM's BatchNorm frozen as detector code does (torchvision's class)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    sam = module.spatial if isinstance(module, CBAM) else module
+    sam.bn = FrozenBatchNorm2d(1)
+    return module
+
+
 CASES = {
     "sam": (lambda: SpatialAttention(C), ref_spatial),
     "sam_k3_d2_meanmax_bias": (
@@ -101,6 +110,8 @@ CASES = {
     "cbam_mmyolo": (lambda: CBAM(C, preset="mmyolo"), ref_cbam),
     "cbam_spatial_channel": (lambda: CBAM(C, arrangement="spatial_channel"), ref_cbam),
     "cbam_parallel": (lambda: CBAM(C, arrangement="parallel"), ref_cbam),
+    "sam_frozen_bn": (lambda: _frozen_bn(SpatialAttention(C)), ref_spatial),
+    "cbam_frozen_bn": (lambda: _frozen_bn(CBAM(C)), ref_cbam),
     "nonlocal": (lambda: NonLocal2d(C, zero_init=False), ref_nonlocal),
     "nonlocal_dot_sub": (lambda: NonLocal2d(C, mode="dot_product", sub_sample=True, zero_init=False), ref_nonlocal),
     "nonlocal_gauss": (lambda: NonLocal2d(C, mode="gaussian", zero_init=False), ref_nonlocal),
