@@ -425,3 +425,47 @@ def test_frozen_batchnorm_fuses_and_the_plan_follows_its_buffers(monkeypatch):
     assert calls
     torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.conv.weight.grad.double(), w.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["sam", "cbam", "functional", "frozen"])
+def test_cached_batchnorm_fold_sees_updates_that_bump_no_version(kind):
+    # torch's BatchNorm updates its running statistics in training without bumping their
+    # version counters, and writes through `.data` do not bump them either: caches keyed on
+    # versions (the inference plan, ops.batchnorm_affine's pair) served the old fold
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from spatialattn import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.randn(1, 2, 7, 7)
+    if kind == "functional":
+        bn = torch.nn.BatchNorm2d(1).eval()
+        run = lambda: SF.spatial_attention(x, w, norm=bn)  # noqa: E731
+    else:
+        m = SpatialAttention(8) if kind in ("sam", "frozen") else CBAM(8, reduction=2)
+        if kind == "frozen":
+            m.bn = _randomise(FrozenBatchNorm2d(1), 3)
+        m.eval()
+        bn = m.bn if kind != "cbam" else m.spatial.bn
+        run = lambda: m(x)  # noqa: E731
+
+    def check():
+        with torch.no_grad():
+            got = run()
+            with ops.decomposed():  # (no cache there)
+                want = run()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    check()  # the fold is cached now
+    if kind != "frozen":  # torch's BatchNorm trains its statistics (without version bumps)
+        before = bn.running_var._version
+        bn.train()
+        with torch.no_grad():
+            bn(torch.randn(4, 1, 5, 5) * 3 + 1)
+        bn.eval()
+        assert bn.running_var._version == before  # (what made the caches stale)
+        check()
+    for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):  # writes through .data
+        t.data.add_(0.25)
+        check()
