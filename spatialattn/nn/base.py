@@ -33,6 +33,14 @@ class AttentionModule(nn.Module):
         self.__dict__.pop(EVAL_PLAN, None)
         return super()._apply(fn, *args, **kwargs)
 
+    def train(self, mode: bool = True) -> "AttentionModule":
+        # a switch of mode drops the cached inference plan too: a plan keys on its parameters'
+        # version counters (and values, for a BatchNorm), and some updates leave those as they
+        # were: fused optimizers (torch.optim.AdamW(fused=True)) and writes through `.data`,
+        # which matter where the plan holds converted copies (parameters held in half precision)
+        self.__dict__.pop(EVAL_PLAN, None)
+        return super().train(mode)
+
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling
         refuse_torchscript(self)

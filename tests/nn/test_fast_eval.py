@@ -469,3 +469,28 @@ def test_cached_batchnorm_fold_sees_updates_that_bump_no_version(kind):
     for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):  # writes through .data
         t.data.add_(0.25)
         check()
+
+
+def test_plan_dropped_when_the_mode_changes():
+    # torch.optim's fused optimizers update parameters without bumping their version counters;
+    # a plan holding converted copies (a model held in bfloat16) served the old weights
+    torch.manual_seed(0)
+    m = SpatialAttention(16, bias=True, norm=None).bfloat16()
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    m.train()
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).float().square().mean().backward()
+        v = m.conv.weight._version
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+        m.bfloat16()  # (drops the plans: a fresh one)
+        want = m(x)
+    assert m.conv.weight._version == v  # (what the plan's key could not see)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
