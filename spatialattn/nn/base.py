@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 from torch.nn.utils import prune
 
+from ..ops import clear_batchnorm_cache
+
 __all__ = ["AttentionModule", "refuse_torchscript", "run_pruning_hooks"]
 
 EVAL_PLAN = "_spatialattn_eval_plan"  # attribute of a module's cached inference plan (_fast_eval)
@@ -34,11 +36,14 @@ class AttentionModule(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "AttentionModule":
-        # a switch of mode drops the cached inference plan too: a plan keys on its parameters'
-        # version counters (and values, for a BatchNorm), and some updates leave those as they
-        # were: fused optimizers (torch.optim.AdamW(fused=True)) and writes through `.data`,
-        # which matter where the plan holds converted copies (parameters held in half precision)
+        # a switch of mode drops the cached inference plan and BatchNorm pair too: they key on
+        # version counters (a BatchNorm on the CPU: on values), which some updates leave as they
+        # were: torch's BatchNorm training its statistics (SyncBatchNorm under DDP), fused
+        # optimizers (torch.optim.AdamW(fused=True)) and writes through `.data`
         self.__dict__.pop(EVAL_PLAN, None)
+        for child in self.children():  # the BatchNorm's cached pair (keyed on versions off the CPU)
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                clear_batchnorm_cache(child)
         return super().train(mode)
 
     def __prepare_scriptable__(self):

@@ -53,6 +53,7 @@ __all__ = [
     "with_global_pool",
     "channel_mlp_gate",
     "batchnorm_affine",
+    "clear_batchnorm_cache",
     "is_exporting",
     "backend",
     "backend_report",
@@ -448,20 +449,28 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
     gamma, beta = params["weight"], params["bias"]
     if mean is None or var is None or mean.numel() != 1:
         return None
-    # Without autograd (inference), on the CPU, the pair is cached on the module until one of
-    # the four values changes: six small tensor ops cost about 17 us, the SAM of a 13x13 map
-    # 25 us. Keyed on the values (0.12 us a read), not on the tensors' versions: torch's own
-    # BatchNorm updates its running statistics in training without bumping their version
-    # counters, and so do writes through `.data` (a cache keyed on versions kept a stale pair
-    # after such training, until the fifty-second session). Not on other devices, where reading
-    # a value waits for the device; not while a graph is captured, which must record the
-    # computation.
+    # Without autograd (inference) the pair is cached on the module: six small tensor ops cost
+    # about 17 us, the SAM of a 13x13 map 25 us. On the CPU the key holds the four values
+    # (0.12 us a read): torch's own BatchNorm updates its running statistics in training
+    # without bumping their version counters, and so do writes through `.data` (a key of
+    # versions kept a stale pair after such training, until the fifty-second session). On
+    # other devices a read would wait for the device: there the key holds the tensors'
+    # versions, and the attention modules drop the pair at every train() / eval() (what
+    # follows training through torch's or a SyncBatchNorm); a functional caller with its own
+    # BatchNorm trained that way should call spatialattn.ops.clear_batchnorm_cache(norm).
+    # Not while a graph is captured, which must record the computation.
     key = None
-    if mean.is_cpu and not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
+    if not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
-        # (written out: a generator over the four cost 0.5 us more)
-        key = (norm.eps, dtype, mean.dtype, mean.item(), var.item(),
-               None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
+        if mean.is_cpu:  # (written out: a generator over the four cost 0.5 us more)
+            key = (norm.eps, dtype, mean.dtype, mean.item(), var.item(),
+                   None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
+        else:
+            try:
+                key = (norm.eps, dtype, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma),
+                       _tensor_state(beta))
+            except RuntimeError:  # inference tensors have no version counter: no cache
+                pass
     if key is not None:
         hit = norm.__dict__.get(_AFFINE_CACHE)
         if hit is not None and hit[0] == key:
@@ -474,8 +483,20 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
     # tensors, which autograd cannot save, should a later call need the input's gradient)
     with torch.inference_mode(False), torch.no_grad():
         scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps, dtype)
-    norm.__dict__[_AFFINE_CACHE] = (key, None, scale, shift, (scale._version, shift._version))
+    # (a key of versions keeps the tensors, and aliases of their storages: a `.data =` swap frees
+    # the old storage, whose address a later one could take: the same key for other data)
+    held = None if mean.is_cpu else (mean, var, gamma, beta, [t.detach() for t in (mean, var, gamma, beta)
+                                                                if t is not None])
+    norm.__dict__[_AFFINE_CACHE] = (key, held, scale, shift, (scale._version, shift._version))
     return scale, shift
+
+
+def clear_batchnorm_cache(norm) -> None:
+    """Drop the affine pair :func:`batchnorm_affine` cached on ``norm``. Needed only off the
+    CPU, after ``norm``'s statistics changed without a version bump (torch's BatchNorm in
+    training, writes through ``.data``) while it stayed outside an attention module, whose
+    ``train()`` / ``eval()`` drops it."""
+    norm.__dict__.pop(_AFFINE_CACHE, None)
 
 
 def _affine_pair(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
@@ -493,6 +514,12 @@ def _affine_pair(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optio
 
 
 _AFFINE_CACHE = "_spatialattn_affine"
+
+
+def _tensor_state(t: Optional[Tensor]) -> Optional[tuple]:
+    """A cache key for ``t`` off the CPU: the object, its data (``.to()`` / ``.data =`` keep the
+    object but swap the storage) and its in-place version."""
+    return None if t is None else (id(t), t.data_ptr(), t.dtype, t._version)
 
 
 def _sam_reference(x, weight, bias, order, dilation, channel_scale, norm_scale, norm_shift):

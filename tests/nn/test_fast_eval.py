@@ -494,3 +494,26 @@ def test_plan_dropped_when_the_mode_changes():
         want = m(x)
     assert m.conv.weight._version == v  # (what the plan's key could not see)
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_off_cpu_pair_keyed_on_versions_and_dropped_at_a_mode_switch():
+    # off the CPU (here the meta device: no data to read) the BatchNorm pair is keyed on
+    # versions, and an attention module's train() / eval() drops it (what follows training
+    # through torch's BatchNorm, which bumps no version); ops.clear_batchnorm_cache for others
+    from spatialattn import ops
+
+    m = SpatialAttention(8).to("meta").eval()
+    with torch.no_grad():
+        first = ops.batchnorm_affine(m.bn, torch.float32)
+        assert ops.batchnorm_affine(m.bn, torch.float32)[0] is first[0]  # cached
+        with torch.no_grad():
+            m.bn.running_var.add_(1.0)  # a version bump: a new pair
+        second = ops.batchnorm_affine(m.bn, torch.float32)
+        assert second[0] is not first[0]
+        m.train()
+        m.eval()
+        third = ops.batchnorm_affine(m.bn, torch.float32)
+        assert third[0] is not second[0]
+        assert ops.batchnorm_affine(m.bn, torch.float32)[0] is third[0]
+        ops.clear_batchnorm_cache(m.bn)
+        assert ops.batchnorm_affine(m.bn, torch.float32)[0] is not third[0]
