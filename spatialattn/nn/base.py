@@ -1,4 +1,5 @@
-"""Shared behaviour of the attention modules: handing out the last attention map."""
+"""Shared behaviour of the attention modules: the last attention map, cached inference state
+dropped at mode switches, torch.fx tracing as one node, pruned layers, the TorchScript refusal."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
