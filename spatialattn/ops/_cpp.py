@@ -154,13 +154,21 @@ def _ninja_on_path() -> Iterator[bool]:
             os.environ["PATH"] = before
 
 
+_BANNERS: dict = {}  # (compiler command, PATH) -> its --version output, asked once a process
+
+
 def _compiler_banner() -> Optional[str]:
     """The ``--version`` output of the C++ compiler ``cpp_extension`` runs (``$CXX``, else
-    ``c++``); None where it cannot be run."""
-    try:
-        return subprocess.run(_cxx() + ["--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+    ``c++``); None where it cannot be run. Asked once per process for each command and PATH
+    (``spatialattn kernels`` needed it twice: forgetting a failed build, then building)."""
+    key = (tuple(_cxx()), os.environ.get("PATH"))
+    if key not in _BANNERS:
+        try:
+            _BANNERS[key] = subprocess.run(list(key[0]) + ["--version"], capture_output=True, text=True,
+                                           timeout=60).stdout
+        except (OSError, ValueError, subprocess.SubprocessError):
+            _BANNERS[key] = None
+    return _BANNERS[key]
 
 
 def _is_gcc(banner: Optional[str] = None) -> bool:

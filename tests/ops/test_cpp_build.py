@@ -2,6 +2,7 @@
 the source compiles (a syntax-only compiler run)."""
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -325,3 +326,22 @@ def test_the_cxx17_search_finds_cxx20(snippet, what):
     hits = _cxx20_constructs("int x;\n" + snippet)
     assert hits and all(hit.endswith(f": {what}") for hit in hits) and hits[0].startswith(("2: ", "3: "))
     assert _cxx20_constructs("int x; // " + snippet.replace("\n", " ")) == []  # in a comment: not code
+
+
+def test_compiler_asked_for_its_version_once(monkeypatch):
+    # `spatialattn kernels` forgets a failed build's record, then builds: both key on the
+    # compiler's --version banner, which one process now asks for once per compiler and PATH
+    calls = []
+    real = _cpp.subprocess.run
+
+    def counting(cmd, *a, **k):
+        calls.append(cmd)
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(_cpp, "_BANNERS", {})
+    monkeypatch.setattr(_cpp.subprocess, "run", counting)
+    first = _cpp._compiler_banner()
+    assert _cpp._compiler_banner() == first and len(calls) == 1
+    monkeypatch.setenv("PATH", os.environ.get("PATH", "") + os.pathsep + "/nonexistent")
+    _cpp._compiler_banner()  # another PATH: asked again
+    assert len(calls) == 2
