@@ -169,9 +169,10 @@ class YoloDetector(nn.Module):
 
     def _make_hook(self, site: int):
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            if self._collect is None:  # (the map only when collected: a non-local block then
+                return self.attention[str(site)](output)  # runs torch's fused attention)
             y, amap = self.attention[str(site)](output, return_attention=True)
-            if self._collect is not None:
-                self._collect[f"layer{site}.{self.spec['hook_attention']}"] = amap.detach()
+            self._collect[f"layer{site}.{self.spec['hook_attention']}"] = amap.detach()
             return y
         return hook
 
