@@ -462,7 +462,7 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
     key = None
     if not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
-        if mean.is_cpu:  # (written out: a generator over the four cost 0.5 us more)
+        if mean.is_cpu and not _CPU_STANDS_FOR_GPU:  # (written out: a generator cost 0.5 us more)
             key = (norm.eps, dtype, mean.dtype, mean.item(), var.item(),
                    None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
         else:
@@ -514,6 +514,10 @@ def _affine_pair(mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optio
 
 
 _AFFINE_CACHE = "_spatialattn_affine"
+# True while CPU tensors stand for CUDA ones (``_triton_aot.triton_dispatch_on_cpu``: the
+# Triton path checked through the interpreter, launches counted): host-side choices then
+# follow the GPU's (the BatchNorm pair's key on versions, not on values read from the device)
+_CPU_STANDS_FOR_GPU = False
 
 
 def _tensor_state(t: Optional[Tensor]) -> Optional[tuple]:

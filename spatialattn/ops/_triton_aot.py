@@ -101,14 +101,15 @@ def triton_dispatch_on_cpu() -> Iterator[None]:
     from . import _library as lib
 
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    saved = ops._fast_device, lib._cpp_ok, lib._triton_ok
+    saved = ops._fast_device, lib._cpp_ok, lib._triton_ok, ops._CPU_STANDS_FOR_GPU
     ops._fast_device = lambda x: ("op" if torch.compiler.is_compiling() else "triton") if x.dtype in dtypes else None
     lib._cpp_ok = lambda x: False
     lib._triton_ok = lambda x: x.dtype in dtypes
+    ops._CPU_STANDS_FOR_GPU = True  # (host-side choices as for CUDA tensors: no value reads)
     try:
         yield
     finally:
-        ops._fast_device, lib._cpp_ok, lib._triton_ok = saved
+        ops._fast_device, lib._cpp_ok, lib._triton_ok, ops._CPU_STANDS_FOR_GPU = saved
 
 
 def record_launches(workload: Callable[[], None], arch: int = 90) -> List[Launch]:
