@@ -3,9 +3,9 @@
 parameters straight from ``_parameters`` for speed, and must step aside where a tensor is
 computed on access instead (they raised ``KeyError`` or read a BatchNorm's computed weight as
 absent); pruning's weight is recomputed in the layer's forward pre-hook, which the modules
-run themselves (they never call the layer). Oracles: in inference the module with the computed tensors stored as plain
-parameters; in training the module under ``spatialattn.ops.decomposed()`` (attribute access,
-plain PyTorch)."""
+run themselves (they never call the layer). Oracles: in inference the module with the
+computed tensors stored as plain parameters; in training the module under
+``spatialattn.ops.decomposed()`` (attribute access, plain PyTorch)."""
 from __future__ import annotations
 
 import pytest
