@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple, Type, Union
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from .base import AttentionModule
 from .cbam import CBAM
@@ -25,6 +26,8 @@ class NoAttention(AttentionModule):
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         if return_attention:
+            if isinstance(x, Proxy):  # torch.fx: one call_module node (a Proxy's shape is no tuple)
+                return self._fx_leaf(x, return_attention)
             return x, x.new_ones((x.shape[0], 1) + tuple(x.shape[2:]))
         return x
 

@@ -79,7 +79,7 @@ class _Both(nn.Module):
         return y, attention
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["none"])
 def test_return_attention_in_a_traced_model(kind):
     model = _Both(kind).eval()
     traced = torch.fx.symbolic_trace(model)
