@@ -7,7 +7,9 @@
 (interleaved rounds, medians) and reports what autograd saves for backward (unique
 storages, ``saved_tensors_hooks``).
 
-    python benchmarks/bench_nonlocal.py [--rounds 7] [--threads 2]
+    python benchmarks/bench_nonlocal.py [--rounds 7] [--threads 2] [--quick]
+
+``--quick``: two small inputs on either side of the threshold, one round (a smoke run).
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ CASES = [
     ("2x256x64x64, keys pooled", 2, 256, 64, 64, dict(sub_sample=True)),
     ("8x512x28x28, keys pooled", 8, 512, 28, 28, dict(sub_sample=True)),
     ("8x256x14x14 (below the threshold: bmm both)", 8, 256, 14, 14, {}),
+]
+QUICK_CASES = [
+    ("1x16x32x32 (2**20 pairs)", 1, 16, 32, 32, {}),
+    ("1x16x16x16 (below the threshold)", 1, 16, 16, 16, {}),
 ]
 
 
@@ -53,16 +59,19 @@ def _saved_mb(m, x, with_map: bool) -> float:
     return sum(storages.values()) / 2**20
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="two small inputs, one round")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, medians of {args.rounds} interleaved rounds\n")
     print("| input | pairs L*M | fwd bmm ms | fused / bmm | fwd+bwd bmm ms | fused / bmm | saved MB bmm | saved MB fused |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, n, c, h, w, kw in CASES:
+    for label, n, c, h, w, kw in QUICK_CASES if args.quick else CASES:
         torch.manual_seed(0)
         m = NonLocal2d(c, zero_init=False, **kw).train()
         x = torch.randn(n, c, h, w)
