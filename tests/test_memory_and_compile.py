@@ -12,19 +12,25 @@ from spatialattn.nn import CBAM, NonLocal2d, PointwiseSpatialAttention, SpatialA
 from .nn._references import OfficialCBAM, randomize_
 
 
-def _full_size_saved(fn, x):
-    """Number of saved-for-backward tensors as large as x that do not share x's storage."""
-    found = []
+def _saved(fn, x, **kwargs):
+    """The tensors autograd saves for backward in ``fn(x, **kwargs)``'s graph (then backward runs)."""
+    saved = []
 
     def pack(t):
-        if t.numel() >= x.numel() and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
-            found.append(tuple(t.shape))
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(x)
-    y.sum().backward()
-    return found
+        out = fn(x, **kwargs)
+    (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+    return saved
+
+
+def _full_size_saved(fn, x):
+    """Shapes of the saved-for-backward tensors as large as x that do not share x's storage."""
+    own = x.untyped_storage().data_ptr()
+    return [tuple(t.shape) for t in _saved(fn, x)
+            if t.numel() >= x.numel() and t.untyped_storage().data_ptr() != own]
 
 
 @pytest.mark.parametrize("arrangement", ["channel_spatial", "parallel"])
@@ -122,17 +128,7 @@ def test_compiled_training_batchnorm_is_one_fused_op(momentum, channels_last):
 
 def _largest_saved(module, x, **kwargs):
     """Elements of the largest tensor autograd saves in ``module(x, **kwargs)``'s graph."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(x, **kwargs)
-    y = out[0] if isinstance(out, tuple) else out
-    y.square().sum().backward()
-    return max(sizes)
+    return max(t.numel() for t in _saved(module, x, **kwargs))
 
 
 @pytest.mark.parametrize("mode,inner", [("embedded_gaussian", None), ("gaussian", 4)])

@@ -80,23 +80,10 @@ def _key(m, x: Tensor):
     conv, bn = _parts(m)
     wb = plain_params(conv)  # (None: _build gives no plan)
     key = (x.dtype, m.gate, m.order, m.dilation, id(conv), wb and (_state(wb[0]), _state(wb[1])), id(bn))
-    if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-        b, q = bn._buffers, bn._parameters
-        key += (bn.training, bn.eps) + _values(b.get("running_mean"), b.get("running_var"), q.get("weight"),
-                                               q.get("bias"))
-    elif ops._is_frozen_batchnorm(bn):  # (its weight and bias are buffers)
-        b = bn._buffers
-        key += (bn.eps,) + _values(b["running_mean"], b["running_var"], b["weight"], b["bias"])
+    four = ops._batchnorm_tensors(bn)  # (the fold's values, not versions: see _batchnorm_values)
+    if four is not None:
+        key += (bn.training, bn.eps) + ops._batchnorm_values(*four)
     return key
-
-
-def _values(mean, var, gamma, beta) -> tuple:
-    """What the plan's folded BatchNorm pair depends on: the values of the one-element
-    tensors (0.12 us a read) and their dtypes. Not their versions: torch's BatchNorm updates its
-    running statistics in training without bumping them, and writes through ``.data`` do not
-    either. (More than one element: ``item`` raises RuntimeError, and ``_plan`` makes no plan.)"""
-    return (None if mean is None else (mean.dtype, mean.item()), None if var is None else var.item(),
-            None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
 
 
 def _build(m, x: Tensor):

@@ -42,9 +42,8 @@ class AttentionModule(nn.Module):
         # were: torch's BatchNorm training its statistics (SyncBatchNorm under DDP), fused
         # optimizers (torch.optim.AdamW(fused=True)) and writes through `.data`
         self.__dict__.pop(EVAL_PLAN, None)
-        for child in self.children():  # the BatchNorm's cached pair (keyed on versions off the CPU)
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                clear_batchnorm_cache(child)
+        for child in self.children():  # a BatchNorm's cached pair (keyed on versions off the CPU)
+            clear_batchnorm_cache(child)
         return super().train(mode)
 
     def __prepare_scriptable__(self):

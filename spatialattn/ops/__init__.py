@@ -425,6 +425,34 @@ def _is_frozen_batchnorm(norm) -> bool:
         isinstance(getattr(norm, "eps", None), float))
 
 
+def _batchnorm_tensors(norm) -> Optional[Tuple[Optional[Tensor], ...]]:
+    """``(running_mean, running_var, weight, bias)`` of a BatchNorm or a frozen one
+    (:func:`_is_frozen_batchnorm`, whose weight and bias are buffers), from the dicts
+    (``nn.Module.__getattr__`` costs about 0.6 us a name); None for other modules and where the
+    weight or bias is parametrized (computed on access: not folded)."""
+    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+        params = norm._parameters
+    elif _is_frozen_batchnorm(norm):
+        params = norm._buffers
+    else:
+        return None
+    if "weight" not in params or "bias" not in params:
+        return None
+    b = norm._buffers
+    return b.get("running_mean"), b.get("running_var"), params["weight"], params["bias"]
+
+
+def _batchnorm_values(mean: Optional[Tensor], var: Optional[Tensor], gamma: Optional[Tensor],
+                      beta: Optional[Tensor]) -> tuple:
+    """A cache key for what a BatchNorm fold computes from its one-element CPU tensors: their
+    values (0.12 us a read) and dtypes. Not their versions: torch's BatchNorm updates its running
+    statistics in training without bumping them, and writes through ``.data`` do not either.
+    (Written out: a generator over the four cost 0.5 us more; more than one element: ``item``
+    raises RuntimeError.)"""
+    return (None if mean is None else (mean.dtype, mean.item()), None if var is None else var.item(),
+            None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
+
+
 def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tuple[Tensor, Tensor]]:
     """``(scale, shift)`` such that ``norm(t) == t * scale + shift`` for an eval-mode
     ``BatchNorm2d(1)`` with running statistics, or a frozen one in either mode
@@ -435,18 +463,12 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
     ``dtype``: the pair's dtype, computed from the statistics and parameters converted to it
     (float32 for a BatchNorm held in float16 / bfloat16, as torch's BatchNorm computes in
     float32 internally); default: the BatchNorm's own dtype."""
-    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
-        if norm.training:
-            return None
-        params = norm._parameters  # (the dicts: nn.Module.__getattr__ costs about 0.6 us a name)
-    elif _is_frozen_batchnorm(norm):
-        params = norm._buffers  # its affine parameters are buffers; the same map in training
-    else:
+    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.training:
         return None
-    mean, var = norm._buffers.get("running_mean"), norm._buffers.get("running_var")
-    if "weight" not in params or "bias" not in params:  # parametrized (computed on access): not folded
+    four = _batchnorm_tensors(norm)
+    if four is None:
         return None
-    gamma, beta = params["weight"], params["bias"]
+    mean, var, gamma, beta = four
     if mean is None or var is None or mean.numel() != 1:
         return None
     # Without autograd (inference) the pair is cached on the module: six small tensor ops cost
@@ -460,11 +482,11 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
     # BatchNorm trained that way should call spatialattn.ops.clear_batchnorm_cache(norm).
     # Not while a graph is captured, which must record the computation.
     key = None
+    by_value = mean.is_cpu and not _CPU_STANDS_FOR_GPU
     if not (torch.compiler.is_compiling() or _torch_ops_only() or (torch.is_grad_enabled() and (
             (gamma is not None and gamma.requires_grad) or (beta is not None and beta.requires_grad)))):
-        if mean.is_cpu and not _CPU_STANDS_FOR_GPU:  # (written out: a generator cost 0.5 us more)
-            key = (norm.eps, dtype, mean.dtype, mean.item(), var.item(),
-                   None if gamma is None else (gamma.dtype, gamma.item()), None if beta is None else beta.item())
+        if by_value:
+            key = (norm.eps, dtype) + _batchnorm_values(mean, var, gamma, beta)
         else:
             try:
                 key = (norm.eps, dtype, _tensor_state(mean), _tensor_state(var), _tensor_state(gamma),
@@ -485,8 +507,7 @@ def batchnorm_affine(norm, dtype: Optional[torch.dtype] = None) -> Optional[Tupl
         scale, shift = _affine_pair(mean, var, gamma, beta, norm.eps, dtype)
     # (a key of versions keeps the tensors, and aliases of their storages: a `.data =` swap frees
     # the old storage, whose address a later one could take: the same key for other data)
-    held = None if mean.is_cpu else (mean, var, gamma, beta, [t.detach() for t in (mean, var, gamma, beta)
-                                                                if t is not None])
+    held = None if by_value else (mean, var, gamma, beta, [t.detach() for t in four if t is not None])
     norm.__dict__[_AFFINE_CACHE] = (key, held, scale, shift, (scale._version, shift._version))
     return scale, shift
 
