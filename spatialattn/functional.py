@@ -309,8 +309,8 @@ def spatial_attention(
         ``Tensor[N, C, H, W]`` (dtype of ``x``), and with ``return_attention`` the
         attention map ``Tensor[N, 1, H, W]`` (float32 for half inputs).
     """
-    if type(x) is not Tensor:  # (a subclass passes; a torch.fx Proxy gets a clear error)
-        check_input(x)
+    if type(x) is not Tensor and isinstance(x, torch.fx.Proxy):
+        check_input(x)  # (says why FX cannot trace this)
     fused = _fused_sam_args(x, weight, bias, norm, gate)
     if fused is None and _fused_batchnorm_ok(x, weight, bias, norm, gate):
         # training-mode BatchNorm on the logits: one fused op with the batch statistics
